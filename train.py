@@ -1,0 +1,325 @@
+"""Train a MANGO model: config -> data -> model -> AdamW + schedule -> epochs (dev selection) -> test once.
+
+    python train.py --dataset_name demo --model MNER --epochs 10
+    python train.py --continue_train_name <run>          # resume from <run>/last.pt
+
+A run directory save_models/<run>/ holds config.json, label_map.json, model.pt (best on dev), last.pt
+(everything needed to resume), metrics.jsonl (one line per epoch), test_report.json and
+test_predictions.conll. Checkpoints are written to a temp file and renamed, so a kill never leaves a
+half-written one.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dataloader as D
+from config import ConfigError, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
+from model import build_model, load_tokenizer
+from test import evaluate_split, load_checkpoint, write_predictions
+
+NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
+
+
+# ----------------------------------------------------------------------------- run set-up
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def amp_context(config, device):
+    """bf16 autocast where supported (CUDA with bf16, recent CPUs), else fp16 with a GradScaler on CUDA."""
+    if not config.amp:
+        return nullcontext, None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from, in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": repr(random.getstate()), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict):
+    random.setstate(ast.literal_eval(s["python"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def new_run_dir(config) -> Path:
+    root = Path(config.save_dir)
+    name = config.save_name or "_".join(x for x in (datetime.now().strftime("%Y%m%d-%H%M%S"), config.dataset_name,
+                                                    config.model, config.ex_name) if x)
+    run, k = root / name, 2
+    while not config.save_name and run.exists():  # collision-safe for generated names
+        run, k = root / f"{name}_{k}", k + 1
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write the run directory {run}: {e.strerror}; pass a writable --save_dir")
+    return run
+
+
+def atomic_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: could not write {path}: {e.strerror}; the previous checkpoint is left intact")
+
+
+class Tracker:
+    """SwanLab when enabled (online with SWANLAB_API_KEY, else local files in the run dir), always a JSONL file."""
+
+    def __init__(self, config, run: Path):
+        self.run, self.sw = None, None
+        mode = config.swanlab_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("SWANLAB_API_KEY") else "local"
+        if mode != "disabled":
+            import swanlab
+            self.sw = swanlab
+            self.run = swanlab.init(project=config.ex_project, name=run.name, config=vars(config), mode=mode,
+                                    log_dir=str(run / "swanlog"))
+
+    def log(self, data: dict, step: int):
+        if self.sw is not None:
+            self.sw.log({k: v for k, v in data.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self):
+        if self.sw is not None:
+            self.sw.finish()
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+def make_optimizer(model, config, steps: int):
+    """AdamW with layer-wise groups and linear warm-up then linear decay over the real number of steps.
+
+    text encoder -> fin_tuning_lr, trainable pretrained vision -> clip_lr, everything else -> downs_en_lr;
+    biases and every norm layer get no weight decay.
+    """
+    lrs = {"text": config.fin_tuning_lr, "vision": config.clip_lr, "rest": config.downs_en_lr}
+    groups = []
+    for name, params in model.param_groups().items():
+        for decay in (True, False):
+            ps = [p for n, p in params if (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
+            if ps:
+                groups.append({"params": ps, "lr": lrs[name], "weight_decay": config.weight_decay_rate if decay else 0.0,
+                               "name": f"{name}{'' if decay else '_nodecay'}", "base": name})
+    opt = torch.optim.AdamW(groups, lr=config.downs_en_lr)
+    warm = int(config.warmup_prop * steps)
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (steps - step) / max(1, steps - warm))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, tracker, step0, bad_run):
+    model.train()
+    image_on = epoch >= config.text_only_epochs
+    accum = config.gradient_accumulation_steps
+    n = len(loader)
+    sums: dict[str, float] = {}
+    step, seen = step0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True)
+    opt.zero_grad(set_to_none=True)
+    for i, batch in enumerate(bar):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        group = accum if i < n - n % accum else n % accum  # the last, partial group still steps: no gradient crosses epochs
+        with amp():
+            out = model(batch, epoch=epoch, image_on=image_on)
+        loss = out["loss"].float()
+        if not torch.isfinite(loss):
+            bad_run[0] += 1
+            opt.zero_grad(set_to_none=True)
+            if bad_run[0] >= config.max_bad_steps:
+                raise SystemExit(f"error: {bad_run[0]} non-finite losses in a row at epoch {epoch + 1}; "
+                                 f"lower the learning rates (--downs_en_lr {config.downs_en_lr}, --fin_tuning_lr {config.fin_tuning_lr})")
+            continue
+        (scaler.scale(loss / group) if scaler else loss / group).backward()
+        for k, v in out["parts"].items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+        seen += 1
+        if (i + 1) % accum and i + 1 != n:
+            continue
+        if scaler:
+            scaler.unscale_(opt)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            bad_run[0] += 1
+            opt.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.update()
+            if bad_run[0] >= config.max_bad_steps:
+                raise SystemExit(f"error: {bad_run[0]} non-finite gradients in a row at epoch {epoch + 1}; lower the learning rates")
+            continue
+        bad_run[0] = 0
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        log = {f"train/{k}": float(v) for k, v in out["parts"].items()}
+        log.update({"train/loss": float(loss), "train/grad_norm": float(norm)})
+        log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
+        tracker.log(log, step)
+        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+    return {k: v / max(1, seen) for k, v in sums.items()}, step
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    config = get_config(argv)
+    resume = None
+    if config.continue_train_name:
+        src = Path(config.save_dir) / config.continue_train_name
+        if not (src / "last.pt").is_file():
+            raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / 'last.pt'} not found; "
+                              f"runs in {config.save_dir}: {', '.join(sorted(p.name for p in Path(config.save_dir).glob('*/last.pt'))) or 'none'}")
+        saved = config_from_dict(json.loads((src / "config.json").read_text()))
+        given = given_flags(argv)
+        for k in given - {"continue_train_name"}:
+            if k not in RESUME_MAY_CHANGE and getattr(config, k) != getattr(saved, k):
+                raise ConfigError(f"--{k} differs from the run being resumed ({getattr(saved, k)!r}); "
+                                  "the model structure comes from that run: drop the flag or start a new run")
+            setattr(saved, k, getattr(config, k))
+        saved.continue_train_name, saved.save_name = config.continue_train_name, config.continue_train_name
+        config = saved
+        resume = torch.load(src / "last.pt", map_location="cpu", weights_only=True)
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    run = new_run_dir(config)
+    save_config(config, run / "config.json")
+
+    # data -> labels -> tokenize/align
+    train_posts = D.load_split(config, "train")
+    dev_posts = D.load_split(config, "valid")
+    test_posts = D.load_split(config, "test")
+    label_map = D.LabelMap.load(run / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
+    label_map.save(run / "label_map.json")
+    tokenizer = load_tokenizer(config)
+
+    # model (built on CPU with the run's seed so every init is repeatable), then the data it needs
+    torch.manual_seed(config.seed)
+    model = build_model(config, len(label_map))
+    vision = model.vision.to(device) if model.uses_image and config.use_image else None
+    ds = {s: D.make_dataset(config, s, posts, tokenizer, label_map, vision, train=s == "train")
+          for s, posts in (("train", train_posts), ("valid", dev_posts), ("test", test_posts))}
+    for d in ds.values():
+        print(d.describe())
+    model.to(device)
+    train_loader = D.make_loader(ds["train"], config, train=True)
+    accum = config.gradient_accumulation_steps
+    steps = config.epochs * math.ceil(len(train_loader) / accum)
+    opt, sched = make_optimizer(model, config, steps)
+    amp, scaler = amp_context(config, device)
+    start_epoch, best, bad_epochs, step = 0, -1.0, 0, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        # learning-rate flags given now apply to the remaining steps
+        lrs = {"text": config.fin_tuning_lr, "vision": config.clip_lr, "rest": config.downs_en_lr}
+        sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
+        for g, base in zip(opt.param_groups, sched.base_lrs):
+            g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
+        start_epoch, best, bad_epochs, step = resume["epoch"] + 1, resume["best"], resume["bad_epochs"], resume["step"]
+        if resume["stopped"]:
+            start_epoch = config.epochs  # it had stopped early: only the final test is redone
+        set_rng_state(resume["rng"])
+        print(f"resumed {run.name} after epoch {start_epoch} (best dev F1 {best:.4f})")
+    tracker = Tracker(config, run)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M parameters train | {device}")
+
+    bad_run = [0]
+    stopped = False
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.time()
+        train_loader.batch_sampler.set_epoch(epoch)
+        losses, step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker, step, bad_run)
+        dev = evaluate_split(model, ds["valid"], config, label_map, device, amp)[0]
+        improved = dev["f1"] > best + config.patience
+        if improved:
+            best, bad_epochs = dev["f1"], 0
+            atomic_save({"model": model.state_dict(), "config": vars(config), "labels": label_map.labels,
+                         "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
+        else:
+            bad_epochs += 1
+        row = {"epoch": epoch + 1, "step": step, "time_s": round(time.time() - t0, 2), **{f"train_{k}": v for k, v in losses.items()},
+               "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
+               "dev_per_type": {t: v["f1"] for t, v in dev["per_type"].items()}, "best_dev_f1": max(best, dev["f1"]),
+               "improved": improved}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tracker.log({"dev/f1": dev["f1"], "dev/precision": dev["precision"], "dev/recall": dev["recall"],
+                     **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, step)
+        print(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
+              f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)")
+        stop = bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "step": step, "stopped": stop,
+                     "rng": rng_state()}, run / "last.pt")
+        if stop:
+            print(f"early stop: no dev gain > {config.patience} for {bad_epochs} epochs")
+            stopped = True
+            break
+    tracker.finish()
+
+    # the best-on-dev checkpoint is scored once on test
+    model.load_state_dict(load_checkpoint(run / "model.pt")["model"])
+    res, preds = evaluate_split(model, ds["test"], config, label_map, device, amp)
+    (run / "test_report.json").write_text(json.dumps(res, indent=1))
+    write_predictions(run / "test_predictions.conll", test_posts, preds)
+    from metrics import format_report
+    print(f"test ({config.eval_mode}), best dev epoch {load_checkpoint(run / 'model.pt')['epoch'] + 1}:")
+    print(format_report(res))
+    return run, res
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
@@ -307,7 +307,7 @@ def load_image(path) -> tuple[Image.Image | None, str]:
                     return None, f"too large ({im.width}x{im.height})"
                 im.seek(0)
                 im.load()
-                return _to_rgb(im), "ok"
+                return _to_rgb(ImageOps.exif_transpose(im) if im.format == "JPEG" else im), "ok"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "decompression bomb"
     except (OSError, SyntaxError, ValueError) as e:
@@ -476,7 +476,7 @@ class MNERDataset(torch.utils.data.Dataset):
                  feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split"):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
-        self.rng = random.Random(seed)
+        self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
         self.enc = [encode_words(tokenizer, p.tokens, max_len) for p in posts]
         self.labels = [label_map.encode(p.tags, p.source) for p in posts]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -523,7 +523,7 @@ class MNERDataset(torch.utils.data.Dataset):
                         print(f"warning: {self.paths[i]}: {status}; post {self.posts[i].source} runs text-only")
                     item["has_image"] = False
                 else:
-                    x = self.prep(im, self.rng if self.train_aug else None)
+                    x = self.prep(im, random.Random(f"{self.seed}/{self.epoch}/{i}") if self.train_aug else None)
             item["pixel_values"] = x if x is not None else torch.zeros(3, self.prep.size, self.prep.size)
         elif self.image_mode == "features":
             f = self.features.get(str(self.paths[i])) if self.has_image[i] else None

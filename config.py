@@ -18,12 +18,25 @@ ROOT = Path(__file__).resolve().parent
 B = argparse.BooleanOptionalAction
 
 
-class ConfigError(SystemExit):
-    """Raised (and printed as one line) for a flag value that cannot work."""
+class UserError(ValueError):
+    """A problem the user can fix (bad flag, bad file); entry points print it as one line, no traceback."""
 
-    def __init__(self, msg: str):
-        print(f"error: {msg}", file=sys.stderr)
-        super().__init__(2)
+
+class ConfigError(UserError):
+    """A flag value that cannot work."""
+
+
+def cli(main) -> None:
+    """Run an entry point's main(): user errors become one `error: ...` line and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch is in last.pt (resume with --continue_train_name <run>)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 class _Parser(argparse.ArgumentParser):

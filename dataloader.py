@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from config import UserError
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
@@ -47,7 +49,7 @@ TAG_RE = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z_]*)$")
 RAW_TYPE_MAP = {"OTHER": "MISC"}  # Twitter-2015 calls MISC "OTHER"; papers score them as one type
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem in an input file; its message is one line naming file:line and the fix."""
 
 
@@ -441,9 +443,14 @@ DATASETS = {
 
 
 def dataset_dir(config) -> Path:
-    if config.dataset_name not in DATASETS:
-        raise DataError(f"--dataset_name {config.dataset_name!r} is unknown; choose one of {sorted(DATASETS)}")
-    return Path(config.data_dir) / DATASETS[config.dataset_name][1]
+    """data/<folder> of a registered dataset, or any folder under --data_dir in the CoNLL+IMGID layout."""
+    if config.dataset_name in DATASETS:
+        return Path(config.data_dir) / DATASETS[config.dataset_name][1]
+    d = Path(config.data_dir) / config.dataset_name
+    if (d / SPLIT_FILES["train"]).is_file():
+        return d
+    raise DataError(f"--dataset_name {config.dataset_name!r}: not a known dataset ({', '.join(DATASETS)}) and "
+                    f"{d / SPLIT_FILES['train']} does not exist; pick one of those or put train/valid/test.txt there")
 
 
 def image_root(config) -> Path:

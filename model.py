@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchcrf import CRF
 
-from config import resolve_text_encoder
+from config import ConfigError, resolve_text_encoder
 
 # ============================================================================ encoders
 
@@ -48,7 +48,7 @@ def load_tokenizer(config):
     kw = {"add_prefix_space": True} if kind in BYTE_LEVEL_TYPES else {}
     tok = AutoTokenizer.from_pretrained(path, use_fast=True, **kw)
     if not tok.is_fast:
-        raise ValueError(f"--text_encoder {path}: needs a fast tokenizer (tokenizer.json) for word alignment")
+        raise ConfigError(f"--text_encoder {path}: needs a fast tokenizer (tokenizer.json) for word alignment")
     return tok
 
 
@@ -285,7 +285,8 @@ class PretrainedVision(nn.Module):
         else:
             from transformers import CLIPVisionModel
             self.net = CLIPVisionModel.from_pretrained(config.image_encoder)
-            self.blocks = self.net.vision_model.encoder.layers
+            # transformers >= 5 puts the encoder on CLIPVisionModel itself; 4.x wrapped it in .vision_model
+            self.blocks = getattr(self.net, "vision_model", self.net).encoder.layers
             self.out_dim = self.net.config.hidden_size
             self.n_tokens = (self.net.config.image_size // self.net.config.patch_size) ** 2
             wf = sorted(Path(config.image_encoder).glob("*.safetensors")) + sorted(Path(config.image_encoder).glob("*.bin"))
@@ -318,16 +319,17 @@ def _window_ids(G: int, w: int, shift: int) -> torch.Tensor:
     padding cells get id -1 and are never attended to.
     """
     Gp = -(-G // w) * w
-    ids = torch.full((Gp, Gp), -1, dtype=torch.long)
-    ids[:G, :G] = 0
+    valid = torch.zeros(Gp, Gp, dtype=torch.bool)
+    valid[:G, :G] = True
+    region = torch.zeros(Gp, Gp, dtype=torch.long)
     if shift:
+        # the windows are cut in the rolled frame: padding moves with the roll, the region cuts do not
+        valid = torch.roll(valid, (-shift, -shift), (0, 1))
         cuts = (slice(0, Gp - w), slice(Gp - w, Gp - shift), slice(Gp - shift, Gp))
         for i, rs in enumerate(cuts):
             for j, cs in enumerate(cuts):
-                region = ids[rs, cs]
-                ids[rs, cs] = torch.where(region >= 0, 1 + 3 * i + j, region)
-        ids = torch.roll(ids, (-shift, -shift), (0, 1))
-    return ids
+                region[rs, cs] = 1 + 3 * i + j
+    return torch.where(valid, region, -1)
 
 
 class SwinBlock(nn.Module):
@@ -742,10 +744,10 @@ MODELS = {
 }
 
 
-def build_model(config, num_labels: int = 9) -> Tagger:
-    """The model named by config.model (9 labels = PAD, O and B/I of PER, LOC, ORG, MISC)."""
+def build_model(config, num_labels: int = 10) -> Tagger:
+    """The model named by config.model (10 labels = PAD, O and B/I of PER, LOC, ORG, MISC)."""
     if config.model not in MODELS:
-        raise ValueError(f"--model {config.model!r} is unknown; choose one of {', '.join(MODELS)}")
+        raise ConfigError(f"--model {config.model!r} is unknown; choose one of {', '.join(MODELS)}")
     fusion, bilstm, head = MODELS[config.model]
     if fusion and not config.use_image:
         fusion = None

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import dataloader as D
-from config import ConfigError, config_from_dict, get_config, given_flags
+from config import ConfigError, cli, config_from_dict, get_config, given_flags
 from metrics import evaluate, format_report
 from model import build_model, load_tokenizer
 
@@ -137,4 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import dataloader as D
-from config import ConfigError, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
+from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
 from model import build_model, load_tokenizer
 from test import evaluate_split, load_checkpoint, write_predictions
 
@@ -98,7 +98,7 @@ def atomic_save(obj, path: Path):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: could not write {path}: {e.strerror}; the previous checkpoint is left intact")
+        raise ConfigError(f"could not write {path}: {e.strerror}; the previous checkpoint is left intact")
 
 
 class Tracker:
@@ -112,8 +112,9 @@ class Tracker:
         if mode != "disabled":
             import swanlab
             self.sw = swanlab
-            self.run = swanlab.init(project=config.ex_project, name=run.name, config=vars(config), mode=mode,
-                                    log_dir=str(run / "swanlog"))
+            # "local" = SwanLab's offline mode: files under the run dir, no login, `swanlab sync` uploads later
+            self.run = swanlab.init(project=config.ex_project, name=run.name, config=vars(config),
+                                    mode="offline" if mode == "local" else mode, log_dir=str(run / "swanlog"))
 
     def log(self, data: dict, step: int):
         if self.sw is not None:
@@ -171,7 +172,7 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
             bad_run[0] += 1
             opt.zero_grad(set_to_none=True)
             if bad_run[0] >= config.max_bad_steps:
-                raise SystemExit(f"error: {bad_run[0]} non-finite losses in a row at epoch {epoch + 1}; "
+                raise ConfigError(f"{bad_run[0]} non-finite losses in a row at epoch {epoch + 1}; "
                                  f"lower the learning rates (--downs_en_lr {config.downs_en_lr}, --fin_tuning_lr {config.fin_tuning_lr})")
             continue
         (scaler.scale(loss / group) if scaler else loss / group).backward()
@@ -191,7 +192,7 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
             if scaler:
                 scaler.update()
             if bad_run[0] >= config.max_bad_steps:
-                raise SystemExit(f"error: {bad_run[0]} non-finite gradients in a row at epoch {epoch + 1}; lower the learning rates")
+                raise ConfigError(f"{bad_run[0]} non-finite gradients in a row at epoch {epoch + 1}; lower the learning rates")
             continue
         bad_run[0] = 0
         if scaler:
@@ -228,23 +229,24 @@ def main(argv=None):
             setattr(saved, k, getattr(config, k))
         saved.continue_train_name, saved.save_name = config.continue_train_name, config.continue_train_name
         config = saved
-        resume = torch.load(src / "last.pt", map_location="cpu", weights_only=True)
+        resume = load_checkpoint(src / "last.pt")
     device = pick_device(config.device)
     seed_everything(config.seed)
-    run = new_run_dir(config)
-    save_config(config, run / "config.json")
 
     # data -> labels -> tokenize/align
     train_posts = D.load_split(config, "train")
     dev_posts = D.load_split(config, "valid")
     test_posts = D.load_split(config, "test")
-    label_map = D.LabelMap.load(run / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
-    label_map.save(run / "label_map.json")
+    run_src = Path(config.save_dir) / config.continue_train_name
+    label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
     tokenizer = load_tokenizer(config)
 
-    # model (built on CPU with the run's seed so every init is repeatable), then the data it needs
+    # model (built on CPU with the run's seed so every init is repeatable), then the run dir, then its data
     torch.manual_seed(config.seed)
     model = build_model(config, len(label_map))
+    run = new_run_dir(config)
+    save_config(config, run / "config.json")
+    label_map.save(run / "label_map.json")
     vision = model.vision.to(device) if model.uses_image and config.use_image else None
     ds = {s: D.make_dataset(config, s, posts, tokenizer, label_map, vision, train=s == "train")
           for s, posts in (("train", train_posts), ("valid", dev_posts), ("test", test_posts))}
@@ -270,6 +272,11 @@ def main(argv=None):
         if resume["stopped"]:
             start_epoch = config.epochs  # it had stopped early: only the final test is redone
         set_rng_state(resume["rng"])
+        # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
+        log = run / "metrics.jsonl"
+        if log.exists():
+            keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= start_epoch]
+            log.write_text("".join(l + "\n" for l in keep))
         print(f"resumed {run.name} after epoch {start_epoch} (best dev F1 {best:.4f})")
     tracker = Tracker(config, run)
     n_params = sum(p.numel() for p in model.parameters())
@@ -323,4 +330,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -15,15 +15,16 @@ else
     python3 -m venv .venv || { echo "error: python3 -m venv failed; install python3-venv" >&2; return 1; }
   fi
   . .venv/bin/activate
-  files="requirements.txt requirements-nodeps.txt${MANGO_DEV:+ requirements-dev.txt}"
-  stamp=".venv/.mango-$(cat $files | sha1sum | cut -c1-12)"
-  if [ ! -f "$stamp" ]; then
-    echo "setup: installing $files into .venv" >&2
-    python -m pip install -q --disable-pip-version-check -r requirements.txt ${MANGO_DEV:+-r requirements-dev.txt} \
-      && python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt \
-      || { echo "error: pip install failed (see above); fix the network/registry access and rerun" >&2; return 1; }
+  # one stamp per requirements file content: pip runs only for a file that is new or changed
+  for req in requirements.txt requirements-nodeps.txt ${MANGO_DEV:+requirements-dev.txt}; do
+    stamp=".venv/.mango-$req-$(sha1sum "$req" | cut -c1-12)"
+    [ -f "$stamp" ] && continue
+    echo "setup: installing $req into .venv" >&2
+    nodeps=""; [ "$req" = requirements-nodeps.txt ] && nodeps="--no-deps"
+    python -m pip install -q --disable-pip-version-check $nodeps -r "$req" \
+      || { echo "error: pip install -r $req failed (see above); check access to the package registry and rerun" >&2; return 1; }
     touch "$stamp"
-  fi
+  done
 fi
 export PYTHONPATH="$MANGO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"

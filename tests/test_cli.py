@@ -1,0 +1,231 @@
+"""The real workflow end to end on a tiny dataset with tiny encoders: train.py, test.py, the scripts."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from config import get_config
+from conftest import ROOT
+from model import build_model
+
+PY = sys.executable
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT)
+    e["VIRTUAL_ENV"] = e.get("VIRTUAL_ENV") or str(Path(PY).parent.parent)
+    e.pop("SWANLAB_API_KEY", None)
+    for k in ("DEVICE", "EPOCHS", "BATCH_SIZE", "VISION_DEPTH", "DATASET", "MODEL", "SEED", "TEXT_ENCODER",
+              "IMAGE_ENCODER", "SAVE_NAME", "EXTRA_ARGS"):
+        e.pop(k, None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
+    """Flags shared by every run: tiny data + tiny BERT + tiny CLIP, its own save and cache dirs."""
+    d = tmp_path_factory.mktemp("runs")
+    return ["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
+            "--image_encoder", tiny_clip_dir, "--save_dir", str(d / "save"), "--cache_dir", str(d / "cache"),
+            "--swanlab_mode", "disabled", "--batch_size", "4", "--fusion_layers", "2", "--fusion_dim", "32",
+            "--cross_attn_heads", "2", "--downs_en_lr", "3e-3", "--seed", "7"]
+
+
+def run_py(args, cwd=ROOT, check=True):
+    p = subprocess.run([PY, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    if check and p.returncode:
+        raise AssertionError(f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def save_dir(base):
+    return Path(base[base.index("--save_dir") + 1])
+
+
+@pytest.fixture(scope="module")
+def trained(base):
+    """A 2-epoch MNER run through the real CLI."""
+    run_py(["train.py", *base, "--epochs", "2", "--save_name", "two"])
+    return save_dir(base) / "two"
+
+
+def test_run_dir_complete(trained):
+    for f in ("config.json", "label_map.json", "model.pt", "last.pt", "metrics.jsonl", "test_report.json",
+              "test_predictions.conll"):
+        assert (trained / f).is_file(), f
+    rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]  # exactly --epochs epochs
+    for k in ("train_loss", "train_tag", "train_align", "train_preserve", "train_nce", "train_sparsity", "dev_f1"):
+        assert k in rows[0]
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["batch_size"] == 4 and cfg["dataset_name"] == "tiny"
+    labels = json.loads((trained / "label_map.json").read_text())["labels"]
+    assert labels[:2] == ["<PAD>", "O"]
+    pred = (trained / "test_predictions.conll").read_text().split("\n\n")[0].splitlines()
+    assert pred[0].startswith("IMGID:") and len(pred[1].split("\t")) == 3
+
+
+def test_test_py_reproduces_reports(trained, base):
+    rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["dev_f1"])
+    out = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "valid"]).stdout
+    assert f"F1={best['dev_f1']:.4f}" in out
+    rep = json.loads((trained / "test_report.json").read_text())
+    rec = save_dir(base) / "scores.csv"
+    out = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--record_file", str(rec)]).stdout
+    assert f"[Overall] Acc={rep['accuracy']:.4f}, P={rep['precision']:.4f}, R={rep['recall']:.4f}, F1={rep['f1']:.4f}" in out
+    row = list(csv.DictReader(rec.open()))[0]
+    assert row["run_name"] == "two" and float(row["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
+
+
+def test_test_py_missing_run_names_file_and_runs(trained, base):
+    p = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "nope"], check=False)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "nope/config.json is missing" in err[0] and "two" in err[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_resume_matches_uninterrupted(base, monkeypatch):
+    """Crash in epoch 2 (after epoch 1's last.pt), resume, and end where an uninterrupted run ends."""
+    args = [*base, "--epochs", "2", "--text_only_epochs", "0", "--image_dropout_p", "0.3"]
+    _, full = train.main([*args, "--save_name", "full"])
+    real_eval, calls = train.evaluate_split, []
+
+    def crash_on_second_dev_eval(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+    monkeypatch.setattr(train, "evaluate_split", crash_on_second_dev_eval)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--save_name", "cut"])
+    monkeypatch.setattr(train, "evaluate_split", real_eval)
+    last = torch.load(save_dir(base) / "cut" / "last.pt", weights_only=True)
+    assert last["epoch"] == 0
+    _, resumed = train.main(["--continue_train_name", "cut", "--save_dir", str(save_dir(base)),
+                             "--swanlab_mode", "disabled"])
+    assert resumed["f1"] == full["f1"] and resumed["correct"] == full["correct"]
+    a = [json.loads(l) for l in (save_dir(base) / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (save_dir(base) / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in b] == [1, 2]
+    assert a[-1]["train_loss"] == pytest.approx(b[-1]["train_loss"], rel=1e-6)
+    assert a[-1]["dev_f1"] == b[-1]["dev_f1"]
+
+
+def test_resume_refuses_changed_architecture(trained, base):
+    p = run_py(["train.py", "--continue_train_name", "two", "--save_dir", str(save_dir(base)),
+                "--fusion_layers", "5"], check=False)
+    assert p.returncode == 2 and "--fusion_layers differs" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_early_stopping(base):
+    """Nothing learns (all learning rates 0), so dev F1 never improves after epoch 1: stop after
+    1 + patience_num epochs once min_epoch_num is reached."""
+    _, _ = train.main([*base, "--epochs", "6", "--fin_tuning_lr", "0", "--downs_en_lr", "0", "--patience_num", "2",
+                       "--min_epoch_num", "1", "--save_name", "early"])
+    rows = (save_dir(base) / "early" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3
+
+
+def test_lr_groups(base, tiny_bert_dir):
+    cfg = get_config(base + ["--vision_trainable", "--unfreeze_last_vision_blocks", "1"])
+    m = build_model(cfg, 9)
+    opt, sched = train.make_optimizer(m, cfg, steps=10)
+    by = {}
+    for g in opt.param_groups:
+        by.setdefault(g["base"], set()).update(id(p) for p in g["params"])
+        assert g["lr"] == pytest.approx({"text": cfg.fin_tuning_lr, "vision": cfg.clip_lr, "rest": cfg.downs_en_lr}[g["base"]] * sched.lr_lambdas[0](0))
+        if g["name"].endswith("_nodecay"):
+            assert g["weight_decay"] == 0
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(names[i].startswith("text.") for i in by["text"])
+    assert all(names[i].startswith("vision.") for i in by["vision"]) and by["vision"]
+    assert not any(names[i].startswith(("text.", "vision.")) for i in by["rest"])
+    assert sum(len(v) for v in by.values()) == sum(p.requires_grad for p in m.parameters())
+    nodecay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(("bias" in n or "norm" in n.lower() or "ln" in n or p.dim() < 2 or "crf" in n or "pos" in n or "queries" in n)
+               for n, p in m.named_parameters() if n in nodecay)
+    assert any("LayerNorm" in n for n in nodecay) and any(n.endswith(".bias") for n in nodecay)
+
+
+def test_schedule_warmup_then_decay(base):
+    cfg = get_config(base + ["--warmup_prop", "0.2"])
+    m = build_model(get_config(base + ["--model", "roberta_crf"]), 9)
+    opt, sched = train.make_optimizer(m, cfg, steps=10)
+    f = [sched.lr_lambdas[0](s) for s in range(11)]
+    assert f[0] < f[1] < f[2] and f[2] >= max(f[3:]) and f[-1] == 0
+
+
+def sh(script, cwd, extra_env=None):
+    e = env()
+    e.update(extra_env or {})
+    return subprocess.run(["bash", str(ROOT / "script" / script)], cwd=cwd, env=e, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_env_vars_reach_flags():
+    e = env()
+    e.update(DEVICE="cpu", EPOCHS="3", BATCH_SIZE="5", VISION_DEPTH="6", DATASET="demo", MODEL="bert", SEED="9",
+             TEXT_ENCODER="/x", IMAGE_ENCODER="/y", SAVE_NAME="n", EXTRA_ARGS="--fusion_layers 2 --amp")
+    p = subprocess.run(["bash", "-c", f". {ROOT}/script/env_args.sh; env_args; printf '%s\\n' \"${{ARGS[@]}}\""],
+                       env=e, capture_output=True, text=True)
+    got = p.stdout.split()
+    pairs = dict(zip(got[:20:2], got[1:20:2]))
+    assert pairs == {"--device": "cpu", "--epochs": "3", "--batch_size": "5", "--vision_depth": "6",
+                     "--dataset_name": "demo", "--model": "bert", "--seed": "9", "--text_encoder": "/x",
+                     "--image_encoder": "/y", "--save_name": "n"}
+    assert got[20:] == ["--fusion_layers", "2", "--amp"]
+    cfg = get_config(got[:4] + got[20:])  # the flags parse
+    assert cfg.device == "cpu" and cfg.epochs == 3 and cfg.fusion_layers == 2 and cfg.amp
+
+
+def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):
+    # test.sh from a foreign cwd, with env overrides
+    p = sh("test.sh", tmp_path, {"SAVE_NAME": "two", "EXTRA_ARGS": f"--save_dir {save_dir(base)} --split valid"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "[Overall]" in p.stdout
+    # batch_test.sh: one real run and one missing -> an NA row
+    p = sh("batch_test.sh", tmp_path, {"SAVE_DIR": str(save_dir(base)), "OUT_DIR": str(tmp_path / "logs")})
+    p = subprocess.run(["bash", str(ROOT / "script" / "batch_test.sh"), "two", "ghost"], cwd=tmp_path,
+                       env={**env(), "SAVE_DIR": str(save_dir(base)), "OUT_DIR": str(tmp_path / "logs2")},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "logs2" / "summary.csv").open()))
+    assert list(rows[0]) == ["run_name", "acc", "precision", "recall", "f1", "per_f1", "loc_f1", "org_f1", "misc_f1", "log_file"]
+    rep = json.loads((trained / "test_report.json").read_text())
+    assert rows[0]["run_name"] == "two" and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
+    assert rows[1]["run_name"] == "ghost" and rows[1]["f1"] == "NA" and Path(rows[1]["log_file"]).is_file()
+
+
+def test_dual_granularity_cli(base):
+    """The dual-granularity encoder trains from pixels (no cache) through the real CLI."""
+    args = [*base, "--epochs", "1", "--use_dual_granularity", "--vision_img_size", "32", "--vision_patch_size", "8",
+            "--vision_fine_patch_size", "4", "--vision_embed_dim", "32", "--vision_heads", "2", "--vision_depth", "1",
+            "--vision_swin_window", "2", "--vision_delegate_topk", "4", "--vision_max_patches", "16",
+            "--save_name", "dual"]
+    out = run_py(["train.py", *args]).stdout
+    assert "[Overall]" in out and "images 4/8 usable" in out
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--fin_tuning_lr", "-1"], "--fin_tuning_lr must be >= 0"),
+    (["--max_len", "4"], "--max_len must be >= 8"),
+    (["--text_encoder", "/no/such/dir"], "--text_encoder /no/such/dir: no such directory"),
+    (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+    (["--model", "nope"], "--model 'nope' is unknown"),
+])
+def test_bad_flags_fail_with_one_line(base, flags, msg):
+    p = run_py(["train.py", *base, *flags], check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-1500:]
+    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    assert msg in lines[-1] and len(lines) == 1, p.stderr

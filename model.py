@@ -86,12 +86,13 @@ class Attention(nn.Module):
     `last_weights` keeps the attention map [B, heads, Q, K] when keep_weights is set (for explanations).
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.h, self.dropout = heads, dropout
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.h = heads
+        # no key bias: it adds the same amount to every score of a query, which softmax cancels
+        self.q, self.k, self.v, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.keep_weights, self.last_weights = False, None
 
     def forward(self, q, kv, mask=None):
@@ -108,8 +109,8 @@ class Attention(nn.Module):
             self.last_weights = w.detach()
             out = w @ vh
         else:
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
-                                                 dropout_p=self.dropout if self.training else 0.0)
+            # no dropout on attention maps: residual dropout regularises, and CPU mask sampling is costly
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(B, Q, D))
 
 
@@ -126,10 +127,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, cross: bool = False, ffn_mult: int = 4):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
-        self.cross = Attention(dim, heads, dropout) if cross else None
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.cross = Attention(dim, heads) if cross else None
         self.ln2 = nn.LayerNorm(dim) if cross else None
-        self.ln3, self.ffn = nn.LayerNorm(dim), MLP(dim, ffn_mult * dim, dropout)
+        self.ln3, self.ffn = nn.LayerNorm(dim), MLP(dim, ffn_mult * dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, self_mask=None, ctx=None, ctx_mask=None):
@@ -342,7 +343,7 @@ class SwinBlock(nn.Module):
         super().__init__()
         self.G, self.w = grid, min(window, grid)
         self.shift = self.w // 2 if shift and self.w < grid else 0
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.ln2, self.ffn = nn.LayerNorm(dim), MLP(dim, 4 * dim, dropout)
         ids = self._windows(_window_ids(grid, self.w, self.shift)[None, :, :, None].float())[..., 0]  # [nW, w*w]
         eye = torch.eye(self.w * self.w, dtype=torch.bool)
@@ -383,7 +384,7 @@ class DelegateAttention(nn.Module):
     def __init__(self, dim: int, heads: int, topk: int, dropout: float = 0.0):
         super().__init__()
         self.topk = topk
-        self.ln, self.score, self.attn = nn.LayerNorm(dim), nn.Linear(dim, 1), Attention(dim, heads, dropout)
+        self.ln, self.score, self.attn = nn.LayerNorm(dim), nn.Linear(dim, 1), Attention(dim, heads)
 
     def forward(self, x):
         h = self.ln(x)
@@ -391,6 +392,22 @@ class DelegateAttention(nn.Module):
         top, idx = s.topk(min(self.topk, x.size(1)), dim=1)
         delegates = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.size(-1))) * torch.sigmoid(top).unsqueeze(-1)
         return x + self.attn(h, delegates)
+
+
+class PatchEmbed(nn.Module):
+    """Image -> [B, D, S/p, S/p] patch grid. For even p, a 3x3 stride-2 convolution precedes the
+    patchify convolution: from scratch on small data, that local stem learns far faster than a linear patchify.
+    """
+
+    def __init__(self, dim: int, patch: int):
+        super().__init__()
+        if patch % 2 == 0:
+            self.net = nn.Sequential(nn.Conv2d(3, dim // 2, 3, 2, 1), nn.GELU(), nn.Conv2d(dim // 2, dim, patch // 2, patch // 2))
+        else:
+            self.net = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x):
+        return self.net(x)
 
 
 class DualGranularityEncoder(nn.Module):
@@ -409,14 +426,14 @@ class DualGranularityEncoder(nn.Module):
         D, heads, p = config.vision_embed_dim, config.vision_heads, config.drop_prob
         self.size = config.vision_img_size
         self.Gc = self.size // config.vision_patch_size
-        self.coarse_embed = nn.Conv2d(3, D, config.vision_patch_size, config.vision_patch_size)
+        self.coarse_embed = PatchEmbed(D, config.vision_patch_size)
         self.coarse_pos = nn.Parameter(torch.zeros(1, self.Gc * self.Gc, D))
         self.swin = nn.ModuleList(SwinBlock(D, heads, self.Gc, config.vision_swin_window, shift=i == 1, dropout=p)
                                   for i in range(2))
         self.delegate = DelegateAttention(D, heads, config.vision_delegate_topk, p)
         fine_grid = self.size // config.vision_fine_patch_size
         self.Gf = min(fine_grid, int(math.isqrt(config.vision_max_patches)))
-        self.fine_embed = nn.Conv2d(3, D, config.vision_fine_patch_size, config.vision_fine_patch_size)
+        self.fine_embed = PatchEmbed(D, config.vision_fine_patch_size)
         self.fine_pos = nn.Parameter(torch.zeros(1, self.Gf * self.Gf, D))
         self.fine = nn.ModuleList(Block(D, heads, p) for _ in range(config.vision_depth))
         self.fuse = MLP(2 * D, 2 * D, p, out=D)
@@ -456,7 +473,7 @@ class VisualResampler(nn.Module):
         super().__init__()
         self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
         self.queries = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.ln_q, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.ln_q, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.ln_f, self.ffn = nn.LayerNorm(dim), MLP(dim, 2 * dim, dropout)
 
     def forward(self, img):
@@ -521,8 +538,8 @@ class CoAttention(nn.Module):
     def __init__(self, hidden: int, in_dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
-        self.ln_i, self.i2t = nn.LayerNorm(hidden), Attention(hidden, heads, dropout)
-        self.ln_t, self.t2i = nn.LayerNorm(hidden), Attention(hidden, heads, dropout)
+        self.ln_i, self.i2t = nn.LayerNorm(hidden), Attention(hidden, heads)
+        self.ln_t, self.t2i = nn.LayerNorm(hidden), Attention(hidden, heads)
         self.ln_f, self.ffn = nn.LayerNorm(hidden), MLP(hidden, 2 * hidden, dropout)
 
     def forward(self, text, mask, img):

@@ -20,7 +20,6 @@ Forward contract (the batch is the dict described in dataloader.py):
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

@@ -41,8 +41,6 @@ def load_checkpoint(path) -> dict:
 def load_run(save_dir, name: str, overrides=None):
     """(config, label_map, model) of a run directory; one-line errors for missing pieces."""
     run = Path(save_dir) / name
-    runs = sorted(p.name for p in Path(save_dir).glob("*/model.pt")) if Path(save_dir).is_dir() else []
-    runs = [Path(r).parent.name if "/" in r else r for r in runs]
     for f in RUN_FILES:
         if not (run / f).is_file():
             raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "

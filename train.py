@@ -285,7 +285,6 @@ def main(argv=None):
     print(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M parameters train | {device}")
 
     bad_run = [0]
-    stopped = False
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
         train_loader.batch_sampler.set_epoch(epoch)
@@ -315,7 +314,6 @@ def main(argv=None):
                      "rng": rng_state()}, run / "last.pt")
         if stop:
             print(f"early stop: no dev gain > {config.patience} for {bad_epochs} epochs")
-            stopped = True
             break
     tracker.finish()
 

@@ -300,7 +300,8 @@ def main(argv=None):
             bad_epochs += 1
         row = {"epoch": epoch + 1, "step": step, "time_s": round(time.time() - t0, 2), **{f"train_{k}": v for k, v in losses.items()},
                "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
-               "dev_per_type": {t: v["f1"] for t, v in dev["per_type"].items()}, "best_dev_f1": max(best, dev["f1"]),
+               "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")} for t, v in dev["per_type"].items()},
+               "best_dev_f1": max(best, dev["f1"]),
                "improved": improved}
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

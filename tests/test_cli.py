@@ -229,3 +229,12 @@ def test_bad_flags_fail_with_one_line(base, flags, msg):
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-1500:]
     lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
     assert msg in lines[-1] and len(lines) == 1, p.stderr
+
+
+def test_amp_run_and_per_type_log(base):
+    """--amp (bf16 autocast on CPU) trains and scores; the epoch log carries per-type dev P/R/F1."""
+    run, res = train.main([*base, "--epochs", "1", "--amp", "--save_name", "amp"])
+    assert 0.0 <= res["f1"] <= 1.0 and json.loads((run / "config.json").read_text())["amp"] is True
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    for v in row["dev_per_type"].values():
+        assert set(v) == {"precision", "recall", "f1"}

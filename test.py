@@ -1,7 +1,7 @@
 """Score a trained run on a split, from its own config and label map.
 
     python test.py --save_name NAME [--split test|valid|train] [--device cpu] [--batch_size 32]
-                   [--eval_mode conlleval|strict] [--record_file results.csv]
+                   [--eval_mode conlleval|strict] [--record_file results.csv] [--plots [--out_dir DIR]]
 
 Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
 run directory, and appends one CSV row to --record_file when given. The model is rebuilt from the run's
@@ -24,7 +24,7 @@ from metrics import evaluate, format_report
 from model import build_model, load_tokenizer
 
 RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "record_file", "data_dir", "image_root", "cache_dir",
-                 "num_workers", "amp", "save_dir", "lenient_data", "allow_download"}
+                 "num_workers", "amp", "save_dir", "lenient_data", "allow_download", "plots", "out_dir"}
 RUN_FILES = ("config.json", "label_map.json", "model.pt")
 
 
@@ -60,13 +60,18 @@ def load_run(save_dir, name: str, overrides=None):
 
 
 @torch.no_grad()
-def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None) -> list[list[str]]:
-    """Word tags for every post of `dataset`, full length: words past --max_len are predicted O."""
+def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
+            rank: int = 0, world: int = 1) -> list[list[str]]:
+    """Word tags for every post of `dataset`, full length: words past --max_len are predicted O.
+
+    With world > 1 (torchrun, see train.evaluate_gathered) only this rank's shard of the batches is predicted;
+    the other posts stay None.
+    """
     model.eval()
-    loader = D.make_loader(dataset, config, train=False)
+    loader = D.make_loader(dataset, config, train=False, rank=rank, world=world)
     preds: list[list[str] | None] = [None] * len(dataset)
     ctx = amp or torch.no_grad
-    for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, dynamic_ncols=True, disable=rank != 0):
         batch = {k: v.to(device) for k, v in batch.items()}
         with ctx():
             ids = model.decode(batch)
@@ -131,6 +136,10 @@ def main(argv=None):
     print(format_report(res))
     if config.record_file:
         record(config.record_file, cli.save_name, res, config.split)
+    if config.plots:
+        from plots import run_plots
+        for f in run_plots(run, config.split, Path(config.out_dir or run) / "plots"):
+            print(f"wrote {f}")
     return res
 
 

@@ -2,6 +2,11 @@
 
     python train.py --dataset_name demo --model MNER --epochs 10
     python train.py --continue_train_name <run>          # resume from <run>/last.pt
+    torchrun --nproc_per_node 4 train.py --dataset_name demo   # DistributedDataParallel, one process per GPU
+
+Under torchrun (WORLD_SIZE > 1) each process trains on its shard of every epoch with --batch_size posts per
+batch (global batch = batch_size x processes); gradients are averaged across processes (NCCL on GPU, gloo on
+CPU), dev/test predictions are gathered and scored once, and only rank 0 logs and writes the run directory.
 
 A run directory save_models/<run>/ holds config.json, label_map.json, model.pt (best on dev), last.pt
 (everything needed to resume), metrics.jsonl (one line per epoch), test_report.json and
@@ -17,18 +22,21 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dataloader as D
 from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
 from model import build_model, load_tokenizer
-from test import evaluate_split, load_checkpoint, write_predictions
+from metrics import evaluate
+from test import evaluate_split, load_checkpoint, predict, write_predictions
 
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
 
@@ -41,6 +49,110 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- distributed (torchrun)
+
+_OWN_GROUP = [False]  # whether this module started the process group (and so ends it)
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup_device(name: str) -> torch.device:
+    """The device of this process; under torchrun (WORLD_SIZE > 1 in the environment) also joins the process
+    group: NCCL with cuda:LOCAL_RANK on GPU, gloo on CPU. A single process just gets pick_device(name)."""
+    device = pick_device(name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":  # one GPU per process, whatever --device names
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) here; "
+                              "use --nproc_per_node <= the number of GPUs")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        _OWN_GROUP[0] = True
+    return device
+
+
+def teardown():
+    if _OWN_GROUP[0] and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP[0] = False
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def all_gather(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] in one process."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj, src: int = 0):
+    """Rank src's obj on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (demo-set generation, the frozen-feature cache), the others after it."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank: all ranks skip a bad batch together, or the others would
+    wait in backward's gradient all-reduce forever."""
+    ok = torch.isfinite(loss.detach())
+    if world() > 1:
+        ok = ok.to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def evaluate_gathered(model, dataset, config, label_map, device, amp=None):
+    """(scores, word tags per post) of a split. Under torchrun each rank predicts its shard, the predictions are
+    gathered, rank 0 scores them and every rank gets the same scores (so dev selection and early stopping
+    decide alike everywhere)."""
+    if world() == 1:
+        return evaluate_split(model, dataset, config, label_map, device, amp)
+    shard = predict(model, dataset, config, label_map, device, amp, rank=rank(), world=world())
+    preds = [None] * len(dataset)
+    for part in all_gather({i: p for i, p in enumerate(shard) if p is not None}):
+        for i, p in part.items():
+            preds[i] = p
+    assert all(p is not None for p in preds), "a post was predicted by no rank"
+    res = evaluate([p.tags for p in dataset.posts], preds, config.eval_mode) if is_main() else None
+    return broadcast(res), preds
 
 
 def amp_context(config, device):
@@ -74,10 +186,13 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def new_run_dir(config) -> Path:
+def new_run_dir(config, resume: bool = False) -> Path:
     root = Path(config.save_dir)
     name = config.save_name or "_".join(x for x in (datetime.now().strftime("%Y%m%d-%H%M%S"), config.dataset_name,
                                                     config.model, config.ex_name) if x)
+    if config.save_name and not resume and any((root / name / f).exists() for f in ("metrics.jsonl", "last.pt", "model.pt")):
+        raise ConfigError(f"--save_name {name}: {root / name} already holds a run; resume it with --continue_train_name "
+                          f"{name}, pick another --save_name, or delete that directory")
     run, k = root / name, 2
     while not config.save_name and run.exists():  # collision-safe for generated names
         run, k = root / f"{name}_{k}", k + 1
@@ -104,9 +219,10 @@ def atomic_save(obj, path: Path):
 class Tracker:
     """SwanLab when enabled (online with SWANLAB_API_KEY, else local files in the run dir), always a JSONL file."""
 
-    def __init__(self, config, run: Path):
+    def __init__(self, config, run: Path, active: bool = True):
         self.run, self.sw = None, None
-        mode = config.swanlab_mode
+        self.steps = run / "steps.jsonl" if active else None  # per-step losses for plots.py, whatever SwanLab does
+        mode = config.swanlab_mode if active else "disabled"  # inactive: a torchrun rank other than 0
         if mode == "auto":
             mode = "online" if os.environ.get("SWANLAB_API_KEY") else "local"
         if mode != "disabled":
@@ -119,6 +235,12 @@ class Tracker:
     def log(self, data: dict, step: int):
         if self.sw is not None:
             self.sw.log({k: v for k, v in data.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_step(self, losses: dict, step: int):
+        """A line of steps.jsonl. A resumed run redoes the steps after its checkpoint: readers keep a step's last line."""
+        if self.steps is not None:
+            with open(self.steps, "a") as f:
+                f.write(json.dumps({"step": step, **losses}) + "\n")
 
     def finish(self):
         if self.sw is not None:
@@ -161,15 +283,17 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
     n = len(loader)
     sums: dict[str, float] = {}
     step, seen = step0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True, disable=not is_main())
     opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         group = accum if i < n - n % accum else n % accum  # the last, partial group still steps: no gradient crosses epochs
-        with amp():
+        # DDP: batches that only accumulate skip the gradient all-reduce (the group's last batch does it)
+        accumulating = (i + 1) % accum and i + 1 != n and isinstance(model, DDP)
+        with amp(), (model.no_sync() if accumulating else nullcontext()):
             out = model(batch, epoch=epoch, image_on=image_on)
         loss = out["loss"].float()
-        if not torch.isfinite(loss):
+        if not all_finite(loss):
             bad_run[0] += 1
             opt.zero_grad(set_to_none=True)
             if bad_run[0] >= config.max_bad_steps:
@@ -208,11 +332,23 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
         log.update({"train/loss": loss.item(), "train/grad_norm": norm.item()})
         log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
         tracker.log(log, step)
+        tracker.log_step({k[6:]: v for k, v in log.items() if k.startswith("train/")}, step)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+    if world() > 1:  # the epoch's mean losses over the batches of every rank
+        parts = all_gather((sums, seen))
+        seen = sum(n for _, n in parts)
+        sums = {k: sum(p.get(k, 0.0) for p, _ in parts) for k in {k for p, _ in parts for k in p}}
     return {k: v / max(1, seen) for k, v in sums.items()}, step
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    finally:
+        teardown()  # under torchrun: leave the process group (no-op otherwise)
+
+
+def _main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config = get_config(argv)
     resume = None
@@ -231,13 +367,16 @@ def main(argv=None):
         saved.continue_train_name, saved.save_name = config.continue_train_name, config.continue_train_name
         config = saved
         resume = load_checkpoint(src / "last.pt")
-    device = pick_device(config.device)
-    seed_everything(config.seed)
+    device = setup_device(config.device)
+    lead = is_main()  # rank 0 (or the only process): the one that prints, logs and writes the run directory
+    say = print if lead else (lambda *a, **k: None)
+    seed_everything(config.seed)  # the same seed on every rank: identical inits, each rank its own data shard
 
     # data -> labels -> tokenize/align
-    train_posts = D.load_split(config, "train")
-    dev_posts = D.load_split(config, "valid")
-    test_posts = D.load_split(config, "test")
+    with main_first():  # rank 0 first: it may generate the demo set
+        train_posts = D.load_split(config, "train")
+        dev_posts = D.load_split(config, "valid")
+        test_posts = D.load_split(config, "test")
     run_src = Path(config.save_dir) / config.continue_train_name
     label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
     tokenizer = load_tokenizer(config)
@@ -245,16 +384,19 @@ def main(argv=None):
     # model (built on CPU with the run's seed so every init is repeatable), then the run dir, then its data
     torch.manual_seed(config.seed)
     model = build_model(config, len(label_map))
-    run = new_run_dir(config)
-    save_config(config, run / "config.json")
-    label_map.save(run / "label_map.json")
+    run = Path(broadcast(str(new_run_dir(config, resume=resume is not None)) if lead else None))  # rank 0 names it (a generated name has a time)
+    if lead:
+        save_config(config, run / "config.json")
+        label_map.save(run / "label_map.json")
     vision = model.vision.to(device) if model.uses_image and config.use_image else None
-    ds = {s: D.make_dataset(config, s, posts, tokenizer, label_map, vision, train=s == "train")
-          for s, posts in (("train", train_posts), ("valid", dev_posts), ("test", test_posts))}
+    with main_first():  # rank 0 builds the frozen-feature cache, the other ranks then read it
+        ds = {s: D.make_dataset(config, s, posts, tokenizer, label_map, vision, train=s == "train")
+              for s, posts in (("train", train_posts), ("valid", dev_posts), ("test", test_posts))}
     for d in ds.values():
-        print(d.describe())
+        say(d.describe())
     model.to(device)
-    train_loader = D.make_loader(ds["train"], config, train=True)
+    # under torchrun each rank gets every world-th batch, all ranks the same number of them
+    train_loader = D.make_loader(ds["train"], config, train=True, rank=rank(), world=world())
     accum = config.gradient_accumulation_steps
     steps = config.epochs * math.ceil(len(train_loader) / accum)
     opt, sched = make_optimizer(model, config, steps)
@@ -272,17 +414,25 @@ def main(argv=None):
         start_epoch, best, bad_epochs, step = resume["epoch"] + 1, resume["best"], resume["bad_epochs"], resume["step"]
         if resume["stopped"]:
             start_epoch = config.epochs  # it had stopped early: only the final test is redone
-        set_rng_state(resume["rng"])
+        ranks = resume.get("rng_ranks")  # a torchrun run keeps every rank's RNGs
+        set_rng_state(ranks[rank()] if ranks and len(ranks) == world() else resume["rng"])
         # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
         log = run / "metrics.jsonl"
-        if log.exists():
+        if lead and log.exists():
             keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= start_epoch]
             log.write_text("".join(l + "\n" for l in keep))
-        print(f"resumed {run.name} after epoch {start_epoch} (best dev F1 {best:.4f})")
-    tracker = Tracker(config, run)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M parameters train | {device}")
+        say(f"resumed {run.name} after epoch {start_epoch} (best dev F1 {best:.4f})")
+    core = model  # the model itself: checkpoints, decoding, parameter groups
+    if world() > 1:
+        # the image path is skipped for batches without a usable image (and in --text_only_epochs), so DDP has
+        # to look for parameters that got no gradient; text-only models use every parameter every step
+        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=core.uses_image)
+    tracker = Tracker(config, run, active=lead)
+    n_params = sum(p.numel() for p in core.parameters())
+    n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    procs = f" x {world()} processes (global batch {config.batch_size * world()})" if world() > 1 else ""
+    say(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M parameters train | {device}{procs}")
 
     bad_run = [0]
     for epoch in range(start_epoch, config.epochs):
@@ -290,12 +440,13 @@ def main(argv=None):
         train_loader.batch_sampler.set_epoch(epoch)
         ds["train"].epoch = epoch
         losses, step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker, step, bad_run)
-        dev = evaluate_split(model, ds["valid"], config, label_map, device, amp)[0]
+        dev = evaluate_gathered(core, ds["valid"], config, label_map, device, amp)[0]  # the same on every rank
         improved = dev["f1"] > best + config.patience
         if improved:
             best, bad_epochs = dev["f1"], 0
-            atomic_save({"model": model.state_dict(), "config": vars(config), "labels": label_map.labels,
-                         "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
+            if lead:
+                atomic_save({"model": core.state_dict(), "config": vars(config), "labels": label_map.labels,
+                             "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
         else:
             bad_epochs += 1
         row = {"epoch": epoch + 1, "step": step, "time_s": round(time.time() - t0, 2), **{f"train_{k}": v for k, v in losses.items()},
@@ -303,29 +454,34 @@ def main(argv=None):
                "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")} for t, v in dev["per_type"].items()},
                "best_dev_f1": max(best, dev["f1"]),
                "improved": improved}
-        with open(run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if lead:
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         tracker.log({"dev/f1": dev["f1"], "dev/precision": dev["precision"], "dev/recall": dev["recall"],
                      **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, step)
-        print(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
-              f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)")
+        say(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
+            f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)")
         stop = bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "step": step, "stopped": stop,
-                     "rng": rng_state()}, run / "last.pt")
+        rngs = all_gather(rng_state())
+        if lead:
+            atomic_save({"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "step": step, "stopped": stop,
+                         "rng": rngs[0], **({"rng_ranks": rngs} if world() > 1 else {})}, run / "last.pt")
         if stop:
-            print(f"early stop: no dev gain > {config.patience} for {bad_epochs} epochs")
+            say(f"early stop: no dev gain > {config.patience} for {bad_epochs} epochs")
             break
     tracker.finish()
+    barrier()  # rank 0's model.pt is complete before any rank reads it
 
     # the best-on-dev checkpoint is scored once on test
-    model.load_state_dict(load_checkpoint(run / "model.pt")["model"])
-    res, preds = evaluate_split(model, ds["test"], config, label_map, device, amp)
-    (run / "test_report.json").write_text(json.dumps(res, indent=1))
-    write_predictions(run / "test_predictions.conll", test_posts, preds)
-    from metrics import format_report
-    print(f"test ({config.eval_mode}), best dev epoch {load_checkpoint(run / 'model.pt')['epoch'] + 1}:")
-    print(format_report(res))
+    core.load_state_dict(load_checkpoint(run / "model.pt")["model"])
+    res, preds = evaluate_gathered(core, ds["test"], config, label_map, device, amp)
+    if lead:
+        (run / "test_report.json").write_text(json.dumps(res, indent=1))
+        write_predictions(run / "test_predictions.conll", test_posts, preds)
+        from metrics import format_report
+        print(f"test ({config.eval_mode}), best dev epoch {load_checkpoint(run / 'model.pt')['epoch'] + 1}:")
+        print(format_report(res))
     return run, res
 
 

@@ -21,6 +21,16 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The CI box has 2 shared cores: one intra-op thread avoids oversubscription stalls (10-100x slower)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def real_split(name: str, split: str) -> Path:
     """A shipped Twitter split file (data/<name>/<split>.txt)."""
     return dataloader.DATA_DIR / name / dataloader.SPLIT_FILES[split]

@@ -128,6 +128,13 @@ def test_resume_refuses_changed_architecture(trained, base):
     assert p.returncode == 2 and "--fusion_layers differs" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_existing_run_is_never_overwritten(trained, base):
+    before = (trained / "metrics.jsonl").read_text()
+    p = run_py(["train.py", *base, "--epochs", "1", "--save_name", "two"], check=False)
+    assert p.returncode == 2 and "already holds a run" in p.stderr and "--continue_train_name two" in p.stderr
+    assert "Traceback" not in p.stderr and (trained / "metrics.jsonl").read_text() == before
+
+
 def test_early_stopping(base):
     """Nothing learns (all learning rates 0), so dev F1 never improves after epoch 1: stop after
     1 + patience_num epochs once min_epoch_num is reached."""

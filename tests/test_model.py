@@ -28,7 +28,7 @@ POSTS = [
     Post(["lol"], ["O"], "3"),
     Post(["Barack", "Obama", "in", "Berlin", "#EU"], ["B-PER", "I-PER", "O", "B-LOC", "B-MISC"], "4"),
 ]
-PART_KEYS = {"tag", "align", "preserve", "nce", "sparsity"}
+PART_KEYS = {"tag", "align", "preserve", "nce", "sparsity", "image_types"}
 IMAGE_MODELS = [n for n, (fusion, *_) in M.MODELS.items() if fusion]
 TEXT_MODELS = [n for n in M.MODELS if n not in IMAGE_MODELS]
 
@@ -37,15 +37,6 @@ TINY_DUAL = dict(use_dual_granularity=True, vision_img_size=32, vision_patch_siz
                  vision_embed_dim=32, vision_heads=2, vision_depth=1, vision_swin_window=2,
                  vision_delegate_topk=4, vision_max_patches=16)
 EFFNET_PX = 64  # the CNN pads "same", so small images keep it cheap (2x2 region tokens)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores: one intra-op thread avoids oversubscription stalls (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -105,6 +96,7 @@ def pad_more(batch, pad_id, extra_t=3, extra_w=2) -> dict:
     b["word_index"] = cat("word_index", 0, extra_w, torch.long)
     b["word_mask"] = cat("word_mask", False, extra_w, torch.bool)
     b["labels"] = cat("labels", 0, extra_w, torch.long)
+    b["case_ids"] = cat("case_ids", 0, extra_w, torch.long)
     return b
 
 
@@ -114,7 +106,7 @@ def rows(batch, idx) -> dict:
     T, W = int(b["attention_mask"].sum(1).max()), int(b["word_mask"].sum(1).max())
     for k in ("input_ids", "attention_mask"):
         b[k] = b[k][:, :T]
-    for k in ("word_index", "word_mask", "labels"):
+    for k in ("word_index", "word_mask", "labels", "case_ids"):
         b[k] = b[k][:, :W]
     return b
 
@@ -289,7 +281,7 @@ def test_no_image_is_text_only_path(request, tiny_bert_dir, name, vision):
 # ----------------------------------------------------------------------------- gradient flow
 
 LOSS_ON = dict(align_lambda=0.3, align_warmup_epochs=2, preserve_lambda=0.2, nce_lambda=0.2, sparsity_lambda=0.1,
-               image_dropout_p=0.0, drop_prob=0.0)
+               image_type_lambda=0.5, image_dropout_p=0.0, drop_prob=0.0)
 GRAD_CASES = [("clip", 0), ("clip", 1), ("dual", 0), ("effnet", 0), ("effnet", 1)]
 
 
@@ -468,7 +460,8 @@ def test_total_loss_uses_warmed_align(mner_clip):
         torch.testing.assert_close(loss(0.7, epoch)[0] - base, 0.7 * w * parts["align"], atol=1e-5, rtol=1e-4)
     # the other terms are weighted by their lambdas
     p = parts
-    want = p["tag"] + cfg.preserve_lambda * p["preserve"] + cfg.nce_lambda * p["nce"] + cfg.sparsity_lambda * p["sparsity"]
+    want = (p["tag"] + cfg.preserve_lambda * p["preserve"] + cfg.nce_lambda * p["nce"]
+            + cfg.sparsity_lambda * p["sparsity"] + cfg.image_type_lambda * p["image_types"])
     torch.testing.assert_close(base0, want, atol=1e-5, rtol=1e-5)
 
 
@@ -686,3 +679,83 @@ def test_image_dropout(tiny_bert_dir):
         kept = run()["emissions"]
         text = run(image_on=False)["emissions"]
     assert torch.equal(dropped, kept) and not torch.allclose(kept, text)
+
+
+# ----------------------------------------------------------------------------- speed/quality options
+
+@pytest.mark.parametrize("word,shape", [("apple", "lower"), ("Apple", "title"), ("A", "title"), ("NBA", "upper"),
+                                        ("iPhone", "mixed"), ("2017", "no_letter"), ("!!", "no_letter"),
+                                        ("@nytimes", "mention_or_hashtag"), ("#EU", "mention_or_hashtag"),
+                                        ("#", "no_letter"), ("McDonald's", "mixed"), ("Ça", "title")])
+def test_word_shape(word, shape):
+    assert dl.CASE_SHAPES[dl.word_shape(word)] == shape
+
+
+def test_case_features_let_an_uncased_encoder_see_case(tiny_bert_dir):
+    lower = [Post(["apple", "store"], ["O", "O"], "a")]
+    title = [Post(["Apple", "Store"], ["O", "O"], "b")]
+    for on in (True, False):
+        model = build(tiny_bert_dir, "roberta_crf", case_features=on, drop_prob=0.0).eval()
+        a, b = text_batch(model, lower), text_batch(model, title)
+        assert torch.equal(a["input_ids"], b["input_ids"])  # the uncased tokenizer cannot tell them apart
+        ea, eb = model(a)["emissions"], model(b)["emissions"]
+        assert torch.allclose(ea, eb) != on
+    model = build(tiny_bert_dir, "roberta_crf", case_features=True).train()
+    model(text_batch(model))["loss"].backward()
+    g = model.case.weight.grad
+    assert g[0].abs().sum() == 0 and g[1:].abs().sum() > 0  # the padding shape never learns
+
+
+@pytest.mark.parametrize("kw", [dict(fusion_gate="sum"), dict(fusion_gate="rel"), dict(resampler_tokens=0),
+                                dict(fusion_layers=1)], ids=["sum", "rel", "no_resampler", "one_layer"])
+def test_fusion_ablations_build_and_learn(request, tiny_bert_dir, kw):
+    model = build(tiny_bert_dir, "MNER", vision_of(request, "clip"), **{**LOSS_ON, **kw}).train()
+    batch = with_images(model, text_batch(model))
+    out = model(batch, epoch=2)
+    assert out["emissions"].shape[:2] == batch["word_mask"].shape
+    out["loss"].backward()
+    assert_learns((n, p) for n, p in model.named_parameters() if not n.startswith("vision."))
+    if kw.get("fusion_gate") == "sum":
+        assert model.gate.gate is None and model.gate.rel is None and torch.all(out["rel"] == 1)
+    if kw.get("resampler_tokens") == 0:
+        assert model.resampler.queries is None
+
+
+def test_grad_checkpointing_same_loss_and_gradients(request, tiny_bert_dir):
+    grads = []
+    for ck in (False, True):
+        model = build(tiny_bert_dir, "MNER", vision_of(request, "clip"), grad_checkpointing=ck, **LOSS_ON).train()
+        out = model(with_images(model, text_batch(model)), epoch=2)
+        out["loss"].backward()
+        grads.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert abs(l0 - l1) < 1e-5 and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5), n
+
+
+def test_text_attention_dropout_and_frozen_word_embeddings(tiny_bert_dir):
+    model = build(tiny_bert_dir, "roberta_crf", text_attention_dropout=0.3, freeze_word_embeddings=True)
+    assert model.text.model.config.attention_probs_dropout_prob == 0.3
+    emb = model.text.model.get_input_embeddings().weight
+    assert not emb.requires_grad
+    assert all(p is not emb for _, p in model.param_groups()["text"])
+    model = build(tiny_bert_dir, "roberta_crf")
+    assert model.text.model.config.attention_probs_dropout_prob == 0.0
+    assert model.text.model.get_input_embeddings().weight.requires_grad
+
+
+def test_image_type_loss_targets():
+    # labels: PAD 0, O 1, B-LOC 2, I-LOC 3, B-MISC 4, I-MISC 5, B-ORG 6, I-ORG 7, B-PER 8, I-PER 9
+    labels = torch.tensor([[8, 9, 1, 2], [1, 1, 0, 0], [7, 1, 1, 0]])
+    want = torch.tensor([[1., 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0]])  # LOC MISC ORG PER
+    logits = torch.randn(3, 4)
+    torch.testing.assert_close(M.image_type_loss(logits, labels),
+                               torch.nn.functional.binary_cross_entropy_with_logits(logits, want))
+    assert M.image_type_loss(want * 40 - 20, labels) < 1e-6
+
+
+def test_image_type_head_only_when_weighted(tiny_bert_dir):
+    assert build(tiny_bert_dir, "MNER", image_type_lambda=0.0).type_head is None
+    m = build(tiny_bert_dir, "MNER", image_type_lambda=0.5)
+    assert m.type_head.out_features == (NL - 2) // 2 == 4

@@ -1,0 +1,249 @@
+"""Speed and memory benchmark: train posts/s, seconds per epoch, eval posts/s and peak memory.
+
+    python bench.py                                   # Twitter-2017, every case below, 3 repeats
+    python bench.py --cases text,mner_cached --amp_modes fp32 --repeats 5
+    python bench.py --sizes base --device cuda        # RoBERTa-base / CLIP-B/32-sized random encoders
+    bash script/bench.sh                              # the same, with the scripts' env-var overrides
+
+Cases (each measured in a fresh child process, so peak memory is that case's own):
+    text          the text path: --model roberta_crf (the MNER text encoder + CRF, no image path)
+    mner_cached   MNER reading cached frozen-backbone features (what training does with a frozen backbone)
+    mner_pixels   MNER running the frozen EfficientNet-Lite0 (or --sizes base: CLIP-B/32) on pixels every step
+    mner_dual     MNER with the dual-granularity encoder trained from scratch on pixels
+crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing.
+
+What is timed: real training steps (forward, backward, clipping, fused AdamW step) on the real Twitter-2017
+posts, batched exactly as train.py batches them (same sampler, --batch_size), `--steps` batches spread
+evenly over the epoch; epoch seconds = train posts / train posts/s (the train pass only; train.py's
+metrics.jsonl `time_s` adds the dev pass). Eval: model.decode over the first --eval_posts dev posts.
+The Twitter images are not on this machine, so the image cases feed random pixels / random features
+with has_image = 1 for every post: the compute of a fully illustrated data set, minus JPEG decoding.
+Memory: CPU peak resident set of the child (ru_maxrss) and its growth during training steps; CUDA:
+torch.cuda.max_memory_allocated. Figures are medians over --repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {
+    "text": ["--model", "roberta_crf"],
+    "mner_cached": ["--model", "MNER"],
+    "mner_pixels": ["--model", "MNER"],
+    "mner_dual": ["--model", "MNER", "--use_dual_granularity"],
+}
+
+
+def bench_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--cases", default="text,mner_cached,mner_pixels,mner_dual", help=f"comma list of {', '.join(CASES)}")
+    a("--amp_modes", default="fp32,amp", help="comma list of fp32, amp")
+    a("--bucketing", default="on,off", help="length bucketing of training batches: comma list of on, off")
+    a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
+    a("--repeats", type=int, default=3, help="timed repeats per case (medians are reported)")
+    a("--steps", type=int, default=20, help="training steps timed per repeat")
+    a("--eval_posts", type=int, default=320, help="dev posts decoded per eval repeat")
+    a("--sizes", default="embedded", choices=["embedded", "base"],
+      help="embedded = MiniLM + EfficientNet-Lite0; base = random BERT-base-sized text and CLIP-B/32-sized vision")
+    a("--json", default="", help="also write every figure to this JSON file")
+    a("--one", default="", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
+    return p.parse_known_args(argv)
+
+
+# ----------------------------------------------------------------------------- one case (child process)
+
+def base_sized_encoders(root: Path) -> list[str]:
+    """Random BERT-base-sized text (12x768, RoBERTa-base compute) and CLIP-B/32-sized vision, saved locally."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
+    from config import resolve_text_encoder
+    text, vision = root / "bert_base_random", root / "clip_b32_random"
+    if not text.exists():
+        BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                             vocab_size=30522)).save_pretrained(text)
+        AutoTokenizer.from_pretrained(resolve_text_encoder("minilm")).save_pretrained(text)
+    if not vision.exists():
+        CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                         num_attention_heads=12, patch_size=32, image_size=224)).save_pretrained(vision)
+        (vision / "preprocessor_config.json").write_text(json.dumps(
+            {"image_mean": [0.4815, 0.4578, 0.4082], "image_std": [0.2686, 0.2613, 0.2758], "crop_size": 224}))
+    return ["--text_encoder", str(text), "--image_encoder", str(vision)]
+
+
+def run_case(spec: dict, argv: list[str]) -> dict:
+    import torch
+    import dataloader as D
+    from config import get_config
+    from model import build_model, load_tokenizer
+    from train import amp_context, make_optimizer, pick_device, seed_everything
+
+    config = get_config(argv + CASES[spec["case"]])
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    posts = D.load_split(config, "train")
+    dev = D.load_split(config, "valid")[: spec["eval_posts"]]
+    label_map = D.LabelMap.from_posts(posts)
+    tok = load_tokenizer(config)
+    model = build_model(config, len(label_map)).to(device)
+    ds = D.make_dataset(config, "train", posts, tok, label_map)  # text items; image inputs are added below
+    loader = D.make_loader(ds, config, train=True)
+    batches = list(loader)
+    opt, sched = make_optimizer(model, config, steps=10**6)
+    amp, scaler = amp_context(config, device)
+    g = torch.Generator().manual_seed(0)
+
+    def with_image(b):
+        if spec["case"] == "text":
+            return b
+        B = b["input_ids"].size(0)
+        b["has_image"] = torch.ones(B, dtype=torch.bool)
+        if spec["case"] == "mner_cached":
+            b["image_feats"] = torch.randn(B, model.vision.n_tokens, model.vision.out_dim, generator=g)
+        else:
+            S = config.vision_img_size if config.use_dual_granularity else D.image_prep_for(config).size
+            b["pixel_values"] = torch.randn(B, 3, S, S, generator=g)
+        return b
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(b):
+        with amp():
+            loss = model(b, epoch=1)["loss"].float()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for gr in opt.param_groups for p in gr["params"]], 1.0)
+        (scaler.step(opt), scaler.update()) if scaler else opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    for b in batches[:2]:  # warm-up (allocator, kernels), not timed
+        step({k: v.to(device) for k, v in with_image(dict(b)).items()})
+    sync()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_tps = []
+    n = len(batches)
+    for r in range(spec["repeats"]):
+        pick = [batches[(r + i * n // spec["steps"]) % n] for i in range(spec["steps"])]
+        pick = [{k: v.to(device) for k, v in with_image(dict(b)).items()} for b in pick]
+        sync()
+        t = time.perf_counter()
+        for b in pick:
+            step(b)
+        sync()
+        train_tps.append(sum(b["input_ids"].size(0) for b in pick) / (time.perf_counter() - t))
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+    dds = D.make_dataset(config, "valid", dev, tok, label_map)
+    ebatches = [{k: v.to(device) for k, v in with_image(dict(b)).items()} for b in D.make_loader(dds, config, train=False)]
+    model.eval()
+    eval_tps = []
+    for r in range(spec["repeats"]):
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode(), amp():
+            for b in ebatches:
+                model.decode(b)
+        sync()
+        eval_tps.append(len(dev) / (time.perf_counter() - t))
+    tps = statistics.median(train_tps)
+    return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
+            "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
+            "train_posts_per_s_all": [round(x, 1) for x in train_tps],
+            "epoch_s": round(len(posts) / tps, 1), "eval_posts_per_s": round(statistics.median(eval_tps), 1),
+            "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
+            "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,
+            "n_train": len(posts), "batch_size": config.batch_size, "device": str(device),
+            "threads": torch.get_num_threads(), "pad_share": round(pad_share(batches), 3)}
+
+
+def pad_share(batches) -> float:
+    """Share of padded sub-word slots in the epoch's batches (what bucketing saves)."""
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return 1 - real / sum(b["attention_mask"].numel() for b in batches)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def hardware() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        s += f", {torch.cuda.get_device_name(0)}"
+    return s
+
+
+def table(rows: list[dict]) -> str:
+    head = "| case | precision | bucketing | grad ckpt | train posts/s | train s/epoch | eval posts/s | peak RSS MiB | train RSS growth MiB | peak CUDA MiB |"
+    out = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['case']} | {'bf16' if r['amp'] else 'fp32'} | {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} |||||")
+            continue
+        out.append(f"| {r['case']} | {'bf16' if r['amp'] else 'fp32'} | {'on' if r['bucketing'] else 'off'} | "
+                   f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | "
+                   f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | {r['peak_cuda_mib'] or '-'} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    args, rest = bench_args(argv)
+    if args.one:
+        spec = json.loads(args.one)
+        print("RESULT " + json.dumps(run_case(spec, rest)))
+        return
+    if args.sizes == "base":
+        rest = base_sized_encoders(Path(tempfile.gettempdir()) / "mango_bench") + rest
+    cases = [c for c in args.cases.split(",") if c]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
+    rows = []
+    for case in cases:
+        for amp in args.amp_modes.split(","):
+            for bucket in args.bucketing.split(","):
+                for ck in args.grad_ckpt.split(","):
+                    flags = ["--swanlab_mode", "disabled"] + rest
+                    flags += ["--amp"] if amp == "amp" else []
+                    flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
+                    flags += ["--grad_checkpointing"] if ck == "on" else []
+                    spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
+                    print(f"bench {case} {amp} bucketing={bucket} grad_ckpt={ck} ...", file=sys.stderr, flush=True)
+                    p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags],
+                                       capture_output=True, text=True)
+                    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+                    if line is None:
+                        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                        rows.append({"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "error": err})
+                    else:
+                        rows.append(json.loads(line[7:]))
+                    print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"repeats {args.repeats} x {args.steps} steps, medians; sizes: {args.sizes}")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": vars(args), "flags": rest, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,461 @@
+"""Tag new posts with a trained run, and draw what its image path looks at.
+
+    python predict.py --save_name NAME --text "Kevin Durant enters Oracle Arena" [--image p.jpg] [--explain]
+    python predict.py --save_name NAME --input posts.jsonl [--format json|conll] [--out_dir DIR] [--explain]
+
+--text prints the post's entities: type, words, word span and character span ([start, end), end exclusive)
+and score. --input reads JSON lines (or one JSON list), one post each: {"text": "..."} or {"tokens": [...]},
+optionally "image": a path (relative to the current directory) or null, and any other keys, which are passed
+through. It writes <out_dir>/predictions.jsonl (each input line plus "text", "tokens", "tags", "entities",
+"image_used"; it can be read back as input) or, with --format conll, predictions.conll (an IMGID line with the
+image, then `word<TAB>tag`). --out_dir defaults to the run directory. A post without an image, or whose image
+is missing or unreadable (one warning line), is tagged text-only, exactly as in training.
+
+Words: raw text is split by TOKEN_RE: URLs, @mentions and #hashtags stay whole, a word keeps inner ' and -
+("don't", "Jean-Luc"), every other punctuation character is a word of its own, whitespace separates words.
+"tokens" are taken as given: without "text" the text is the words joined by single spaces; with both, the
+words are found left to right in the text. From there the training code runs unchanged: the run's config.json
+and label_map.json (test.load_run), dataloader.make_dataset (encode_words: sub-words and --max_len, where
+later words are predicted O; the run's image preprocessing and frozen-feature cache), make_loader (batches of
+--batch_size sorted by length), and the model's head.
+
+Score of an entity: the mean over its words of the marginal probability of the predicted tag. CRF head: exact
+marginals (forward-backward, computed as the gradient of log Z with respect to the emissions); softmax head:
+the softmax of the emissions.
+
+--explain writes per post with an image <out_dir>/explain/post<k>_attention.png (the part of the image the
+model sees, with the text->image attention of --explain_word or of each predicted entity as a heat overlay;
+see word_region_attention for what it approximates) and post<k>_relevance.png (per-word rel and gate under the
+sentence; MNER only). A model whose image path is off is refused with one line instead of a blank picture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dataloader as D
+import model as M
+import plots
+from config import ConfigError, UserError, cli, get_config, given_flags
+from metrics import get_entities
+from model import load_tokenizer
+from test import RUNTIME_FLAGS, load_run
+
+# a URL | an @mention or #hashtag | a word with inner ' ’ or - | any other non-space character on its own
+TOKEN_RE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+|\w+(?:['’-]\w+)*|[^\w\s]")
+VIEW = 320        # side in pixels of the image as drawn
+MAX_PANELS = 6    # overlays in one attention picture (a post with more entities shows its first six)
+
+
+class ExplainRefused(UserError):
+    """--explain asked of a model that cannot look at images: nothing honest to draw."""
+
+
+@dataclasses.dataclass
+class NewPost:
+    """A post to tag: its words and where each sits in `text` ([start, end) characters)."""
+    text: str
+    words: list[str]
+    spans: list[tuple[int, int]]
+    image: str | None  # as given; None: no image
+    record: dict       # the input line, passed through to predictions.jsonl
+    source: str        # "file:line" or "--text", for messages
+
+
+def warn(msg: str):
+    print(f"warning: {msg}")
+
+
+# ----------------------------------------------------------------------------- input
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Raw text -> words (TOKEN_RE) and their [start, end) character spans in text."""
+    ms = list(TOKEN_RE.finditer(text))
+    return [m.group() for m in ms], [m.span() for m in ms]
+
+
+def locate_words(text: str, words: list[str]) -> list[tuple[int, int]]:
+    """Character spans of given words found left to right in text; ValueError when one is not there."""
+    spans, at = [], 0
+    for w in words:
+        k = text.find(w, at)
+        if k < 0:
+            raise ValueError(f"token {w!r} is not in \"text\" after character {at}")
+        spans.append((k, k + len(w)))
+        at = k + len(w)
+    return spans
+
+
+def post_from_record(rec, source: str) -> NewPost:
+    """One input object -> NewPost; ValueError(why) for a malformed one."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, found {type(rec).__name__}")
+    text, tokens, image = rec.get("text"), rec.get("tokens"), rec.get("image")
+    if text is not None and not isinstance(text, str):
+        raise ValueError('"text" must be a string')
+    if image is not None and not isinstance(image, str):
+        raise ValueError('"image" must be a file path or null')
+    if tokens is not None:
+        if not (isinstance(tokens, list) and tokens and all(isinstance(w, str) and w for w in tokens)):
+            raise ValueError('"tokens" must be a non-empty list of non-empty strings')
+        text = " ".join(tokens) if text is None else text
+        words, spans = list(tokens), locate_words(text, tokens)
+    elif text is not None:
+        words, spans = split_words(text)
+        if not words:
+            raise ValueError('"text" has no words')
+    else:
+        raise ValueError('needs "text" (a string) or "tokens" (a list of strings)')
+    return NewPost(text, words, spans, image or None, rec, source)
+
+
+def read_posts(path, lenient: bool = False) -> list[NewPost]:
+    """The posts of a JSON-lines file (or one JSON list); a bad line stops with file:line (skipped under lenient)."""
+    path = Path(path)
+    if not path.is_file():
+        raise D.DataError(f"--input {path}: file not found")
+    report = D.ReadReport(str(path))
+    problem = D._problem_fn(path, lenient, report)
+    posts = []
+    for lineno, rec in D._json_records(path, problem):
+        try:
+            posts.append(post_from_record(rec, f"{path}:{lineno}"))
+        except ValueError as e:
+            problem(lineno, str(e), 'write one {"text": "...", "image": "..."} or {"tokens": [...]} object per line')
+    if report.problems:
+        warn(f"{len(report.problems)} input line(s) skipped under --lenient_data (first: {report.problems[0]})")
+    if not posts:
+        raise D.DataError(f"{path}:1: no posts found; write one JSON object per line")
+    return posts
+
+
+def dataset_posts(posts: list[NewPost], use_images: bool) -> list[D.Post]:
+    """dataloader Posts (tags all O) whose IMGID is the image's absolute path (None: text-only).
+
+    A named image that is not there, or not a .jpg/.jpeg/.png, gets one warning line and the text-only path.
+    """
+    out = []
+    for p in posts:
+        img = None
+        if p.image and use_images:
+            f = Path(p.image).expanduser().resolve()
+            if not f.is_file():
+                warn(f"{p.source}: image {p.image} is missing; this post is tagged text-only")
+            elif f.suffix.lower() not in D.IMAGE_EXTS:
+                warn(f"{p.source}: image {p.image} is not {'/'.join(D.IMAGE_EXTS)}; this post is tagged text-only")
+            else:
+                img = str(f)
+        out.append(D.Post(p.words, ["O"] * len(p.words), img, p.source))
+    return out
+
+
+# ----------------------------------------------------------------------------- model outputs
+
+def tag_probabilities(head, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Probability of each label at each word, [B, W, L] (0 on padding) from emissions em [B, W, L], mask [B, W].
+
+    CRF: exact marginals by the forward algorithm on the pinned emissions the head decodes; their gradient of
+    log Z is the forward-backward marginal. Softmax head: softmax over the labels other than PAD.
+    """
+    if isinstance(head, M.SoftmaxHead):
+        p = em[..., 1:].float().softmax(-1)
+        return torch.cat([torch.zeros_like(p[..., :1]), p], -1) * mask[..., None]
+    crf = head.crf
+    with torch.enable_grad():
+        x = M.CRFHead._pin(em.detach()).requires_grad_(True)
+        a = crf.start_transitions + x[:, 0]                                      # [B, L]
+        for t in range(1, x.size(1)):
+            nxt = torch.logsumexp(a[:, :, None] + crf.transitions + x[:, t, None, :], dim=1)
+            a = torch.where(mask[:, t, None], nxt, a)                             # padding carries alpha over
+        log_z = torch.logsumexp(a + crf.end_transitions, dim=1)
+        (marg,) = torch.autograd.grad(log_z.sum(), x)
+    return marg
+
+
+def explained_modules(model) -> list:
+    """The attention (and gate) modules whose kept weights explanations read."""
+    if model.coattn is not None:
+        return [model.coattn.t2i]
+    if model.stack is not None:
+        return [m for m in (model.resampler.attn, *(b.cross for b in model.stack.blocks), model.gate) if m is not None]
+    return []
+
+
+def keep_weights(mods: list, on: bool):
+    """Switch weight keeping on/off and forget the last batch's weights (a text-only batch leaves them unset)."""
+    for m in mods:
+        m.keep_weights = on
+        setattr(m, "last_gate" if isinstance(m, M.GatedConcatFusion) else "last_weights", None)
+
+
+def word_region_attention(model) -> torch.Tensor | None:
+    """Text-word -> image-region attention of the last forward pass, [B, W, R] (rows sum to 1), or None.
+
+    roberta_clip_coattn: the text->image co-attention, averaged over heads (exact for that layer).
+    MNER: words reach the image only through the resampler's K learned queries, so the map is composed:
+    (word -> query attention of the stack's cross-attention, averaged over layers and heads) @ (query -> region
+    attention of the resampler, averaged over heads). Approximations: what the stack's self-attention passes
+    between words, the FFNs and residuals, and the queries' own (image-independent) content are left out.
+    """
+    if model.coattn is not None:
+        w = model.coattn.t2i.last_weights
+        return None if w is None else w.float().mean(1)
+    if model.stack is None or model.stack.blocks[0].cross.last_weights is None:
+        return None
+    t2x = torch.stack([b.cross.last_weights.float() for b in model.stack.blocks]).mean((0, 2))
+    if model.resampler.attn is None:  # --resampler_tokens 0: the stack's keys are the regions themselves
+        return t2x
+    q2r = model.resampler.attn.last_weights.float().mean(1)                                     # [B, K, R]
+    return t2x @ q2r  # [B, W, K] @ [B, K, R]
+
+
+def region_grids(vision) -> list[tuple[int, int, int]]:
+    """Where the vision module's region tokens lie: [(first, end, grid side)], side 0 = a whole-image token.
+
+    EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
+    the summary token, then the coarse Gc x Gc and the fine Gf x Gf patch grids (row-major). Tokens that mixed
+    with others inside the encoder (Swin windows, delegate attention, transformer layers) are still drawn at
+    their own patch: an approximation.
+    """
+    if isinstance(vision, M.DualGranularityEncoder):
+        c, f = vision.Gc ** 2, vision.Gf ** 2
+        return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + f, vision.Gf)]
+    side = round(vision.n_tokens ** 0.5)
+    if side * side != vision.n_tokens:
+        raise ExplainRefused(f"--explain: {vision.n_tokens} region tokens do not form a square grid")
+    return [(0, vision.n_tokens, side)]
+
+
+def region_heat(w: np.ndarray, grids, size: int) -> np.ndarray:
+    """Attention mass per pixel of a size x size view [size, size] from region weights w [R].
+
+    Each grid cell spreads its weight over its patch (bilinear between cell centres; the grids all cover the
+    whole view, so coarse and fine tokens add up), a whole-image token evenly over every pixel.
+    """
+    heat = np.zeros((size, size), np.float32)
+    for a, b, side in grids:
+        if side == 0:
+            heat += w[a:b].sum() / size ** 2
+        else:
+            g = w[a:b].reshape(side, side).astype(np.float32) * side ** 2 / size ** 2
+            heat += cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR)
+    return heat
+
+
+def image_path_off(model, config) -> str:
+    """Why the model cannot look at images; '' when it can."""
+    if not model.uses_image:
+        return (f"model {config.model} of this run has no image path"
+                + ("" if config.use_image else " (trained with --no-use_image)"))
+    if not config.use_image:
+        return "--no-use_image turns its image path off"
+    return ""
+
+
+def explain_refusal(model, config) -> str:
+    """Why there is no text->image attention to draw; '' when there is."""
+    if image_path_off(model, config):
+        return image_path_off(model, config)
+    return ""
+
+
+@torch.no_grad()
+def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, explain: bool) -> list[dict]:
+    """Per post: "tags" (every word), "probs" (probability of each scored word's tag), "image_used" and, with
+    explain and an image that reached the model, "explain": {"att" [n, R], "rel" [n], "gate" [n] or None}."""
+    model.eval()
+    mods = explained_modules(model) if explain else []
+    out: list[dict | None] = [None] * len(ds)
+    for batch in tqdm(D.make_loader(ds, config, train=False), desc="predict", unit="batch", leave=False,
+                      dynamic_ncols=True):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        keep_weights(mods, explain)
+        with amp():
+            res = model(batch)
+        em, mask = res["emissions"].float(), batch["word_mask"]
+        ids = model.head.decode(em, mask)
+        probs = tag_probabilities(model.head, em, mask).cpu()
+        att = word_region_attention(model) if explain else None
+        gate = model.gate.last_gate if explain and model.gate is not None else None
+        for b, (i, row) in enumerate(zip(batch["index"].tolist(), ids)):
+            n = len(row)
+            r = {"tags": label_map.decode(row) + ["O"] * (len(ds.posts[i].tokens) - n),
+                 "probs": probs[b, torch.arange(n), torch.tensor(row)].tolist(),
+                 "image_used": bool(batch["has_image"][b])}
+            if att is not None and bool(batch["has_image"][b]):
+                r["explain"] = {"att": att[b, :n].cpu().numpy(), "rel": res["rel"][b, :n].float().tolist(),
+                                "gate": gate[b, :n].float().mean(-1).tolist() if gate is not None else None}
+            out[i] = r
+    keep_weights(mods, False)
+    return out
+
+
+def entities(post: NewPost, tags: list[str], probs: list[float], mode: str) -> list[dict]:
+    """The predicted entities of a post with word and character spans ([start, end)) and their score."""
+    out = []
+    for typ, s, e in get_entities(tags, mode):
+        cs, ce = post.spans[s][0], post.spans[e - 1][1]
+        ps = probs[s:e]
+        out.append({"type": typ, "text": post.text[cs:ce], "words": post.words[s:e], "word_start": s, "word_end": e,
+                    "char_start": cs, "char_end": ce, "score": round(sum(ps) / len(ps), 4)})
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+def format_entities(post: NewPost, ents: list[dict], image_used: bool) -> str:
+    """The --text printout: the post, then one line per entity."""
+    img = f"  [image {post.image}: {'used' if image_used else 'not used'}]" if post.image else "  [no image]"
+    lines = [post.text + img]
+    if not ents:
+        return "\n".join(lines + ["  no entities"])
+    w = max(12, *(len(e["text"]) for e in ents))
+    lines.append(f"  {'type':6s}{'words':{w + 2}s}{'word span':11s}{'char span':11s}score")
+    for e in ents:
+        words, chars = f"{e['word_start']}:{e['word_end']}", f"{e['char_start']}:{e['char_end']}"
+        lines.append(f"  {e['type']:6s}{e['text']:{w + 2}s}{words:11s}{chars:11s}{e['score']:.3f}")
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path, posts: list[NewPost], results: list[dict], fmt: str) -> Path:
+    """predictions.jsonl (input keys + text, tokens, tags, entities, image_used) or predictions.conll."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for p, r in zip(posts, results):
+            if fmt == "conll":
+                f.write(f"IMGID:{p.image or ''}\n" + "".join(f"{w}\t{t}\n" for w, t in zip(p.words, r["tags"])) + "\n")
+            else:
+                f.write(json.dumps({**p.record, "text": p.text, "tokens": p.words, "tags": r["tags"],
+                                    "entities": r["entities"], "image_used": r["image_used"]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def explain_targets(post: NewPost, tags: list[str], ex: dict, word: str, mode: str) -> list[tuple[str, list[int]]]:
+    """(caption, word indices) of each overlay: --explain_word, else each predicted entity, else the word
+    with the highest rel. Only scored words (within --max_len) have attention."""
+    n = len(ex["att"])
+    if word:
+        hits = [j for j, w in enumerate(post.words[:n]) if w.lower() == word.lower()]
+        return [(f"'{post.words[j]}' (word {j})", [j]) for j in hits[:MAX_PANELS]]
+    ents = get_entities(tags[:n], mode)
+    if ents:
+        return [(f"{t}: {' '.join(post.words[s:e])}", list(range(s, e))) for t, s, e in ents[:MAX_PANELS]]
+    j = int(np.argmax(ex["rel"]))
+    return [(f"'{post.words[j]}' (no entity; highest rel)", [j])]
+
+
+def explain_post(k: int, post: NewPost, r: dict, model, config, out_dir: Path, word: str) -> list[Path]:
+    """post<k>_attention.png and (MNER) post<k>_relevance.png for a post whose image reached the model."""
+    ex, written = r["explain"], []
+    targets = explain_targets(post, r["tags"], ex, word, config.eval_mode)
+    if not targets:
+        warn(f"{post.source}: --explain_word {word!r} is not among its scored words; no attention overlay for it")
+    else:
+        view = model_view(post.image, D.image_prep_for(config))
+        grids = region_grids(model.vision)
+        panels = []
+        for caption, idx in targets:
+            heat = region_heat(ex["att"][idx].mean(0), grids, VIEW)
+            u = heat * VIEW * VIEW  # 1 = uniform attention
+            panels.append((f"{caption}\n{u.min():.2f}x (blue) to {u.max():.2f}x (red) uniform", heat))
+        written.append(plots.attention_overlay(view, panels, out_dir / f"post{k}_attention.png",
+                                               f"post {k}: text -> image attention over the model's view"))
+    if ex["gate"] is not None:
+        n = len(ex["rel"])
+        written.append(plots.relevance_strip(post.words[:n], r["tags"][:n], ex["rel"], ex["gate"],
+                                             out_dir / f"post{k}_relevance.png",
+                                             f"post {k}: image relevance (rel) and mean gate per word"))
+    return written
+
+
+def model_view(path, prep: D.ImagePrep, size: int = VIEW) -> np.ndarray:
+    """The part of the image the model sees, [size, size, 3] uint8 RGB: the run's ImagePrep (resize + centre crop)
+    at display size, without normalisation."""
+    im, _ = D.load_image(Path(path).expanduser().resolve())
+    x = dataclasses.replace(prep, size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(im)
+    return (x.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- main
+
+def check_args(a) -> None:
+    if not a.save_name:
+        raise ConfigError("--save_name is required: the run directory under --save_dir whose model.pt tags the posts")
+    if bool(a.text) == bool(a.input):
+        raise ConfigError('give either --text "..." (one post) or --input posts.jsonl')
+    if a.image and not a.text:
+        raise ConfigError("--image goes with --text; in an --input file each post names its own \"image\"")
+    if a.explain_word and not a.explain:
+        raise ConfigError("--explain_word needs --explain")
+
+
+def main(argv=None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_config(argv, check=False)
+    check_args(args)
+    if args.text:
+        rec = {"text": args.text, "image": args.image or None}
+        try:
+            posts = [post_from_record(rec, "--text")]
+        except ValueError as e:
+            raise ConfigError(f"--text: {e}") from None
+    else:
+        posts = read_posts(args.input, args.lenient_data)
+    given = given_flags(argv)
+    config, label_map, model, _ = load_run(args.save_dir, args.save_name,
+                                           {k: getattr(args, k) for k in given & RUNTIME_FLAGS})
+    if "use_image" in given:  # after the model is built: --no-use_image runs a multimodal model text-only
+        config.use_image = args.use_image
+    off = image_path_off(model, config)
+    if args.explain and explain_refusal(model, config):
+        raise ExplainRefused(f"--explain: {explain_refusal(model, config)}, so there is no text->image attention "
+                             "to draw; predict without --explain")
+    if off and any(p.image for p in posts):
+        print(f"note: {off}; the images are not used")
+    from train import amp_context, pick_device
+    device = pick_device(config.device)
+    model.to(device)
+    out_dir = Path(args.out_dir or Path(args.save_dir) / args.save_name)
+
+    t0 = time.time()
+    dposts = dataset_posts(posts, not off)
+    ds = D.make_dataset(config, "predict", dposts, load_tokenizer(config), label_map,
+                        None if off else model.vision, image_dir="/")
+    for p, dp, ok in zip(posts, dposts, ds.has_image):
+        if dp.imgid and not ok:
+            warn(f"{p.source}: image {p.image} is {D.load_image(dp.imgid)[1]}; this post is tagged text-only")
+    results = run_model(model, ds, config, label_map, device, amp_context(config, device)[0], args.explain)
+    for p, r in zip(posts, results):
+        r["entities"] = entities(p, r["tags"], r["probs"], config.eval_mode)
+    dt = time.time() - t0
+
+    if args.text:
+        print(format_entities(posts[0], results[0]["entities"], results[0]["image_used"]))
+    else:
+        f = write_predictions(out_dir / f"predictions.{'conll' if args.format == 'conll' else 'jsonl'}", posts,
+                              results, args.format)
+        print(f"wrote {f}: {len(posts)} posts, {sum(len(r['entities']) for r in results)} entities")
+    if args.explain:
+        for k, (p, r) in enumerate(zip(posts, results), 1):
+            if "explain" not in r:
+                warn(f"{p.source}: no image reached the model, so no attention overlay or rel/gate strip for post {k} "
+                     "(its predictions are kept)")
+                continue
+            for f in explain_post(k, p, r, model, config, out_dir / "explain", args.explain_word):
+                print(f"wrote {f}")
+    print(f"{len(posts)} posts in {dt:.2f} s: {len(posts) / dt:.1f} posts/s on {device} "
+          f"(batch size {config.batch_size}, {torch.get_num_threads()} threads)")
+    return results
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,107 @@
+"""Collect the runs of script/reproduce.sh into results/<dataset>.json and a Markdown table.
+
+    python results.py --datasets twitter2017 demo --models roberta_crf MNER MNER_dual --seeds 1 2 3
+
+Reads save_models/repro_<dataset>_<model>_s<seed>/{config.json, metrics.jsonl, test_report.json, wall_s.txt}.
+Each run's test score is that of its best dev epoch (train.py selects on dev and scores test once);
+the table gives mean ± sample std over the seeds found, and says which seeds are missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import dataloader as D
+from config import ROOT, config_from_dict
+
+MODEL_NAMES = {"roberta_crf": "text-only baseline (roberta_crf)", "MNER": "MNER + EfficientNet-Lite0",
+               "MNER_dual": "MNER + dual granularity"}
+
+
+def image_coverage(config) -> str:
+    """'k/n' test posts whose image file is present (0/n: the image path never runs)."""
+    posts = D.load_split(config, "test")
+    root = D.image_root(config, "test")
+    found = sum(1 for p in posts if (f := D.find_image(root, p.imgid)) is not None and f.is_file())
+    return f"{found}/{len(posts)}"
+
+
+def collect(save_dir: Path, dataset: str, model: str, seeds: list[int]) -> dict | None:
+    runs, missing = [], []
+    for s in seeds:
+        run = save_dir / f"repro_{dataset}_{model}_s{s}"
+        if not (run / "test_report.json").is_file():
+            missing.append(s)
+            continue
+        test = json.loads((run / "test_report.json").read_text())
+        rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        best = max(rows, key=lambda r: r["dev_f1"])
+        wall = [int(x) for x in (run / "wall_s.txt").read_text().split()] if (run / "wall_s.txt").exists() else []
+        runs.append({"seed": s, "run": run.name, "test_precision": test["precision"], "test_recall": test["recall"],
+                     "test_f1": test["f1"], "test_per_type": {t: v["f1"] for t, v in test["per_type"].items()},
+                     "dev_f1": best["dev_f1"], "best_epoch": best["epoch"], "epochs_run": len(rows),
+                     "epoch_s": statistics.median(r["time_s"] for r in rows), "wall_s": sum(wall) or None,
+                     "mode": test["mode"], "support": test.get("support", test.get("n_gold"))})
+    if not runs:
+        return None
+    config = config_from_dict(json.loads((save_dir / runs[0]["run"] / "config.json").read_text()))
+
+    def ms(k):
+        xs = [r[k] for r in runs]
+        return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None}
+    return {"dataset": dataset, "model": model, "seeds": [r["seed"] for r in runs], "missing_seeds": missing,
+            "test_precision": ms("test_precision"), "test_recall": ms("test_recall"), "test_f1": ms("test_f1"),
+            "dev_f1": ms("dev_f1"), "mode": runs[0]["mode"], "support": runs[0]["support"],
+            "images_present": image_coverage(config), "epochs": config.epochs, "text_encoder": config.text_encoder,
+            "runs": runs}
+
+
+def pm(x: dict, scale=100.0) -> str:
+    return f"{x['mean'] * scale:.2f}" + (f" ± {x['std'] * scale:.2f}" if x["std"] is not None else "")
+
+
+def markdown(rows: list[dict], hardware: str) -> str:
+    out = ["| dataset | model | test images | seeds | test P | test R | test F1 | dev F1 | mode, gold entities | "
+           "epochs run (best) | s/epoch | wall/run |", "|---" * 12 + "|"]
+    for r in rows:
+        runs = r["runs"]
+        ep = ", ".join(f"{x['epochs_run']} ({x['best_epoch']})" for x in runs)
+        walls = [x["wall_s"] for x in runs if x["wall_s"]]
+        wall = f"{statistics.median(walls) / 60:.1f} min" if walls else "-"
+        seeds = ",".join(map(str, r["seeds"])) + (f" (missing {','.join(map(str, r['missing_seeds']))})" if r["missing_seeds"] else "")
+        out.append(f"| {r['dataset']} | {MODEL_NAMES.get(r['model'], r['model'])} | {r['images_present']} | {seeds} | "
+                   f"{pm(r['test_precision'])} | {pm(r['test_recall'])} | **{pm(r['test_f1'])}** | {pm(r['dev_f1'])} | "
+                   f"{r['mode']}, {r['support']} | {ep} | {statistics.median(x['epoch_s'] for x in runs):.0f} | {wall} |")
+    out.append(f"\nMean ± sample std over seeds, in %. Text encoder: {rows[0]['text_encoder'] if rows else '-'}. "
+               f"Hardware: {hardware}.")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["twitter2017", "twitter2015", "demo"], help="datasets to collect")
+    ap.add_argument("--models", nargs="+", default=list(MODEL_NAMES), help="model keys of script/reproduce.sh")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds to collect")
+    ap.add_argument("--save_dir", default=str(ROOT / "save_models"), help="folder of run directories")
+    ap.add_argument("--out_dir", default=str(ROOT / "results"), help="where the JSON and Markdown go")
+    args = ap.parse_args(argv)
+    from bench import hardware
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    every = []
+    for ds in args.datasets:
+        rows = [r for m in args.models if (r := collect(Path(args.save_dir), ds, m, args.seeds))]
+        if not rows:
+            print(f"{ds}: no finished runs")
+            continue
+        (out / f"{ds}.json").write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1))
+        (out / f"{ds}.md").write_text(markdown(rows, hardware()) + "\n")
+        every += rows
+    if every:
+        print(markdown(every, hardware()))
+
+
+if __name__ == "__main__":
+    main()

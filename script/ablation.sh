@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# MNER ablations: one training run per experiment, each scored on test by test.py into one CSV.
+#   bash script/ablation.sh --list                 # the experiments and the flags each one changes
+#   bash script/ablation.sh --dry-run              # print the commands, run nothing
+#   bash script/ablation.sh --exp no_gate,no_nce   # only these (default: all)
+# Env: DATASET (default demo: the Twitter images are not shipped, so only demo exercises the image path),
+#      SEED, EPOCHS, DEVICE, TEXT_ENCODER, EXTRA_ARGS as in every script; CLIP_DIR = a local CLIP directory
+#      for the `clip` experiment (skipped without it); RECORD_FILE (default results/ablation_<dataset>.csv);
+#      SAVE_DIR (default save_models).
+# Runs: $SAVE_DIR/abl_<dataset>_<exp>_s<seed>; a finished one (test_report.json) is scored again, not retrained.
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
+. script/env_args.sh
+
+EXPS="full no_align no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
+text_only efficientnet clip dual_granularity"
+flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
+  case $1 in
+    full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
+    efficientnet|fusion_layers_7) echo "= full (the same run)" ;;
+    no_align) echo "--align_lambda 0" ;;
+    no_preserve) echo "--preserve_lambda 0" ;;
+    no_nce) echo "--nce_lambda 0" ;;
+    no_gate) echo "--fusion_gate sum" ;;
+    no_resampler) echo "--resampler_tokens 0" ;;
+    fusion_layers_1) echo "--fusion_layers 1" ;;
+    fusion_layers_3) echo "--fusion_layers 3" ;;
+    text_only) echo "--no-use_image" ;;
+    clip) echo "--image_encoder ${CLIP_DIR:-<CLIP_DIR unset>}" ;;
+    dual_granularity) echo "(script/train_dual_granularity.sh defaults)" ;;
+    *) return 1 ;;
+  esac
+}
+
+mode=run; pick=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --list) mode=list ;;
+    --dry-run) mode=dry ;;
+    --exp) pick=${2:-}; shift ;;
+    --exp=*) pick=${1#--exp=} ;;
+    *) echo "error: unknown argument '$1'; use --list, --dry-run or --exp NAME[,NAME]" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -n "$pick" ]; then
+  sel=${pick//,/ }
+  for e in $sel; do
+    flags_of "$e" > /dev/null || { echo "error: --exp $e: unknown experiment; see bash script/ablation.sh --list" >&2; exit 2; }
+  done
+else sel=$EXPS; fi
+
+: "${DATASET:=demo}" "${SEED:=42}"
+RECORD_FILE=${RECORD_FILE:-results/ablation_${DATASET}.csv}
+SAVE_DIR=${SAVE_DIR:-$MANGO_ROOT/save_models}
+if [ "$mode" = list ]; then
+  for e in $EXPS; do printf '%-18s %s\n' "$e" "$(flags_of "$e")"; done
+  exit 0
+fi
+export DATASET SEED MODEL=MNER
+fails=0
+done_runs=" "
+for e in $sel; do
+  run_exp=$e; case $e in efficientnet|fusion_layers_7) run_exp=full ;; esac
+  name="abl_${DATASET}_${run_exp}_s${SEED}"
+  [[ "$done_runs" == *" $name "* ]] && continue
+  done_runs+="$name "
+  script=script/train.sh; extra=()
+  case $run_exp in
+    full) ;;
+    dual_granularity) script=script/train_dual_granularity.sh ;;
+    *) read -r -a extra <<< "$(flags_of "$run_exp")" ;;
+  esac
+  if [ "$e" = clip ] && [ -z "${CLIP_DIR:-}" ]; then echo "skip clip: set CLIP_DIR to a local CLIP directory"; continue; fi
+  SAVE_NAME=$name env_args
+  train_cmd=(bash "$script" --save_dir "$SAVE_DIR" "${extra[@]}" "${ARGS[@]}")
+  test_cmd=(python test.py --save_dir "$SAVE_DIR" --save_name "$name" --record_file "$RECORD_FILE" "${ARGS[@]}")
+  if [ "$mode" = dry ]; then echo "${train_cmd[*]}"; echo "${test_cmd[*]}"; continue; fi
+  echo "== $e"
+  mkdir -p "$(dirname "$RECORD_FILE")"
+  # a finished run (test_report.json) is only scored again; anything else trains from scratch
+  if [ ! -f "$SAVE_DIR/$name/test_report.json" ]; then
+    rm -rf "${SAVE_DIR:?}/$name"
+    "${train_cmd[@]}" || { echo "FAILED: $e" >&2; fails=$((fails + 1)); continue; }
+  fi
+  "${test_cmd[@]}" | tail -n 2 || fails=$((fails + 1))
+done
+[ "$mode" = dry ] || echo "rows appended to $RECORD_FILE"
+[ "$fails" -eq 0 ] || exit 1

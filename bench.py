@@ -44,7 +44,7 @@ CASES = {
 
 
 def bench_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--cases", default="text,mner_cached,mner_pixels,mner_dual", help=f"comma list of {', '.join(CASES)}")
@@ -180,14 +180,14 @@ def pad_share(batches) -> float:
 
 # ----------------------------------------------------------------------------- driver
 
-def hardware() -> str:
+def hardware(threads: bool = True) -> str:
     import torch
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}" + (f", {torch.get_num_threads()} threads" if threads else "")
     if torch.cuda.is_available():
         s += f", {torch.cuda.get_device_name(0)}"
     return s

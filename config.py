@@ -32,6 +32,10 @@ def cli(main) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:  # the machine said no (disk full, read-only, permissions) where no check caught it first
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check free space and permissions there", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted; the last completed epoch is in last.pt (resume with --continue_train_name <run>)",
               file=sys.stderr)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # tried in this order for an IMGID without one
 TAG_RE = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z_]*)$")
 RAW_TYPE_MAP = {"OTHER": "MISC"}  # Twitter-2015 calls MISC "OTHER"; papers score them as one type
 
@@ -176,7 +176,43 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False, report
     report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
     if report.problems:
         print(f"warning: {report.summary()}")
+    notes = conll_notes(posts)
+    if notes:
+        print(f"note: {path}: {notes}")
     return posts
+
+
+def conll_notes(posts: list[Post]) -> str:
+    """Valid but unusual things in a read file, counted (one phrase; '' when there are none).
+
+    I- tags that begin a chunk (after O or after another type) are kept as they are: the conlleval evaluator reads
+    them as entity starts, --eval_mode strict as no entity. IMGIDs shared by several posts are kept too (the posts
+    share one image); the count shows a file that was concatenated twice.
+    """
+    orphans, first_orphan, seen, dups = 0, "", {}, {}
+    for p in posts:
+        prev = "O"
+        for k, t in enumerate(p.tags):
+            if t.startswith("I-") and (prev == "O" or prev[2:] != t[2:]):
+                orphans += 1
+                if not first_orphan:
+                    path, _, line = p.source.rpartition(":")
+                    first_orphan = f"{path}:{int(line) + k + (p.imgid is not None)}" if line.isdigit() else p.source
+            prev = t
+        if p.imgid is not None:
+            if p.imgid in seen:
+                dups.setdefault(p.imgid, (seen[p.imgid], p.source))
+            else:
+                seen[p.imgid] = p.source
+    out = []
+    if orphans:
+        out.append(f"{orphans} I- tag(s) begin a chunk (first: {first_orphan}); kept: --eval_mode conlleval reads "
+                   "them as entity starts, strict as no entity")
+    if dups:
+        imgid, (a, b) = next(iter(dups.items()))
+        out.append(f"{len(dups)} IMGID(s) name more than one post (first: {imgid} at {a} and {b}); those posts share "
+                   "one image")
+    return "; ".join(out)
 
 
 # ----------------------------------------------------------------------------- relation data -> BIO
@@ -562,8 +598,9 @@ def word_shape(word: str) -> int:
 def find_image(image_root, imgid: str | None) -> Path | None:
     """`<image_root>/<imgid>`; the imgid may be a sub-path (NewsMKG: a/b/c) and may carry its extension.
 
-    Without an extension .jpg/.jpeg/.png are tried in that order; with one, the file as named, else the same
-    stem with another image extension. When nothing exists the first candidate is returned (reported missing).
+    Without an extension IMAGE_EXTS (.jpg, .jpeg, .png, .gif, .webp, .bmp) are tried in that order; with one, the
+    file as named, else the same stem with another image extension. When nothing exists the first candidate is
+    returned (reported missing).
     """
     if not imgid or image_root is None:
         return None
@@ -698,7 +735,10 @@ class FeatureCache:
         wanted = sorted({str(p) for p in paths if p is not None})
         f = self.dir / (hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:16] + ".pt")
         if f.exists():
-            return torch.load(f, weights_only=True)
+            try:
+                return torch.load(f, weights_only=True)
+            except Exception as e:  # a damaged cache file (disk trouble, a copy cut short): rebuild it
+                print(f"warning: {f}: unreadable feature cache ({type(e).__name__}); recomputing it")
         feats: dict[str, torch.Tensor] = {}
         todo = []
         for p in tqdm(wanted, desc=f"extract {desc}", unit="img", leave=False):
@@ -710,10 +750,17 @@ class FeatureCache:
                 todo = []
         if todo:
             self._run(todo, encode, feats)
-        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(".tmp")
-        torch.save(feats, tmp)
-        os.replace(tmp, f)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                torch.save(feats, fh)
+            os.replace(tmp, f)
+        except (OSError, RuntimeError) as e:  # the features are in memory: the run goes on without caching them
+            if tmp.is_file():
+                tmp.unlink()
+            print(f"warning: could not write the feature cache {f} ({getattr(e, 'strerror', None) or e}); "
+                  "features are recomputed next time")
         return feats
 
     def _run(self, todo, encode, feats):
@@ -902,6 +949,9 @@ class MNERDataset(torch.utils.data.Dataset):
         self.n_empty = sum(e.n_empty for e in self.enc)
         self.paths = [find_image(img_root, p.imgid) for p in posts] if image_mode else [None] * len(posts)
         self.has_image = [self._usable(p) for p in self.paths]
+        # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe()
+        self.image_status = [("ok" if ok else self._why(p)) for p, ok in zip(self.paths, self.has_image)
+                             ] if image_mode else []
         self.failed: set[str] = set()
 
     def _usable(self, p) -> bool:
@@ -911,10 +961,19 @@ class MNERDataset(torch.utils.data.Dataset):
             return str(p) in self.features
         return p.is_file() and p.stat().st_size > 0
 
+    def _why(self, p) -> str:
+        why = load_image(p)[1]  # cheap for the usual reasons (missing, zero bytes); decodes only broken files
+        return "not in the feature cache" if why == "ok" else why
+
     def describe(self) -> str:
         s = f"{self.name}: {len(self.posts)} posts"
         if self.image_mode:
-            s += f", images {sum(self.has_image)}/{len(self.posts)} usable ({len(self.posts) - sum(self.has_image)} missing/unusable -> text-only)"
+            n_off = len(self.posts) - sum(self.has_image)
+            s += f", images {sum(self.has_image)}/{len(self.posts)} usable ({n_off} missing/unusable -> text-only"
+            why = Counter(w.split(" (")[0] for w in self.image_status if w != "ok")
+            if why:
+                s += ": " + ", ".join(f"{w} {k}" for w, k in sorted(why.items(), key=lambda x: (-x[1], x[0])))
+            s += ")"
         if self.n_truncated:
             s += f", {self.n_truncated} words past --max_len (scored as O)"
         if self.n_empty:

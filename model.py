@@ -53,6 +53,17 @@ def load_tokenizer(config):
     return tok
 
 
+def text_positions(cfg) -> int | None:
+    """Sub-word positions (special tokens included) an encoder with absolute position embeddings can take; None
+    when its config sets no such limit. RoBERTa-style position ids start after the padding index."""
+    n = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(n, int) or getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "longformer"):
+        n -= (cfg.pad_token_id or 0) + 1
+    return n
+
+
 class TextEncoder(nn.Module):
     """Any Hugging Face encoder from a local directory; architecture from its config.json.
 
@@ -69,6 +80,10 @@ class TextEncoder(nn.Module):
         from transformers import AutoConfig
         path = text_encoder_dir(config)
         cfg = AutoConfig.from_pretrained(path)
+        n_pos = text_positions(cfg)
+        if n_pos and config.max_len > n_pos:  # longer inputs would index past the position table mid-run
+            raise ConfigError(f"--max_len {config.max_len} is more than the {n_pos} positions of --text_encoder "
+                              f"{config.text_encoder}; use --max_len {n_pos} or less")
         if hasattr(cfg, "attention_probs_dropout_prob"):  # 0 skips a [B, heads, T, T] Bernoulli mask per layer
             cfg.attention_probs_dropout_prob = config.text_attention_dropout
         try:  # the pooler is never used; leaving it out keeps "every trainable parameter learns" true

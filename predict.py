@@ -148,7 +148,7 @@ def dataset_posts(posts: list[NewPost], use_images: bool) -> list[D.Post]:
         img = None
         if p.image and use_images:
             f = Path(p.image).expanduser().resolve()
-            if not f.is_file():
+            if not f.exists():
                 warn(f"{p.source}: image {p.image} is missing; this post is tagged text-only")
             elif f.suffix.lower() not in D.IMAGE_EXTS:
                 warn(f"{p.source}: image {p.image} is not {'/'.join(D.IMAGE_EXTS)}; this post is tagged text-only")
@@ -432,7 +432,9 @@ def main(argv=None) -> list[dict]:
                         None if off else model.vision, image_dir="/")
     for p, dp, ok in zip(posts, dposts, ds.has_image):
         if dp.imgid and not ok:
-            warn(f"{p.source}: image {p.image} is {D.load_image(dp.imgid)[1]}; this post is tagged text-only")
+            why = D.load_image(dp.imgid)[1]
+            why = {"zero bytes": "empty (0 bytes)", "decompression bomb": "a decompression bomb"}.get(why, why)
+            warn(f"{p.source}: image {p.image} is {why}; this post is tagged text-only")
     results = run_model(model, ds, config, label_map, device, amp_context(config, device)[0], args.explain)
     for p, r in zip(posts, results):
         r["entities"] = entities(p, r["tags"], r["probs"], config.eval_mode)

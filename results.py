@@ -43,7 +43,7 @@ def collect(save_dir: Path, dataset: str, model: str, seeds: list[int]) -> dict 
                      "test_f1": test["f1"], "test_per_type": {t: v["f1"] for t, v in test["per_type"].items()},
                      "dev_f1": best["dev_f1"], "best_epoch": best["epoch"], "epochs_run": len(rows),
                      "epoch_s": statistics.median(r["time_s"] for r in rows), "wall_s": sum(wall) or None,
-                     "mode": test["mode"], "support": test.get("support", test.get("n_gold"))})
+                     "mode": test["mode"], "support": test["gold_support"]})
     if not runs:
         return None
     config = config_from_dict(json.loads((save_dir / runs[0]["run"] / "config.json").read_text()))
@@ -62,7 +62,7 @@ def pm(x: dict, scale=100.0) -> str:
     return f"{x['mean'] * scale:.2f}" + (f" ± {x['std'] * scale:.2f}" if x["std"] is not None else "")
 
 
-def markdown(rows: list[dict], hardware: str) -> str:
+def markdown(rows: list[dict], hardware: str, note: str = "") -> str:
     out = ["| dataset | model | test images | seeds | test P | test R | test F1 | dev F1 | mode, gold entities | "
            "epochs run (best) | s/epoch | wall/run |", "|---" * 12 + "|"]
     for r in rows:
@@ -75,7 +75,7 @@ def markdown(rows: list[dict], hardware: str) -> str:
                    f"{pm(r['test_precision'])} | {pm(r['test_recall'])} | **{pm(r['test_f1'])}** | {pm(r['dev_f1'])} | "
                    f"{r['mode']}, {r['support']} | {ep} | {statistics.median(x['epoch_s'] for x in runs):.0f} | {wall} |")
     out.append(f"\nMean ± sample std over seeds, in %. Text encoder: {rows[0]['text_encoder'] if rows else '-'}. "
-               f"Hardware: {hardware}.")
+               f"Hardware: {hardware}" + (f"; {note}" if note else "") + ".")
     return "\n".join(out)
 
 
@@ -86,8 +86,10 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds to collect")
     ap.add_argument("--save_dir", default=str(ROOT / "save_models"), help="folder of run directories")
     ap.add_argument("--out_dir", default=str(ROOT / "results"), help="where the JSON and Markdown go")
+    ap.add_argument("--note", default="", help="how the runs were scheduled (reproduce.sh: runs at a time, threads each)")
     args = ap.parse_args(argv)
     from bench import hardware
+    hw = hardware(threads=False)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     every = []
@@ -96,11 +98,11 @@ def main(argv=None):
         if not rows:
             print(f"{ds}: no finished runs")
             continue
-        (out / f"{ds}.json").write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1))
-        (out / f"{ds}.md").write_text(markdown(rows, hardware()) + "\n")
+        (out / f"{ds}.json").write_text(json.dumps({"hardware": hw, "note": args.note, "rows": rows}, indent=1))
+        (out / f"{ds}.md").write_text(markdown(rows, hw, args.note) + "\n")
         every += rows
     if every:
-        print(markdown(every, hardware()))
+        print(markdown(every, hw, args.note))
 
 
 if __name__ == "__main__":

@@ -38,18 +38,70 @@ def load_checkpoint(path) -> dict:
         raise ConfigError(f"{path}: not a readable MANGO checkpoint ({type(e).__name__}); retrain or pick another run") from None
 
 
+def read_run_json(path) -> dict:
+    """A run's JSON file (config.json, label_map.json) as a dict: plain JSON, nothing in a run directory is
+    executed or unpickled; one-line errors when it is missing or damaged."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; it is written with every run, so the run directory is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise ConfigError(f"{path}: not valid JSON ({where}); the run directory is damaged: retrain, or restore the "
+                          "file from a copy") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: not a JSON object of flags; the run directory is damaged")
+    return d
+
+
+def load_label_map(path) -> D.LabelMap:
+    """A run's label_map.json; one line when it is damaged."""
+    d = read_run_json(path)
+    try:
+        return D.LabelMap(d["labels"])
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:100]
+        raise ConfigError(f"{path}: not a MANGO label map ({why}); the run directory is damaged: retrain, or "
+                          "restore the file from a copy") from None
+
+
+def check_encoders(config, where) -> None:
+    """The encoder directories a saved run names must still exist (a moved folder otherwise fails deep inside
+    transformers); `where` is the run's config.json, named in the one-line error."""
+    from model import MODELS
+    checks = [("text_encoder", "minilm")]
+    if MODELS.get(config.model, (None,))[0] and config.use_image and not config.use_dual_granularity:
+        checks.append(("image_encoder", "efficientnet_lite0"))
+    for flag, builtin in checks:
+        v = getattr(config, flag)
+        if v != builtin and not config.allow_download and not Path(v).is_dir():
+            raise ConfigError(f"{where}: {flag} {v}: no such directory; put the encoder back there or edit {flag} "
+                              "in config.json")
+
+
+def runs_with(save_dir, file: str, shown: int = 8) -> str:
+    """The run directories under save_dir that hold `file`, newest first, at most `shown` named (for messages)."""
+    runs = sorted(Path(save_dir).glob(f"*/{file}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    names = ", ".join(p.parent.name for p in runs[:shown])
+    return "none" if not runs else names + (f" and {len(runs) - shown} more" if len(runs) > shown else "") + \
+        (" (newest first)" if len(runs) > 1 else "")
+
+
 def load_run(save_dir, name: str, overrides=None):
     """(config, label_map, model) of a run directory; one-line errors for missing pieces."""
     run = Path(save_dir) / name
     for f in RUN_FILES:
         if not (run / f).is_file():
             raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "
-                              f"{', '.join(sorted(p.parent.name for p in Path(save_dir).glob('*/model.pt'))) or 'none'}")
-    config = config_from_dict(json.loads((run / "config.json").read_text()))
+                              f"{runs_with(save_dir, 'model.pt')}")
+    config = config_from_dict(read_run_json(run / "config.json"))
     for k, v in (overrides or {}).items():
         setattr(config, k, v)
-    label_map = D.LabelMap.load(run / "label_map.json")
+    check_encoders(config, run / "config.json")
+    label_map = load_label_map(run / "label_map.json")
     ckpt = load_checkpoint(run / "model.pt")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(f"{run / 'model.pt'}: not a MANGO checkpoint (no model weights); retrain or pick another run")
     model = build_model(config, len(label_map))
     try:
         model.load_state_dict(ckpt["model"])
@@ -131,8 +183,8 @@ def main(argv=None):
     run = Path(config.save_dir) / cli.save_name
     (run / f"{config.split}_report.json").write_text(json.dumps(res, indent=1))
     write_predictions(run / f"{config.split}_predictions.conll", posts, preds)
-    print(f"{cli.save_name} on {config.dataset_name}/{config.split} (best dev epoch {ckpt['epoch'] + 1}), "
-          f"{len(posts) / dt:.0f} posts/s:")
+    best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
+    print(f"{cli.save_name} on {config.dataset_name}/{config.split} (best dev epoch {best}), {len(posts) / dt:.0f} posts/s:")
     print(format_report(res))
     if config.record_file:
         record(config.record_file, cli.save_name, res, config.split)

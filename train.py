@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -36,8 +37,10 @@ import dataloader as D
 from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
 from model import build_model, load_tokenizer
 from metrics import evaluate
-from test import evaluate_split, load_checkpoint, predict, write_predictions
+from test import (check_encoders, evaluate_split, load_checkpoint, load_label_map, predict, read_run_json, runs_with,
+                  write_predictions)
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng")
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
 
 
@@ -207,13 +210,26 @@ def new_run_dir(config, resume: bool = False) -> Path:
 
 
 def atomic_save(obj, path: Path):
+    """torch.save to <path>.tmp, flushed to disk, then renamed over path: a kill, a full disk or a read-only folder
+    at any moment leaves the previous file whole (a leftover .tmp is never read and is overwritten next time).
+    A failed write is one line (ConfigError) naming the file and the reason."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:  # a Python file: write errors arrive as OSError (ENOSPC, EROFS, EACCES, ...)
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"could not write {path}: {e.strerror}; the previous checkpoint is left intact")
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports some write failures as RuntimeError
+        if tmp.is_file() or tmp.is_symlink():
+            tmp.unlink()
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"write failed ({str(e).splitlines()[0][:100]})"
+        try:
+            why += f", {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            pass
+        raise ConfigError(f"could not write {path}: {why}; {path.name} is left as it was. Free space or pass a writable "
+                          f"--save_dir, then resume with --continue_train_name {path.parent.name}") from None
 
 
 class Tracker:
@@ -276,7 +292,19 @@ def make_optimizer(model, config, steps: int):
 
 # ----------------------------------------------------------------------------- the loop
 
+def skip_bad_step(bad_run: list, config, epoch: int, what: str):
+    """Count a step skipped for a non-finite loss or gradient (bad_run = [in a row, in all]); stop the run with one
+    line after --max_bad_steps of them in a row."""
+    bad_run[0] += 1
+    bad_run[1] += 1
+    if bad_run[0] >= config.max_bad_steps:
+        raise ConfigError(f"{bad_run[0]} non-finite {what} in a row at epoch {epoch + 1} ({bad_run[1]} skipped in all); "
+                          f"lower the learning rates (--downs_en_lr {config.downs_en_lr}, --fin_tuning_lr "
+                          f"{config.fin_tuning_lr}) or raise --max_bad_steps {config.max_bad_steps}")
+
+
 def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, tracker, step0, bad_run):
+    """One epoch; a batch with a non-finite loss or gradient is skipped and counted in bad_run (skip_bad_step)."""
     model.train()
     image_on = epoch >= config.text_only_epochs
     accum = config.gradient_accumulation_steps
@@ -294,11 +322,8 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
             out = model(batch, epoch=epoch, image_on=image_on)
         loss = out["loss"].float()
         if not all_finite(loss):
-            bad_run[0] += 1
             opt.zero_grad(set_to_none=True)
-            if bad_run[0] >= config.max_bad_steps:
-                raise ConfigError(f"{bad_run[0]} non-finite losses in a row at epoch {epoch + 1}; "
-                                 f"lower the learning rates (--downs_en_lr {config.downs_en_lr}, --fin_tuning_lr {config.fin_tuning_lr})")
+            skip_bad_step(bad_run, config, epoch, "losses")
             continue
         (scaler.scale(loss / group) if scaler else loss / group).backward()
         for k, v in out["parts"].items():
@@ -312,12 +337,10 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
         params = [p for g in opt.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
         if not torch.isfinite(norm):
-            bad_run[0] += 1
             opt.zero_grad(set_to_none=True)
             if scaler:
                 scaler.update()
-            if bad_run[0] >= config.max_bad_steps:
-                raise ConfigError(f"{bad_run[0]} non-finite gradients in a row at epoch {epoch + 1}; lower the learning rates")
+            skip_bad_step(bad_run, config, epoch, "gradients")
             continue
         bad_run[0] = 0
         if scaler:
@@ -356,8 +379,12 @@ def _main(argv=None):
         src = Path(config.save_dir) / config.continue_train_name
         if not (src / "last.pt").is_file():
             raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / 'last.pt'} not found; "
-                              f"runs in {config.save_dir}: {', '.join(sorted(p.name for p in Path(config.save_dir).glob('*/last.pt'))) or 'none'}")
-        saved = config_from_dict(json.loads((src / "config.json").read_text()))
+                              f"runs in {config.save_dir}: {runs_with(config.save_dir, 'last.pt')}")
+        for f in ("config.json", "label_map.json"):
+            if not (src / f).is_file():
+                raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
+                                  "written with every run, so this run directory is damaged: start a new run")
+        saved = config_from_dict(read_run_json(src / "config.json"))
         given = given_flags(argv)
         for k in given - {"continue_train_name"}:
             if k not in RESUME_MAY_CHANGE and getattr(config, k) != getattr(saved, k):
@@ -366,7 +393,13 @@ def _main(argv=None):
             setattr(saved, k, getattr(config, k))
         saved.continue_train_name, saved.save_name = config.continue_train_name, config.continue_train_name
         config = saved
+        check_encoders(config, src / "config.json")
         resume = load_checkpoint(src / "last.pt")
+        missing = [k for k in RESUME_KEYS if k not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
+        if missing:
+            raise ConfigError(f"{src / 'last.pt'}: not a resumable checkpoint (no {', '.join(missing)}); last.pt is "
+                              "written after every epoch, model.pt holds the best weights only: score the run with "
+                              "test.py or start a new one")
     device = setup_device(config.device)
     lead = is_main()  # rank 0 (or the only process): the one that prints, logs and writes the run directory
     say = print if lead else (lambda *a, **k: None)
@@ -378,7 +411,7 @@ def _main(argv=None):
         dev_posts = D.load_split(config, "valid")
         test_posts = D.load_split(config, "test")
     run_src = Path(config.save_dir) / config.continue_train_name
-    label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
+    label_map = load_label_map(run_src / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
     tokenizer = load_tokenizer(config)
 
     # model (built on CPU with the run's seed so every init is repeatable), then the run dir, then its data
@@ -403,9 +436,13 @@ def _main(argv=None):
     amp, scaler = amp_context(config, device)
     start_epoch, best, bad_epochs, step = 0, -1.0, 0, 0
     if resume:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
+        try:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"{run_src / 'last.pt'}: does not match the model in {run_src / 'config.json'} "
+                              f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
         # learning-rate flags given now apply to the remaining steps
         lrs = {"text": config.fin_tuning_lr, "vision": config.clip_lr, "rest": config.downs_en_lr}
         sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
@@ -434,12 +471,14 @@ def _main(argv=None):
     procs = f" x {world()} processes (global batch {config.batch_size * world()})" if world() > 1 else ""
     say(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M parameters train | {device}{procs}")
 
-    bad_run = [0]
+    bad_run = [0, 0]  # non-finite steps skipped: in a row, in all
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
         train_loader.batch_sampler.set_epoch(epoch)
         ds["train"].epoch = epoch
+        skipped = bad_run[1]
         losses, step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker, step, bad_run)
+        skipped = bad_run[1] - skipped
         dev = evaluate_gathered(core, ds["valid"], config, label_map, device, amp)[0]  # the same on every rank
         improved = dev["f1"] > best + config.patience
         if improved:
@@ -453,14 +492,15 @@ def _main(argv=None):
                "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
                "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")} for t, v in dev["per_type"].items()},
                "best_dev_f1": max(best, dev["f1"]),
-               "improved": improved}
+               "improved": improved, "skipped_steps": skipped}
         if lead:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         tracker.log({"dev/f1": dev["f1"], "dev/precision": dev["precision"], "dev/recall": dev["recall"],
                      **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, step)
         say(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
-            f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)")
+            f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)"
+            + (f"; {skipped} step(s) with a non-finite loss or gradient skipped" if skipped else ""))
         stop = bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
         rngs = all_gather(rng_state())
         if lead:

@@ -54,5 +54,6 @@ for ds in $DATASETS; do
   done
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || fails=$((fails + 1)); done
-python results.py --datasets $DATASETS --models $MODELS --seeds $SEEDS --save_dir "$SAVE_DIR"
+python results.py --datasets $DATASETS --models $MODELS --seeds $SEEDS --save_dir "$SAVE_DIR" \
+  --note "$JOBS run(s) at a time, $THREADS thread(s) each"
 [ "$fails" -eq 0 ] || { echo "$fails run(s) failed; rerun the same command to resume them" >&2; exit 1; }

@@ -1,0 +1,107 @@
+"""The results tooling: bench.py end to end on tiny encoders, results.py on hand-made runs, the scripts'
+--list / --dry-run paths. Speed figures are printed, never asserted."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+import results
+from conftest import ROOT
+
+PY = sys.executable
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    e["VIRTUAL_ENV"] = e.get("VIRTUAL_ENV") or str(ROOT / ".venv")
+    for k in ("DATASET", "EPOCHS", "SEED", "EXTRA_ARGS", "MODEL", "SAVE_NAME"):
+        e.pop(k, None)
+    return e
+
+
+TINY_DUAL = ["--vision_img_size", "32", "--vision_patch_size", "8", "--vision_fine_patch_size", "8",
+             "--vision_embed_dim", "16", "--vision_heads", "2", "--vision_depth", "1", "--vision_swin_window", "2",
+             "--vision_delegate_topk", "2", "--vision_max_patches", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_flags(tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
+    return ["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
+            "--image_encoder", tiny_clip_dir, "--batch_size", "4", "--fusion_layers", "1", "--fusion_dim", "16",
+            "--cross_attn_heads", "2", "--device", "cpu", "--swanlab_mode", "disabled", *TINY_DUAL]
+
+
+@pytest.mark.parametrize("case,extra", [("text", ["--grad_checkpointing"]), ("mner_cached", []),
+                                        ("mner_pixels", ["--no-length_bucketing"]), ("mner_dual", ["--amp"])])
+def test_bench_case_reports_figures(tiny_flags, case, extra):
+    r = bench.run_case({"case": case, "repeats": 2, "steps": 2, "eval_posts": 4}, tiny_flags + extra)
+    assert r["case"] == case and r["train_posts_per_s"] > 0 and r["eval_posts_per_s"] > 0 and r["peak_rss_mib"] > 0
+    assert len(r["train_posts_per_s_all"]) == 2 and r["n_train"] == 24 and 0 <= r["pad_share"] < 1
+    assert r["epoch_s"] == pytest.approx(24 / r["train_posts_per_s"], abs=0.06)
+    assert r["grad_ckpt"] == ("--grad_checkpointing" in extra) and r["amp"] == ("--amp" in extra)
+    assert r["bucketing"] == ("--no-length_bucketing" not in extra)
+
+
+def test_bench_driver_table_and_json(tmp_path, tiny_flags):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([PY, "bench.py", "--cases", "text", "--amp_modes", "fp32", "--bucketing", "on,off",
+                        "--repeats", "1", "--steps", "1", "--eval_posts", "4", "--json", str(out), *tiny_flags],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["bucketing"]) for r in rows] == [("text", True), ("text", False)]
+    assert "| text | fp32 | on | off |" in p.stdout and "| text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
+
+
+def test_bench_unknown_case_is_one_line():
+    p = subprocess.run([PY, "bench.py", "--cases", "text,bogus"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert p.returncode != 0 and "--cases bogus: unknown" in p.stderr and "Traceback" not in p.stderr
+
+
+def fake_run(save, name, f1s_dev, test_f1, data_dir, mode="conlleval"):
+    run = save / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"dataset_name": "tiny", "data_dir": str(data_dir), "epochs": len(f1s_dev)}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "dev_f1": f, "time_s": 10.0 + i}) + "\n"
+                                               for i, f in enumerate(f1s_dev)))
+    (run / "test_report.json").write_text(json.dumps({"mode": mode, "precision": test_f1, "recall": test_f1, "f1": test_f1,
+                                                      "gold_support": 150, "per_type": {"PER": {"f1": test_f1}}}))
+    (run / "wall_s.txt").write_text("60\n30\n")  # an interrupted run resumed: both parts count
+
+
+def test_results_mean_std_and_missing_seeds(tmp_path, tiny_data_dir):
+    save = tmp_path / "save"
+    fake_run(save, "repro_tiny_MNER_s1", [0.5, 0.9, 0.8], 0.90, tiny_data_dir)
+    fake_run(save, "repro_tiny_MNER_s2", [0.7, 0.95], 0.96, tiny_data_dir)
+    results.main(["--datasets", "tiny", "--models", "MNER", "roberta_crf", "--seeds", "1", "2", "3",
+                  "--save_dir", str(save), "--out_dir", str(tmp_path / "out")])
+    data = json.loads((tmp_path / "out" / "tiny.json").read_text())
+    (row,) = data["rows"]  # roberta_crf has no runs: no row
+    assert row["seeds"] == [1, 2] and row["missing_seeds"] == [3]
+    assert row["test_f1"]["mean"] == pytest.approx(0.93) and row["test_f1"]["std"] == pytest.approx(0.0424264, rel=1e-4)
+    assert row["dev_f1"]["mean"] == pytest.approx(0.925)  # best dev epoch of each run: 0.9 and 0.95
+    assert [r["best_epoch"] for r in row["runs"]] == [2, 2] and row["runs"][0]["wall_s"] == 90
+    assert row["support"] == 150 and row["images_present"] == "4/8"  # tiny test: every other post has a picture
+    md = (tmp_path / "out" / "tiny.md").read_text()
+    assert "**93.00 ± 4.24**" in md and "missing 3" in md
+
+
+def test_reproduce_and_ablation_list(tmp_path):
+    p = subprocess.run(["bash", "script/ablation.sh", "--list"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    names = [l.split()[0] for l in p.stdout.splitlines()]
+    assert p.returncode == 0 and {"full", "no_align", "no_preserve", "no_nce", "no_gate", "no_resampler", "fusion_layers_1",
+                                  "fusion_layers_3", "fusion_layers_7", "text_only", "clip", "efficientnet",
+                                  "dual_granularity"} == set(names)
+    p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
+                       env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and len(lines) == 4  # fusion_layers_7 is the full run: trained and scored once
+    assert "--fusion_gate sum" in lines[0] and "abl_demo_no_gate_s42" in lines[0]
+    assert lines[1].startswith("python test.py") and "--record_file results/ablation_demo.csv" in lines[1]
+    p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert p.returncode == 2 and "--exp nope: unknown experiment" in p.stderr

@@ -105,3 +105,17 @@ def test_reproduce_and_ablation_list(tmp_path):
     assert lines[1].startswith("python test.py") and "--record_file results/ablation_demo.csv" in lines[1]
     p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert p.returncode == 2 and "--exp nope: unknown experiment" in p.stderr
+
+
+def test_ablation_runs_one_experiment_end_to_end(tmp_path, tiny_flags):
+    """The real script: trains the experiment with its flag, scores it with test.py and appends a CSV row."""
+    rec = tmp_path / "abl.csv"
+    extra = " ".join(tiny_flags + ["--epochs", "1"])
+    e = dict(env(), SAVE_DIR=str(tmp_path / "save"), RECORD_FILE=str(rec), EXTRA_ARGS=extra, DATASET="tiny")
+    p = subprocess.run(["bash", "script/ablation.sh", "--exp", "no_gate"], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = json.loads((tmp_path / "save" / "abl_tiny_no_gate_s42" / "config.json").read_text())
+    assert cfg["fusion_gate"] == "sum" and cfg["dataset_name"] == "tiny"
+    rows = rec.read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("abl_tiny_no_gate_s42,test,conlleval,")

@@ -520,7 +520,15 @@ class LabelMap:
 
     @classmethod
     def load(cls, path) -> "LabelMap":
-        return cls(json.loads(Path(path).read_text())["labels"])
+        """A run's label_map.json; one line (DataError) when it is missing or damaged."""
+        try:
+            return cls(json.loads(Path(path).read_text(encoding="utf-8"))["labels"])
+        except FileNotFoundError:
+            raise DataError(f"{path}: not found; it is written with every run, so the run directory is damaged") from None
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON/UTF-8, no "labels", labels not a list of tags
+            why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:100]
+            raise DataError(f"{path}: not a MANGO label map ({why}); the run directory is damaged: retrain, or "
+                            "restore the file from a copy") from None
 
 
 # ----------------------------------------------------------------------------- tokenize / align

@@ -54,17 +54,6 @@ def read_run_json(path) -> dict:
     return d
 
 
-def load_label_map(path) -> D.LabelMap:
-    """A run's label_map.json; one line when it is damaged."""
-    d = read_run_json(path)
-    try:
-        return D.LabelMap(d["labels"])
-    except (KeyError, TypeError, ValueError) as e:
-        why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:100]
-        raise ConfigError(f"{path}: not a MANGO label map ({why}); the run directory is damaged: retrain, or "
-                          "restore the file from a copy") from None
-
-
 def check_encoders(config, where) -> None:
     """The encoder directories a saved run names must still exist (a moved folder otherwise fails deep inside
     transformers); `where` is the run's config.json, named in the one-line error."""
@@ -98,7 +87,7 @@ def load_run(save_dir, name: str, overrides=None):
     for k, v in (overrides or {}).items():
         setattr(config, k, v)
     check_encoders(config, run / "config.json")
-    label_map = load_label_map(run / "label_map.json")
+    label_map = D.LabelMap.load(run / "label_map.json")
     ckpt = load_checkpoint(run / "model.pt")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ConfigError(f"{run / 'model.pt'}: not a MANGO checkpoint (no model weights); retrain or pick another run")

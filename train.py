@@ -37,7 +37,7 @@ import dataloader as D
 from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
 from model import build_model, load_tokenizer
 from metrics import evaluate
-from test import (check_encoders, evaluate_split, load_checkpoint, load_label_map, predict, read_run_json, runs_with,
+from test import (check_encoders, evaluate_split, load_checkpoint, predict, read_run_json, runs_with,
                   write_predictions)
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng")
@@ -411,7 +411,7 @@ def _main(argv=None):
         dev_posts = D.load_split(config, "valid")
         test_posts = D.load_split(config, "test")
     run_src = Path(config.save_dir) / config.continue_train_name
-    label_map = load_label_map(run_src / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
+    label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
     tokenizer = load_tokenizer(config)
 
     # model (built on CPU with the run's seed so every init is repeatable), then the run dir, then its data

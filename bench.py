@@ -9,7 +9,8 @@ Cases (each measured in a fresh child process, so peak memory is that case's own
     text          the text path: --model roberta_crf (the MNER text encoder + CRF, no image path)
     mner_cached   MNER reading cached frozen-backbone features (what training does with a frozen backbone)
     mner_pixels   MNER running the frozen EfficientNet-Lite0 (or --sizes base: CLIP-B/32) on pixels every step
-    mner_dual     MNER with the dual-granularity encoder trained from scratch on pixels
+    mner_dual     MNER with the dual-granularity encoder on cached EfficientNet-Lite0 stem maps (what training does)
+    mner_dual_pixels  the same encoder with its frozen stem run on pixels every step (nothing cached)
 crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing.
 
 What is timed: real training steps (forward, backward, clipping, fused AdamW step) on the real Twitter-2017
@@ -40,14 +41,16 @@ CASES = {
     "mner_cached": ["--model", "MNER"],
     "mner_pixels": ["--model", "MNER"],
     "mner_dual": ["--model", "MNER", "--use_dual_granularity"],
+    "mner_dual_pixels": ["--model", "MNER", "--use_dual_granularity"],
 }
+CACHED = {"mner_cached", "mner_dual"}  # cases fed cached features (image_feats) instead of pixels
 
 
 def bench_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--cases", default="text,mner_cached,mner_pixels,mner_dual", help=f"comma list of {', '.join(CASES)}")
+    a("--cases", default="text,mner_cached,mner_pixels,mner_dual,mner_dual_pixels", help=f"comma list of {', '.join(CASES)}")
     a("--amp_modes", default="fp32,amp", help="comma list of fp32, amp")
     a("--bucketing", default="on,off", help="length bucketing of training batches: comma list of on, off")
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
@@ -107,8 +110,8 @@ def run_case(spec: dict, argv: list[str]) -> dict:
             return b
         B = b["input_ids"].size(0)
         b["has_image"] = torch.ones(B, dtype=torch.bool)
-        if spec["case"] == "mner_cached":
-            b["image_feats"] = torch.randn(B, model.vision.n_tokens, model.vision.out_dim, generator=g)
+        if spec["case"] in CACHED:  # what the feature cache holds: region tokens, or the dual stem's maps
+            b["image_feats"] = torch.randn(B, *model.vision.feat_shape, generator=g)
         else:
             S = config.vision_img_size if config.use_dual_granularity else D.image_prep_for(config).size
             b["pixel_values"] = torch.randn(B, 3, S, S, generator=g)

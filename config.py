@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+EFFNET_STRIDES = {4, 8, 16, 32}  # strides of EfficientNet-Lite0's feature maps (model.EFFNET_MAPS)
 B = argparse.BooleanOptionalAction
 
 
@@ -81,16 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
     a("--vision_trainable", action="store_true", help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
-    a("--use_dual_granularity", action="store_true", help="dual-granularity vision encoder trained from scratch instead of a pretrained one")
-    a("--vision_img_size", type=int, default=224, help="dual-granularity: input image size")
-    a("--vision_patch_size", type=int, default=16, help="dual-granularity: coarse patch size")
-    a("--vision_embed_dim", type=int, default=256, help="dual-granularity: token width")
-    a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads")
-    a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window (patches per side)")
-    a("--vision_delegate_topk", type=int, default=16, help="dual-granularity: patches kept by delegate attention")
-    a("--vision_max_patches", type=int, default=64, help="dual-granularity: fine-branch patch cap (pooled above it)")
-    a("--vision_fine_patch_size", type=int, default=8, help="dual-granularity: fine patch size before capping")
-    a("--vision_depth", type=int, default=4, help="dual-granularity: fine-branch transformer layers")
+    a("--use_dual_granularity", action="store_true",
+      help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches) instead of a pretrained one")
+    a("--vision_stem", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
+      help="dual-granularity: patch stem. efficientnet_lite0 = the shipped ImageNet network's stride maps (frozen "
+           "unless --vision_trainable, cached once per image); conv = from-scratch conv stems (ablation)")
+    a("--vision_img_size", type=int, default=224,
+      help="dual-granularity: input side in pixels; sets the grids: coarse S/--vision_patch_size, fine S/--vision_fine_patch_size")
+    a("--vision_patch_size", type=int, default=16,
+      help="dual-granularity: coarse patch side in pixels (efficientnet_lite0 stem: the stride of the map used, 4/8/16/32)")
+    a("--vision_fine_patch_size", type=int, default=8,
+      help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
+    a("--vision_max_patches", type=int, default=64,
+      help="dual-granularity: fine tokens kept, the most salient by a learned score (all when the fine grid has fewer)")
+    a("--vision_embed_dim", type=int, default=128, help="dual-granularity: token width")
+    a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads of every vision block")
+    a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window side in coarse patches")
+    a("--vision_delegate_topk", type=int, default=16, help="dual-granularity: coarse patches kept as delegates that every patch attends to")
+    a("--vision_depth", type=int, default=2, help="dual-granularity: transformer layers over the kept fine tokens")
+    a("--vision_distill_lambda", type=float, default=-1.0,
+      help="dual-granularity: weight of the label-free loss that makes the summary and coarse tokens reproduce the "
+           "frozen EfficientNet-Lite0 features of the same image (cosine); -1 = auto: 1 with --vision_stem conv, else 0")
     a("--resampler_tokens", type=int, default=8, help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
     a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
     a("--fusion_layers", type=int, default=7, help="layers of the multimodal cross-attention stack")
@@ -100,14 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rel_temperature", type=float, default=1.0, help="temperature of the per-word image relevance")
     a("--emission_temperature", type=float, default=1.0, help="emissions are divided by this")
     a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
+    a("--image_control", default="none", choices=["none", "shuffle", "blank"],
+      help="attribution control, train and test: shuffle = every post with an image gets another post's image of the "
+           "same split (fixed derangement from --seed); blank = a constant grey image; has_image is unchanged")
 
     a = p.add_argument_group("losses").add_argument
-    a("--align_lambda", type=float, default=0.1, help="weight of the text/fused alignment loss")
-    a("--align_warmup_epochs", type=int, default=2, help="align weight ramps as min(1, epoch / this)")
+    a("--residual_lambda", type=float, default=0.1,
+      help="weight of the image-residual penalty: how far fusion moves each word's state from its text state "
+           "(uniform over words; 0 = off)")
+    a("--residual_warmup_epochs", type=int, default=2, help="the residual penalty's weight ramps as min(1, epoch / this)")
     a("--preserve_lambda", type=float, default=0.05, help="weight of the text-preservation loss")
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
-    a("--image_type_lambda", type=float, default=0.0,
-      help="weight of the image-only prediction of the post's entity types (MNER; 0 = off, the head is not built)")
+    a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
+    a("--image_type_lambda", type=float, default=-1.0,
+      help="weight of the image-only prediction of the post's entity types (MNER; 0 = off, the head is not built); "
+           "-1 = auto: 0.5 with --use_dual_granularity (a direct image signal for its encoder, which learns above "
+           "the stem), else 0")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
 
     a = p.add_argument_group("training").add_argument
@@ -139,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ex_name", default="", help="experiment name, part of the run name")
     a("--swanlab_mode", default="auto", choices=["auto", "online", "local", "disabled"],
       help="auto = online when SWANLAB_API_KEY is set, else local files in the run dir")
-    a("--split", default="test", choices=["train", "valid", "test"], help="test.py: split to score")
-    a("--record_file", default="", help="test.py: append a CSV row with the scores to this file")
+    a("--split", default="test", help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
+    a("--record_file", default="", help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
 
     a = p.add_argument_group("predict").add_argument
     a("--text", default="", help="predict.py: one raw post to tag (split on whitespace and punctuation)")
@@ -179,20 +199,24 @@ def resolve_text_encoder(name: str) -> str:
 
 def validate(c) -> None:
     """Fail with one line for values that cannot work."""
-    for f in ("text_attention_dropout", "fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad", "drop_prob",
-              "label_smoothing", "align_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p"):
+    for f in ("vision_distill_lambda", "text_attention_dropout", "fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad", "drop_prob",
+              "label_smoothing", "residual_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads",
               "vision_img_size", "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window",
               "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size", "emission_temperature",
+              "nce_temperature",
               "rel_temperature", "hidden_dim", "fusion_dim", "fusion_layers"):
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
     for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
-              "align_warmup_epochs", "min_epoch_num", "patience_num", "max_bad_steps"):
+              "residual_warmup_epochs", "min_epoch_num", "patience_num", "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
+    bad = [s for s in c.split.split(",") if s not in ("train", "valid", "test")]
+    if bad or not c.split:
+        raise ConfigError(f"--split {c.split}: give train, valid or test, or several joined by commas (valid,test)")
     if c.max_len < 8:
         raise ConfigError(f"--max_len must be >= 8, got {c.max_len}")
     if not 0 <= c.warmup_prop <= 1:
@@ -202,6 +226,13 @@ def validate(c) -> None:
     if c.vision_img_size % c.vision_patch_size or c.vision_img_size % c.vision_fine_patch_size:
         raise ConfigError(f"--vision_img_size {c.vision_img_size} must be a multiple of --vision_patch_size "
                           f"{c.vision_patch_size} and --vision_fine_patch_size {c.vision_fine_patch_size}")
+    if c.vision_fine_patch_size >= c.vision_patch_size:  # else the "fine" tokens would not be finer
+        raise ConfigError(f"--vision_fine_patch_size {c.vision_fine_patch_size} must be smaller than --vision_patch_size "
+                          f"{c.vision_patch_size}: fine tokens cover smaller image areas than coarse ones")
+    if c.vision_stem == "efficientnet_lite0" and not {c.vision_patch_size, c.vision_fine_patch_size} <= EFFNET_STRIDES:
+        raise ConfigError(f"--vision_patch_size {c.vision_patch_size} / --vision_fine_patch_size {c.vision_fine_patch_size}: "
+                          f"with --vision_stem efficientnet_lite0 each is the stride of a map it has, one of "
+                          f"{sorted(EFFNET_STRIDES)}; or use --vision_stem conv")
     if c.vision_embed_dim % c.vision_heads:
         raise ConfigError(f"--vision_embed_dim {c.vision_embed_dim} must be divisible by --vision_heads {c.vision_heads}")
     if not c.allow_download:
@@ -213,11 +244,42 @@ def validate(c) -> None:
                               "local CLIP directory (add --allow_download to let transformers fetch a hub id)")
 
 
+def resolve_auto(c) -> None:
+    """Flags whose default depends on others get their value here, so a run's config.json holds it explicitly."""
+    if c.image_type_lambda < 0:
+        c.image_type_lambda = 0.5 if c.use_dual_granularity else 0.0
+    if c.vision_distill_lambda < 0:
+        c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
+
+
+def inert_flags(c) -> list[str]:
+    """Flags set away from their default that do nothing in this setting (each is warned about once)."""
+    d = vars(build_parser().parse_args([]))
+    off = lambda *names: [n for n in names if getattr(c, n) != d[n]]
+    out = []
+    if not c.use_dual_granularity:
+        out += [f"--{n} does nothing without --use_dual_granularity"
+                for n in off(*[k for k in d if k.startswith("vision_") and k != "vision_trainable"])
+                if not (n == "vision_distill_lambda" and c.vision_distill_lambda == 0)]
+    elif c.vision_stem == "conv":
+        out += [f"--{n} does nothing with --vision_stem conv (its stem is always trained)"
+                for n in off("vision_trainable")]
+    return out
+
+
+_WARNED: set[str] = set()
+
+
 def get_config(argv: list[str] | None = None, check: bool = True) -> argparse.Namespace:
     """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in)."""
     c = build_parser().parse_args([] if argv is None else list(argv))
+    resolve_auto(c)
     if check:
         validate(c)
+        for w in inert_flags(c):
+            if w not in _WARNED:
+                _WARNED.add(w)
+                print(f"warning: {w}", file=sys.stderr)
     return c
 
 
@@ -228,6 +290,7 @@ def config_from_dict(d: dict) -> argparse.Namespace:
     for k, v in d.items():
         if k in known:
             setattr(c, k, v)
+    resolve_auto(c)
     return c
 
 

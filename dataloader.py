@@ -8,7 +8,8 @@ Reading order follows the data's own path:
   encode_words    words -> sub-word ids + first-sub-token index per word (+ truncation mask)
   load_image      a path -> RGB PIL image, or None with the reason (placeholder + has_image = 0)
   ImagePrep       PIL -> normalised [3, S, S] tensor (short side to S*256/224, centre crop S)
-  FeatureCache    frozen-backbone features computed once per image, keyed by backbone+weights+prep
+  FeatureCache    frozen-backbone features computed once per image, keyed by image bytes+backbone+weights+prep
+  image_sources   --image_control: which post's image each post shows (shuffle) or a constant grey one (blank)
   MNERDataset     posts + tokenizer + images -> items; `collate` pads them into a batch
   LengthBucketSampler  batches of similar length for training
 
@@ -21,7 +22,9 @@ The batch contract (every model consumes exactly this):
   case_ids       [B, W] long     word shape (`word_shape`: lower, Title, UPPER, ...; 0 on padding)
   has_image      [B]    bool     False when the post's image is missing or unusable
   pixel_values   [B, 3, S, S]    float, when images are read on the fly
-  image_feats    [B, R, D]       float, when a frozen backbone's cached features are used instead
+  image_feats    [B, ...]        float, when a frozen backbone's cached features are used instead (pretrained
+                                 backbone: region tokens [B, R, D]; dual granularity: its stem maps, flattened [B, F])
+  teacher_feats  [B, R, 1280]    float, training with --vision_distill_lambda: EfficientNet-Lite0's features
   index          [B]    long     position of the post in its dataset (to map predictions back)
 """
 from __future__ import annotations
@@ -700,12 +703,17 @@ class ImagePrep:
         return f"size={self.size},short={round(self.size * 256 / 224)},mean={self.mean},std={self.std},bicubic"
 
 
+EFFNET_PREP = ImagePrep(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite0 as trained (mean = std = 0.5)
+
+
 def image_prep_for(config) -> ImagePrep:
     """The preprocessing each vision backbone was trained with (the model file owns no data code)."""
-    if config.use_dual_granularity:
+    if config.use_dual_granularity and config.vision_stem == "conv":
         return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if config.use_dual_granularity:  # EfficientNet-Lite0's own normalisation, at the encoder's input size
+        return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if config.image_encoder == "efficientnet_lite0":
-        return ImagePrep(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        return EFFNET_PREP
     cfg_file = Path(config.image_encoder) / "preprocessor_config.json"
     size, mean, std = 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     if cfg_file.exists():
@@ -723,60 +731,96 @@ def image_prep_for(config) -> ImagePrep:
 
 # ----------------------------------------------------------------------------- feature cache
 
+# Bump when the code that turns an image into cached features changes (decoding, ImagePrep, a backbone's forward):
+# every entry written by older code is then recomputed.
+FEATURE_CODE_VERSION = "3"
+
+
+def file_digest(path) -> str:
+    """sha1 of a file's bytes: the cache key of its features (an image overwritten in place gets new features)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class FeatureCache:
     """Features of a frozen vision backbone, computed once per image and reused by later runs.
 
-    Stored as <cache_dir>/<key>/<image-set hash>.pt: {image path: fp16 tensor [R, D]}. The key hashes the
-    backbone identity, the weights file (path, size, mtime) and the preprocessing, so any change of those
-    recomputes. Missing images are not stored (the model bypasses the image path for them).
+    One file per image: <cache_dir>/<key>/<d[:2]>/<d>.pt, an fp16 tensor (any shape the backbone's `features`
+    gives), where d is the sha1 of the image file's bytes. The key hashes the backbone identity, the weights file
+    (path, size, mtime), the preprocessing and FEATURE_CODE_VERSION. So an image overwritten in place, a new
+    weights file, other preprocessing or new feature code all recompute. Images that cannot be read are never
+    stored: they are retried (and counted again) on the next run. Each entry is written to a temporary file of
+    its own and renamed, so runs that share a cache directory at the same time never see half-written entries;
+    a damaged entry is recomputed.
     """
 
     def __init__(self, cache_dir, backbone_id: str, weights_file, prep: ImagePrep):
         wf = Path(weights_file) if weights_file else None
         wsig = f"{wf.resolve()}:{wf.stat().st_size}:{wf.stat().st_mtime_ns}" if wf and wf.exists() else "none"
-        self.key = hashlib.sha1(f"{backbone_id}|{wsig}|{prep.key()}".encode()).hexdigest()[:16]
+        self.key = hashlib.sha1(f"{backbone_id}|{wsig}|{prep.key()}|v{FEATURE_CODE_VERSION}".encode()).hexdigest()[:16]
         self.dir = Path(cache_dir) / self.key
         self.prep = prep
+        self.write_ok = True
+
+    def entry(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.pt"
 
     def get(self, paths: list[Path | None], encode, batch_size: int = 32, desc: str = "features"):
-        """Features for each path ({str(path): [R, D] fp16}); `encode` maps [B,3,S,S] -> [B, R, D]."""
-        wanted = sorted({str(p) for p in paths if p is not None})
-        f = self.dir / (hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:16] + ".pt")
-        if f.exists():
-            try:
-                return torch.load(f, weights_only=True)
-            except Exception as e:  # a damaged cache file (disk trouble, a copy cut short): rebuild it
-                print(f"warning: {f}: unreadable feature cache ({type(e).__name__}); recomputing it")
+        """Features of each readable image ({str(path): fp16 tensor}); `encode` maps [B,3,S,S] -> [B, ...]."""
         feats: dict[str, torch.Tensor] = {}
-        todo = []
-        for p in tqdm(wanted, desc=f"extract {desc}", unit="img", leave=False):
-            im, _ = load_image(p)
-            if im is not None:
-                todo.append((p, im))
-            if len(todo) == batch_size:
-                self._run(todo, encode, feats)
-                todo = []
-        if todo:
-            self._run(todo, encode, feats)
-        tmp = f.with_suffix(".tmp")
+        todo: dict[str, list[str]] = {}  # digest -> paths holding those bytes, still to compute
+        for p in sorted({str(p) for p in paths if p is not None}):
+            if not os.path.isfile(p):
+                continue
+            d = file_digest(p)
+            f = self.entry(d)
+            if d not in todo and f.exists():
+                try:
+                    feats[p] = torch.load(f, weights_only=True)
+                    continue
+                except Exception as e:  # a damaged entry (disk trouble, a copy cut short): recompute it
+                    print(f"warning: {f}: unreadable feature cache entry ({type(e).__name__}); recomputing it")
+            todo.setdefault(d, []).append(p)
+        batch: list[tuple[str, Image.Image]] = []
+        for d, ps in tqdm(list(todo.items()), desc=f"extract {desc}", unit="img", leave=False, disable=not todo):
+            im, _ = load_image(ps[0])
+            if im is None:  # not stored: the next run tries again (MNERDataset reports why it is unused)
+                continue
+            batch.append((d, im))
+            if len(batch) == batch_size:
+                self._run(batch, encode, todo, feats)
+                batch = []
+        if batch:
+            self._run(batch, encode, todo, feats)
+        return feats
+
+    def _run(self, batch, encode, todo, feats):
+        with torch.no_grad():
+            out = encode(torch.stack([self.prep(im) for _, im in batch])).to(torch.float16).cpu()
+        for (d, _), o in zip(batch, out):
+            o = o.clone()
+            for p in todo[d]:
+                feats[p] = o
+            self._write(self.entry(d), o)
+
+    def _write(self, f: Path, t: torch.Tensor):
+        if not self.write_ok:
+            return
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # one temp file per process: concurrent writers never mix
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            f.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
-                torch.save(feats, fh)
+                torch.save(t, fh)
             os.replace(tmp, f)
         except (OSError, RuntimeError) as e:  # the features are in memory: the run goes on without caching them
             if tmp.is_file():
                 tmp.unlink()
-            print(f"warning: could not write the feature cache {f} ({getattr(e, 'strerror', None) or e}); "
-                  "features are recomputed next time")
-        return feats
-
-    def _run(self, todo, encode, feats):
-        with torch.no_grad():
-            x = torch.stack([self.prep(im) for _, im in todo])
-            out = encode(x).to(torch.float16).cpu()
-        for (p, _), o in zip(todo, out):
-            feats[p] = o.clone()
+            self.write_ok = False
+            print(f"warning: could not write the feature cache under {self.dir} "
+                  f"({getattr(e, 'strerror', None) or e}); features are recomputed next time")
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -936,18 +980,44 @@ def describe_datasets(data_dir=DATA_DIR) -> str:
 
 # ----------------------------------------------------------------------------- dataset / batches
 
+GREY = (128, 128, 128)  # the --image_control blank picture
+
+
+def image_sources(has_image: list[bool], control: str, seed: int) -> list[int]:
+    """For each post, the post whose image it is shown (--image_control); -1 = the constant grey image.
+
+    none: itself. shuffle: the posts with an image are put in a random order (from seed) and each is shown the
+    image of the next one in that cycle, so no post keeps its own image where the split has >= 2 images.
+    blank: -1 for every post with an image. Posts without an image keep the text-only path under every control.
+    """
+    src = list(range(len(has_image)))
+    have = [i for i, h in enumerate(has_image) if h]
+    if control == "blank":
+        for i in have:
+            src[i] = -1
+    elif control == "shuffle" and len(have) > 1:
+        random.Random(f"image_control/{seed}").shuffle(have)
+        for i, j in zip(have, have[1:] + have[:1]):
+            src[i] = j
+    return src
+
+
 class MNERDataset(torch.utils.data.Dataset):
     """Posts ready for a model: encodings and label ids are computed once, images per item.
 
     image_mode: None (text-only model), "pixels" (decode + ImagePrep each time) or "features" (look up
-    `features`, a {path: [R, D]} dict from FeatureCache; `feat_shape` gives (R, D) for placeholders).
+    `features`, a {path: tensor} dict from FeatureCache; `feat_shape` gives its shape for placeholders).
+    `teacher` ({path: [R, 1280]}) adds the distillation targets of each post's image. `control` is
+    --image_control; `blank` is the grey image's features (features mode).
     """
 
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
                  image_mode: str | None = None, prep: ImagePrep | None = None, features=None,
-                 feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split"):
+                 feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split", teacher=None,
+                 control: str = "none", blank=None):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
+        self.teacher, self.control, self.blank = teacher, control, blank
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
         self.enc = [encode_words(tokenizer, p.tokens, max_len) for p in posts]
         self.labels = [label_map.encode(p.tags, p.source) for p in posts]
@@ -960,6 +1030,7 @@ class MNERDataset(torch.utils.data.Dataset):
         # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe()
         self.image_status = [("ok" if ok else self._why(p)) for p, ok in zip(self.paths, self.has_image)
                              ] if image_mode else []
+        self.source = image_sources(self.has_image, control, seed)
         self.failed: set[str] = set()
 
     def _usable(self, p) -> bool:
@@ -970,8 +1041,7 @@ class MNERDataset(torch.utils.data.Dataset):
         return p.is_file() and p.stat().st_size > 0
 
     def _why(self, p) -> str:
-        why = load_image(p)[1]  # cheap for the usual reasons (missing, zero bytes); decodes only broken files
-        return "not in the feature cache" if why == "ok" else why
+        return load_image(p)[1]  # cheap for the usual reasons (missing, zero bytes); decodes only broken files
 
     def describe(self) -> str:
         s = f"{self.name}: {len(self.posts)} posts"
@@ -982,6 +1052,8 @@ class MNERDataset(torch.utils.data.Dataset):
             if why:
                 s += ": " + ", ".join(f"{w} {k}" for w, k in sorted(why.items(), key=lambda x: (-x[1], x[0])))
             s += ")"
+            if self.control != "none":
+                s += f", image control {self.control}"
         if self.n_truncated:
             s += f", {self.n_truncated} words past --max_len (scored as O)"
         if self.n_empty:
@@ -994,25 +1066,33 @@ class MNERDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.posts)
 
+    def _pixels(self, i: int, j: int):
+        """[3, S, S] of post j's image shown to post i (-1: grey), or None when it cannot be decoded now."""
+        if j < 0:
+            return self.prep(Image.new("RGB", (self.prep.size, self.prep.size), GREY))
+        im, status = load_image(self.paths[j])
+        if im is None:
+            if str(self.paths[j]) not in self.failed:
+                self.failed.add(str(self.paths[j]))
+                print(f"warning: {self.paths[j]}: {status}; post {self.posts[i].source} runs text-only")
+            return None
+        return self.prep(im, random.Random(f"{self.seed}/{self.epoch}/{i}") if self.train_aug else None)
+
     def __getitem__(self, i):
         e = self.enc[i]
         item = {"input_ids": e.input_ids, "word_index": e.word_index, "labels": self.labels[i][: e.n_kept],
                 "case_ids": self.cases[i][: e.n_kept], "has_image": self.has_image[i], "index": i}
+        j = self.source[i]  # whose image this post is shown (--image_control)
         if self.image_mode == "pixels":
-            x = None
-            if self.has_image[i]:
-                im, status = load_image(self.paths[i])
-                if im is None:
-                    if str(self.paths[i]) not in self.failed:
-                        self.failed.add(str(self.paths[i]))
-                        print(f"warning: {self.paths[i]}: {status}; post {self.posts[i].source} runs text-only")
-                    item["has_image"] = False
-                else:
-                    x = self.prep(im, random.Random(f"{self.seed}/{self.epoch}/{i}") if self.train_aug else None)
+            x = self._pixels(i, j) if self.has_image[i] else None
+            item["has_image"] = x is not None
             item["pixel_values"] = x if x is not None else torch.zeros(3, self.prep.size, self.prep.size)
         elif self.image_mode == "features":
-            f = self.features.get(str(self.paths[i])) if self.has_image[i] else None
+            f = (self.blank if j < 0 else self.features.get(str(self.paths[j]))) if self.has_image[i] else None
             item["image_feats"] = f.float() if f is not None else torch.zeros(self.feat_shape)
+        if self.teacher is not None:
+            t = self.teacher.get(str(self.paths[j])) if self.has_image[i] and j >= 0 else None
+            item["teacher_feats"] = t.float() if t is not None else torch.zeros(49, 1280)
         return item
 
 
@@ -1039,7 +1119,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
              "word_mask": word_mask, "labels": labels, "case_ids": case_ids,
              "has_image": torch.tensor([bool(it["has_image"]) for it in items]),
              "index": torch.tensor([it["index"] for it in items])}
-    for k in ("pixel_values", "image_feats"):
+    for k in ("pixel_values", "image_feats", "teacher_feats"):
         if k in items[0]:
             batch[k] = torch.stack([it[k] for it in items])
     return batch
@@ -1085,29 +1165,44 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return -(-(-(-len(self.lengths) // self.batch_size)) // self.world)
 
 
+def cached_features(config, vision, paths, desc: str, prep: ImagePrep | None = None):
+    """FeatureCache.get for a frozen vision module (duck-typed: `features` on pixels [B,3,S,S], `backbone_id`,
+    `weights_file`); also returns the features of the constant grey image (--image_control blank)."""
+    prep = prep or image_prep_for(config)
+    cache = FeatureCache(config.cache_dir, vision.backbone_id, vision.weights_file, prep)
+    param = next(vision.parameters())
+
+    def encode(x):
+        return vision.features(x.to(param.device, param.dtype))
+    feats = cache.get(paths, encode, desc=desc)
+    with torch.no_grad():
+        blank = encode(prep(Image.new("RGB", (prep.size, prep.size), GREY))[None])[0].to(torch.float16).cpu()
+    return feats, blank
+
+
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
-                 train: bool = False, image_dir=None) -> MNERDataset:
-    """A split ready for the model. `vision` is the model's vision module (duck-typed: `trainable`,
-    `backbone_id`, `weights_file`, `out_dim`, `n_tokens`, callable on pixels) or None for text-only models.
-    A frozen backbone's features come from FeatureCache; a trainable one reads pixels every step.
+                 train: bool = False, image_dir=None, teacher=None) -> MNERDataset:
+    """A split ready for the model. `vision` is the model's vision module (duck-typed: `cacheable`, `features`,
+    `feat_shape`, `backbone_id`, `weights_file`, callable on pixels) or None for text-only models. A cacheable
+    (frozen) module's features come from FeatureCache; otherwise pixels are read every step. `teacher` (training
+    with --vision_distill_lambda) is a frozen backbone whose cached features become each post's distillation target.
     image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs).
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
     if vision is None:
         return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split)
     prep = image_prep_for(config)
-    if vision.trainable:
-        return MNERDataset(posts, tokenizer, label_map, config.max_len, root, "pixels", prep,
-                           train_aug=train and config.image_aug, seed=config.seed, name=split)
-    cache = FeatureCache(config.cache_dir, vision.backbone_id, vision.weights_file, prep)
     paths = [find_image(root, p.imgid) for p in posts]
-    param = next(vision.parameters())
-
-    def encode(x):
-        return vision(x.to(param.device, param.dtype))
-    feats = cache.get(paths, encode, desc=f"{config.dataset_name}/{split}")
+    common = dict(seed=config.seed, name=split, control=config.image_control)
+    if teacher is not None and train:
+        common["teacher"] = cached_features(config, teacher, paths, f"{config.dataset_name}/{split} teacher",
+                                            EFFNET_PREP)[0]
+    if not vision.cacheable:
+        return MNERDataset(posts, tokenizer, label_map, config.max_len, root, "pixels", prep,
+                           train_aug=train and config.image_aug, **common)
+    feats, blank = cached_features(config, vision, paths, f"{config.dataset_name}/{split}", prep)
     return MNERDataset(posts, tokenizer, label_map, config.max_len, root, "features", prep, feats,
-                       feat_shape=(vision.n_tokens, vision.out_dim), name=split)
+                       feat_shape=vision.feat_shape, blank=blank, **common)
 
 
 def make_loader(dataset: MNERDataset, config, train: bool, rank: int = 0, world: int = 1):

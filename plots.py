@@ -171,7 +171,7 @@ def dev_f1_curve(rows: list[dict], path) -> Path:
     return save(img, path)
 
 
-IMAGE_TERMS = ("align", "preserve", "nce", "sparsity")  # computed only on a batch's posts with an image
+IMAGE_TERMS = ("residual", "preserve", "nce", "sparsity", "image_types", "distill")  # computed only on a batch's posts with an image
 
 
 def smooth(ys: list[float], alpha: float = 0.1) -> list[float]:
@@ -187,7 +187,7 @@ def smooth(ys: list[float], alpha: float = 0.1) -> list[float]:
 def loss_curves(steps: list[dict], epoch_ends: list[int], path) -> Path:
     """One small chart per loss term over optimiser steps (steps.jsonl rows {step, loss, tag, ...}).
 
-    Terms that are zero at every step (e.g. align/nce of a text-only model) are listed, not drawn. A batch
+    Terms that are zero at every step (e.g. residual/nce of a text-only model) are listed, not drawn. A batch
     without any image post logs exactly 0 for the image terms (IMAGE_TERMS): not a value, so a gap. Long runs
     get the raw values in a light line and their moving average on top; dotted lines mark epoch ends.
     """

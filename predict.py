@@ -222,13 +222,14 @@ def region_grids(vision) -> list[tuple[int, int, int]]:
     """Where the vision module's region tokens lie: [(first, end, grid side)], side 0 = a whole-image token.
 
     EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
-    the summary token, then the coarse Gc x Gc and the fine Gf x Gf patch grids (row-major). Tokens that mixed
+    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens. Tokens that mixed
     with others inside the encoder (Swin windows, delegate attention, transformer layers) are still drawn at
-    their own patch: an approximation.
+    their own patch: an approximation. The kept fine tokens sit at other cells in every image, so they are drawn
+    like the summary, spread over the whole view.
     """
     if isinstance(vision, M.DualGranularityEncoder):
-        c, f = vision.Gc ** 2, vision.Gf ** 2
-        return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + f, vision.Gf)]
+        c = vision.Gc ** 2
+        return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + vision.k, 0)]
     side = round(vision.n_tokens ** 0.5)
     if side * side != vision.n_tokens:
         raise ExplainRefused(f"--explain: {vision.n_tokens} region tokens do not form a square grid")

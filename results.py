@@ -79,6 +79,36 @@ def markdown(rows: list[dict], hardware: str, note: str = "") -> str:
     return "\n".join(out)
 
 
+def ablation_table(csv_files: list[str]) -> str:
+    """The ablation table from script/ablation.sh's record files (one per seed): for each experiment, dev and test F1
+    (mean ± sample std over its runs) with real images, and the test F1 of the same runs scored with shuffled
+    images (test.py --image_control shuffle) beside it."""
+    import csv
+    import re
+    cells: dict[str, dict[str, list[float]]] = {}
+    for path in csv_files:
+        for r in csv.DictReader(open(path)):
+            exp = re.sub(r"^abl_[^_]+_|_s\d+$", "", r["run_name"])
+            c = cells.setdefault(exp, {})
+            own = r["image_control"] == "none" or exp.endswith(("shuffle", "blank"))  # as trained (controls too)
+            c.setdefault("test" if own else f"test_{r['image_control']}", []).append(float(r["f1"]))
+            if own and r["dev_f1"] != "NA":
+                c.setdefault("dev", []).append(float(r["dev_f1"]))
+
+    def cell(xs):
+        if not xs:
+            return "-"
+        return f"{statistics.mean(xs) * 100:.2f}" + (f" ± {statistics.stdev(xs) * 100:.2f}" if len(xs) > 1 else "")
+    out = ["| experiment | runs | dev F1 | test F1 | test F1, shuffled images at test | image gain (test − shuffled) |",
+           "|---|---|---|---|---|---|"]
+    for exp, c in cells.items():
+        gain = (f"{(statistics.mean(c['test']) - statistics.mean(c['test_shuffle'])) * 100:+.2f}"
+                if c.get("test") and c.get("test_shuffle") else "-")
+        out.append(f"| {exp} | {len(c.get('test', []))} | {cell(c.get('dev', []))} | **{cell(c.get('test', []))}** | "
+                   f"{cell(c.get('test_shuffle', []))} | {gain} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["twitter2017", "twitter2015", "demo"], help="datasets to collect")
@@ -87,7 +117,11 @@ def main(argv=None):
     ap.add_argument("--save_dir", default=str(ROOT / "save_models"), help="folder of run directories")
     ap.add_argument("--out_dir", default=str(ROOT / "results"), help="where the JSON and Markdown go")
     ap.add_argument("--note", default="", help="how the runs were scheduled (reproduce.sh: runs at a time, threads each)")
+    ap.add_argument("--ablation", nargs="+", default=[], help="script/ablation.sh record CSVs: print their table only")
     args = ap.parse_args(argv)
+    if args.ablation:
+        print(ablation_table(args.ablation))
+        return
     from bench import hardware
     hw = hardware(threads=False)
     out = Path(args.out_dir)
@@ -98,6 +132,16 @@ def main(argv=None):
         if not rows:
             print(f"{ds}: no finished runs")
             continue
+        for r in rows:
+            r["note"], r["hardware"] = args.note, hw
+        # rows of models not collected now are kept from the file, with their own hardware and note
+        old = out / f"{ds}.json"
+        if old.is_file():
+            prev = json.loads(old.read_text())
+            got = {r["model"] for r in rows}
+            kept = [{"note": prev.get("note", ""), "hardware": prev.get("hardware", ""), **r}
+                    for r in prev.get("rows", []) if r["model"] not in got]
+            rows = sorted(kept + rows, key=lambda r: list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 99)
         (out / f"{ds}.json").write_text(json.dumps({"hardware": hw, "note": args.note, "rows": rows}, indent=1))
         (out / f"{ds}.md").write_text(markdown(rows, hw, args.note) + "\n")
         every += rows

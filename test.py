@@ -1,7 +1,8 @@
 """Score a trained run on a split, from its own config and label map.
 
-    python test.py --save_name NAME [--split test|valid|train] [--device cpu] [--batch_size 32]
+    python test.py --save_name NAME [--split test|valid|train|valid,test] [--device cpu] [--batch_size 32]
                    [--eval_mode conlleval|strict] [--record_file results.csv] [--plots [--out_dir DIR]]
+                   [--image_control shuffle|blank]   # score with wrong or blank images (attribution control)
 
 Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
 run directory, and appends one CSV row to --record_file when given. The model is rebuilt from the run's
@@ -24,6 +25,7 @@ from metrics import evaluate, format_report
 from model import build_model, load_tokenizer
 
 RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "record_file", "data_dir", "image_root", "cache_dir",
+                 "image_control",
                  "num_workers", "amp", "save_dir", "lenient_data", "allow_download", "plots", "out_dir"}
 RUN_FILES = ("config.json", "label_map.json", "model.pt")
 
@@ -137,15 +139,23 @@ def write_predictions(path, posts, preds):
             f.write("\n")
 
 
-def record(path, name: str, res: dict, split: str):
-    """Append a row to a CSV of scores (header written once)."""
-    row = {"run_name": name, "split": split, "mode": res["mode"], "acc": f"{res['accuracy']:.4f}",
-           "precision": f"{res['precision']:.4f}", "recall": f"{res['recall']:.4f}", "f1": f"{res['f1']:.4f}",
-           **{f"{t.lower()}_f1": f"{v['f1']:.4f}" for t, v in res["per_type"].items()}}
+RECORD_FIELDS = ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
+                 "per_f1", "loc_f1", "org_f1", "misc_f1"]
+
+
+def record(path, name: str, results: dict, config):
+    """Append one CSV row for a run (header written once): the scores of the last split scored, and next to them
+    the dev (valid) F1 when that split was scored too, so rows can be chosen on dev and read on test."""
+    split = list(results)[-1]
+    res = results[split]
+    row = {"run_name": name, "split": split, "mode": res["mode"], "image_control": config.image_control,
+           "dev_f1": f"{results['valid']['f1']:.4f}" if "valid" in results else "NA",
+           "acc": f"{res['accuracy']:.4f}", "precision": f"{res['precision']:.4f}", "recall": f"{res['recall']:.4f}",
+           "f1": f"{res['f1']:.4f}", **{f"{t.lower()}_f1": f"{v['f1']:.4f}" for t, v in res["per_type"].items()}}
     p = Path(path)
     new = not p.exists() or p.stat().st_size == 0
     with open(p, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        w = csv.DictWriter(f, fieldnames=RECORD_FIELDS + sorted(set(row) - set(RECORD_FIELDS)), restval="NA")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -153,7 +163,7 @@ def record(path, name: str, res: dict, split: str):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cli = get_config(argv, check=False)
+    cli = get_config(argv)  # flag values are checked (--split) before anything loads
     if not cli.save_name:
         raise ConfigError("--save_name is required: the run directory under --save_dir to score")
     overrides = {k: getattr(cli, k) for k in given_flags(argv) & RUNTIME_FLAGS}
@@ -161,25 +171,29 @@ def main(argv=None):
     from train import amp_context, pick_device
     device = pick_device(config.device)
     model.to(device)
-    posts = D.load_split(config, config.split)
     tokenizer = load_tokenizer(config)
     vision = model.vision if model.uses_image and config.use_image else None
-    ds = D.make_dataset(config, config.split, posts, tokenizer, label_map, vision)
-    print(ds.describe())
-    t0 = time.time()
-    res, preds = evaluate_split(model, ds, config, label_map, device, amp_context(config, device)[0] if config.amp else None)
-    dt = time.time() - t0
+    amp = amp_context(config, device)[0] if config.amp else None
     run = Path(config.save_dir) / cli.save_name
-    (run / f"{config.split}_report.json").write_text(json.dumps(res, indent=1))
-    write_predictions(run / f"{config.split}_predictions.conll", posts, preds)
     best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
-    print(f"{cli.save_name} on {config.dataset_name}/{config.split} (best dev epoch {best}), {len(posts) / dt:.0f} posts/s:")
-    print(format_report(res))
+    results = {}
+    for split in config.split.split(","):
+        posts = D.load_split(config, split)
+        ds = D.make_dataset(config, split, posts, tokenizer, label_map, vision)
+        print(ds.describe())
+        t0 = time.time()
+        res, preds = evaluate_split(model, ds, config, label_map, device, amp)
+        dt = time.time() - t0
+        (run / f"{split}_report.json").write_text(json.dumps(res, indent=1))
+        write_predictions(run / f"{split}_predictions.conll", posts, preds)
+        print(f"{cli.save_name} on {config.dataset_name}/{split} (best dev epoch {best}), {len(posts) / dt:.0f} posts/s:")
+        print(format_report(res))
+        results[split] = res
     if config.record_file:
-        record(config.record_file, cli.save_name, res, config.split)
+        record(config.record_file, cli.save_name, results, config)
     if config.plots:
         from plots import run_plots
-        for f in run_plots(run, config.split, Path(config.out_dir or run) / "plots"):
+        for f in run_plots(run, split, Path(config.out_dir or run) / "plots"):
             print(f"wrote {f}")
     return res
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import dataloader as D
 from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
-from model import build_model, load_tokenizer
+from model import build_model, build_teacher, load_tokenizer
 from metrics import evaluate
 from test import (check_encoders, evaluate_split, load_checkpoint, predict, read_run_json, runs_with,
                   write_predictions)
@@ -422,8 +422,10 @@ def _main(argv=None):
         save_config(config, run / "config.json")
         label_map.save(run / "label_map.json")
     vision = model.vision.to(device) if model.uses_image and config.use_image else None
+    teacher = build_teacher(config)  # --vision_distill_lambda: its cached features are the train split's targets
     with main_first():  # rank 0 builds the frozen-feature cache, the other ranks then read it
-        ds = {s: D.make_dataset(config, s, posts, tokenizer, label_map, vision, train=s == "train")
+        ds = {s: D.make_dataset(config, s, posts, tokenizer, label_map, vision, train=s == "train",
+                                teacher=teacher and teacher.to(device))
               for s, posts in (("train", train_posts), ("valid", dev_posts), ("test", test_posts))}
     for d in ds.values():
         say(d.describe())

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# MNER ablations: one training run per experiment, each scored on test by test.py into one CSV.
+# MNER ablations: one training run per experiment, each scored on dev and test by test.py into one CSV; every
+# multimodal run is scored a second time with shuffled images (test.py --image_control shuffle: every layer kept,
+# only the pictures wrong), so each row stands next to its own control. shuffle / blank (and dual_*) train and test
+# with wrong or grey images throughout.
 #   bash script/ablation.sh --list                 # the experiments and the flags each one changes
 #   bash script/ablation.sh --dry-run              # print the commands, run nothing
 #   bash script/ablation.sh --exp no_gate,no_nce   # only these (default: all)
@@ -12,22 +15,26 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 
-EXPS="full no_align no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
-text_only efficientnet clip dual_granularity"
+EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
+text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank"
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
     full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
     efficientnet|fusion_layers_7) echo "= full (the same run)" ;;
-    no_align) echo "--align_lambda 0" ;;
+    no_residual) echo "--residual_lambda 0" ;;
     no_preserve) echo "--preserve_lambda 0" ;;
     no_nce) echo "--nce_lambda 0" ;;
-    no_gate) echo "--fusion_gate sum" ;;
+    no_gate) echo "--fusion_gate rel" ;;
     no_resampler) echo "--resampler_tokens 0" ;;
     fusion_layers_1) echo "--fusion_layers 1" ;;
     fusion_layers_3) echo "--fusion_layers 3" ;;
     text_only) echo "--no-use_image" ;;
+    shuffle) echo "--image_control shuffle" ;;
+    blank) echo "--image_control blank" ;;
     clip) echo "--image_encoder ${CLIP_DIR:-<CLIP_DIR unset>}" ;;
     dual_granularity) echo "(script/train_dual_granularity.sh defaults)" ;;
+    dual_shuffle) echo "(script/train_dual_granularity.sh) --image_control shuffle" ;;
+    dual_blank) echo "(script/train_dual_granularity.sh) --image_control blank" ;;
     *) return 1 ;;
   esac
 }
@@ -69,13 +76,16 @@ for e in $sel; do
   case $run_exp in
     full) ;;
     dual_granularity) script=script/train_dual_granularity.sh ;;
+    dual_shuffle|dual_blank) script=script/train_dual_granularity.sh; extra=(--image_control "${run_exp#dual_}") ;;
     *) read -r -a extra <<< "$(flags_of "$run_exp")" ;;
   esac
   if [ "$e" = clip ] && [ -z "${CLIP_DIR:-}" ]; then echo "skip clip: set CLIP_DIR to a local CLIP directory"; continue; fi
   SAVE_NAME=$name env_args
   train_cmd=(bash "$script" --save_dir "$SAVE_DIR" "${extra[@]}" "${ARGS[@]}")
-  test_cmd=(python test.py --save_dir "$SAVE_DIR" --save_name "$name" --record_file "$RECORD_FILE" "${ARGS[@]}")
-  if [ "$mode" = dry ]; then echo "${train_cmd[*]}"; echo "${test_cmd[*]}"; continue; fi
+  test_cmd=(python test.py --save_dir "$SAVE_DIR" --save_name "$name" --split valid,test --record_file "$RECORD_FILE" "${ARGS[@]}")
+  control_cmd=()  # the same trained model scored with shuffled images (only the multimodal ones have an image path)
+  case $run_exp in text_only|shuffle|blank|dual_shuffle|dual_blank) ;; *) control_cmd=("${test_cmd[@]}" --image_control shuffle) ;; esac
+  if [ "$mode" = dry ]; then echo "${train_cmd[*]}"; echo "${test_cmd[*]}"; [ ${#control_cmd[@]} -eq 0 ] || echo "${control_cmd[*]}"; continue; fi
   echo "== $e"
   mkdir -p "$(dirname "$RECORD_FILE")"
   # a finished run (test_report.json) is only scored again; anything else trains from scratch
@@ -84,6 +94,7 @@ for e in $sel; do
     "${train_cmd[@]}" || { echo "FAILED: $e" >&2; fails=$((fails + 1)); continue; }
   fi
   "${test_cmd[@]}" | tail -n 2 || fails=$((fails + 1))
+  if [ ${#control_cmd[@]} -gt 0 ]; then "${control_cmd[@]}" | tail -n 2 || fails=$((fails + 1)); fi
 done
 [ "$mode" = dry ] || echo "rows appended to $RECORD_FILE"
 [ "$fails" -eq 0 ] || exit 1

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Score many runs and collect one CSV.
+# Score many runs on dev and test and collect one CSV (choose on dev_f1, read test next to it).
 #   bash script/batch_test.sh                 # every run directory under save_models/
 #   bash script/batch_test.sh run_a run_b     # these runs (a missing one gets an NA row)
-# Writes logs_test_<stamp>/<run>.log and logs_test_<stamp>/summary.csv with columns
-#   run_name,acc,precision,recall,f1,per_f1,loc_f1,org_f1,misc_f1,log_file
-# Env: DEVICE BATCH_SIZE EXTRA_ARGS (e.g. "--split valid"), SAVE_DIR (default save_models), OUT_DIR
+# Writes logs_test_<stamp>/<run>.log and logs_test_<stamp>/summary.csv: test.py --record_file's columns
+#   run_name,split,mode,image_control,dev_f1,acc,precision,recall,f1,per_f1,loc_f1,org_f1,misc_f1 + log_file
+# Env: DEVICE BATCH_SIZE EXTRA_ARGS (e.g. "--image_control shuffle"), SPLIT (default valid,test),
+#      SAVE_DIR (default save_models), OUT_DIR
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
@@ -17,20 +18,26 @@ fi
 unset SAVE_NAME
 env_args
 summary="$OUT_DIR/summary.csv"
-echo "run_name,acc,precision,recall,f1,per_f1,loc_f1,org_f1,misc_f1,log_file" > "$summary"
+rows="$OUT_DIR/.rows.csv"
+rm -f "$rows"
+python -c "import test; print(','.join(test.RECORD_FIELDS + ['log_file']))" > "$summary"
 for run in "${runs[@]}"; do
   log="$OUT_DIR/$run.log"
   echo "== $run"
-  python test.py --save_dir "$SAVE_DIR" --save_name "$run" "${ARGS[@]}" > "$log" 2>&1
-  python - "$run" "$log" >> "$summary" <<'PY'
-import sys
-from metrics import parse_report
-run, log = sys.argv[1:]
-r = parse_report(open(log, encoding="utf-8", errors="replace").read())
-o = r.get("Overall")
-f = lambda t: f"{r[t]['f1']:.4f}" if t in r else "NA"
-cells = [f"{o['acc']:.4f}", f"{o['p']:.4f}", f"{o['r']:.4f}", f"{o['f1']:.4f}"] if o else ["NA"] * 4
-print(",".join([run, *cells, f("PER"), f("LOC"), f("ORG"), f("MISC"), log]))
+  n0=$( [ -f "$rows" ] && wc -l < "$rows" || echo 0)
+  python test.py --save_dir "$SAVE_DIR" --save_name "$run" --split "${SPLIT:-valid,test}" --record_file "$rows" \
+    "${ARGS[@]}" > "$log" 2>&1
+  python - "$run" "$log" "$rows" "$n0" >> "$summary" <<'PY'
+import csv, sys
+import test
+run, log, rows, n0 = sys.argv[1:]
+try:
+    got = list(csv.DictReader(open(rows)))
+except FileNotFoundError:
+    got = []
+new = got[int(n0) - 1:] if int(n0) else got  # the row test.py appended for this run, if it got that far
+row = next((r for r in new if r["run_name"] == run), None) or {"run_name": run}
+print(",".join([row.get(k, "NA") or "NA" for k in test.RECORD_FIELDS] + [log]))
 PY
   tail -n 1 "$summary"
 done

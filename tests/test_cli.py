@@ -14,7 +14,7 @@ import torch
 import train
 from config import get_config
 from conftest import ROOT
-from model import build_model
+from model import build_model, load_tokenizer
 
 PY = sys.executable
 
@@ -64,7 +64,7 @@ def test_run_dir_complete(trained):
         assert (trained / f).is_file(), f
     rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # exactly --epochs epochs
-    for k in ("train_loss", "train_tag", "train_align", "train_preserve", "train_nce", "train_sparsity", "dev_f1"):
+    for k in ("train_loss", "train_tag", "train_residual", "train_preserve", "train_nce", "train_sparsity", "dev_f1"):
         assert k in rows[0]
     cfg = json.loads((trained / "config.json").read_text())
     assert cfg["epochs"] == 2 and cfg["batch_size"] == 4 and cfg["dataset_name"] == "tiny"
@@ -85,6 +85,35 @@ def test_test_py_reproduces_reports(trained, base):
     assert f"[Overall] Acc={rep['accuracy']:.4f}, P={rep['precision']:.4f}, R={rep['recall']:.4f}, F1={rep['f1']:.4f}" in out
     row = list(csv.DictReader(rec.open()))[0]
     assert row["run_name"] == "two" and float(row["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
+
+
+def _conll_posts(path):
+    return [p.splitlines() for p in Path(path).read_text().strip().split("\n\n")]
+
+
+@pytest.mark.parametrize("control", ["shuffle", "blank"])
+def test_test_time_image_control_changes_only_posts_with_an_image(trained, base, control):
+    """Scoring a trained MNER run with shuffled or blank images (test.py --image_control): the posts without an image
+    get exactly the same emissions and tags, the posts with one get other emissions (the picture is read)."""
+    import dataloader as D
+    import test as T
+    out = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "train",
+                  "--image_control", control]).stdout
+    assert f"image control {control}" in out
+    config, label_map, model, _ = T.load_run(save_dir(base), "two", {"split": "train"})
+    posts = D.load_split(config, "train")
+    tok = load_tokenizer(config)
+    em = {}
+    for c in ("none", control):
+        config.image_control = c
+        ds = D.make_dataset(config, "train", posts, tok, label_map, model.vision)
+        batch = D.collate([ds[i] for i in range(len(ds))], ds.pad_id)
+        with torch.no_grad():
+            em[c] = model.eval()(batch)["emissions"]
+    has = torch.tensor(ds.has_image)
+    assert 0 < has.sum() < len(has)
+    assert torch.equal(em["none"][~has], em[control][~has])
+    assert all(not torch.allclose(a, b) for a, b in zip(em["none"][has], em[control][has]))
 
 
 def test_test_py_missing_run_names_file_and_runs(trained, base):
@@ -208,9 +237,12 @@ def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "logs2" / "summary.csv").open()))
-    assert list(rows[0]) == ["run_name", "acc", "precision", "recall", "f1", "per_f1", "loc_f1", "org_f1", "misc_f1", "log_file"]
+    assert list(rows[0]) == ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
+                             "per_f1", "loc_f1", "org_f1", "misc_f1", "log_file"]
     rep = json.loads((trained / "test_report.json").read_text())
+    dev = max(json.loads(l)["dev_f1"] for l in (trained / "metrics.jsonl").read_text().splitlines())
     assert rows[0]["run_name"] == "two" and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
+    assert rows[0]["split"] == "test" and float(rows[0]["dev_f1"]) == pytest.approx(dev, abs=1e-4)
     assert rows[1]["run_name"] == "ghost" and rows[1]["f1"] == "NA" and Path(rows[1]["log_file"]).is_file()
 
 

@@ -608,3 +608,103 @@ def test_feature_cache_reuse_and_keys(tmp_path):
     assert run()[0].calls == 0
     keys = {dl.FeatureCache(cache, b, weights, dl.ImagePrep(s)).key for b in ("x", "y") for s in (16, 24)}
     assert len(keys) == 4
+
+
+def test_feature_cache_follows_image_content(tmp_path):
+    """An image overwritten in place gets new features; an unreadable image is not cached and is used once fixed."""
+    img = _save(_rgb((30, 20), (255, 0, 0)), tmp_path / "a.png")
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"not a png")
+    cache = tmp_path / "cache"
+
+    def run():
+        enc = CountingEncoder()
+        return enc, dl.FeatureCache(cache, "fake", None, dl.ImagePrep(16)).get([img, bad], enc)
+
+    enc, red = run()
+    assert enc.images == 1 and set(red) == {str(img)}
+    _save(_rgb((30, 20), (0, 0, 255)), img)  # same name, other picture
+    enc, blue = run()
+    assert enc.images == 1 and not torch.equal(red[str(img)], blue[str(img)])
+    _save(_rgb((30, 20), (0, 255, 0)), bad)  # the broken file is fixed
+    enc, fixed = run()
+    assert enc.images == 1 and set(fixed) == {str(img), str(bad)}
+    assert run()[0].images == 0
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_feature_cache_rebuilds_a_damaged_entry(tmp_path, capsys):
+    img = _save(_rgb((30, 20), (10, 200, 30)), tmp_path / "a.png")
+    cache = dl.FeatureCache(tmp_path / "cache", "fake", None, dl.ImagePrep(16))
+    first = cache.get([img], CountingEncoder())
+    entry = cache.entry(dl.file_digest(img))
+    entry.write_bytes(b"garbage")
+    enc = CountingEncoder()
+    again = cache.get([img], enc)
+    assert enc.images == 1 and torch.equal(first[str(img)], again[str(img)])
+    assert "unreadable feature cache entry" in capsys.readouterr().out
+
+
+_FILL = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import dataloader as dl
+paths = sorted(__import__("pathlib").Path({imgs!r}).glob("*.png"))
+enc = lambda x: x.flatten(2)[:, :, :64] * 1.0
+feats = dl.FeatureCache({cache!r}, "fake", None, dl.ImagePrep(16)).get(paths, enc, batch_size=2)
+print(len(feats))
+"""
+
+
+def test_two_processes_fill_one_cache_then_a_third_reads_it(tmp_path):
+    import subprocess
+    import sys
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(24):
+        _save(_rgb((40, 30), (i * 10, 255 - i * 10, 7 * i)), imgs / f"{i}.png")
+    code = _FILL.format(root=str(dl.ROOT), imgs=str(imgs), cache=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == ["24", "24"]
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    enc = CountingEncoder()
+    feats = dl.FeatureCache(tmp_path / "cache", "fake", None, dl.ImagePrep(16)).get(sorted(imgs.glob("*.png")), enc)
+    assert enc.images == 0 and len(feats) == 24  # every entry read back whole
+
+
+# ----------------------------------------------------------------------------- image controls
+
+def test_shuffle_control_is_a_seeded_derangement():
+    has = [True, False, True, True, True, False, True]
+    src = dl.image_sources(has, "shuffle", seed=3)
+    have = [i for i, h in enumerate(has) if h]
+    assert sorted(src[i] for i in have) == have                      # a permutation of the posts with images
+    assert all(src[i] != i for i in have)                            # nobody keeps its own image
+    assert all(src[i] == i for i, h in enumerate(has) if not h)      # posts without an image stay text-only
+    assert src == dl.image_sources(has, "shuffle", seed=3)
+    many = [True] * 30
+    assert dl.image_sources(many, "shuffle", seed=3) != dl.image_sources(many, "shuffle", seed=4)
+    assert dl.image_sources([True, False], "shuffle", 0) == [0, 1]   # one image: nothing to swap with
+    assert dl.image_sources(has, "none", 3) == list(range(len(has)))
+    assert dl.image_sources(has, "blank", 3) == [-1 if h else i for i, h in enumerate(has)]
+
+
+@pytest.mark.parametrize("mode", ["pixels", "features"])
+def test_blank_control_gives_every_post_the_same_image(tiny, minilm_tok, tmp_path, mode):
+    kw = {"blank": torch.full((3, 5), 0.25)} if mode == "features" else {}
+    ds = _dataset(tiny, minilm_tok, mode, tmp_path, control="blank", **kw)
+    key = "pixel_values" if mode == "pixels" else "image_feats"
+    items = [ds[i] for i in range(len(ds)) if ds.has_image[i]]
+    assert len(items) >= 2 and all(it["has_image"] for it in items)
+    assert all(torch.equal(it[key], items[0][key]) for it in items)
+    plain = _dataset(tiny, minilm_tok, mode, tmp_path)
+    assert [bool(plain[i]["has_image"]) for i in range(len(ds))] == [bool(ds[i]["has_image"]) for i in range(len(ds))]
+
+
+def test_shuffle_control_shows_another_posts_image(tiny, minilm_tok, tmp_path):
+    plain = _dataset(tiny, minilm_tok, "features", tmp_path)
+    shuf = _dataset(tiny, minilm_tok, "features", tmp_path, control="shuffle")
+    for i in range(len(shuf)):
+        if shuf.has_image[i]:
+            assert torch.equal(shuf[i]["image_feats"], plain[shuf.source[i]]["image_feats"])

@@ -290,7 +290,7 @@ def test_explain_refused_when_image_path_off(run, image, capsys, tiny_bert_dir):
 
 def test_run_plots_from_test_py(run, tmp_path, capsys):
     steps = [json.loads(l) for l in (run_dir(run) / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == list(range(1, 13)) and {"loss", "tag", "align"} <= set(steps[0])
+    assert [s["step"] for s in steps] == list(range(1, 13)) and {"loss", "tag", "residual"} <= set(steps[0])
     test_py.main([*run, "--plots", "--out_dir", str(tmp_path)])
     names = {"dev_f1.png", "losses.png", "test_per_type.png", "test_confusion.png"}
     assert {p.name for p in (tmp_path / "plots").iterdir()} == names

@@ -2,6 +2,7 @@
 --list / --dry-run paths. Speed figures are printed, never asserted."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -94,15 +95,17 @@ def test_results_mean_std_and_missing_seeds(tmp_path, tiny_data_dir):
 def test_reproduce_and_ablation_list(tmp_path):
     p = subprocess.run(["bash", "script/ablation.sh", "--list"], cwd=ROOT, env=env(), capture_output=True, text=True)
     names = [l.split()[0] for l in p.stdout.splitlines()]
-    assert p.returncode == 0 and {"full", "no_align", "no_preserve", "no_nce", "no_gate", "no_resampler", "fusion_layers_1",
+    assert p.returncode == 0 and {"full", "no_residual", "no_preserve", "no_nce", "no_gate", "no_resampler", "fusion_layers_1",
                                   "fusion_layers_3", "fusion_layers_7", "text_only", "clip", "efficientnet",
-                                  "dual_granularity"} == set(names)
+                                  "dual_granularity", "shuffle", "blank", "dual_shuffle", "dual_blank"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()
-    assert p.returncode == 0 and len(lines) == 4  # fusion_layers_7 is the full run: trained and scored once
-    assert "--fusion_gate sum" in lines[0] and "abl_demo_no_gate_s42" in lines[0]
+    # fusion_layers_7 is the full run: trained and scored once; each is also scored with shuffled images
+    assert p.returncode == 0 and len(lines) == 6
+    assert "--fusion_gate rel" in lines[0] and "abl_demo_no_gate_s42" in lines[0]  # only the per-dimension gate goes
     assert lines[1].startswith("python test.py") and "--record_file results/ablation_demo.csv" in lines[1]
+    assert "--split valid,test" in lines[1] and lines[2] == lines[1] + " --image_control shuffle"
     p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert p.returncode == 2 and "--exp nope: unknown experiment" in p.stderr
 
@@ -116,6 +119,27 @@ def test_ablation_runs_one_experiment_end_to_end(tmp_path, tiny_flags):
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     cfg = json.loads((tmp_path / "save" / "abl_tiny_no_gate_s42" / "config.json").read_text())
-    assert cfg["fusion_gate"] == "sum" and cfg["dataset_name"] == "tiny"
-    rows = rec.read_text().splitlines()
-    assert len(rows) == 2 and rows[1].startswith("abl_tiny_no_gate_s42,test,conlleval,")
+    assert cfg["fusion_gate"] == "rel" and cfg["dataset_name"] == "tiny"
+    rows = list(csv.DictReader(rec.open()))
+    assert [(r["run_name"], r["split"], r["image_control"]) for r in rows] == [
+        ("abl_tiny_no_gate_s42", "test", "none"), ("abl_tiny_no_gate_s42", "test", "shuffle")]
+    assert all(r["dev_f1"] != "NA" for r in rows)
+
+
+def test_ablation_table_puts_each_row_next_to_its_shuffled_control(tmp_path):
+    head = "run_name,split,mode,image_control,dev_f1,acc,precision,recall,f1\n"
+    rows = {1: ["abl_demo_full_s1,test,conlleval,none,0.9800,0,0,0,0.9700",
+                "abl_demo_full_s1,test,conlleval,shuffle,0.9800,0,0,0,0.6000",
+                "abl_demo_shuffle_s1,test,conlleval,shuffle,0.6100,0,0,0,0.6200"],
+            2: ["abl_demo_full_s2,test,conlleval,none,0.9600,0,0,0,0.9900",
+                "abl_demo_full_s2,test,conlleval,shuffle,0.9600,0,0,0,0.6400"]}
+    files = []
+    for s, lines in rows.items():
+        f = tmp_path / f"s{s}.csv"
+        f.write_text(head + "\n".join(lines) + "\n")
+        files.append(str(f))
+    table = results.ablation_table(files).splitlines()
+    full = next(l for l in table if l.startswith("| full |"))
+    assert "| 2 | 97.00 ± 1.41 | **98.00 ± 1.41** | 62.00 ± 2.83 | +36.00 |" in full
+    shuf = next(l for l in table if l.startswith("| shuffle |"))
+    assert "| 1 | 61.00 | **62.00** | - | - |" in shuf  # trained and scored with shuffled images: its own row

@@ -1,0 +1,251 @@
+"""The dual-granularity encoder: pretrained stem, finer-than-coarse salient fine branch, distillation, real images
+only, and the stem-map cache key."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import config as cfgmod
+import dataloader as dl
+import model as M
+from test_model import TINY_DUAL, build, make_config, text_batch, with_images
+
+EFF = dict(TINY_DUAL, vision_stem="efficientnet_lite0")  # the shipped stem at 32 px: 2x2 coarse, 4x4 fine maps
+
+
+def encoder(seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.DualGranularityEncoder(make_config(vision="dual", **kw))
+
+
+def patch_area(enc, which):
+    """Image pixels covered by one token of the coarse or fine grid."""
+    return (enc.size // (enc.Gc if which == "coarse" else enc.Gf)) ** 2
+
+
+# ----------------------------------------------------------------------------- grids
+
+@pytest.mark.parametrize("argv", [[], ["--vision_stem", "conv"]])
+def test_fine_grid_is_finer_at_the_shipped_defaults(argv):
+    c = cfgmod.get_config(["--use_dual_granularity", *argv])
+    enc = M.DualGranularityEncoder(c)
+    assert (enc.Gc, enc.Gf) == (14, 28)
+    assert patch_area(enc, "fine") < patch_area(enc, "coarse")
+    assert enc.n_tokens == 1 + 14 * 14 + c.vision_max_patches  # the fine branch keeps the cap, not a pooled grid
+
+
+@pytest.mark.parametrize("argv", [
+    ["--vision_fine_patch_size", "16"],                                        # equal: not finer
+    ["--vision_fine_patch_size", "32", "--vision_patch_size", "16"],          # coarser
+    ["--vision_stem", "conv", "--vision_patch_size", "8", "--vision_fine_patch_size", "8"],
+    ["--vision_patch_size", "12", "--vision_fine_patch_size", "4", "--vision_img_size", "48"],  # no stride-12 map
+])
+def test_validate_refuses_a_fine_grid_that_is_not_finer(argv):
+    with pytest.raises(cfgmod.ConfigError, match="--vision_"):
+        cfgmod.get_config(["--use_dual_granularity", *argv])
+
+
+@pytest.mark.parametrize("fine", [2, 4])
+def test_fine_patch_size_changes_the_fine_tokens(fine):
+    enc = encoder(vision_stem="conv", vision_fine_patch_size=fine, vision_max_patches=1000)
+    assert enc.Gf == 32 // fine and enc.n_tokens == 1 + enc.Gc ** 2 + enc.Gf ** 2
+
+
+def _signature(**kw):
+    enc = encoder(**kw).eval()
+    x = torch.rand(1, 3, enc.size, enc.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        out = enc(x)
+    return {"shape": tuple(out.shape), "params": sum(p.numel() for p in enc.parameters()),
+            "trainable": sum(p.numel() for p in enc.parameters() if p.requires_grad), "out": out}
+
+
+# every --vision_* flag with the setting it is checked in and what it changes
+VISION_FLAGS = [
+    ("vision_stem", "conv", EFF, "params"),
+    ("vision_img_size", 64, EFF, "shape"),
+    ("vision_patch_size", 16, EFF, "shape"),               # the stride-16 map instead of the stride-8 one
+    ("vision_fine_patch_size", 8, dict(EFF, vision_patch_size=16, vision_max_patches=1000), "shape"),
+    ("vision_max_patches", 4, EFF, "shape"),
+    ("vision_embed_dim", 64, EFF, "shape"),
+    ("vision_heads", 4, EFF, "out"),
+    ("vision_swin_window", 1, EFF, "out"),
+    ("vision_delegate_topk", 1, EFF, "out"),
+    ("vision_depth", 2, EFF, "params"),
+    ("vision_trainable", True, EFF, "trainable"),
+    ("vision_distill_lambda", 1.0, EFF, "params"),          # the distillation head
+]
+
+
+def test_every_vision_flag_is_checked():
+    flags = {a.dest for a in cfgmod.build_parser()._actions if a.dest.startswith("vision_")}
+    assert flags == {f for f, *_ in VISION_FLAGS}
+
+
+@pytest.mark.parametrize("flag,value,base,shows", VISION_FLAGS)
+def test_every_vision_flag_changes_the_encoder(flag, value, base, shows):
+    assert base.get(flag, getattr(cfgmod.get_config(), flag)) != value
+    a, b = _signature(**base), _signature(**{**base, flag: value})
+    if shows == "out":
+        assert a["shape"] == b["shape"] and not torch.allclose(a["out"], b["out"])
+    else:
+        assert a[shows] != b[shows], (flag, a[shows])
+
+
+def test_vision_flags_without_dual_granularity_are_warned(capsys):
+    cfgmod._WARNED.clear()
+    cfgmod.get_config(["--vision_depth", "3", "--vision_stem", "conv"])
+    err = capsys.readouterr().err
+    assert "warning: --vision_depth does nothing without --use_dual_granularity" in err
+    assert "--vision_stem does nothing" in err
+    cfgmod.get_config(["--vision_depth", "3"])
+    assert capsys.readouterr().err == ""  # once per process
+    assert cfgmod.inert_flags(cfgmod.get_config(["--use_dual_granularity", "--vision_depth", "3"])) == []
+
+
+# ----------------------------------------------------------------------------- the pretrained stem
+
+def test_stem_maps_are_efficientnet_lite0s_own():
+    """The coarse/fine maps are the shipped network's stride-16/stride-8 activations, frozen and unchanged."""
+    enc = encoder(**dict(EFF, vision_img_size=64, vision_patch_size=16, vision_fine_patch_size=8)).eval()
+    net = M.load_efficientnet_lite0()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        c, f = enc.stem_maps(x)
+        h = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
+        maps = {}
+        for i, blk in enumerate(net._blocks):
+            h = blk(h)
+            maps[i] = h
+    assert c.shape == (2, 112, 4, 4) and f.shape == (2, 40, 8, 8)
+    assert torch.allclose(c, maps[10], atol=1e-5) and torch.allclose(f, maps[4], atol=1e-5)
+    assert not any(p.requires_grad for p in enc.stem.parameters())
+    enc.train()
+    assert not enc.stem.training  # pretrained BatchNorm statistics stay fixed
+
+
+def test_cached_stem_maps_give_the_pixel_path_result():
+    enc = encoder(**EFF).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert enc.features(x).shape == (3, *enc.feat_shape)
+        assert torch.allclose(enc.from_features(enc.features(x)), enc(x), atol=1e-5)
+
+
+def test_trainable_stem_learns_at_the_pretrained_rate(tiny_bert_dir):
+    model = build(tiny_bert_dir, "MNER", "dual", vision_stem="efficientnet_lite0", vision_trainable=True,
+                  unfreeze_last_vision_blocks=1)
+    groups = model.param_groups()
+    assert groups["vision"] and all(n.startswith("vision.stem.blocks.") for n, _ in groups["vision"])
+    assert not model.vision.cacheable  # a stem that learns is run on pixels every step
+    assert build(tiny_bert_dir, "MNER", "dual", vision_stem="efficientnet_lite0").vision.cacheable
+
+
+def test_stem_cache_key_changes_with_stem_weights_and_preprocessing(tmp_path):
+    def key(weights=None, **kw):
+        c = make_config(vision="dual", **{**EFF, **kw})
+        enc = M.DualGranularityEncoder(c)
+        return dl.FeatureCache(tmp_path, enc.backbone_id, weights or enc.weights_file, dl.image_prep_for(c)).key
+
+    base = key()
+    assert key() == base
+    assert key(vision_patch_size=16) != base          # another stem map
+    assert key(vision_patch_size=16, vision_fine_patch_size=8) != key(vision_patch_size=16)
+    assert key(vision_img_size=64) != base            # preprocessing
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"x")
+    assert key(weights=other) != base                 # weights file
+
+
+# ----------------------------------------------------------------------------- fine branch
+
+def test_saliency_topk_passes_gradient_to_its_scorer():
+    torch.manual_seed(0)
+    sel = M.SaliencySelect(8, 3)
+    x = torch.randn(2, 10, 8, requires_grad=True)
+    kept, idx = sel(x)
+    assert kept.shape == (2, 3, 8) and idx.shape == (2, 3)
+    scores = sel.score(sel.ln(x)).squeeze(-1)
+    assert torch.equal(idx, scores.topk(3, dim=1).indices)
+    (kept * torch.randn_like(kept)).sum().backward()
+    assert sel.score.weight.grad.abs().sum() > 0 and sel.score.bias.grad.abs() > 0
+
+
+def test_kept_fine_tokens_carry_their_position():
+    """The same map content at other grid cells gives other fine tokens: position embeddings go with the kept."""
+    enc = encoder(**EFF).eval()
+    with torch.no_grad():
+        enc.fine_pos.normal_()
+        c = torch.randn(1, *enc.map_shapes[0])
+        f = torch.randn(1, *enc.map_shapes[1])
+        a = enc.encode_maps(c, f)
+        b = enc.encode_maps(c, f.flip(-1))
+    assert not torch.allclose(a[:, 1 + enc.Gc ** 2:].sort(1).values, b[:, 1 + enc.Gc ** 2:].sort(1).values)
+
+
+# ----------------------------------------------------------------------------- only real images enter
+
+@pytest.mark.parametrize("stem", ["conv", "efficientnet_lite0"])
+def test_real_image_output_ignores_the_rest_of_its_batch(tiny_bert_dir, stem):
+    """In train mode (BatchNorm on batch statistics for the conv stem) a real image's tokens and the post's
+    emissions are the same whether placeholders share its batch or not: only rows with an image are encoded."""
+    model = build(tiny_bert_dir, "MNER", "dual", vision_stem=stem, drop_prob=0.0, image_dropout_p=0.0)
+    for m in model.modules():  # the tiny text encoder's own dropout would differ between the two batches
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    b = with_images(model, text_batch(model), has=[True, False, True, False])
+    seen = []
+    model.vision.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    full = model(b)["emissions"]
+    assert seen == [2]
+    sub = {k: v[[0, 2]] for k, v in b.items()}
+    alone = model(sub)["emissions"]
+    assert torch.allclose(full[[0, 2]], alone, atol=1e-5)
+    b2 = dict(b, pixel_values=b["pixel_values"].clone())
+    b2["pixel_values"][[1, 3]] = torch.randn_like(b2["pixel_values"][[1, 3]]) * 5  # other placeholder content
+    assert torch.allclose(model(b2)["emissions"], full, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def test_distill_is_auto_on_for_the_conv_stem_only():
+    assert cfgmod.get_config(["--use_dual_granularity", "--vision_stem", "conv"]).vision_distill_lambda == 1.0
+    assert cfgmod.get_config(["--use_dual_granularity"]).vision_distill_lambda == 0.0
+    assert cfgmod.get_config(["--use_dual_granularity", "--vision_stem", "conv",
+                              "--vision_distill_lambda", "0"]).vision_distill_lambda == 0.0
+    c = cfgmod.get_config(["--use_dual_granularity", "--vision_stem", "conv"])
+    assert isinstance(M.build_teacher(c), M.PretrainedVision)
+    assert M.build_teacher(cfgmod.get_config(["--use_dual_granularity"])) is None
+
+
+def test_distillation_term_decreases_on_a_tiny_image_set():
+    """The conv stem learns to reproduce the frozen EfficientNet-Lite0 features of a few images, no labels."""
+    torch.manual_seed(0)
+    enc = encoder(vision_stem="conv", vision_distill_lambda=1.0).train()
+    teacher = M.load_efficientnet_lite0()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        target = teacher.forward_features(torch.nn.functional.interpolate(x, size=64)).flatten(2).transpose(1, 2)
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = enc.distill_loss(enc(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_distill_part_is_logged_and_reaches_the_stem(tiny_bert_dir):
+    model = build(tiny_bert_dir, "MNER", "dual", vision_stem="conv", vision_distill_lambda=1.0).train()
+    b = with_images(model, text_batch(model))
+    B = b["input_ids"].size(0)
+    b["teacher_feats"] = torch.randn(B, 4, 1280)
+    out = model(b)
+    assert out["parts"]["distill"] > 0
+    out["loss"].backward()
+    assert model.vision.stem.coarse.net[0].weight.grad.abs().sum() > 0
+    assert model.vision.distill.weight.grad.abs().sum() > 0

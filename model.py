@@ -510,7 +510,6 @@ class EfficientNetStem(nn.Module):
         self.frozen = unfreeze == 0
 
     def train(self, mode: bool = True):
-        super().train(mode)
         return super().train(False)  # pretrained BatchNorm statistics are kept (see PretrainedVision.train)
 
     def forward(self, pixels):
@@ -964,7 +963,7 @@ class Tagger(nn.Module):
                 rel = rel.index_put((rows,), rel_rows.to(rel.dtype))
             else:
                 fused_rows = t + self.coattn(t, m, img)
-            fused = text.index_put((rows,), fused_rows)
+            fused = text.index_put((rows,), fused_rows.to(text.dtype))
         em = self._emissions(fused, mask)
         out = {"emissions": em, "rel": rel}
         if "labels" not in batch:

@@ -198,7 +198,8 @@ def keep_weights(mods: list, on: bool):
 
 
 def word_region_attention(model) -> torch.Tensor | None:
-    """Text-word -> image-region attention of the last forward pass, [B, W, R] (rows sum to 1), or None.
+    """Text-word -> image-region attention of the last forward pass, [n, W, R] (rows sum to 1), or None; n = the
+    posts of the batch that had an image, in batch order (only they go through the image path).
 
     roberta_clip_coattn: the text->image co-attention, averaged over heads (exact for that layer).
     MNER: words reach the image only through the resampler's K learned queries, so the map is composed:
@@ -287,14 +288,16 @@ def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, a
         probs = tag_probabilities(model.head, em, mask).cpu()
         att = word_region_attention(model) if explain else None
         gate = model.gate.last_gate if explain and model.gate is not None else None
+        img_row = {b: k for k, b in enumerate(batch["has_image"].nonzero().squeeze(1).tolist())}  # att/gate rows
         for b, (i, row) in enumerate(zip(batch["index"].tolist(), ids)):
             n = len(row)
             r = {"tags": label_map.decode(row) + ["O"] * (len(ds.posts[i].tokens) - n),
                  "probs": probs[b, torch.arange(n), torch.tensor(row)].tolist(),
                  "image_used": bool(batch["has_image"][b])}
             if att is not None and bool(batch["has_image"][b]):
-                r["explain"] = {"att": att[b, :n].cpu().numpy(), "rel": res["rel"][b, :n].float().tolist(),
-                                "gate": gate[b, :n].float().mean(-1).tolist() if gate is not None else None}
+                k = img_row[b]
+                r["explain"] = {"att": att[k, :n].cpu().numpy(), "rel": res["rel"][b, :n].float().tolist(),
+                                "gate": gate[k, :n].float().mean(-1).tolist() if gate is not None else None}
             out[i] = r
     keep_weights(mods, False)
     return out

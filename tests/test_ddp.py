@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dataloader
 import train
 from conftest import ROOT
 
@@ -112,7 +113,9 @@ def test_ddp_image_model_cache_and_resume(mem, tiny_clip_dir):
              "--save_dir", str(d / "mner"), "--cache_dir", str(d / "cache"), "--save_name", "m"]
     out = run([*TORCHRUN, "train.py", *flags, "--epochs", "2"])
     assert out.count("[Overall]") == 1 and out.count("images 12/24 usable") == 3  # 3 splits, printed by rank 0
-    assert len(list((d / "cache").rglob("*.pt"))) == 1 and not list((d / "cache").rglob("*.tmp"))
+    # one cache entry per distinct picture (the three splits share them), none half-written
+    pictures = {dataloader.file_digest(p) for p in (d / "data" / "mem" / "mem_images").iterdir()}
+    assert len(list((d / "cache").rglob("*.pt"))) == len(pictures) and not list((d / "cache").rglob("*.tmp"))
     assert [r["epoch"] for r in rows(d / "mner" / "m")] == [1, 2]
     assert rows(d / "mner" / "m")[1]["train_nce"] > 0  # epoch 2 went through the image path
     out = run([*TORCHRUN, "train.py", "--continue_train_name", "m", "--save_dir", str(d / "mner"), "--epochs", "3",

@@ -25,7 +25,7 @@ def env():
     return e
 
 
-TINY_DUAL = ["--vision_img_size", "32", "--vision_patch_size", "8", "--vision_fine_patch_size", "8",
+TINY_DUAL = ["--vision_img_size", "32", "--vision_patch_size", "8", "--vision_fine_patch_size", "4",
              "--vision_embed_dim", "16", "--vision_heads", "2", "--vision_depth", "1", "--vision_swin_window", "2",
              "--vision_delegate_topk", "2", "--vision_max_patches", "4"]
 

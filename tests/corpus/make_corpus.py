@@ -435,7 +435,7 @@ def _cases() -> list[Case]:
         "a half-written last.pt.tmp left by a kill during a save: ignored, resumed from last.pt",
         "--continue_train_name", "run_stale_checkpoint_tmp", "--epochs", "2")
     run("run_corrupt_feature_cache", "train", "corrupt_cache", "recovered",
-        r"warning: .*\.pt: unreadable feature cache \(.*\); recomputing it",
+        r"warning: .*\.pt: unreadable feature cache entry \(.*\); recomputing it",
         "a damaged file in the frozen-feature cache: recomputed", "--dataset_name", "clean", "--save_name",
         "cache_again", "--cache_dir", "{save}/cache_corrupt")
     run("run_cache_dir_unwritable", "train", "cache_dir_file", "recovered",

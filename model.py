@@ -502,7 +502,7 @@ class EfficientNetStem(nn.Module):
         last = EFFNET_MAPS[coarse_stride][0]
         self.conv, self.bn = net._conv_stem, net._bn0
         self.blocks = nn.ModuleList(list(net._blocks)[: last + 1])
-        self.fine_at, self.coarse_at = EFFNET_MAPS[fine_stride][0], last
+        self.fine_at = EFFNET_MAPS[fine_stride][0]
         self.channels = (EFFNET_MAPS[coarse_stride][1], EFFNET_MAPS[fine_stride][1])
         self.requires_grad_(False)
         for blk in list(self.blocks)[len(self.blocks) - unfreeze:] if unfreeze else []:
@@ -526,20 +526,18 @@ class SaliencySelect(nn.Module):
     """Keeps the k most salient of N tokens, by a learned score; each kept token is scaled by sigmoid(score), so
     the scorer learns through whatever reads the kept tokens (as DelegateAttention's does).
 
-    x [B, N, D] -> kept [B, k, D], idx [B, k] (positions in the N tokens, kept in `last_idx` for explanations)
+    x [B, N, D] -> kept [B, k, D], idx [B, k] (positions in the N tokens)
     """
 
     def __init__(self, dim: int, k: int):
         super().__init__()
         self.k = k
         self.ln, self.score = nn.LayerNorm(dim), nn.Linear(dim, 1)
-        self.last_idx = None
 
     def forward(self, x):
         s = self.score(self.ln(x)).squeeze(-1)
         top, idx = s.topk(min(self.k, x.size(1)), dim=1)
         kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1))) * torch.sigmoid(top).unsqueeze(-1)
-        self.last_idx = idx.detach()
         return kept, idx
 
 

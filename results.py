@@ -17,7 +17,7 @@ import dataloader as D
 from config import ROOT, config_from_dict
 
 MODEL_NAMES = {"roberta_crf": "text-only baseline (roberta_crf)", "MNER": "MNER + EfficientNet-Lite0",
-               "MNER_dual": "MNER + dual granularity"}
+               "MNER_dual": "MNER + dual granularity", "MNER_dual_conv": "MNER + dual granularity, conv stem + distillation (112 px)"}
 
 
 def image_coverage(config) -> str:

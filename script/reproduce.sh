@@ -6,6 +6,7 @@
 # DATASETS: twitter2017 twitter2015 demo (any --dataset_name works)
 # MODELS:   roberta_crf (text-only baseline) | MNER (EfficientNet-Lite0, script/train.sh)
 #           | MNER_dual (dual granularity, script/train_dual_granularity.sh, same flags as that script)
+#           | MNER_dual_conv (the same with the from-scratch conv stem + distillation, 112 px)
 # SEEDS (default "1 2 3"), EPOCHS (default: each script's own), TEXT_ENCODER, DEVICE, EXTRA_ARGS as everywhere.
 # Runs are save_models/repro_<dataset>_<model>_s<seed>; finished ones are kept, interrupted ones resume from
 # last.pt, so rerunning the command continues where it stopped. Logs: results/logs/<run>.log.
@@ -25,19 +26,20 @@ one_run() {  # dataset model seed
   local ds=$1 model=$2 seed=$3 name="repro_$1_$2_s$3" run="$SAVE_DIR/repro_$1_$2_s$3"
   local log="results/logs/$name.log"
   if [ -f "$run/test_report.json" ]; then echo "done already: $name"; return 0; fi
-  local script=script/train.sh resume=()
+  local script=script/train.sh resume=() extra=()
   case $model in
     roberta_crf) export MODEL=roberta_crf ;;
     MNER) export MODEL=MNER ;;
     MNER_dual) export MODEL=MNER; script=script/train_dual_granularity.sh ;;
-    *) echo "error: MODELS: unknown '$model'; use roberta_crf, MNER or MNER_dual" >&2; return 2 ;;
+    MNER_dual_conv) export MODEL=MNER; script=script/train_dual_granularity.sh; extra=(--vision_stem conv --vision_img_size 112) ;;
+    *) echo "error: MODELS: unknown '$model'; use roberta_crf, MNER, MNER_dual or MNER_dual_conv" >&2; return 2 ;;
   esac
   if [ -f "$run/last.pt" ]; then resume=(--continue_train_name "$name"); else rm -rf "$run"; fi
   echo "start: $name ($THREADS threads) -> $log"
   local t0=$SECONDS
   # the resume flag goes last so it wins; a resumed run keeps its own config.json
   DATASET=$ds SEED=$seed SAVE_NAME=$name OMP_NUM_THREADS=$THREADS \
-    bash "$script" --swanlab_mode "${SWANLAB_MODE:-local}" "${resume[@]}" > "$log" 2>&1
+    bash "$script" "${extra[@]}" --swanlab_mode "${SWANLAB_MODE:-local}" "${resume[@]}" > "$log" 2>&1
   local rc=$?
   echo $(( SECONDS - t0 )) >> "$run/wall_s.txt" 2>/dev/null
   if [ $rc -ne 0 ]; then echo "FAILED ($rc): $name, see $log" >&2; else echo "finished: $name in $(( SECONDS - t0 )) s"; fi

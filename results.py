@@ -76,6 +76,12 @@ def markdown(rows: list[dict], hardware: str, note: str = "") -> str:
                    f"{r['mode']}, {r['support']} | {ep} | {statistics.median(x['epoch_s'] for x in runs):.0f} | {wall} |")
     out.append(f"\nMean ± sample std over seeds, in %. Text encoder: {rows[0]['text_encoder'] if rows else '-'}. "
                f"Hardware: {hardware}" + (f"; {note}" if note else "") + ".")
+    older = {}  # rows kept from an earlier collection, which may have run elsewhere
+    for r in rows:
+        if (r.get("hardware", hardware), r.get("note", note)) != (hardware, note):
+            older.setdefault((r["hardware"], r["note"]), []).append(f"{r['dataset']} {MODEL_NAMES.get(r['model'], r['model'])}")
+    for (hw, nt), which in older.items():
+        out.append(f"Kept from an earlier collection ({', '.join(which)}): {hw}" + (f"; {nt}" if nt else "") + ".")
     return "\n".join(out)
 
 
@@ -101,7 +107,8 @@ def ablation_table(csv_files: list[str]) -> str:
         return f"{statistics.mean(xs) * 100:.2f}" + (f" ± {statistics.stdev(xs) * 100:.2f}" if len(xs) > 1 else "")
     out = ["| experiment | runs | dev F1 | test F1 | test F1, shuffled images at test | image gain (test − shuffled) |",
            "|---|---|---|---|---|---|"]
-    for exp, c in cells.items():
+    order = ["full", "shuffle", "blank", "dual_granularity", "dual_shuffle", "dual_blank", "text_only"]
+    for exp, c in sorted(cells.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
         gain = (f"{(statistics.mean(c['test']) - statistics.mean(c['test_shuffle'])) * 100:+.2f}"
                 if c.get("test") and c.get("test_shuffle") else "-")
         out.append(f"| {exp} | {len(c.get('test', []))} | {cell(c.get('dev', []))} | **{cell(c.get('test', []))}** | "

@@ -5,8 +5,9 @@
                    [--image_control shuffle|blank]   # score with wrong or blank images (attribution control)
 
 Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
-run directory, and appends one CSV row to --record_file when given. The model is rebuilt from the run's
-config.json and label_map.json (never from the current flags or the test data).
+run directory (<split>_report.<control>.json and so on when --image_control differs from the run's own), and
+appends one CSV row to --record_file when given. The model is rebuilt from the run's config.json and
+label_map.json (never from the current flags or the test data).
 """
 from __future__ import annotations
 
@@ -168,6 +169,7 @@ def main(argv=None):
         raise ConfigError("--save_name is required: the run directory under --save_dir to score")
     overrides = {k: getattr(cli, k) for k in given_flags(argv) & RUNTIME_FLAGS}
     config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides)
+    trained_control = read_run_json(Path(cli.save_dir) / cli.save_name / "config.json").get("image_control", "none")
     from train import amp_context, pick_device
     device = pick_device(config.device)
     model.to(device)
@@ -176,6 +178,8 @@ def main(argv=None):
     amp = amp_context(config, device)[0] if config.amp else None
     run = Path(config.save_dir) / cli.save_name
     best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
+    # a control scoring (--image_control other than the run's own) never overwrites the run's own reports
+    tag = f".{config.image_control}" if config.image_control != trained_control else ""
     results = {}
     for split in config.split.split(","):
         posts = D.load_split(config, split)
@@ -184,8 +188,8 @@ def main(argv=None):
         t0 = time.time()
         res, preds = evaluate_split(model, ds, config, label_map, device, amp)
         dt = time.time() - t0
-        (run / f"{split}_report.json").write_text(json.dumps(res, indent=1))
-        write_predictions(run / f"{split}_predictions.conll", posts, preds)
+        (run / f"{split}_report{tag}.json").write_text(json.dumps(res, indent=1))
+        write_predictions(run / f"{split}_predictions{tag}.conll", posts, preds)
         print(f"{cli.save_name} on {config.dataset_name}/{split} (best dev epoch {best}), {len(posts) / dt:.0f} posts/s:")
         print(format_report(res))
         results[split] = res

@@ -100,6 +100,7 @@ def test_test_time_image_control_changes_only_posts_with_an_image(trained, base,
     out = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "train",
                   "--image_control", control]).stdout
     assert f"image control {control}" in out
+    assert (trained / f"train_report.{control}.json").is_file()  # the run's own reports are left alone
     config, label_map, model, _ = T.load_run(save_dir(base), "two", {"split": "train"})
     posts = D.load_split(config, "train")
     tok = load_tokenizer(config)

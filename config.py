@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# flags that may change when a run is resumed (--continue_train_name); all others define the model or data
+# flags that may change when a run is resumed (--continue_train_name); all others define the model or data, or (like
+# --eval_mode, see train.RESUME_REFUSED) the meaning of what the run has recorded so far
 RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad",
                      "min_epoch_num", "patience", "patience_num", "device", "amp", "num_workers", "swanlab_mode",
-                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project", "eval_mode",
+                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project",
                      "allow_download", "lenient_data"}
 
 

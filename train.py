@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import dataloader as D
 from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
-from model import build_model, load_tokenizer
+from model import build_model, check_flags, load_tokenizer
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
                     load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
                     write_predictions)
@@ -199,6 +199,11 @@ def replan(plan: dict, step: int, epochs: int, total: int) -> dict:
             "start_value": lr_factor(plan)(step)}
 
 
+def optimizer_steps(config, n_batches: int) -> int:
+    """Optimiser steps of the whole run: --epochs x the epoch's n_batches in groups of --gradient_accumulation_steps."""
+    return config.epochs * math.ceil(n_batches / config.gradient_accumulation_steps)
+
+
 def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None):
     """AdamW with layer-wise groups and a LambdaLR schedule: lr_plan(config, steps), or `plan` when given.
 
@@ -348,6 +353,7 @@ def resolve_resume(argv: list[str]):
     for a new run."""
     config = get_config(argv)
     if not config.continue_train_name:
+        check_flags(config, given_flags(argv))
         return config, None
     src = Path(config.save_dir) / config.continue_train_name
     if not (src / "last.pt").is_file():
@@ -377,6 +383,11 @@ def resolve_resume(argv: list[str]):
         raise ConfigError(f"{src / 'last.pt'}: not a resumable checkpoint (no {', '.join(missing)}); last.pt is "
                           "written after every epoch, model.pt holds the best weights only: score the run with "
                           "test.py or start a new one")
+    if config.epochs > run_epochs and resume["epoch"] + 1 >= run_epochs and not resume["stopped"]:
+        # the schedule continues from where it stood, which for a finished run is lr 0
+        raise ConfigError(f"--epochs {config.epochs}: {config.continue_train_name} ran all its {run_epochs} epochs to "
+                          "the end of its learning-rate decay (lr 0), so added epochs would not train; start a new "
+                          f"run with --epochs {config.epochs}")
     resume["run_epochs"] = run_epochs
     return config, resume
 
@@ -413,14 +424,13 @@ def start_state(config, resume, model, train_loader, device, run, say):
 
     On resume the warm-up and the decay reached so far are kept; a new --epochs only moves where the decay ends
     (replan), and the learning-rate flags given now apply to the remaining steps."""
-    spe = math.ceil(len(train_loader) / config.gradient_accumulation_steps)  # optimiser steps per epoch
-    plan = lr_plan(config, config.epochs * spe)
-    state = SimpleNamespace(epoch=0, best=-1.0, bad_epochs=0, step=0, plan=plan)
+    total = optimizer_steps(config, len(train_loader))
+    state = SimpleNamespace(epoch=0, best=-1.0, bad_epochs=0, step=0, plan=lr_plan(config, total))
     if resume:
         # runs saved before the plan was stored: the plan their config.json's --epochs gave
-        old = resume.get("schedule") or lr_plan(SimpleNamespace(epochs=resume["run_epochs"], warmup_prop=config.warmup_prop),
-                                                resume["run_epochs"] * spe)
-        state.plan = replan(old, resume["step"], config.epochs, config.epochs * spe)
+        was = SimpleNamespace(**{**vars(config), "epochs": resume["run_epochs"]})
+        old = resume.get("schedule") or lr_plan(was, optimizer_steps(was, len(train_loader)))
+        state.plan = replan(old, resume["step"], config.epochs, total)
     opt, sched = make_optimizer(model, config, plan=state.plan)
     amp, scaler = amp_context(config, device)
     if not resume:
@@ -451,6 +461,16 @@ def start_state(config, resume, model, train_loader, device, run, say):
         log.write_text("".join(l + "\n" for l in keep))
     say(f"resumed {run.name} after epoch {state.epoch} (best dev F1 {state.best:.4f})")
     return state, opt, sched, amp, scaler
+
+
+def improves(config, f1: float, best: float) -> bool:
+    """A dev F1 that counts as a gain: more than --patience above the best so far."""
+    return f1 > best + config.patience
+
+
+def stops_early(config, bad_epochs: int, epoch: int) -> bool:
+    """Stop after --patience_num epochs without a gain, once --min_epoch_num epochs are done (epoch: 0-based)."""
+    return bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
 
 
 def fit(config, core, ds, run, device, resume, say):
@@ -484,7 +504,7 @@ def fit(config, core, ds, run, device, resume, say):
         t1 = time.time()
         dev = evaluate_split(core, ds["valid"], config, ds["valid"].label_map, device, amp)[0]  # the same on every rank
         t2 = time.time()
-        improved = dev["f1"] > state.best + config.patience
+        improved = improves(config, dev["f1"], state.best)
         if improved:
             state.best, state.bad_epochs = dev["f1"], 0
             if lead:
@@ -507,7 +527,7 @@ def fit(config, core, ds, run, device, resume, say):
         say(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
             f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)"
             + (f"; {skipped} step(s) with a non-finite loss or gradient skipped" if skipped else ""))
-        stop = state.bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
+        stop = stops_early(config, state.bad_epochs, epoch)
         rngs = all_gather(rng_state())
         if lead:
             atomic_save({"model": core.state_dict(), **training_state(opt, sched, scaler), "schedule": state.plan,

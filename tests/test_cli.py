@@ -95,10 +95,8 @@ def test_test_py_missing_run_names_file_and_runs(trained, base):
     assert "Traceback" not in p.stderr
 
 
-def test_resume_matches_uninterrupted(base, monkeypatch):
-    """Crash in epoch 2 (after epoch 1's last.pt), resume, and end where an uninterrupted run ends."""
-    args = [*base, "--epochs", "2", "--text_only_epochs", "0", "--image_dropout_p", "0.3"]
-    _, full = train.main([*args, "--save_name", "full"])
+def cut_in_epoch_2(argv, monkeypatch):
+    """train.main(argv) interrupted (Ctrl-C) at epoch 2's dev pass: last.pt holds epoch 1, epoch 2 has trained."""
     real_eval, calls = train.evaluate_split, []
 
     def crash_on_second_dev_eval(*a, **k):
@@ -108,8 +106,15 @@ def test_resume_matches_uninterrupted(base, monkeypatch):
         return real_eval(*a, **k)
     monkeypatch.setattr(train, "evaluate_split", crash_on_second_dev_eval)
     with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--save_name", "cut"])
+        train.main(argv)
     monkeypatch.setattr(train, "evaluate_split", real_eval)
+
+
+def test_resume_matches_uninterrupted(base, monkeypatch):
+    """Crash in epoch 2 (after epoch 1's last.pt), resume, and end where an uninterrupted run ends."""
+    args = [*base, "--epochs", "2", "--text_only_epochs", "0", "--image_dropout_p", "0.3"]
+    _, full = train.main([*args, "--save_name", "full"])
+    cut_in_epoch_2([*args, "--save_name", "cut"], monkeypatch)
     last = torch.load(save_dir(base) / "cut" / "last.pt", weights_only=True)
     assert last["epoch"] == 0
     _, resumed = train.main(["--continue_train_name", "cut", "--save_dir", str(save_dir(base)),
@@ -254,17 +259,7 @@ def test_resume_with_more_epochs_keeps_the_schedule_continuous(base, monkeypatch
     monkeypatch.setattr(train.Tracker, "log", lambda self, d, step: lrs.setdefault(self.run_name, {}).update(
         {step: d["lr/rest"]} if "lr/rest" in d else {}))
     monkeypatch.setattr(train.Tracker, "run_name", "cut", raising=False)
-    real_eval, calls = train.evaluate_split, []
-
-    def crash_on_second_dev_eval(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-    monkeypatch.setattr(train, "evaluate_split", crash_on_second_dev_eval)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*base, "--epochs", "3", "--save_name", "grow"])
-    monkeypatch.setattr(train, "evaluate_split", real_eval)
+    cut_in_epoch_2([*base, "--epochs", "3", "--save_name", "grow"], monkeypatch)
     last = torch.load(save_dir(base) / "grow" / "last.pt", weights_only=True)
     old, s = last["schedule"], last["step"]
     assert last["epoch"] == 0 and s == 6 and (old["total"], old["warmup"], old["epochs"]) == (18, 1, 3)

@@ -34,20 +34,12 @@ from metrics import evaluate
 # ------------------------------------------------------------------ kinds of check
 
 
-def model(base=(), alt=()):
-    return ("model", list(base), list(alt))
+def _compare(kind):
+    """A check of `kind` that compares a signature (SIGS below) of argv `base` with that of base + `alt`."""
+    return lambda base=(), alt=(): (kind, list(base), list(alt))
 
 
-def forward(base=(), alt=()):
-    return ("forward", list(base), list(alt))
-
-
-def data(base=(), alt=()):
-    return ("data", list(base), list(alt))
-
-
-def train_(base=(), alt=()):
-    return ("train", list(base), list(alt))
+model, forward, data, train_ = (_compare(k) for k in ("model", "forward", "data", "train"))
 
 
 def fn(f):

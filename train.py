@@ -316,28 +316,28 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
     model.train()
     sums: dict[str, float] = {}
     step, seen = step0, 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True,
-               disable=not is_main())
     opt.zero_grad(set_to_none=True)
-    for group in accumulation_groups(loader, config.gradient_accumulation_steps):
-        r = train_step(model, group, opt, sched, config, device, epoch, amp, scaler, bad_run)
-        bar.update(len(group))
-        for loss, parts in r["losses"]:
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            sums["loss"] = sums.get("loss", 0.0) + loss
-        seen += len(r["losses"])
-        if r["norm"] is None:
-            continue
-        step += 1
-        loss, parts = r["losses"][-1]
-        log = {f"train/{k}": v for k, v in parts.items()}
-        log.update({"train/loss": loss, "train/grad_norm": r["norm"]})
-        log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
-        tracker.log(log, step)
-        tracker.log_step({k[6:]: v for k, v in log.items() if k.startswith("train/")}, step)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-    bar.close()
+    # a with-block: the bar is closed (its line cleared) before an error line is printed, as for a loop over tqdm
+    with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True,
+              disable=not is_main()) as bar:
+        for group in accumulation_groups(loader, config.gradient_accumulation_steps):
+            r = train_step(model, group, opt, sched, config, device, epoch, amp, scaler, bad_run)
+            bar.update(len(group))
+            for loss, parts in r["losses"]:
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["loss"] = sums.get("loss", 0.0) + loss
+            seen += len(r["losses"])
+            if r["norm"] is None:
+                continue
+            step += 1
+            loss, parts = r["losses"][-1]
+            log = {f"train/{k}": v for k, v in parts.items()}
+            log.update({"train/loss": loss, "train/grad_norm": r["norm"]})
+            log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
+            tracker.log(log, step)
+            tracker.log_step({k[6:]: v for k, v in log.items() if k.startswith("train/")}, step)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
     if world() > 1:  # the epoch's mean losses over the batches of every rank
         parts = all_gather((sums, seen))
         seen = sum(n for _, n in parts)

@@ -259,7 +259,7 @@ def test_resume_with_more_epochs_keeps_the_schedule_continuous(base, monkeypatch
     monkeypatch.setattr(train.Tracker, "log", lambda self, d, step: lrs.setdefault(self.run_name, {}).update(
         {step: d["lr/rest"]} if "lr/rest" in d else {}))
     monkeypatch.setattr(train.Tracker, "run_name", "cut", raising=False)
-    cut_in_epoch_2([*base, "--epochs", "3", "--save_name", "grow"], monkeypatch)
+    cut_in_epoch_2([*base, "--epochs", "3", "--patience_num", "9", "--save_name", "grow"], monkeypatch)  # no early stop
     last = torch.load(save_dir(base) / "grow" / "last.pt", weights_only=True)
     old, s = last["schedule"], last["step"]
     assert last["epoch"] == 0 and s == 6 and (old["total"], old["warmup"], old["epochs"]) == (18, 1, 3)

@@ -13,10 +13,11 @@ Cases (each measured in a fresh child process, so peak memory is that case's own
     mner_dual_pixels  the same encoder with its frozen stem run on pixels every step (nothing cached)
 crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing.
 
-What is timed: real training steps (forward, backward, clipping, fused AdamW step) on the real Twitter-2017
+What is timed: train.train_step itself (forward, finite checks, backward, clipping, fused AdamW step, schedule;
+one batch per step, as with --gradient_accumulation_steps 1) on the real Twitter-2017
 posts, batched exactly as train.py batches them (same sampler, --batch_size), `--steps` batches spread
-evenly over the epoch; epoch seconds = train posts / train posts/s (the train pass only; train.py's
-metrics.jsonl `time_s` adds the dev pass). Eval: model.decode over the first --eval_posts dev posts.
+evenly over the epoch; epoch seconds = train posts / train posts/s (the train pass only: train.py's
+metrics.jsonl `train_s`; its `eval_s` is the dev pass and `time_s` the whole epoch). Eval: model.decode over the first --eval_posts dev posts.
 The Twitter images are not on this machine, so the image cases feed random pixels / random features
 with has_image = 1 for every post: the compute of a fully illustrated data set, minus JPEG decoding.
 Memory: CPU peak resident set of the child (ru_maxrss) and its growth during training steps; CUDA:
@@ -88,7 +89,8 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     import dataloader as D
     from config import get_config
     from model import build_model, load_tokenizer
-    from train import amp_context, make_optimizer, pick_device, seed_everything
+    from runner import amp_context, pick_device
+    from train import make_optimizer, seed_everything, train_step
 
     config = get_config(argv + CASES[spec["case"]])
     device = pick_device(config.device)
@@ -121,15 +123,10 @@ def run_case(spec: dict, argv: list[str]) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(b):
-        with amp():
-            loss = model(b, epoch=1)["loss"].float()
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_([p for gr in opt.param_groups for p in gr["params"]], 1.0)
-        (scaler.step(opt), scaler.update()) if scaler else opt.step()
-        opt.zero_grad(set_to_none=True)
+    bad_run = [0, 0]
+
+    def step(b):  # the very step train.py runs: forward, finite checks, backward, clipping, AdamW, schedule
+        train_step(model, [b], opt, sched, config, device, 1, amp, scaler, bad_run)
 
     model.train()
     for b in batches[:2]:  # warm-up (allocator, kernels), not timed

@@ -175,10 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# flags that may change when a run is resumed (--continue_train_name); all others define the model or data
+# flags that may change when a run is resumed (--continue_train_name); all others define the model or data, or (like
+# --eval_mode, see train.RESUME_REFUSED) the meaning of what the run has recorded so far
 RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "weight_decay_rate", "clip_grad",
                      "min_epoch_num", "patience", "patience_num", "device", "amp", "num_workers", "swanlab_mode",
-                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project", "eval_mode",
+                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project",
                      "allow_download", "lenient_data"}
 
 
@@ -252,34 +253,12 @@ def resolve_auto(c) -> None:
         c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
 
 
-def inert_flags(c) -> list[str]:
-    """Flags set away from their default that do nothing in this setting (each is warned about once)."""
-    d = vars(build_parser().parse_args([]))
-    off = lambda *names: [n for n in names if getattr(c, n) != d[n]]
-    out = []
-    if not c.use_dual_granularity:
-        out += [f"--{n} does nothing without --use_dual_granularity"
-                for n in off(*[k for k in d if k.startswith("vision_") and k != "vision_trainable"])
-                if not (n == "vision_distill_lambda" and c.vision_distill_lambda == 0)]
-    elif c.vision_stem == "conv":
-        out += [f"--{n} does nothing with --vision_stem conv (its stem is always trained)"
-                for n in off("vision_trainable")]
-    return out
-
-
-_WARNED: set[str] = set()
-
-
 def get_config(argv: list[str] | None = None, check: bool = True) -> argparse.Namespace:
     """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in)."""
     c = build_parser().parse_args([] if argv is None else list(argv))
     resolve_auto(c)
     if check:
         validate(c)
-        for w in inert_flags(c):
-            if w not in _WARNED:
-                _WARNED.add(w)
-                print(f"warning: {w}", file=sys.stderr)
     return c
 
 

@@ -7,7 +7,7 @@ Reading order follows the data's own path:
   LabelMap        tags <-> ids, built from train, saved with every run
   encode_words    words -> sub-word ids + first-sub-token index per word (+ truncation mask)
   load_image      a path -> RGB PIL image, or None with the reason (placeholder + has_image = 0)
-  ImagePrep       PIL -> normalised [3, S, S] tensor (short side to S*256/224, centre crop S)
+  ImagePrep       PIL -> normalised [3, S, S] tensor (short side resized, centre crop S)
   FeatureCache    frozen-backbone features computed once per image, keyed by image bytes+backbone+weights+prep
   image_sources   --image_control: which post's image each post shows (shuffle) or a constant grey one (blank)
   MNERDataset     posts + tokenizer + images -> items; `collate` pads them into a batch
@@ -110,6 +110,17 @@ def _decode_lines(path: Path) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines  # a missing final newline reads the same
 
 
+def _problem_fn(path, lenient: bool, report: ReadReport, action: str = "skip"):
+    """`problem(line, msg, fix)`: DataError("file:line: msg; fix"), or under lenient a problem counted in report
+    (the reader then does `action` to the line: "skip" it, or "repair" it)."""
+    def problem(lineno: int, msg: str, fix: str):
+        where = f"{path}:{lineno}"
+        if not lenient:
+            raise DataError(f"{where}: {msg}; {fix} (or pass --lenient_data to {action} and count)")
+        report.problems.append(f"{where}: {msg}")
+    return problem
+
+
 def read_conll(path, lenient: bool = False, keep_raw_types: bool = False, report: ReadReport | None = None) -> list[Post]:
     """Read a CoNLL+IMGID file: `IMGID:<id>` line, `token<TAB>tag` lines, a blank line between posts.
 
@@ -128,12 +139,7 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False, report
     tags: list[str] = []
     imgid: str | None = None
     start = 0
-
-    def problem(lineno: int, msg: str, fix: str):
-        where = f"{path}:{lineno}"
-        if not lenient:
-            raise DataError(f"{where}: {msg}; {fix} (or pass --lenient_data to repair and count)")
-        report.problems.append(f"{where}: {msg}")
+    problem = _problem_fn(path, lenient, report, "repair")
 
     def close(lineno: int):
         nonlocal tokens, tags, imgid
@@ -219,16 +225,6 @@ def conll_notes(posts: list[Post]) -> str:
 
 
 # ----------------------------------------------------------------------------- relation data -> BIO
-
-def _problem_fn(path, lenient: bool, report: ReadReport):
-    """`problem(line, msg, fix)`: DataError("file:line: msg; fix"), or under lenient a counted skip."""
-    def problem(lineno: int, msg: str, fix: str):
-        where = f"{path}:{lineno}"
-        if not lenient:
-            raise DataError(f"{where}: {msg}; {fix} (or pass --lenient_data to skip and count)")
-        report.problems.append(f"{where}: {msg}")
-    return problem
-
 
 def _majority(votes: Counter) -> str:
     """The most frequent type; a tie goes to the alphabetically first one."""
@@ -672,20 +668,33 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImagePrep:
-    """Deterministic eval transform: short side to round(size*256/224), centre crop size, normalise.
+    """PIL image -> normalised float tensor [3, size, size]: the short side resized to `short` (bicubic, the
+    aspect ratio kept), a centre crop of size x size, (x / 255 - mean) / std.
 
-    With train_aug, a random crop position and a horizontal flip replace the centre crop.
-    Output: float tensor [3, size, size].
+    short = 0 means round(size * 256 / 224), the ImageNet convention EfficientNet-Lite0 and the dual-granularity
+    encoder are fed with; a CLIP directory gives its processor's shortest_edge (image_prep_for). truncate: the long
+    side is int(short * long / short side), as transformers' CLIPImageProcessor computes it (else it is rounded).
+    With an rng (training with --image_aug), a random crop position and a horizontal flip replace the centre crop.
     """
     size: int = 224
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
+    short: int = 0
+    truncate: bool = False
+
+    def __post_init__(self):
+        if not self.short:
+            object.__setattr__(self, "short", round(self.size * 256 / 224))
+
+    def resized(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) of a w x h image after the short-side resize."""
+        if self.truncate:  # transformers' get_resize_output_image_size, operation for operation
+            return (self.short, int(self.short * h / w)) if w <= h else (int(self.short * w / h), self.short)
+        scale = self.short / min(w, h)
+        return max(self.short, round(w * scale)), max(self.short, round(h * scale))
 
     def __call__(self, im: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        short = round(self.size * 256 / 224)
-        w, h = im.size
-        scale = short / min(w, h)
-        im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BICUBIC)
+        im = im.resize(self.resized(*im.size), Image.BICUBIC)
         w, h = im.size
         if rng is None:
             left, top = (w - self.size) // 2, (h - self.size) // 2
@@ -700,14 +709,19 @@ class ImagePrep:
         return (x - mean) / std
 
     def key(self) -> str:
-        return f"size={self.size},short={round(self.size * 256 / 224)},mean={self.mean},std={self.std},bicubic"
+        return (f"size={self.size},short={self.short},mean={self.mean},std={self.std},bicubic"
+                + (",truncate" if self.truncate else ""))
 
 
 EFFNET_PREP = ImagePrep(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite0 as trained (mean = std = 0.5)
 
 
 def image_prep_for(config) -> ImagePrep:
-    """The preprocessing each vision backbone was trained with (the model file owns no data code)."""
+    """The preprocessing each vision backbone was trained with (the model file owns no data code).
+
+    A CLIP directory: its preprocessor_config.json as CLIPImageProcessor reads it (size.shortest_edge, crop_size,
+    image_mean, image_std); without one, CLIPImageProcessor's defaults at the model's image_size.
+    """
     if config.use_dual_granularity and config.vision_stem == "conv":
         return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     if config.use_dual_granularity:  # EfficientNet-Lite0's own normalisation, at the encoder's input size
@@ -716,17 +730,23 @@ def image_prep_for(config) -> ImagePrep:
         return EFFNET_PREP
     cfg_file = Path(config.image_encoder) / "preprocessor_config.json"
     size, mean, std = 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    short = None
     if cfg_file.exists():
         pc = json.loads(cfg_file.read_text())
         crop = pc.get("crop_size", size)
         size = crop.get("height", size) if isinstance(crop, dict) else crop
         mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+        edge = pc.get("size", size)
+        if isinstance(edge, dict) and "shortest_edge" not in edge:
+            raise DataError(f"{cfg_file}: size {edge} is not a shortest_edge resize; MANGO feeds CLIP as "
+                            "CLIPImageProcessor does with size {\"shortest_edge\": N}: write that there")
+        short = edge["shortest_edge"] if isinstance(edge, dict) else edge
     else:
         vcfg = Path(config.image_encoder) / "config.json"
         if vcfg.exists():
             c = json.loads(vcfg.read_text())
             size = c.get("vision_config", c).get("image_size", size)
-    return ImagePrep(int(size), mean, std)
+    return ImagePrep(int(size), mean, std, short=int(short or size), truncate=True)
 
 
 # ----------------------------------------------------------------------------- feature cache

@@ -30,7 +30,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torchcrf import CRF
 
-from config import ConfigError, resolve_text_encoder
+from config import ConfigError, build_parser, resolve_text_encoder
 from dataloader import CASE_SHAPES
 
 # ============================================================================ encoders
@@ -1021,3 +1021,49 @@ def build_model(config, num_labels: int = 10) -> Tagger:
     return Tagger(config, num_labels, fusion,
                   config.use_bilstm if bilstm is None else bilstm,
                   config.head if head is None else head)
+
+
+def unused_flags(config, given: set[str]) -> list[str]:
+    """Flags written out (`given`: config.given_flags(argv)) that this model would ignore: a value the registry
+    entry contradicts raises ConfigError (one line naming the flag and the fix); a flag that merely does nothing
+    here comes back as a `--X does nothing with ...` line for a warning (check_flags prints them).
+    config.validate checks values alone; this needs the registry and what was given, so it lives here."""
+    if config.model not in MODELS:
+        return []  # build_model names the unknown model
+    fusion, bilstm, head = MODELS[config.model]
+    if "head" in given and head is not None and config.head != head:
+        raise ConfigError(f"--head {config.head}: --model {config.model} always has a {head} head (only MNER takes "
+                          f"--head); drop the flag, or use --model {'bert' if config.head == 'softmax' else 'bert_crf'}")
+    if "use_bilstm" in given and bilstm is False and config.use_bilstm:
+        raise ConfigError(f"--use_bilstm: --model {config.model} has no BiLSTM (only MNER takes --use_bilstm); drop "
+                          "the flag, or use --model bert_bilstm_crf")
+    has_lstm = config.use_bilstm if bilstm is None else bilstm
+    head = config.head if head is None else head
+    rel_off = (f"--model {config.model}{'' if config.use_image else ' --no-use_image'} (only MNER's image fusion "
+               "has a per-word relevance)" if not (fusion == "stack" and config.use_image) else
+               "--fusion_gate sum (that fusion has no per-word relevance)" if config.fusion_gate == "sum" else None)
+    why = {
+        "hidden_dim": None if has_lstm else f"--model {config.model} without a BiLSTM (it sizes the BiLSTM: "
+                                            "--use_bilstm with MNER, or --model bert_bilstm_crf)",
+        "label_smoothing": None if head == "softmax" else f"the {head} head of --model {config.model} (it smooths the "
+                                                          "softmax head's cross-entropy)",
+        "rel_temperature": rel_off,
+        "unfreeze_last_vision_blocks": None if config.vision_trainable else "a frozen vision encoder (it counts the "
+                                                                            "blocks --vision_trainable trains)",
+    }
+    image_path = bool(fusion) and config.use_image
+    if not image_path:
+        why["image_control"] = f"--model {config.model}{'' if config.use_image else ' --no-use_image'} (no image path)"
+    dual_off = (None if image_path and config.use_dual_granularity else
+                "no dual-granularity encoder (add --use_dual_granularity to an image model)")
+    for k in (a.dest for a in build_parser()._actions if a.dest.startswith("vision_") and a.dest != "vision_trainable"):
+        why[k] = dual_off
+    if dual_off is None and config.vision_stem == "conv":
+        why["vision_trainable"] = "--vision_stem conv (that stem always trains)"
+    return [f"--{k} does nothing with {w}" for k, w in why.items() if k in given and w]
+
+
+def check_flags(config, given: set[str]) -> None:
+    """unused_flags, its warnings printed once (`warning: --X does nothing with ...`)."""
+    for w in unused_flags(config, given):
+        print(f"warning: {w}")

@@ -15,7 +15,7 @@ Words: raw text is split by TOKEN_RE: URLs, @mentions and #hashtags stay whole, 
 ("don't", "Jean-Luc"), every other punctuation character is a word of its own, whitespace separates words.
 "tokens" are taken as given: without "text" the text is the words joined by single spaces; with both, the
 words are found left to right in the text. From there the training code runs unchanged: the run's config.json
-and label_map.json (test.load_run), dataloader.make_dataset (encode_words: sub-words and --max_len, where
+and label_map.json (runner.load_run), dataloader.make_dataset (encode_words: sub-words and --max_len, where
 later words are predicted O; the run's image preprocessing and frozen-feature cache), make_loader (batches of
 --batch_size sorted by length), and the model's head.
 
@@ -48,7 +48,7 @@ import plots
 from config import ConfigError, UserError, cli, get_config, given_flags
 from metrics import get_entities
 from model import load_tokenizer
-from test import RUNTIME_FLAGS, load_run
+from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device
 
 # a URL | an @mention or #hashtag | a word with inner ' ’ or - | any other non-space character on its own
 TOKEN_RE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+|\w+(?:['’-]\w+)*|[^\w\s]")
@@ -254,19 +254,12 @@ def region_heat(w: np.ndarray, grids, size: int) -> np.ndarray:
 
 
 def image_path_off(model, config) -> str:
-    """Why the model cannot look at images; '' when it can."""
+    """Why the model cannot look at images (and so --explain has no text->image attention to draw); '' when it can."""
     if not model.uses_image:
         return (f"model {config.model} of this run has no image path"
                 + ("" if config.use_image else " (trained with --no-use_image)"))
     if not config.use_image:
         return "--no-use_image turns its image path off"
-    return ""
-
-
-def explain_refusal(model, config) -> str:
-    """Why there is no text->image attention to draw; '' when there is."""
-    if image_path_off(model, config):
-        return image_path_off(model, config)
     return ""
 
 
@@ -385,7 +378,8 @@ def model_view(path, prep: D.ImagePrep, size: int = VIEW) -> np.ndarray:
     """The part of the image the model sees, [size, size, 3] uint8 RGB: the run's ImagePrep (resize + centre crop)
     at display size, without normalisation."""
     im, _ = D.load_image(Path(path).expanduser().resolve())
-    x = dataclasses.replace(prep, size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(im)
+    x = dataclasses.replace(prep, size=size, short=round(prep.short * size / prep.size), mean=(0.0, 0.0, 0.0),
+                            std=(1.0, 1.0, 1.0))(im)
     return (x.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -420,12 +414,11 @@ def main(argv=None) -> list[dict]:
     if "use_image" in given:  # after the model is built: --no-use_image runs a multimodal model text-only
         config.use_image = args.use_image
     off = image_path_off(model, config)
-    if args.explain and explain_refusal(model, config):
-        raise ExplainRefused(f"--explain: {explain_refusal(model, config)}, so there is no text->image attention "
+    if args.explain and off:
+        raise ExplainRefused(f"--explain: {off}, so there is no text->image attention "
                              "to draw; predict without --explain")
     if off and any(p.image for p in posts):
         print(f"note: {off}; the images are not used")
-    from train import amp_context, pick_device
     device = pick_device(config.device)
     model.to(device)
     out_dir = Path(args.out_dir or Path(args.save_dir) / args.save_name)

@@ -17,127 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 import dataloader as D
-from config import ConfigError, cli, config_from_dict, get_config, given_flags
-from metrics import evaluate, format_report
-from model import build_model, load_tokenizer
-
-RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "record_file", "data_dir", "image_root", "cache_dir",
-                 "image_control",
-                 "num_workers", "amp", "save_dir", "lenient_data", "allow_download", "plots", "out_dir"}
-RUN_FILES = ("config.json", "label_map.json", "model.pt")
-
-
-def load_checkpoint(path) -> dict:
-    """A checkpoint saved by train.py, loaded without executing anything (weights_only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # a truncated or foreign file: say so in one line
-        raise ConfigError(f"{path}: not a readable MANGO checkpoint ({type(e).__name__}); retrain or pick another run") from None
-
-
-def read_run_json(path) -> dict:
-    """A run's JSON file (config.json, label_map.json) as a dict: plain JSON, nothing in a run directory is
-    executed or unpickled; one-line errors when it is missing or damaged."""
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; it is written with every run, so the run directory is damaged") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f"line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise ConfigError(f"{path}: not valid JSON ({where}); the run directory is damaged: retrain, or restore the "
-                          "file from a copy") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: not a JSON object of flags; the run directory is damaged")
-    return d
-
-
-def check_encoders(config, where) -> None:
-    """The encoder directories a saved run names must still exist (a moved folder otherwise fails deep inside
-    transformers); `where` is the run's config.json, named in the one-line error."""
-    from model import MODELS
-    checks = [("text_encoder", "minilm")]
-    if MODELS.get(config.model, (None,))[0] and config.use_image and not config.use_dual_granularity:
-        checks.append(("image_encoder", "efficientnet_lite0"))
-    for flag, builtin in checks:
-        v = getattr(config, flag)
-        if v != builtin and not config.allow_download and not Path(v).is_dir():
-            raise ConfigError(f"{where}: {flag} {v}: no such directory; put the encoder back there or edit {flag} "
-                              "in config.json")
-
-
-def runs_with(save_dir, file: str, shown: int = 8) -> str:
-    """The run directories under save_dir that hold `file`, newest first, at most `shown` named (for messages)."""
-    runs = sorted(Path(save_dir).glob(f"*/{file}"), key=lambda p: p.stat().st_mtime, reverse=True)
-    names = ", ".join(p.parent.name for p in runs[:shown])
-    return "none" if not runs else names + (f" and {len(runs) - shown} more" if len(runs) > shown else "") + \
-        (" (newest first)" if len(runs) > 1 else "")
-
-
-def load_run(save_dir, name: str, overrides=None):
-    """(config, label_map, model) of a run directory; one-line errors for missing pieces."""
-    run = Path(save_dir) / name
-    for f in RUN_FILES:
-        if not (run / f).is_file():
-            raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "
-                              f"{runs_with(save_dir, 'model.pt')}")
-    config = config_from_dict(read_run_json(run / "config.json"))
-    for k, v in (overrides or {}).items():
-        setattr(config, k, v)
-    check_encoders(config, run / "config.json")
-    label_map = D.LabelMap.load(run / "label_map.json")
-    ckpt = load_checkpoint(run / "model.pt")
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ConfigError(f"{run / 'model.pt'}: not a MANGO checkpoint (no model weights); retrain or pick another run")
-    model = build_model(config, len(label_map))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as e:
-        raise ConfigError(f"{run / 'model.pt'}: does not match the model in {run / 'config.json'} "
-                          f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
-    return config, label_map, model, ckpt
-
-
-@torch.no_grad()
-def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
-            rank: int = 0, world: int = 1) -> list[list[str]]:
-    """Word tags for every post of `dataset`, full length: words past --max_len are predicted O.
-
-    With world > 1 (torchrun, see train.evaluate_gathered) only this rank's shard of the batches is predicted;
-    the other posts stay None.
-    """
-    model.eval()
-    loader = D.make_loader(dataset, config, train=False, rank=rank, world=world)
-    preds: list[list[str] | None] = [None] * len(dataset)
-    ctx = amp or torch.no_grad
-    for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, dynamic_ncols=True, disable=rank != 0):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with ctx():
-            ids = model.decode(batch)
-        for i, row in zip(batch["index"].tolist(), ids):
-            tags = label_map.decode(row)
-            preds[i] = tags + ["O"] * (len(dataset.posts[i].tokens) - len(tags))
-    return preds
-
-
-def evaluate_split(model, dataset, config, label_map, device, amp=None):
-    preds = predict(model, dataset, config, label_map, device, amp)
-    return evaluate([p.tags for p in dataset.posts], preds, config.eval_mode), preds
-
-
-def write_predictions(path, posts, preds):
-    """CoNLL: IMGID line, then `word<TAB>gold<TAB>pred` per word, blank line between posts."""
-    with open(path, "w", encoding="utf-8") as f:
-        for p, pr in zip(posts, preds):
-            f.write(f"IMGID:{p.imgid or ''}\n")
-            for w, g, t in zip(p.tokens, p.tags, pr):
-                f.write(f"{w}\t{g}\t{t}\n")
-            f.write("\n")
+from config import ConfigError, cli, get_config, given_flags
+from metrics import format_report
+from model import load_tokenizer
+from runner import (RUNTIME_FLAGS, amp_context, evaluate_split, load_run, pick_device, read_run_json,
+                    write_predictions)
 
 
 RECORD_FIELDS = ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
@@ -170,7 +55,6 @@ def main(argv=None):
     overrides = {k: getattr(cli, k) for k in given_flags(argv) & RUNTIME_FLAGS}
     config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides)
     trained_control = read_run_json(Path(cli.save_dir) / cli.save_name / "config.json").get("image_control", "none")
-    from train import amp_context, pick_device
     device = pick_device(config.device)
     model.to(device)
     tokenizer = load_tokenizer(config)

@@ -1,7 +1,8 @@
 """Train a MANGO model: config -> data -> model -> AdamW + schedule -> epochs (dev selection) -> test once.
 
     python train.py --dataset_name demo --model MNER --epochs 10
-    python train.py --continue_train_name <run>          # resume from <run>/last.pt
+    python train.py --continue_train_name <run> [--epochs 14]   # resume from <run>/last.pt (a new --epochs
+                                                                # stretches or shortens the lr decay only)
     torchrun --nproc_per_node 4 train.py --dataset_name demo   # DistributedDataParallel, one process per GPU
 
 Under torchrun (WORLD_SIZE > 1) each process trains on its shard of every epoch with --batch_size posts per
@@ -9,9 +10,11 @@ batch (global batch = batch_size x processes); gradients are averaged across pro
 CPU), dev/test predictions are gathered and scored once, and only rank 0 logs and writes the run directory.
 
 A run directory save_models/<run>/ holds config.json, label_map.json, model.pt (best on dev), last.pt
-(everything needed to resume), metrics.jsonl (one line per epoch), test_report.json and
-test_predictions.conll. Checkpoints are written to a temp file and renamed, so a kill never leaves a
-half-written one.
+(everything needed to resume), metrics.jsonl (one line per epoch: losses, dev scores, time_s = the whole
+epoch, train_s = its training pass, eval_s = its dev pass), test_report.json and test_predictions.conll.
+Checkpoints are written to a temp file and renamed, so a kill never leaves a half-written one.
+
+_main reads as its steps: resolve_resume -> load_data -> build -> fit -> final_test.
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ import random
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,137 +39,20 @@ from tqdm import tqdm
 
 import dataloader as D
 from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
-from model import build_model, build_teacher, load_tokenizer
-from metrics import evaluate
-from test import (check_encoders, evaluate_split, load_checkpoint, predict, read_run_json, runs_with,
-                  write_predictions)
+from model import build_model, build_teacher, check_flags, load_tokenizer
+from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
+                    load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
+                    write_predictions)
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng")
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
+# flags that may not change on resume although they define no weights, and why
+RESUME_REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
+                               "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
+                               "test.py --eval_mode {new}) or start a new run"}
 
 
 # ----------------------------------------------------------------------------- run set-up
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------- distributed (torchrun)
-
-_OWN_GROUP = [False]  # whether this module started the process group (and so ends it)
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def setup_device(name: str) -> torch.device:
-    """The device of this process; under torchrun (WORLD_SIZE > 1 in the environment) also joins the process
-    group: NCCL with cuda:LOCAL_RANK on GPU, gloo on CPU. A single process just gets pick_device(name)."""
-    device = pick_device(name)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    if device.type == "cuda":  # one GPU per process, whatever --device names
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) here; "
-                              "use --nproc_per_node <= the number of GPUs")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        _OWN_GROUP[0] = True
-    return device
-
-
-def teardown():
-    if _OWN_GROUP[0] and dist.is_initialized():
-        dist.destroy_process_group()
-    _OWN_GROUP[0] = False
-
-
-def barrier():
-    if world() > 1:
-        dist.barrier()
-
-
-def all_gather(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] in one process."""
-    if world() == 1:
-        return [obj]
-    out = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast(obj, src: int = 0):
-    """Rank src's obj on every rank."""
-    if world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-@contextmanager
-def main_first():
-    """Rank 0 runs the block first (demo-set generation, the frozen-feature cache), the others after it."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
-
-def all_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank: all ranks skip a bad batch together, or the others would
-    wait in backward's gradient all-reduce forever."""
-    ok = torch.isfinite(loss.detach())
-    if world() > 1:
-        ok = ok.to(torch.int32)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
-
-
-def evaluate_gathered(model, dataset, config, label_map, device, amp=None):
-    """(scores, word tags per post) of a split. Under torchrun each rank predicts its shard, the predictions are
-    gathered, rank 0 scores them and every rank gets the same scores (so dev selection and early stopping
-    decide alike everywhere)."""
-    if world() == 1:
-        return evaluate_split(model, dataset, config, label_map, device, amp)
-    shard = predict(model, dataset, config, label_map, device, amp, rank=rank(), world=world())
-    preds = [None] * len(dataset)
-    for part in all_gather({i: p for i, p in enumerate(shard) if p is not None}):
-        for i, p in part.items():
-            preds[i] = p
-    assert all(p is not None for p in preds), "a post was predicted by no rank"
-    res = evaluate([p.tags for p in dataset.posts], preds, config.eval_mode) if is_main() else None
-    return broadcast(res), preds
-
-
-def amp_context(config, device):
-    """bf16 autocast where supported (CUDA with bf16, recent CPUs), else fp16 with a GradScaler on CUDA."""
-    if not config.amp:
-        return nullcontext, None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
-
 
 def seed_everything(seed: int):
     random.seed(seed)
@@ -263,15 +150,67 @@ class Tracker:
             self.sw.finish()
 
 
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank: all ranks skip a bad batch together, or the others would
+    wait in backward's gradient all-reduce forever."""
+    ok = torch.isfinite(loss.detach())
+    if world() > 1:
+        ok = ok.to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+
 # ----------------------------------------------------------------------------- optimiser
 
-def make_optimizer(model, config, steps: int):
-    """AdamW with layer-wise groups and linear warm-up then linear decay over the real number of steps.
+def base_lrs(config) -> dict:
+    """Learning rate of each parameter group base: text encoder, trainable pretrained vision, everything else."""
+    return {"text": config.fin_tuning_lr, "vision": config.clip_lr, "rest": config.downs_en_lr}
+
+
+def lr_plan(config, steps: int) -> dict:
+    """The learning-rate schedule of a new run over `steps` optimiser steps (see lr_factor); saved in last.pt."""
+    warm = int(config.warmup_prop * steps)
+    return {"epochs": config.epochs, "total": steps, "warmup": warm, "start": warm, "start_value": 1.0}
+
+
+def lr_factor(plan: dict):
+    """factor(t) of optimiser step t: linear warm-up over the first plan["warmup"] steps, then linear decay from
+    plan["start_value"] at step plan["start"] to 0 at step plan["total"]. A new run decays from 1 at the end of
+    warm-up; a resumed run whose --epochs changed decays from where it stood (steps before "start" are done)."""
+    warm, total, start, value = plan["warmup"], plan["total"], plan["start"], plan["start_value"]
+
+    def factor(t):
+        if t < warm:
+            return (t + 1) / (warm + 1)
+        return max(0.0, value * (total - t) / max(1, total - start))
+    return factor
+
+
+def replan(plan: dict, step: int, epochs: int, total: int) -> dict:
+    """The schedule of a run resumed after `step` optimiser steps with --epochs `epochs` (`total` steps in all):
+    warm-up is kept; the decay now ends at `total`, starting from the factor reached at `step` (continuous)."""
+    if total == plan["total"]:
+        return {**plan, "epochs": epochs}
+    if step <= plan["warmup"]:  # still warming up: warm-up as planned, then the whole decay to the new end
+        return {**plan, "epochs": epochs, "total": total}
+    return {"epochs": epochs, "total": total, "warmup": plan["warmup"], "start": step,
+            "start_value": lr_factor(plan)(step)}
+
+
+def optimizer_steps(config, n_batches: int) -> int:
+    """Optimiser steps of the whole run: --epochs x the epoch's n_batches in groups of --gradient_accumulation_steps."""
+    return config.epochs * math.ceil(n_batches / config.gradient_accumulation_steps)
+
+
+def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None):
+    """AdamW with layer-wise groups and a LambdaLR schedule: lr_plan(config, steps), or `plan` when given.
 
     text encoder -> fin_tuning_lr, trainable pretrained vision -> clip_lr, everything else -> downs_en_lr;
     biases and every norm layer get no weight decay.
     """
-    lrs = {"text": config.fin_tuning_lr, "vision": config.clip_lr, "rest": config.downs_en_lr}
+    lrs = base_lrs(config)
     groups = []
     for name, params in model.param_groups().items():
         for decay in (True, False):
@@ -281,13 +220,22 @@ def make_optimizer(model, config, steps: int):
                                "name": f"{name}{'' if decay else '_nodecay'}", "base": name})
     # the fused kernel does one pass per tensor: 6x faster than the default per-parameter loop on CPU
     opt = torch.optim.AdamW(groups, lr=config.downs_en_lr, fused=True)
-    warm = int(config.warmup_prop * steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(plan or lr_plan(config, steps)))
 
-    def factor(step):
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        return max(0.0, (steps - step) / max(1, steps - warm))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+def training_state(opt, sched, scaler) -> dict:
+    """Optimiser, scheduler and fp16 loss-scaler state for last.pt (scaler None: no --amp fp16 here)."""
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def restore_training_state(ckpt: dict, opt, sched, scaler) -> None:
+    """The inverse of training_state. A checkpoint without scaler state (written without fp16, or before it was
+    saved) leaves the scaler at its initial scale."""
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -303,60 +251,93 @@ def skip_bad_step(bad_run: list, config, epoch: int, what: str):
                           f"{config.fin_tuning_lr}) or raise --max_bad_steps {config.max_bad_steps}")
 
 
-def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, tracker, step0, bad_run):
-    """One epoch; a batch with a non-finite loss or gradient is skipped and counted in bad_run (skip_bad_step)."""
-    model.train()
+def train_step(model, group: list[dict], opt, sched, config, device, epoch: int, amp, scaler, bad_run: list) -> dict:
+    """One optimiser step over an accumulation group of batches (--gradient_accumulation_steps of them; the last
+    group of an epoch may be shorter: no gradient crosses epochs). bench.py times exactly this function.
+
+    A batch with a non-finite loss drops the gradient gathered so far (the group's later batches still add theirs);
+    a non-finite gradient norm, or a non-finite last batch, skips the step. Both are counted in bad_run
+    (skip_bad_step). Returns {"losses": [(loss, {part: value}) of each finite batch], "norm": the gradient norm
+    before clipping, or None when no step was taken}.
+    """
     image_on = epoch >= config.text_only_epochs
-    accum = config.gradient_accumulation_steps
-    n = len(loader)
-    sums: dict[str, float] = {}
-    step, seen = step0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True, disable=not is_main())
-    opt.zero_grad(set_to_none=True)
-    for i, batch in enumerate(bar):
+    losses, ok = [], False
+    for j, batch in enumerate(group):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        group = accum if i < n - n % accum else n % accum  # the last, partial group still steps: no gradient crosses epochs
         # DDP: batches that only accumulate skip the gradient all-reduce (the group's last batch does it)
-        accumulating = (i + 1) % accum and i + 1 != n and isinstance(model, DDP)
+        accumulating = j < len(group) - 1 and isinstance(model, DDP)
         with amp(), (model.no_sync() if accumulating else nullcontext()):
             out = model(batch, epoch=epoch, image_on=image_on)
         loss = out["loss"].float()
-        if not all_finite(loss):
+        ok = all_finite(loss)
+        if not ok:
             opt.zero_grad(set_to_none=True)
             skip_bad_step(bad_run, config, epoch, "losses")
             continue
-        (scaler.scale(loss / group) if scaler else loss / group).backward()
-        for k, v in out["parts"].items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        sums["loss"] = sums.get("loss", 0.0) + loss.item()
-        seen += 1
-        if (i + 1) % accum and i + 1 != n:
-            continue
-        if scaler:
-            scaler.unscale_(opt)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
-        if not torch.isfinite(norm):
-            opt.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.update()
-            skip_bad_step(bad_run, config, epoch, "gradients")
-            continue
-        bad_run[0] = 0
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
+        (scaler.scale(loss / len(group)) if scaler else loss / len(group)).backward()
+        losses.append((loss.item(), {k: v.item() for k, v in out["parts"].items()}))
+    if not ok:
+        return {"losses": losses, "norm": None}
+    if scaler:
+        scaler.unscale_(opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
+    if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
-        step += 1
-        log = {f"train/{k}": float(v) for k, v in out["parts"].items()}
-        log.update({"train/loss": loss.item(), "train/grad_norm": norm.item()})
-        log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
-        tracker.log(log, step)
-        tracker.log_step({k[6:]: v for k, v in log.items() if k.startswith("train/")}, step)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if scaler:
+            scaler.update()
+        skip_bad_step(bad_run, config, epoch, "gradients")
+        return {"losses": losses, "norm": None}
+    bad_run[0] = 0
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return {"losses": losses, "norm": norm.item()}
+
+
+def accumulation_groups(loader, accum: int):
+    """The loader's batches in lists of `accum` (the last list may be shorter)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, tracker, step0, bad_run):
+    """One epoch of train_step; returns ({loss term: mean over the epoch's finite batches}, optimiser steps so far)."""
+    model.train()
+    sums: dict[str, float] = {}
+    step, seen = step0, 0
+    opt.zero_grad(set_to_none=True)
+    # a with-block: the bar is closed (its line cleared) before an error line is printed, as for a loop over tqdm
+    with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True,
+              disable=not is_main()) as bar:
+        for group in accumulation_groups(loader, config.gradient_accumulation_steps):
+            r = train_step(model, group, opt, sched, config, device, epoch, amp, scaler, bad_run)
+            bar.update(len(group))
+            for loss, parts in r["losses"]:
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["loss"] = sums.get("loss", 0.0) + loss
+            seen += len(r["losses"])
+            if r["norm"] is None:
+                continue
+            step += 1
+            loss, parts = r["losses"][-1]
+            log = {f"train/{k}": v for k, v in parts.items()}
+            log.update({"train/loss": loss, "train/grad_norm": r["norm"]})
+            log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
+            tracker.log(log, step)
+            tracker.log_step({k[6:]: v for k, v in log.items() if k.startswith("train/")}, step)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
     if world() > 1:  # the epoch's mean losses over the batches of every rank
         parts = all_gather((sums, seen))
         seen = sum(n for _, n in parts)
@@ -364,104 +345,144 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
     return {k: v / max(1, seen) for k, v in sums.items()}, step
 
 
-def main(argv=None):
-    try:
-        return _main(argv)
-    finally:
-        teardown()  # under torchrun: leave the process group (no-op otherwise)
+# ----------------------------------------------------------------------------- the run's steps
 
-
-def _main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def resolve_resume(argv: list[str]):
+    """(config, resume): the flags, and with --continue_train_name the run's own config (flags that may change
+    on resume applied over it) and its last.pt (resume["run_epochs"]: the --epochs the run had); resume is None
+    for a new run."""
     config = get_config(argv)
-    resume = None
-    if config.continue_train_name:
-        src = Path(config.save_dir) / config.continue_train_name
-        if not (src / "last.pt").is_file():
-            raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / 'last.pt'} not found; "
-                              f"runs in {config.save_dir}: {runs_with(config.save_dir, 'last.pt')}")
-        for f in ("config.json", "label_map.json"):
-            if not (src / f).is_file():
-                raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
-                                  "written with every run, so this run directory is damaged: start a new run")
-        saved = config_from_dict(read_run_json(src / "config.json"))
-        given = given_flags(argv)
-        for k in given - {"continue_train_name"}:
-            if k not in RESUME_MAY_CHANGE and getattr(config, k) != getattr(saved, k):
-                raise ConfigError(f"--{k} differs from the run being resumed ({getattr(saved, k)!r}); "
-                                  "the model structure comes from that run: drop the flag or start a new run")
-            setattr(saved, k, getattr(config, k))
-        saved.continue_train_name, saved.save_name = config.continue_train_name, config.continue_train_name
-        config = saved
-        check_encoders(config, src / "config.json")
-        resume = load_checkpoint(src / "last.pt")
-        missing = [k for k in RESUME_KEYS if k not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
-        if missing:
-            raise ConfigError(f"{src / 'last.pt'}: not a resumable checkpoint (no {', '.join(missing)}); last.pt is "
-                              "written after every epoch, model.pt holds the best weights only: score the run with "
-                              "test.py or start a new one")
-    device = setup_device(config.device)
-    lead = is_main()  # rank 0 (or the only process): the one that prints, logs and writes the run directory
-    say = print if lead else (lambda *a, **k: None)
-    seed_everything(config.seed)  # the same seed on every rank: identical inits, each rank its own data shard
+    if not config.continue_train_name:
+        check_flags(config, given_flags(argv))
+        return config, None
+    src = Path(config.save_dir) / config.continue_train_name
+    if not (src / "last.pt").is_file():
+        raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / 'last.pt'} not found; "
+                          f"runs in {config.save_dir}: {runs_with(config.save_dir, 'last.pt')}")
+    for f in ("config.json", "label_map.json"):
+        if not (src / f).is_file():
+            raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
+                              "written with every run, so this run directory is damaged: start a new run")
+    saved = config_from_dict(read_run_json(src / "config.json"))
+    run_epochs = saved.epochs
+    for k in given_flags(argv) - {"continue_train_name"}:
+        new, old = getattr(config, k), getattr(saved, k)
+        if k in RESUME_REFUSED and new != old:
+            raise ConfigError(f"--{k} {new}: the run being resumed used --{k} {old}; "
+                              + RESUME_REFUSED[k].format(new=new, old=old))
+        if k not in RESUME_MAY_CHANGE and new != old:
+            raise ConfigError(f"--{k} differs from the run being resumed ({old!r}); "
+                              "the model structure comes from that run: drop the flag or start a new run")
+        setattr(saved, k, new)
+    saved.continue_train_name, saved.save_name = config.continue_train_name, config.continue_train_name
+    config = saved
+    check_encoders(config, src / "config.json")
+    resume = load_checkpoint(src / "last.pt")
+    missing = [k for k in RESUME_KEYS if k not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
+    if missing:
+        raise ConfigError(f"{src / 'last.pt'}: not a resumable checkpoint (no {', '.join(missing)}); last.pt is "
+                          "written after every epoch, model.pt holds the best weights only: score the run with "
+                          "test.py or start a new one")
+    if config.epochs > run_epochs and resume["epoch"] + 1 >= run_epochs and not resume["stopped"]:
+        # the schedule continues from where it stood, which for a finished run is lr 0
+        raise ConfigError(f"--epochs {config.epochs}: {config.continue_train_name} ran all its {run_epochs} epochs to "
+                          "the end of its learning-rate decay (lr 0), so added epochs would not train; start a new "
+                          f"run with --epochs {config.epochs}")
+    resume["run_epochs"] = run_epochs
+    return config, resume
 
-    # data -> labels -> tokenize/align
+
+def load_data(config, resume):
+    """(posts per split, label map, tokenizer); a resumed run keeps its own label map."""
     with main_first():  # rank 0 first: it may generate the demo set
-        train_posts = D.load_split(config, "train")
-        dev_posts = D.load_split(config, "valid")
-        test_posts = D.load_split(config, "test")
+        posts = {s: D.load_split(config, s) for s in ("train", "valid", "test")}
     run_src = Path(config.save_dir) / config.continue_train_name
-    label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(train_posts)
-    tokenizer = load_tokenizer(config)
+    label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(posts["train"])
+    return posts, label_map, load_tokenizer(config)
 
-    # model (built on CPU with the run's seed so every init is repeatable), then the run dir, then its data
+
+def build(config, resume, posts, label_map, tokenizer, device, say):
+    """The model (built on CPU with the run's seed, so every init repeats), the run directory with its config and
+    label map, and the datasets (frozen-vision features cached). Returns (model, run dir, datasets)."""
     torch.manual_seed(config.seed)
     model = build_model(config, len(label_map))
-    run = Path(broadcast(str(new_run_dir(config, resume=resume is not None)) if lead else None))  # rank 0 names it (a generated name has a time)
-    if lead:
+    # rank 0 names it (a generated name has a time)
+    run = Path(broadcast(str(new_run_dir(config, resume=resume is not None)) if is_main() else None))
+    if is_main():
         save_config(config, run / "config.json")
         label_map.save(run / "label_map.json")
     vision = model.vision.to(device) if model.uses_image and config.use_image else None
     teacher = build_teacher(config)  # --vision_distill_lambda: its cached features are the train split's targets
     with main_first():  # rank 0 builds the frozen-feature cache, the other ranks then read it
-        ds = {s: D.make_dataset(config, s, posts, tokenizer, label_map, vision, train=s == "train",
-                                teacher=teacher and teacher.to(device))
-              for s, posts in (("train", train_posts), ("valid", dev_posts), ("test", test_posts))}
+        ds = {s: D.make_dataset(config, s, p, tokenizer, label_map, vision, train=s == "train",
+                                teacher=teacher and teacher.to(device)) for s, p in posts.items()}
     for d in ds.values():
         say(d.describe())
-    model.to(device)
+    return model.to(device), run, ds
+
+
+def start_state(config, resume, model, train_loader, device, run, say):
+    """Optimiser, schedule, amp, and where the loop starts: fresh, or restored from last.pt.
+
+    On resume the warm-up and the decay reached so far are kept; a new --epochs only moves where the decay ends
+    (replan), and the learning-rate flags given now apply to the remaining steps."""
+    total = optimizer_steps(config, len(train_loader))
+    state = SimpleNamespace(epoch=0, best=-1.0, bad_epochs=0, step=0, plan=lr_plan(config, total))
+    if resume:
+        # runs saved before the plan was stored: the plan their config.json's --epochs gave
+        was = SimpleNamespace(**{**vars(config), "epochs": resume["run_epochs"]})
+        old = resume.get("schedule") or lr_plan(was, optimizer_steps(was, len(train_loader)))
+        state.plan = replan(old, resume["step"], config.epochs, total)
+    opt, sched = make_optimizer(model, config, plan=state.plan)
+    amp, scaler = amp_context(config, device)
+    if not resume:
+        return state, opt, sched, amp, scaler
+    run_src = Path(config.save_dir) / config.continue_train_name
+    try:
+        model.load_state_dict(resume["model"])
+        restore_training_state(resume, opt, sched, scaler)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{run_src / 'last.pt'}: does not match the model in {run_src / 'config.json'} "
+                          f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
+    lrs = base_lrs(config)
+    sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
+    for g, base in zip(opt.param_groups, sched.base_lrs):
+        g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
+    state.epoch, state.best, state.bad_epochs, state.step = resume["epoch"] + 1, resume["best"], resume["bad_epochs"], resume["step"]
+    if resume["stopped"]:
+        state.epoch = config.epochs  # it had stopped early: only the final test is redone
+    if state.plan["total"] != old["total"] and state.epoch < config.epochs:
+        say(f"note: --epochs {old['epochs']} -> {config.epochs}: the learning rate now decays to 0 at step "
+            f"{state.plan['total']} instead of {old['total']}; warm-up ({old['warmup']} steps) unchanged")
+    ranks = resume.get("rng_ranks")  # a torchrun run keeps every rank's RNGs
+    set_rng_state(ranks[rank()] if ranks and len(ranks) == world() else resume["rng"])
+    # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
+    log = run / "metrics.jsonl"
+    if is_main() and log.exists():
+        keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= state.epoch]
+        log.write_text("".join(l + "\n" for l in keep))
+    say(f"resumed {run.name} after epoch {state.epoch} (best dev F1 {state.best:.4f})")
+    return state, opt, sched, amp, scaler
+
+
+def improves(config, f1: float, best: float) -> bool:
+    """A dev F1 that counts as a gain: more than --patience above the best so far."""
+    return f1 > best + config.patience
+
+
+def stops_early(config, bad_epochs: int, epoch: int) -> bool:
+    """Stop after --patience_num epochs without a gain, once --min_epoch_num epochs are done (epoch: 0-based)."""
+    return bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
+
+
+def fit(config, core, ds, run, device, resume, say):
+    """The epochs: train, score dev, keep the best model.pt, write last.pt and a metrics.jsonl line per epoch,
+    stop early after --patience_num epochs without a dev gain (once --min_epoch_num is reached)."""
+    lead = is_main()
     # under torchrun each rank gets every world-th batch, all ranks the same number of them
     train_loader = D.make_loader(ds["train"], config, train=True, rank=rank(), world=world())
-    accum = config.gradient_accumulation_steps
-    steps = config.epochs * math.ceil(len(train_loader) / accum)
-    opt, sched = make_optimizer(model, config, steps)
-    amp, scaler = amp_context(config, device)
-    start_epoch, best, bad_epochs, step = 0, -1.0, 0, 0
-    if resume:
-        try:
-            model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ConfigError(f"{run_src / 'last.pt'}: does not match the model in {run_src / 'config.json'} "
-                              f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
-        # learning-rate flags given now apply to the remaining steps
-        lrs = {"text": config.fin_tuning_lr, "vision": config.clip_lr, "rest": config.downs_en_lr}
-        sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
-        for g, base in zip(opt.param_groups, sched.base_lrs):
-            g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
-        start_epoch, best, bad_epochs, step = resume["epoch"] + 1, resume["best"], resume["bad_epochs"], resume["step"]
-        if resume["stopped"]:
-            start_epoch = config.epochs  # it had stopped early: only the final test is redone
-        ranks = resume.get("rng_ranks")  # a torchrun run keeps every rank's RNGs
-        set_rng_state(ranks[rank()] if ranks and len(ranks) == world() else resume["rng"])
-        # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
-        log = run / "metrics.jsonl"
-        if lead and log.exists():
-            keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= start_epoch]
-            log.write_text("".join(l + "\n" for l in keep))
-        say(f"resumed {run.name} after epoch {start_epoch} (best dev F1 {best:.4f})")
-    core = model  # the model itself: checkpoints, decoding, parameter groups
+    state, opt, sched, amp, scaler = start_state(config, resume, core, train_loader, device, run, say)
+    model = core  # the model itself (core): checkpoints, decoding, parameter groups; model: what trains
     if world() > 1:
         # the image path is skipped for batches without a usable image (and in --text_only_epochs), so DDP has
         # to look for parameters that got no gradient; text-only models use every parameter every step
@@ -474,57 +495,86 @@ def _main(argv=None):
     say(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M parameters train | {device}{procs}")
 
     bad_run = [0, 0]  # non-finite steps skipped: in a row, in all
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(state.epoch, config.epochs):
         t0 = time.time()
         train_loader.batch_sampler.set_epoch(epoch)
         ds["train"].epoch = epoch
         skipped = bad_run[1]
-        losses, step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker, step, bad_run)
+        losses, state.step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker,
+                                         state.step, bad_run)
         skipped = bad_run[1] - skipped
-        dev = evaluate_gathered(core, ds["valid"], config, label_map, device, amp)[0]  # the same on every rank
-        improved = dev["f1"] > best + config.patience
+        t1 = time.time()
+        dev = evaluate_split(core, ds["valid"], config, ds["valid"].label_map, device, amp)[0]  # the same on every rank
+        t2 = time.time()
+        improved = improves(config, dev["f1"], state.best)
         if improved:
-            best, bad_epochs = dev["f1"], 0
+            state.best, state.bad_epochs = dev["f1"], 0
             if lead:
-                atomic_save({"model": core.state_dict(), "config": vars(config), "labels": label_map.labels,
+                atomic_save({"model": core.state_dict(), "config": vars(config), "labels": ds["valid"].label_map.labels,
                              "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
         else:
-            bad_epochs += 1
-        row = {"epoch": epoch + 1, "step": step, "time_s": round(time.time() - t0, 2), **{f"train_{k}": v for k, v in losses.items()},
+            state.bad_epochs += 1
+        row = {"epoch": epoch + 1, "step": state.step, "time_s": round(time.time() - t0, 2),
+               "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
+               **{f"train_{k}": v for k, v in losses.items()},
                "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
                "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")} for t, v in dev["per_type"].items()},
-               "best_dev_f1": max(best, dev["f1"]),
+               "best_dev_f1": max(state.best, dev["f1"]),
                "improved": improved, "skipped_steps": skipped}
         if lead:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         tracker.log({"dev/f1": dev["f1"], "dev/precision": dev["precision"], "dev/recall": dev["recall"],
-                     **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, step)
+                     **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, state.step)
         say(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
             f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)"
             + (f"; {skipped} step(s) with a non-finite loss or gradient skipped" if skipped else ""))
-        stop = bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
+        stop = stops_early(config, state.bad_epochs, epoch)
         rngs = all_gather(rng_state())
         if lead:
-            atomic_save({"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "step": step, "stopped": stop,
-                         "rng": rngs[0], **({"rng_ranks": rngs} if world() > 1 else {})}, run / "last.pt")
+            atomic_save({"model": core.state_dict(), **training_state(opt, sched, scaler), "schedule": state.plan,
+                         "epoch": epoch, "best": state.best, "bad_epochs": state.bad_epochs, "step": state.step,
+                         "stopped": stop, "rng": rngs[0], **({"rng_ranks": rngs} if world() > 1 else {})},
+                        run / "last.pt")
         if stop:
-            say(f"early stop: no dev gain > {config.patience} for {bad_epochs} epochs")
+            say(f"early stop: no dev gain > {config.patience} for {state.bad_epochs} epochs")
             break
     tracker.finish()
     barrier()  # rank 0's model.pt is complete before any rank reads it
+    return amp
 
-    # the best-on-dev checkpoint is scored once on test
-    core.load_state_dict(load_checkpoint(run / "model.pt")["model"])
-    res, preds = evaluate_gathered(core, ds["test"], config, label_map, device, amp)
-    if lead:
+
+def final_test(config, core, ds, run, device, amp, test_posts):
+    """The best-on-dev checkpoint scored once on test: test_report.json, test_predictions.conll, the report."""
+    best = load_checkpoint(run / "model.pt")
+    core.load_state_dict(best["model"])
+    res, preds = evaluate_split(core, ds["test"], config, ds["test"].label_map, device, amp)
+    if is_main():
         (run / "test_report.json").write_text(json.dumps(res, indent=1))
         write_predictions(run / "test_predictions.conll", test_posts, preds)
         from metrics import format_report
-        print(f"test ({config.eval_mode}), best dev epoch {load_checkpoint(run / 'model.pt')['epoch'] + 1}:")
+        print(f"test ({config.eval_mode}), best dev epoch {best['epoch'] + 1}:")
         print(format_report(res))
-    return run, res
+    return res
+
+
+def main(argv=None):
+    try:
+        return _main(argv)
+    finally:
+        teardown()  # under torchrun: leave the process group (no-op otherwise)
+
+
+def _main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    config, resume = resolve_resume(argv)
+    device = setup_device(config.device)
+    say = print if is_main() else (lambda *a, **k: None)  # rank 0 (or the only process) prints, logs and writes
+    seed_everything(config.seed)  # the same seed on every rank: identical inits, each rank its own data shard
+    posts, label_map, tokenizer = load_data(config, resume)
+    model, run, ds = build(config, resume, posts, label_map, tokenizer, device, say)
+    amp = fit(config, model, ds, run, device, resume, say)
+    return run, final_test(config, model, ds, run, device, amp, posts["test"])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from config import get_config
+from config import ConfigError, get_config
 from conftest import ROOT
 from model import build_model, load_tokenizer
 
@@ -125,10 +125,8 @@ def test_test_py_missing_run_names_file_and_runs(trained, base):
     assert "Traceback" not in p.stderr
 
 
-def test_resume_matches_uninterrupted(base, monkeypatch):
-    """Crash in epoch 2 (after epoch 1's last.pt), resume, and end where an uninterrupted run ends."""
-    args = [*base, "--epochs", "2", "--text_only_epochs", "0", "--image_dropout_p", "0.3"]
-    _, full = train.main([*args, "--save_name", "full"])
+def cut_in_epoch_2(argv, monkeypatch):
+    """train.main(argv) interrupted (Ctrl-C) at epoch 2's dev pass: last.pt holds epoch 1, epoch 2 has trained."""
     real_eval, calls = train.evaluate_split, []
 
     def crash_on_second_dev_eval(*a, **k):
@@ -138,8 +136,15 @@ def test_resume_matches_uninterrupted(base, monkeypatch):
         return real_eval(*a, **k)
     monkeypatch.setattr(train, "evaluate_split", crash_on_second_dev_eval)
     with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--save_name", "cut"])
+        train.main(argv)
     monkeypatch.setattr(train, "evaluate_split", real_eval)
+
+
+def test_resume_matches_uninterrupted(base, monkeypatch):
+    """Crash in epoch 2 (after epoch 1's last.pt), resume, and end where an uninterrupted run ends."""
+    args = [*base, "--epochs", "2", "--text_only_epochs", "0", "--image_dropout_p", "0.3"]
+    _, full = train.main([*args, "--save_name", "full"])
+    cut_in_epoch_2([*args, "--save_name", "cut"], monkeypatch)
     last = torch.load(save_dir(base) / "cut" / "last.pt", weights_only=True)
     assert last["epoch"] == 0
     _, resumed = train.main(["--continue_train_name", "cut", "--save_dir", str(save_dir(base)),
@@ -278,3 +283,82 @@ def test_amp_run_and_per_type_log(base):
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     for v in row["dev_per_type"].values():
         assert set(v) == {"precision", "recall", "f1"}
+
+
+def test_resume_with_more_epochs_keeps_the_schedule_continuous(base, monkeypatch, capsys):
+    """Cut a 3-epoch run after epoch 1, resume it with --epochs 5: warm-up as it was, the decay now ends at the
+    new last step, and the learning rate goes on from the value it had at the resume point."""
+    lrs = {}  # run -> {step: lr of the "rest" group after that step}
+    monkeypatch.setattr(train.Tracker, "log", lambda self, d, step: lrs.setdefault(self.run_name, {}).update(
+        {step: d["lr/rest"]} if "lr/rest" in d else {}))
+    monkeypatch.setattr(train.Tracker, "run_name", "cut", raising=False)
+    cut_in_epoch_2([*base, "--epochs", "3", "--patience_num", "9", "--save_name", "grow"], monkeypatch)  # no early stop
+    last = torch.load(save_dir(base) / "grow" / "last.pt", weights_only=True)
+    old, s = last["schedule"], last["step"]
+    assert last["epoch"] == 0 and s == 6 and (old["total"], old["warmup"], old["epochs"]) == (18, 1, 3)
+    capsys.readouterr()
+
+    monkeypatch.setattr(train.Tracker, "run_name", "resumed", raising=False)
+    train.main(["--continue_train_name", "grow", "--save_dir", str(save_dir(base)), "--swanlab_mode", "disabled",
+                "--epochs", "5"])
+    assert "note: --epochs 3 -> 5: the learning rate now decays to 0 at step 30 instead of 18; warm-up (1 steps) " \
+           "unchanged" in capsys.readouterr().out
+    new = torch.load(save_dir(base) / "grow" / "last.pt", weights_only=True)["schedule"]
+    assert (new["total"], new["warmup"], new["start"]) == (30, 1, s)
+    f_old, f_new = train.lr_factor(old), train.lr_factor(new)
+    assert f_new(s) == pytest.approx(f_old(s))                       # continuous at the resume point
+    assert f_new(s + 1) < f_new(s) and f_new(30) == 0                 # then one straight decay to the new end
+    assert [f_new(t) - f_new(t + 1) for t in range(s, 29)] == pytest.approx([f_new(s) / (30 - s)] * (29 - s))
+    cut, resumed = lrs["cut"], lrs["resumed"]
+    lr = 3e-3  # --downs_en_lr of base
+    assert [cut[t] for t in range(1, s + 1)] == pytest.approx([lr * f_old(t) for t in range(1, s + 1)])
+    assert sorted(resumed) == list(range(s + 1, 31))                   # epochs 2-5 redone / added: steps 7..30
+    assert [resumed[t] for t in range(s + 1, 31)] == pytest.approx([lr * f_new(t) for t in range(s + 1, 31)])
+    step = cut[s] - resumed[s + 1]                                     # the first step after resuming moves the lr
+    assert 0 < step == pytest.approx(cut[s] / (30 - s))                # by one step of the new decay, not a jump
+    assert resumed[30] == 0
+    # the cut run's own steps after its checkpoint (epoch 2, redone on resume) followed the old, shorter decay
+    assert cut[s + 1] == pytest.approx(lr * f_old(s + 1)) and cut[s + 1] < resumed[s + 1]
+
+
+def test_resume_refuses_other_eval_mode_and_a_finished_decay(trained, base):
+    resume = ["--continue_train_name", "two", "--save_dir", str(save_dir(base)), "--swanlab_mode", "disabled"]
+    with pytest.raises(ConfigError) as e:
+        train.main([*resume, "--eval_mode", "strict"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("--eval_mode strict: the run being resumed used --eval_mode conlleval")
+    assert "best dev F1" in msg and "test.py --eval_mode strict" in msg
+    with pytest.raises(ConfigError, match="ran all its 2 epochs to the end of its learning-rate decay"):
+        train.main([*resume, "--epochs", "4"])
+
+
+def test_grad_scaler_state_round_trip(tmp_path, tiny_bert_dir):
+    """last.pt keeps the fp16 loss scale: training_state -> atomic_save -> load_checkpoint -> restore_training_state.
+    (A CPU GradScaler stands in for CUDA's: same state_dict.)"""
+    import runner
+    cfg = get_config(["--model", "bert_crf", "--text_encoder", tiny_bert_dir])
+    m = build_model(cfg, 9)
+    opt, sched = train.make_optimizer(m, cfg, steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    scaler.scale(torch.ones(()))  # the scale lives from the first use
+    scaler.update(new_scale=77.0)
+    scaler._growth_tracker.fill_(2)
+    train.atomic_save(train.training_state(opt, sched, scaler), tmp_path / "last.pt")
+    ckpt = runner.load_checkpoint(tmp_path / "last.pt")
+    opt2, sched2 = train.make_optimizer(m, cfg, steps=10)
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    train.restore_training_state(ckpt, opt2, sched2, fresh)
+    assert fresh.get_scale() == 77.0 and fresh.state_dict() == scaler.state_dict()
+    # fp32 runs save no scaler; restoring such a checkpoint into an fp16 run keeps the initial scale
+    train.atomic_save(train.training_state(opt, sched, None), tmp_path / "fp32.pt")
+    ckpt = runner.load_checkpoint(tmp_path / "fp32.pt")
+    assert ckpt["scaler"] is None
+    other = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    train.restore_training_state(ckpt, opt2, sched2, other)
+    assert other.get_scale() == 1024.0
+
+
+def test_metrics_has_train_and_eval_seconds(trained):
+    rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert 0 < r["train_s"] and 0 < r["eval_s"] and r["train_s"] + r["eval_s"] <= r["time_s"] + 0.02

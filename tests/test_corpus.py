@@ -28,6 +28,7 @@ import torch
 
 import dataloader
 import predict
+import runner
 import test as test_py
 import train
 from config import ConfigError, cli, get_config
@@ -248,19 +249,19 @@ def test_sigkill_during_epoch_and_checkpoint_writes_then_resume_matches(tiny_dat
 
     assert kill_in_epoch([*args, "--save_name", "cut"], 2, 3) == -signal.SIGKILL
     cut = save / "cut"
-    assert test_py.load_checkpoint(cut / "last.pt")["epoch"] == 0  # killed inside epoch 2, before its save
-    assert test_py.load_checkpoint(cut / "model.pt")["epoch"] == 0 and not (cut / "test_report.json").exists()
+    assert runner.load_checkpoint(cut / "last.pt")["epoch"] == 0  # killed inside epoch 2, before its save
+    assert runner.load_checkpoint(cut / "model.pt")["epoch"] == 0 and not (cut / "test_report.json").exists()
 
     for f in ("last.pt", "model.pt"):
-        before = {k: v for k, v in test_py.load_checkpoint(cut / f).items() if k not in ("model", "optimizer", "rng")}
+        before = {k: v for k, v in runner.load_checkpoint(cut / f).items() if k not in ("model", "optimizer", "rng")}
         assert kill_during_save(cut / f) > 0
         # the killed write is in the temp file only: the checkpoint is whole, the old one (or a finished rewrite
         # of it with the extra tensor, if an earlier write of the loop got through)
-        after = test_py.load_checkpoint(cut / f)
+        after = runner.load_checkpoint(cut / f)
         assert {k: v for k, v in after.items() if k not in ("model", "optimizer", "rng", "pad")} == before
         with pytest.raises(Exception):
             torch.load(cut / f"{f}.tmp", weights_only=True)
-    assert test_py.load_checkpoint(cut / "last.pt")["epoch"] == 0
+    assert runner.load_checkpoint(cut / "last.pt")["epoch"] == 0
 
     r = subprocess.run([sys.executable, "train.py", "--continue_train_name", "cut", "--save_dir", str(save),
                         "--swanlab_mode", "disabled"], cwd=ROOT, env=env(), capture_output=True, text=True,
@@ -327,7 +328,7 @@ def test_real_full_disk_through_the_cli(runs, corpus, capsys):
     assert code == 2 and len(lines) == 1 and "Traceback" not in out + err, lines
     assert re.search(r"^error: could not write .*disk_full/(model|last)\.pt: No space left on device", lines[0])
     assert (run / "last.pt").read_bytes() == before
-    assert test_py.load_checkpoint(run / "last.pt")["epoch"] == 0
+    assert runner.load_checkpoint(run / "last.pt")["epoch"] == 0
 
 
 def test_blocked_path_while_saving(tmp_path):

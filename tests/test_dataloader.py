@@ -708,3 +708,38 @@ def test_shuffle_control_shows_another_posts_image(tiny, minilm_tok, tmp_path):
     for i in range(len(shuf)):
         if shuf.has_image[i]:
             assert torch.equal(shuf[i]["image_feats"], plain[shuf.source[i]]["image_feats"])
+
+
+def test_clip_prep_matches_clip_image_processor(tmp_path):
+    """image_prep_for on a CLIP directory = transformers' CLIPImageProcessor on its saved processor config:
+    shortest-edge resize (not the 256/224 ImageNet zoom), centre crop, mean/std. Both resize with PIL bicubic at
+    the same output size, so the uint8 pixels agree exactly; what remains is float rounding of the rescale and
+    normalise steps (x / 255 here, x * (1 / 255) there), ~1e-6 in normalised units: atol 1e-5."""
+    import config
+    try:  # transformers >= 5 names the PIL backend; 4.x has only this one
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    Processor(size={"shortest_edge": 32}, crop_size=28, image_mean=list(mean), image_std=list(std)).save_pretrained(tmp_path)
+    ref = Processor.from_pretrained(tmp_path)
+    prep = dl.image_prep_for(config.get_config(["--image_encoder", str(tmp_path)]))
+    assert (prep.size, prep.short, prep.mean, prep.std) == (28, 32, mean, std)
+    rng = np.random.default_rng(0)
+    for w, h in ((70, 40), (40, 70), (33, 97), (32, 32), (100, 100), (47, 29), (29, 300)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = ref(im, return_tensors="pt")["pixel_values"][0]
+        got = prep(im)
+        assert got.shape == want.shape == (3, 28, 28), (w, h)
+        assert torch.allclose(got, want, atol=1e-5), (w, h, (got - want).abs().max())
+    # EfficientNet-Lite0 keeps its ImageNet-style zoom: short side 256, crop 224, long side rounded
+    eff = dl.image_prep_for(config.get_config([]))
+    assert (eff.size, eff.short, eff.truncate) == (224, 256, False)
+    assert eff.key() == "size=224,short=256,mean=(0.5, 0.5, 0.5),std=(0.5, 0.5, 0.5),bicubic"  # feature caches stay valid
+
+
+def test_clip_prep_refuses_fixed_size_resize(tmp_path):
+    import config
+    (tmp_path / "preprocessor_config.json").write_text('{"size": {"height": 32, "width": 32}, "crop_size": 32}')
+    with pytest.raises(dl.DataError, match="not a shortest_edge resize"):
+        dl.image_prep_for(config.get_config(["--image_encoder", str(tmp_path)]))

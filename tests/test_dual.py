@@ -92,15 +92,16 @@ def test_every_vision_flag_changes_the_encoder(flag, value, base, shows):
         assert a[shows] != b[shows], (flag, a[shows])
 
 
-def test_vision_flags_without_dual_granularity_are_warned(capsys):
-    cfgmod._WARNED.clear()
-    cfgmod.get_config(["--vision_depth", "3", "--vision_stem", "conv"])
-    err = capsys.readouterr().err
-    assert "warning: --vision_depth does nothing without --use_dual_granularity" in err
-    assert "--vision_stem does nothing" in err
-    cfgmod.get_config(["--vision_depth", "3"])
-    assert capsys.readouterr().err == ""  # once per process
-    assert cfgmod.inert_flags(cfgmod.get_config(["--use_dual_granularity", "--vision_depth", "3"])) == []
+def test_vision_flags_without_dual_granularity_are_warned():
+    def warnings(argv):
+        return M.unused_flags(cfgmod.get_config(argv), cfgmod.given_flags(argv))
+    w = warnings(["--vision_depth", "3", "--vision_stem", "conv"])
+    assert [x.split(" does nothing")[0] for x in w] == ["--vision_stem", "--vision_depth"]
+    assert all("does nothing with no dual-granularity encoder" in x for x in w)
+    assert warnings(["--use_dual_granularity", "--vision_depth", "3"]) == []
+    assert warnings(["--model", "roberta_crf", "--use_dual_granularity", "--vision_depth", "3"])  # no image path
+    assert warnings(["--use_dual_granularity", "--vision_stem", "conv", "--vision_trainable"]) == [
+        "--vision_trainable does nothing with --vision_stem conv (that stem always trains)"]
 
 
 # ----------------------------------------------------------------------------- the pretrained stem

@@ -733,3 +733,30 @@ def test_image_type_head_only_when_weighted(tiny_bert_dir):
     assert build(tiny_bert_dir, "MNER", image_type_lambda=0.0).type_head is None
     m = build(tiny_bert_dir, "MNER", image_type_lambda=0.5)
     assert m.type_head.out_features == (NL - 2) // 2 == 4
+
+
+def test_efficientnet_lite0_matches_an_independent_implementation():
+    """model.EfficientNetLite0 and efficientnet_lite_pytorch (ml-illustrated's port of the TF Lite reference, with
+    its own static-SAME-padding convolutions and MBConv blocks) give the same logits on the same shipped weights
+    for preprocessed pictures of several aspect ratios."""
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch==0.1.0 "
+                                  "(requirements-dev.txt) for the reference implementation")
+    import config as cfgmod
+    ref = ref_pkg.EfficientNet.from_name("efficientnet-lite0")
+    ref.load_state_dict(torch.load(M.efficientnet_weights_file(), map_location="cpu", weights_only=True), strict=True)
+    ours = M.load_efficientnet_lite0()
+    prep = dl.image_prep_for(cfgmod.get_config([]))
+    rng = np.random.default_rng(0)
+    pics = []
+    for w, h in ((320, 240), (200, 300), (256, 256)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        d = ImageDraw.Draw(im)
+        d.ellipse((w // 5, h // 5, w // 2, h // 2), fill=(240, 200, 20))
+        d.rectangle((w // 2, h // 3, w - 10, h - 10), fill=(20, 60, 200))
+        pics.append(prep(im))
+    x = torch.stack(pics)
+    with torch.no_grad():
+        a, b = ours.eval()(x), ref.eval()(x)
+    assert a.shape == b.shape == (3, 1000)
+    assert (a - b).abs().max() < 1e-4
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

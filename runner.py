@@ -1,0 +1,246 @@
+"""What training, scoring and tagging share: the device (and torchrun's process group), mixed precision, reading a
+run directory, predicting and scoring a split, writing predictions.
+
+    train.py, test.py, predict.py, bench.py, plots.py -> runner.py -> config, dataloader, metrics, model
+
+Nothing here imports an entry point, so no two files import each other (tests/test_imports.py checks the graph).
+Under torchrun (WORLD_SIZE > 1) each process predicts its shard of a split; the predictions are gathered and
+scored once (evaluate_split).
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import dataloader as D
+from config import ConfigError, config_from_dict
+from metrics import evaluate
+from model import MODELS, build_model
+
+# flags test.py / predict.py take from the command line over the run's config.json (they change no weights)
+RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "record_file", "data_dir", "image_root", "cache_dir",
+                 "image_control", "num_workers", "amp", "save_dir", "lenient_data", "allow_download", "plots", "out_dir"}
+RUN_FILES = ("config.json", "label_map.json", "model.pt")
+
+
+# ----------------------------------------------------------------------------- device, torchrun
+
+_OWN_GROUP = [False]  # whether this module started the process group (and so ends it)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup_device(name: str) -> torch.device:
+    """The device of this process; under torchrun (WORLD_SIZE > 1 in the environment) also joins the process
+    group: NCCL with cuda:LOCAL_RANK on GPU, gloo on CPU. A single process just gets pick_device(name)."""
+    device = pick_device(name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":  # one GPU per process, whatever --device names
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) here; "
+                              "use --nproc_per_node <= the number of GPUs")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        _OWN_GROUP[0] = True
+    return device
+
+
+def teardown():
+    if _OWN_GROUP[0] and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP[0] = False
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def all_gather(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] in one process."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj, src: int = 0):
+    """Rank src's obj on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (demo-set generation, the frozen-feature cache), the others after it."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def amp_context(config, device):
+    """(autocast context factory, GradScaler or None): bf16 autocast where supported (CUDA with bf16, recent
+    CPUs), else fp16 with a GradScaler on CUDA; (nullcontext, None) without --amp."""
+    if not config.amp:
+        return nullcontext, None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+# ----------------------------------------------------------------------------- run directories
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint saved by train.py, loaded without executing anything (weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise ConfigError(f"{path}: not a readable MANGO checkpoint ({type(e).__name__}); retrain or pick another run") from None
+
+
+def read_run_json(path) -> dict:
+    """A run's JSON file (config.json, label_map.json) as a dict: plain JSON, nothing in a run directory is
+    executed or unpickled; one-line errors when it is missing or damaged."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; it is written with every run, so the run directory is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise ConfigError(f"{path}: not valid JSON ({where}); the run directory is damaged: retrain, or restore the "
+                          "file from a copy") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: not a JSON object of flags; the run directory is damaged")
+    return d
+
+
+def check_encoders(config, where) -> None:
+    """The encoder directories a saved run names must still exist (a moved folder otherwise fails deep inside
+    transformers); `where` is the run's config.json, named in the one-line error."""
+    checks = [("text_encoder", "minilm")]
+    if MODELS.get(config.model, (None,))[0] and config.use_image and not config.use_dual_granularity:
+        checks.append(("image_encoder", "efficientnet_lite0"))
+    for flag, builtin in checks:
+        v = getattr(config, flag)
+        if v != builtin and not config.allow_download and not Path(v).is_dir():
+            raise ConfigError(f"{where}: {flag} {v}: no such directory; put the encoder back there or edit {flag} "
+                              "in config.json")
+
+
+def runs_with(save_dir, file: str, shown: int = 8) -> str:
+    """The run directories under save_dir that hold `file`, newest first, at most `shown` named (for messages)."""
+    runs = sorted(Path(save_dir).glob(f"*/{file}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    names = ", ".join(p.parent.name for p in runs[:shown])
+    return "none" if not runs else names + (f" and {len(runs) - shown} more" if len(runs) > shown else "") + \
+        (" (newest first)" if len(runs) > 1 else "")
+
+
+def load_run(save_dir, name: str, overrides=None):
+    """(config, label_map, model, checkpoint) of a run directory; one-line errors for missing pieces."""
+    run = Path(save_dir) / name
+    for f in RUN_FILES:
+        if not (run / f).is_file():
+            raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "
+                              f"{runs_with(save_dir, 'model.pt')}")
+    config = config_from_dict(read_run_json(run / "config.json"))
+    for k, v in (overrides or {}).items():
+        setattr(config, k, v)
+    check_encoders(config, run / "config.json")
+    label_map = D.LabelMap.load(run / "label_map.json")
+    ckpt = load_checkpoint(run / "model.pt")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(f"{run / 'model.pt'}: not a MANGO checkpoint (no model weights); retrain or pick another run")
+    model = build_model(config, len(label_map))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"{run / 'model.pt'}: does not match the model in {run / 'config.json'} "
+                          f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
+    return config, label_map, model, ckpt
+
+
+# ----------------------------------------------------------------------------- predicting and scoring a split
+
+@torch.no_grad()
+def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
+            shard: bool = False) -> list[list[str] | None]:
+    """Word tags for every post of `dataset`, full length: words past --max_len are predicted O.
+
+    shard=True (torchrun): only this rank's share of the batches is predicted; the other posts stay None.
+    """
+    model.eval()
+    r, w = (rank(), world()) if shard else (0, 1)
+    loader = D.make_loader(dataset, config, train=False, rank=r, world=w)
+    preds: list[list[str] | None] = [None] * len(dataset)
+    ctx = amp or torch.no_grad
+    for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, dynamic_ncols=True, disable=not is_main()):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with ctx():
+            ids = model.decode(batch)
+        for i, row in zip(batch["index"].tolist(), ids):
+            tags = label_map.decode(row)
+            preds[i] = tags + ["O"] * (len(dataset.posts[i].tokens) - len(tags))
+    return preds
+
+
+def evaluate_split(model, dataset, config, label_map, device, amp=None):
+    """(scores, word tags per post) of a split under --eval_mode. Under torchrun each rank predicts its shard,
+    the predictions are gathered, rank 0 scores them and every rank gets the same scores (so dev selection and
+    early stopping decide alike everywhere)."""
+    preds = predict(model, dataset, config, label_map, device, amp, shard=world() > 1)
+    if world() > 1:
+        for part in all_gather({i: p for i, p in enumerate(preds) if p is not None}):
+            for i, p in part.items():
+                preds[i] = p
+        assert all(p is not None for p in preds), "a post was predicted by no rank"
+    res = evaluate([p.tags for p in dataset.posts], preds, config.eval_mode) if is_main() else None
+    return broadcast(res), preds
+
+
+def write_predictions(path, posts, preds):
+    """CoNLL: IMGID line, then `word<TAB>gold<TAB>pred` per word, blank line between posts."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p, pr in zip(posts, preds):
+            f.write(f"IMGID:{p.imgid or ''}\n")
+            for w, g, t in zip(p.tokens, p.tags, pr):
+                f.write(f"{w}\t{g}\t{t}\n")
+            f.write("\n")

@@ -190,13 +190,17 @@ def lr_factor(plan: dict):
 
 def replan(plan: dict, step: int, epochs: int, total: int) -> dict:
     """The schedule of a run resumed after `step` optimiser steps with --epochs `epochs` (`total` steps in all):
-    warm-up is kept; the decay now ends at `total`, starting from the factor reached at `step` (continuous)."""
+    warm-up is kept; the decay now ends at `total`, starting from the factor reached at `step` (continuous).
+    A run that had finished its decay (factor 0 at `step`) and is given more epochs goes on where the decay of a
+    run planned for `epochs` from the start would stand at `step` (continuity would leave it at lr 0)."""
     if total == plan["total"]:
         return {**plan, "epochs": epochs}
     if step <= plan["warmup"]:  # still warming up: warm-up as planned, then the whole decay to the new end
         return {**plan, "epochs": epochs, "total": total}
-    return {"epochs": epochs, "total": total, "warmup": plan["warmup"], "start": step,
-            "start_value": lr_factor(plan)(step)}
+    value = lr_factor(plan)(step)
+    if value == 0 and total > step:
+        value = (total - step) / max(1, total - plan["warmup"])
+    return {"epochs": epochs, "total": total, "warmup": plan["warmup"], "start": step, "start_value": value}
 
 
 def optimizer_steps(config, n_batches: int) -> int:
@@ -383,11 +387,6 @@ def resolve_resume(argv: list[str]):
         raise ConfigError(f"{src / 'last.pt'}: not a resumable checkpoint (no {', '.join(missing)}); last.pt is "
                           "written after every epoch, model.pt holds the best weights only: score the run with "
                           "test.py or start a new one")
-    if config.epochs > run_epochs and resume["epoch"] + 1 >= run_epochs and not resume["stopped"]:
-        # the schedule continues from where it stood, which for a finished run is lr 0
-        raise ConfigError(f"--epochs {config.epochs}: {config.continue_train_name} ran all its {run_epochs} epochs to "
-                          "the end of its learning-rate decay (lr 0), so added epochs would not train; start a new "
-                          f"run with --epochs {config.epochs}")
     resume["run_epochs"] = run_epochs
     return config, resume
 
@@ -452,8 +451,11 @@ def start_state(config, resume, model, train_loader, device, run, say):
     if resume["stopped"]:
         state.epoch = config.epochs  # it had stopped early: only the final test is redone
     if state.plan["total"] != old["total"] and state.epoch < config.epochs:
+        restart = lr_factor(old)(state.step) == 0 and state.plan["start_value"] > 0
         say(f"note: --epochs {old['epochs']} -> {config.epochs}: the learning rate now decays to 0 at step "
-            f"{state.plan['total']} instead of {old['total']}; warm-up ({old['warmup']} steps) unchanged")
+            f"{state.plan['total']} instead of {old['total']}; warm-up ({old['warmup']} steps) unchanged"
+            + (f"; the run had finished its decay, so it goes on from factor {state.plan['start_value']:.3f}, where a "
+               f"run planned for {config.epochs} epochs would stand at step {state.step}" if restart else ""))
     ranks = resume.get("rng_ranks")  # a torchrun run keeps every rank's RNGs
     set_rng_state(ranks[rank()] if ranks and len(ranks) == world() else resume["rng"])
     # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines

@@ -321,15 +321,24 @@ def test_resume_with_more_epochs_keeps_the_schedule_continuous(base, monkeypatch
     assert cut[s + 1] == pytest.approx(lr * f_old(s + 1)) and cut[s + 1] < resumed[s + 1]
 
 
-def test_resume_refuses_other_eval_mode_and_a_finished_decay(trained, base):
+def test_resume_refuses_other_eval_mode(trained, base):
     resume = ["--continue_train_name", "two", "--save_dir", str(save_dir(base)), "--swanlab_mode", "disabled"]
     with pytest.raises(ConfigError) as e:
         train.main([*resume, "--eval_mode", "strict"])
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("--eval_mode strict: the run being resumed used --eval_mode conlleval")
     assert "best dev F1" in msg and "test.py --eval_mode strict" in msg
-    with pytest.raises(ConfigError, match="ran all its 2 epochs to the end of its learning-rate decay"):
-        train.main([*resume, "--epochs", "4"])
+
+
+def test_more_epochs_after_a_finished_decay_goes_on_where_a_longer_plan_stands():
+    """A run that ran its decay to lr 0 and is resumed with more epochs does not sit at lr 0: it goes on from the
+    factor a run planned for the new --epochs would have at that step, then decays to 0 at the new end."""
+    old = {"epochs": 2, "total": 20, "warmup": 2, "start": 2, "start_value": 1.0}
+    assert train.lr_factor(old)(20) == 0
+    new = train.replan(old, 20, 4, 40)
+    f = train.lr_factor(new)
+    assert f(20) == pytest.approx((40 - 20) / (40 - 2)) and f(40) == 0 and new["warmup"] == 2
+    assert f(21) < f(20)
 
 
 def test_grad_scaler_state_round_trip(tmp_path, tiny_bert_dir):

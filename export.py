@@ -25,6 +25,7 @@ The dual-granularity encoder is refused: it is being rewritten.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -137,8 +138,13 @@ def quantize_int8(path: Path) -> None:
     """Dynamic int8 quantisation of a graph's MatMul weights (onnxruntime), in place."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     tmp = path.with_suffix(".int8.onnx")
-    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process is for static (calibrated) quantisation
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=True)
+    finally:
+        root.setLevel(level)
     tmp.replace(path)
 
 

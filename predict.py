@@ -31,7 +31,8 @@ sentence; MNER only). A model whose image path is off is refused with one line i
 New images are decoded and preprocessed in a pool of --image_workers threads while the frozen backbone runs on
 batches of 32 (bundle.features_from_paths); their features are rounded to fp16 like the cache's but not cached.
 --bundle DIR (instead of --save_name) tags the same way from an export.py bundle with onnxruntime: bundle.py,
-with CRF decoding in numpy; model.py, train.py and test.py are not imported on that path (no --explain).
+with CRF decoding in numpy; model.py, train.py and test.py are not imported on that path (no --explain);
+--out_dir defaults to the bundle directory.
 """
 from __future__ import annotations
 

@@ -75,7 +75,10 @@ def image_pixels(data: bytes, prep: D.ImagePrep, limits, where: str) -> np.ndarr
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-    except Exception as e:  # not an image at all, or a header Pillow refuses (a bomb by its own limit)
+    except Image.DecompressionBombError:  # over twice Pillow's own pixel limit: refused before our check
+        raise BadRequest(413, f"{where}: image is a decompression bomb (over --max_image_pixels "
+                              f"{limits.max_image_pixels})") from None
+    except Exception as e:  # not an image at all
         raise BadRequest(422, f"{where}: not a readable image ({type(e).__name__}); send a JPEG/PNG/GIF/WebP/BMP "
                               "file") from None
     if w * h > limits.max_image_pixels:

@@ -241,3 +241,24 @@ def test_one_line_startup_errors(tmp_path):
                            timeout=600)
         err = [l for l in r.stderr.splitlines() if l.strip()]
         assert r.returncode == 2 and len(err) == 1 and msg in err[0], r.stderr
+
+
+def test_bomb_header_is_413_without_decoding():
+    """A PNG whose header claims 20000 x 20000 pixels (a decompression bomb) is refused from its header alone."""
+    import struct
+    import zlib
+
+    import serve
+    from dataloader import ImagePrep
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+    with pytest.raises(serve.BadRequest) as e:
+        serve.image_pixels(png, ImagePrep(), type("L", (), LIMITS), "post")
+    assert e.value.status == 413 and "decompression bomb" in e.value.msg
+    limits = type("L", (), {**LIMITS, "max_image_pixels": 10_000})
+    with pytest.raises(serve.BadRequest) as e:
+        serve.image_pixels(png_bytes((200, 100)), ImagePrep(), limits, "post")
+    assert e.value.status == 413 and "200x100" in e.value.msg

@@ -262,6 +262,8 @@ class Bundle(Runtime):
         so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # no busy-waiting between ops: on a shared 2-core box spinning threads steal the cores the work needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             sess = ort.InferenceSession(f, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # a damaged or foreign file

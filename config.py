@@ -172,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--explain", action="store_true", help="predict.py: per post, text->image attention overlay and rel/gate strip PNGs")
     a("--explain_word", default="", help="predict.py --explain: overlay this word's attention; empty = each predicted entity")
     a("--plots", action="store_true", help="test.py: also draw dev F1, loss terms, per-type P/R/F1 and type confusion PNGs")
+
+    a = p.add_argument_group("export/serve").add_argument
+    a("--bundle", default="", help="predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
+                                   "export.py: write the bundle here instead of <run>/bundle[_int8]")
+    a("--int8", action="store_true", help="export.py: dynamic int8 quantisation of the text graphs' linear layers")
+    a("--export_format", default="onnx", choices=["onnx", "torch"], help="export.py: ONNX graphs or TorchScript")
+    a("--opset", type=int, default=18, help="export.py: ONNX opset")
+    a("--image_workers", type=int, default=2, help="predict.py / serve.py: threads decoding and preprocessing images")
+    a("--host", default="127.0.0.1", help="serve.py: address to bind (loopback only by default)")
+    a("--port", type=int, default=8000, help="serve.py: TCP port")
+    a("--max_batch_posts", type=int, default=32, help="serve.py: most posts tagged in one batch")
+    a("--batch_window_ms", type=float, default=5.0, help="serve.py: how long a batch waits for more requests")
+    a("--max_body_bytes", type=int, default=8_000_000, help="serve.py: largest request body (413 above)")
+    a("--max_posts", type=int, default=64, help="serve.py: most posts in one request (413 above)")
+    a("--max_words", type=int, default=200, help="serve.py: most words in one post (413 above)")
+    a("--max_image_bytes", type=int, default=5_000_000, help="serve.py: largest image file (413 above)")
+    a("--max_image_pixels", type=int, default=40_000_000, help="serve.py: most image pixels (413 above; files over "
+                                                                  "dataloader's decompression-bomb guard are refused too)")
     return p
 
 

@@ -27,6 +27,12 @@ the softmax of the emissions.
 model sees, with the text->image attention of --explain_word or of each predicted entity as a heat overlay;
 see word_region_attention for what it approximates) and post<k>_relevance.png (per-word rel and gate under the
 sentence; MNER only). A model whose image path is off is refused with one line instead of a blank picture.
+
+New images are decoded and preprocessed in a pool of --image_workers threads while the frozen backbone runs on
+batches of 32 (bundle.features_from_paths); their features are rounded to fp16 like the cache's but not cached.
+--bundle DIR (instead of --save_name) tags the same way from an export.py bundle with onnxruntime: bundle.py,
+with CRF decoding in numpy; model.py, train.py and test.py are not imported on that path (no --explain);
+--out_dir defaults to the bundle directory.
 """
 from __future__ import annotations
 
@@ -37,18 +43,15 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import dataloader as D
-import model as M
-import plots
 from config import ConfigError, UserError, cli, get_config, given_flags
 from metrics import get_entities
-from model import load_tokenizer
-from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device
+
+# model.py, test.py, plots and cv2 are imported where used: --bundle runs without the training code
 
 # a URL | an @mention or #hashtag | a word with inner ' ’ or - | any other non-space character on its own
 TOKEN_RE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+|\w+(?:['’-]\w+)*|[^\w\s]")
@@ -166,6 +169,7 @@ def tag_probabilities(head, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     CRF: exact marginals by the forward algorithm on the pinned emissions the head decodes; their gradient of
     log Z is the forward-backward marginal. Softmax head: softmax over the labels other than PAD.
     """
+    import model as M
     if isinstance(head, M.SoftmaxHead):
         p = em[..., 1:].float().softmax(-1)
         return torch.cat([torch.zeros_like(p[..., :1]), p], -1) * mask[..., None]
@@ -192,6 +196,7 @@ def explained_modules(model) -> list:
 
 def keep_weights(mods: list, on: bool):
     """Switch weight keeping on/off and forget the last batch's weights (a text-only batch leaves them unset)."""
+    import model as M
     for m in mods:
         m.keep_weights = on
         setattr(m, "last_gate" if isinstance(m, M.GatedConcatFusion) else "last_weights", None)
@@ -228,6 +233,7 @@ def region_grids(vision) -> list[tuple[int, int, int]]:
     their own patch: an approximation. The kept fine tokens sit at other cells in every image, so they are drawn
     like the summary, spread over the whole view.
     """
+    import model as M
     if isinstance(vision, M.DualGranularityEncoder):
         c = vision.Gc ** 2
         return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + vision.k, 0)]
@@ -243,6 +249,7 @@ def region_heat(w: np.ndarray, grids, size: int) -> np.ndarray:
     Each grid cell spreads its weight over its patch (bilinear between cell centres; the grids all cover the
     whole view, so coarse and fine tokens add up), a whole-image token evenly over every pixel.
     """
+    import cv2
     heat = np.zeros((size, size), np.float32)
     for a, b, side in grids:
         if side == 0:
@@ -323,16 +330,21 @@ def format_entities(post: NewPost, ents: list[dict], image_used: bool) -> str:
     return "\n".join(lines)
 
 
+def prediction_record(p: NewPost, r: dict) -> dict:
+    """One predictions.jsonl object (also serve.py's answer): input keys + text, tokens, tags, entities, image_used."""
+    return {**p.record, "text": p.text, "tokens": p.words, "tags": r["tags"], "entities": r["entities"],
+            "image_used": r["image_used"]}
+
+
 def write_predictions(path: Path, posts: list[NewPost], results: list[dict], fmt: str) -> Path:
-    """predictions.jsonl (input keys + text, tokens, tags, entities, image_used) or predictions.conll."""
+    """predictions.jsonl (prediction_record per line) or predictions.conll."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for p, r in zip(posts, results):
             if fmt == "conll":
                 f.write(f"IMGID:{p.image or ''}\n" + "".join(f"{w}\t{t}\n" for w, t in zip(p.words, r["tags"])) + "\n")
             else:
-                f.write(json.dumps({**p.record, "text": p.text, "tokens": p.words, "tags": r["tags"],
-                                    "entities": r["entities"], "image_used": r["image_used"]}, ensure_ascii=False) + "\n")
+                f.write(json.dumps(prediction_record(p, r), ensure_ascii=False) + "\n")
     return path
 
 
@@ -352,6 +364,7 @@ def explain_targets(post: NewPost, tags: list[str], ex: dict, word: str, mode: s
 
 def explain_post(k: int, post: NewPost, r: dict, model, config, out_dir: Path, word: str) -> list[Path]:
     """post<k>_attention.png and (MNER) post<k>_relevance.png for a post whose image reached the model."""
+    import plots
     ex, written = r["explain"], []
     targets = explain_targets(post, r["tags"], ex, word, config.eval_mode)
     if not targets:
@@ -386,8 +399,11 @@ def model_view(path, prep: D.ImagePrep, size: int = VIEW) -> np.ndarray:
 # ----------------------------------------------------------------------------- main
 
 def check_args(a) -> None:
-    if not a.save_name:
-        raise ConfigError("--save_name is required: the run directory under --save_dir whose model.pt tags the posts")
+    if a.bundle and a.explain:
+        raise ExplainRefused("--explain needs the run's torch model (attention weights); give --save_name, not --bundle")
+    if not a.save_name and not a.bundle:
+        raise ConfigError("--save_name is required: the run directory under --save_dir whose model.pt tags the posts "
+                          "(or --bundle DIR: an export.py bundle)")
     if bool(a.text) == bool(a.input):
         raise ConfigError('give either --text "..." (one post) or --input posts.jsonl')
     if a.image and not a.text:
@@ -408,6 +424,10 @@ def main(argv=None) -> list[dict]:
             raise ConfigError(f"--text: {e}") from None
     else:
         posts = read_posts(args.input, args.lenient_data)
+    if args.bundle:
+        return main_bundle(args, posts)
+    from model import load_tokenizer
+    from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device
     given = given_flags(argv)
     config, label_map, model, _ = load_run(args.save_dir, args.save_name,
                                            {k: getattr(args, k) for k in given & RUNTIME_FLAGS})
@@ -425,8 +445,11 @@ def main(argv=None) -> list[dict]:
 
     t0 = time.time()
     dposts = dataset_posts(posts, not off)
-    ds = D.make_dataset(config, "predict", dposts, load_tokenizer(config), label_map,
-                        None if off else model.vision, image_dir="/")
+    vision = None if off else model.vision
+    if vision is not None and vision.cacheable:  # new images: pool decoding + batched backbone (no cache)
+        ds = dataset_with_features(config, dposts, load_tokenizer(config), label_map, vision, args.image_workers)
+    else:
+        ds = D.make_dataset(config, "predict", dposts, load_tokenizer(config), label_map, vision, image_dir="/")
     for p, dp, ok in zip(posts, dposts, ds.has_image):
         if dp.imgid and not ok:
             why = D.load_image(dp.imgid)[1]
@@ -453,6 +476,63 @@ def main(argv=None) -> list[dict]:
                 print(f"wrote {f}")
     print(f"{len(posts)} posts in {dt:.2f} s: {len(posts) / dt:.1f} posts/s on {device} "
           f"(batch size {config.batch_size}, {torch.get_num_threads()} threads)")
+    return results
+
+
+def dataset_with_features(config, dposts: list[D.Post], tokenizer, label_map, vision, workers: int) -> D.MNERDataset:
+    """make_dataset for new images of a frozen backbone: decoded and preprocessed in a pool of `workers`
+    threads while the backbone runs on batches of 32 (bundle.features_from_paths). The features are rounded to
+    fp16 as the training cache stores them, but not written to the cache: new images are seen once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import bundle
+    prep = D.image_prep_for(config)
+    paths = [D.find_image("/", p.imgid) for p in dposts]
+    param = next(vision.parameters())
+
+    @torch.no_grad()
+    def encode(x: np.ndarray) -> np.ndarray:
+        return vision.features(torch.from_numpy(x).to(param.device, param.dtype)).float().cpu().numpy()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        feats, _ = bundle.features_from_paths(paths, prep, encode, pool)
+    table = {str(p): torch.from_numpy(bundle.fp16_round(f)) for p, f in zip(paths, feats) if f is not None}
+    return D.MNERDataset(dposts, tokenizer, label_map, config.max_len, "/", "features", prep, table,
+                         feat_shape=vision.feat_shape, name="predict")
+
+
+def main_bundle(args, posts: list[NewPost]) -> list[dict]:
+    """predict.py --bundle DIR: the same posts, warnings and outputs from an export.py bundle (onnxruntime),
+    with images decoded in a pool of --image_workers threads and the backbone run in batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import bundle
+    rt = bundle.Bundle(args.bundle)
+    use = rt.uses_image and args.use_image
+    if not use and any(p.image for p in posts):
+        print(f"note: the model of bundle {args.bundle} has no image path; the images are not used")
+    t0 = time.time()
+    dposts = dataset_posts(posts, use)
+    feats = None
+    if use:
+        with ThreadPoolExecutor(max(1, args.image_workers)) as pool:
+            feats, why = bundle.features_from_paths([p.imgid for p in dposts], rt.prep, rt.vision_features, pool)
+        for p, dp, f, w in zip(posts, dposts, feats, why):
+            if dp.imgid and f is None:
+                w = {"zero bytes": "empty (0 bytes)", "decompression bomb": "a decompression bomb"}.get(w, w)
+                warn(f"{p.source}: image {p.image} is {w}; this post is tagged text-only")
+    results = rt.tag([p.words for p in posts], feats, args.batch_size)
+    for p, r in zip(posts, results):
+        r["entities"] = entities(p, r["tags"], r["probs"], rt.meta["eval_mode"])
+    dt = time.time() - t0
+    if args.text:
+        print(format_entities(posts[0], results[0]["entities"], results[0]["image_used"]))
+    else:
+        out_dir = Path(args.out_dir or args.bundle)
+        f = write_predictions(out_dir / f"predictions.{'conll' if args.format == 'conll' else 'jsonl'}", posts,
+                              results, args.format)
+        print(f"wrote {f}: {len(posts)} posts, {sum(len(r['entities']) for r in results)} entities")
+    print(f"{len(posts)} posts in {dt:.2f} s: {len(posts) / dt:.1f} posts/s with bundle {args.bundle} "
+          f"({rt.meta['format']}{', int8' if rt.meta['int8'] else ''}, batch size {args.batch_size}, {rt.threads} threads)")
     return results
 
 

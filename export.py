@@ -1,0 +1,274 @@
+"""Export a trained run as a self-contained inference bundle (onnxruntime, or TorchScript), optionally int8.
+
+    python export.py --save_name NAME [--int8] [--export_format onnx|torch] [--opset 18]
+
+writes save_models/NAME/bundle[_int8][_torch]/ (layout in bundle.py) and checks it: the bundle tags the run's
+own dev posts and the tags are compared with the checkpoint's (fp32: they must be identical; int8: the
+agreement is printed). Run it with `python predict.py --bundle DIR --input posts.jsonl` or
+`python serve.py --bundle DIR`; neither imports model.py or train.py on that path.
+
+What goes where:
+  text.onnx / mm.onnx  the text encoder, case features, fusion and emission layer: Tagger.forward itself,
+                       traced with the image path off (text) and on (mm), up to the emissions.
+  vision.onnx          the frozen pretrained backbone (EfficientNet-Lite0 or CLIP): pixels -> region tokens.
+  crf.npz              the CRF's start/end/transition scores; Viterbi and marginals run in numpy (bundle.py),
+                       since the CRF's loops over words are data-dependent and cost nothing at L = 10 labels.
+ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward branches on data
+(`has_image.any()`), which torch.export refuses as a data-dependent guard; the tracer records the branch taken
+with every post illustrated, and that graph is exact for any has_image, since the per-post choice between the
+fused and the text-only states is a torch.where inside it. --int8: onnxruntime's dynamic quantisation of the
+MatMul (linear) weights of the text graphs, per channel (activations are quantised per batch at run time);
+the vision backbone is convolutional and stays fp32. --export_format torch writes the same three graphs as
+TorchScript (torch.jit.trace) with torch's dynamic int8 Linear for --int8: for a model part ONNX cannot express.
+The dual-granularity encoder is refused: it is being rewritten.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import bundle as BU
+import dataloader as D
+from config import ConfigError, cli, get_config, given_flags
+from model import BYTE_LEVEL_TYPES, CRFHead, load_tokenizer
+from test import RUNTIME_FLAGS, load_run
+
+TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
+MM_INPUTS = TEXT_INPUTS + ["image_feats", "has_image"]
+
+
+class Emissions(nn.Module):
+    """Tagger.forward up to the emissions with tensors in and out (what the exporters need).
+
+    (input_ids [B,T], attention_mask [B,T], word_index [B,W], word_mask [B,W] bool, case_ids [B,W]
+     [, image_feats [B,R,D], has_image [B] bool]) -> emissions [B, W, L] float32
+    """
+
+    def __init__(self, tagger, image: bool):
+        super().__init__()
+        self.tagger, self.image = tagger, image
+
+    def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats=None, has_image=None):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
+                 "word_mask": word_mask, "case_ids": case_ids}
+        if self.image:
+            batch.update(image_feats=image_feats, has_image=has_image)
+        return self.tagger(batch, image_on=self.image)["emissions"].float()
+
+
+class Vision(nn.Module):
+    """The frozen backbone: pixels [N, 3, S, S] -> region tokens [N, R, D]."""
+
+    def __init__(self, vision):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixels):
+        return self.vision(pixels).float()
+
+
+def crf_params(model) -> dict | None:
+    """start [L], end [L], transitions [L, L] of a CRF head as float32 numpy; None for the softmax head."""
+    if not isinstance(model.head, CRFHead):
+        return None
+    c = model.head.crf
+    return {"start": c.start_transitions.detach().float().numpy(), "end": c.end_transitions.detach().float().numpy(),
+            "transitions": c.transitions.detach().float().numpy()}
+
+
+def refusal(config, model) -> str:
+    """Why this run cannot be exported; '' when it can."""
+    if config.use_dual_granularity and model.uses_image:
+        return ("--use_dual_granularity runs are not exported yet (that encoder is being rewritten); export a run "
+                "with a pretrained backbone (efficientnet_lite0 or CLIP) or a text-only model")
+    if model.lstm is not None:
+        return f"model {config.model} has a BiLSTM (packed sequences), which the bundle does not support yet"
+    return ""
+
+
+def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset: int) -> dict:
+    uses_image = model.uses_image and config.use_image
+    prep = D.image_prep_for(config) if uses_image else None
+    return {"bundle_version": BU.BUNDLE_VERSION, "model": config.model, "run": str(run), "format": fmt, "int8": int8,
+            "opset": opset if fmt == "onnx" else None, "head": "crf" if crf_params(model) is not None else "softmax",
+            "max_len": config.max_len, "eval_mode": config.eval_mode, "text_encoder": config.text_encoder,
+            "image_encoder": config.image_encoder if uses_image else None,
+            "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
+            "image_prep": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std)} if prep else None,
+            "regions": [model.vision.n_tokens, model.vision.out_dim] if uses_image else None,
+            "text": f"text.{'onnx' if fmt == 'onnx' else 'pt'}",
+            "mm": f"mm.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
+            "vision": f"vision.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
+            "inputs": {"text": TEXT_INPUTS, "mm": MM_INPUTS, "vision": ["pixels"]}}
+
+
+def example_inputs(model, tokenizer, label_map, config) -> dict:
+    """A padded batch of two posts of different lengths (so the traced attention masks are real), as tensors."""
+    posts = [D.Post(["Kevin", "Durant", "enters", "Oracle", "Arena", "tonight", "!"], ["O"] * 7, None, "a"),
+             D.Post(["@NBA", "rocks"], ["O"] * 2, None, "b")]
+    ds = D.MNERDataset(posts, tokenizer, label_map, config.max_len)
+    b = D.collate([ds[0], ds[1]], ds.pad_id)
+    x = {k: b[k] for k in TEXT_INPUTS}
+    if model.uses_image and config.use_image:
+        R, Dv = model.vision.n_tokens, model.vision.out_dim
+        x["image_feats"] = torch.randn(2, R, Dv, generator=torch.Generator().manual_seed(0))
+        x["has_image"] = torch.tensor([True, True])
+        x["pixels"] = torch.randn(2, 3, D.image_prep_for(config).size, D.image_prep_for(config).size)
+    return x
+
+
+def export_onnx(module, args: tuple, names: list[str], dyn: dict, path: Path, opset: int) -> None:
+    """One graph through the TorchScript-based exporter (see the module docstring for why not dynamo)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about the recorded has_image branch, deprecation notes
+        torch.onnx.export(module, args, str(path), input_names=names, output_names=["out"], dynamic_axes=dyn,
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def quantize_int8(path: Path) -> None:
+    """Dynamic int8 quantisation of a graph's MatMul weights (onnxruntime), in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    tmp = path.with_suffix(".int8.onnx")
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process is for static (calibrated) quantisation
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=True)
+    finally:
+        root.setLevel(level)
+    tmp.replace(path)
+
+
+def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: int = 18, overrides=None,
+           out: Path | None = None) -> Path:
+    """Write the bundle of run `name`; returns its directory."""
+    if fmt not in ("onnx", "torch"):
+        raise ConfigError(f"--export_format {fmt}: choose onnx or torch")
+    config, label_map, model, _ = load_run(save_dir, name, overrides or {})
+    why = refusal(config, model)
+    if why:
+        raise ConfigError(f"export.py --save_name {name}: {why}")
+    model.eval()
+    run = Path(save_dir) / name
+    out = Path(out or run / ("bundle" + ("_int8" if int8 else "") + ("_torch" if fmt == "torch" else "")))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = load_tokenizer(config)
+    meta = bundle_meta(config, model, label_map, run, fmt, int8, opset)
+    x = example_inputs(model, tokenizer, label_map, config)
+    word_dyn = {"input_ids": {0: "B", 1: "T"}, "attention_mask": {0: "B", 1: "T"}, "word_index": {0: "B", 1: "W"},
+                "word_mask": {0: "B", 1: "W"}, "case_ids": {0: "B", 1: "W"}, "image_feats": {0: "B"},
+                "has_image": {0: "B"}, "out": {0: "B", 1: "W"}}
+    graphs = [("text", Emissions(model, False), TEXT_INPUTS)]
+    if meta["mm"]:
+        graphs += [("mm", Emissions(model, True), MM_INPUTS), ("vision", Vision(model.vision), ["pixels"])]
+    for key, module, names in graphs:
+        module.eval()
+        args = tuple(x[k] for k in names)
+        f = tmp / meta[key]
+        if fmt == "onnx":
+            export_onnx(module, args, names, {k: v for k, v in word_dyn.items() if k in names or k == "out"}
+                        if key != "vision" else {"pixels": {0: "N"}, "out": {0: "N"}}, f, opset)
+            if int8 and key != "vision":
+                quantize_int8(f)
+        else:
+            m = torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8) \
+                if int8 and key != "vision" else module
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.jit.save(torch.jit.trace(m, args, check_trace=False), str(f))
+    crf = crf_params(model)
+    if crf is not None:
+        np.savez(tmp / "crf.npz", **crf)
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    label_map.save(tmp / "label_map.json")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+class CheckpointRuntime(BU.Runtime):
+    """The run's torch model behind bundle.Runtime's interface (same batching, CRF in numpy): serve.py
+    --save_name, and the reference an export is checked against."""
+
+    def __init__(self, save_dir, name: str, overrides=None):
+        config, label_map, model, _ = load_run(save_dir, name, overrides or {})
+        why = refusal(config, model)
+        if why:
+            raise ConfigError(f"--save_name {name}: {why}")
+        self.model = model.eval()
+        meta = bundle_meta(config, model, label_map, Path(save_dir) / name, "checkpoint", False, 0)
+        self._setup(meta, label_map, load_tokenizer(config), crf_params(model))
+        self.graphs = {"text": Emissions(model, False), "mm": Emissions(model, True), "vision": Vision(model.vision)}
+
+    @torch.inference_mode()
+    def _run(self, name: str, inputs: dict) -> np.ndarray:
+        return self.graphs[name](*(torch.from_numpy(np.ascontiguousarray(inputs[k]))
+                                   for k in self.meta["inputs"][name])).numpy()
+
+    def info(self) -> dict:
+        m = self.meta
+        return {"model": m["model"], "labels": self.label_map.labels[2:], "types": self.label_map.types,
+                "text_encoder": m["text_encoder"], "image_encoder": m["image_encoder"],
+                "source": f"checkpoint {m['run']}/model.pt", "run": m["run"], "format": "torch", "int8": False}
+
+
+def check_bundle(out: Path, save_dir, name: str, overrides=None, n: int = 64) -> dict:
+    """Tag the run's first n dev posts (with their images where present) with the checkpoint and the bundle;
+    returns {"posts", "words", "agree_words", "same_posts"}."""
+    ref = CheckpointRuntime(save_dir, name, overrides)
+    cfg = get_config(["--save_dir", str(save_dir)], check=False)
+    run_cfg = json.loads((Path(save_dir) / name / "config.json").read_text())
+    for k in ("dataset_name", "data_dir", "image_root"):
+        setattr(cfg, k, (overrides or {}).get(k, run_cfg.get(k, getattr(cfg, k))))
+    try:
+        posts = D.load_split(cfg, "valid")[:n]
+    except D.DataError:
+        return {}
+    words = [p.tokens for p in posts]
+    bnd = BU.Bundle(out)
+    from concurrent.futures import ThreadPoolExecutor
+    feats = [None] * len(posts), [None] * len(posts)
+    if ref.uses_image:
+        root = D.image_root(cfg, "valid")
+        paths = [D.find_image(root, p.imgid) for p in posts]
+        with ThreadPoolExecutor(2) as pool:
+            feats = (BU.features_from_paths(paths, ref.prep, ref.vision_features, pool)[0],
+                     BU.features_from_paths(paths, bnd.prep, bnd.vision_features, pool)[0])
+    a, b = ref.tag(words, feats[0]), bnd.tag(words, feats[1])
+    agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra["tags"], rb["tags"]))
+    return {"posts": len(posts), "words": sum(map(len, words)), "agree_words": agree,
+            "same_posts": sum(ra["tags"] == rb["tags"] for ra, rb in zip(a, b))}
+
+
+def main(argv=None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_config(argv, check=False)
+    if not args.save_name:
+        raise ConfigError("--save_name is required: the run directory under --save_dir to export")
+    overrides = {k: getattr(args, k) for k in given_flags(argv) & RUNTIME_FLAGS}
+    t0 = time.time()
+    out = export(args.save_dir, args.save_name, args.export_format, args.int8, args.opset, overrides,
+                 Path(args.bundle) if args.bundle else None)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
+    print(f"wrote {out} ({args.export_format}{', int8' if args.int8 else ''}, {size:.1f} MiB) in {time.time() - t0:.1f} s")
+    chk = check_bundle(out, args.save_dir, args.save_name, overrides)
+    if chk:
+        print(f"check on {chk['posts']} dev posts: {chk['agree_words']}/{chk['words']} word tags and "
+              f"{chk['same_posts']}/{chk['posts']} posts identical to the checkpoint")
+    return out
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,343 @@
+"""Tag posts over HTTP (FastAPI + uvicorn) with an export.py bundle or a run's checkpoint.
+
+    python serve.py --bundle save_models/NAME/bundle_int8 [--host 127.0.0.1 --port 8000]
+    python serve.py --save_name NAME                        # the torch checkpoint, same answers
+
+POST /predict   JSON: one post {"text": "..." | "tokens": [...], "image_b64": "<base64 image>"?, any other keys}
+                or a list of them; or multipart/form-data with fields text | tokens (a JSON list) and a file
+                field "image". The answer is predict.py's prediction record per post (input keys, text, tokens,
+                tags, entities with type, words, word and character spans and score, image_used): one object
+                for one post, a list for a list.
+GET  /health    {"status": "ok"}
+GET  /info      model, labels, encoders, bundle or checkpoint, int8 or not, limits, batching
+
+Requests that arrive within --batch_window_ms of each other are tagged together, at most --max_batch_posts
+posts per batch (a bigger request is one batch of its own). Images are decoded and preprocessed in a pool of
+--image_workers threads as requests arrive; the vision backbone then runs once per batch.
+Limits, each a flag, each a 4xx JSON answer {"error": "..."} that names the flag: --max_body_bytes (413),
+--max_posts per request (413), --max_words per post (413), --max_image_bytes (413), --max_image_pixels (413;
+dataloader.load_image's decompression-bomb guard applies as in training). A malformed request is a 400/415/422
+and never disturbs the requests batched with it. Binds to 127.0.0.1 unless --host says otherwise.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import base64
+import binascii
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import bundle as BU
+import dataloader as D
+from config import ConfigError, cli, get_config
+from predict import NewPost, entities, post_from_record, prediction_record
+
+
+class BadRequest(Exception):
+    """A request the server refuses: HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, msg: str):
+        super().__init__(msg)
+        self.status, self.msg = status, msg
+
+
+@dataclass
+class Job:
+    """One request's posts waiting for a batch: words and region features (None: text-only) per post."""
+    words: list[list[str]]
+    pixels: list[np.ndarray | None]
+    future: asyncio.Future = field(default=None)
+
+
+# ----------------------------------------------------------------------------- images
+
+def image_pixels(data: bytes, prep: D.ImagePrep, limits, where: str) -> np.ndarray:
+    """Image file bytes -> pixels [3, S, S]; BadRequest for too many bytes or pixels, or an unusable file.
+
+    The header is read first (no decoding) for the pixel limit; then dataloader.load_image decodes with the
+    training guards (zero bytes, truncated, non-image, decompression bomb), from a private temporary file.
+    """
+    from PIL import Image
+    if len(data) > limits.max_image_bytes:
+        raise BadRequest(413, f"{where}: image of {len(data)} bytes is over --max_image_bytes {limits.max_image_bytes}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Image.DecompressionBombError:  # over twice Pillow's own pixel limit: refused before our check
+        raise BadRequest(413, f"{where}: image is a decompression bomb (over --max_image_pixels "
+                              f"{limits.max_image_pixels})") from None
+    except Exception as e:  # not an image at all
+        raise BadRequest(422, f"{where}: not a readable image ({type(e).__name__}); send a JPEG/PNG/GIF/WebP/BMP "
+                              "file") from None
+    if w * h > limits.max_image_pixels:
+        raise BadRequest(413, f"{where}: image of {w}x{h} pixels is over --max_image_pixels {limits.max_image_pixels}")
+    fd, tmp = tempfile.mkstemp(prefix="mango_img_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        x, why = BU.prep_image(tmp, prep)
+    finally:
+        os.unlink(tmp)
+    if x is None:
+        raise BadRequest(422, f"{where}: image is {why}; send a complete JPEG/PNG/GIF/WebP/BMP file")
+    return x
+
+
+# ----------------------------------------------------------------------------- requests
+
+def parse_posts(recs, limits, where: str = "post") -> list[tuple[NewPost, bytes | None]]:
+    """Request JSON (one object or a list) -> [(post, image bytes or None)]; BadRequest for bad ones.
+
+    Posts are read by predict.post_from_record (text / tokens, the same word splitting); "image_b64" carries the
+    image itself: the server never opens a path a client names.
+    """
+    many = isinstance(recs, list)
+    recs = recs if many else [recs]
+    if not recs:
+        raise BadRequest(422, "empty list: send at least one post")
+    if len(recs) > limits.max_posts:
+        raise BadRequest(413, f"{len(recs)} posts in one request is over --max_posts {limits.max_posts}")
+    out = []
+    for k, rec in enumerate(recs):
+        at = f"{where} {k}" if many else where
+        if isinstance(rec, dict) and "image" in rec:
+            raise BadRequest(422, f'{at}: "image" (a server path) is not accepted; send the file as "image_b64" '
+                                  "or as a multipart file")
+        img = None
+        if isinstance(rec, dict) and rec.get("image_b64") is not None:
+            if not isinstance(rec["image_b64"], str):
+                raise BadRequest(422, f'{at}: "image_b64" must be a base64 string')
+            if len(rec["image_b64"]) > 4 * (limits.max_image_bytes // 3 + 2):
+                raise BadRequest(413, f"{at}: image is over --max_image_bytes {limits.max_image_bytes}")
+            try:
+                img = base64.b64decode(rec["image_b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest(422, f'{at}: "image_b64" is not valid base64') from None
+        try:
+            p = post_from_record({k2: v for k2, v in rec.items() if k2 != "image_b64"} if isinstance(rec, dict)
+                                 else rec, at)
+        except ValueError as e:
+            raise BadRequest(422, f"{at}: {e}") from None
+        if len(p.words) > limits.max_words:
+            raise BadRequest(413, f"{at}: {len(p.words)} words is over --max_words {limits.max_words}")
+        out.append((p, img))
+    return out
+
+
+class Batcher:
+    """Collects jobs for up to window_s (or max_posts posts) and tags them as one batch in one worker thread."""
+
+    def __init__(self, rt: BU.Runtime, max_posts: int, window_s: float):
+        self.rt, self.max_posts, self.window_s = rt, max_posts, window_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="tagger")  # one batch at a time owns the cores
+        self.batches = self.posts = 0
+
+    async def submit(self, words, pixels) -> list[dict]:
+        job = Job(words, pixels, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.future
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            n, deadline = len(jobs[0].words), loop.time() + self.window_s
+            while n < self.max_posts:
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
+                jobs.append(job)
+                n += len(job.words)
+            try:
+                res = await loop.run_in_executor(self.worker, self.tag, jobs)
+            except Exception as e:  # a bug, not bad input (that is refused before it gets here): fail these jobs only
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            for j, r in zip(jobs, res):
+                if not j.future.done():  # the client may have gone
+                    j.future.set_result(r)
+
+    def tag(self, jobs: list[Job]) -> list[list[dict]]:
+        """All jobs' posts in one pass: the backbone on every image at once, then the tagger."""
+        words = [w for j in jobs for w in j.words]
+        pixels = [x for j in jobs for x in j.pixels]
+        feats = [None] * len(words)
+        have = [i for i, x in enumerate(pixels) if x is not None]
+        if have and self.rt.uses_image:
+            for i, f in zip(have, self.rt.vision_features(np.stack([pixels[i] for i in have]))):
+                feats[i] = f
+        out = self.rt.tag(words, feats, batch_size=max(len(words), 1))
+        self.batches, self.posts = self.batches + 1, self.posts + len(words)
+        res, k = [], 0
+        for j in jobs:
+            res.append(out[k:k + len(j.words)])
+            k += len(j.words)
+        return res
+
+
+# ----------------------------------------------------------------------------- app
+
+def load_runtime(args) -> BU.Runtime:
+    if bool(args.bundle) == bool(args.save_name):
+        raise ConfigError("give either --bundle DIR (an export.py bundle) or --save_name NAME (a run's checkpoint)")
+    if args.bundle:
+        return BU.Bundle(args.bundle)
+    from export import CheckpointRuntime
+    return CheckpointRuntime(args.save_dir, args.save_name, {"save_dir": args.save_dir})
+
+
+def check_limits(args) -> None:
+    for f in ("port", "max_batch_posts", "max_body_bytes", "max_posts", "max_words", "max_image_bytes",
+              "max_image_pixels", "image_workers"):
+        if getattr(args, f) < (0 if f == "port" else 1):
+            raise ConfigError(f"--{f} must be {'>= 0' if f == 'port' else '> 0'}, got {getattr(args, f)}")
+    if args.batch_window_ms < 0:
+        raise ConfigError(f"--batch_window_ms must be >= 0, got {args.batch_window_ms}")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (Content-Length or streamed)."""
+    n = request.headers.get("content-length")
+    if n is not None and n.isdigit() and int(n) > limit:
+        raise BadRequest(413, f"body of {n} bytes is over --max_body_bytes {limit}")
+    chunks, size = [], 0
+    async for c in request.stream():
+        size += len(c)
+        if size > limit:
+            raise BadRequest(413, f"body is over --max_body_bytes {limit}")
+        chunks.append(c)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's body cache: request.form() parses these bytes instead of the spent stream
+    return body
+
+
+def make_app(rt: BU.Runtime, args):
+    """The FastAPI app around a runtime; args carries the limits and batching flags."""
+    pool = ThreadPoolExecutor(args.image_workers, thread_name_prefix="image")
+    batcher = Batcher(rt, args.max_batch_posts, args.batch_window_ms / 1000)
+    state = {"started": time.time(), "requests": 0, "refused": 0}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+        batcher.worker.shutdown(wait=False, cancel_futures=True)
+        print(f"stopped: {state['requests']} requests ({state['refused']} refused), {batcher.posts} posts in "
+              f"{batcher.batches} batches", flush=True)
+
+    app = FastAPI(title="MANGO", lifespan=lifespan)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, e: BadRequest):
+        state["refused"] += 1
+        return JSONResponse({"error": e.msg}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e):  # unknown routes and methods: the same {"error"} shape
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info():
+        return {**rt.info(), "uses_image": rt.uses_image,
+                "limits": {k: getattr(args, k) for k in ("max_body_bytes", "max_posts", "max_words", "max_image_bytes",
+                                                          "max_image_pixels")},
+                "batching": {"max_batch_posts": args.max_batch_posts, "batch_window_ms": args.batch_window_ms,
+                             "image_workers": args.image_workers, "batches": batcher.batches, "posts": batcher.posts},
+                "requests": state["requests"], "refused": state["refused"]}
+
+    @app.post("/predict")
+    async def predict_route(request: Request):
+        state["requests"] += 1
+        body = await read_body(request, args.max_body_bytes)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            many, items = False, await multipart_post(request, args)
+        elif ctype in ("application/json", ""):
+            try:
+                recs = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BadRequest(400, f"body is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+            many, items = isinstance(recs, list), parse_posts(recs, args)
+        else:
+            raise BadRequest(415, f"content type {ctype!r}: send application/json or multipart/form-data (or a "
+                                  "urlencoded form without an image)")
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(*[
+            loop.run_in_executor(pool, image_pixels, img, rt.prep, args, p.source)
+            if img is not None and rt.uses_image else _none() for p, img in items])
+        res = await batcher.submit([p.words for p, _ in items], list(pixels))
+        recs_out = []
+        for (p, _), r in zip(items, res):
+            r["entities"] = entities(p, r["tags"], r["probs"], rt.meta["eval_mode"])
+            recs_out.append(prediction_record(p, r))
+        return recs_out if many else recs_out[0]
+
+    return app
+
+
+async def _none():
+    return None
+
+
+async def multipart_post(request, args) -> list[tuple[NewPost, bytes | None]]:
+    """One post from a form (multipart, or urlencoded without an image): text or tokens (a JSON list) and an
+    optional file field "image"."""
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=args.max_body_bytes)
+    except Exception as e:  # malformed multipart, too many parts
+        raise BadRequest(400, f"malformed multipart body ({str(e).splitlines()[0][:80]})") from None
+    rec = {k: v for k, v in form.items() if isinstance(v, str)}
+    if "tokens" in rec:
+        try:
+            rec["tokens"] = json.loads(rec["tokens"])
+        except ValueError:
+            raise BadRequest(422, 'post: form field "tokens" must be a JSON list of strings') from None
+    img = form.get("image")
+    data = None
+    if img is not None and not isinstance(img, str):
+        data = await img.read(args.max_image_bytes + 1)
+        if len(data) > args.max_image_bytes:
+            raise BadRequest(413, f"post: image is over --max_image_bytes {args.max_image_bytes}")
+        rec.pop("image", None)
+    items = parse_posts({k: v for k, v in rec.items() if k != "image"}, args)
+    return [(items[0][0], data)]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_config(argv, check=False)
+    check_limits(args)
+    rt = load_runtime(args)
+    import uvicorn
+    app = make_app(rt, args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} serves beyond this machine; there is no authentication", flush=True)
+    print(f"serving {rt.info()['source']} ({rt.meta['model']}, {'int8' if rt.meta['int8'] else 'fp32'}) on "
+          f"http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,178 @@
+"""export.py and bundle.py on a tiny trained MNER run: the numpy CRF against the torch one, fp32 ONNX and
+TorchScript bundles give the checkpoint's tags, int8 agreement, predict.py --bundle without the training code,
+and one-line refusals."""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import bundle as BU
+import export
+import model as M
+import predict
+import train
+from config import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+_RUN: dict = {}
+
+
+def make_tiny_run(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir) -> dict:
+    """A 2-epoch tiny MNER run (tiny BERT + tiny CLIP) and its fp32 ONNX bundle, made once per session
+    (test_serve.py uses the same one)."""
+    if _RUN:
+        return _RUN
+    d = tmp_path_factory.mktemp("export_runs")
+    train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
+                "--image_encoder", tiny_clip_dir, "--save_dir", str(d / "save"), "--cache_dir", str(d / "cache"),
+                "--swanlab_mode", "disabled", "--batch_size", "4", "--fusion_layers", "2", "--fusion_dim", "32",
+                "--cross_attn_heads", "2", "--resampler_tokens", "4", "--downs_en_lr", "3e-3", "--seed", "7",
+                "--epochs", "2", "--save_name", "e"])
+    flags = ["--save_dir", str(d / "save"), "--save_name", "e", "--cache_dir", str(d / "cache"), "--device", "cpu"]
+    out = export.main(flags)
+    _RUN.update(flags=flags, save=d / "save", bundle=out, data=tiny_data_dir)
+    return _RUN
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
+    return make_tiny_run(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir)
+
+
+def new_posts(tiny_run, tmp_path) -> tuple[Path, list[dict]]:
+    """The tiny test split as new posts (words + image paths; half of the images are missing) in a JSONL file."""
+    import dataloader as D
+    data = tiny_run["data"] / "tiny"
+    posts = D.read_conll(data / "test.txt")
+    recs = [{"tokens": p.tokens, "image": str(data / "tiny_images" / f"{p.imgid}.png")} for p in posts]
+    recs.append({"text": "Kevin Durant enters Oracle Arena tonight !"})
+    f = tmp_path / "posts.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return f, recs
+
+
+# ----------------------------------------------------------------------------- CRF in numpy
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_numpy_crf_matches_torch(seed):
+    """bundle.viterbi == pytorch-crf's decode and bundle.marginals == predict.tag_probabilities (forward-backward)."""
+    g = torch.Generator().manual_seed(seed)
+    L, W = 6, 7
+    head = M.CRFHead(L)
+    with torch.no_grad():
+        for prm in head.crf.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g))
+    em = torch.randn(3, W, L, generator=g) * 3
+    mask = torch.tensor([[True] * W, [True] * 4 + [False] * 3, [True] + [False] * (W - 1)])
+    crf = {"start": head.crf.start_transitions.detach().numpy(), "end": head.crf.end_transitions.detach().numpy(),
+           "transitions": head.crf.transitions.detach().numpy()}
+    pinned = BU.pin_pad(em.numpy())
+    assert BU.viterbi(pinned, mask.numpy(), crf) == head.decode(em, mask)
+    want = predict.tag_probabilities(head, em, mask).numpy()
+    np.testing.assert_allclose(BU.marginals(pinned, mask.numpy(), crf), want, atol=1e-5)
+
+
+def test_softmax_probs_match():
+    em = torch.randn(2, 3, 5)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    np.testing.assert_allclose(BU.softmax_probs(em.numpy(), mask.numpy()),
+                               predict.tag_probabilities(M.SoftmaxHead(5), em, mask).numpy(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bundles
+
+def test_bundle_layout_and_identical_tags(tiny_run, tmp_path, capsys):
+    """The fp32 ONNX bundle holds what it says and tags new posts exactly as predict.py with the checkpoint."""
+    b = tiny_run["bundle"]
+    meta = json.loads((b / "meta.json").read_text())
+    assert meta["format"] == "onnx" and not meta["int8"] and meta["head"] == "crf"
+    for f in ("text.onnx", "mm.onnx", "vision.onnx", "crf.npz", "label_map.json", "tokenizer/tokenizer_config.json"):
+        assert (b / f).is_file(), f
+    assert meta["image_prep"]["size"] == 64
+    src, recs = new_posts(tiny_run, tmp_path)
+    ref = predict.main([*tiny_run["flags"], "--input", str(src), "--out_dir", str(tmp_path / "ref")])
+    got = predict.main(["--bundle", str(b), "--input", str(src), "--out_dir", str(tmp_path / "onnx")])
+    assert [r["tags"] for r in got] == [r["tags"] for r in ref]
+    assert [r["image_used"] for r in got] == [r["image_used"] for r in ref] and sum(r["image_used"] for r in got) == 4
+    for a, r in zip(got, ref):
+        assert [e["type"] for e in a["entities"]] == [e["type"] for e in r["entities"]]
+        np.testing.assert_allclose([e["score"] for e in a["entities"]], [e["score"] for e in r["entities"]], atol=2e-3)
+    lines = (tmp_path / "onnx" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(recs) and json.loads(lines[0])["tags"] == ref[0]["tags"]
+
+
+def test_torchscript_and_int8_bundles(tiny_run, tmp_path, capsys):
+    """--export_format torch gives identical tags; the int8 ONNX bundle's agreement is measured and printed."""
+    flags = tiny_run["flags"]
+    src, _ = new_posts(tiny_run, tmp_path)
+    ref = [r["tags"] for r in predict.main([*flags, "--input", str(src), "--out_dir", str(tmp_path / "r")])]
+    ts = export.main([*flags, "--export_format", "torch", "--bundle", str(tmp_path / "ts")])
+    assert (ts / "text.pt").is_file()
+    assert [r["tags"] for r in predict.main(["--bundle", str(ts), "--input", str(src), "--out_dir", str(tmp_path)])] == ref
+    q = export.main([*flags, "--int8", "--bundle", str(tmp_path / "q")])
+    assert json.loads((q / "meta.json").read_text())["int8"]
+    out = capsys.readouterr().out
+    assert "word tags and" in out and "identical to the checkpoint" in out
+    got = [r["tags"] for r in predict.main(["--bundle", str(q), "--input", str(src), "--out_dir", str(tmp_path)])]
+    words = sum(len(t) for t in ref)
+    agree = sum(a == b for x, y in zip(got, ref) for a, b in zip(x, y))
+    print(f"int8 bundle vs checkpoint on the tiny test posts: {agree}/{words} word tags agree")
+    assert agree / words >= 0.8  # a 2-epoch random tiny model; the real figure comes from script/export_bench.sh
+
+
+def test_predict_bundle_imports_no_training_code(tiny_run, tmp_path):
+    """predict.py --bundle in a fresh interpreter: model.py, train.py and test.py are never imported."""
+    src, _ = new_posts(tiny_run, tmp_path)
+    code = ("import sys, predict; predict.main(sys.argv[1:]); "
+            "bad = sorted({'model', 'train', 'test', 'export'} & set(sys.modules)); print('imported:', bad)")
+    r = subprocess.run([sys.executable, "-c", code, "--bundle", str(tiny_run["bundle"]), "--input", str(src),
+                        "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "imported: []" in r.stdout, r.stdout
+
+
+def test_features_from_paths_pool(tiny_run, tmp_path):
+    """Pool decoding keeps order, skips missing/broken files with their reason, and batches the backbone."""
+    rt = BU.Bundle(tiny_run["bundle"])
+    ok = tmp_path / "a.png"
+    im = Image.new("RGB", (80, 60), (10, 200, 30))
+    ImageDraw.Draw(im).rectangle((5, 5, 40, 40), fill=(200, 0, 0))
+    im.save(ok)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths = [ok, None, tmp_path / "missing.png", tmp_path / "broken.jpg"] + [ok] * 5
+    calls = []
+
+    def encode(x):
+        calls.append(len(x))
+        return rt.vision_features(x)
+    with ThreadPoolExecutor(2) as pool:
+        feats, why = BU.features_from_paths(paths, rt.prep, encode, pool, batch=4, ahead=1)
+    assert why[:4] == ["ok", "no image", "missing", "unreadable (UnidentifiedImageError)"] and why[4:] == ["ok"] * 5
+    assert feats[1] is None and feats[2] is None and feats[3] is None
+    assert calls == [4, 2] and feats[0].shape == tuple(rt.meta["regions"])
+    np.testing.assert_array_equal(feats[0], feats[-1])
+
+
+def test_refusals_one_line(tiny_run, tmp_path, capsys):
+    def err(fn) -> str:
+        with pytest.raises(SystemExit) as e:
+            cli(fn)
+        assert e.value.code == 2
+        lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+    assert "no meta.json there" in err(lambda: predict.main(["--bundle", str(tmp_path), "--text", "hi"]))
+    assert "--explain" in err(lambda: predict.main(["--bundle", str(tiny_run["bundle"]), "--text", "hi", "--explain"]))
+    assert "--save_name is required" in err(lambda: export.main([]))
+    assert "invalid choice" in err(lambda: export.main([*tiny_run["flags"], "--export_format", "tf"]))

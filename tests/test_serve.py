@@ -1,0 +1,264 @@
+"""serve.py as a real process on a free loopback port, called over HTTP with httpx: text only, an image, a
+batch, multipart, every limit's 4xx, bad requests mixed into good concurrent ones, /info, and a clean stop."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+import bundle as BU
+import test_export as TE
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "Kevin Durant enters Oracle Arena tonight with LeBron James"
+LIMITS = {"max_body_bytes": 300_000, "max_posts": 4, "max_words": 30, "max_image_bytes": 100_000,
+          "max_image_pixels": 250_000}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
+    return TE.make_tiny_run(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    """serve.py --bundle on 127.0.0.1:<free port>, small limits; stopped (SIGTERM) and checked at the end."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    flags = [f for k, v in LIMITS.items() for f in (f"--{k}", str(v))]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--bundle", str(tiny_run["bundle"]),
+                                 "--port", str(port), "--batch_window_ms", "30", "--max_batch_posts", "16", *flags],
+                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600  # a loaded CI box can take minutes to import torch
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, f"serve.py exited: {log.read_text()[-2000:]}"
+            assert time.time() < deadline, f"serve.py did not come up: {log.read_text()[-2000:]}"
+            time.sleep(0.3)
+        yield {"url": url, "proc": proc, "log": log, "rt": BU.Bundle(tiny_run["bundle"])}
+    finally:
+        proc.terminate()
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("serve.py did not stop within 120 s of SIGTERM")
+    # uvicorn shuts down gracefully on SIGTERM (lifespan end: the "stopped" line), then re-raises the signal
+    assert code in (0, -15) and "stopped: " in log.read_text(), f"exit status {code}: {log.read_text()[-2000:]}"
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def png_bytes(size=(80, 60), colour=(20, 160, 90)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def post(server, payload=None, **kw) -> httpx.Response:
+    return httpx.post(server["url"] + "/predict", json=payload, timeout=300, **kw) if payload is not None \
+        else httpx.post(server["url"] + "/predict", timeout=300, **kw)
+
+
+def expected(server, words, image: bytes | None = None) -> list[str]:
+    """The bundle's own tags for a post, in this process (the server must give the same)."""
+    rt = server["rt"]
+    feats = None
+    if image is not None:
+        from serve import image_pixels
+        x = image_pixels(image, rt.prep, type("L", (), LIMITS), "t")
+        feats = [rt.vision_features(x[None])[0]]
+    return rt.tag([words], feats)[0]["tags"]
+
+
+def check_record(rec: dict):
+    for e in rec["entities"]:
+        assert rec["text"][e["char_start"]:e["char_end"]] == e["text"]
+        assert e["words"] == rec["tokens"][e["word_start"]:e["word_end"]] and 0 <= e["score"] <= 1
+
+
+# ----------------------------------------------------------------------------- good requests
+
+def test_health_and_info(server):
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
+    info = httpx.get(server["url"] + "/info").json()
+    assert info["model"] == "MNER" and info["source"].startswith("bundle ") and info["int8"] is False
+    assert set(info["types"]) <= {"PER", "LOC", "ORG", "MISC"} and info["uses_image"]
+    assert info["limits"]["max_words"] == 30 and info["batching"]["max_batch_posts"] == 16
+
+
+def test_text_only(server):
+    r = post(server, {"text": TEXT, "id": 7})
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    assert rec["id"] == 7 and rec["tokens"] == TEXT.split() and not rec["image_used"]
+    assert rec["tags"] == expected(server, TEXT.split())
+    check_record(rec)
+    r = post(server, {"tokens": ["New", "York", "!"]})
+    assert r.status_code == 200 and r.json()["text"] == "New York !"
+
+
+def test_with_image_and_multipart(server):
+    img = png_bytes()
+    r = post(server, {"text": TEXT, "image_b64": b64(img)})
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    assert rec["image_used"] and "image_b64" not in rec
+    assert rec["tags"] == expected(server, TEXT.split(), img)
+    m = post(server, data={"text": TEXT}, files={"image": ("p.png", img, "image/png")})
+    assert m.status_code == 200, m.text
+    assert m.json()["tags"] == rec["tags"] and m.json()["image_used"]
+    m = post(server, data={"tokens": json.dumps(TEXT.split())})
+    assert m.status_code == 200 and not m.json()["image_used"]
+
+
+def test_batch_of_posts(server):
+    img = png_bytes(colour=(200, 30, 30))
+    r = post(server, [{"text": TEXT}, {"text": "Paris is lovely", "image_b64": b64(img)}, {"tokens": ["Obama"]}])
+    assert r.status_code == 200, r.text
+    recs = r.json()
+    assert [x["image_used"] for x in recs] == [False, True, False]
+    assert recs[1]["tags"] == expected(server, ["Paris", "is", "lovely"], img)
+    assert recs[0]["tags"] == expected(server, TEXT.split())
+
+
+# ----------------------------------------------------------------------------- limits and bad input
+
+BAD = {
+    "body": (413, "--max_body_bytes", lambda: {"content": json.dumps({"text": "x " * 200_000}),
+                                               "headers": {"content-type": "application/json"}}),
+    "words": (413, "--max_words", lambda: {"json": {"text": " ".join(["w"] * 31)}}),
+    "posts": (413, "--max_posts", lambda: {"json": [{"text": "a"}] * 5}),
+    "image_bytes": (413, "--max_image_bytes",
+                    lambda: {"json": {"text": "a", "image_b64": b64(b"\x89PNG" + bytes(120_000))}}),
+    "image_pixels": (413, "--max_image_pixels", lambda: {"json": {"text": "a", "image_b64": b64(png_bytes((600, 500)))}}),
+    "multipart_image_bytes": (413, "--max_image_bytes",
+                              lambda: {"data": {"text": "a"}, "files": {"image": ("x.png", bytes(150_000))}}),
+    "bad_json": (400, "not valid JSON", lambda: {"content": b"{oops", "headers": {"content-type": "application/json"}}),
+    "content_type": (415, "content type", lambda: {"content": b"hi", "headers": {"content-type": "text/plain"}}),
+    "no_text": (422, 'needs "text"', lambda: {"json": {"txt": "a"}}),
+    "empty_list": (422, "empty list", lambda: {"json": []}),
+    "not_object": (422, "expected a JSON object", lambda: {"json": [3]}),
+    "bad_tokens": (422, '"tokens" must be', lambda: {"json": {"tokens": "abc"}}),
+    "server_path": (422, '"image" (a server path)', lambda: {"json": {"text": "a", "image": "/etc/passwd"}}),
+    "bad_base64": (422, "not valid base64", lambda: {"json": {"text": "a", "image_b64": "@@@"}}),
+    "not_image": (422, "not a readable image", lambda: {"json": {"text": "a", "image_b64": b64(b"hello")}}),
+    "truncated": (422, "image is", lambda: {"json": {"text": "a", "image_b64": b64(png_bytes()[:60])}}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_limits_and_bad_input_are_4xx(server, case):
+    status, words, kw = BAD[case]
+    r = httpx.post(server["url"] + "/predict", timeout=300, **kw())
+    assert r.status_code == status, (case, r.status_code, r.text)
+    assert words in r.json()["error"], r.json()
+
+
+def test_unknown_route_and_method(server):
+    assert httpx.get(server["url"] + "/nope").status_code == 404
+    r = httpx.get(server["url"] + "/predict")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_bad_requests_do_not_disturb_good_ones(server):
+    """Good and bad requests sent together (so they share batching windows): every good one gets its own
+    right answer, every bad one its 4xx, and the server keeps serving."""
+    img = png_bytes(colour=(10, 10, 240))
+    goods = [({"text": f"{TEXT} {k}"}, None) if k % 2 else ({"text": f"{TEXT} {k}", "image_b64": b64(img)}, img)
+             for k in range(8)]
+    bads = [BAD[c][2]() for c in ("words", "bad_base64", "truncated", "no_text")]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server["url"], timeout=300) as c:
+            reqs = [c.post("/predict", json=g) for g, _ in goods] + [c.post("/predict", **b) for b in bads]
+            order = list(range(len(reqs)))
+            order = order[::2] + order[1::2]  # interleave good and bad
+            res = await asyncio.gather(*[reqs[i] for i in order])
+            return {i: r for i, r in zip(order, res)}
+    before = httpx.get(server["url"] + "/info").json()["batching"]["batches"]
+    res = asyncio.run(go())
+    for k, (g, img_k) in enumerate(goods):
+        r = res[k]
+        assert r.status_code == 200, r.text
+        assert r.json()["tags"] == expected(server, g["text"].split(), img_k) and r.json()["image_used"] == (img_k is not None)
+    for j in range(len(bads)):
+        assert 400 <= res[len(goods) + j].status_code < 500
+    batches = httpx.get(server["url"] + "/info").json()["batching"]["batches"] - before
+    assert 1 <= batches < len(goods), f"{len(goods)} concurrent posts took {batches} batches: no batching"
+    assert httpx.get(server["url"] + "/health").status_code == 200
+
+
+def test_checkpoint_mode_same_answers(tiny_run, server):
+    """serve.py --save_name (the torch checkpoint) answers like the bundle (in-process app, same code)."""
+    from fastapi.testclient import TestClient
+
+    import serve
+    from config import get_config
+    args = get_config(["--save_dir", str(tiny_run["save"]), "--save_name", "e"], check=False)
+    app = serve.make_app(serve.load_runtime(args), args)
+    with TestClient(app) as c:
+        info = c.get("/info").json()
+        assert info["source"].startswith("checkpoint ") and info["format"] == "torch"
+        img = png_bytes()
+        r = c.post("/predict", json=[{"text": TEXT}, {"text": TEXT, "image_b64": b64(img)}])
+        assert r.status_code == 200, r.text
+    mine = post(server, [{"text": TEXT}, {"text": TEXT, "image_b64": b64(img)}]).json()
+    assert [x["tags"] for x in r.json()] == [x["tags"] for x in mine]
+
+
+def test_one_line_startup_errors(tmp_path):
+    for argv, msg in [([], "give either --bundle"), (["--bundle", str(tmp_path)], "no meta.json"),
+                      (["--bundle", str(tmp_path), "--max_words", "0"], "--max_words must be > 0")]:
+        r = subprocess.run([sys.executable, str(ROOT / "serve.py"), *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        err = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and len(err) == 1 and msg in err[0], r.stderr
+
+
+def test_bomb_header_is_413_without_decoding():
+    """A PNG whose header claims 20000 x 20000 pixels (a decompression bomb) is refused from its header alone."""
+    import struct
+    import zlib
+
+    import serve
+    from dataloader import ImagePrep
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+    with pytest.raises(serve.BadRequest) as e:
+        serve.image_pixels(png, ImagePrep(), type("L", (), LIMITS), "post")
+    assert e.value.status == 413 and "decompression bomb" in e.value.msg
+    limits = type("L", (), {**LIMITS, "max_image_pixels": 10_000})
+    with pytest.raises(serve.BadRequest) as e:
+        serve.image_pixels(png_bytes((200, 100)), ImagePrep(), limits, "post")
+    assert e.value.status == 413 and "200x100" in e.value.msg

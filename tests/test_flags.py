@@ -230,6 +230,15 @@ def _predict_args(argv, text):
     return check
 
 
+def _serve_limit(flag):
+    """A serve.py limit: its 4xx message names the flag, and tests/test_serve.py sends a request over it."""
+    def check(env):
+        return f"over --{flag} " in (ROOT / "serve.py").read_text() and \
+            f'"--{flag}"' in (ROOT / "tests" / "test_serve.py").read_text()
+    check.__name__ = f"_serve_limit_{flag}"
+    return check
+
+
 def _image_control(env):
     """--image_control reaches the dataset: another post's picture (shuffle) for the posts with one."""
     def sources(argv):
@@ -346,6 +355,21 @@ FLAGS = {
     "out_dir": [used_by("predict.py"), used_by("test.py")],
     "explain": [used_by("predict.py")],
     "explain_word": [fn(_predict_args(["--text", "a", "--explain_word", "x"], "--explain_word needs --explain"))],
+    # export / serve (behaviour: tests/test_export.py, tests/test_serve.py)
+    "bundle": [used_by("predict.py"), used_by("serve.py"), used_by("export.py")],
+    "int8": [used_by("export.py")],
+    "export_format": [used_by("export.py")],
+    "opset": [used_by("export.py")],
+    "image_workers": [used_by("predict.py"), used_by("serve.py")],
+    "host": [used_by("serve.py")],
+    "port": [used_by("serve.py")],
+    "batch_window_ms": [used_by("serve.py")],
+    "max_batch_posts": [used_by("serve.py")],
+    "max_body_bytes": [used_by("serve.py"), fn(_serve_limit("max_body_bytes"))],
+    "max_image_bytes": [used_by("serve.py"), fn(_serve_limit("max_image_bytes"))],
+    "max_image_pixels": [fn(_serve_limit("max_image_pixels"))],
+    "max_posts": [fn(_serve_limit("max_posts"))],
+    "max_words": [fn(_serve_limit("max_words"))],
 }
 # ------------------------------------------------------------------ end of the table
 

@@ -20,7 +20,7 @@ fused and the text-only states is a torch.where inside it. --int8: onnxruntime's
 MatMul (linear) weights of the text graphs, per channel (activations are quantised per batch at run time);
 the vision backbone is convolutional and stays fp32. --export_format torch writes the same three graphs as
 TorchScript (torch.jit.trace) with torch's dynamic int8 Linear for --int8: for a model part ONNX cannot express.
-The dual-granularity encoder is refused: it is being rewritten.
+The dual-granularity encoder is refused: its export (stem maps + encoder graph) is not written yet.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def crf_params(model) -> dict | None:
 def refusal(config, model) -> str:
     """Why this run cannot be exported; '' when it can."""
     if config.use_dual_granularity and model.uses_image:
-        return ("--use_dual_granularity runs are not exported yet (that encoder is being rewritten); export a run "
+        return ("--use_dual_granularity runs are not exported yet; export a run "
                 "with a pretrained backbone (efficientnet_lite0 or CLIP) or a text-only model")
     if model.lstm is not None:
         return f"model {config.model} has a BiLSTM (packed sequences), which the bundle does not support yet"

@@ -40,7 +40,7 @@ import bundle as BU
 import dataloader as D
 from config import ConfigError, cli, get_config, given_flags
 from model import BYTE_LEVEL_TYPES, CRFHead, load_tokenizer
-from test import RUNTIME_FLAGS, load_run
+from runner import RUNTIME_FLAGS, load_run
 
 TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
 MM_INPUTS = TEXT_INPUTS + ["image_feats", "has_image"]

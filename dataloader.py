@@ -1038,6 +1038,8 @@ class MNERDataset(torch.utils.data.Dataset):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
         self.teacher, self.control, self.blank = teacher, control, blank
+        # a post without a teacher entry gets zeros of the teacher's own shape (its distill term is never read)
+        self.teacher_shape = next(iter(teacher.values())).shape if teacher else None
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
         self.enc = [encode_words(tokenizer, p.tokens, max_len) for p in posts]
         self.labels = [label_map.encode(p.tags, p.source) for p in posts]
@@ -1112,7 +1114,7 @@ class MNERDataset(torch.utils.data.Dataset):
             item["image_feats"] = f.float() if f is not None else torch.zeros(self.feat_shape)
         if self.teacher is not None:
             t = self.teacher.get(str(self.paths[j])) if self.has_image[i] and j >= 0 else None
-            item["teacher_feats"] = t.float() if t is not None else torch.zeros(49, 1280)
+            item["teacher_feats"] = t.float() if t is not None else torch.zeros(self.teacher_shape or (1, 1))
         return item
 
 

@@ -6,6 +6,10 @@
     bash script/bench.sh                              # the same, with the scripts' env-var overrides
 
 Cases (each measured in a fresh child process, so peak memory is that case's own):
+    hf_recipe     the peer: Hugging Face's token-classification recipe (run_ner_no_trainer) as a plain loop on the
+                  same --text_encoder: AutoModelForTokenClassification, first-sub-word labels (-100 elsewhere),
+                  AdamW at --fin_tuning_lr, linear warm-up then decay, shuffled batches of --batch_size
+                  tokenised per batch, the model's own dropout; eval: tokenise, forward, argmax per first sub-word
     text          the text path: --model roberta_crf (the MNER text encoder + CRF, no image path)
     mner_cached   MNER reading cached frozen-backbone features (what training does with a frozen backbone)
     mner_pixels   MNER running the frozen EfficientNet-Lite0 (or --sizes base: CLIP-B/32) on pixels every step
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -44,6 +49,7 @@ CASES = {
     "mner_dual": ["--model", "MNER", "--use_dual_granularity"],
     "mner_dual_pixels": ["--model", "MNER", "--use_dual_granularity"],
 }
+CASES = {"hf_recipe": [], **CASES}
 CACHED = {"mner_cached", "mner_dual"}  # cases fed cached features (image_feats) instead of pixels
 
 
@@ -51,7 +57,7 @@ def bench_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--cases", default="text,mner_cached,mner_pixels,mner_dual,mner_dual_pixels", help=f"comma list of {', '.join(CASES)}")
+    a("--cases", default="hf_recipe,text,mner_cached,mner_pixels,mner_dual,mner_dual_pixels", help=f"comma list of {', '.join(CASES)}")
     a("--amp_modes", default="fp32,amp", help="comma list of fp32, amp")
     a("--bucketing", default="on,off", help="length bucketing of training batches: comma list of on, off")
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
@@ -84,7 +90,98 @@ def base_sized_encoders(root: Path) -> list[str]:
     return ["--text_encoder", str(text), "--image_encoder", str(vision)]
 
 
+def run_recipe(spec: dict, argv: list[str]) -> dict:
+    """The hf_recipe case: the Hugging Face token-classification loop, timed like run_case times train_step."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, get_scheduler
+    from transformers.utils import logging as hf_logging
+    import dataloader as D
+    from config import get_config
+    from model import text_encoder_dir
+    from train import seed_everything
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    config = get_config(argv + ["--model", "roberta_crf"])
+    seed_everything(config.seed)
+    posts = D.load_split(config, "train")
+    dev = D.load_split(config, "valid")[: spec["eval_posts"]]
+    labels = sorted({t for p in posts for t in p.tags})
+    lid = {t: i for i, t in enumerate(labels)}
+    path = text_encoder_dir(config)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels))
+    opt = torch.optim.AdamW(model.parameters(), lr=config.fin_tuning_lr)
+    n = -(-len(posts) // config.batch_size)
+    sched = get_scheduler("linear", opt, num_warmup_steps=int(config.warmup_prop * n * config.epochs),
+                          num_training_steps=n * config.epochs)
+
+    def encode(batch):  # tokenised per batch, labels on each word's first sub-word
+        x = tok([p.tokens for p in batch], is_split_into_words=True, truncation=True, max_length=config.max_len,
+                padding=True, return_tensors="pt")
+        y = torch.full(x["input_ids"].shape, -100)
+        for b, p in enumerate(batch):
+            prev = None
+            for j, w in enumerate(x.word_ids(b)):
+                if w is not None and w != prev:
+                    y[b, j] = lid[p.tags[w]]
+                prev = w
+        return x, y
+
+    order = list(range(len(posts)))
+    random.Random(config.seed).shuffle(order)
+    batches = [[posts[i] for i in order[k:k + config.batch_size]] for k in range(0, len(order), config.batch_size)]
+
+    def step(batch):
+        x, y = encode(batch)
+        loss = model(**x, labels=y).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    model.train()
+    for b in batches[:2]:
+        step(b)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_tps = []
+    for r in range(spec["repeats"]):
+        pick = [batches[(r + i * len(batches) // spec["steps"]) % len(batches)] for i in range(spec["steps"])]
+        t = time.perf_counter()
+        for b in pick:
+            step(b)
+        train_tps.append(sum(len(b) for b in pick) / (time.perf_counter() - t))
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model.eval()
+    eval_tps = []
+    for r in range(spec["repeats"]):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for k in range(0, len(dev), config.batch_size):
+                batch = dev[k:k + config.batch_size]
+                x, _ = encode(batch)
+                pred = model(**x).logits.argmax(-1)
+                pred = pred.tolist()
+                for b in range(len(batch)):  # the first sub-word's label is the word's
+                    prev, tags = None, []
+                    for j, w in enumerate(x.word_ids(b)):
+                        if w is not None and w != prev:
+                            tags.append(labels[pred[b][j]])
+                        prev = w
+        eval_tps.append(len(dev) / (time.perf_counter() - t))
+    tps = statistics.median(train_tps)
+    pad = 1 - sum(len(tok(p.tokens, is_split_into_words=True)["input_ids"]) for b in batches for p in b) / \
+        sum(len(b) * max(len(tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in b) for b in batches)
+    return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
+            "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
+            "epoch_s": round(len(posts) / tps, 1), "eval_posts_per_s": round(statistics.median(eval_tps), 1),
+            "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
+            "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
+            "threads": torch.get_num_threads(), "pad_share": round(pad, 3)}
+
+
 def run_case(spec: dict, argv: list[str]) -> dict:
+    if spec["case"] == "hf_recipe":
+        return run_recipe(spec, argv)
     import torch
     import dataloader as D
     from config import get_config
@@ -206,6 +303,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def ratios(rows: list[dict]) -> list[str]:
+    """The figures the targets are stated in: MANGO's fp32 text path against the recipe measured in this run
+    (train pass per epoch, eval posts/s), and each image case against the text path (same precision, bucketing)."""
+    ok = [r for r in rows if "error" not in r]
+    rec = next((r for r in ok if r["case"] == "hf_recipe"), None)
+    out = []
+    for r in ok:
+        if r["case"] == "text" and not r["amp"] and rec:
+            out.append(f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}) "
+                       f"vs hf_recipe: train pass {r['epoch_s'] / rec['epoch_s']:.2f}x the recipe's seconds per epoch, "
+                       f"eval {r['eval_posts_per_s'] / rec['eval_posts_per_s']:.2f}x its posts/s")
+    for r in ok:
+        t = next((x for x in ok if x["case"] == "text" and (x["amp"], x["bucketing"], x["grad_ckpt"]) ==
+                  (r["amp"], r["bucketing"], r["grad_ckpt"])), None)
+        if r["case"] not in ("text", "hf_recipe") and t:
+            out.append(f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}) "
+                       f"vs text: {r['epoch_s'] / t['epoch_s']:.2f}x seconds per epoch")
+    return out
+
+
 def main(argv=None):
     args, rest = bench_args(argv)
     if args.one:
@@ -223,6 +340,9 @@ def main(argv=None):
         for amp in args.amp_modes.split(","):
             for bucket in args.bucketing.split(","):
                 for ck in args.grad_ckpt.split(","):
+                    if case == "hf_recipe" and (amp, ck) != ("fp32", "off") or case == "hf_recipe" and any(
+                            r["case"] == case for r in rows):
+                        continue  # the recipe is what it is: fp32, its own batching, once
                     flags = ["--swanlab_mode", "disabled"] + rest
                     flags += ["--amp"] if amp == "amp" else []
                     flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
@@ -241,6 +361,8 @@ def main(argv=None):
     print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"repeats {args.repeats} x {args.steps} steps, medians; sizes: {args.sizes}")
     print(table(rows))
+    for line in ratios(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": vars(args), "flags": rest, "rows": rows}, indent=1))
 

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lenient_data", action="store_true", help="repair and count malformed data lines instead of failing")
     a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
     a("--max_len", type=int, default=128, help="max sub-words per post incl. specials; longer posts are scored with O past it")
+    a("--context_k", type=int, default=0,
+      help="retrieved context: append the words of each post's k most similar training posts (shipped MiniLM "
+           "sentence embedding; never the post itself or dev/test posts) after a separator, unlabelled; 0 = off")
     a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
     a("--image_aug", action="store_true", help="random crop + flip of training images (on-the-fly images only)")
     a("--cache_dir", default=str(ROOT / ".cache" / "features"), help="frozen-vision feature cache")
@@ -71,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--text_attention_dropout", type=float, default=0.0,
       help="attention-probability dropout inside the text encoder (its config says 0.1; 0 is faster on CPU)")
     a("--freeze_word_embeddings", action="store_true", help="keep the text encoder's word-embedding matrix fixed (faster steps)")
+    a("--word_pooling", default="first", choices=["first", "mean"],
+      help="a word's state from its sub-words: the first one, or the mean of all of them")
+    a("--freeze_text_layers", type=int, default=0,
+      help="keep the text encoder's embeddings and its first N layers fixed: backward stops above them (faster steps)")
     a("--case_features", action=B, default=True,
       help="add a learned word-shape embedding (lower/Title/UPPER/mixed/no letter/@#) to the word states")
     a("--allow_download", action="store_true", help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", type=int, default=10, help="training epochs (exactly this many unless early stopping)")
     a("--batch_size", type=int, default=16, help="posts per batch (per process under torchrun: global batch = this x processes)")
     a("--fin_tuning_lr", type=float, default=5e-5, help="learning rate of the text encoder")
+    a("--llrd", type=float, default=1.0,
+      help="layer-wise learning-rate decay of the text encoder: layer i from the top trains at --fin_tuning_lr x "
+           "llrd^i, the embeddings at llrd^layers (1 = one rate for the whole encoder)")
     a("--clip_lr", type=float, default=1e-5, help="learning rate of trainable pretrained vision blocks")
     a("--downs_en_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, heads, scratch vision)")
     a("--weight_decay_rate", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
@@ -230,12 +240,14 @@ def validate(c) -> None:
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
     for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
-              "residual_warmup_epochs", "min_epoch_num", "patience_num", "max_bad_steps"):
+              "residual_warmup_epochs", "context_k", "freeze_text_layers", "min_epoch_num", "patience_num", "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     bad = [s for s in c.split.split(",") if s not in ("train", "valid", "test")]
     if bad or not c.split:
         raise ConfigError(f"--split {c.split}: give train, valid or test, or several joined by commas (valid,test)")
+    if not 0 < c.llrd <= 1:
+        raise ConfigError(f"--llrd must be in (0, 1] (1 = no layer-wise decay), got {c.llrd}")
     if c.max_len < 8:
         raise ConfigError(f"--max_len must be >= 8, got {c.max_len}")
     if not 0 <= c.warmup_prop <= 1:

@@ -17,6 +17,7 @@ The batch contract (every model consumes exactly this):
   input_ids      [B, T] long     sub-word ids, padded with the tokenizer's pad id
   attention_mask [B, T] long     1 on real sub-words
   word_index     [B, W] long     position in T of each word's first sub-word (0 on padding)
+  word_end       [B, W] long     one past its last sub-word (1 on padding): --word_pooling mean averages [index, end)
   word_mask      [B, W] bool     True on words that are scored by the model (not padding, not truncated)
   labels         [B, W] long     word label ids (LabelMap.PAD = 0 on padding)
   case_ids       [B, W] long     word shape (`word_shape`: lower, Title, UPPER, ...; 0 on padding)
@@ -536,6 +537,7 @@ class LabelMap:
 class Encoded:
     input_ids: list[int]
     word_index: list[int]   # first sub-word position of each kept word (special tokens included)
+    word_end: list[int]     # one past its last kept sub-word (word_index[i] < word_end[i])
     n_kept: int             # words scored by the model; words past max_len are predicted O
     n_empty: int            # words that tokenised to nothing and were replaced by the unknown token
 
@@ -551,8 +553,12 @@ def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
     return list(enc["input_ids"][:first]), list(enc["input_ids"][last + 1:])
 
 
-def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
+def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[str]] | None = None) -> Encoded:
     """Sub-word encode a word list and record each word's first sub-word position.
+
+    `context` (--context_k) is a list of retrieved posts' word lists, appended after the post as
+    [SEP] ctx1 [SEP] ctx2 ... in whatever room max_len leaves; the post itself is never cut for them, and their
+    sub-words are not words of the post (not in word_index), so nothing scores or labels them.
 
     Words that tokenise to nothing (U+FE0F, U+200B, a lone combining mark, "") would shift every later
     label when aligned by position, so they are replaced by the unknown token. Truncation keeps whole
@@ -573,12 +579,23 @@ def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
     ids = enc["input_ids"][:budget]
     wids = wids[:budget]
     prefix = len(head)
-    word_index, seen = [], -1
+    if context:
+        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        ids = list(ids)
+        for ctx in context:
+            room = budget - len(ids) - 1
+            if room <= 0 or not ctx:
+                break
+            ids += [sep] + tokenizer(ctx, is_split_into_words=True, add_special_tokens=False)["input_ids"][:room]
+    word_index, word_end, seen = [], [], -1
     for pos, w in enumerate(wids):
         if w is not None and w != seen:
             word_index.append(pos + prefix)
+            word_end.append(pos + prefix + 1)
             seen = w
-    return Encoded(head + list(ids) + tail, word_index, len(word_index), n_empty)
+        elif w is not None:
+            word_end[-1] = pos + prefix + 1
+    return Encoded(head + list(ids) + tail, word_index, word_end, len(word_index), n_empty)
 
 
 CASE_SHAPES = ("pad", "lower", "title", "upper", "mixed", "no_letter", "mention_or_hashtag")
@@ -1034,14 +1051,16 @@ class MNERDataset(torch.utils.data.Dataset):
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
                  image_mode: str | None = None, prep: ImagePrep | None = None, features=None,
                  feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split", teacher=None,
-                 control: str = "none", blank=None):
+                 control: str = "none", blank=None, context=None):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
         self.teacher, self.control, self.blank = teacher, control, blank
         # a post without a teacher entry gets zeros of the teacher's own shape (its distill term is never read)
         self.teacher_shape = next(iter(teacher.values())).shape if teacher else None
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
-        self.enc = [encode_words(tokenizer, p.tokens, max_len) for p in posts]
+        self.enc = [encode_words(tokenizer, p.tokens, max_len, context[i] if context else None)
+                    for i, p in enumerate(posts)]
+        self.context_k = max((len(c) for c in context), default=0) if context else 0
         self.labels = [label_map.encode(p.tags, p.source) for p in posts]
         self.cases = [[word_shape(w) for w in p.tokens] for p in posts]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -1076,6 +1095,11 @@ class MNERDataset(torch.utils.data.Dataset):
             s += ")"
             if self.control != "none":
                 s += f", image control {self.control}"
+        if self.context_k:
+            post = sum(e.word_end[-1] if e.word_end else 0 for e in self.enc)
+            total = sum(len(e.input_ids) for e in self.enc)
+            s += f", retrieved context: {self.context_k} neighbours, sub-words per post {total / max(1, len(self.enc)):.1f} " \
+                 f"(post alone {post / max(1, len(self.enc)) + 1:.1f})"
         if self.n_truncated:
             s += f", {self.n_truncated} words past --max_len (scored as O)"
         if self.n_empty:
@@ -1102,7 +1126,7 @@ class MNERDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         e = self.enc[i]
-        item = {"input_ids": e.input_ids, "word_index": e.word_index, "labels": self.labels[i][: e.n_kept],
+        item = {"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": self.labels[i][: e.n_kept],
                 "case_ids": self.cases[i][: e.n_kept], "has_image": self.has_image[i], "index": i}
         j = self.source[i]  # whose image this post is shown (--image_control)
         if self.image_mode == "pixels":
@@ -1126,6 +1150,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     word_index = torch.zeros(B, W, dtype=torch.long)
+    word_end = torch.ones(B, W, dtype=torch.long)
     word_mask = torch.zeros(B, W, dtype=torch.bool)
     labels = torch.zeros(B, W, dtype=torch.long)
     case_ids = torch.zeros(B, W, dtype=torch.long)
@@ -1134,10 +1159,11 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         input_ids[b, :n] = torch.tensor(it["input_ids"])
         attention_mask[b, :n] = 1
         word_index[b, :w] = torch.tensor(it["word_index"], dtype=torch.long)
+        word_end[b, :w] = torch.tensor(it["word_end"], dtype=torch.long)
         word_mask[b, :w] = True
         labels[b, :w] = torch.tensor(it["labels"], dtype=torch.long)
         case_ids[b, :w] = torch.tensor(it["case_ids"], dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index, "word_end": word_end,
              "word_mask": word_mask, "labels": labels, "case_ids": case_ids,
              "has_image": torch.tensor([bool(it["has_image"]) for it in items]),
              "index": torch.tensor([it["index"] for it in items])}
@@ -1211,11 +1237,15 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
     image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs).
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
+    context = None
+    if getattr(config, "context_k", 0) > 0:
+        from context import context_words
+        context = context_words(config, split, posts, posts if split == "train" else load_split(config, "train"))
     if vision is None:
-        return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split)
+        return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, context=context)
     prep = image_prep_for(config)
     paths = [find_image(root, p.imgid) for p in posts]
-    common = dict(seed=config.seed, name=split, control=config.image_control)
+    common = dict(seed=config.seed, name=split, control=config.image_control, context=context)
     if teacher is not None and train:
         common["teacher"] = cached_features(config, teacher, paths, f"{config.dataset_name}/{split} teacher",
                                             EFFNET_PREP)[0]

@@ -92,6 +92,10 @@ def refusal(config, model) -> str:
                 "with a pretrained backbone (efficientnet_lite0 or CLIP) or a text-only model")
     if model.lstm is not None:
         return f"model {config.model} has a BiLSTM (packed sequences), which the bundle does not support yet"
+    if getattr(config, "word_pooling", "first") != "first":
+        return f"--word_pooling {config.word_pooling} is not in the bundle's inputs yet; export a first-sub-word run"
+    if getattr(config, "context_k", 0):
+        return "--context_k runs need the training posts to retrieve from, which the bundle does not carry yet"
     return ""
 
 

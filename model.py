@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -65,11 +66,19 @@ def text_positions(cfg) -> int | None:
     return n
 
 
+def text_depth(name: str, n_layers: int) -> int:
+    """Depth of a text-encoder parameter: 0 = embeddings, i + 1 = transformer layer i, n_layers + 1 = above them."""
+    m = re.search(r"\.layers?\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return 0 if "embeddings" in name else n_layers + 1
+
+
 class TextEncoder(nn.Module):
     """Any Hugging Face encoder from a local directory; architecture from its config.json.
 
-    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W]) -> word states [B, W, H]
-    (each word is represented by its first sub-word).
+    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W], word_end [B,W] | None) -> word states [B, W, H]
+    (each word is its first sub-word, or with --word_pooling mean the mean of sub-words word_index..word_end-1).
     """
 
     def __init__(self, config):
@@ -98,11 +107,26 @@ class TextEncoder(nn.Module):
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.freeze_word_embeddings:  # the largest matrix (vocab x H): no dense gradient or AdamW pass over it
             self.model.get_input_embeddings().weight.requires_grad_(False)
+        n_layers = self.model.config.num_hidden_layers
+        if config.freeze_text_layers > n_layers:
+            raise ConfigError(f"--freeze_text_layers {config.freeze_text_layers}: --text_encoder {config.text_encoder} "
+                              f"has {n_layers} layers; give at most {n_layers}")
+        if config.freeze_text_layers:  # backward stops above the frozen stack: no gradient below it at all
+            for n, prm in self.model.named_parameters():
+                if text_depth(n, n_layers) <= config.freeze_text_layers:
+                    prm.requires_grad_(False)
         self.hidden = self.model.config.hidden_size
+        self.mean = config.word_pooling == "mean"
 
-    def forward(self, input_ids, attention_mask, word_index):
+    def forward(self, input_ids, attention_mask, word_index, word_end=None):
         h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+        H = h.size(-1)
+        if not self.mean or word_end is None:  # no spans given (a hand-made batch): first sub-word
+            return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
+        # span means from a prefix sum: [B, T+1, H], one gather at each end of every word's sub-word span
+        c = torch.cat([h.new_zeros(h.size(0), 1, H), h.cumsum(1)], 1)
+        s = c.gather(1, word_end.unsqueeze(-1).expand(-1, -1, H)) - c.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
+        return s / (word_end - word_index).clamp_min(1).unsqueeze(-1).to(h.dtype)
 
 
 # ============================================================================ vision
@@ -936,7 +960,7 @@ class Tagger(nn.Module):
     def forward(self, batch, epoch: float = 0.0, image_on: bool = True):
         cfg = self.config
         mask = batch["word_mask"]
-        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"])
+        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"))
         if self.case is not None:
             text = text + self.case(batch["case_ids"])
         text = self.drop(text)

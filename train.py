@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import dataloader as D
 from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
-from model import build_model, build_teacher, check_flags, load_tokenizer
+from model import build_model, build_teacher, check_flags, load_tokenizer, text_depth
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
                     load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
                     write_predictions)
@@ -211,17 +211,25 @@ def optimizer_steps(config, n_batches: int) -> int:
 def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None):
     """AdamW with layer-wise groups and a LambdaLR schedule: lr_plan(config, steps), or `plan` when given.
 
-    text encoder -> fin_tuning_lr, trainable pretrained vision -> clip_lr, everything else -> downs_en_lr;
-    biases and every norm layer get no weight decay.
+    text encoder -> fin_tuning_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
+    pretrained vision -> clip_lr, everything else -> downs_en_lr; biases and every norm layer get no weight decay.
     """
     lrs = base_lrs(config)
+    n_layers = model.text.model.config.num_hidden_layers
     groups = []
     for name, params in model.param_groups().items():
-        for decay in (True, False):
-            ps = [p for n, p in params if (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
-            if ps:
-                groups.append({"params": ps, "lr": lrs[name], "weight_decay": config.weight_decay_rate if decay else 0.0,
-                               "name": f"{name}{'' if decay else '_nodecay'}", "base": name})
+        # one group per (depth, decay); without --llrd every text parameter has the same scale (one depth)
+        depth = (lambda n: text_depth(n, n_layers)) if name == "text" and config.llrd != 1.0 else (lambda n: 0)
+        for d in sorted({depth(n) for n, _ in params}):
+            scale = config.llrd ** max(0, n_layers - d) if name == "text" and config.llrd != 1.0 else 1.0
+            for decay in (True, False):
+                ps = [p for n, p in params if depth(n) == d
+                      and (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
+                if ps:
+                    tag = f"{name}{'' if decay else '_nodecay'}" + (f"_d{d}" if scale != 1.0 or d else "")
+                    groups.append({"params": ps, "lr": lrs[name] * scale, "scale": scale,
+                                   "weight_decay": config.weight_decay_rate if decay else 0.0,
+                                   "name": tag, "base": name})
     # the fused kernel does one pass per tensor: 6x faster than the default per-parameter loop on CPU
     opt = torch.optim.AdamW(groups, lr=config.downs_en_lr, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(plan or lr_plan(config, steps)))
@@ -444,7 +452,7 @@ def start_state(config, resume, model, train_loader, device, run, say):
         raise ConfigError(f"{run_src / 'last.pt'}: does not match the model in {run_src / 'config.json'} "
                           f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
     lrs = base_lrs(config)
-    sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
+    sched.base_lrs = [lrs[g["base"]] * g.get("scale", 1.0) for g in opt.param_groups]
     for g, base in zip(opt.param_groups, sched.base_lrs):
         g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
     state.epoch, state.best, state.bad_epochs, state.step = resume["epoch"] + 1, resume["best"], resume["bad_epochs"], resume["step"]

@@ -24,7 +24,7 @@ import bundle as BU  # noqa: E402
 import dataloader as D  # noqa: E402
 from metrics import evaluate  # noqa: E402
 from model import load_tokenizer  # noqa: E402
-from test import load_run, predict  # noqa: E402
+from runner import load_run, predict  # noqa: E402
 
 
 def timed(fn, repeats: int):

@@ -249,6 +249,25 @@ def _image_control(env):
     return sources([]) != sources(["--image_control", "shuffle"])
 
 
+def _word_pooling(env):
+    """--word_pooling mean: the word states of the tiny data (some words span several sub-words) change."""
+    batch = next(iter(D.make_loader(env["dataset"](), ds_config(env, []), train=False)))
+    states = []
+    for argv in ([], ["--word_pooling", "mean"]):
+        c, m, _ = env["mner"](argv)
+        m.eval()
+        states.append(m.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch["word_end"]))
+    multi = (batch["word_end"] - batch["word_index"] > 1) & batch["word_mask"]
+    return bool(multi.any()) and torch.allclose(states[0][~multi], states[1][~multi], atol=1e-6) and \
+        not torch.allclose(states[0][multi], states[1][multi])
+
+
+def _freeze_text_layers_too_many(env):
+    with pytest.raises(C.ConfigError, match="--freeze_text_layers 99"):
+        env["mner"](["--freeze_text_layers", "99"])
+    return True
+
+
 # ------------------------------------------------------------------ THE TABLE: every flag -> how it is checked
 # Add a row for every new flag. DUAL: the dual-granularity encoder at a tiny size (the --vision_* flags act there).
 DUAL = ["--use_dual_granularity", "--vision_stem", "conv", "--vision_img_size", "32", "--vision_patch_size", "8",
@@ -265,6 +284,7 @@ FLAGS = {
     "keep_raw_types": [fn(_keep_raw_types)],
     "max_len": [data(alt=["--max_len", "10"])],
     "length_bucketing": [data(alt=["--no-length_bucketing"])],
+    "context_k": [data(alt=["--context_k", "1"])],
     "image_aug": [fn(_image_aug)],
     "cache_dir": [fn(_cache_dir)],
     "num_workers": [fn(_num_workers)],
@@ -275,6 +295,8 @@ FLAGS = {
     "image_encoder": [model(alt=["--image_encoder", "efficientnet_lite0"])],
     "text_attention_dropout": [model(alt=["--text_attention_dropout", "0.2"]), forward(alt=["--text_attention_dropout", "0.5"])],
     "freeze_word_embeddings": [model(alt=["--freeze_word_embeddings"])],
+    "freeze_text_layers": [model(alt=["--freeze_text_layers", "1"]), fn(_freeze_text_layers_too_many)],
+    "word_pooling": [fn(_word_pooling)],
     "case_features": [model(alt=["--no-case_features"])],
     "allow_download": [fn(_allow_download)],
     "use_image": [model(alt=["--no-use_image"])],
@@ -323,6 +345,7 @@ FLAGS = {
     "batch_size": [data(alt=["--batch_size", "3"])],
     "fin_tuning_lr": [train_(alt=["--fin_tuning_lr", "1e-3"])],
     "clip_lr": [train_(["--vision_trainable"], ["--clip_lr", "1e-3"])],
+    "llrd": [train_(alt=["--llrd", "0.8"]), refused(["--llrd", "0"], "--llrd")],
     "downs_en_lr": [train_(alt=["--downs_en_lr", "1e-2"])],
     "weight_decay_rate": [train_(alt=["--weight_decay_rate", "0.5"])],
     "clip_grad": [fn(_clip_grad)],

@@ -53,6 +53,22 @@ def test_no_import_cycle():
     assert "train" not in graph["test"] and "test" not in graph["train"]  # the two share runner.py instead
 
 
+def test_every_name_a_script_imports_from_the_project_exists():
+    """`from module import name` in script/*.py and the top-level files names something that module defines (a
+    moved function breaks a hand-run benchmark script long before anyone runs it)."""
+    import importlib
+    import sys
+    sys.path.insert(0, str(ROOT))
+    missing = []
+    mods = {p.stem for p in ROOT.glob("*.py")}
+    for f in sorted(ROOT.glob("script/*.py")) + sorted(ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods:
+                m = importlib.import_module(node.module)
+                missing += [f"{f.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names if not hasattr(m, a.name)]
+    assert not missing, missing
+
+
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []

@@ -37,7 +37,7 @@ def tiny_flags(tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
             "--cross_attn_heads", "2", "--device", "cpu", "--swanlab_mode", "disabled", *TINY_DUAL]
 
 
-@pytest.mark.parametrize("case,extra", [("text", ["--grad_checkpointing"]), ("mner_cached", []),
+@pytest.mark.parametrize("case,extra", [("hf_recipe", []), ("text", ["--grad_checkpointing"]), ("mner_cached", []),
                                         ("mner_pixels", ["--no-length_bucketing"]), ("mner_dual", ["--amp"])])
 def test_bench_case_reports_figures(tiny_flags, case, extra):
     r = bench.run_case({"case": case, "repeats": 2, "steps": 2, "eval_posts": 4}, tiny_flags + extra)
@@ -46,17 +46,19 @@ def test_bench_case_reports_figures(tiny_flags, case, extra):
     tps = r["train_posts_per_s"]  # rounded to 0.1, and epoch_s = 24 / (exact posts/s) rounded to 0.1
     assert 24 / (tps + 0.05) - 0.051 <= r["epoch_s"] <= 24 / max(tps - 0.05, 1e-9) + 0.051
     assert r["grad_ckpt"] == ("--grad_checkpointing" in extra) and r["amp"] == ("--amp" in extra)
-    assert r["bucketing"] == ("--no-length_bucketing" not in extra)
+    assert r["bucketing"] == ("--no-length_bucketing" not in extra and case != "hf_recipe")
 
 
 def test_bench_driver_table_and_json(tmp_path, tiny_flags):
     out = tmp_path / "bench.json"
-    p = subprocess.run([PY, "bench.py", "--cases", "text", "--amp_modes", "fp32", "--bucketing", "on,off",
+    p = subprocess.run([PY, "bench.py", "--cases", "hf_recipe,text", "--amp_modes", "fp32", "--bucketing", "on,off",
                         "--repeats", "1", "--steps", "1", "--eval_posts", "4", "--json", str(out), *tiny_flags],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["case"], r["bucketing"]) for r in rows] == [("text", True), ("text", False)]
+    # the recipe runs once (its own batching), MANGO per bucketing mode; the ratios to the recipe are printed
+    assert [(r["case"], r["bucketing"]) for r in rows] == [("hf_recipe", False), ("text", True), ("text", False)]
+    assert p.stdout.count("vs hf_recipe: train pass") == 2
     assert "| text | fp32 | on | off |" in p.stdout and "| text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
 
 

@@ -1,0 +1,190 @@
+"""The text-path levers of issue #15: retrieved context, mean sub-word pooling, layer-wise lr decay, frozen lower
+layers, and the domain-adaptive MLM script (its leak check and that its output loads as --text_encoder)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import config as C
+import context
+import dataloader as D
+import model as M
+import train
+from conftest import ROOT, make_conll
+
+TRAIN = [
+    (["Obama", "visits", "Paris", "today"], ["B-PER", "O", "B-LOC", "O"], "1"),
+    (["Obama", "visits", "Paris", "today"], ["B-PER", "O", "B-LOC", "O"], "2"),  # a duplicate of post 0
+    (["Obama", "speaks", "in", "Paris"], ["B-PER", "O", "O", "B-LOC"], "3"),
+    (["Apple", "releases", "a", "new", "phone"], ["B-ORG", "O", "O", "O", "O"], "4"),
+    (["Google", "releases", "a", "new", "phone"], ["B-ORG", "O", "O", "O", "O"], "5"),
+    (["rain", "in", "London", "again"], ["O", "O", "B-LOC", "O"], "6"),
+]
+DEV = [(["Obama", "visits", "Paris", "today"], ["B-PER", "O", "B-LOC", "O"], "7"),  # equal to train posts 0 and 1
+       (["Zorblax", "quuxes", "Obama", "tonight"], ["B-PER", "O", "B-PER", "O"], "8")]
+TEST = [(["Microsoft", "releases", "a", "tablet"], ["B-ORG", "O", "O", "O"], "9")]
+
+
+@pytest.fixture(scope="module")
+def ctx_env(tmp_path_factory, tiny_bert_dir):
+    root = tmp_path_factory.mktemp("ctx")
+    for split, posts in (("train", TRAIN), ("valid", DEV), ("test", TEST)):
+        make_conll(root / "data" / "ctx" / f"{split}.txt", posts)
+    argv = ["--data_dir", str(root / "data"), "--dataset_name", "ctx", "--cache_dir", str(root / "cache"),
+            "--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--context_k", "2"]
+    c = C.get_config(argv)
+    tok = M.load_tokenizer(c)
+    posts = {s: D.load_split(c, s) for s in ("train", "valid", "test")}
+    return {"argv": argv, "config": c, "tok": tok, "posts": posts, "labels": D.LabelMap.from_posts(posts["train"]),
+            "root": root}
+
+
+def _context_of(env, split):
+    p = env["posts"]
+    return context.context_words(env["config"], split, p[split], p["train"])
+
+
+def test_context_never_the_post_itself_nor_dev_or_test(ctx_env):
+    train_words = [p.tokens for p in ctx_env["posts"]["train"]]
+    held_out = [p for s in ("valid", "test") for p in ctx_env["posts"][s]]
+    for split in ("train", "valid", "test"):
+        for post, ctx in zip(ctx_env["posts"][split], _context_of(ctx_env, split)):
+            assert len(ctx) == 2
+            for words in ctx:
+                assert any(words is w for w in train_words)  # the pool is the training split's posts, always
+                assert words != post.tokens  # never itself, nor a post with exactly its words
+    # training posts 0 and 1 are equal: neither retrieves the other
+    ctx0, ctx1 = _context_of(ctx_env, "train")[:2]
+    assert TRAIN[0][0] not in ctx0 and TRAIN[0][0] not in ctx1
+    # the dev post equal to training posts 0 and 1 retrieves neither of them
+    assert TRAIN[0][0] not in _context_of(ctx_env, "valid")[0]
+    # no dev or test post is ever a neighbour (train post 0 has the words of dev post 0, but it is a training post)
+    for split in ("train", "valid", "test"):
+        for ctx in _context_of(ctx_env, split):
+            assert not any(words is p.tokens for words in ctx for p in held_out)
+
+
+def test_context_words_carry_no_labels(ctx_env):
+    c, tok, labels = ctx_env["config"], ctx_env["tok"], ctx_env["labels"]
+    plain = D.make_dataset(C.get_config(ctx_env["argv"][:-2]), "valid", ctx_env["posts"]["valid"], tok, labels)
+    ds = D.make_dataset(c, "valid", ctx_env["posts"]["valid"], tok, labels)
+    assert "retrieved context: 2 neighbours" in ds.describe()
+    for e, e0, p in zip(ds.enc, plain.enc, ds.posts):
+        # the same words, the same positions and labels; context sub-words come after them and are not words
+        assert e.word_index == e0.word_index and e.word_end == e0.word_end and len(e.word_index) == len(p.tokens)
+        assert len(e.input_ids) > len(e0.input_ids) and e.input_ids[:len(e0.input_ids) - 1] == e0.input_ids[:-1]
+        assert e.input_ids[len(e0.input_ids) - 1] == tok.sep_token_id
+    batch = D.collate([ds[i] for i in range(len(ds))], ds.pad_id)
+    assert int(batch["word_mask"].sum()) == sum(len(p.tokens) for p in ds.posts)
+    torch.manual_seed(0)
+    m = M.build_model(c, len(labels)).eval()
+    # the loss reads labels on word_mask only: putting garbage labels past the words changes nothing
+    b2 = dict(batch, labels=batch["labels"].clone())
+    b2["labels"][~batch["word_mask"]] = 3
+    loss = m(batch)["loss"]
+    assert torch.equal(loss, m(b2)["loss"])
+    # the scorer gets exactly one tag per post word
+    assert [len(t) for t in m.decode(batch)] == [len(p.tokens) for p in ds.posts]
+    # a context word's (the neighbours') gold tags are never read: relabelling the pool changes no label tensor
+    relabelled = [D.Post(p.tokens, ["O"] * len(p.tokens), p.imgid) for p in ctx_env["posts"]["train"]]
+    other = context.context_words(c, "valid", ctx_env["posts"]["valid"], relabelled)
+    assert other == _context_of(ctx_env, "valid")
+
+
+def test_neighbour_cache_is_keyed_by_content_and_encoder(ctx_env, monkeypatch, tmp_path):
+    q, pool = ["a b", "c d"], ["a b c", "e f", "g h"]
+    key = context.cache_key(q, pool, 2)
+    assert key != context.cache_key(q, pool + ["x"], 2)       # pool (training split) content
+    assert key != context.cache_key(["a b", "c e"], pool, 2)   # queried split content
+    assert key != context.cache_key(q, pool, 1)                # k
+    monkeypatch.setattr(context, "retriever_id", lambda: "another-encoder")
+    assert key != context.cache_key(q, pool, 2)                # the retriever's weights
+    monkeypatch.undo()
+    first = context.cached_neighbours(tmp_path, q, pool, 2)
+    assert len(list((tmp_path / "context").glob("*.json"))) == 1
+
+    def no_recompute(*a, **k):
+        raise AssertionError("neighbours recomputed despite a cache entry")
+    monkeypatch.setattr(context, "neighbours", no_recompute)
+    assert context.cached_neighbours(tmp_path, q, pool, 2) == first
+
+
+def test_mean_pooling_averages_each_words_sub_words(tiny_bert_dir):
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--word_pooling", "mean"])
+    tok = M.load_tokenizer(c)
+    e = D.encode_words(tok, ["hello", "unbelievablyxyz", "a"], 32)
+    assert e.word_end[1] - e.word_index[1] > 1  # a word of several sub-words
+    b = D.collate([{"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": [1] * 3,
+                    "case_ids": [1] * 3, "has_image": False, "index": 0}])
+    torch.manual_seed(0)
+    enc = M.build_model(c, 10).text.eval()
+    h = enc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[0]
+    w = enc(b["input_ids"], b["attention_mask"], b["word_index"], b["word_end"])[0]
+    for i in range(3):
+        torch.testing.assert_close(w[i], h[e.word_index[i]:e.word_end[i]].mean(0))
+
+
+def test_llrd_scales_each_layer(tiny_bert_dir):
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--llrd", "0.5", "--warmup_prop", "0"])
+    m = M.build_model(c, 10)
+    opt, _ = train.make_optimizer(m, c, steps=10)
+    L = m.text.model.config.num_hidden_layers
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for n, p in m.named_parameters():
+        if n.startswith("text."):
+            want = c.fin_tuning_lr * 0.5 ** max(0, L - M.text_depth(n, L))
+        else:
+            want = c.downs_en_lr
+        assert lr_of[id(p)] == pytest.approx(want), n
+    assert {g["base"] for g in opt.param_groups} == {"text", "rest"}
+
+
+def test_frozen_lower_layers_get_no_gradient(tiny_bert_dir):
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--freeze_text_layers", "1"])
+    torch.manual_seed(0)
+    m = M.build_model(c, 10)
+    L = m.text.model.config.num_hidden_layers
+    frozen = {n for n, p in m.text.model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in m.text.model.named_parameters() if M.text_depth(n, L) <= 1}
+    batch = {"input_ids": torch.randint(5, 500, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+             "word_index": torch.arange(1, 6).repeat(2, 1), "word_mask": torch.ones(2, 5, dtype=torch.bool),
+             "labels": torch.randint(1, 10, (2, 5)), "case_ids": torch.ones(2, 5, dtype=torch.long),
+             "has_image": torch.zeros(2, dtype=torch.bool), "index": torch.arange(2)}
+    m(batch)["loss"].backward()
+    for n, p in m.text.model.named_parameters():
+        assert (p.grad is None) == (n in frozen), n
+    assert not any(n.startswith("text.model.embeddings") for n, _ in m.param_groups()["text"])
+
+
+def test_mlm_corpus_leak_check_on_the_shipped_data():
+    import pretrain_mlm
+    corpus, report = pretrain_mlm.build_corpus(str(ROOT / "data"), ["twitter2015", "twitter2017", "MNRE"])
+    held = set()
+    for name in pretrain_mlm.TWITTER:
+        for split in ("valid", "test"):
+            held |= {pretrain_mlm.words_key(p.tokens)
+                     for p in D.load_split(C.get_config(["--dataset_name", name]), split)}
+    assert not any(pretrain_mlm.words_key(s) in held for s in corpus)
+    assert report["dropped_leak"] == sum(s["dropped_leak"] for s in report["sources"].values()) > 0
+    assert report["sentences"] == len(corpus)
+
+
+def test_mlm_script_writes_a_loadable_encoder(tmp_path, tiny_bert_dir):
+    out = tmp_path / "enc"
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "pretrain_mlm.py", "--text_encoder", tiny_bert_dir, "--out", str(out),
+                        "--max_sentences", "40", "--epochs", "1", "--batch_size", "8", "--head_warmup_steps", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((out / "mlm_report.json").read_text())
+    assert rep["epoch_loss"] and rep["dropped_leak"] > 0 and "leak check" in p.stdout
+    c = C.get_config(["--text_encoder", str(out), "--model", "roberta_crf"])
+    before = M.build_model(C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf"]), 10)
+    after = M.build_model(c, 10)
+    # the adapted encoder loads as --text_encoder and its weights moved
+    w0 = dict(before.text.model.named_parameters())
+    assert any(not torch.equal(w0[n], q) for n, q in after.text.model.named_parameters())

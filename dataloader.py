@@ -1228,6 +1228,15 @@ def cached_features(config, vision, paths, desc: str, prep: ImagePrep | None = N
     return feats, blank
 
 
+def split_context(config, split: str, posts: list[Post]):
+    """--context_k's retrieved words for each post (context.context_words), or None when it is off. The pool is the
+    training split: the posts themselves for split "train", else the training split of config's dataset."""
+    if getattr(config, "context_k", 0) <= 0:
+        return None
+    from context import context_words
+    return context_words(config, split, posts, posts if split == "train" else load_split(config, "train"))
+
+
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
                  train: bool = False, image_dir=None, teacher=None) -> MNERDataset:
     """A split ready for the model. `vision` is the model's vision module (duck-typed: `cacheable`, `features`,
@@ -1237,10 +1246,7 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
     image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs).
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
-    context = None
-    if getattr(config, "context_k", 0) > 0:
-        from context import context_words
-        context = context_words(config, split, posts, posts if split == "train" else load_split(config, "train"))
+    context = split_context(config, split, posts)
     if vision is None:
         return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, context=context)
     prep = image_prep_for(config)

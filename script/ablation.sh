@@ -2,21 +2,26 @@
 # MNER ablations: one training run per experiment, each scored on dev and test by test.py into one CSV; every
 # multimodal run is scored a second time with shuffled images (test.py --image_control shuffle: every layer kept,
 # only the pictures wrong), so each row stands next to its own control. shuffle / blank (and dual_*) train and test
-# with wrong or grey images throughout.
+# with wrong or grey images throughout. The text_* experiments are the text-path levers of issue #15
+# (--model roberta_crf; run them on Twitter: DATASET=twitter2017 EPOCHS=6 bash script/ablation.sh --exp text_base,...).
 #   bash script/ablation.sh --list                 # the experiments and the flags each one changes
 #   bash script/ablation.sh --dry-run              # print the commands, run nothing
 #   bash script/ablation.sh --exp no_gate,no_nce   # only these (default: all)
 # Env: DATASET (default demo: the Twitter images are not shipped, so only demo exercises the image path),
 #      SEED, EPOCHS, DEVICE, TEXT_ENCODER, EXTRA_ARGS as in every script; CLIP_DIR = a local CLIP directory
 #      for the `clip` experiment (skipped without it); RECORD_FILE (default results/ablation_<dataset>.csv);
-#      SAVE_DIR (default save_models).
+#      SAVE_DIR (default save_models); DAPT_DIR = the encoder pretrain_mlm.py writes for text_dapt (made when
+#      missing; default save_models/encoders/minilm_tweets).
 # Runs: $SAVE_DIR/abl_<dataset>_<exp>_s<seed>; a finished one (test_report.json) is scored again, not retrained.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 
 EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
-text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank"
+text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank
+text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context"
+DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
+TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings"  # the text path before issue #15; each lever adds one change
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
     full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
@@ -35,6 +40,15 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     dual_granularity) echo "(script/train_dual_granularity.sh defaults)" ;;
     dual_shuffle) echo "(script/train_dual_granularity.sh) --image_control shuffle" ;;
     dual_blank) echo "(script/train_dual_granularity.sh) --image_control blank" ;;
+    text_base) echo "$TEXT_BASE" ;;
+    text_epochs10) echo "$TEXT_BASE --epochs 10" ;;
+    text_head_lr) echo "$TEXT_BASE --downs_en_lr 3e-3" ;;
+    text_llrd) echo "$TEXT_BASE --llrd 0.9" ;;
+    text_mean) echo "$TEXT_BASE --word_pooling mean" ;;
+    text_frozen_emb) echo "--model roberta_crf --freeze_word_embeddings" ;;
+    text_frozen_2) echo "--model roberta_crf --freeze_text_layers 2" ;;
+    text_dapt) echo "$TEXT_BASE --text_encoder $DAPT_DIR" ;;
+    text_context) echo "$TEXT_BASE --context_k 2" ;;
     *) return 1 ;;
   esac
 }
@@ -79,12 +93,16 @@ for e in $sel; do
     dual_shuffle|dual_blank) script=script/train_dual_granularity.sh; extra=(--image_control "${run_exp#dual_}") ;;
     *) read -r -a extra <<< "$(flags_of "$run_exp")" ;;
   esac
+  if [ "$run_exp" = text_dapt ] && [ ! -f "$DAPT_DIR/config.json" ] && [ "$mode" = run ]; then
+    python pretrain_mlm.py --out "$DAPT_DIR" || { echo "FAILED: pretrain_mlm.py" >&2; fails=$((fails + 1)); continue; }
+  fi
   if [ "$e" = clip ] && [ -z "${CLIP_DIR:-}" ]; then echo "skip clip: set CLIP_DIR to a local CLIP directory"; continue; fi
   SAVE_NAME=$name env_args
-  train_cmd=(bash "$script" --save_dir "$SAVE_DIR" "${extra[@]}" "${ARGS[@]}")
+  # the experiment's own flags go last: they win over the environment's (text_epochs10 over EPOCHS)
+  train_cmd=(bash "$script" --save_dir "$SAVE_DIR" "${ARGS[@]}" "${extra[@]}")
   test_cmd=(python test.py --save_dir "$SAVE_DIR" --save_name "$name" --split valid,test --record_file "$RECORD_FILE" "${ARGS[@]}")
   control_cmd=()  # the same trained model scored with shuffled images (only the multimodal ones have an image path)
-  case $run_exp in text_only|shuffle|blank|dual_shuffle|dual_blank) ;; *) control_cmd=("${test_cmd[@]}" --image_control shuffle) ;; esac
+  case $run_exp in text_*|shuffle|blank|dual_shuffle|dual_blank) ;; *) control_cmd=("${test_cmd[@]}" --image_control shuffle) ;; esac
   if [ "$mode" = dry ]; then echo "${train_cmd[*]}"; echo "${test_cmd[*]}"; [ ${#control_cmd[@]} -eq 0 ] || echo "${control_cmd[*]}"; continue; fi
   echo "== $e"
   mkdir -p "$(dirname "$RECORD_FILE")"

@@ -69,7 +69,9 @@ def mem(tmp_path_factory, tiny_data_dir, tiny_bert_dir):
 
 def test_ddp_matches_single_process(mem):
     d, base = mem
+    # a tiny random encoder learns this set only with its word embeddings trained (frozen is the default)
     flags = [*base, "--model", "bert_crf", "--drop_prob", "0", "--no-length_bucketing", "--epochs", "8",
+             "--no-freeze_word_embeddings",
              "--fin_tuning_lr", "1e-2", "--downs_en_lr", "1e-2", "--min_epoch_num", "100"]
     train.main([*flags, "--batch_size", "8", "--save_dir", str(d / "single"), "--save_name", "one"])  # in-process
     # no --save_name: rank 0 makes up the (timestamped) name and the other rank must use the same directory

@@ -294,7 +294,7 @@ FLAGS = {
     "text_encoder": [model(alt=["--text_encoder", "minilm"])],
     "image_encoder": [model(alt=["--image_encoder", "efficientnet_lite0"])],
     "text_attention_dropout": [model(alt=["--text_attention_dropout", "0.2"]), forward(alt=["--text_attention_dropout", "0.5"])],
-    "freeze_word_embeddings": [model(alt=["--freeze_word_embeddings"])],
+    "freeze_word_embeddings": [model(alt=["--no-freeze_word_embeddings"])],
     "freeze_text_layers": [model(alt=["--freeze_text_layers", "1"]), fn(_freeze_text_layers_too_many)],
     "word_pooling": [fn(_word_pooling)],
     "case_features": [model(alt=["--no-case_features"])],

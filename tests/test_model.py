@@ -298,8 +298,9 @@ def test_every_trainable_parameter_gets_a_gradient(request, tiny_bert_dir, visio
     pretrained = isinstance(model.vision, M.PretrainedVision)
     assert_learns(model.named_parameters())
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            assert pretrained and n.startswith("vision.net.") and p.grad is None, n
+        if not p.requires_grad:  # frozen on purpose: the pretrained backbone, the word-embedding matrix (default)
+            assert (pretrained and n.startswith("vision.net.") or n == "text.model.embeddings.word_embeddings.weight") \
+                and p.grad is None, n
     if pretrained:
         trainable = {n for n, p in model.vision.named_parameters() if p.requires_grad}
         assert bool(trainable) == (unfreeze > 0)
@@ -714,7 +715,7 @@ def test_text_attention_dropout_and_frozen_word_embeddings(tiny_bert_dir):
     emb = model.text.model.get_input_embeddings().weight
     assert not emb.requires_grad
     assert all(p is not emb for _, p in model.param_groups()["text"])
-    model = build(tiny_bert_dir, "roberta_crf")
+    model = build(tiny_bert_dir, "roberta_crf", freeze_word_embeddings=False)
     assert model.text.model.config.attention_probs_dropout_prob == 0.0
     assert model.text.model.get_input_embeddings().weight.requires_grad
 

@@ -100,7 +100,9 @@ def test_reproduce_and_ablation_list(tmp_path):
     names = [l.split()[0] for l in p.stdout.splitlines()]
     assert p.returncode == 0 and {"full", "no_residual", "no_preserve", "no_nce", "no_gate", "no_resampler", "fusion_layers_1",
                                   "fusion_layers_3", "fusion_layers_7", "text_only", "clip", "efficientnet",
-                                  "dual_granularity", "shuffle", "blank", "dual_shuffle", "dual_blank"} == set(names)
+                                  "dual_granularity", "shuffle", "blank", "dual_shuffle", "dual_blank", "text_base",
+                                  "text_epochs10", "text_head_lr", "text_llrd", "text_mean", "text_frozen_emb",
+                                  "text_frozen_2", "text_dapt", "text_context"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()
@@ -111,6 +113,14 @@ def test_reproduce_and_ablation_list(tmp_path):
     assert "--split valid,test" in lines[1] and lines[2] == lines[1] + " --image_control shuffle"
     p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert p.returncode == 2 and "--exp nope: unknown experiment" in p.stderr
+    # the text-path levers: the text model, the experiment's flags after the environment's (they win), no image control
+    p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "text_epochs10,text_context"], cwd=ROOT,
+                       env=dict(env(), SAVE_DIR=str(tmp_path), EPOCHS="6", DATASET="twitter2017"),
+                       capture_output=True, text=True)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and len(lines) == 4
+    assert lines[0].endswith("--model roberta_crf --no-freeze_word_embeddings --epochs 10") and "--epochs 6" in lines[0]
+    assert lines[2].endswith("--model roberta_crf --no-freeze_word_embeddings --context_k 2") and "image_control" not in p.stdout
 
 
 def test_ablation_runs_one_experiment_end_to_end(tmp_path, tiny_flags):

@@ -135,6 +135,9 @@ def test_llrd_scales_each_layer(tiny_bert_dir):
     L = m.text.model.config.num_hidden_layers
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     for n, p in m.named_parameters():
+        if not p.requires_grad:  # the frozen word-embedding matrix (default) is in no group
+            assert n == "text.model.embeddings.word_embeddings.weight" and id(p) not in lr_of
+            continue
         if n.startswith("text."):
             want = c.fin_tuning_lr * 0.5 ** max(0, L - M.text_depth(n, L))
         else:

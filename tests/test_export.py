@@ -121,7 +121,9 @@ def test_torchscript_and_int8_bundles(tiny_run, tmp_path, capsys):
     assert (ts / "text.pt").is_file()
     assert [r["tags"] for r in predict.main(["--bundle", str(ts), "--input", str(src), "--out_dir", str(tmp_path)])] == ref
     q = export.main([*flags, "--int8", "--bundle", str(tmp_path / "q")])
-    assert json.loads((q / "meta.json").read_text())["int8"]
+    qmeta = json.loads((q / "meta.json").read_text())
+    assert qmeta["int8"] and set(qmeta["int8_fp32"]) == {"text", "mm"}
+    assert all(names and names[0].endswith("emit/MatMul") for names in qmeta["int8_fp32"].values()), qmeta
     out = capsys.readouterr().out
     assert "word tags and" in out and "identical to the checkpoint" in out
     got = [r["tags"] for r in predict.main(["--bundle", str(q), "--input", str(src), "--out_dir", str(tmp_path)])]
@@ -129,6 +131,32 @@ def test_torchscript_and_int8_bundles(tiny_run, tmp_path, capsys):
     agree = sum(a == b for x, y in zip(got, ref) for a, b in zip(x, y))
     print(f"int8 bundle vs checkpoint on the tiny test posts: {agree}/{words} word tags agree")
     assert agree / words >= 0.8  # a 2-epoch random tiny model; the real figure comes from script/export_bench.sh
+
+
+def test_int8_keeps_emission_and_outlier_input_matmuls_fp32(tmp_path):
+    """quantize_int8 leaves in fp32 the MatMul feeding the output and, within the budget, the one whose input has
+    an outlier channel (worst uint8 SNR); the others become integer MatMuls."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w = {f"w{i}": numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), f"w{i}")
+         for i, shape in ((1, (8, 8)), (2, (8, 8)), (3, (8, 3)))}
+    scale = numpy_helper.from_array(np.array([100.0] + [1.0] * 7, np.float32), "scale")  # channel 0: an outlier
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"),
+             helper.make_node("Mul", ["h1", "scale"], ["h2"], name="outlier"),
+             helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="mm2"),
+             helper.make_node("MatMul", ["h3", "w3"], ["out"], name="mm3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 5, 3])],
+                              [*w.values(), scale])
+    f = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(f))
+    feed = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+    assert export.fp32_matmuls(f, feed, budget=0.5) == ["mm3", "mm2"]
+    assert export.fp32_matmuls(f, feed) == ["mm3"]  # 6% of the work: neither 8x8 layer fits
+    assert export.quantize_int8(f, feed) == ["mm3"]
+    ops = {n.name: n.op_type for n in onnx.load(str(f)).graph.node}
+    assert ops["mm3"] == "MatMul" and ops["mm2_quant"] == "MatMulInteger" and "mm2" not in ops
 
 
 def test_predict_bundle_imports_no_training_code(tiny_run, tmp_path):

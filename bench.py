@@ -30,6 +30,7 @@ torch.cuda.max_memory_allocated. Figures are medians over --repeats.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -43,13 +44,13 @@ import time
 from pathlib import Path
 
 CASES = {
+    "hf_recipe": [],  # its own loop (run_recipe), not train.py's
     "text": ["--model", "roberta_crf"],
     "mner_cached": ["--model", "MNER"],
     "mner_pixels": ["--model", "MNER"],
     "mner_dual": ["--model", "MNER", "--use_dual_granularity"],
     "mner_dual_pixels": ["--model", "MNER", "--use_dual_granularity"],
 }
-CASES = {"hf_recipe": [], **CASES}
 CACHED = {"mner_cached", "mner_dual"}  # cases fed cached features (image_feats) instead of pixels
 
 
@@ -90,6 +91,32 @@ def base_sized_encoders(root: Path) -> list[str]:
     return ["--text_encoder", str(text), "--image_encoder", str(vision)]
 
 
+def first_subwords(word_ids) -> list[tuple[int, int]]:
+    """(position, word) of each word's first sub-word, from a fast tokenizer's word_ids()."""
+    out, prev = [], None
+    for j, w in enumerate(word_ids):
+        if w is not None and w != prev:
+            out.append((j, w))
+        prev = w
+    return out
+
+
+def timed_steps(step, batches: list, spec: dict, size, prepare=lambda b: b, sync=lambda: None):
+    """spec["repeats"] timed runs of spec["steps"] batches spread evenly over the epoch (after the caller's
+    warm-up): (posts/s of each run, peak RSS in KiB before and after). size(batch) = posts in a prepared batch."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tps, n = [], len(batches)
+    for r in range(spec["repeats"]):
+        pick = [prepare(batches[(r + i * n // spec["steps"]) % n]) for i in range(spec["steps"])]
+        sync()
+        t = time.perf_counter()
+        for b in pick:
+            step(b)
+        sync()
+        tps.append(sum(size(b) for b in pick) / (time.perf_counter() - t))
+    return tps, rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_recipe(spec: dict, argv: list[str]) -> dict:
     """The hf_recipe case: the Hugging Face token-classification loop, timed like run_case times train_step."""
     import torch
@@ -120,11 +147,8 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
                 padding=True, return_tensors="pt")
         y = torch.full(x["input_ids"].shape, -100)
         for b, p in enumerate(batch):
-            prev = None
-            for j, w in enumerate(x.word_ids(b)):
-                if w is not None and w != prev:
-                    y[b, j] = lid[p.tags[w]]
-                prev = w
+            for j, w in first_subwords(x.word_ids(b)):
+                y[b, j] = lid[p.tags[w]]
         return x, y
 
     order = list(range(len(posts)))
@@ -140,17 +164,9 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
         opt.zero_grad()
 
     model.train()
-    for b in batches[:2]:
+    for b in batches[:2]:  # warm-up, not timed
         step(b)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    train_tps = []
-    for r in range(spec["repeats"]):
-        pick = [batches[(r + i * len(batches) // spec["steps"]) % len(batches)] for i in range(spec["steps"])]
-        t = time.perf_counter()
-        for b in pick:
-            step(b)
-        train_tps.append(sum(len(b) for b in pick) / (time.perf_counter() - t))
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_tps, rss0, rss1 = timed_steps(step, batches, spec, len)
     model.eval()
     eval_tps = []
     for r in range(spec["repeats"]):
@@ -159,18 +175,13 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
             for k in range(0, len(dev), config.batch_size):
                 batch = dev[k:k + config.batch_size]
                 x, _ = encode(batch)
-                pred = model(**x).logits.argmax(-1)
-                pred = pred.tolist()
-                for b in range(len(batch)):  # the first sub-word's label is the word's
-                    prev, tags = None, []
-                    for j, w in enumerate(x.word_ids(b)):
-                        if w is not None and w != prev:
-                            tags.append(labels[pred[b][j]])
-                        prev = w
+                pred = model(**x).logits.argmax(-1).tolist()
+                for b in range(len(batch)):  # the first sub-word's label is the word's (read out, as the recipe does)
+                    [labels[pred[b][j]] for j, _ in first_subwords(x.word_ids(b))]
         eval_tps.append(len(dev) / (time.perf_counter() - t))
     tps = statistics.median(train_tps)
-    pad = 1 - sum(len(tok(p.tokens, is_split_into_words=True)["input_ids"]) for b in batches for p in b) / \
-        sum(len(b) * max(len(tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in b) for b in batches)
+    n_sub = {id(p): len(tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in posts}
+    pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
     return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
             "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
             "epoch_s": round(len(posts) / tps, 1), "eval_posts_per_s": round(statistics.median(eval_tps), 1),
@@ -225,29 +236,20 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     def step(b):  # the very step train.py runs: forward, finite checks, backward, clipping, AdamW, schedule
         train_step(model, [b], opt, sched, config, device, 1, amp, scaler, bad_run)
 
+    def prepare(b):
+        return {k: v.to(device) for k, v in with_image(dict(b)).items()}
+
     model.train()
     for b in batches[:2]:  # warm-up (allocator, kernels), not timed
-        step({k: v.to(device) for k, v in with_image(dict(b)).items()})
+        step(prepare(b))
     sync()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train_tps = []
-    n = len(batches)
-    for r in range(spec["repeats"]):
-        pick = [batches[(r + i * n // spec["steps"]) % n] for i in range(spec["steps"])]
-        pick = [{k: v.to(device) for k, v in with_image(dict(b)).items()} for b in pick]
-        sync()
-        t = time.perf_counter()
-        for b in pick:
-            step(b)
-        sync()
-        train_tps.append(sum(b["input_ids"].size(0) for b in pick) / (time.perf_counter() - t))
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_tps, rss0, rss1 = timed_steps(step, batches, spec, lambda b: b["input_ids"].size(0), prepare, sync)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
     dds = D.make_dataset(config, "valid", dev, tok, label_map)
-    ebatches = [{k: v.to(device) for k, v in with_image(dict(b)).items()} for b in D.make_loader(dds, config, train=False)]
+    ebatches = [prepare(b) for b in D.make_loader(dds, config, train=False)]
     model.eval()
     eval_tps = []
     for r in range(spec["repeats"]):
@@ -337,27 +339,25 @@ def main(argv=None):
         raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
     rows = []
     for case in cases:
-        for amp in args.amp_modes.split(","):
-            for bucket in args.bucketing.split(","):
-                for ck in args.grad_ckpt.split(","):
-                    if case == "hf_recipe" and (amp, ck) != ("fp32", "off") or case == "hf_recipe" and any(
-                            r["case"] == case for r in rows):
-                        continue  # the recipe is what it is: fp32, its own batching, once
-                    flags = ["--swanlab_mode", "disabled"] + rest
-                    flags += ["--amp"] if amp == "amp" else []
-                    flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
-                    flags += ["--grad_checkpointing"] if ck == "on" else []
-                    spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
-                    print(f"bench {case} {amp} bucketing={bucket} grad_ckpt={ck} ...", file=sys.stderr, flush=True)
-                    p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags],
-                                       capture_output=True, text=True)
-                    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-                    if line is None:
-                        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                        rows.append({"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "error": err})
-                    else:
-                        rows.append(json.loads(line[7:]))
-                    print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        # the recipe is what it is: fp32, its own batching, measured once
+        combos = [("fp32", "off", "off")] if case == "hf_recipe" else itertools.product(
+            args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","))
+        for amp, bucket, ck in combos:
+            flags = ["--swanlab_mode", "disabled"] + rest
+            flags += ["--amp"] if amp == "amp" else []
+            flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
+            flags += ["--grad_checkpointing"] if ck == "on" else []
+            spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
+            print(f"bench {case} {amp} bucketing={bucket} grad_ckpt={ck} ...", file=sys.stderr, flush=True)
+            p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags],
+                               capture_output=True, text=True)
+            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append({"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "error": err})
+            else:
+                rows.append(json.loads(line[7:]))
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"repeats {args.repeats} x {args.steps} steps, medians; sizes: {args.sizes}")
     print(table(rows))

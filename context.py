@@ -66,7 +66,10 @@ def neighbours(query: list[str], pool: list[str], k: int, chunk: int = 1024) -> 
     (so a training post never retrieves itself or a duplicate of itself)."""
     if not query or not pool or k <= 0:
         return [[] for _ in query]
-    Q, P = embed(query), embed(pool)
+    texts = list(dict.fromkeys(query + pool))  # the training split queries itself: embed each text once
+    at = {t: i for i, t in enumerate(texts)}
+    E = embed(texts)
+    Q, P = E[[at[t] for t in query]], E[[at[t] for t in pool]]
     where: dict[str, list[int]] = {}
     for j, t in enumerate(pool):
         where.setdefault(t, []).append(j)

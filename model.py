@@ -121,8 +121,10 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids, attention_mask, word_index, word_end=None):
         h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         H = h.size(-1)
-        if not self.mean or word_end is None:  # no spans given (a hand-made batch): first sub-word
+        if not self.mean:
             return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
+        if word_end is None:
+            raise ValueError("--word_pooling mean needs the batch's word_end (dataloader.collate makes it)")
         # span means from a prefix sum: [B, T+1, H], one gather at each end of every word's sub-word span
         c = torch.cat([h.new_zeros(h.size(0), 1, H), h.cumsum(1)], 1)
         s = c.gather(1, word_end.unsqueeze(-1).expand(-1, -1, H)) - c.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))

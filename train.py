@@ -218,18 +218,18 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
     n_layers = model.text.model.config.num_hidden_layers
     groups = []
     for name, params in model.param_groups().items():
-        # one group per (depth, decay); without --llrd every text parameter has the same scale (one depth)
-        depth = (lambda n: text_depth(n, n_layers)) if name == "text" and config.llrd != 1.0 else (lambda n: 0)
-        for d in sorted({depth(n) for n, _ in params}):
-            scale = config.llrd ** max(0, n_layers - d) if name == "text" and config.llrd != 1.0 else 1.0
+        # one group per (depth, decay): with --llrd each text-encoder depth has its own rate, else one depth
+        layerwise = name == "text" and config.llrd != 1.0
+        depth = {n: text_depth(n, n_layers) if layerwise else 0 for n, _ in params}
+        for d in sorted(set(depth.values())):
+            scale = config.llrd ** max(0, n_layers - d) if layerwise else 1.0
             for decay in (True, False):
-                ps = [p for n, p in params if depth(n) == d
-                      and (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
+                ps = [p for n, p in params if depth[n] == d and (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
                 if ps:
-                    tag = f"{name}{'' if decay else '_nodecay'}" + (f"_d{d}" if scale != 1.0 or d else "")
                     groups.append({"params": ps, "lr": lrs[name] * scale, "scale": scale,
                                    "weight_decay": config.weight_decay_rate if decay else 0.0,
-                                   "name": tag, "base": name})
+                                   "name": f"{name}{'' if decay else '_nodecay'}{f'_d{d}' if layerwise else ''}",
+                                   "base": name})
     # the fused kernel does one pass per tensor: 6x faster than the default per-parameter loop on CPU
     opt = torch.optim.AdamW(groups, lr=config.downs_en_lr, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(plan or lr_plan(config, steps)))

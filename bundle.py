@@ -9,15 +9,17 @@ A bundle directory (written by export.py) holds:
     tokenizer/       the run's tokenizer files
     label_map.json   the run's label map (dataloader.LabelMap)
     text.onnx        sub-words -> emissions with the image path off          (input_ids, attention_mask, word_index,
-    mm.onnx          the same with image region features (MNER / co-attention)  word_mask, case_ids[, image_feats,
-    vision.onnx      frozen vision backbone: pixels [N,3,S,S] -> regions [N,R,D]  has_image] -> emissions [B,W,L])
+    mm.onnx          the same with image features (MNER / co-attention)         word_mask, case_ids[, image_feats,
+    vision.onnx      pixels [N,3,S,S] -> image features [N, *meta["image_feats"]]  has_image] -> emissions [B,W,L])
+                     (a frozen backbone's regions [R,D]; a dual-granularity run's flattened stem maps [F], whose
+                     encoder is in mm.onnx)
     crf.npz          CRF start [L], end [L], transitions [L,L] (absent for a softmax head)
 (.pt TorchScript files instead of .onnx with --export_format torch.)
 
 Nothing here imports model.py or train.py: the training code is not on this path. The text side reuses the
 training preprocessing (dataloader.MNERDataset: encode_words, word shapes; dataloader.collate) and the image
 side dataloader.load_image (with its decompression-bomb guard) and ImagePrep, so a bundle sees exactly the
-inputs the checkpoint saw. Region features are rounded to fp16, as the training feature cache stores them.
+inputs the checkpoint saw. Image features are rounded to fp16, as the training feature cache stores them.
 """
 from __future__ import annotations
 
@@ -166,7 +168,7 @@ class Runtime:
         raise NotImplementedError
 
     def vision_features(self, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-        """[N, 3, S, S] float32 -> region features [N, R, D] (fp16-rounded, like the training cache)."""
+        """[N, 3, S, S] float32 -> image features [N, *feat_shape] (fp16-rounded, like the training cache)."""
         out = [self._run("vision", {"pixels": np.ascontiguousarray(pixels[k:k + batch], np.float32)})
                for k in range(0, len(pixels), batch)]
         return fp16_round(np.concatenate(out)) if out else np.zeros((0,), np.float32)
@@ -182,7 +184,7 @@ class Runtime:
 
     def tag(self, words: list[list[str]], feats: list | None = None, batch_size: int = 32) -> list[dict]:
         """Per post: "tags" (every word; words past max_len are O), "probs" (probability of each scored word's
-        tag) and "image_used". feats: per post region features [R, D] or None (text-only path)."""
+        tag) and "image_used". feats: per post image features (vision_features) or None (text-only path)."""
         feats = feats if feats is not None and self.uses_image else [None] * len(words)
         posts = [D.Post(list(w), ["O"] * len(w), None, f"post {i}") for i, w in enumerate(words)]
         ds = D.MNERDataset(posts, self.tokenizer, self.label_map, self.meta["max_len"])

@@ -10,19 +10,22 @@ agreement is printed). Run it with `python predict.py --bundle DIR --input posts
 What goes where:
   text.onnx / mm.onnx  the text encoder, case features, fusion and emission layer: Tagger.forward itself,
                        traced with the image path off (text) and on (mm), up to the emissions.
-  vision.onnx          the frozen pretrained backbone (EfficientNet-Lite0 or CLIP): pixels -> region tokens.
+  vision.onnx          pixels -> the image features the training cache keeps (vision.features): the frozen
+                       pretrained backbone's region tokens (EfficientNet-Lite0 or CLIP), or the dual-granularity
+                       encoder's two stem maps, flattened; the dual encoder's Swin/delegate/saliency/transformer
+                       part learns with the tagger, so it sits in mm.onnx (its from_features), like in training.
   crf.npz              the CRF's start/end/transition scores; Viterbi and marginals run in numpy (bundle.py),
                        since the CRF's loops over words are data-dependent and cost nothing at L = 10 labels.
 ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward branches on data
 (`has_image.any()`), which torch.export refuses as a data-dependent guard; the tracer records the branch taken
 with every post illustrated, and that graph is exact for any has_image, since the per-post choice between the
 fused and the text-only states is a torch.where inside it. --int8: onnxruntime's dynamic quantisation of the
-MatMul (linear) weights of the text graphs, per channel (activations are quantised per batch at run time), but
-for the emission layer and the linear layers whose inputs quantise worst (quantize_int8; meta.json lists them
-under int8_fp32); the vision backbone is convolutional and stays fp32. --export_format torch writes the same
+MatMul (linear) weights of the text graphs (for a dual-granularity run, mm.onnx holds its encoder's linear layers
+too), per channel (activations are quantised per batch at run time), but for the emission layer and the linear
+layers whose inputs quantise worst (quantize_int8; meta.json lists them under int8_fp32); vision.onnx is
+convolutional (or CLIP, frozen) and stays fp32. --export_format torch writes the same
 three graphs as TorchScript (torch.jit.trace) with torch's dynamic int8 Linear for --int8 (every Linear): for a
 model part ONNX cannot express.
-The dual-granularity encoder is refused: its export (stem maps + encoder graph) is not written yet.
 """
 from __future__ import annotations
 
@@ -68,14 +71,16 @@ class Emissions(nn.Module):
 
 
 class Vision(nn.Module):
-    """The frozen backbone: pixels [N, 3, S, S] -> region tokens [N, R, D]."""
+    """pixels [N, 3, S, S] -> image features [N, *vision.feat_shape]: what the feature cache keeps per image and
+    Tagger.image_tokens reads back through vision.from_features (region tokens [N, R, D] of a pretrained backbone;
+    the dual-granularity encoder's flattened stem maps [N, F])."""
 
     def __init__(self, vision):
         super().__init__()
         self.vision = vision
 
     def forward(self, pixels):
-        return self.vision(pixels).float()
+        return self.vision.features(pixels).float()
 
 
 def crf_params(model) -> dict | None:
@@ -89,9 +94,6 @@ def crf_params(model) -> dict | None:
 
 def refusal(config, model) -> str:
     """Why this run cannot be exported; '' when it can."""
-    if config.use_dual_granularity and model.uses_image:
-        return ("--use_dual_granularity runs are not exported yet; export a run "
-                "with a pretrained backbone (efficientnet_lite0 or CLIP) or a text-only model")
     if model.lstm is not None:
         return f"model {config.model} has a BiLSTM (packed sequences), which the bundle does not support yet"
     if getattr(config, "word_pooling", "first") != "first":
@@ -110,7 +112,7 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
             "image_encoder": config.image_encoder if uses_image else None,
             "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
             "image_prep": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std)} if prep else None,
-            "regions": [model.vision.n_tokens, model.vision.out_dim] if uses_image else None,
+            "image_feats": list(model.vision.feat_shape) if uses_image else None,
             "text": f"text.{'onnx' if fmt == 'onnx' else 'pt'}",
             "mm": f"mm.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
             "vision": f"vision.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
@@ -125,10 +127,11 @@ def example_inputs(model, tokenizer, label_map, config) -> dict:
     b = D.collate([ds[0], ds[1]], ds.pad_id)
     x = {k: b[k] for k in TEXT_INPUTS}
     if model.uses_image and config.use_image:
-        R, Dv = model.vision.n_tokens, model.vision.out_dim
-        x["image_feats"] = torch.randn(2, R, Dv, generator=torch.Generator().manual_seed(0))
+        size = D.image_prep_for(config).size
+        x["pixels"] = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        # features of real (if random) pixels: the int8 rule judges the fused graph's inputs on them
+        x["image_feats"] = model.vision.features(x["pixels"]).float()
         x["has_image"] = torch.tensor([True, True])
-        x["pixels"] = torch.randn(2, 3, D.image_prep_for(config).size, D.image_prep_for(config).size)
     return x
 
 

@@ -922,15 +922,18 @@ class Tagger(nn.Module):
         self.emit = nn.Linear(out, num_labels)
         self.head = CRFHead(num_labels) if head == "crf" else SoftmaxHead(num_labels, config.label_smoothing)
 
-    # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / everything else
+    # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
+    HEAD_PREFIXES = ("case.", "lstm.", "emit.", "head.")
+
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        groups = {"text": [], "vision": [], "rest": []}
+        groups = {"text": [], "vision": [], "head": [], "rest": []}
         pretrained = ("vision.",) if isinstance(self.vision, PretrainedVision) else \
             ("vision.stem.",) if isinstance(getattr(self.vision, "stem", None), EfficientNetStem) else ()
         for n, prm in self.named_parameters():
             if not prm.requires_grad:
                 continue
-            g = "text" if n.startswith("text.") else "vision" if pretrained and n.startswith(pretrained) else "rest"
+            g = "text" if n.startswith("text.") else "vision" if pretrained and n.startswith(pretrained) else \
+                "head" if n.startswith(self.HEAD_PREFIXES) else "rest"
             groups[g].append((n, prm))
         return groups
 

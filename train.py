@@ -165,8 +165,8 @@ def all_finite(loss: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- optimiser
 
 def base_lrs(config) -> dict:
-    """Learning rate of each parameter group base: text encoder, trainable pretrained vision, everything else."""
-    return {"text": config.fin_tuning_lr, "vision": config.clip_lr, "rest": config.downs_en_lr}
+    """Learning rate of each parameter group base: text encoder, trainable pretrained vision, tagging head, the rest."""
+    return {"text": config.fin_tuning_lr, "vision": config.clip_lr, "head": config.head_lr, "rest": config.downs_en_lr}
 
 
 def lr_plan(config, steps: int) -> dict:
@@ -212,7 +212,7 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
     """AdamW with layer-wise groups and a LambdaLR schedule: lr_plan(config, steps), or `plan` when given.
 
     text encoder -> fin_tuning_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
-    pretrained vision -> clip_lr, everything else -> downs_en_lr; biases and every norm layer get no weight decay.
+    pretrained vision -> clip_lr, tagging head -> head_lr, everything else -> downs_en_lr; biases and every norm layer get no weight decay.
     """
     lrs = base_lrs(config)
     n_layers = model.text.model.config.num_hidden_layers
@@ -259,7 +259,7 @@ def skip_bad_step(bad_run: list, config, epoch: int, what: str):
     bad_run[1] += 1
     if bad_run[0] >= config.max_bad_steps:
         raise ConfigError(f"{bad_run[0]} non-finite {what} in a row at epoch {epoch + 1} ({bad_run[1]} skipped in all); "
-                          f"lower the learning rates (--downs_en_lr {config.downs_en_lr}, --fin_tuning_lr "
+                          f"lower the learning rates (--downs_en_lr {config.downs_en_lr}, --head_lr {config.head_lr}, --fin_tuning_lr "
                           f"{config.fin_tuning_lr}) or raise --max_bad_steps {config.max_bad_steps}")
 
 

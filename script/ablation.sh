@@ -19,9 +19,11 @@ set -uo pipefail
 
 EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
 text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank
-text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context"
+text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
+text_default"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
-TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings"  # the text path before issue #15; each lever adds one change
+# the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever changes one thing
+TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3"
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
     full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
@@ -42,13 +44,14 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     dual_blank) echo "(script/train_dual_granularity.sh) --image_control blank" ;;
     text_base) echo "$TEXT_BASE" ;;
     text_epochs10) echo "$TEXT_BASE --epochs 10" ;;
-    text_head_lr) echo "$TEXT_BASE --downs_en_lr 3e-3" ;;
+    text_head_lr) echo "--model roberta_crf --no-freeze_word_embeddings --head_lr 3e-3" ;;
     text_llrd) echo "$TEXT_BASE --llrd 0.9" ;;
     text_mean) echo "$TEXT_BASE --word_pooling mean" ;;
-    text_frozen_emb) echo "--model roberta_crf --freeze_word_embeddings" ;;
-    text_frozen_2) echo "--model roberta_crf --freeze_text_layers 2" ;;
+    text_frozen_emb) echo "--model roberta_crf --freeze_word_embeddings --head_lr 1e-3" ;;
+    text_frozen_2) echo "--model roberta_crf --freeze_text_layers 2 --head_lr 1e-3" ;;
     text_dapt) echo "$TEXT_BASE --text_encoder $DAPT_DIR" ;;
     text_context) echo "$TEXT_BASE --context_k 2" ;;
+    text_default) echo "--model roberta_crf" ;;  # today's defaults: frozen word embeddings, --head_lr auto = 3e-3
     *) return 1 ;;
   esac
 }

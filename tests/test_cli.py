@@ -186,13 +186,14 @@ def test_lr_groups(base, tiny_bert_dir):
     by = {}
     for g in opt.param_groups:
         by.setdefault(g["base"], set()).update(id(p) for p in g["params"])
-        assert g["lr"] == pytest.approx({"text": cfg.fin_tuning_lr, "vision": cfg.clip_lr, "rest": cfg.downs_en_lr}[g["base"]] * sched.lr_lambdas[0](0))
+        assert g["lr"] == pytest.approx({"text": cfg.fin_tuning_lr, "vision": cfg.clip_lr, "head": cfg.head_lr, "rest": cfg.downs_en_lr}[g["base"]] * sched.lr_lambdas[0](0))
         if g["name"].endswith("_nodecay"):
             assert g["weight_decay"] == 0
     names = {id(p): n for n, p in m.named_parameters()}
     assert all(names[i].startswith("text.") for i in by["text"])
     assert all(names[i].startswith("vision.") for i in by["vision"]) and by["vision"]
     assert not any(names[i].startswith(("text.", "vision.")) for i in by["rest"])
+    assert {names[i].split(".")[0] for i in by["head"]} == {"case", "emit", "head"}  # no fusion in the head group
     assert sum(len(v) for v in by.values()) == sum(p.requires_grad for p in m.parameters())
     nodecay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert all(("bias" in n or "norm" in n.lower() or "ln" in n or p.dim() < 2 or "crf" in n or "pos" in n or "queries" in n)

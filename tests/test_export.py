@@ -188,7 +188,7 @@ def test_features_from_paths_pool(tiny_run, tmp_path):
         feats, why = BU.features_from_paths(paths, rt.prep, encode, pool, batch=4, ahead=1)
     assert why[:4] == ["ok", "no image", "missing", "unreadable (UnidentifiedImageError)"] and why[4:] == ["ok"] * 5
     assert feats[1] is None and feats[2] is None and feats[3] is None
-    assert calls == [4, 2] and feats[0].shape == tuple(rt.meta["regions"])
+    assert calls == [4, 2] and feats[0].shape == tuple(rt.meta["image_feats"])
     np.testing.assert_array_equal(feats[0], feats[-1])
 
 
@@ -204,3 +204,37 @@ def test_refusals_one_line(tiny_run, tmp_path, capsys):
     assert "--explain" in err(lambda: predict.main(["--bundle", str(tiny_run["bundle"]), "--text", "hi", "--explain"]))
     assert "--save_name is required" in err(lambda: export.main([]))
     assert "invalid choice" in err(lambda: export.main([*tiny_run["flags"], "--export_format", "tf"]))
+
+
+def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys):
+    """A --use_dual_granularity run (command (a)'s model, shipped EfficientNet-Lite0 stem) exports: vision.onnx
+    gives the cached stem maps, mm.onnx the encoder + fusion; the fp32 bundle tags new posts exactly as the
+    checkpoint does, images and all, and the int8 bundle's agreement is measured."""
+    save = tmp_path / "save"
+    train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
+                "--save_dir", str(save), "--cache_dir", str(tmp_path / "cache"), "--swanlab_mode", "disabled",
+                "--batch_size", "4", "--fusion_layers", "1", "--fusion_dim", "32", "--cross_attn_heads", "2",
+                "--resampler_tokens", "4", "--downs_en_lr", "3e-3", "--seed", "7", "--epochs", "1", "--save_name", "d",
+                "--use_dual_granularity", "--vision_img_size", "32", "--vision_embed_dim", "16", "--vision_heads", "2",
+                "--vision_depth", "1", "--vision_swin_window", "2", "--vision_delegate_topk", "2",
+                "--vision_max_patches", "8"])
+    flags = ["--save_dir", str(save), "--save_name", "d", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
+    b = export.main(flags)
+    meta = json.loads((b / "meta.json").read_text())
+    assert (b / "vision.onnx").is_file() and (b / "mm.onnx").is_file()
+    assert meta["image_feats"] == [112 * 2 * 2 + 40 * 4 * 4]  # the stride-16 and stride-8 maps at 32 px, flattened
+    tiny_run = {"data": tiny_data_dir}
+    src, recs = new_posts(tiny_run, tmp_path)
+    ref = predict.main([*flags, "--input", str(src), "--out_dir", str(tmp_path / "ref")])
+    got = predict.main(["--bundle", str(b), "--input", str(src), "--out_dir", str(tmp_path / "onnx")])
+    assert sum(r["image_used"] for r in got) == 4 and [r["image_used"] for r in got] == [r["image_used"] for r in ref]
+    assert [r["tags"] for r in got] == [r["tags"] for r in ref]
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose([e["score"] for e in a["entities"]], [e["score"] for e in r["entities"]], atol=2e-3)
+    q = export.main([*flags, "--int8", "--bundle", str(tmp_path / "q")])
+    assert "mm" in json.loads((q / "meta.json").read_text())["int8_fp32"]
+    qt = [r["tags"] for r in predict.main(["--bundle", str(q), "--input", str(src), "--out_dir", str(tmp_path / "q8")])]
+    words = sum(len(r["tags"]) for r in ref)
+    agree = sum(a == b for x, r in zip(qt, ref) for a, b in zip(x, r["tags"]))
+    print(f"dual-granularity int8 bundle vs checkpoint: {agree}/{words} word tags agree")
+    assert agree / words >= 0.8

@@ -347,6 +347,7 @@ FLAGS = {
     "clip_lr": [train_(["--vision_trainable"], ["--clip_lr", "1e-3"])],
     "llrd": [train_(alt=["--llrd", "0.8"]), refused(["--llrd", "0"], "--llrd")],
     "downs_en_lr": [train_(alt=["--downs_en_lr", "1e-2"])],
+    "head_lr": [train_(alt=["--head_lr", "1e-2"])],
     "weight_decay_rate": [train_(alt=["--weight_decay_rate", "0.5"])],
     "clip_grad": [fn(_clip_grad)],
     "warmup_prop": [train_(alt=["--warmup_prop", "0.5"])],

@@ -102,7 +102,7 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "fusion_layers_3", "fusion_layers_7", "text_only", "clip", "efficientnet",
                                   "dual_granularity", "shuffle", "blank", "dual_shuffle", "dual_blank", "text_base",
                                   "text_epochs10", "text_head_lr", "text_llrd", "text_mean", "text_frozen_emb",
-                                  "text_frozen_2", "text_dapt", "text_context"} == set(names)
+                                  "text_frozen_2", "text_dapt", "text_context", "text_default"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()
@@ -119,8 +119,8 @@ def test_reproduce_and_ablation_list(tmp_path):
                        capture_output=True, text=True)
     lines = p.stdout.splitlines()
     assert p.returncode == 0 and len(lines) == 4
-    assert lines[0].endswith("--model roberta_crf --no-freeze_word_embeddings --epochs 10") and "--epochs 6" in lines[0]
-    assert lines[2].endswith("--model roberta_crf --no-freeze_word_embeddings --context_k 2") and "image_control" not in p.stdout
+    assert lines[0].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --epochs 10") and "--epochs 6" in lines[0]
+    assert lines[2].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --context_k 2") and "image_control" not in p.stdout
 
 
 def test_ablation_runs_one_experiment_end_to_end(tmp_path, tiny_flags):

@@ -20,7 +20,7 @@ set -uo pipefail
 EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
 text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank
 text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
-text_default"
+text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 # the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever changes one thing
 TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3"
@@ -52,6 +52,12 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_dapt) echo "$TEXT_BASE --text_encoder $DAPT_DIR" ;;
     text_context) echo "$TEXT_BASE --context_k 2" ;;
     text_default) echo "--model roberta_crf" ;;  # today's defaults: frozen word embeddings, --head_lr auto = 3e-3
+    # one change on top of today's defaults
+    text_default_e10) echo "--model roberta_crf --epochs 10" ;;
+    text_default_attn_drop) echo "--model roberta_crf --text_attention_dropout 0.1" ;;
+    text_default_lr1e4) echo "--model roberta_crf --fin_tuning_lr 1e-4" ;;
+    text_default_bs8) echo "--model roberta_crf --batch_size 8" ;;
+    text_default_fast) echo "--model roberta_crf --batch_size 32 --freeze_text_layers 1" ;;
     *) return 1 ;;
   esac
 }
@@ -78,7 +84,7 @@ else sel=$EXPS; fi
 RECORD_FILE=${RECORD_FILE:-results/ablation_${DATASET}.csv}
 SAVE_DIR=${SAVE_DIR:-$MANGO_ROOT/save_models}
 if [ "$mode" = list ]; then
-  for e in $EXPS; do printf '%-18s %s\n' "$e" "$(flags_of "$e")"; done
+  for e in $EXPS; do printf '%-24s %s\n' "$e" "$(flags_of "$e")"; done
   exit 0
 fi
 export DATASET SEED MODEL=MNER

@@ -102,7 +102,9 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "fusion_layers_3", "fusion_layers_7", "text_only", "clip", "efficientnet",
                                   "dual_granularity", "shuffle", "blank", "dual_shuffle", "dual_blank", "text_base",
                                   "text_epochs10", "text_head_lr", "text_llrd", "text_mean", "text_frozen_emb",
-                                  "text_frozen_2", "text_dapt", "text_context", "text_default"} == set(names)
+                                  "text_frozen_2", "text_dapt", "text_context", "text_default", "text_default_e10",
+                                  "text_default_attn_drop", "text_default_lr1e4", "text_default_bs8",
+                                  "text_default_fast"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()

@@ -107,10 +107,10 @@ def prep_image(src, prep: D.ImagePrep) -> tuple[np.ndarray | None, str]:
 
 
 def features_from_paths(paths: list, prep: D.ImagePrep, encode, pool, batch: int = 32, ahead: int = 4):
-    """Region features of image files: decoded and preprocessed in `pool` (a concurrent.futures executor) while
-    `encode` (np [N,3,S,S] -> np [N,R,D]) runs on full batches. At most `ahead` batches are decoded in advance, so
-    memory stays bounded for long inputs. Returns ([R, D] float32 or None per path, why per path ("ok",
-    "missing", ..., "no image" for a None path))."""
+    """Image features of image files: decoded and preprocessed in `pool` (a concurrent.futures executor) while
+    `encode` (np [N,3,S,S] -> np [N, *feat_shape], e.g. Runtime.vision_features) runs on full batches. At most
+    `ahead` batches are decoded in advance, so memory stays bounded for long inputs. Returns (feat_shape float32
+    array or None per path, why per path ("ok", "missing", ..., "no image" for a None path))."""
     feats: list = [None] * len(paths)
     why = ["no image"] * len(paths)
     todo = [i for i, p in enumerate(paths) if p is not None]
@@ -168,10 +168,14 @@ class Runtime:
         raise NotImplementedError
 
     def vision_features(self, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-        """[N, 3, S, S] float32 -> image features [N, *feat_shape] (fp16-rounded, like the training cache)."""
+        """[N, 3, S, S] float32 -> image features [N, *feat_shape], fp16-rounded like the training cache when the
+        run's vision is cached in training (a frozen backbone or stem; meta "cached_features"), else as computed."""
         out = [self._run("vision", {"pixels": np.ascontiguousarray(pixels[k:k + batch], np.float32)})
                for k in range(0, len(pixels), batch)]
-        return fp16_round(np.concatenate(out)) if out else np.zeros((0,), np.float32)
+        if not out:
+            return np.zeros((0,), np.float32)
+        out = np.concatenate(out)
+        return fp16_round(out) if self.meta.get("cached_features", True) else out
 
     def _emissions(self, batch: dict, feats: list | None) -> np.ndarray:
         """One collated batch (dataloader.collate, as numpy) -> emissions [B, W, L] (float32)."""

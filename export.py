@@ -10,9 +10,9 @@ agreement is printed). Run it with `python predict.py --bundle DIR --input posts
 What goes where:
   text.onnx / mm.onnx  the text encoder, case features, fusion and emission layer: Tagger.forward itself,
                        traced with the image path off (text) and on (mm), up to the emissions.
-  vision.onnx          pixels -> the image features the training cache keeps (vision.features): the frozen
+  vision.onnx          pixels -> vision.features, what the training cache keeps for a frozen vision part: the
                        pretrained backbone's region tokens (EfficientNet-Lite0 or CLIP), or the dual-granularity
-                       encoder's two stem maps, flattened; the dual encoder's Swin/delegate/saliency/transformer
+                       encoder's two stem maps, flattened (its stem, frozen or --vision_stem conv); the dual encoder's Swin/delegate/saliency/transformer
                        part learns with the tagger, so it sits in mm.onnx (its from_features), like in training.
   crf.npz              the CRF's start/end/transition scores; Viterbi and marginals run in numpy (bundle.py),
                        since the CRF's loops over words are data-dependent and cost nothing at L = 10 labels.
@@ -55,7 +55,7 @@ class Emissions(nn.Module):
     """Tagger.forward up to the emissions with tensors in and out (what the exporters need).
 
     (input_ids [B,T], attention_mask [B,T], word_index [B,W], word_mask [B,W] bool, case_ids [B,W]
-     [, image_feats [B,R,D], has_image [B] bool]) -> emissions [B, W, L] float32
+     [, image_feats [B, *vision.feat_shape], has_image [B] bool]) -> emissions [B, W, L] float32
     """
 
     def __init__(self, tagger, image: bool):
@@ -113,6 +113,7 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
             "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
             "image_prep": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std)} if prep else None,
             "image_feats": list(model.vision.feat_shape) if uses_image else None,
+            "cached_features": bool(model.vision.cacheable) if uses_image else None,
             "text": f"text.{'onnx' if fmt == 'onnx' else 'pt'}",
             "mm": f"mm.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
             "vision": f"vision.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,

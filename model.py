@@ -925,7 +925,9 @@ class Tagger(nn.Module):
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
     HEAD_PREFIXES = ("case.", "lstm.", "emit.", "head.")
 
-    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    def param_groups(self, head_group: bool = True) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """{text, vision, head, rest: [(name, parameter)]} in named_parameters order (head_group=False: the head's
+        parameters stay in "rest", the grouping of runs saved before --head_lr)."""
         groups = {"text": [], "vision": [], "head": [], "rest": []}
         pretrained = ("vision.",) if isinstance(self.vision, PretrainedVision) else \
             ("vision.stem.",) if isinstance(getattr(self.vision, "stem", None), EfficientNetStem) else ()
@@ -933,7 +935,7 @@ class Tagger(nn.Module):
             if not prm.requires_grad:
                 continue
             g = "text" if n.startswith("text.") else "vision" if pretrained and n.startswith(pretrained) else \
-                "head" if n.startswith(self.HEAD_PREFIXES) else "rest"
+                "head" if head_group and n.startswith(self.HEAD_PREFIXES) else "rest"
             groups[g].append((n, prm))
         return groups
 

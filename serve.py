@@ -55,7 +55,7 @@ class BadRequest(Exception):
 
 @dataclass
 class Job:
-    """One request's posts waiting for a batch: words and image features (None: text-only) per post."""
+    """One request's posts waiting for a batch: words and preprocessed image pixels [3, S, S] (None: text-only) per post."""
     words: list[list[str]]
     pixels: list[np.ndarray | None]
     future: asyncio.Future = field(default=None)

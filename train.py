@@ -208,8 +208,9 @@ def optimizer_steps(config, n_batches: int) -> int:
     return config.epochs * math.ceil(n_batches / config.gradient_accumulation_steps)
 
 
-def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None):
+def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None, head_group: bool = True):
     """AdamW with layer-wise groups and a LambdaLR schedule: lr_plan(config, steps), or `plan` when given.
+    head_group=False: the head in the "rest" group, as runs saved before --head_lr had it (their last.pt resumes).
 
     text encoder -> fin_tuning_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
     pretrained vision -> clip_lr, tagging head -> head_lr, everything else -> downs_en_lr; biases and every norm layer get no weight decay.
@@ -217,7 +218,7 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
     lrs = base_lrs(config)
     n_layers = model.text.model.config.num_hidden_layers
     groups = []
-    for name, params in model.param_groups().items():
+    for name, params in model.param_groups(head_group).items():
         # one group per (depth, decay): with --llrd each text-encoder depth has its own rate, else one depth
         layerwise = name == "text" and config.llrd != 1.0
         depth = {n: text_depth(n, n_layers) if layerwise else 0 for n, _ in params}
@@ -440,7 +441,9 @@ def start_state(config, resume, model, train_loader, device, run, say):
         was = SimpleNamespace(**{**vars(config), "epochs": resume["run_epochs"]})
         old = resume.get("schedule") or lr_plan(was, optimizer_steps(was, len(train_loader)))
         state.plan = replan(old, resume["step"], config.epochs, total)
-    opt, sched = make_optimizer(model, config, plan=state.plan)
+    # a last.pt from before --head_lr has no "head" group: its optimiser state fits the old grouping only
+    old_groups = bool(resume) and all(g.get("base") != "head" for g in resume["optimizer"]["param_groups"])
+    opt, sched = make_optimizer(model, config, plan=state.plan, head_group=not old_groups)
     amp, scaler = amp_context(config, device)
     if not resume:
         return state, opt, sched, amp, scaler

@@ -157,6 +157,21 @@ def test_resume_matches_uninterrupted(base, monkeypatch):
     assert a[-1]["dev_f1"] == b[-1]["dev_f1"]
 
 
+def test_resume_of_a_run_saved_before_head_lr(base, monkeypatch):
+    """A last.pt from before --head_lr (the head's parameters in the "rest" optimiser group) still resumes: the
+    optimiser is rebuilt in that grouping, and the run finishes."""
+    import model as M
+    grouped = M.Tagger.param_groups
+    monkeypatch.setattr(M.Tagger, "param_groups", lambda self, head_group=True: grouped(self, False))
+    cut_in_epoch_2([*base, "--epochs", "2", "--save_name", "pre_head_lr"], monkeypatch)
+    monkeypatch.setattr(M.Tagger, "param_groups", grouped)
+    last = torch.load(save_dir(base) / "pre_head_lr" / "last.pt", weights_only=True)
+    assert {g["base"] for g in last["optimizer"]["param_groups"]} == {"text", "rest"}
+    train.main(["--continue_train_name", "pre_head_lr", "--save_dir", str(save_dir(base)), "--swanlab_mode", "disabled"])
+    rows = (save_dir(base) / "pre_head_lr" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
 def test_resume_refuses_changed_architecture(trained, base):
     p = run_py(["train.py", "--continue_train_name", "two", "--save_dir", str(save_dir(base)),
                 "--fusion_layers", "5"], check=False)

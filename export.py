@@ -10,10 +10,10 @@ agreement is printed). Run it with `python predict.py --bundle DIR --input posts
 What goes where:
   text.onnx / mm.onnx  the text encoder, case features, fusion and emission layer: Tagger.forward itself,
                        traced with the image path off (text) and on (mm), up to the emissions.
-  vision.onnx          pixels -> vision.features, what the training cache keeps for a frozen vision part: the
-                       pretrained backbone's region tokens (EfficientNet-Lite0 or CLIP), or the dual-granularity
-                       encoder's two stem maps, flattened (its stem, frozen or --vision_stem conv); the dual encoder's Swin/delegate/saliency/transformer
-                       part learns with the tagger, so it sits in mm.onnx (its from_features), like in training.
+  vision.onnx          pixels -> vision.features (what training caches for a frozen vision part): a pretrained
+                       backbone's region tokens (EfficientNet-Lite0 or CLIP), or the dual-granularity encoder's two
+                       stem maps, flattened (frozen or --vision_stem conv); the dual encoder's Swin / delegate /
+                       saliency / transformer part learns with the tagger, so it sits in mm.onnx (from_features).
   crf.npz              the CRF's start/end/transition scores; Viterbi and marginals run in numpy (bundle.py),
                        since the CRF's loops over words are data-dependent and cost nothing at L = 10 labels.
 ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward branches on data
@@ -23,9 +23,9 @@ fused and the text-only states is a torch.where inside it. --int8: onnxruntime's
 MatMul (linear) weights of the text graphs (for a dual-granularity run, mm.onnx holds its encoder's linear layers
 too), per channel (activations are quantised per batch at run time), but for the emission layer and the linear
 layers whose inputs quantise worst (quantize_int8; meta.json lists them under int8_fp32); vision.onnx is
-convolutional (or CLIP, frozen) and stays fp32. --export_format torch writes the same
-three graphs as TorchScript (torch.jit.trace) with torch's dynamic int8 Linear for --int8 (every Linear): for a
-model part ONNX cannot express.
+convolutional (or CLIP, frozen) and stays fp32. --export_format torch writes the same three graphs as
+TorchScript (torch.jit.trace) with torch's dynamic int8 Linear for --int8 (every Linear): for a model part ONNX
+cannot express.
 """
 from __future__ import annotations
 

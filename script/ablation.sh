@@ -22,7 +22,8 @@ text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_bla
 text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
 text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
-# the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever changes one thing
+# the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which
+# wins over the base's (argparse keeps the last)
 TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3"
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
@@ -44,15 +45,15 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     dual_blank) echo "(script/train_dual_granularity.sh) --image_control blank" ;;
     text_base) echo "$TEXT_BASE" ;;
     text_epochs10) echo "$TEXT_BASE --epochs 10" ;;
-    text_head_lr) echo "--model roberta_crf --no-freeze_word_embeddings --head_lr 3e-3" ;;
+    text_head_lr) echo "$TEXT_BASE --head_lr 3e-3" ;;
     text_llrd) echo "$TEXT_BASE --llrd 0.9" ;;
     text_mean) echo "$TEXT_BASE --word_pooling mean" ;;
-    text_frozen_emb) echo "--model roberta_crf --freeze_word_embeddings --head_lr 1e-3" ;;
-    text_frozen_2) echo "--model roberta_crf --freeze_text_layers 2 --head_lr 1e-3" ;;
+    text_frozen_emb) echo "$TEXT_BASE --freeze_word_embeddings" ;;
+    text_frozen_2) echo "$TEXT_BASE --freeze_text_layers 2" ;;
     text_dapt) echo "$TEXT_BASE --text_encoder $DAPT_DIR" ;;
     text_context) echo "$TEXT_BASE --context_k 2" ;;
-    text_default) echo "--model roberta_crf" ;;  # today's defaults: frozen word embeddings, --head_lr auto = 3e-3
-    # one change on top of today's defaults
+    # today's defaults (frozen word embeddings, --head_lr auto = 3e-3), then one change on top of them
+    text_default) echo "--model roberta_crf" ;;
     text_default_e10) echo "--model roberta_crf --epochs 10" ;;
     text_default_attn_drop) echo "--model roberta_crf --text_attention_dropout 0.1" ;;
     text_default_lr1e4) echo "--model roberta_crf --fin_tuning_lr 1e-4" ;;

@@ -17,7 +17,8 @@ Cases (each measured in a fresh child process, so peak memory is that case's own
     mner_dual_pixels  the same encoder with its frozen stem run on pixels every step (nothing cached)
 crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing.
 
-What is timed: train.train_step itself (forward, finite checks, backward, clipping, fused AdamW step, schedule;
+What is timed: train.train_step itself (forward, finite checks, backward, clipping, fused AdamW step, schedule,
+the --ema_decay weight average where on;
 one batch per step, as with --gradient_accumulation_steps 1) on the real Twitter-2017
 posts, batched exactly as train.py batches them (same sampler, --batch_size), `--steps` batches spread
 evenly over the epoch; epoch seconds = train posts / train posts/s (the train pass only: train.py's
@@ -25,7 +26,9 @@ metrics.jsonl `train_s`; its `eval_s` is the dev pass and `time_s` the whole epo
 The Twitter images are not on this machine, so the image cases feed random pixels / random features
 with has_image = 1 for every post: the compute of a fully illustrated data set, minus JPEG decoding.
 Memory: CPU peak resident set of the child (ru_maxrss) and its growth during training steps; CUDA:
-torch.cuda.max_memory_allocated. Figures are medians over --repeats.
+torch.cuda.max_memory_allocated. Figures are medians over --repeats. Each train pass is also given in CPU
+seconds of the case's process (train CPU s/epoch), which a busy neighbour on the machine moves less than wall
+clock; --rounds N runs the case list N times in alternation and prints each ratio's median over the rounds.
 """
 from __future__ import annotations
 
@@ -64,6 +67,9 @@ def bench_args(argv=None):
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
     a("--repeats", type=int, default=3, help="timed repeats per case (medians are reported)")
     a("--steps", type=int, default=20, help="training steps timed per repeat")
+    a("--rounds", type=int, default=1,
+      help="run the whole case list this many times, alternating, and report each ratio's median over the rounds "
+           "(a slow spell of the machine then hits every case, not one)")
     a("--eval_posts", type=int, default=320, help="dev posts decoded per eval repeat")
     a("--sizes", default="embedded", choices=["embedded", "base"],
       help="embedded = MiniLM + EfficientNet-Lite0; base = random BERT-base-sized text and CLIP-B/32-sized vision")
@@ -103,18 +109,22 @@ def first_subwords(word_ids) -> list[tuple[int, int]]:
 
 def timed_steps(step, batches: list, spec: dict, size, prepare=lambda b: b, sync=lambda: None):
     """spec["repeats"] timed runs of spec["steps"] batches spread evenly over the epoch (after the caller's
-    warm-up): (posts/s of each run, peak RSS in KiB before and after). size(batch) = posts in a prepared batch."""
+    warm-up): (posts/s of each run, posts per CPU second of each run, peak RSS in KiB before and after).
+    size(batch) = posts in a prepared batch. CPU seconds (the process's, all threads) leave out the time another
+    tenant of the machine held the cores, which moves wall-clock figures by up to 25% here."""
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tps, n = [], len(batches)
+    tps, cps, n = [], [], len(batches)
     for r in range(spec["repeats"]):
         pick = [prepare(batches[(r + i * n // spec["steps"]) % n]) for i in range(spec["steps"])]
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for b in pick:
             step(b)
         sync()
-        tps.append(sum(size(b) for b in pick) / (time.perf_counter() - t))
-    return tps, rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        posts = sum(size(b) for b in pick)
+        tps.append(posts / (time.perf_counter() - t))
+        cps.append(posts / (time.process_time() - c))
+    return tps, cps, rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run_recipe(spec: dict, argv: list[str]) -> dict:
@@ -166,7 +176,7 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
     model.train()
     for b in batches[:2]:  # warm-up, not timed
         step(b)
-    train_tps, rss0, rss1 = timed_steps(step, batches, spec, len)
+    train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, len)
     model.eval()
     eval_tps = []
     for r in range(spec["repeats"]):
@@ -185,7 +195,8 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
     pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
     return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
             "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
-            "epoch_s": round(len(posts) / tps, 1), "eval_posts_per_s": round(statistics.median(eval_tps), 1),
+            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 1),
+            "eval_posts_per_s": round(statistics.median(eval_tps), 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
             "threads": torch.get_num_threads(), "pad_share": round(pad, 3)}
@@ -199,7 +210,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     from config import get_config
     from model import build_model, load_tokenizer
     from runner import amp_context, pick_device
-    from train import make_optimizer, seed_everything, train_step
+    from train import WeightEMA, make_optimizer, seed_everything, train_step
 
     config = get_config(argv + CASES[spec["case"]])
     device = pick_device(config.device)
@@ -233,9 +244,10 @@ def run_case(spec: dict, argv: list[str]) -> dict:
             torch.cuda.synchronize()
 
     bad_run = [0, 0]
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
 
-    def step(b):  # the very step train.py runs: forward, finite checks, backward, clipping, AdamW, schedule
-        train_step(model, [b], opt, sched, config, device, 1, amp, scaler, bad_run)
+    def step(b):  # the very step train.py runs: forward, finite checks, backward, clipping, AdamW, schedule, average
+        train_step(model, [b], opt, sched, config, device, 1, amp, scaler, bad_run, ema)
 
     def prepare(b):
         return {k: v.to(device) for k, v in with_image(dict(b)).items()}
@@ -246,7 +258,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train_tps, rss0, rss1 = timed_steps(step, batches, spec, lambda b: b["input_ids"].size(0), prepare, sync)
+    train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, lambda b: b["input_ids"].size(0), prepare, sync)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
     dds = D.make_dataset(config, "valid", dev, tok, label_map)
@@ -265,7 +277,8 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
             "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
             "train_posts_per_s_all": [round(x, 1) for x in train_tps],
-            "epoch_s": round(len(posts) / tps, 1), "eval_posts_per_s": round(statistics.median(eval_tps), 1),
+            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 1),
+            "eval_posts_per_s": round(statistics.median(eval_tps), 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,
             "n_train": len(posts), "batch_size": config.batch_size, "device": str(device),
@@ -294,35 +307,56 @@ def hardware(threads: bool = True) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| case | precision | bucketing | grad ckpt | train posts/s | train s/epoch | eval posts/s | peak RSS MiB | train RSS growth MiB | peak CUDA MiB |"
+    head = ("| round | case | precision | bucketing | grad ckpt | train posts/s | train s/epoch | train CPU s/epoch | "
+            "eval posts/s | peak RSS MiB | train RSS growth MiB | peak CUDA MiB |")
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
+        key = f"| {r.get('round', 1)} | {r['case']} | {'bf16' if r['amp'] else 'fp32'} |"
         if "error" in r:
-            out.append(f"| {r['case']} | {'bf16' if r['amp'] else 'fp32'} | {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} |||||")
+            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} ||||||")
             continue
-        out.append(f"| {r['case']} | {'bf16' if r['amp'] else 'fp32'} | {'on' if r['bucketing'] else 'off'} | "
-                   f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | "
+        out.append(f"{key} {'on' if r['bucketing'] else 'off'} | "
+                   f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
                    f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | {r['peak_cuda_mib'] or '-'} |")
     return "\n".join(out)
 
 
-def ratios(rows: list[dict]) -> list[str]:
-    """The figures the targets are stated in: MANGO's fp32 text path against the recipe measured in this run
-    (train pass per epoch, eval posts/s), and each image case against the text path (same precision, bucketing)."""
+def round_ratios(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """The figures the targets are stated in, from one round's rows: {what: (wall-clock ratio, CPU-time ratio)}:
+    MANGO's fp32 text path against the recipe (train pass per epoch; eval posts/s, wall clock only) and each image
+    case against the text path of the same precision and bucketing."""
     ok = [r for r in rows if "error" not in r]
     rec = next((r for r in ok if r["case"] == "hf_recipe"), None)
-    out = []
+    out = {}
     for r in ok:
         if r["case"] == "text" and not r["amp"] and rec:
-            out.append(f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}) "
-                       f"vs hf_recipe: train pass {r['epoch_s'] / rec['epoch_s']:.2f}x the recipe's seconds per epoch, "
-                       f"eval {r['eval_posts_per_s'] / rec['eval_posts_per_s']:.2f}x its posts/s")
+            what = f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}) vs hf_recipe"
+            out[f"{what}: train pass"] = (r["epoch_s"] / rec["epoch_s"], r["epoch_cpu_s"] / rec["epoch_cpu_s"])
+            out[f"{what}: eval posts/s"] = (r["eval_posts_per_s"] / rec["eval_posts_per_s"], None)
     for r in ok:
         t = next((x for x in ok if x["case"] == "text" and (x["amp"], x["bucketing"], x["grad_ckpt"]) ==
                   (r["amp"], r["bucketing"], r["grad_ckpt"])), None)
         if r["case"] not in ("text", "hf_recipe") and t:
-            out.append(f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}) "
-                       f"vs text: {r['epoch_s'] / t['epoch_s']:.2f}x seconds per epoch")
+            what = f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}) vs text"
+            out[f"{what}: train pass"] = (r["epoch_s"] / t["epoch_s"], r["epoch_cpu_s"] / t["epoch_cpu_s"])
+    return out
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """round_ratios of each round (--rounds: the case list run again, alternating), then the median over rounds."""
+    rounds = sorted({r.get("round", 1) for r in rows})
+    per = [round_ratios([r for r in rows if r.get("round", 1) == k]) for k in rounds]
+    out = []
+    for what in per[0] if per else {}:
+        wall = [p[what][0] for p in per if what in p]
+        cpu = [p[what][1] for p in per if what in p and p[what][1] is not None]
+        line = f"{what}: {statistics.median(wall):.2f}x wall clock"
+        if cpu:
+            line += f", {statistics.median(cpu):.2f}x CPU time"
+        if len(rounds) > 1:
+            line += (f" (median of {len(wall)} rounds; wall " + " ".join(f"{x:.2f}" for x in wall)
+                     + ("; CPU " + " ".join(f"{x:.2f}" for x in cpu) if cpu else "") + ")")
+        out.append(line)
     return out
 
 
@@ -334,12 +368,14 @@ def main(argv=None):
         return
     if args.sizes == "base":
         rest = base_sized_encoders(Path(tempfile.gettempdir()) / "mango_bench") + rest
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds {args.rounds}: give 1 or more")
     cases = [c for c in args.cases.split(",") if c]
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
     rows = []
-    for case in cases:
+    for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
         # the recipe is what it is: fp32, its own batching, measured once
         combos = [("fp32", "off", "off")] if case == "hf_recipe" else itertools.product(
             args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","))
@@ -349,7 +385,7 @@ def main(argv=None):
             flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
             flags += ["--grad_checkpointing"] if ck == "on" else []
             spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
-            print(f"bench {case} {amp} bucketing={bucket} grad_ckpt={ck} ...", file=sys.stderr, flush=True)
+            print(f"bench round {rnd}: {case} {amp} bucketing={bucket} grad_ckpt={ck} ...", file=sys.stderr, flush=True)
             p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags],
                                capture_output=True, text=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -358,9 +394,10 @@ def main(argv=None):
                 rows.append({"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "error": err})
             else:
                 rows.append(json.loads(line[7:]))
+            rows[-1]["round"] = rnd
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"repeats {args.repeats} x {args.steps} steps, medians; sizes: {args.sizes}")
+    print(f"{args.rounds} round(s) of {args.repeats} repeats x {args.steps} steps, medians; sizes: {args.sizes}")
     print(table(rows))
     for line in ratios(rows):
         print(line)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from config import UserError
+from config import ConfigError, UserError
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
@@ -1051,13 +1051,14 @@ class MNERDataset(torch.utils.data.Dataset):
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
                  image_mode: str | None = None, prep: ImagePrep | None = None, features=None,
                  feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split", teacher=None,
-                 control: str = "none", blank=None, context=None):
+                 control: str = "none", blank=None, context=None, word_mask_prob: float = 0.0, mask_id: int | None = None):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
         self.teacher, self.control, self.blank = teacher, control, blank
         # a post without a teacher entry gets zeros of the teacher's own shape (its distill term is never read)
         self.teacher_shape = next(iter(teacher.values())).shape if teacher else None
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
+        self.word_mask_prob, self.mask_id = word_mask_prob, mask_id
         self.enc = [encode_words(tokenizer, p.tokens, max_len, context[i] if context else None)
                     for i, p in enumerate(posts)]
         self.context_k = max((len(c) for c in context), default=0) if context else 0
@@ -1124,9 +1125,20 @@ class MNERDataset(torch.utils.data.Dataset):
             return None
         return self.prep(im, random.Random(f"{self.seed}/{self.epoch}/{i}") if self.train_aug else None)
 
+    def masked_ids(self, i: int) -> list[int]:
+        """Post i's sub-word ids with each of its words, with probability word_mask_prob, replaced by the mask
+        token on all its sub-words (drawn from seed, epoch, item; special tokens and context words never)."""
+        e = self.enc[i]
+        rng = random.Random(f"word_mask/{self.seed}/{self.epoch}/{i}")
+        ids = list(e.input_ids)
+        for s, t in zip(e.word_index, e.word_end):
+            if rng.random() < self.word_mask_prob:
+                ids[s:t] = [self.mask_id] * (t - s)
+        return ids
+
     def __getitem__(self, i):
         e = self.enc[i]
-        item = {"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": self.labels[i][: e.n_kept],
+        item = {"input_ids": self.masked_ids(i) if self.word_mask_prob > 0 else e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": self.labels[i][: e.n_kept],
                 "case_ids": self.cases[i][: e.n_kept], "has_image": self.has_image[i], "index": i}
         j = self.source[i]  # whose image this post is shown (--image_control)
         if self.image_mode == "pixels":
@@ -1247,11 +1259,19 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
     context = split_context(config, split, posts)
+    mask = {}
+    if train and config.word_mask_prob > 0:
+        mid = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+        if mid is None:
+            raise ConfigError(f"--word_mask_prob {config.word_mask_prob}: --text_encoder {config.text_encoder}'s "
+                              "tokenizer has neither a mask nor an unknown token; use --word_mask_prob 0")
+        mask = {"word_mask_prob": config.word_mask_prob, "mask_id": mid}
     if vision is None:
-        return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, context=context)
+        return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, context=context,
+                           seed=config.seed, **mask)
     prep = image_prep_for(config)
     paths = [find_image(root, p.imgid) for p in posts]
-    common = dict(seed=config.seed, name=split, control=config.image_control, context=context)
+    common = dict(seed=config.seed, name=split, control=config.image_control, context=context, **mask)
     if teacher is not None and train:
         common["teacher"] = cached_features(config, teacher, paths, f"{config.dataset_name}/{split} teacher",
                                             EFFNET_PREP)[0]

@@ -77,8 +77,10 @@ def text_depth(name: str, n_layers: int) -> int:
 class TextEncoder(nn.Module):
     """Any Hugging Face encoder from a local directory; architecture from its config.json.
 
-    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W], word_end [B,W] | None) -> word states [B, W, H]
-    (each word is its first sub-word, or with --word_pooling mean the mean of sub-words word_index..word_end-1).
+    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W], word_end [B,W] | None, case_ids [B,W] | None)
+    -> word states [B, W, H] (each word is its first sub-word, or with --word_pooling mean the mean of sub-words
+    word_index..word_end-1). With --case_input each sub-word's input embedding gets its word's shape embedding
+    (`case_in`, zero-initialised so training starts from the pretrained encoder exactly).
     """
 
     def __init__(self, config):
@@ -117,9 +119,27 @@ class TextEncoder(nn.Module):
                     prm.requires_grad_(False)
         self.hidden = self.model.config.hidden_size
         self.mean = config.word_pooling == "mean"
+        self.case_in = None
+        if config.case_input:
+            self.case_in = nn.Embedding(len(CASE_SHAPES), self.hidden, padding_idx=0)
+            nn.init.zeros_(self.case_in.weight)
 
-    def forward(self, input_ids, attention_mask, word_index, word_end=None):
-        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    @staticmethod
+    def subword_cases(T: int, word_index, word_end, case_ids):
+        """Each sub-word's word shape [B, T] (0 = pad for special tokens, padding and dropped sub-words)."""
+        pos = torch.arange(T, device=word_index.device)
+        inside = (pos >= word_index[..., None]) & (pos < word_end[..., None])  # [B, W, T]; words never overlap
+        return (inside * case_ids[..., None]).sum(1)
+
+    def forward(self, input_ids, attention_mask, word_index, word_end=None, case_ids=None):
+        if self.case_in is None:
+            h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            if word_end is None or case_ids is None:
+                raise ValueError("--case_input needs the batch's word_end and case_ids (dataloader.collate makes them)")
+            emb = self.model.get_input_embeddings()(input_ids)
+            emb = emb + self.case_in(self.subword_cases(input_ids.size(1), word_index, word_end, case_ids))
+            h = self.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         H = h.size(-1)
         if not self.mean:
             return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
@@ -967,7 +987,8 @@ class Tagger(nn.Module):
     def forward(self, batch, epoch: float = 0.0, image_on: bool = True):
         cfg = self.config
         mask = batch["word_mask"]
-        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"))
+        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"),
+                         batch.get("case_ids"))
         if self.case is not None:
             text = text + self.case(batch["case_ids"])
         text = self.drop(text)

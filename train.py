@@ -49,7 +49,9 @@ NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos
 # flags that may not change on resume although they define no weights, and why
 RESUME_REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
                                "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
-                               "test.py --eval_mode {new}) or start a new run"}
+                               "test.py --eval_mode {new}) or start a new run",
+                  "ema_decay": "the best dev F1 so far was scored on weights averaged with --ema_decay {old}, so a "
+                               "new best would be picked by comparing two averages; start a new run"}
 
 
 # ----------------------------------------------------------------------------- run set-up
@@ -264,13 +266,15 @@ def skip_bad_step(bad_run: list, config, epoch: int, what: str):
                           f"{config.fin_tuning_lr}) or raise --max_bad_steps {config.max_bad_steps}")
 
 
-def train_step(model, group: list[dict], opt, sched, config, device, epoch: int, amp, scaler, bad_run: list) -> dict:
+def train_step(model, group: list[dict], opt, sched, config, device, epoch: int, amp, scaler, bad_run: list,
+               ema=None) -> dict:
     """One optimiser step over an accumulation group of batches (--gradient_accumulation_steps of them; the last
     group of an epoch may be shorter: no gradient crosses epochs). bench.py times exactly this function.
 
     A batch with a non-finite loss drops the gradient gathered so far (the group's later batches still add theirs);
     a non-finite gradient norm, or a non-finite last batch, skips the step. Both are counted in bad_run
-    (skip_bad_step). Returns {"losses": [(loss, {part: value}) of each finite batch], "norm": the gradient norm
+    (skip_bad_step). A step taken also updates the weight average `ema` (WeightEMA, --ema_decay) when given.
+    Returns {"losses": [(loss, {part: value}) of each finite batch], "norm": the gradient norm
     before clipping, or None when no step was taken}.
     """
     image_on = epoch >= config.text_only_epochs
@@ -309,7 +313,51 @@ def train_step(model, group: list[dict], opt, sched, config, device, epoch: int,
         opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
     return {"losses": losses, "norm": norm.item()}
+
+
+class WeightEMA:
+    """Exponential moving average of the trainable weights (--ema_decay d) over the optimiser steps taken:
+    avg_n = d avg_{n-1} + (1 - d) w_n from avg_0 = 0, read bias-corrected as avg_n / (1 - d^n), so the initial
+    (random-head) weights carry no weight and d means the same from the first step (horizon about 1 / (1 - d) steps).
+    Only parameters are averaged; buffers (frozen BatchNorm statistics) stay live. swap() puts the average into the
+    model (dev scoring, model.pt and the test see it) and, called again, the live weights back.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.decay, self.n, self.live = decay, 0, None
+
+    @torch.no_grad()
+    def update(self):
+        self.n += 1
+        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self):
+        if self.live is None:
+            self.live = [p.detach().clone() for p in self.params]
+            c = 1 - self.decay ** self.n if self.n else 1.0
+            for p, a, l in zip(self.params, self.avg, self.live):
+                p.copy_(a / c if self.n else l)
+        else:
+            for p, l in zip(self.params, self.live):
+                p.copy_(l)
+            self.live = None
+
+    def state_dict(self) -> dict:
+        return {"avg": self.avg, "n": self.n}
+
+    def load_state_dict(self, s: dict):
+        if len(s["avg"]) != len(self.avg) or any(a.shape != b.shape for a, b in zip(s["avg"], self.avg)):
+            raise ValueError("the averaged weights do not match the model's trainable parameters")
+        with torch.no_grad():
+            for a, b in zip(self.avg, s["avg"]):
+                a.copy_(b)
+        self.n = s["n"]
 
 
 def accumulation_groups(loader, accum: int):
@@ -324,8 +372,9 @@ def accumulation_groups(loader, accum: int):
         yield group
 
 
-def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, tracker, step0, bad_run):
-    """One epoch of train_step; returns ({loss term: mean over the epoch's finite batches}, optimiser steps so far)."""
+def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, tracker, step0, bad_run, ema=None):
+    """One epoch of train_step (with the weight average's update after each step taken); returns
+    ({loss term: mean over the epoch's finite batches}, optimiser steps so far)."""
     model.train()
     sums: dict[str, float] = {}
     step, seen = step0, 0
@@ -334,7 +383,7 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
     with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True,
               disable=not is_main()) as bar:
         for group in accumulation_groups(loader, config.gradient_accumulation_steps):
-            r = train_step(model, group, opt, sched, config, device, epoch, amp, scaler, bad_run)
+            r = train_step(model, group, opt, sched, config, device, epoch, amp, scaler, bad_run, ema)
             bar.update(len(group))
             for loss, parts in r["losses"]:
                 for k, v in parts.items():
@@ -501,6 +550,13 @@ def fit(config, core, ds, run, device, resume, say):
         # to look for parameters that got no gradient; text-only models use every parameter every step
         model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=core.uses_image)
+    ema = WeightEMA(core, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None and resume:
+        try:
+            ema.load_state_dict(resume["ema"])
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{Path(config.save_dir) / config.continue_train_name / 'last.pt'}: no usable weight "
+                              f"average for --ema_decay {config.ema_decay} ({e}); start a new run") from None
     tracker = Tracker(config, run, active=lead)
     n_params = sum(p.numel() for p in core.parameters())
     n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
@@ -514,9 +570,11 @@ def fit(config, core, ds, run, device, resume, say):
         ds["train"].epoch = epoch
         skipped = bad_run[1]
         losses, state.step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker,
-                                         state.step, bad_run)
+                                         state.step, bad_run, ema)
         skipped = bad_run[1] - skipped
         t1 = time.time()
+        if ema is not None:  # dev and model.pt see the averaged weights; training goes on from the live ones
+            ema.swap()
         dev = evaluate_split(core, ds["valid"], config, ds["valid"].label_map, device, amp)[0]  # the same on every rank
         t2 = time.time()
         improved = improves(config, dev["f1"], state.best)
@@ -527,6 +585,8 @@ def fit(config, core, ds, run, device, resume, say):
                              "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
         else:
             state.bad_epochs += 1
+        if ema is not None:
+            ema.swap()
         row = {"epoch": epoch + 1, "step": state.step, "time_s": round(time.time() - t0, 2),
                "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
                **{f"train_{k}": v for k, v in losses.items()},
@@ -547,7 +607,8 @@ def fit(config, core, ds, run, device, resume, say):
         if lead:
             atomic_save({"model": core.state_dict(), **training_state(opt, sched, scaler), "schedule": state.plan,
                          "epoch": epoch, "best": state.best, "bad_epochs": state.bad_epochs, "step": state.step,
-                         "stopped": stop, "rng": rngs[0], **({"rng_ranks": rngs} if world() > 1 else {})},
+                         "stopped": stop, "rng": rngs[0], **({"rng_ranks": rngs} if world() > 1 else {}),
+                         **({"ema": ema.state_dict()} if ema is not None else {})},
                         run / "last.pt")
         if stop:
             say(f"early stop: no dev gain > {config.patience} for {state.bad_epochs} epochs")

@@ -20,11 +20,15 @@ set -uo pipefail
 EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
 text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank
 text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
-text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast"
+text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast
+text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_word_mask text_default_ema99 text_default_ema995"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 # the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which
 # wins over the base's (argparse keeps the last)
-TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3"
+TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0"
+# the defaults of the first round of issue #15 (frozen word embeddings, --head_lr auto = 3e-3, no weight average);
+# text_default_ema99 on top of it is today's default (--ema_decay auto = 0.99 for text-only models)
+TEXT_DEFAULT="--model roberta_crf --ema_decay 0"
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
     full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
@@ -52,13 +56,19 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_frozen_2) echo "$TEXT_BASE --freeze_text_layers 2" ;;
     text_dapt) echo "$TEXT_BASE --text_encoder $DAPT_DIR" ;;
     text_context) echo "$TEXT_BASE --context_k 2" ;;
-    # today's defaults (frozen word embeddings, --head_lr auto = 3e-3), then one change on top of them
-    text_default) echo "--model roberta_crf" ;;
-    text_default_e10) echo "--model roberta_crf --epochs 10" ;;
-    text_default_attn_drop) echo "--model roberta_crf --text_attention_dropout 0.1" ;;
-    text_default_lr1e4) echo "--model roberta_crf --fin_tuning_lr 1e-4" ;;
-    text_default_bs8) echo "--model roberta_crf --batch_size 8" ;;
-    text_default_fast) echo "--model roberta_crf --batch_size 32 --freeze_text_layers 1" ;;
+    # the first round's defaults (frozen word embeddings, --head_lr auto = 3e-3), then one change on top of them
+    text_default) echo "$TEXT_DEFAULT" ;;
+    text_default_e10) echo "$TEXT_DEFAULT --epochs 10" ;;
+    text_default_attn_drop) echo "$TEXT_DEFAULT --text_attention_dropout 0.1" ;;
+    text_default_lr1e4) echo "$TEXT_DEFAULT --fin_tuning_lr 1e-4" ;;
+    text_default_bs8) echo "$TEXT_DEFAULT --batch_size 8" ;;
+    text_default_fast) echo "$TEXT_DEFAULT --batch_size 32 --freeze_text_layers 1" ;;
+    text_default_bs32) echo "$TEXT_DEFAULT --batch_size 32" ;;
+    text_default_bs32_lr1e4) echo "$TEXT_DEFAULT --batch_size 32 --fin_tuning_lr 1e-4" ;;
+    text_default_case_input) echo "$TEXT_DEFAULT --case_input" ;;
+    text_default_word_mask) echo "$TEXT_DEFAULT --word_mask_prob 0.1" ;;
+    text_default_ema99) echo "$TEXT_DEFAULT --ema_decay 0.99" ;;
+    text_default_ema995) echo "$TEXT_DEFAULT --ema_decay 0.995" ;;
     *) return 1 ;;
   esac
 }

@@ -172,6 +172,31 @@ def test_resume_of_a_run_saved_before_head_lr(base, monkeypatch):
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
 
+def test_ema_run_saves_the_average_and_resumes_it(base, monkeypatch):
+    """--ema_decay: model.pt (what dev scored and the test reads) holds the averaged weights, last.pt the live ones
+    and the average; a run cut in epoch 2 resumes to the uninterrupted run's dev F1 and average; a different
+    --ema_decay on resume is refused."""
+    args = [*base, "--model", "roberta_crf", "--epochs", "2", "--ema_decay", "0.9", "--patience", "-1"]
+    train.main([*args, "--save_name", "ema_full"])
+    best = torch.load(save_dir(base) / "ema_full" / "model.pt", weights_only=True)
+    last = torch.load(save_dir(base) / "ema_full" / "last.pt", weights_only=True)
+    assert last["ema"]["n"] == last["step"] > 0
+    assert best["epoch"] == last["epoch"] == 1  # --patience -1: every epoch counts as a gain, model.pt = the last average
+    emit = best["model"]["emit.weight"]
+    n = last["ema"]["n"]
+    assert any(a.shape == emit.shape and torch.allclose(emit, a / (1 - 0.9 ** n)) for a in last["ema"]["avg"])
+    assert not torch.equal(emit, last["model"]["emit.weight"])
+    cut_in_epoch_2([*args, "--save_name", "ema_cut"], monkeypatch)
+    train.main(["--continue_train_name", "ema_cut", "--save_dir", str(save_dir(base)), "--swanlab_mode", "disabled"])
+    a = [json.loads(l) for l in (save_dir(base) / "ema_full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (save_dir(base) / "ema_cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dev_f1"] for r in a] == [r["dev_f1"] for r in b]
+    cut = torch.load(save_dir(base) / "ema_cut" / "last.pt", weights_only=True)
+    assert all(torch.allclose(x, y) for x, y in zip(cut["ema"]["avg"], last["ema"]["avg"]))
+    with pytest.raises(ConfigError, match="--ema_decay 0.5: the run being resumed used --ema_decay 0.9"):
+        train.main(["--continue_train_name", "ema_cut", "--save_dir", str(save_dir(base)), "--ema_decay", "0.5"])
+
+
 def test_resume_refuses_changed_architecture(trained, base):
     p = run_py(["train.py", "--continue_train_name", "two", "--save_dir", str(save_dir(base)),
                 "--fusion_layers", "5"], check=False)

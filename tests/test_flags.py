@@ -164,6 +164,46 @@ def _clip_grad(env):
     return moments[0] < moments[1]
 
 
+def _ema_decay(env):
+    """With --ema_decay 0.9 the weights dev and model.pt see after two steps (w1, w2) are the bias-corrected average
+    (0.09 w1 + 0.1 w2) / 0.19: the initial weights carry none; swapping again restores the live w2."""
+    c, m, batch = env["mner"](["--ema_decay", "0.9"])
+    ema = train.WeightEMA(m, c.ema_decay)
+    opt, sched = train.make_optimizer(m, c, steps=10)
+    ws = []
+    for _ in range(2):
+        train.train_step(m, [batch], opt, sched, c, torch.device("cpu"), 5, contextlib.nullcontext, None, [0, 0])
+        ema.update()
+        ws.append([p.detach().clone() for p in ema.params])
+    want = [(0.09 * w1 + 0.1 * w2) / 0.19 for w1, w2 in zip(*ws)]
+    ema.swap()
+    averaged = all(torch.allclose(p, w, atol=1e-6) for p, w in zip(ema.params, want))
+    moved = any(not torch.equal(p, w) for p, w in zip(ema.params, ws[1]))
+    ema.swap()
+    back = all(torch.equal(p, w) for p, w in zip(ema.params, ws[1]))
+    return averaged and moved and back
+
+
+def _case_input(env):
+    """--case_input builds the sub-word shape embedding, in the text encoder's learning-rate group, and one step
+    moves it off zero (its gradient is checked in test_text_path)."""
+    c, m, batch = env["mner"](["--case_input"])
+    names = [n for n, _ in m.param_groups()["text"]]
+    opt, sched = train.make_optimizer(m, c, steps=10)
+    train.train_step(m, [batch], opt, sched, c, torch.device("cpu"), 5, contextlib.nullcontext, None, [0, 0])
+    return "text.case_in.weight" in names and m.text.case_in.weight.abs().sum() > 0 and env["mner"]([])[1].text.case_in is None
+
+
+def _word_mask_prob(env):
+    """Training items get mask tokens with --word_mask_prob (test_text_path checks whole words, epochs, dev)."""
+    c = C.get_config(env["enc"] + env["data"] + ["--word_mask_prob", "0.5"])
+    posts = D.load_split(c, "train")
+    ds = D.make_dataset(c, "train", posts, env["tok"], env["labels"], train=True)
+    plain = env["dataset"]()
+    return any(ds[i]["input_ids"] != plain[i]["input_ids"] for i in range(len(ds))) and \
+        all(ds.enc[i].input_ids == plain[i]["input_ids"] for i in range(len(ds)))
+
+
 def _text_only_epochs(env):
     parts = []
     for argv in ([], ["--text_only_epochs", "1"]):
@@ -298,6 +338,7 @@ FLAGS = {
     "freeze_text_layers": [model(alt=["--freeze_text_layers", "1"]), fn(_freeze_text_layers_too_many)],
     "word_pooling": [fn(_word_pooling)],
     "case_features": [model(alt=["--no-case_features"])],
+    "case_input": [fn(_case_input)],
     "allow_download": [fn(_allow_download)],
     "use_image": [model(alt=["--no-use_image"])],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
@@ -351,6 +392,8 @@ FLAGS = {
     "weight_decay_rate": [train_(alt=["--weight_decay_rate", "0.5"])],
     "clip_grad": [fn(_clip_grad)],
     "warmup_prop": [train_(alt=["--warmup_prop", "0.5"])],
+    "ema_decay": [fn(_ema_decay), refused(["--ema_decay", "1"], "--ema_decay")],
+    "word_mask_prob": [fn(_word_mask_prob), refused(["--word_mask_prob", "1"], "--word_mask_prob")],
     "gradient_accumulation_steps": [fn(_epochs_and_accumulation("--gradient_accumulation_steps", "4"))],
     "min_epoch_num": [fn(_min_epoch_num)],
     "patience": [fn(_patience)],
@@ -428,7 +471,8 @@ def env(tiny_bert_dir, tiny_clip_dir, tiny_data_dir, tmp_path_factory):
         g = torch.Generator().manual_seed(0)
         S = D.image_prep_for(c).size
         batch = {"input_ids": torch.randint(5, 500, (2, 9), generator=g), "attention_mask": torch.ones(2, 9, dtype=torch.long),
-                 "word_index": torch.arange(1, 7).repeat(2, 1), "word_mask": torch.ones(2, 6, dtype=torch.bool),
+                 "word_index": torch.arange(1, 7).repeat(2, 1), "word_end": torch.arange(2, 8).repeat(2, 1),
+                 "word_mask": torch.ones(2, 6, dtype=torch.bool),
                  "labels": torch.randint(1, 10, (2, 6), generator=g), "case_ids": torch.randint(1, 4, (2, 6), generator=g),
                  "has_image": torch.ones(2, dtype=torch.bool), "index": torch.arange(2),
                  "pixel_values": torch.randn(2, 3, S, S, generator=g)}

@@ -42,7 +42,7 @@ def tiny_flags(tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
 def test_bench_case_reports_figures(tiny_flags, case, extra):
     r = bench.run_case({"case": case, "repeats": 2, "steps": 2, "eval_posts": 4}, tiny_flags + extra)
     assert r["case"] == case and r["train_posts_per_s"] > 0 and r["eval_posts_per_s"] > 0 and r["peak_rss_mib"] > 0
-    assert len(r["train_posts_per_s_all"]) == 2 and r["n_train"] == 24 and 0 <= r["pad_share"] < 1
+    assert len(r["train_posts_per_s_all"]) == 2 and r["n_train"] == 24 and 0 <= r["pad_share"] < 1 and r["epoch_cpu_s"] > 0
     tps = r["train_posts_per_s"]  # rounded to 0.1, and epoch_s = 24 / (exact posts/s) rounded to 0.1
     assert 24 / (tps + 0.05) - 0.051 <= r["epoch_s"] <= 24 / max(tps - 0.05, 1e-9) + 0.051
     assert r["grad_ckpt"] == ("--grad_checkpointing" in extra) and r["amp"] == ("--amp" in extra)
@@ -52,14 +52,36 @@ def test_bench_case_reports_figures(tiny_flags, case, extra):
 def test_bench_driver_table_and_json(tmp_path, tiny_flags):
     out = tmp_path / "bench.json"
     p = subprocess.run([PY, "bench.py", "--cases", "hf_recipe,text", "--amp_modes", "fp32", "--bucketing", "on,off",
-                        "--repeats", "1", "--steps", "1", "--eval_posts", "4", "--json", str(out), *tiny_flags],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+                        "--repeats", "1", "--steps", "1", "--eval_posts", "4", "--rounds", "2", "--json", str(out),
+                        *tiny_flags], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    # the recipe runs once (its own batching), MANGO per bucketing mode; the ratios to the recipe are printed
-    assert [(r["case"], r["bucketing"]) for r in rows] == [("hf_recipe", False), ("text", True), ("text", False)]
-    assert p.stdout.count("vs hf_recipe: train pass") == 2
-    assert "| text | fp32 | on | off |" in p.stdout and "| text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
+    # the recipe runs once per round (its own batching), MANGO per bucketing mode; rounds alternate the cases
+    assert [(r["round"], r["case"], r["bucketing"]) for r in rows] == \
+        [(k, c, b) for k in (1, 2) for c, b in [("hf_recipe", False), ("text", True), ("text", False)]]
+    assert p.stdout.count("vs hf_recipe: train pass") == 2 and p.stdout.count("(median of 2 rounds") == 4
+    assert "| 2 | text | fp32 | on | off |" in p.stdout and "| 1 | text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
+
+
+def test_bench_ratios_are_medians_over_rounds():
+    """Hand-made rows: the train pass against the recipe and MNER against the text path, per round, then the median."""
+    def row(k, case, s, cpu, eval_=100.0):
+        return {"round": k, "case": case, "amp": False, "bucketing": case != "hf_recipe", "grad_ckpt": False,
+                "epoch_s": s, "epoch_cpu_s": cpu, "eval_posts_per_s": eval_}
+    rows = [row(1, "hf_recipe", 100, 200), row(1, "text", 50, 80, 150), row(1, "mner_cached", 60, 100),
+            row(2, "hf_recipe", 80, 200), row(2, "text", 48, 90, 120), row(2, "mner_cached", 72, 99),
+            row(3, "hf_recipe", 90, 180), row(3, "text", 36, 72, 180), row(3, "mner_cached", 45, 90)]
+    lines = bench.ratios(rows)
+    assert lines[0].startswith("text (bucketing on, grad ckpt off) vs hf_recipe: train pass: 0.50x wall clock, 0.40x CPU time")
+    assert "wall 0.50 0.60 0.40; CPU 0.40 0.45 0.40" in lines[0]
+    assert lines[1].startswith("text (bucketing on, grad ckpt off) vs hf_recipe: eval posts/s: 1.50x wall clock (")
+    assert lines[2].startswith("mner_cached (fp32, bucketing on) vs text: train pass: 1.25x wall clock, 1.25x CPU time")
+    assert bench.ratios(rows[:3])[2] == "mner_cached (fp32, bucketing on) vs text: train pass: 1.20x wall clock, 1.25x CPU time"
+
+
+def test_bench_rounds_must_be_positive():
+    p = subprocess.run([PY, "bench.py", "--cases", "text", "--rounds", "0"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert p.returncode != 0 and "--rounds 0" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_bench_unknown_case_is_one_line():
@@ -104,7 +126,9 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "text_epochs10", "text_head_lr", "text_llrd", "text_mean", "text_frozen_emb",
                                   "text_frozen_2", "text_dapt", "text_context", "text_default", "text_default_e10",
                                   "text_default_attn_drop", "text_default_lr1e4", "text_default_bs8",
-                                  "text_default_fast"} == set(names)
+                                  "text_default_fast", "text_default_bs32", "text_default_bs32_lr1e4",
+                                  "text_default_case_input", "text_default_word_mask", "text_default_ema99",
+                                  "text_default_ema995"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()
@@ -121,8 +145,8 @@ def test_reproduce_and_ablation_list(tmp_path):
                        capture_output=True, text=True)
     lines = p.stdout.splitlines()
     assert p.returncode == 0 and len(lines) == 4
-    assert lines[0].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --epochs 10") and "--epochs 6" in lines[0]
-    assert lines[2].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --context_k 2") and "image_control" not in p.stdout
+    assert lines[0].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --epochs 10") and "--epochs 6" in lines[0]
+    assert lines[2].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --context_k 2") and "image_control" not in p.stdout
 
 
 def test_ablation_runs_one_experiment_end_to_end(tmp_path, tiny_flags):

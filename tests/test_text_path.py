@@ -128,6 +128,66 @@ def test_mean_pooling_averages_each_words_sub_words(tiny_bert_dir):
         torch.testing.assert_close(w[i], h[e.word_index[i]:e.word_end[i]].mean(0))
 
 
+def test_case_input_reaches_every_sub_word_and_learns(tiny_bert_dir):
+    """--case_input: each sub-word gets its word's shape (special tokens and padding none); the embedding starts at
+    zero, so a fresh model encodes exactly as without it, and the tagging loss reaches it."""
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--case_input"])
+    tok = M.load_tokenizer(c)
+    words = ["Hello", "UNBELIEVABLYXYZ", "a"]
+    items = []
+    for n in (3, 1):
+        e = D.encode_words(tok, words[:n], 32)
+        items.append({"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": [2, 1, 1][:n],
+                      "case_ids": [D.word_shape(w) for w in words[:n]], "has_image": False, "index": len(items)})
+    b = D.collate(items)
+    e = D.encode_words(tok, words, 32)
+    assert e.word_end[1] - e.word_index[1] > 1  # a word of several sub-words
+    sub = M.TextEncoder.subword_cases(b["input_ids"].size(1), b["word_index"], b["word_end"], b["case_ids"])
+    want = [0] * b["input_ids"].size(1)
+    for i, w in enumerate(words):
+        want[e.word_index[i]:e.word_end[i]] = [D.word_shape(w)] * (e.word_end[i] - e.word_index[i])
+    assert sub[0].tolist() == want and sub[1].tolist() == [0, D.word_shape("Hello")] + [0] * (len(want) - 2)
+    assert len({D.word_shape(w) for w in words}) == 3
+    m = M.build_model(c, 10)
+    plain = M.build_model(C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf"]), 10)
+    assert m.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["text.case_in.weight"]
+    m.eval(), plain.eval()
+    torch.testing.assert_close(m(b)["emissions"], plain(b)["emissions"])
+    m.train()
+    m(b)["loss"].backward()
+    g = m.text.case_in.weight.grad
+    assert g[0].abs().sum() == 0 and all(g[D.word_shape(w)].abs().sum() > 0 for w in words)
+
+
+def test_word_masking_masks_whole_post_words_in_training_only(ctx_env):
+    """--word_mask_prob: whole words (every sub-word) become the mask token, never special tokens or retrieved
+    context; labels stay; the draw is fixed by (seed, epoch, post) and changes with the epoch; dev is never masked."""
+    tok, lm, posts = ctx_env["tok"], ctx_env["labels"], ctx_env["posts"]["train"]
+    argv = [*ctx_env["argv"], "--word_mask_prob", "0.5"]
+    c = C.get_config(argv)
+    ds = D.make_dataset(c, "train", posts, tok, lm, train=True)
+    dev = D.make_dataset(c, "valid", D.load_split(c, "valid"), tok, lm)
+    assert all(dev[i]["input_ids"] == dev.enc[i].input_ids for i in range(len(dev)))
+    masked = words = 0
+    draws = []
+    for epoch in (0, 1):
+        ds.epoch = epoch
+        draws.append([ds[i]["input_ids"] for i in range(len(ds))])
+        for i in range(len(ds)):
+            e, ids = ds.enc[i], draws[-1][i]
+            assert ds[i]["input_ids"] == ids and ds[i]["labels"] == ds.labels[i][: e.n_kept]
+            post = set()
+            for s, t in zip(e.word_index, e.word_end):
+                post |= set(range(s, t))
+                hit = [ids[j] == tok.mask_token_id for j in range(s, t)]
+                assert all(hit) or not any(hit)
+                masked, words = masked + all(hit), words + 1
+            assert all(ids[j] == e.input_ids[j] for j in range(len(ids)) if j not in post)
+    assert draws[0] != draws[1] and 0.25 < masked / words < 0.75
+    assert C.get_config(argv[:-2]).word_mask_prob == 0 and D.make_dataset(C.get_config(argv[:-2]), "train", posts, tok, lm,
+                                                                          train=True)[0]["input_ids"] == ds.enc[0].input_ids
+
+
 def test_llrd_scales_each_layer(tiny_bert_dir):
     c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--llrd", "0.5", "--warmup_prop", "0"])
     m = M.build_model(c, 10)
@@ -158,6 +218,17 @@ def test_head_lr_auto_is_higher_only_without_image_fusion():
     assert C.get_config(["--model", "roberta_crf", "--head_lr", "1e-4"], check=False).head_lr == 1e-4
     # a run saved before --head_lr existed trained its head at --downs_en_lr, and resumes so
     assert C.config_from_dict({"model": "roberta_crf", "downs_en_lr": 2e-3}).head_lr == 2e-3
+
+
+def test_ema_auto_is_on_only_for_the_text_only_models():
+    import model as M
+    for model in M.MODELS:
+        c = C.get_config(["--model", model], check=False)
+        assert c.ema_decay == (0.0 if model in C.IMAGE_MODELS else 0.99), model
+    assert C.get_config(["--model", "roberta_crf", "--ema_decay", "0"], check=False).ema_decay == 0
+    assert C.get_config(["--model", "MNER", "--ema_decay", "0.9"], check=False).ema_decay == 0.9
+    # a run saved before --ema_decay existed kept no average, and resumes without one
+    assert C.config_from_dict({"model": "roberta_crf"}).ema_decay == 0.0
 
 
 def test_frozen_lower_layers_get_no_gradient(tiny_bert_dir):

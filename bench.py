@@ -220,7 +220,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     label_map = D.LabelMap.from_posts(posts)
     tok = load_tokenizer(config)
     model = build_model(config, len(label_map)).to(device)
-    ds = D.make_dataset(config, "train", posts, tok, label_map)  # text items; image inputs are added below
+    ds = D.make_dataset(config, "train", posts, tok, label_map, train=True)  # text items; image inputs added below
     loader = D.make_loader(ds, config, train=True)
     batches = list(loader)
     opt, sched = make_optimizer(model, config, steps=10**6)
@@ -313,7 +313,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         key = f"| {r.get('round', 1)} | {r['case']} | {'bf16' if r['amp'] else 'fp32'} |"
         if "error" in r:
-            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} ||||||")
+            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} |||||||")
             continue
         out.append(f"{key} {'on' if r['bucketing'] else 'off'} | "
                    f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
@@ -347,7 +347,7 @@ def ratios(rows: list[dict]) -> list[str]:
     rounds = sorted({r.get("round", 1) for r in rows})
     per = [round_ratios([r for r in rows if r.get("round", 1) == k]) for k in rounds]
     out = []
-    for what in per[0] if per else {}:
+    for what in dict.fromkeys(w for p in per for w in p):  # every ratio any round has, in first-seen order
         wall = [p[what][0] for p in per if what in p]
         cpu = [p[what][1] for p in per if what in p and p[what][1] is not None]
         line = f"{what}: {statistics.median(wall):.2f}x wall clock"
@@ -366,17 +366,17 @@ def main(argv=None):
         spec = json.loads(args.one)
         print("RESULT " + json.dumps(run_case(spec, rest)))
         return
-    if args.sizes == "base":
-        rest = base_sized_encoders(Path(tempfile.gettempdir()) / "mango_bench") + rest
     if args.rounds < 1:
         raise SystemExit(f"error: --rounds {args.rounds}: give 1 or more")
+    if args.sizes == "base":
+        rest = base_sized_encoders(Path(tempfile.gettempdir()) / "mango_bench") + rest
     cases = [c for c in args.cases.split(",") if c]
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
     rows = []
     for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
-        # the recipe is what it is: fp32, its own batching, measured once
+        # the recipe is what it is: fp32, its own batching, measured once per round
         combos = [("fp32", "off", "off")] if case == "hf_recipe" else itertools.product(
             args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","))
         for amp, bucket, ck in combos:

@@ -170,7 +170,7 @@ def _training_flags(a) -> None:
       help="exponential moving average of the trainable weights, updated after every optimiser step (bias-corrected; "
            "horizon about 1 / (1 - decay) steps); dev scoring, model.pt and the test use the average, last.pt keeps "
            "both; 0 = off; -1 = auto: 0.99 for the text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert "
-           "(Twitter-2017, 3 seeds: +0.2 dev F1), off for MNER and roberta_clip_coattn")
+           "(Twitter-2017, 3 seeds: +0.15 dev F1), off for MNER and roberta_clip_coattn")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimiser step")
     a("--min_epoch_num", type=int, default=2, help="no early stop before this many epochs")
     a("--patience", type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "head_lr", "weight_decay_rate", "clip_grad",
                      "min_epoch_num", "patience", "patience_num", "device", "amp", "num_workers", "swanlab_mode",
                      "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project",
+                     "word_mask_prob",
                      "allow_download", "lenient_data"}
 
 
@@ -286,6 +287,9 @@ def validate(c) -> None:
         raise ConfigError(f"--llrd must be in (0, 1] (1 = no layer-wise decay), got {c.llrd}")
     if c.max_len < 8:
         raise ConfigError(f"--max_len must be >= 8, got {c.max_len}")
+    if c.case_input and c.freeze_text_layers:  # its gradient would have to run back through the frozen layers
+        raise ConfigError(f"--case_input with --freeze_text_layers {c.freeze_text_layers}: the input-side shape "
+                          "embedding needs backward through every layer, which freezing is there to skip; drop one")
     if not 0 <= c.word_mask_prob < 1:
         raise ConfigError(f"--word_mask_prob must be in [0, 1) (0 = off), got {c.word_mask_prob}")
     if not 0 <= c.ema_decay < 1:

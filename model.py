@@ -126,7 +126,8 @@ class TextEncoder(nn.Module):
 
     @staticmethod
     def subword_cases(T: int, word_index, word_end, case_ids):
-        """Each sub-word's word shape [B, T] (0 = pad for special tokens, padding and dropped sub-words)."""
+        """Each sub-word's word shape [B, T] (0 = pad for special tokens, padding, retrieved-context words and
+        dropped sub-words)."""
         pos = torch.arange(T, device=word_index.device)
         inside = (pos >= word_index[..., None]) & (pos < word_end[..., None])  # [B, W, T]; words never overlap
         return (inside * case_ids[..., None]).sum(1)

@@ -113,7 +113,7 @@ def ablation_table(csv_files: list[str]) -> str:
              "text_dapt", "text_context", "text_default", "text_default_e10", "text_default_attn_drop",
              "text_default_lr1e4", "text_default_bs8", "text_default_fast", "text_default_bs32",
              "text_default_bs32_lr1e4", "text_default_case_input", "text_default_word_mask", "text_default_ema99",
-             "text_default_ema995"]
+             "text_default_ema995", "text_default_mpnet"]
     for exp, c in sorted(cells.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
         gain = (f"{(statistics.mean(c['test']) - statistics.mean(c['test_shuffle'])) * 100:+.2f}"
                 if c.get("test") and c.get("test_shuffle") else "-")

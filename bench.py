@@ -127,6 +127,20 @@ def timed_steps(step, batches: list, spec: dict, size, prepare=lambda b: b, sync
     return tps, cps, rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def timed_eval(decode_all, n_posts: int, repeats: int, sync=lambda: None) -> float:
+    """Median posts/s of `repeats` runs of decode_all() (which decodes n_posts posts) under inference mode."""
+    import torch
+    tps = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            decode_all()
+        sync()
+        tps.append(n_posts / (time.perf_counter() - t))
+    return statistics.median(tps)
+
+
 def run_recipe(spec: dict, argv: list[str]) -> dict:
     """The hf_recipe case: the Hugging Face token-classification loop, timed like run_case times train_step."""
     import torch
@@ -177,26 +191,24 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
     for b in batches[:2]:  # warm-up, not timed
         step(b)
     train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, len)
+    def decode_all():
+        for k in range(0, len(dev), config.batch_size):
+            batch = dev[k:k + config.batch_size]
+            x, _ = encode(batch)
+            pred = model(**x).logits.argmax(-1).tolist()
+            # the first sub-word's label is the word's: read out per post, as the recipe does (timed, not kept)
+            tags = [[labels[pred[b][j]] for j, _ in first_subwords(x.word_ids(b))] for b in range(len(batch))]
+            del tags
+
     model.eval()
-    eval_tps = []
-    for r in range(spec["repeats"]):
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for k in range(0, len(dev), config.batch_size):
-                batch = dev[k:k + config.batch_size]
-                x, _ = encode(batch)
-                pred = model(**x).logits.argmax(-1).tolist()
-                # the first sub-word's label is the word's: read out per post, as the recipe does (timed, not kept)
-                tags = [[labels[pred[b][j]] for j, _ in first_subwords(x.word_ids(b))] for b in range(len(batch))]
-                del tags
-        eval_tps.append(len(dev) / (time.perf_counter() - t))
+    eval_tps = timed_eval(decode_all, len(dev), spec["repeats"])
     tps = statistics.median(train_tps)
     n_sub = {id(p): len(tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in posts}
     pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
     return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
             "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
             "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 1),
-            "eval_posts_per_s": round(statistics.median(eval_tps), 1),
+            "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
             "threads": torch.get_num_threads(), "pad_share": round(pad, 3)}
@@ -263,22 +275,19 @@ def run_case(spec: dict, argv: list[str]) -> dict:
 
     dds = D.make_dataset(config, "valid", dev, tok, label_map)
     ebatches = [prepare(b) for b in D.make_loader(dds, config, train=False)]
-    model.eval()
-    eval_tps = []
-    for r in range(spec["repeats"]):
-        sync()
-        t = time.perf_counter()
-        with torch.inference_mode(), amp():
+    def decode_all():
+        with amp():
             for b in ebatches:
                 model.decode(b)
-        sync()
-        eval_tps.append(len(dev) / (time.perf_counter() - t))
+
+    model.eval()
+    eval_tps = timed_eval(decode_all, len(dev), spec["repeats"], sync)
     tps = statistics.median(train_tps)
     return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
             "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
             "train_posts_per_s_all": [round(x, 1) for x in train_tps],
             "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 1),
-            "eval_posts_per_s": round(statistics.median(eval_tps), 1),
+            "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,
             "n_train": len(posts), "batch_size": config.batch_size, "device": str(device),

@@ -1138,7 +1138,8 @@ class MNERDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         e = self.enc[i]
-        item = {"input_ids": self.masked_ids(i) if self.word_mask_prob > 0 else e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": self.labels[i][: e.n_kept],
+        ids = self.masked_ids(i) if self.word_mask_prob > 0 else e.input_ids
+        item = {"input_ids": ids, "word_index": e.word_index, "word_end": e.word_end, "labels": self.labels[i][: e.n_kept],
                 "case_ids": self.cases[i][: e.n_kept], "has_image": self.has_image[i], "index": i}
         j = self.source[i]  # whose image this post is shown (--image_control)
         if self.image_mode == "pixels":

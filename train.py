@@ -26,7 +26,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -323,31 +323,33 @@ class WeightEMA:
     avg_n = d avg_{n-1} + (1 - d) w_n from avg_0 = 0, read bias-corrected as avg_n / (1 - d^n), so the initial
     (random-head) weights carry no weight and d means the same from the first step (horizon about 1 / (1 - d) steps).
     Only parameters are averaged; buffers stay live (BatchNorm statistics of a trainable conv stem follow the live
-    weights, not the average). swap() puts the average into the
-    model (dev scoring, model.pt and the test see it) and, called again, the live weights back.
+    weights, not the average). Inside `with ema.averaged():` the model holds the average (dev scoring, model.pt and
+    so the test see it); the live weights come back on leaving, whatever happens inside.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.decay, self.n, self.live = decay, 0, None
+        self.decay, self.n = decay, 0
 
     @torch.no_grad()
     def update(self):
         self.n += 1
         torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1 - self.decay)
 
-    @torch.no_grad()
-    def swap(self):
-        if self.live is None:
-            self.live = [p.detach().clone() for p in self.params]
-            c = 1 - self.decay ** self.n if self.n else 1.0
-            for p, a, l in zip(self.params, self.avg, self.live):
-                p.copy_(a / c if self.n else l)
-        else:
-            for p, l in zip(self.params, self.live):
-                p.copy_(l)
-            self.live = None
+    @contextmanager
+    def averaged(self):
+        if not self.n:  # no step yet: the live weights are all there is
+            yield
+            return
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, torch._foreach_div(self.avg, 1 - self.decay ** self.n))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, live)
 
     def state_dict(self) -> dict:
         return {"avg": self.avg, "n": self.n}
@@ -574,20 +576,19 @@ def fit(config, core, ds, run, device, resume, say):
                                          state.step, bad_run, ema)
         skipped = bad_run[1] - skipped
         t1 = time.time()
-        if ema is not None:  # dev and model.pt see the averaged weights; training goes on from the live ones
-            ema.swap()
-        dev = evaluate_split(core, ds["valid"], config, ds["valid"].label_map, device, amp)[0]  # the same on every rank
-        t2 = time.time()
-        improved = improves(config, dev["f1"], state.best)
-        if improved:
-            state.best, state.bad_epochs = dev["f1"], 0
-            if lead:
-                atomic_save({"model": core.state_dict(), "config": vars(config), "labels": ds["valid"].label_map.labels,
-                             "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
-        else:
-            state.bad_epochs += 1
-        if ema is not None:
-            ema.swap()
+        # dev and model.pt see the averaged weights (--ema_decay); training goes on from the live ones
+        with ema.averaged() if ema is not None else nullcontext():
+            dev = evaluate_split(core, ds["valid"], config, ds["valid"].label_map, device, amp)[0]  # same on every rank
+            t2 = time.time()
+            improved = improves(config, dev["f1"], state.best)
+            if improved:
+                state.best, state.bad_epochs = dev["f1"], 0
+                if lead:
+                    atomic_save({"model": core.state_dict(), "config": vars(config),
+                                 "labels": ds["valid"].label_map.labels, "epoch": epoch, "dev_f1": dev["f1"]},
+                                run / "model.pt")
+            else:
+                state.bad_epochs += 1
         row = {"epoch": epoch + 1, "step": state.step, "time_s": round(time.time() - t0, 2),
                "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
                **{f"train_{k}": v for k, v in losses.items()},

@@ -166,7 +166,7 @@ def _clip_grad(env):
 
 def _ema_decay(env):
     """With --ema_decay 0.9 the weights dev and model.pt see after two steps (w1, w2) are the bias-corrected average
-    (0.09 w1 + 0.1 w2) / 0.19: the initial weights carry none; swapping again restores the live w2."""
+    (0.09 w1 + 0.1 w2) / 0.19: the initial weights carry none; leaving averaged() restores the live w2."""
     c, m, batch = env["mner"](["--ema_decay", "0.9"])
     ema = train.WeightEMA(m, c.ema_decay)
     opt, sched = train.make_optimizer(m, c, steps=10)
@@ -176,10 +176,9 @@ def _ema_decay(env):
         ema.update()
         ws.append([p.detach().clone() for p in ema.params])
     want = [(0.09 * w1 + 0.1 * w2) / 0.19 for w1, w2 in zip(*ws)]
-    ema.swap()
-    averaged = all(torch.allclose(p, w, atol=1e-6) for p, w in zip(ema.params, want))
-    moved = any(not torch.equal(p, w) for p, w in zip(ema.params, ws[1]))
-    ema.swap()
+    with ema.averaged():
+        averaged = all(torch.allclose(p, w, atol=1e-6) for p, w in zip(ema.params, want))
+        moved = any(not torch.equal(p, w) for p, w in zip(ema.params, ws[1]))
     back = all(torch.equal(p, w) for p, w in zip(ema.params, ws[1]))
     return averaged and moved and back
 

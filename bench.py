@@ -232,7 +232,8 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     label_map = D.LabelMap.from_posts(posts)
     tok = load_tokenizer(config)
     model = build_model(config, len(label_map)).to(device)
-    ds = D.make_dataset(config, "train", posts, tok, label_map, train=True)  # text items; image inputs added below
+    ds = D.make_dataset(config, "train", posts, tok, label_map, train=True,  # text items; image inputs added below
+                        iob2_labels=model.iob2_targets)
     loader = D.make_loader(ds, config, train=True)
     batches = list(loader)
     opt, sched = make_optimizer(model, config, steps=10**6)

@@ -86,9 +86,18 @@ def _model_flags(a) -> None:
     a("--case_input", action=B, default=False,
       help="also add a learned word-shape embedding (zero at start) to every sub-word's input embedding, so each "
            "layer of an uncased encoder attends with the case of the words around it")
+    a("--layer_mix", action=B, default=False,
+      help="word states from a learned softmax-weighted sum of all the text encoder's hidden states (embeddings and "
+           "every layer; weights start equal and train at --head_lr) instead of its last layer")
     a("--allow_download", action="store_true", help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
     a("--use_image", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
+    a("--bio_constraints", action=B, default=True,
+      help="valid BIO only: CRF decoding (dev, test, predict, export) takes I-X only after B-X or I-X, and a CRF "
+           "scored by conlleval trains on labels whose chunks that open with I-X start with B-X (IOB2; conlleval reads "
+           "the same chunks); test.py may set it on a saved run (decoding only). Runs saved before this flag keep it off")
+    a("--bio_loss", action=B, default=False,
+      help="with --bio_constraints: the CRF's training normaliser also runs over valid BIO paths only")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
@@ -356,6 +365,8 @@ def config_from_dict(d: dict) -> argparse.Namespace:
         c.head_lr = c.downs_en_lr
     if "ema_decay" not in d:  # runs saved before --ema_decay kept no weight average
         c.ema_decay = 0.0
+    if "bio_constraints" not in d:  # runs saved before --bio_constraints were selected and scored without it
+        c.bio_constraints = False
     resolve_auto(c)
     return c
 

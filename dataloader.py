@@ -192,18 +192,24 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False, report
     return posts
 
 
+def opens_with_i(prev: str, tag: str) -> bool:
+    """True for an I- tag that begins a chunk: after O (or at a post's start, prev = "O") or after another type."""
+    return tag.startswith("I-") and (prev == "O" or prev[2:] != tag[2:])
+
+
 def conll_notes(posts: list[Post]) -> str:
     """Valid but unusual things in a read file, counted (one phrase; '' when there are none).
 
-    I- tags that begin a chunk (after O or after another type) are kept as they are: the conlleval evaluator reads
-    them as entity starts, --eval_mode strict as no entity. IMGIDs shared by several posts are kept too (the posts
+    I- tags that begin a chunk (after O or after another type) are kept as they are in the posts, which the scorer
+    reads: the conlleval evaluator as entity starts, --eval_mode strict as no entity (with --bio_constraints the
+    training targets read them as B-, see iob2). IMGIDs shared by several posts are kept too (the posts
     share one image); the count shows a file that was concatenated twice.
     """
     orphans, first_orphan, seen, dups = 0, "", {}, {}
     for p in posts:
         prev = "O"
         for k, t in enumerate(p.tags):
-            if t.startswith("I-") and (prev == "O" or prev[2:] != t[2:]):
+            if opens_with_i(prev, t):
                 orphans += 1
                 if not first_orphan:
                     path, _, line = p.source.rpartition(":")
@@ -490,6 +496,9 @@ class LabelMap:
     def __init__(self, labels: list[str]):
         if labels[:2] != [self.PAD, self.O]:
             raise ValueError(f"label map must start with {self.PAD}, {self.O}; got {labels[:2]}")
+        pairs = list(zip(labels[2::2], labels[3::2]))
+        if len(labels) % 2 or any(b[:2] != "B-" or i != "I-" + b[2:] for b, i in pairs):  # model.bio_bans reads ids so
+            raise ValueError(f"label map must go on with B-X, I-X pairs of each type; got {labels[2:]}")
         self.labels = list(labels)
         self.ids = {l: i for i, l in enumerate(self.labels)}
 
@@ -596,6 +605,13 @@ def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[s
         elif w is not None:
             word_end[-1] = pos + prefix + 1
     return Encoded(head + list(ids) + tail, word_index, word_end, len(word_index), n_empty)
+
+
+def iob2(tags: list[str]) -> tuple[list[str], int]:
+    """(tags with every chunk that opens with I-X relabelled B-X, how many were): IOB1 or a stray I- to IOB2.
+    conlleval reads the same chunks from both; Twitter-2015 has 186 such chunks in train."""
+    out = [("B-" + t[2:]) if opens_with_i(tags[i - 1] if i else "O", t) else t for i, t in enumerate(tags)]
+    return out, sum(a != b for a, b in zip(out, tags))
 
 
 CASE_SHAPES = ("pad", "lower", "title", "upper", "mixed", "no_letter", "mention_or_hashtag")
@@ -1045,13 +1061,15 @@ class MNERDataset(torch.utils.data.Dataset):
     image_mode: None (text-only model), "pixels" (decode + ImagePrep each time) or "features" (look up
     `features`, a {path: tensor} dict from FeatureCache; `feat_shape` gives its shape for placeholders).
     `teacher` ({path: [R, 1280]}) adds the distillation targets of each post's image. `control` is
-    --image_control; `blank` is the grey image's features (features mode).
+    --image_control; `blank` is the grey image's features (features mode). iob2_labels: the loss targets (not the
+    posts' tags, which the scorer reads) open every chunk with B- (iob2).
     """
 
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
                  image_mode: str | None = None, prep: ImagePrep | None = None, features=None,
                  feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split", teacher=None,
-                 control: str = "none", blank=None, context=None, word_mask_prob: float = 0.0, mask_id: int | None = None):
+                 control: str = "none", blank=None, context=None, word_mask_prob: float = 0.0, mask_id: int | None = None,
+                 iob2_labels: bool = False):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
         self.teacher, self.control, self.blank = teacher, control, blank
@@ -1062,7 +1080,10 @@ class MNERDataset(torch.utils.data.Dataset):
         self.enc = [encode_words(tokenizer, p.tokens, max_len, context[i] if context else None)
                     for i, p in enumerate(posts)]
         self.context_k = max((len(c) for c in context), default=0) if context else 0
-        self.labels = [label_map.encode(p.tags, p.source) for p in posts]
+        # the loss's targets only: scoring reads p.tags as given
+        fixed = [iob2(p.tags) if iob2_labels else (p.tags, 0) for p in posts]
+        self.n_iob2 = sum(n for _, n in fixed)
+        self.labels = [label_map.encode(t, p.source) for (t, _), p in zip(fixed, posts)]
         self.cases = [[word_shape(w) for w in p.tokens] for p in posts]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.n_truncated = sum(len(p.tokens) - e.n_kept for p, e in zip(posts, self.enc))
@@ -1101,6 +1122,8 @@ class MNERDataset(torch.utils.data.Dataset):
             total = sum(len(e.input_ids) for e in self.enc)
             s += f", retrieved context: {self.context_k} neighbours, sub-words per post {total / max(1, len(self.enc)):.1f} " \
                  f"(post alone {post / max(1, len(self.enc)) + 1:.1f})"
+        if self.n_iob2:
+            s += f", {self.n_iob2} chunks opening with I- trained as B- (--bio_constraints)"
         if self.n_truncated:
             s += f", {self.n_truncated} words past --max_len (scored as O)"
         if self.n_empty:
@@ -1251,28 +1274,30 @@ def split_context(config, split: str, posts: list[Post]):
 
 
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
-                 train: bool = False, image_dir=None, teacher=None) -> MNERDataset:
+                 train: bool = False, image_dir=None, teacher=None, iob2_labels: bool = False) -> MNERDataset:
     """A split ready for the model. `vision` is the model's vision module (duck-typed: `cacheable`, `features`,
     `feat_shape`, `backbone_id`, `weights_file`, callable on pixels) or None for text-only models. A cacheable
     (frozen) module's features come from FeatureCache; otherwise pixels are read every step. `teacher` (training
     with --vision_distill_lambda) is a frozen backbone whose cached features become each post's distillation target.
-    image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs).
+    image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs). iob2_labels:
+    the loss targets open every chunk with B- (the caller's model.iob2_targets for the train split).
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
     context = split_context(config, split, posts)
-    mask = {}
+    opts = {}
     if train and config.word_mask_prob > 0:
         mid = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         if mid is None:
             raise ConfigError(f"--word_mask_prob {config.word_mask_prob}: --text_encoder {config.text_encoder}'s "
                               "tokenizer has neither a mask nor an unknown token; use --word_mask_prob 0")
-        mask = {"word_mask_prob": config.word_mask_prob, "mask_id": mid}
+        opts = {"word_mask_prob": config.word_mask_prob, "mask_id": mid}
+    opts["iob2_labels"] = iob2_labels
     if vision is None:
         return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, context=context,
-                           seed=config.seed, **mask)
+                           seed=config.seed, **opts)
     prep = image_prep_for(config)
     paths = [find_image(root, p.imgid) for p in posts]
-    common = dict(seed=config.seed, name=split, control=config.image_control, context=context, **mask)
+    common = dict(seed=config.seed, name=split, control=config.image_control, context=context, **opts)
     if teacher is not None and train:
         common["teacher"] = cached_features(config, teacher, paths, f"{config.dataset_name}/{split} teacher",
                                             EFFNET_PREP)[0]

@@ -84,12 +84,12 @@ class Vision(nn.Module):
 
 
 def crf_params(model) -> dict | None:
-    """start [L], end [L], transitions [L, L] of a CRF head as float32 numpy; None for the softmax head."""
+    """start [L], end [L], transitions [L, L] the CRF head decodes with (CRFHead.scores) as float32 numpy; None for
+    the softmax head."""
     if not isinstance(model.head, CRFHead):
         return None
-    c = model.head.crf
-    return {"start": c.start_transitions.detach().float().numpy(), "end": c.end_transitions.detach().float().numpy(),
-            "transitions": c.transitions.detach().float().numpy()}
+    start, end, trans = (x.detach().float().numpy() for x in model.head.scores())  # with the BIO bans if on
+    return {"start": start, "end": end, "transitions": trans}
 
 
 def refusal(config, model) -> str:
@@ -111,6 +111,7 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
     return {"bundle_version": BU.BUNDLE_VERSION, "model": config.model, "run": str(run), "format": fmt, "int8": int8,
             "opset": opset if fmt == "onnx" else None, "head": "crf" if crf_params(model) is not None else "softmax",
             "max_len": config.max_len, "eval_mode": config.eval_mode, "text_encoder": config.text_encoder,
+            "bio_constraints": config.bio_constraints,  # crf.npz holds the banned scores when on
             "image_encoder": config.image_encoder if uses_image else None,
             "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
             "image_prep": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std)} if prep else None,

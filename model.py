@@ -80,7 +80,9 @@ class TextEncoder(nn.Module):
     forward(input_ids [B,T], attention_mask [B,T], word_index [B,W], word_end [B,W] | None, case_ids [B,W] | None)
     -> word states [B, W, H] (each word is its first sub-word, or with --word_pooling mean the mean of sub-words
     word_index..word_end-1). With --case_input each sub-word's input embedding gets its word's shape embedding
-    (`case_in`, zero-initialised so training starts from the pretrained encoder exactly).
+    (`case_in`, zero-initialised so training starts from the pretrained encoder exactly). With --layer_mix the
+    sub-word states are sum_l softmax(layer_mix)_l * hidden_l over the L+1 hidden states [L+1, B, T, H] instead of
+    the last one (a sentence-embedding encoder tunes its top layer for pooling, not for tagging).
     """
 
     def __init__(self, config):
@@ -123,6 +125,7 @@ class TextEncoder(nn.Module):
         if config.case_input:
             self.case_in = nn.Embedding(len(CASE_SHAPES), self.hidden, padding_idx=0)
             nn.init.zeros_(self.case_in.weight)
+        self.layer_mix = nn.Parameter(torch.zeros(n_layers + 1)) if config.layer_mix else None
 
     @staticmethod
     def subword_cases(T: int, word_index, word_end, case_ids):
@@ -133,14 +136,20 @@ class TextEncoder(nn.Module):
         return (inside * case_ids[..., None]).sum(1)
 
     def forward(self, input_ids, attention_mask, word_index, word_end=None, case_ids=None):
+        mix = self.layer_mix is not None
         if self.case_in is None:
-            h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=mix)
         else:
             if word_end is None or case_ids is None:
                 raise ValueError("--case_input needs the batch's word_end and case_ids (dataloader.collate makes them)")
             emb = self.model.get_input_embeddings()(input_ids)
             emb = emb + self.case_in(self.subword_cases(input_ids.size(1), word_index, word_end, case_ids))
-            h = self.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+            out = self.model(inputs_embeds=emb, attention_mask=attention_mask, output_hidden_states=mix)
+        if mix:  # [L+1] weights over [L+1, B, T, H]
+            w = self.layer_mix.softmax(0).to(out.hidden_states[0].dtype)
+            h = torch.einsum("l,lbth->bth", w, torch.stack(out.hidden_states))
+        else:
+            h = out.last_hidden_state
         H = h.size(-1)
         if not self.mean:
             return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
@@ -814,32 +823,99 @@ class CoAttention(nn.Module):
 
 # ============================================================================ heads
 
+def bio_bans(num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start [L], transitions [L, L] from -> to): -1e4 where a BIO path may not go, 0 elsewhere, for the label
+    layout of dataloader.LabelMap (PAD, O, then B-X, I-X of each type): I-X never starts a post and follows only B-X
+    or I-X."""
+    start, trans = torch.zeros(num_labels), torch.zeros(num_labels, num_labels)
+    for i in range(3, num_labels, 2):  # I-X at odd ids from 3, its B-X just before
+        start[i] = -1e4
+        trans[:, i] = -1e4
+        trans[i - 1:i + 1, i] = 0.0
+    return start, trans
+
+
+def log_partition(em, mask, start, end, trans):
+    """log Z [B] of a linear-chain CRF: the forward algorithm over emissions em [B, W, L] (words a prefix of
+    mask [B, W]) with start [L], end [L] and transitions [L, L] (from -> to)."""
+    a = start + em[:, 0]                                                          # [B, L]
+    for t in range(1, em.size(1)):
+        nxt = torch.logsumexp(a[:, :, None] + trans + em[:, t, None, :], dim=1)
+        a = torch.where(mask[:, t, None], nxt, a)                                 # padding carries alpha over
+    return torch.logsumexp(a + end, dim=1)
+
+
 class CRFHead(nn.Module):
     """Linear-chain CRF over word emissions [B, W, L] with a bool word mask [B, W] (first word always on).
 
-    The PAD label can never be emitted: its emission is pinned far below the others.
+    The PAD label can never be emitted: its emission is pinned far below the others. With bio=True (--bio_constraints)
+    decoding and tag probabilities keep to valid BIO paths (bio_bans), and the training split's labels are IOB2
+    (Tagger.iob2_targets); the loss is the plain CRF's unless bio_loss (--bio_loss), whose normaliser also keeps to
+    valid paths, so without it the same weights decode both ways.
     """
 
-    def __init__(self, num_labels: int):
+    def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False):
         super().__init__()
         self.crf = CRF(num_labels, batch_first=True)
+        self.bio, self.bio_loss = bio, bio and bio_loss
+        start, trans = bio_bans(num_labels)
+        self.register_buffer("ban_start", start, persistent=False)
+        self.register_buffer("ban", trans, persistent=False)
 
     @staticmethod
     def _pin(em):
         return torch.cat([torch.full_like(em[..., :1], -1e4), em[..., 1:]], -1).float()
 
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(start [L], end [L], transitions [L, L]) that decoding uses: the CRF's own, plus the BIO bans if bio."""
+        c = self.crf
+        if not self.bio:
+            return c.start_transitions, c.end_transitions, c.transitions
+        return c.start_transitions + self.ban_start, c.end_transitions, c.transitions + self.ban
+
+    def nll(self, em, labels, mask):
+        """Negative log-likelihood of each post's labels [B]. With bio_loss the normaliser runs over valid BIO paths
+        only (scores()), as decoding does; the labels must be valid then (the dataloader's IOB2 labels are)."""
+        if not self.bio_loss:
+            return -self.crf(self._pin(em), labels, mask=mask, reduction="none")
+        start, end, trans = self.scores()
+        em = self._pin(em)
+        m = mask.to(em.dtype)
+        gold = start[labels[:, 0]] + (em.gather(2, labels[..., None]).squeeze(-1) * m).sum(1) \
+            + (trans[labels[:, :-1], labels[:, 1:]] * m[:, 1:]).sum(1) \
+            + end[labels.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1)]
+        return log_partition(em, mask, start, end, trans) - gold
+
     def loss(self, em, labels, mask):
-        return -self.crf(self._pin(em), labels, mask=mask, reduction="mean")
+        return self.nll(em, labels, mask).mean()
 
     def losses(self, *triples):
         """loss() of several (em, labels, mask) triples of one width W in a single CRF pass (its forward
         algorithm loops over W in Python, so one pass over the stacked posts costs about what one batch does)."""
         em, labels, mask = (torch.cat(x) for x in zip(*triples))
-        per = -self.crf(self._pin(em), labels, mask=mask, reduction="none")
+        per = self.nll(em, labels, mask)
         return [x.mean() for x in per.split([t[0].size(0) for t in triples])]
 
-    def decode(self, em, mask):
-        return self.crf.decode(self._pin(em), mask=mask)
+    @torch.no_grad()
+    def decode(self, em, mask) -> list[list[int]]:
+        """Viterbi: the best label path of each post (its scored words only), the same operations as pytorch-crf's
+        decode on scores()."""
+        start, end, trans = self.scores()
+        em = self._pin(em)
+        W = em.size(1)
+        score, history = start + em[:, 0], []                                 # [B, L]
+        for t in range(1, W):
+            best, idx = (score[:, :, None] + trans + em[:, t, None, :]).max(1)  # over the previous label
+            score = torch.where(mask[:, t, None], best, score)
+            history.append(idx)
+        n = mask.sum(1)
+        cur = (score + end).argmax(1)                                         # [B]: the last word's label
+        path = torch.empty(em.shape[:2], dtype=torch.long, device=em.device)
+        for t in range(W - 1, -1, -1):  # a post shorter than W keeps its last label until its own last word
+            path[:, t] = cur
+            if t:
+                cur = torch.where(t < n, history[t - 1].gather(1, cur[:, None]).squeeze(1), cur)
+        return [row[:k] for row, k in zip(path.tolist(), n.tolist())]
 
 
 class SoftmaxHead(nn.Module):
@@ -941,24 +1017,32 @@ class Tagger(nn.Module):
         self.lstm = nn.LSTM(H, config.hidden_dim, batch_first=True, bidirectional=True) if bilstm else None
         out = 2 * config.hidden_dim if bilstm else H
         self.emit = nn.Linear(out, num_labels)
-        self.head = CRFHead(num_labels) if head == "crf" else SoftmaxHead(num_labels, config.label_smoothing)
+        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss) if head == "crf" else \
+            SoftmaxHead(num_labels, config.label_smoothing)
 
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
-    HEAD_PREFIXES = ("case.", "lstm.", "emit.", "head.")
+    HEAD_PREFIXES = ("case.", "text.layer_mix", "lstm.", "emit.", "head.")
 
     def param_groups(self, head_group: bool = True) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """{text, vision, head, rest: [(name, parameter)]} in named_parameters order (head_group=False: the head's
-        parameters stay in "rest", the grouping of runs saved before --head_lr)."""
+        """{text, vision, head, rest: [(name, parameter)]} in named_parameters order; the head group is HEAD_PREFIXES,
+        --layer_mix's weights included (head_group=False: the head's parameters stay in "rest", the grouping of runs
+        saved before --head_lr)."""
         groups = {"text": [], "vision": [], "head": [], "rest": []}
         pretrained = ("vision.",) if isinstance(self.vision, PretrainedVision) else \
             ("vision.stem.",) if isinstance(getattr(self.vision, "stem", None), EfficientNetStem) else ()
         for n, prm in self.named_parameters():
             if not prm.requires_grad:
                 continue
-            g = "text" if n.startswith("text.") else "vision" if pretrained and n.startswith(pretrained) else \
-                "head" if head_group and n.startswith(self.HEAD_PREFIXES) else "rest"
+            g = "head" if head_group and n.startswith(self.HEAD_PREFIXES) else "text" if n.startswith("text.") else \
+                "vision" if pretrained and n.startswith(pretrained) else "rest"
             groups[g].append((n, prm))
         return groups
+
+    @property
+    def iob2_targets(self) -> bool:
+        """Train on IOB2 labels (dataloader.iob2): a CRF that decodes with the BIO bans, scored by conlleval (which
+        reads a chunk opened by I- as the B- one; --eval_mode strict reads it as no entity, so its targets stay)."""
+        return isinstance(self.head, CRFHead) and self.head.bio and self.config.eval_mode == "conlleval"
 
     @property
     def uses_image(self) -> bool:
@@ -1101,6 +1185,10 @@ def unused_flags(config, given: set[str]) -> list[str]:
         "label_smoothing": None if head == "softmax" else f"the {head} head of --model {config.model} (it smooths the "
                                                           "softmax head's cross-entropy)",
         "rel_temperature": rel_off,
+        "bio_constraints": None if head == "crf" else f"the softmax head of --model {config.model} (it constrains "
+                                                      "the CRF's decoding)",
+        "bio_loss": None if head == "crf" and config.bio_constraints else
+        "--no-bio_constraints or a softmax head (it constrains the CRF's normaliser to valid BIO paths)",
         "unfreeze_last_vision_blocks": None if config.vision_trainable else "a frozen vision encoder (it counts the "
                                                                             "blocks --vision_trainable trains)",
     }

@@ -173,15 +173,10 @@ def tag_probabilities(head, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     if isinstance(head, M.SoftmaxHead):
         p = em[..., 1:].float().softmax(-1)
         return torch.cat([torch.zeros_like(p[..., :1]), p], -1) * mask[..., None]
-    crf = head.crf
+    start, end, trans = (x.detach() for x in head.scores())  # the paths decoding may take (BIO bans if on)
     with torch.enable_grad():
         x = M.CRFHead._pin(em.detach()).requires_grad_(True)
-        a = crf.start_transitions + x[:, 0]                                      # [B, L]
-        for t in range(1, x.size(1)):
-            nxt = torch.logsumexp(a[:, :, None] + crf.transitions + x[:, t, None, :], dim=1)
-            a = torch.where(mask[:, t, None], nxt, a)                             # padding carries alpha over
-        log_z = torch.logsumexp(a + crf.end_transitions, dim=1)
-        (marg,) = torch.autograd.grad(log_z.sum(), x)
+        (marg,) = torch.autograd.grad(M.log_partition(x, mask, start, end, trans).sum(), x)
     return marg
 
 

@@ -3,9 +3,11 @@
     python test.py --save_name NAME [--split test|valid|train|valid,test] [--device cpu] [--batch_size 32]
                    [--eval_mode conlleval|strict] [--record_file results.csv] [--plots [--out_dir DIR]]
                    [--image_control shuffle|blank]   # score with wrong or blank images (attribution control)
+                   [--[no-]bio_constraints]           # decode with(out) the BIO bans, whatever the run was trained with
 
 Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
-run directory (<split>_report.<control>.json and so on when --image_control differs from the run's own), and
+run directory (<split>_report.<control>.json and so on when --image_control differs from the run's own, .bio /
+.no_bio when --bio_constraints does), and
 appends one CSV row to --record_file when given. The model is rebuilt from the run's config.json and
 label_map.json (never from the current flags or the test data).
 """
@@ -54,7 +56,8 @@ def main(argv=None):
         raise ConfigError("--save_name is required: the run directory under --save_dir to score")
     overrides = {k: getattr(cli, k) for k in given_flags(argv) & RUNTIME_FLAGS}
     config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides)
-    trained_control = read_run_json(Path(cli.save_dir) / cli.save_name / "config.json").get("image_control", "none")
+    saved = read_run_json(Path(cli.save_dir) / cli.save_name / "config.json")
+    trained_control = saved.get("image_control", "none")
     device = pick_device(config.device)
     model.to(device)
     tokenizer = load_tokenizer(config)
@@ -62,8 +65,11 @@ def main(argv=None):
     amp = amp_context(config, device)[0] if config.amp else None
     run = Path(config.save_dir) / cli.save_name
     best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
-    # a control scoring (--image_control other than the run's own) never overwrites the run's own reports
+    # a control scoring (--image_control other than the run's own) or another decoding (--bio_constraints) never
+    # overwrites the run's own reports
     tag = f".{config.image_control}" if config.image_control != trained_control else ""
+    if config.bio_constraints != saved.get("bio_constraints", False):
+        tag += ".bio" if config.bio_constraints else ".no_bio"
     results = {}
     for split in config.split.split(","):
         posts = D.load_split(config, split)

@@ -51,7 +51,10 @@ RESUME_REFUSED = {"eval_mode": "the restored best dev F1 was computed under that
                                "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
                                "test.py --eval_mode {new}) or start a new run",
                   "ema_decay": "the best dev F1 so far was scored on weights averaged with --ema_decay {old}, so a "
-                               "new best would be picked by comparing two averages; start a new run"}
+                               "new best would be picked by comparing two averages; start a new run",
+                  "bio_constraints": "the best dev F1 so far was decoded (and trained) with --bio_constraints {old}; "
+                                     "start a new run, or rescore the finished one with test.py --bio_constraints {new}",
+                  "bio_loss": "the run so far trained with --bio_loss {old}, and its best dev F1 with it; start a new run"}
 
 
 # ----------------------------------------------------------------------------- run set-up
@@ -475,7 +478,8 @@ def build(config, resume, posts, label_map, tokenizer, device, say):
     teacher = build_teacher(config)  # --vision_distill_lambda: its cached features are the train split's targets
     with main_first():  # rank 0 builds the frozen-feature cache, the other ranks then read it
         ds = {s: D.make_dataset(config, s, p, tokenizer, label_map, vision, train=s == "train",
-                                teacher=teacher and teacher.to(device)) for s, p in posts.items()}
+                                teacher=teacher and teacher.to(device), iob2_labels=s == "train" and model.iob2_targets)
+              for s, p in posts.items()}
     for d in ds.values():
         say(d.describe())
     return model.to(device), run, ds

@@ -85,6 +85,10 @@ def test_test_py_reproduces_reports(trained, base):
     assert f"[Overall] Acc={rep['accuracy']:.4f}, P={rep['precision']:.4f}, R={rep['recall']:.4f}, F1={rep['f1']:.4f}" in out
     row = list(csv.DictReader(rec.open()))[0]
     assert row["run_name"] == "two" and float(row["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
+    # decoding without the BIO bans (a run trained with them): its own reports, the run's stay as they were
+    before = (trained / "valid_report.json").read_text()
+    run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "valid", "--no-bio_constraints"])
+    assert (trained / "valid_report.no_bio.json").is_file() and (trained / "valid_report.json").read_text() == before
 
 
 def _conll_posts(path):

@@ -743,3 +743,40 @@ def test_clip_prep_refuses_fixed_size_resize(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text('{"size": {"height": 32, "width": 32}, "crop_size": 32}')
     with pytest.raises(dl.DataError, match="not a shortest_edge resize"):
         dl.image_prep_for(config.get_config(["--image_encoder", str(tmp_path)]))
+
+
+def test_iob2_relabels_chunks_that_open_with_i():
+    tags = ["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-LOC", "I-ORG", "B-PER", "I-PER"]
+    assert dl.iob2(tags) == (["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC", "B-ORG", "B-PER", "I-PER"], 3)
+    assert dl.iob2(["O", "B-MISC", "I-MISC"]) == (["O", "B-MISC", "I-MISC"], 0)
+
+
+def test_bio_constraints_fix_training_targets_only(tiny_bert_dir):
+    """--bio_constraints: a CRF scored by conlleval trains on IOB2 targets (the count is in describe()); a dev split,
+    the posts' own tags (what the scorer reads), --no-bio_constraints, --eval_mode strict and a softmax head keep the
+    file's tags."""
+    import config as C
+    import model as M
+    posts = [dl.Post(["Hi", "Bob", "Ray", "in", "Rome"], ["O", "I-PER", "I-PER", "O", "B-LOC"], "1", "f:1")]
+    lm = dl.LabelMap.from_posts(posts)
+    tok = M.load_tokenizer(C.get_config(["--text_encoder", tiny_bert_dir]))
+    def labels(argv, train=True):
+        c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", *argv])
+        iob2 = train and M.build_model(c, len(lm)).iob2_targets
+        ds = dl.make_dataset(c, "train" if train else "valid", posts, tok, lm, train=train, iob2_labels=iob2)
+        return lm.decode(ds.labels[0]), ds.describe()
+    fixed, line = labels([])
+    assert fixed == ["O", "B-PER", "I-PER", "O", "B-LOC"] and "1 chunks opening with I-" in line
+    for argv, train in (([], False), (["--no-bio_constraints"], True), (["--eval_mode", "strict"], True),
+                        (["--model", "bert"], True)):
+        assert labels(argv, train)[0] == ["O", "I-PER", "I-PER", "O", "B-LOC"], argv
+    assert posts[0].tags[1] == "I-PER"
+
+
+def test_label_map_layout_is_checked():
+    """model.bio_bans reads B-/I- ids from LabelMap's layout, so a map out of that layout is refused."""
+    with pytest.raises(ValueError, match="B-X, I-X pairs"):
+        dl.LabelMap(["<PAD>", "O", "I-PER", "B-PER"])
+    with pytest.raises(ValueError, match="B-X, I-X pairs"):
+        dl.LabelMap(["<PAD>", "O", "B-PER"])
+    assert dl.LabelMap(["<PAD>", "O", "B-LOC", "I-LOC", "B-PER", "I-PER"]).types == ["LOC", "PER"]

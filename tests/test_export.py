@@ -9,6 +9,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -64,19 +65,19 @@ def new_posts(tiny_run, tmp_path) -> tuple[Path, list[dict]]:
 
 # ----------------------------------------------------------------------------- CRF in numpy
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_numpy_crf_matches_torch(seed):
-    """bundle.viterbi == pytorch-crf's decode and bundle.marginals == predict.tag_probabilities (forward-backward)."""
+@pytest.mark.parametrize("seed,bio", [(0, False), (1, False), (2, False), (0, True), (1, True)])
+def test_numpy_crf_matches_torch(seed, bio):
+    """bundle.viterbi == CRFHead.decode and bundle.marginals == predict.tag_probabilities (forward-backward), on the
+    scores the export writes (export.crf_params: with the BIO bans when the head has them)."""
     g = torch.Generator().manual_seed(seed)
     L, W = 6, 7
-    head = M.CRFHead(L)
+    head = M.CRFHead(L, bio=bio)
     with torch.no_grad():
         for prm in head.crf.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g))
     em = torch.randn(3, W, L, generator=g) * 3
     mask = torch.tensor([[True] * W, [True] * 4 + [False] * 3, [True] + [False] * (W - 1)])
-    crf = {"start": head.crf.start_transitions.detach().numpy(), "end": head.crf.end_transitions.detach().numpy(),
-           "transitions": head.crf.transitions.detach().numpy()}
+    crf = export.crf_params(SimpleNamespace(head=head))
     pinned = BU.pin_pad(em.numpy())
     assert BU.viterbi(pinned, mask.numpy(), crf) == head.decode(em, mask)
     want = predict.tag_probabilities(head, em, mask).numpy()

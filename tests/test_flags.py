@@ -193,6 +193,26 @@ def _case_input(env):
     return "text.case_in.weight" in names and m.text.case_in.weight.abs().sum() > 0 and env["mner"]([])[1].text.case_in is None
 
 
+def _bio_constraints(env):
+    """The head decodes with the BIO bans (an I-X first becomes something else) only with --bio_constraints; a
+    saved run's config.json without the flag decodes as before it existed."""
+    em = torch.zeros(1, 2, 10)
+    em[0, 0, 3] = em[0, 1, 3] = 5.0  # I-LOC I-LOC: the free Viterbi's choice
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    on, off = (env["mner"](argv)[1].head for argv in ([], ["--no-bio_constraints"]))
+    return off.decode(em, mask) == [[3, 3]] and on.decode(em, mask)[0][0] != 3 and \
+        C.config_from_dict({"model": "roberta_crf"}).bio_constraints is False
+
+
+def _bio_loss(env):
+    """--bio_loss: the CRF's normaliser runs over valid BIO paths only, so a valid gold path's NLL drops."""
+    em = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
+    labels, mask = torch.tensor([[1, 2, 3], [8, 9, 1]]), torch.ones(2, 3, dtype=torch.bool)  # O B-LOC I-LOC, B-PER I-PER O
+    on, off = (env["mner"](argv)[1].head for argv in (["--bio_loss"], []))
+    on.load_state_dict(off.state_dict())
+    return bool((on.nll(em, labels, mask) < off.nll(em, labels, mask)).all())
+
+
 def _word_mask_prob(env):
     """Training items get mask tokens with --word_mask_prob (test_text_path checks whole words, epochs, dev)."""
     c = C.get_config(env["enc"] + env["data"] + ["--word_mask_prob", "0.5"])
@@ -338,8 +358,11 @@ FLAGS = {
     "word_pooling": [fn(_word_pooling)],
     "case_features": [model(alt=["--no-case_features"])],
     "case_input": [fn(_case_input), refused(["--case_input", "--freeze_text_layers", "1"], "--case_input")],
+    "layer_mix": [model(alt=["--layer_mix"]), forward(alt=["--layer_mix"])],
     "allow_download": [fn(_allow_download)],
     "use_image": [model(alt=["--no-use_image"])],
+    "bio_constraints": [fn(_bio_constraints), warned(["--head", "softmax", "--bio_constraints"])],
+    "bio_loss": [fn(_bio_loss), warned(["--no-bio_constraints", "--bio_loss"])],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
     "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]), warned(["--label_smoothing", "0.1"])],
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],

@@ -372,6 +372,53 @@ def test_crf_decode_and_loss_brute_force(seed):
     assert all(0 not in p for p in got)
 
 
+def valid_bio(y) -> bool:
+    """Label ids in LabelMap's layout (1 = O, then B/I pairs: 2 B-X, 3 I-X, 4 B-Y, 5 I-Y): no I- after O or another type."""
+    return all(t % 2 == 0 or t == 1 or (i and y[i - 1] in (t - 1, t)) for i, t in enumerate(y))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bio_constrained_decode_is_the_best_valid_path(seed):
+    """bio=True: Viterbi returns the best-scoring path among valid BIO paths (brute force over them); the CRF's own
+    parameters and loss are those of the unconstrained head; without bio the decode is pytorch-crf's, label for label."""
+    torch.manual_seed(seed)
+    L = 6  # PAD, O, B-X, I-X, B-Y, I-Y
+    head, plain = M.CRFHead(L, bio=True), M.CRFHead(L)
+    with torch.no_grad():
+        for p in head.crf.parameters():
+            p.normal_(0, 1.0)
+    plain.load_state_dict(head.state_dict())
+    lengths = [4, 3, 1, 2, 4]
+    W = max(lengths)
+    em = torch.randn(len(lengths), W, L) * 2
+    em[0, 0, 3] = em[0, 2, 5] = 20.0  # I-X first and I-Y after O: the unconstrained path takes them
+    mask = torch.arange(W)[None] < torch.tensor(lengths)[:, None]
+    got, free = head.decode(em, mask), plain.decode(em, mask)
+    assert free == plain.crf.decode(M.CRFHead._pin(em), mask=mask)
+    assert not valid_bio(free[0]) and all(valid_bio(p) for p in got)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            seqs = [y for y in itertools.product(range(1, L), repeat=n) if valid_bio(y)]
+            scores = torch.stack([crf_score(head.crf, em[b], y) for y in seqs])
+            assert got[b] == list(seqs[int(scores.argmax())])
+    labels = torch.randint(1, L, (len(lengths), W)) * mask
+    torch.testing.assert_close(head.loss(em, labels, mask), plain.loss(em, labels, mask))
+    # bio_loss: the normaliser over the valid paths only (brute force), for valid gold paths
+    strict = M.CRFHead(L, bio=True, bio_loss=True)
+    strict.load_state_dict(head.state_dict())
+    gold = torch.tensor([[1, 2, 3, 3], [4, 5, 1, 0], [2, 0, 0, 0], [1, 4, 0, 0], [2, 3, 4, 5]])
+    with torch.no_grad():
+        want = []
+        for b, n in enumerate(lengths):
+            seqs = [y for y in itertools.product(range(1, L), repeat=n) if valid_bio(y)]
+            scores = torch.stack([crf_score(head.crf, M.CRFHead._pin(em)[b], y) for y in seqs])
+            want.append(scores.logsumexp(0) - crf_score(head.crf, M.CRFHead._pin(em)[b], gold[b, :n].tolist()))
+    torch.testing.assert_close(strict.nll(em, gold, mask), torch.stack(want), atol=1e-4, rtol=1e-5)
+    assert (strict.nll(em, gold, mask) < plain.nll(em, gold, mask)).all()
+    assert [n for n, _ in head.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert set(head.state_dict()) == set(plain.state_dict())  # the bans are not saved: old checkpoints load
+
+
 def test_softmax_head_never_decodes_pad():
     head = M.SoftmaxHead(4)
     em = torch.zeros(1, 3, 4)

@@ -100,12 +100,13 @@ def test_post_from_record_variants():
             predict.post_from_record(rec, "x")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_crf_marginals_match_brute_force(seed):
-    """tag_probabilities == sum over all tag paths of p(path) with the label at that word (PAD never emitted)."""
+@pytest.mark.parametrize("seed,bio", [(0, False), (1, False), (0, True)])
+def test_crf_marginals_match_brute_force(seed, bio):
+    """tag_probabilities == sum over all tag paths of p(path) with the label at that word (PAD never emitted); with
+    the BIO bans, over the valid paths only (an I- label never first, never after O)."""
     g = torch.Generator().manual_seed(seed)
-    L, W = 4, 3
-    head = M.CRFHead(L)
+    L, W = 4, 3  # PAD, O, B-X, I-X
+    head = M.CRFHead(L, bio=bio)
     with torch.no_grad():
         for prm in head.crf.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g))
@@ -116,7 +117,8 @@ def test_crf_marginals_match_brute_force(seed):
     for b in range(2):
         n = int(mask[b].sum())
         want = torch.zeros(W, L)
-        paths = list(itertools.product(range(L), repeat=n))
+        paths = [p for p in itertools.product(range(L), repeat=n)
+                 if not bio or all(t != 3 or (i and p[i - 1] in (2, 3)) for i, t in enumerate(p))]
         scores = torch.stack([crf.start_transitions[p[0]] + crf.end_transitions[p[-1]]
                               + sum(x[b, t, p[t]] for t in range(n))
                               + sum(crf.transitions[p[t - 1], p[t]] for t in range(1, n)) for p in paths])
@@ -126,6 +128,8 @@ def test_crf_marginals_match_brute_force(seed):
                 want[t, p[t]] += pr
         torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-4)
     assert (got[..., 0] < 1e-6).all()  # PAD
+    if bio:
+        assert (got[:, 0, 3] < 1e-6).all()
 
 
 def test_softmax_probabilities():

@@ -131,7 +131,8 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "text_default_attn_drop", "text_default_lr1e4", "text_default_bs8",
                                   "text_default_fast", "text_default_bs32", "text_default_bs32_lr1e4",
                                   "text_default_case_input", "text_default_word_mask", "text_default_ema99",
-                                  "text_default_ema995", "text_default_mpnet"} == set(names)
+                                  "text_default_ema995", "text_default_mpnet", "text_r2", "text_r2_bio",
+                                  "text_r2_bio_loss", "text_r2_layer_mix", "text_r2_bilstm"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()
@@ -148,8 +149,9 @@ def test_reproduce_and_ablation_list(tmp_path):
                        capture_output=True, text=True)
     lines = p.stdout.splitlines()
     assert p.returncode == 0 and len(lines) == 4
-    assert lines[0].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --epochs 10") and "--epochs 6" in lines[0]
-    assert lines[2].endswith("--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --context_k 2") and "image_control" not in p.stdout
+    base = "--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints"
+    assert lines[0].endswith(f"{base} --epochs 10") and "--epochs 6" in lines[0]
+    assert lines[2].endswith(f"{base} --context_k 2") and "image_control" not in p.stdout
 
 
 def test_ablation_runs_one_experiment_end_to_end(tmp_path, tiny_flags):

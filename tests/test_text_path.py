@@ -159,6 +159,32 @@ def test_case_input_reaches_every_sub_word_and_learns(tiny_bert_dir):
     assert g[0].abs().sum() == 0 and all(g[D.word_shape(w)].abs().sum() > 0 for w in words)
 
 
+def test_layer_mix_weights_every_hidden_state_and_learns_at_the_head_rate(tiny_bert_dir):
+    """--layer_mix: word states are the softmax-weighted sum of the embeddings and every layer's states (equal weights
+    at start), the weights sit in the head's learning-rate group and the tagging loss reaches each of them."""
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--layer_mix"])
+    tok = M.load_tokenizer(c)
+    e = D.encode_words(tok, ["Hello", "world", "a"], 32)
+    b = D.collate([{"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": [2, 1, 1],
+                    "case_ids": [1] * 3, "has_image": False, "index": 0}])
+    torch.manual_seed(0)
+    m = M.build_model(c, 10)
+    enc = m.text.eval()
+    hs = enc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+    assert enc.layer_mix.shape == (len(hs),) == (enc.model.config.num_hidden_layers + 1,)
+    with torch.no_grad():
+        enc.layer_mix.copy_(torch.arange(len(hs), dtype=torch.float))
+    w = torch.arange(len(hs), dtype=torch.float).softmax(0)
+    want = sum(wl * h for wl, h in zip(w, hs))[0, b["word_index"][0]]
+    torch.testing.assert_close(enc(b["input_ids"], b["attention_mask"], b["word_index"])[0], want)
+    assert not torch.allclose(want, hs[-1][0, b["word_index"][0]])
+    assert "text.layer_mix" in [n for n, _ in m.param_groups()["head"]]
+    assert "text.layer_mix" not in [n for n, _ in m.param_groups()["text"]]
+    m.train()
+    m(b)["loss"].backward()
+    assert (enc.layer_mix.grad.abs() > 0).all()
+
+
 def test_word_masking_masks_whole_post_words_in_training_only(ctx_env):
     """--word_mask_prob: whole words (every sub-word) become the mask token, never special tokens or retrieved
     context; labels stay; the draw is fixed by (seed, epoch, post) and changes with the epoch; dev is never masked."""

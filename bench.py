@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -97,16 +96,6 @@ def base_sized_encoders(root: Path) -> list[str]:
     return ["--text_encoder", str(text), "--image_encoder", str(vision)]
 
 
-def first_subwords(word_ids) -> list[tuple[int, int]]:
-    """(position, word) of each word's first sub-word, from a fast tokenizer's word_ids()."""
-    out, prev = [], None
-    for j, w in enumerate(word_ids):
-        if w is not None and w != prev:
-            out.append((j, w))
-        prev = w
-    return out
-
-
 def timed_steps(step, batches: list, spec: dict, size, prepare=lambda b: b, sync=lambda: None):
     """spec["repeats"] timed runs of spec["steps"] batches spread evenly over the epoch (after the caller's
     warm-up): (posts/s of each run, posts per CPU second of each run, peak RSS in KiB before and after).
@@ -142,72 +131,45 @@ def timed_eval(decode_all, n_posts: int, repeats: int, sync=lambda: None) -> flo
 
 
 def run_recipe(spec: dict, argv: list[str]) -> dict:
-    """The hf_recipe case: the Hugging Face token-classification loop, timed like run_case times train_step."""
+    """The hf_recipe case: the Hugging Face token-classification loop (peer.Recipe), timed like run_case times
+    train_step."""
     import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer, get_scheduler
-    from transformers.utils import logging as hf_logging
     import dataloader as D
     from config import get_config
-    from model import text_encoder_dir
+    from peer import Recipe
     from train import seed_everything
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     config = get_config(argv + ["--model", "roberta_crf"])
     seed_everything(config.seed)
     posts = D.load_split(config, "train")
     dev = D.load_split(config, "valid")[: spec["eval_posts"]]
-    labels = sorted({t for p in posts for t in p.tags})
-    lid = {t: i for i, t in enumerate(labels)}
-    path = text_encoder_dir(config)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels))
-    opt = torch.optim.AdamW(model.parameters(), lr=config.fin_tuning_lr)
-    n = -(-len(posts) // config.batch_size)
-    sched = get_scheduler("linear", opt, num_warmup_steps=int(config.warmup_prop * n * config.epochs),
-                          num_training_steps=n * config.epochs)
-
-    def encode(batch):  # tokenised per batch, labels on each word's first sub-word
-        x = tok([p.tokens for p in batch], is_split_into_words=True, truncation=True, max_length=config.max_len,
-                padding=True, return_tensors="pt")
-        y = torch.full(x["input_ids"].shape, -100)
-        for b, p in enumerate(batch):
-            for j, w in first_subwords(x.word_ids(b)):
-                y[b, j] = lid[p.tags[w]]
-        return x, y
-
-    order = list(range(len(posts)))
-    random.Random(config.seed).shuffle(order)
-    batches = [[posts[i] for i in order[k:k + config.batch_size]] for k in range(0, len(order), config.batch_size)]
+    r = Recipe(config, posts)
+    batches = r.batches(posts, config.seed)
+    opt, sched = r.optimizer(len(batches) * config.epochs)
 
     def step(batch):
-        x, y = encode(batch)
-        loss = model(**x, labels=y).loss
-        loss.backward()
+        x, y = r.encode(batch)
+        r.model(**x, labels=y).loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
 
-    model.train()
+    r.model.train()
     for b in batches[:2]:  # warm-up, not timed
         step(b)
     train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, len)
-    def decode_all():
-        for k in range(0, len(dev), config.batch_size):
-            batch = dev[k:k + config.batch_size]
-            x, _ = encode(batch)
-            pred = model(**x).logits.argmax(-1).tolist()
-            # the first sub-word's label is the word's: read out per post, as the recipe does (timed, not kept)
-            tags = [[labels[pred[b][j]] for j, _ in first_subwords(x.word_ids(b))] for b in range(len(batch))]
-            del tags
 
-    model.eval()
+    def decode_all():  # tokenise, forward, each word's first sub-word argmax, read out per post
+        for k in range(0, len(dev), config.batch_size):
+            r.tag(dev[k:k + config.batch_size])
+
+    r.model.eval()
     eval_tps = timed_eval(decode_all, len(dev), spec["repeats"])
     tps = statistics.median(train_tps)
-    n_sub = {id(p): len(tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in posts}
+    n_sub = {id(p): len(r.tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in posts}
     pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
     return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
             "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
-            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 1),
+            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
@@ -287,7 +249,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
             "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
             "train_posts_per_s_all": [round(x, 1) for x in train_tps],
-            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 1),
+            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,

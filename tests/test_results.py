@@ -11,6 +11,8 @@ import sys
 import pytest
 
 import bench
+import config as C
+import dataloader as D
 import results
 from conftest import ROOT
 
@@ -187,3 +189,18 @@ def test_ablation_table_puts_each_row_next_to_its_shuffled_control(tmp_path):
     assert "| 2 | 97.00 ± 1.41 | **98.00 ± 1.41** | 62.00 ± 2.83 | +36.00 |" in full
     shuf = next(l for l in table if l.startswith("| shuffle |"))
     assert "| 1 | 61.00 | **62.00** | - | - |" in shuf  # trained and scored with shuffled images: its own row
+
+
+def test_peer_recipe_selects_on_dev_and_scores_test_once(tiny_flags, tmp_path):
+    """peer.py: the Hugging Face recipe trained epoch by epoch, dev-scored after each, test scored with the best
+    dev epoch's weights, everything in the JSON."""
+    import peer
+    out = peer.main(tiny_flags + ["--epochs", "2", "--json", str(tmp_path / "peer.json")])
+    devs = [e["dev_f1"] for e in out["epochs"]]
+    assert [e["epoch"] for e in out["epochs"]] == [1, 2] and out["dev_f1"] == max(devs)
+    assert out["best_epoch"] == 1 + devs.index(max(devs)) and 0 <= out["test"]["f1"] <= 1
+    assert out["test"]["gold_support"] > 0 and json.loads((tmp_path / "peer.json").read_text()) == out
+    c = C.get_config(tiny_flags)
+    r = peer.Recipe(c, D.load_split(c, "train"))
+    tags = r.tag([D.Post(["a"] * 300, ["O"] * 300, None)])[0]  # one sub-word a word: words past --max_len are cut
+    assert len(tags) == 300 and tags[c.max_len - 1:] == ["O"] * (300 - c.max_len + 1)

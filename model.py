@@ -878,13 +878,10 @@ class CRFHead(nn.Module):
         only (scores()), as decoding does; the labels must be valid then (the dataloader's IOB2 labels are)."""
         if not self.bio_loss:
             return -self.crf(self._pin(em), labels, mask=mask, reduction="none")
-        start, end, trans = self.scores()
         em = self._pin(em)
-        m = mask.to(em.dtype)
-        gold = start[labels[:, 0]] + (em.gather(2, labels[..., None]).squeeze(-1) * m).sum(1) \
-            + (trans[labels[:, :-1], labels[:, 1:]] * m[:, 1:]).sum(1) \
-            + end[labels.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1)]
-        return log_partition(em, mask, start, end, trans) - gold
+        # a valid path scores the same with or without the bans: pytorch-crf's own path score (time-major, pinned 0.7.2)
+        gold = self.crf._compute_score(em.transpose(0, 1), labels.transpose(0, 1), mask.transpose(0, 1))
+        return log_partition(em, mask, *self.scores()) - gold
 
     def loss(self, em, labels, mask):
         return self.nll(em, labels, mask).mean()

@@ -48,11 +48,15 @@ class Recipe:
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(self.labels))
 
+    def tokenise(self, batch: list[D.Post]):
+        """The batch's inputs [B, T], tokenised per batch as the recipe does."""
+        return self.tok([p.tokens for p in batch], is_split_into_words=True, truncation=True,
+                        max_length=self.config.max_len, padding=True, return_tensors="pt")
+
     def encode(self, batch: list[D.Post]):
-        """Tokenised per batch: (inputs [B, T], labels [B, T] on each word's first sub-word, -100 elsewhere)."""
+        """(inputs [B, T], labels [B, T] on each word's first sub-word, -100 elsewhere) for training."""
         import torch
-        x = self.tok([p.tokens for p in batch], is_split_into_words=True, truncation=True,
-                     max_length=self.config.max_len, padding=True, return_tensors="pt")
+        x = self.tokenise(batch)
         y = torch.full(x["input_ids"].shape, -100)
         for b, p in enumerate(batch):
             for j, w in first_subwords(x.word_ids(b)):
@@ -61,7 +65,7 @@ class Recipe:
 
     def tag(self, batch: list[D.Post]) -> list[list[str]]:
         """Each post's word tags: the first sub-word's argmax; words past --max_len are O."""
-        x, _ = self.encode(batch)
+        x = self.tokenise(batch)  # no labels: eval needs none
         pred = self.model(**x).logits.argmax(-1).tolist()
         out = []
         for b, p in enumerate(batch):

@@ -15,7 +15,9 @@ Cases (each measured in a fresh child process, so peak memory is that case's own
     mner_pixels   MNER running the frozen EfficientNet-Lite0 (or --sizes base: CLIP-B/32) on pixels every step
     mner_dual     MNER with the dual-granularity encoder on cached EfficientNet-Lite0 stem maps (what training does)
     mner_dual_pixels  the same encoder with its frozen stem run on pixels every step (nothing cached)
-crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing.
+crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing and
+--no-fast_path (--fast on,off: MANGO's cases with and without the CPU fast path, alternating in each round, and the
+ratio of the two printed).
 
 What is timed: train.train_step itself (forward, finite checks, backward, clipping, fused AdamW step, schedule,
 the --ema_decay weight average where on;
@@ -64,6 +66,7 @@ def bench_args(argv=None):
     a("--amp_modes", default="fp32,amp", help="comma list of fp32, amp")
     a("--bucketing", default="on,off", help="length bucketing of training batches: comma list of on, off")
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
+    a("--fast", default="on", help="MANGO's --fast_path: comma list of on, off (the recipe is always itself)")
     a("--repeats", type=int, default=3, help="timed repeats per case (medians are reported)")
     a("--steps", type=int, default=20, help="training steps timed per repeat")
     a("--rounds", type=int, default=1,
@@ -167,7 +170,7 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
     tps = statistics.median(train_tps)
     n_sub = {id(p): len(r.tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in posts}
     pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
-    return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
+    return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False, "fast_path": None,
             "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
             "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
             "eval_posts_per_s": round(eval_tps, 1),
@@ -247,7 +250,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     eval_tps = timed_eval(decode_all, len(dev), spec["repeats"], sync)
     tps = statistics.median(train_tps)
     return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
-            "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
+            "grad_ckpt": config.grad_checkpointing, "fast_path": config.fast_path, "train_posts_per_s": round(tps, 1),
             "train_posts_per_s_all": [round(x, 1) for x in train_tps],
             "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
             "eval_posts_per_s": round(eval_tps, 1),
@@ -279,38 +282,51 @@ def hardware(threads: bool = True) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| round | case | precision | bucketing | grad ckpt | train posts/s | train s/epoch | train CPU s/epoch | "
+    head = ("| round | case | precision | bucketing | grad ckpt | fast path | train posts/s | train s/epoch | train CPU s/epoch | "
             "eval posts/s | peak RSS MiB | train RSS growth MiB | peak CUDA MiB |")
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         key = f"| {r.get('round', 1)} | {r['case']} | {'bf16' if r['amp'] else 'fp32'} |"
         if "error" in r:
-            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} |||||||")
+            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | {r.get('fast_path', '-')} | failed: {r['error']} |||||||")
             continue
         out.append(f"{key} {'on' if r['bucketing'] else 'off'} | "
-                   f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
+                   f"{'on' if r['grad_ckpt'] else 'off'} | {_fast(r)} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
                    f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | {r['peak_cuda_mib'] or '-'} |")
     return "\n".join(out)
 
 
+def _fast(r) -> str:
+    return "-" if r.get("fast_path", True) is None else "on" if r.get("fast_path", True) else "off"
+
+
 def round_ratios(rows: list[dict]) -> dict[str, tuple[float, float]]:
     """The figures the targets are stated in, from one round's rows: {what: (wall-clock ratio, CPU-time ratio)}:
-    MANGO's fp32 text path against the recipe (train pass per epoch; eval posts/s, wall clock only) and each image
-    case against the text path of the same precision and bucketing."""
+    MANGO's fp32 text path against the recipe (train pass per epoch; eval posts/s, wall clock only), each image
+    case against the text path of the same precision, bucketing and fast path, and each case with the fast path
+    against itself without it (train pass; eval time, the inverse of posts/s)."""
     ok = [r for r in rows if "error" not in r]
     rec = next((r for r in ok if r["case"] == "hf_recipe"), None)
+    key = lambda r: (r["amp"], r["bucketing"], r["grad_ckpt"])
     out = {}
     for r in ok:
         if r["case"] == "text" and not r["amp"] and rec:
-            what = f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}) vs hf_recipe"
+            what = f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}" \
+                   + (", fast path off" if _fast(r) == "off" else "") + ") vs hf_recipe"
             out[f"{what}: train pass"] = (r["epoch_s"] / rec["epoch_s"], r["epoch_cpu_s"] / rec["epoch_cpu_s"])
             out[f"{what}: eval posts/s"] = (r["eval_posts_per_s"] / rec["eval_posts_per_s"], None)
     for r in ok:
-        t = next((x for x in ok if x["case"] == "text" and (x["amp"], x["bucketing"], x["grad_ckpt"]) ==
-                  (r["amp"], r["bucketing"], r["grad_ckpt"])), None)
+        t = next((x for x in ok if x["case"] == "text" and key(x) == key(r) and _fast(x) == _fast(r)), None)
         if r["case"] not in ("text", "hf_recipe") and t:
-            what = f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}) vs text"
+            what = f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}" \
+                   + (", fast path off" if _fast(r) == "off" else "") + ") vs text"
             out[f"{what}: train pass"] = (r["epoch_s"] / t["epoch_s"], r["epoch_cpu_s"] / t["epoch_cpu_s"])
+    for r in ok:
+        off = next((x for x in ok if x["case"] == r["case"] and key(x) == key(r) and _fast(x) == "off"), None)
+        if _fast(r) == "on" and off:
+            what = f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}) fast path on vs off"
+            out[f"{what}: train pass"] = (r["epoch_s"] / off["epoch_s"], r["epoch_cpu_s"] / off["epoch_cpu_s"])
+            out[f"{what}: eval time"] = (off["eval_posts_per_s"] / r["eval_posts_per_s"], None)
     return out
 
 
@@ -346,24 +362,29 @@ def main(argv=None):
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
+    if not args.fast or set(args.fast.split(",")) - {"on", "off"}:
+        raise SystemExit(f"error: --fast {args.fast}: give on, off or on,off")
     rows = []
     for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
         # the recipe is what it is: fp32, its own batching, measured once per round
-        combos = [("fp32", "off", "off")] if case == "hf_recipe" else itertools.product(
-            args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","))
-        for amp, bucket, ck in combos:
+        combos = [("fp32", "off", "off", "on")] if case == "hf_recipe" else itertools.product(
+            args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","), args.fast.split(","))
+        for amp, bucket, ck, fast in combos:
             flags = ["--swanlab_mode", "disabled"] + rest
             flags += ["--amp"] if amp == "amp" else []
             flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
             flags += ["--grad_checkpointing"] if ck == "on" else []
+            flags += [] if case == "hf_recipe" else ["--fast_path"] if fast == "on" else ["--no-fast_path"]
             spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
-            print(f"bench round {rnd}: {case} {amp} bucketing={bucket} grad_ckpt={ck} ...", file=sys.stderr, flush=True)
+            print(f"bench round {rnd}: {case} {amp} bucketing={bucket} grad_ckpt={ck} fast_path={fast} ...",
+                  file=sys.stderr, flush=True)
             p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags],
                                capture_output=True, text=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                rows.append({"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "error": err})
+                rows.append({"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "fast_path": fast,
+                             "error": err})
             else:
                 rows.append(json.loads(line[7:]))
             rows[-1]["round"] = rnd

@@ -25,17 +25,18 @@ text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_bla
 text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
 text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast
 text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_word_mask text_default_ema99 text_default_ema995 text_default_mpnet
-text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm"
+text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm text_r3_fast_path"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
 # the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which
-# wins over the base's (argparse keeps the last). Every base names what was off when its rows were measured.
-TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints"
+# wins over the base's (argparse keeps the last). Every base names what was off when its rows were measured
+# (--no-fast_path: every row before text_r3_fast_path ran Hugging Face's forward and torch's dropout).
+TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints --no-fast_path"
 # the defaults of the first round of issue #15 (frozen word embeddings, --head_lr auto = 3e-3, no weight average)
-TEXT_DEFAULT="--model roberta_crf --ema_decay 0 --no-bio_constraints"
+TEXT_DEFAULT="--model roberta_crf --ema_decay 0 --no-bio_constraints --no-fast_path"
 # the second round's defaults (text_default_ema99's setting: --ema_decay auto = 0.99); text_r2_bio on top of it is
 # today's default (--bio_constraints); text_r2_bio_loss and text_r2_layer_mix are one change on today's default
-TEXT_R2="--model roberta_crf --no-bio_constraints"
+TEXT_R2="--model roberta_crf --no-bio_constraints --no-fast_path"
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
     full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
@@ -83,6 +84,8 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r2_bio_loss) echo "$TEXT_R2 --bio_constraints --bio_loss" ;;
     text_r2_layer_mix) echo "$TEXT_R2 --bio_constraints --layer_mix" ;;
     text_r2_bilstm) echo "$TEXT_R2 --model bert_bilstm_crf" ;;
+    # the fourth round: text_r2_bio's setting with the CPU fast path (today's defaults: no flag at all)
+    text_r3_fast_path) echo "--model roberta_crf" ;;
     *) return 1 ;;
   esac
 }

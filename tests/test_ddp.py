@@ -119,7 +119,9 @@ def test_ddp_image_model_cache_and_resume(mem, tiny_clip_dir):
     pictures = {dataloader.file_digest(p) for p in (d / "data" / "mem" / "mem_images").iterdir()}
     assert len(list((d / "cache").rglob("*.pt"))) == len(pictures) and not list((d / "cache").rglob("*.tmp"))
     assert [r["epoch"] for r in rows(d / "mner" / "m")] == [1, 2]
-    assert rows(d / "mner" / "m")[1]["train_nce"] > 0  # epoch 2 went through the image path
+    # epoch 2 went through the image path: the mean relevance is > 0 in any batch where an image survived image
+    # dropout (the InfoNCE term needs two such posts in one batch of 4, which a seed may never give)
+    assert rows(d / "mner" / "m")[1]["train_sparsity"] > 0
     out = run([*TORCHRUN, "train.py", "--continue_train_name", "m", "--save_dir", str(d / "mner"), "--epochs", "3",
                "--swanlab_mode", "disabled"])
     assert "resumed m after epoch 2" in out and out.count("[Overall]") == 1

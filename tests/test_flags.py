@@ -213,6 +213,23 @@ def _bio_loss(env):
     return bool((on.nll(em, labels, mask) < off.nll(em, labels, mask)).all())
 
 
+def _fast_path(env):
+    """--fast_path: MANGO's own encoder loop and its dropout modules; the same emissions in eval, other dropout masks
+    (so another loss) in training under the same seed."""
+    batch = next(iter(D.make_loader(env["dataset"](), ds_config(env, []), train=False)))
+    out = {}
+    for flag in ("--fast_path", "--no-fast_path"):
+        c, m, _ = env["mner"](["--model", "roberta_crf", flag])
+        with torch.no_grad():
+            em = m.eval()(batch)["emissions"]
+            torch.manual_seed(1)
+            loss = m.train()(batch)["loss"]
+        out[flag] = (m.text.fast, any(isinstance(x, M.Dropout) for x in m.modules()), em, loss)
+    on, off = out["--fast_path"], out["--no-fast_path"]
+    return on[:2] == (True, True) and off[:2] == (False, False) and torch.allclose(on[2], off[2], atol=1e-5) \
+        and not torch.isclose(on[3], off[3])
+
+
 def _word_mask_prob(env):
     """Training items get mask tokens with --word_mask_prob (test_text_path checks whole words, epochs, dev)."""
     c = C.get_config(env["enc"] + env["data"] + ["--word_mask_prob", "0.5"])
@@ -363,6 +380,7 @@ FLAGS = {
     "use_image": [model(alt=["--no-use_image"])],
     "bio_constraints": [fn(_bio_constraints), warned(["--head", "softmax", "--bio_constraints"])],
     "bio_loss": [fn(_bio_loss), warned(["--no-bio_constraints", "--bio_loss"])],
+    "fast_path": [fn(_fast_path)],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
     "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]), warned(["--label_smoothing", "0.1"])],
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],

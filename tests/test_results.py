@@ -84,6 +84,27 @@ def test_bench_ratios_are_medians_over_rounds():
     assert later[2].startswith("mner_cached (fp32, bucketing on) vs text: train pass: 1.38x wall clock") and "median of 2 rounds" in later[2]
 
 
+def test_bench_fast_path_ratio_pairs_each_case_with_itself():
+    """--fast on,off: each case against itself without the fast path (train pass; eval time), and MNER against
+    the text path of the same fast-path setting."""
+    def row(case, fast, s, eval_):
+        return {"round": 1, "case": case, "amp": False, "bucketing": True, "grad_ckpt": False, "fast_path": fast,
+                "epoch_s": s, "epoch_cpu_s": 2 * s, "eval_posts_per_s": eval_}
+    rows = [{**row("hf_recipe", None, 100, 100), "bucketing": False}, row("text", True, 45, 160),
+            row("text", False, 50, 150), row("mner_cached", True, 54, 120), row("mner_cached", False, 65, 110)]
+    lines = bench.ratios(rows)
+    assert "text (bucketing on, grad ckpt off) vs hf_recipe: train pass: 0.45x wall clock, 0.45x CPU time" in lines
+    assert "text (bucketing on, grad ckpt off, fast path off) vs hf_recipe: train pass: 0.50x wall clock, 0.50x CPU time" in lines
+    assert "mner_cached (fp32, bucketing on) vs text: train pass: 1.20x wall clock, 1.20x CPU time" in lines
+    assert "mner_cached (fp32, bucketing on, fast path off) vs text: train pass: 1.30x wall clock, 1.30x CPU time" in lines
+    assert "text (fp32, bucketing on) fast path on vs off: train pass: 0.90x wall clock, 0.90x CPU time" in lines
+    assert "text (fp32, bucketing on) fast path on vs off: eval time: 0.94x wall clock" in lines
+    assert "mner_cached (fp32, bucketing on) fast path on vs off: eval time: 0.92x wall clock" in lines
+    p = subprocess.run([PY, "bench.py", "--cases", "text", "--fast", "maybe"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "--fast maybe" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_bench_rounds_must_be_positive():
     p = subprocess.run([PY, "bench.py", "--cases", "text", "--rounds", "0"], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert p.returncode != 0 and "--rounds 0" in p.stderr and "Traceback" not in p.stderr
@@ -134,7 +155,7 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "text_default_fast", "text_default_bs32", "text_default_bs32_lr1e4",
                                   "text_default_case_input", "text_default_word_mask", "text_default_ema99",
                                   "text_default_ema995", "text_default_mpnet", "text_r2", "text_r2_bio",
-                                  "text_r2_bio_loss", "text_r2_layer_mix", "text_r2_bilstm"} == set(names)
+                                  "text_r2_bio_loss", "text_r2_layer_mix", "text_r2_bilstm", "text_r3_fast_path"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()
@@ -151,7 +172,7 @@ def test_reproduce_and_ablation_list(tmp_path):
                        capture_output=True, text=True)
     lines = p.stdout.splitlines()
     assert p.returncode == 0 and len(lines) == 4
-    base = "--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints"
+    base = "--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints --no-fast_path"
     assert lines[0].endswith(f"{base} --epochs 10") and "--epochs 6" in lines[0]
     assert lines[2].endswith(f"{base} --context_k 2") and "image_control" not in p.stdout
 

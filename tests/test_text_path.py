@@ -1,5 +1,6 @@
 """The text-path levers of issue #15: retrieved context, mean sub-word pooling, layer-wise lr decay, frozen lower
-layers, and the domain-adaptive MLM script (its leak check and that its output loads as --text_encoder)."""
+layers, and the domain-adaptive MLM script (its leak check and that its output loads as --text_encoder), and the
+CPU fast path (--fast_path: own encoder layer loop, attention, dropout masks; clipping inside fused AdamW)."""
 from __future__ import annotations
 
 import json
@@ -302,3 +303,148 @@ def test_mlm_script_writes_a_loadable_encoder(tmp_path, tiny_bert_dir):
     # the adapted encoder loads as --text_encoder and its weights moved
     w0 = dict(before.text.model.named_parameters())
     assert any(not torch.equal(w0[n], q) for n, q in after.text.model.named_parameters())
+
+
+# ----------------------------------------------------------------------------- --fast_path (issue #15, speed)
+
+def _fast_pair(tmp_dir, **flags):
+    """The same random model twice: --fast_path and --no-fast_path."""
+    argv = ["--text_encoder", tmp_dir, "--model", "roberta_crf"]
+    argv += [a for k, v in flags.items() for a in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
+    out = []
+    for on in (True, False):
+        torch.manual_seed(0)
+        out.append(M.build_model(C.get_config(argv + ["--fast_path" if on else "--no-fast_path"]), 10))
+    return out
+
+
+def _batch(tmp_dir, posts):
+    tok = M.load_tokenizer(C.get_config(["--text_encoder", tmp_dir]))
+    ds = D.MNERDataset([D.Post(p, ["O"] * len(p), str(i)) for i, p in enumerate(posts)], tok,
+                       D.LabelMap(["<PAD>", "O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER",
+                                   "I-PER"]), 64)
+    return D.collate([ds[i] for i in range(len(ds))], ds.pad_id)
+
+
+POSTS_FAST = [["Obama", "visits", "Paris", "unbelievablyxyz"], ["lol"], ["New", "York", "Knicks", "win", "again", "!"]]
+
+
+@pytest.mark.parametrize("enc", ["bert", "roberta"])
+@pytest.mark.parametrize("flags", [{}, {"word_pooling": "mean"}, {"case_input": True}, {"grad_checkpointing": True}])
+def test_fast_path_encodes_as_hugging_face_does(request, enc, flags):
+    """The encoder's own layer loop (the top layer only at first sub-words) gives HF's word states in eval, and,
+    with dropout at 0, the same loss gradient for every trainable parameter."""
+    d = request.getfixturevalue(f"tiny_{enc}_dir")
+    fast, ref = _fast_pair(d, **flags)
+    assert fast.text.fast and not ref.text.fast
+    b = _batch(d, POSTS_FAST)
+    args = (b["input_ids"], b["attention_mask"], b["word_index"], b["word_end"], b["case_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast.text.eval()(*args), ref.text.eval()(*args), atol=1e-5, rtol=1e-5)
+    for m in (fast, ref):
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        m(b)["loss"].backward()
+    for (n, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_fast_path_top_layer_reads_every_sub_word():
+    """bert_layer at rows: each chosen position's output equals the full layer's output there (its query still reads
+    the keys of every sub-word, padding masked)."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    layer = BertModel(BertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                 num_hidden_layers=1)).eval().encoder.layer[0]
+    h = torch.randn(2, 7, 16)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()[:, None, None, :]
+    rows = torch.tensor([[1, 3, 6], [0, 2, 3]])
+    with torch.no_grad():
+        full = M.TextEncoder.bert_layer(layer, h, mask)
+        part = M.TextEncoder.bert_layer(layer, h, mask, rows)
+    torch.testing.assert_close(part, full.gather(1, rows[..., None].expand(-1, -1, 16)))
+    with torch.no_grad():  # and the padded keys take no part: changing them changes no real position
+        h2 = h.clone()
+        h2[1, 4:] = 5.0
+        torch.testing.assert_close(M.TextEncoder.bert_layer(layer, h2, mask)[1, :4], full[1, :4])
+
+
+def test_fast_path_falls_back_where_the_loop_does_not_apply(tiny_bert_dir):
+    fast, _ = _fast_pair(tiny_bert_dir, layer_mix=True)  # every hidden state is needed
+    assert not fast.text.fast
+    assert any(isinstance(m, M.Dropout) for m in fast.modules())  # the dropout swap still applies
+
+
+@pytest.mark.parametrize("mask_kind", [None, "keys", "per_query"])
+def test_attend_matches_sdpa(mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g, requires_grad=True) for n in (5, 6, 6))
+    mask = None if mask_kind is None else torch.rand(3, 1, 1 if mask_kind == "keys" else 5, 6, generator=g) > 0.4
+    if mask is not None:
+        mask[..., 0] = True  # every query keeps a key
+    a = M.attend(q, k, v, mask, fast=True)
+    b = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), (q, k, v))
+    gb = torch.autograd.grad(b.square().sum(), (q, k, v))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_rate_scale_and_seed(p):
+    """Both halves of each int32 draw drop at rate p; kept values are scaled by 1/(1-p); the global seed repeats it."""
+    torch.manual_seed(3)
+    x = torch.ones(400_001)
+    y = M.cpu_dropout(x, p)
+    vals = torch.unique(y).tolist()
+    assert len(vals) == 2 and vals[0] == 0.0 and vals[1] == pytest.approx(1 / (1 - p))
+    for half in (y[0::2], y[1::2]):
+        assert abs((half == 0).float().mean().item() - p) < 0.006
+    torch.manual_seed(3)
+    assert torch.equal(M.cpu_dropout(x, p), y)
+    d = M.Dropout(p)
+    assert torch.equal(d.eval()(x), x) and torch.equal(M.Dropout(0.0)(x), x)
+
+
+def test_fast_path_swaps_dropout_both_ways_keeping_train_mode(tiny_bert_dir):
+    fast, _ = _fast_pair(tiny_bert_dir)
+    fast.eval()
+    n = sum(isinstance(m, M.Dropout) for m in fast.modules())
+    assert n > 0 and not any(type(m) is torch.nn.Dropout for m in fast.modules())
+    M.use_fast_path(fast, False)
+    assert not any(isinstance(m, M.Dropout) for m in fast.modules())
+    assert sum(type(m) is torch.nn.Dropout for m in fast.modules()) == n
+    assert not any(m.training for m in fast.modules()) and not fast.text.fast
+
+
+def test_runs_saved_before_fast_path_keep_it_off():
+    assert C.config_from_dict({"model": "roberta_crf"}).fast_path is False
+    assert C.config_from_dict({"model": "roberta_crf", "fast_path": True}).fast_path is True
+
+
+def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tiny_bert_dir):
+    """train_step hands the clip to the fused AdamW kernel (grad_scale): the weights after a clipped step equal
+    clip_grad_norm_ followed by the step."""
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--clip_grad", "0.01",
+                      "--ema_decay", "0"])
+    b = _batch(tiny_bert_dir, POSTS_FAST)
+    b["labels"] = torch.where(b["word_mask"], torch.randint(1, 10, b["labels"].shape), 0)
+    models, opts = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = M.build_model(c, 10).eval()  # eval: no dropout, so both see the same loss
+        opt, sched = train.make_optimizer(m, c, steps=10)
+        models.append(m), opts.append((opt, sched))
+    out = train.train_step(models[0], [b], *opts[0], c, torch.device("cpu"), 0, train.nullcontext, None, [0, 0])
+    assert out["norm"] > 0.01  # the clip engaged
+    opt, sched = opts[1]
+    models[1](b)["loss"].backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 0.01)
+    opt.step()
+    for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    assert opts[0][0].grad_scale is None  # nothing left for a later step

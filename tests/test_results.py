@@ -93,10 +93,10 @@ def test_bench_fast_path_ratio_pairs_each_case_with_itself():
     rows = [{**row("hf_recipe", None, 100, 100), "bucketing": False}, row("text", True, 45, 160),
             row("text", False, 50, 150), row("mner_cached", True, 54, 120), row("mner_cached", False, 65, 110)]
     lines = bench.ratios(rows)
-    assert "text (bucketing on, grad ckpt off) vs hf_recipe: train pass: 0.45x wall clock, 0.45x CPU time" in lines
-    assert "text (bucketing on, grad ckpt off, fast path off) vs hf_recipe: train pass: 0.50x wall clock, 0.50x CPU time" in lines
-    assert "mner_cached (fp32, bucketing on) vs text: train pass: 1.20x wall clock, 1.20x CPU time" in lines
-    assert "mner_cached (fp32, bucketing on, fast path off) vs text: train pass: 1.30x wall clock, 1.30x CPU time" in lines
+    assert "text (bucketing on, grad ckpt off, fast path on) vs hf_recipe: train pass: 0.45x wall clock, 0.45x CPU time" in lines
+    assert "text (bucketing on, grad ckpt off) vs hf_recipe: train pass: 0.50x wall clock, 0.50x CPU time" in lines
+    assert "mner_cached (fp32, bucketing on, fast path on) vs text: train pass: 1.20x wall clock, 1.20x CPU time" in lines
+    assert "mner_cached (fp32, bucketing on) vs text: train pass: 1.30x wall clock, 1.30x CPU time" in lines
     assert "text (fp32, bucketing on) fast path on vs off: train pass: 0.90x wall clock, 0.90x CPU time" in lines
     assert "text (fp32, bucketing on) fast path on vs off: eval time: 0.94x wall clock" in lines
     assert "mner_cached (fp32, bucketing on) fast path on vs off: eval time: 0.92x wall clock" in lines

@@ -421,9 +421,15 @@ def test_fast_path_swaps_dropout_both_ways_keeping_train_mode(tiny_bert_dir):
     assert not any(m.training for m in fast.modules()) and not fast.text.fast
 
 
-def test_runs_saved_before_fast_path_keep_it_off():
-    assert C.config_from_dict({"model": "roberta_crf"}).fast_path is False
-    assert C.config_from_dict({"model": "roberta_crf", "fast_path": True}).fast_path is True
+def test_fast_path_leaves_the_image_side_on_torch_dropout(tiny_bert_dir):
+    """The integer masks are for the text side; the vision encoder, resampler and fusion stack keep torch's dropout
+    (cheaper at their width), while their attention takes the fast branch."""
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "MNER", "--fast_path", "--fusion_layers", "1",
+                      "--fusion_dim", "16", "--cross_attn_heads", "2", "--resampler_tokens", "2"])
+    m = M.build_model(c, 10)
+    image_side = [x for part in (m.vision, m.resampler, m.stack) for x in part.modules() if isinstance(x, torch.nn.Dropout)]
+    assert image_side and all(type(x) is torch.nn.Dropout for x in image_side)
+    assert isinstance(m.drop, M.Dropout) and m.text.fast and m.stack.blocks[0].attn.fast and m.resampler.attn.fast
 
 
 def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tiny_bert_dir):

@@ -16,8 +16,8 @@ Cases (each measured in a fresh child process, so peak memory is that case's own
     mner_dual     MNER with the dual-granularity encoder on cached EfficientNet-Lite0 stem maps (what training does)
     mner_dual_pixels  the same encoder with its frozen stem run on pixels every step (nothing cached)
 crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing and
---no-fast_path (--fast on,off: MANGO's cases with and without the CPU fast path, alternating in each round, and the
-ratio of the two printed).
+--fast_path (--fast on,off: MANGO's cases with and without the CPU fast path, which of the two goes first swapped
+every other round, and the ratio of the two printed).
 
 What is timed: train.train_step itself (forward, finite checks, backward, clipping, fused AdamW step, schedule,
 the --ema_decay weight average where on;

@@ -35,20 +35,20 @@ from config import ConfigError, build_parser, resolve_text_encoder
 from dataloader import CASE_SHAPES
 
 # ============================================================================ shared kernels
-# On CPU at tweet lengths these beat torch's own (measured in bench.py, README "Speed and memory"); --no-fast_path
-# runs torch's dropout, SDPA and Hugging Face's encoder forward instead (use_fast_path).
+# --fast_path (off): CPU-tuned dropout, attention and text-encoder forward. Each piece is faster alone at tweet
+# lengths; a whole training step was not, beyond the noise (README "Speed and memory"). use_fast_path switches them.
 
 def cpu_dropout(x, p: float):
     """Inverted dropout whose keep mask comes from 16-bit random integers: torch.bernoulli_ on CPU costs about 2.8x
     (1.5 vs 0.55 ms for [16, 36, 384], 2 threads). random_() on int32 fills 31 bits, so each int32 gives two
     draws: its low 16 bits (uniform over int16) and bits 16-30 (uniform over 0..32767), each compared with its own
     threshold. The drop rate is p rounded to 1/65536 and to 1/32768 (0.1 -> 0.100006 in both halves). The mask is
-kept in the input's dtype (4 bytes per element in fp32, where torch's dropout keeps 1): no bool cast in backward."""
+    kept in the input's dtype (4 bytes per element in fp32, where torch's dropout keeps 1): no bool cast in backward."""
     n = x.numel()
     r = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_().view(torch.int16).view(-1, 2)
     thr = torch.tensor([round(p * 65536) - 32768, round(p * 32768)], dtype=torch.int16, device=x.device)
     keep = (r >= thr).view(-1)[:n].view(x.shape)
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # one float mask, which backward reuses (no bool casts)
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
@@ -79,20 +79,24 @@ def attend(q, k, v, mask=None, fast: bool = True, drop: nn.Module | None = None)
 
 def use_fast_path(module: nn.Module, on: bool) -> None:
     """--fast_path: every Attention and TextEncoder below `module` takes its fast branch, and every nn.Dropout on the
-    text side (Hugging Face's included) becomes Dropout. The image side (vision encoders, resampler, fusion stack,
-    co-attention) keeps torch's dropout: at its [B, W, 128] sizes torch's mask is the cheaper one (0.38 vs 0.55 ms
-    forward + backward for [16, 17, 128]). Off: torch's dropout and SDPA, Hugging Face's forward (as before the flag)."""
-    image_side = (DualGranularityEncoder, PretrainedVision, VisualResampler, MultimodalStack, CoAttention)
-    skip = {id(x) for m in module.modules() if isinstance(m, image_side) for x in m.modules()}
-    for parent in module.modules():
-        if isinstance(parent, (Attention, TextEncoder)):
-            parent.fast = on and getattr(parent, "fast_ok", True)
-        if id(parent) in skip:
-            continue
-        for name, child in parent.named_children():
-            kind = Dropout if on and type(child) is nn.Dropout else nn.Dropout if not on and type(child) is Dropout else None
-            if kind is not None:
-                setattr(parent, name, kind(child.p, child.inplace).train(child.training))
+    text side (Hugging Face's included) becomes Dropout. Off: torch's dropout and SDPA, Hugging Face's forward."""
+    for m in module.modules():
+        if isinstance(m, (Attention, TextEncoder)):
+            m.fast = on and getattr(m, "fast_ok", True)
+    _swap_dropout(module, on)
+
+
+def _swap_dropout(module: nn.Module, on: bool) -> None:
+    """nn.Dropout <-> Dropout below `module`, keeping each one's p and train mode. The image side (vision encoders,
+    resampler, fusion stack, co-attention) is left alone: at its [B, W, 128] sizes torch's mask is the cheaper one
+    (0.38 vs 0.55 ms forward + backward for [16, 17, 128])."""
+    for name, child in module.named_children():
+        kind = Dropout if on and type(child) is nn.Dropout else nn.Dropout if not on and type(child) is Dropout else None
+        if kind is not None:
+            setattr(module, name, kind(child.p, child.inplace).train(child.training))
+        elif not isinstance(child, (DualGranularityEncoder, PretrainedVision, VisualResampler, MultimodalStack,
+                                    CoAttention)):
+            _swap_dropout(child, on)
 
 
 # ============================================================================ encoders

@@ -17,7 +17,8 @@ Cases (each measured in a fresh child process, so peak memory is that case's own
     mner_dual_pixels  the same encoder with its frozen stem run on pixels every step (nothing cached)
 crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing and
 --fast_path (--fast on,off: MANGO's cases with and without the CPU fast path, which of the two goes first swapped
-every other round, and the ratio of the two printed).
+every other round, and the ratio of the two printed; --paired: both settings step by step in one process, fp32,
+bucketing on, and the median per-step ratio).
 
 What is timed: train.train_step itself (forward, finite checks, backward, clipping, fused AdamW step, schedule,
 the --ema_decay weight average where on;
@@ -66,7 +67,10 @@ def bench_args(argv=None):
     a("--amp_modes", default="fp32,amp", help="comma list of fp32, amp")
     a("--bucketing", default="on,off", help="length bucketing of training batches: comma list of on, off")
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
-    a("--fast", default="off", help="MANGO's --fast_path: comma list of off, on (the recipe is always itself)")
+    a("--fast", default="on", help="MANGO's --fast_path (default on): comma list of on, off (the recipe is always itself)")
+    a("--paired", action="store_true",
+      help="with --fast on,off: time the two settings step by step on one model in one process, the order swapped every "
+           "step, and print the median of the per-step on/off ratios (train step, eval batch) instead of the table")
     a("--repeats", type=int, default=3, help="timed repeats per case (medians are reported)")
     a("--steps", type=int, default=20, help="training steps timed per repeat")
     a("--rounds", type=int, default=1,
@@ -179,6 +183,57 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
             "threads": torch.get_num_threads(), "pad_share": round(pad, 3)}
 
 
+def paired_fast(spec: dict, model, step, batches: list, eval_loader, prepare, sync) -> dict:
+    """--paired: the fast path on and off on the same model, batch and machine moment. Each of
+    spec["repeats"] * spec["steps"] batches spread over the epoch is trained once with each setting (use_fast_path
+    switches what --fast_path sets at build; which goes first alternates), then every dev batch is decoded once with
+    each. Returns the median of the per-step and per-batch on/off time ratios (a slow spell of the machine hits both
+    halves of a pair, so it moves the ratio far less than it moves separate runs)."""
+    import torch
+    from model import use_fast_path
+    def pair(run, items):
+        ratios = []
+        for i, b in enumerate(items):
+            t = {}
+            for on in ((True, False) if i % 2 else (False, True)):
+                use_fast_path(model, on)
+                sync()
+                t0 = time.perf_counter()
+                run(b)
+                sync()
+                t[on] = time.perf_counter() - t0
+            ratios.append(t[True] / t[False])
+        return ratios
+    n = spec["repeats"] * spec["steps"]
+    model.train()
+    train = pair(step, [batches[i * len(batches) // n] for i in range(n)])
+    model.eval()
+    with torch.inference_mode():
+        ev = pair(model.decode, [prepare(b) for b in eval_loader])
+    return {"case": spec["case"], "paired": True, "train_steps": len(train), "eval_batches": len(ev),
+            "train_on_off": round(statistics.median(train), 3), "eval_on_off": round(statistics.median(ev), 3),
+            "train_on_off_quartiles": [round(x, 3) for x in statistics.quantiles(train, n=4)],
+            "eval_on_off_quartiles": [round(x, 3) for x in statistics.quantiles(ev, n=4)],
+            "threads": torch.get_num_threads()}
+
+
+def paired_lines(rows: list[dict]) -> list[str]:
+    """One line per case of --paired rows: the median over rounds of each round's median on/off ratio."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case and "error" not in r]
+        if not mine:
+            out.append(f"{case}: paired fast path on vs off failed: " + next(r["error"] for r in rows if r["case"] == case))
+            continue
+        line = f"{case}: paired fast path on vs off"
+        for what, unit, n in (("train", "train step", "train_steps"), ("eval", "eval batch", "eval_batches")):
+            vals = [r[f"{what}_on_off"] for r in mine]
+            line += (f", {unit} {statistics.median(vals):.3f}x (median of {sum(r[n] for r in mine)} pairs in "
+                     f"{len(mine)} round(s): " + " ".join(f"{v:.3f}" for v in vals) + ")")
+        out.append(line)
+    return out
+
+
 def run_case(spec: dict, argv: list[str]) -> dict:
     if spec["case"] == "hf_recipe":
         return run_recipe(spec, argv)
@@ -234,6 +289,10 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     for b in batches[:2]:  # warm-up (allocator, kernels), not timed
         step(prepare(b))
     sync()
+    if spec.get("paired"):
+        dds = D.make_dataset(config, "valid", dev, tok, label_map)
+        return paired_fast(spec, model, step, [prepare(b) for b in batches], D.make_loader(dds, config, train=False),
+                           prepare, sync)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, lambda b: b["input_ids"].size(0), prepare, sync)
@@ -313,14 +372,14 @@ def round_ratios(rows: list[dict]) -> dict[str, tuple[float, float]]:
     for r in ok:
         if r["case"] == "text" and not r["amp"] and rec:
             what = f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}" \
-                   + (", fast path on" if _fast(r) == "on" else "") + ") vs hf_recipe"
+                   + (", fast path off" if _fast(r) == "off" else "") + ") vs hf_recipe"
             out[f"{what}: train pass"] = (r["epoch_s"] / rec["epoch_s"], r["epoch_cpu_s"] / rec["epoch_cpu_s"])
             out[f"{what}: eval posts/s"] = (r["eval_posts_per_s"] / rec["eval_posts_per_s"], None)
     for r in ok:
         t = next((x for x in ok if x["case"] == "text" and key(x) == key(r) and _fast(x) == _fast(r)), None)
         if r["case"] not in ("text", "hf_recipe") and t:
             what = f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}" \
-                   + (", grad ckpt on" if r["grad_ckpt"] else "") + (", fast path on" if _fast(r) == "on" else "") \
+                   + (", grad ckpt on" if r["grad_ckpt"] else "") + (", fast path off" if _fast(r) == "off" else "") \
                    + ") vs text"
             out[f"{what}: train pass"] = (r["epoch_s"] / t["epoch_s"], r["epoch_cpu_s"] / t["epoch_cpu_s"])
     for r in ok:
@@ -367,6 +426,29 @@ def main(argv=None):
         raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
     if not args.fast or set(args.fast.split(",")) - {"on", "off"}:
         raise SystemExit(f"error: --fast {args.fast}: give on, off or on,off")
+    if args.paired:
+        if set(args.fast.split(",")) != {"on", "off"} or "hf_recipe" in cases:
+            raise SystemExit("error: --paired compares the fast path on and off: give --fast on,off and MANGO's cases "
+                             "only (not hf_recipe)")
+        prows = []
+        for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
+            flags = ["--swanlab_mode", "disabled", "--length_bucketing", *rest]
+            spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts,
+                    "paired": True}
+            print(f"bench round {rnd}: {case} paired fast path on/off ...", file=sys.stderr, flush=True)
+            p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags], capture_output=True,
+                               text=True)
+            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            prows.append(json.loads(line[7:]) if line else
+                         {"case": case, "error": (p.stderr.strip().splitlines() or ["no output"])[-1]})
+            prows[-1]["round"] = rnd
+        print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+        for line in paired_lines(prows):
+            print(line)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": vars(args), "flags": rest,
+                                                   "paired": prows}, indent=1))
+        return
     rows = []
     for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
         # the recipe is what it is: fp32, its own batching, measured once per round

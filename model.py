@@ -35,8 +35,9 @@ from config import ConfigError, build_parser, resolve_text_encoder
 from dataloader import CASE_SHAPES
 
 # ============================================================================ shared kernels
-# --fast_path (off): CPU-tuned dropout, attention and text-encoder forward. Each piece is faster alone at tweet
-# lengths; a whole training step was not, beyond the noise (README "Speed and memory"). use_fast_path switches them.
+# --fast_path (on): MANGO runs BERT-style encoder layers itself (the top one only at scored sub-words) and attention as
+# plain matmuls on CPU; the random stream and the result are Hugging Face's up to float rounding (README "Speed and
+# memory"). --int_dropout_masks (off): text-side dropout masks from 16-bit integers, another random stream.
 
 def cpu_dropout(x, p: float):
     """Inverted dropout whose keep mask comes from 16-bit random integers: torch.bernoulli_ on CPU costs about 2.8x
@@ -78,25 +79,35 @@ def attend(q, k, v, mask=None, fast: bool = True, drop: nn.Module | None = None)
 
 
 def use_fast_path(module: nn.Module, on: bool) -> None:
-    """--fast_path: every Attention and TextEncoder below `module` takes its fast branch, and every nn.Dropout on the
-    text side (Hugging Face's included) becomes Dropout. Off: torch's dropout and SDPA, Hugging Face's forward."""
+    """--fast_path: every Attention and TextEncoder below `module` takes its fast branch (TextEncoder where its
+    encoder allows). Off: SDPA and Hugging Face's forward."""
     for m in module.modules():
         if isinstance(m, (Attention, TextEncoder)):
             m.fast = on and getattr(m, "fast_ok", True)
-    _swap_dropout(module, on)
 
 
-def _swap_dropout(module: nn.Module, on: bool) -> None:
-    """nn.Dropout <-> Dropout below `module`, keeping each one's p and train mode. The image side (vision encoders,
-    resampler, fusion stack, co-attention) is left alone: at its [B, W, 128] sizes torch's mask is the cheaper one
-    (0.38 vs 0.55 ms forward + backward for [16, 17, 128])."""
+def use_int_dropout(module: nn.Module, on: bool) -> None:
+    """--int_dropout_masks: nn.Dropout <-> Dropout below `module`, keeping each one's p and train mode. The image side
+    (vision encoders, resampler, fusion stack, co-attention) keeps torch's masks, as in the lever's measured runs."""
     for name, child in module.named_children():
         kind = Dropout if on and type(child) is nn.Dropout else nn.Dropout if not on and type(child) is Dropout else None
         if kind is not None:
             setattr(module, name, kind(child.p, child.inplace).train(child.training))
         elif not isinstance(child, (DualGranularityEncoder, PretrainedVision, VisualResampler, MultimodalStack,
                                     CoAttention)):
-            _swap_dropout(child, on)
+            use_int_dropout(child, on)
+
+
+def dropout_at(drop: nn.Module, y, rows, T: int):
+    """drop(y) for y [B, W, H], the rows [B, W] of a [B, T, H] tensor. torch's dropout (nn.Dropout, training, on
+    CPU) draws its mask at [B, T, H] and reads it at rows, as F.dropout does on the whole tensor (empty_like,
+    bernoulli_(1 - p), div_(1 - p), multiply): the same random stream and the same kept values as a layer run at
+    every position."""
+    if type(drop) is not nn.Dropout or not drop.training or drop.p == 0 or y.device.type != "cpu":
+        return drop(y)
+    B, W, H = y.shape
+    keep = y.new_empty(B, T, H).bernoulli_(1 - drop.p).div_(1 - drop.p)
+    return y * keep.gather(1, rows.unsqueeze(-1).expand(-1, -1, H))
 
 
 # ============================================================================ encoders
@@ -216,8 +227,9 @@ class TextEncoder(nn.Module):
         split = lambda t: t.view(B, -1, a.num_attention_heads, a.attention_head_size).transpose(1, 2)
         o = attend(split(a.query(x)), split(a.key(h)), split(a.value(h)), mask, drop=a.dropout)
         so, out = layer.attention.output, layer.output
-        x = so.LayerNorm(so.dropout(so.dense(o.transpose(1, 2).reshape(B, -1, H))) + x)
-        return out.LayerNorm(out.dropout(out.dense(layer.intermediate(x))) + x)
+        drop = lambda d, y: d(y) if rows is None else dropout_at(d, y, rows, T)
+        x = so.LayerNorm(drop(so.dropout, so.dense(o.transpose(1, 2).reshape(B, -1, H))) + x)
+        return out.LayerNorm(drop(out.dropout, out.dense(layer.intermediate(x))) + x)
 
     def _fast(self, input_ids, attention_mask, emb, rows):
         """The encoder's own forward (--fast_path): HF's embeddings module, then bert_layer per layer, the top one
@@ -1123,6 +1135,7 @@ class Tagger(nn.Module):
         self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss) if head == "crf" else \
             SoftmaxHead(num_labels, config.label_smoothing)
         use_fast_path(self, config.fast_path)
+        use_int_dropout(self, config.int_dropout_masks)
 
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
     HEAD_PREFIXES = ("case.", "text.layer_mix", "lstm.", "emit.", "head.")

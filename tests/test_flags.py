@@ -213,21 +213,31 @@ def _bio_loss(env):
     return bool((on.nll(em, labels, mask) < off.nll(em, labels, mask)).all())
 
 
-def _fast_path(env):
-    """--fast_path: MANGO's own encoder loop and its dropout modules; the same emissions in eval, other dropout masks
-    (so another loss) in training under the same seed."""
+def _on_off(env, flag: str, probe) -> tuple:
+    """(probe(model), eval emissions, training loss under seed 1) of the text model with --flag, then with --no-flag."""
     batch = next(iter(D.make_loader(env["dataset"](), ds_config(env, []), train=False)))
-    out = {}
-    for flag in ("--fast_path", "--no-fast_path"):
-        c, m, _ = env["mner"](["--model", "roberta_crf", flag])
+    out = []
+    for f in (f"--{flag}", f"--no-{flag}"):
+        c, m, _ = env["mner"](["--model", "roberta_crf", f])
         with torch.no_grad():
             em = m.eval()(batch)["emissions"]
             torch.manual_seed(1)
-            loss = m.train()(batch)["loss"]
-        out[flag] = (m.text.fast, any(isinstance(x, M.Dropout) for x in m.modules()), em, loss)
-    on, off = out["--fast_path"], out["--no-fast_path"]
-    return on[:2] == (True, True) and off[:2] == (False, False) and torch.allclose(on[2], off[2], atol=1e-5) \
-        and not torch.isclose(on[3], off[3])
+            out.append((probe(m), em, m.train()(batch)["loss"]))
+    return tuple(out)
+
+
+def _fast_path(env):
+    """--fast_path (default): MANGO's own encoder loop; the same emissions in eval and, under the same seed, the same
+    training loss (torch's dropout masks, drawn at the shapes Hugging Face's layers draw them)."""
+    on, off = _on_off(env, "fast_path", lambda m: m.text.fast)
+    return on[0] and not off[0] and torch.allclose(on[1], off[1], atol=1e-5) and torch.allclose(on[2], off[2], atol=1e-4)
+
+
+def _int_dropout_masks(env):
+    """--int_dropout_masks: the text side's dropout modules draw integer masks: another training loss under the same
+    seed, the same emissions in eval."""
+    on, off = _on_off(env, "int_dropout_masks", lambda m: any(isinstance(x, M.Dropout) for x in m.modules()))
+    return on[0] and not off[0] and torch.allclose(on[1], off[1], atol=1e-5) and not torch.isclose(on[2], off[2])
 
 
 def _word_mask_prob(env):
@@ -381,6 +391,7 @@ FLAGS = {
     "bio_constraints": [fn(_bio_constraints), warned(["--head", "softmax", "--bio_constraints"])],
     "bio_loss": [fn(_bio_loss), warned(["--no-bio_constraints", "--bio_loss"])],
     "fast_path": [fn(_fast_path)],
+    "int_dropout_masks": [fn(_int_dropout_masks)],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
     "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]), warned(["--label_smoothing", "0.1"])],
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],

@@ -65,6 +65,28 @@ def test_bench_driver_table_and_json(tmp_path, tiny_flags):
     assert "| 2 | text | fp32 | on | off |" in p.stdout and "| 1 | text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
 
 
+def test_bench_paired_fast_path(tmp_path, tiny_flags):
+    """--paired: each case trains and decodes with the fast path on and off in one process, pair by pair; the driver
+    prints the median on/off ratios per case and refuses the recipe (it has no fast path)."""
+    out = tmp_path / "paired.json"
+    p = subprocess.run([PY, "bench.py", "--cases", "text,mner_cached", "--fast", "on,off", "--paired", "--repeats", "1",
+                        "--steps", "3", "--eval_posts", "8", "--json", str(out), *tiny_flags], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["paired"]
+    assert [r["case"] for r in rows] == ["text", "mner_cached"]
+    for r in rows:  # 3 training pairs; 8 dev posts in batches of 4
+        assert r["train_steps"] == 3 and r["eval_batches"] == 2 and r["train_on_off"] > 0 and r["eval_on_off"] > 0
+    assert "text: paired fast path on vs off, train step" in p.stdout and "mner_cached: paired" in p.stdout
+    lines = bench.paired_lines([{"case": "text", "round": k, "train_on_off": t, "eval_on_off": e, "train_steps": 10,
+                                 "eval_batches": 4} for k, t, e in ((1, 0.9, 0.95), (2, 1.0, 0.93), (3, 0.96, 0.9))])
+    assert lines == ["text: paired fast path on vs off, train step 0.960x (median of 30 pairs in 3 round(s): 0.900 1.000 "
+                     "0.960), eval batch 0.930x (median of 12 pairs in 3 round(s): 0.950 0.930 0.900)"]
+    p = subprocess.run([PY, "bench.py", "--cases", "hf_recipe,text", "--fast", "on,off", "--paired"], cwd=ROOT,
+                       env=env(), capture_output=True, text=True)
+    assert p.returncode != 0 and "--paired" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_bench_ratios_are_medians_over_rounds():
     """Hand-made rows: the train pass against the recipe and MNER against the text path, per round, then the median."""
     def row(k, case, s, cpu, eval_=100.0):
@@ -93,10 +115,10 @@ def test_bench_fast_path_ratio_pairs_each_case_with_itself():
     rows = [{**row("hf_recipe", None, 100, 100), "bucketing": False}, row("text", True, 45, 160),
             row("text", False, 50, 150), row("mner_cached", True, 54, 120), row("mner_cached", False, 65, 110)]
     lines = bench.ratios(rows)
-    assert "text (bucketing on, grad ckpt off, fast path on) vs hf_recipe: train pass: 0.45x wall clock, 0.45x CPU time" in lines
-    assert "text (bucketing on, grad ckpt off) vs hf_recipe: train pass: 0.50x wall clock, 0.50x CPU time" in lines
-    assert "mner_cached (fp32, bucketing on, fast path on) vs text: train pass: 1.20x wall clock, 1.20x CPU time" in lines
-    assert "mner_cached (fp32, bucketing on) vs text: train pass: 1.30x wall clock, 1.30x CPU time" in lines
+    assert "text (bucketing on, grad ckpt off) vs hf_recipe: train pass: 0.45x wall clock, 0.45x CPU time" in lines
+    assert "text (bucketing on, grad ckpt off, fast path off) vs hf_recipe: train pass: 0.50x wall clock, 0.50x CPU time" in lines
+    assert "mner_cached (fp32, bucketing on) vs text: train pass: 1.20x wall clock, 1.20x CPU time" in lines
+    assert "mner_cached (fp32, bucketing on, fast path off) vs text: train pass: 1.30x wall clock, 1.30x CPU time" in lines
     assert "text (fp32, bucketing on) fast path on vs off: train pass: 0.90x wall clock, 0.90x CPU time" in lines
     assert "text (fp32, bucketing on) fast path on vs off: eval time: 0.94x wall clock" in lines
     assert "mner_cached (fp32, bucketing on) fast path on vs off: eval time: 0.92x wall clock" in lines

@@ -1,6 +1,6 @@
 """The text-path levers of issue #15: retrieved context, mean sub-word pooling, layer-wise lr decay, frozen lower
 layers, and the domain-adaptive MLM script (its leak check and that its output loads as --text_encoder), and the
-CPU fast path (--fast_path: own encoder layer loop, attention, dropout masks; clipping inside fused AdamW)."""
+CPU fast path (--fast_path: own encoder layer loop, attention; --int_dropout_masks; clipping inside fused AdamW)."""
 from __future__ import annotations
 
 import json
@@ -373,9 +373,43 @@ def test_fast_path_top_layer_reads_every_sub_word():
 
 
 def test_fast_path_falls_back_where_the_loop_does_not_apply(tiny_bert_dir):
-    fast, _ = _fast_pair(tiny_bert_dir, layer_mix=True)  # every hidden state is needed
+    fast, _ = _fast_pair(tiny_bert_dir, layer_mix=True, int_dropout_masks=True)  # every hidden state is needed
     assert not fast.text.fast
-    assert any(isinstance(m, M.Dropout) for m in fast.modules())  # the dropout swap still applies
+    assert any(isinstance(m, M.Dropout) for m in fast.modules())  # the integer masks still apply
+
+
+@pytest.mark.parametrize("enc", ["bert", "roberta"])
+@pytest.mark.parametrize("flags", [{}, {"word_pooling": "mean"}])
+def test_fast_path_trains_as_hugging_face_does_dropout_on(request, enc, flags):
+    """With dropout on and the same seed, the own loop draws the masks Hugging Face's layers draw (the top layer's at
+    every sub-word, read at the scored ones): the same loss and the same gradients."""
+    d = request.getfixturevalue(f"tiny_{enc}_dir")
+    fast, ref = _fast_pair(d, **flags)
+    b = _batch(d, POSTS_FAST)
+    losses = []
+    for m in (fast, ref):
+        torch.manual_seed(7)
+        loss = m.train()(b)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    for (n, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+    torch.manual_seed(8)  # and the masks are drawn: another seed gives another loss
+    assert not torch.isclose(fast(b)["loss"], losses[0])
+
+
+def test_dropout_at_rows_is_f_dropout_read_at_rows():
+    x = torch.randn(3, 9, 8)
+    rows = torch.tensor([[0, 2, 5], [1, 1, 8], [7, 3, 4]])
+    d = torch.nn.Dropout(0.3).train()
+    torch.manual_seed(5)
+    full = torch.nn.functional.dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    part = M.dropout_at(d, x.gather(1, rows[..., None].expand(-1, -1, 8)), rows, 9)
+    torch.testing.assert_close(part, full.gather(1, rows[..., None].expand(-1, -1, 8)))
+    assert torch.equal(M.dropout_at(d.eval(), x, rows, 9), x)
 
 
 @pytest.mark.parametrize("mask_kind", [None, "keys", "per_query"])
@@ -410,26 +444,30 @@ def test_cpu_dropout_rate_scale_and_seed(p):
     assert torch.equal(d.eval()(x), x) and torch.equal(M.Dropout(0.0)(x), x)
 
 
-def test_fast_path_swaps_dropout_both_ways_keeping_train_mode(tiny_bert_dir):
-    fast, _ = _fast_pair(tiny_bert_dir)
+def test_int_dropout_masks_swap_both_ways_keeping_train_mode(tiny_bert_dir):
+    fast, _ = _fast_pair(tiny_bert_dir, int_dropout_masks=True)
     fast.eval()
     n = sum(isinstance(m, M.Dropout) for m in fast.modules())
     assert n > 0 and not any(type(m) is torch.nn.Dropout for m in fast.modules())
-    M.use_fast_path(fast, False)
+    M.use_int_dropout(fast, False)
     assert not any(isinstance(m, M.Dropout) for m in fast.modules())
     assert sum(type(m) is torch.nn.Dropout for m in fast.modules()) == n
-    assert not any(m.training for m in fast.modules()) and not fast.text.fast
+    assert not any(m.training for m in fast.modules()) and fast.text.fast
 
 
-def test_fast_path_leaves_the_image_side_on_torch_dropout(tiny_bert_dir):
-    """The integer masks are for the text side; the vision encoder, resampler and fusion stack keep torch's dropout
-    (cheaper at their width), while their attention takes the fast branch."""
-    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "MNER", "--fast_path", "--fusion_layers", "1",
-                      "--fusion_dim", "16", "--cross_attn_heads", "2", "--resampler_tokens", "2"])
+def test_int_dropout_masks_leave_the_image_side_on_torch_dropout(tiny_bert_dir):
+    """The integer masks are for the text side; the vision encoder, resampler and fusion stack keep torch's dropout,
+    while their attention takes the fast branch."""
+    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "MNER", "--int_dropout_masks", "--fusion_layers",
+                      "1", "--fusion_dim", "16", "--cross_attn_heads", "2", "--resampler_tokens", "2"])
     m = M.build_model(c, 10)
     image_side = [x for part in (m.vision, m.resampler, m.stack) for x in part.modules() if isinstance(x, torch.nn.Dropout)]
     assert image_side and all(type(x) is torch.nn.Dropout for x in image_side)
     assert isinstance(m.drop, M.Dropout) and m.text.fast and m.stack.blocks[0].attn.fast and m.resampler.attn.fast
+    off = M.build_model(C.get_config(["--text_encoder", tiny_bert_dir, "--model", "MNER", "--no-fast_path",
+                                      "--fusion_layers", "1", "--fusion_dim", "16", "--cross_attn_heads", "2",
+                                      "--resampler_tokens", "2"]), 10)
+    assert not off.text.fast and not off.stack.blocks[0].attn.fast and not off.resampler.attn.fast
 
 
 def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tiny_bert_dir):

@@ -69,8 +69,9 @@ def bench_args(argv=None):
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
     a("--fast", default="on", help="MANGO's --fast_path (default on): comma list of on, off (the recipe is always itself)")
     a("--paired", action="store_true",
-      help="with --fast on,off: time the two settings step by step on one model in one process, the order swapped every "
-           "step, and print the median of the per-step on/off ratios (train step, eval batch) instead of the table")
+      help="with --fast on,off: time the two settings step by step on one model in one process (fp32, bucketing on; "
+           "--amp_modes/--bucketing/--grad_ckpt do not apply), the order swapped every step, and print the median of "
+           "the per-step on/off ratios (train step, eval batch) instead of the table")
     a("--repeats", type=int, default=3, help="timed repeats per case (medians are reported)")
     a("--steps", type=int, default=20, help="training steps timed per repeat")
     a("--rounds", type=int, default=1,
@@ -205,15 +206,18 @@ def paired_fast(spec: dict, model, step, batches: list, eval_loader, prepare, sy
             ratios.append(t[True] / t[False])
         return ratios
     n = spec["repeats"] * spec["steps"]
+    evals = [prepare(b) for b in eval_loader]
     model.train()
+    pair(step, batches[-2:])  # warm-up of both settings (the caller's warm-up ran the one built), not timed
     train = pair(step, [batches[i * len(batches) // n] for i in range(n)])
     model.eval()
     with torch.inference_mode():
-        ev = pair(model.decode, [prepare(b) for b in eval_loader])
+        pair(model.decode, evals[:2])
+        ev = pair(model.decode, evals)
+    quartiles = lambda x: [round(v, 3) for v in statistics.quantiles(x, n=4)] if len(x) > 1 else None
     return {"case": spec["case"], "paired": True, "train_steps": len(train), "eval_batches": len(ev),
             "train_on_off": round(statistics.median(train), 3), "eval_on_off": round(statistics.median(ev), 3),
-            "train_on_off_quartiles": [round(x, 3) for x in statistics.quantiles(train, n=4)],
-            "eval_on_off_quartiles": [round(x, 3) for x in statistics.quantiles(ev, n=4)],
+            "train_on_off_quartiles": quartiles(train), "eval_on_off_quartiles": quartiles(ev),
             "threads": torch.get_num_threads()}
 
 
@@ -446,8 +450,9 @@ def main(argv=None):
         for line in paired_lines(prows):
             print(line)
         if args.json:
-            Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": vars(args), "flags": rest,
-                                                   "paired": prows}, indent=1))
+            used = {k: v for k, v in vars(args).items() if k not in ("amp_modes", "bucketing", "grad_ckpt")}
+            Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": used, "flags": rest,
+                                                   "precision": "fp32", "bucketing": "on", "paired": prows}, indent=1))
         return
     rows = []
     for rnd, case in itertools.product(range(1, args.rounds + 1), cases):

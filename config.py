@@ -91,8 +91,8 @@ def _model_flags(a) -> None:
            "every layer; weights start equal and train at --head_lr) instead of its last layer")
     a("--fast_path", action=B, default=True,
       help="MiniLM/BERT/RoBERTa layers run by MANGO (the top one only at scored sub-words) and attention as plain "
-           "matmuls on CPU: Hugging Face's result and random stream up to float rounding, text steps 2-3%% faster on "
-           "CPU (bench.py --paired); --no-fast_path runs Hugging Face's forward and SDPA")
+           "matmuls on CPU: on CPU, Hugging Face's result and random stream up to float rounding; text steps about 2%% "
+           "faster, near this CPU's noise (bench.py --paired); --no-fast_path runs Hugging Face's forward and SDPA")
     a("--int_dropout_masks", action=B, default=False,
       help="text-side dropout masks from 16-bit random integers instead of torch's Bernoulli draws (faster on CPU, "
            "another random stream)")
@@ -374,6 +374,8 @@ def config_from_dict(d: dict) -> argparse.Namespace:
         c.ema_decay = 0.0
     if "bio_constraints" not in d:  # runs saved before --bio_constraints were selected and scored without it
         c.bio_constraints = False
+    if "int_dropout_masks" not in d:  # until --int_dropout_masks, --fast_path also drew the integer masks
+        c.int_dropout_masks = bool(d.get("fast_path", False))
     resolve_auto(c)
     return c
 

@@ -36,8 +36,8 @@ from dataloader import CASE_SHAPES
 
 # ============================================================================ shared kernels
 # --fast_path (on): MANGO runs BERT-style encoder layers itself (the top one only at scored sub-words) and attention as
-# plain matmuls on CPU; the random stream and the result are Hugging Face's up to float rounding (README "Speed and
-# memory"). --int_dropout_masks (off): text-side dropout masks from 16-bit integers, another random stream.
+# plain matmuls on CPU; on CPU the random stream and the result are Hugging Face's up to float rounding (README "Speed
+# and memory"). --int_dropout_masks (off): text-side dropout masks from 16-bit integers, another random stream.
 
 def cpu_dropout(x, p: float):
     """Inverted dropout whose keep mask comes from 16-bit random integers: torch.bernoulli_ on CPU costs about 2.8x
@@ -233,17 +233,20 @@ class TextEncoder(nn.Module):
 
     def _fast(self, input_ids, attention_mask, emb, rows):
         """The encoder's own forward (--fast_path): HF's embeddings module, then bert_layer per layer, the top one
-        only at rows [B, W] when given (first sub-word pooling: ~22% of Twitter's sub-words are never read)."""
+        only at rows [B, W] when given (first sub-word pooling: ~22% of Twitter's sub-words are never read; at every
+        row, then read at rows, while attention dropout trains) -> [B, T, H], or [B, W, H] when rows are given."""
         h = self.model.embeddings(input_ids=input_ids) if emb is None else self.model.embeddings(inputs_embeds=emb)
         mask = attention_mask.bool()[:, None, None, :]
         layers = self.model.encoder.layer
+        # attention dropout draws a [B, heads, T, T] mask: the top layer then runs at every row, as HF draws it
+        top = None if self.training and layers[-1].attention.self.dropout.p > 0 else rows
         for i, layer in enumerate(layers):
-            r = rows if i == len(layers) - 1 else None
+            r = top if i == len(layers) - 1 else None
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(self.bert_layer, layer, h, mask, r, use_reentrant=False)
             else:
                 h = self.bert_layer(layer, h, mask, r)
-        return h
+        return h if rows is None or top is not None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.size(-1)))
 
     def forward(self, input_ids, attention_mask, word_index, word_end=None, case_ids=None):
         mix = self.layer_mix is not None

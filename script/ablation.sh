@@ -30,8 +30,8 @@ DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
 # the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which
 # wins over the base's (argparse keeps the last). Every base names what was off when its rows were measured
-# (--no-fast_path: every row but text_r3_fast_path ran Hugging Face's forward; the fast path, the default since, gives
-# the same result up to float rounding).
+# (--no-fast_path: every row but text_r3_fast_path ran Hugging Face's forward; on CPU the fast path, the default since,
+# gives the same result up to float rounding).
 TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints --no-fast_path"
 # the defaults of the first round of issue #15 (frozen word embeddings, --head_lr auto = 3e-3, no weight average)
 TEXT_DEFAULT="--model roberta_crf --ema_decay 0 --no-bio_constraints --no-fast_path"

@@ -235,9 +235,11 @@ def _fast_path(env):
 
 def _int_dropout_masks(env):
     """--int_dropout_masks: the text side's dropout modules draw integer masks: another training loss under the same
-    seed, the same emissions in eval."""
+    seed, the same emissions in eval. A config.json from before the flag keeps what its --fast_path drew then."""
     on, off = _on_off(env, "int_dropout_masks", lambda m: any(isinstance(x, M.Dropout) for x in m.modules()))
-    return on[0] and not off[0] and torch.allclose(on[1], off[1], atol=1e-5) and not torch.isclose(on[2], off[2])
+    old = [C.config_from_dict({"model": "roberta_crf", "fast_path": f}).int_dropout_masks for f in (True, False)]
+    return on[0] and not off[0] and torch.allclose(on[1], off[1], atol=1e-5) and not torch.isclose(on[2], off[2]) \
+        and old == [True, False] and C.config_from_dict({"fast_path": True, "int_dropout_masks": False}).int_dropout_masks is False
 
 
 def _word_mask_prob(env):

@@ -77,6 +77,7 @@ def test_bench_paired_fast_path(tmp_path, tiny_flags):
     assert [r["case"] for r in rows] == ["text", "mner_cached"]
     for r in rows:  # 3 training pairs; 8 dev posts in batches of 4
         assert r["train_steps"] == 3 and r["eval_batches"] == 2 and r["train_on_off"] > 0 and r["eval_on_off"] > 0
+        assert len(r["train_on_off_quartiles"]) == 3 and len(r["eval_on_off_quartiles"]) == 3
     assert "text: paired fast path on vs off, train step" in p.stdout and "mner_cached: paired" in p.stdout
     lines = bench.paired_lines([{"case": "text", "round": k, "train_on_off": t, "eval_on_off": e, "train_steps": 10,
                                  "eval_batches": 4} for k, t, e in ((1, 0.9, 0.95), (2, 1.0, 0.93), (3, 0.96, 0.9))])

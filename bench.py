@@ -184,7 +184,7 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
             "threads": torch.get_num_threads(), "pad_share": round(pad, 3)}
 
 
-def paired_fast(spec: dict, model, step, batches: list, eval_loader, prepare, sync) -> dict:
+def paired_fast(spec: dict, model, step, batches: list, evals: list, prepare, sync) -> dict:
     """--paired: the fast path on and off on the same model, batch and machine moment. Each of
     spec["repeats"] * spec["steps"] batches spread over the epoch is trained once with each setting (use_fast_path
     switches what --fast_path sets at build; which goes first alternates), then every dev batch is decoded once with
@@ -206,10 +206,9 @@ def paired_fast(spec: dict, model, step, batches: list, eval_loader, prepare, sy
             ratios.append(t[True] / t[False])
         return ratios
     n = spec["repeats"] * spec["steps"]
-    evals = [prepare(b) for b in eval_loader]
-    model.train()
-    pair(step, batches[-2:])  # warm-up of both settings (the caller's warm-up ran the one built), not timed
-    train = pair(step, [batches[i * len(batches) // n] for i in range(n)])
+    model.train()  # only the batches timed get their (random) image inputs
+    pair(step, [prepare(b) for b in batches[-2:]])  # warm-up of both settings (the caller's ran the one built)
+    train = pair(step, [prepare(batches[i * len(batches) // n]) for i in range(n)])
     model.eval()
     with torch.inference_mode():
         pair(model.decode, evals[:2])
@@ -289,21 +288,18 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     def prepare(b):
         return {k: v.to(device) for k, v in with_image(dict(b)).items()}
 
+    ebatches = [prepare(b) for b in D.make_loader(D.make_dataset(config, "valid", dev, tok, label_map), config, train=False)]
     model.train()
     for b in batches[:2]:  # warm-up (allocator, kernels), not timed
         step(prepare(b))
     sync()
     if spec.get("paired"):
-        dds = D.make_dataset(config, "valid", dev, tok, label_map)
-        return paired_fast(spec, model, step, [prepare(b) for b in batches], D.make_loader(dds, config, train=False),
-                           prepare, sync)
+        return paired_fast(spec, model, step, batches, ebatches, prepare, sync)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, lambda b: b["input_ids"].size(0), prepare, sync)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
-    dds = D.make_dataset(config, "valid", dev, tok, label_map)
-    ebatches = [prepare(b) for b in D.make_loader(dds, config, train=False)]
     def decode_all():
         with amp():
             for b in ebatches:
@@ -414,6 +410,16 @@ def ratios(rows: list[dict]) -> list[str]:
     return out
 
 
+def run_child(spec: dict, flags: list[str], failed: dict) -> dict:
+    """One case in a fresh child process (its own peak memory): its RESULT row, or `failed` plus the child's last
+    stderr line as "error"."""
+    p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags], capture_output=True, text=True)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        return {**failed, "error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(line[7:])
+
+
 def main(argv=None):
     args, rest = bench_args(argv)
     if args.one:
@@ -440,12 +446,7 @@ def main(argv=None):
             spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts,
                     "paired": True}
             print(f"bench round {rnd}: {case} paired fast path on/off ...", file=sys.stderr, flush=True)
-            p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags], capture_output=True,
-                               text=True)
-            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-            prows.append(json.loads(line[7:]) if line else
-                         {"case": case, "error": (p.stderr.strip().splitlines() or ["no output"])[-1]})
-            prows[-1]["round"] = rnd
+            prows.append({**run_child(spec, flags, {"case": case}), "round": rnd})
         print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
         for line in paired_lines(prows):
             print(line)
@@ -470,16 +471,8 @@ def main(argv=None):
             spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
             print(f"bench round {rnd}: {case} {amp} bucketing={bucket} grad_ckpt={ck} fast_path={fast} ...",
                   file=sys.stderr, flush=True)
-            p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), *flags],
-                               capture_output=True, text=True)
-            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                rows.append({"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "fast_path": fast,
-                             "error": err})
-            else:
-                rows.append(json.loads(line[7:]))
-            rows[-1]["round"] = rnd
+            failed = {"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "fast_path": fast}
+            rows.append({**run_child(spec, flags, failed), "round": rnd})
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"{args.rounds} round(s) of {args.repeats} repeats x {args.steps} steps, medians; sizes: {args.sizes}")

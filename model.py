@@ -99,11 +99,11 @@ def use_int_dropout(module: nn.Module, on: bool) -> None:
 
 
 def dropout_at(drop: nn.Module, y, rows, T: int):
-    """drop(y) for y [B, W, H], the rows [B, W] of a [B, T, H] tensor. torch's dropout (nn.Dropout, training, on
+    """drop(y) for y [B, W, H], the rows [B, W] of a [B, T, H] tensor (rows None: y is the whole tensor). torch's dropout (nn.Dropout, training, on
     CPU) draws its mask at [B, T, H] and reads it at rows, as F.dropout does on the whole tensor (empty_like,
     bernoulli_(1 - p), div_(1 - p), multiply): the same random stream and the same kept values as a layer run at
     every position."""
-    if type(drop) is not nn.Dropout or not drop.training or drop.p == 0 or y.device.type != "cpu":
+    if rows is None or type(drop) is not nn.Dropout or not drop.training or drop.p == 0 or y.device.type != "cpu":
         return drop(y)
     B, W, H = y.shape
     keep = y.new_empty(B, T, H).bernoulli_(1 - drop.p).div_(1 - drop.p)
@@ -227,9 +227,8 @@ class TextEncoder(nn.Module):
         split = lambda t: t.view(B, -1, a.num_attention_heads, a.attention_head_size).transpose(1, 2)
         o = attend(split(a.query(x)), split(a.key(h)), split(a.value(h)), mask, drop=a.dropout)
         so, out = layer.attention.output, layer.output
-        drop = lambda d, y: d(y) if rows is None else dropout_at(d, y, rows, T)
-        x = so.LayerNorm(drop(so.dropout, so.dense(o.transpose(1, 2).reshape(B, -1, H))) + x)
-        return out.LayerNorm(drop(out.dropout, out.dense(layer.intermediate(x))) + x)
+        x = so.LayerNorm(dropout_at(so.dropout, so.dense(o.transpose(1, 2).reshape(B, -1, H)), rows, T) + x)
+        return out.LayerNorm(dropout_at(out.dropout, out.dense(layer.intermediate(x)), rows, T) + x)
 
     def _fast(self, input_ids, attention_mask, emb, rows):
         """The encoder's own forward (--fast_path): HF's embeddings module, then bert_layer per layer, the top one

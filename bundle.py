@@ -13,7 +13,8 @@ A bundle directory (written by export.py) holds:
     vision.onnx      pixels [N,3,S,S] -> image features [N, *meta["image_feats"]]  has_image] -> emissions [B,W,L])
                      (a frozen backbone's regions [R,D]; a dual-granularity run's flattened stem maps [F], whose
                      encoder is in mm.onnx)
-    crf.npz          CRF start [L], end [L], transitions [L,L] (absent for a softmax head)
+    crf.npz          CRF start [S], end [S], transitions [S,S] over the tags it scores (absent for a softmax head);
+                     with --tag_scheme bioes also to_bio [S]: each scored BIOES tag's BIO label id
 (.pt TorchScript files instead of .onnx with --export_format torch.)
 
 Nothing here imports model.py or train.py: the training code is not on this path. The text side reuses the
@@ -88,6 +89,16 @@ def marginals(em: np.ndarray, mask: np.ndarray, crf: dict) -> np.ndarray:
         beta[:, t] = np.where(mask[:, t + 1, None], nxt, crf["end"][None])       # the last word meets `end`
     log_z = _lse(alpha[:, -1] + crf["end"][None], 1)
     return (np.exp(alpha + beta - log_z[:, None, None]) * mask[..., None]).astype(np.float32)
+
+
+def crf_tags(em: np.ndarray, mask: np.ndarray, crf: dict) -> tuple[list[list[int]], np.ndarray]:
+    """(Viterbi label ids per post, marginals [B, W, L]) in LabelMap's ids; em pinned. A CRF that scores BIOES tags
+    (crf["to_bio"] [S]: each one's BIO id) is decoded over them, then B-X and S-X read as B-X, I-X and E-X as I-X."""
+    ids, p = viterbi(em, mask, crf), marginals(em, mask, crf)
+    if "to_bio" not in crf:
+        return ids, p
+    to_bio = crf["to_bio"]
+    return [to_bio[row].tolist() for row in ids], p @ np.eye(int(to_bio.max()) + 1, dtype=p.dtype)[to_bio]
 
 
 def softmax_probs(em: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -210,8 +221,7 @@ class Runtime:
         """Emissions [B, W, L] + word mask [B, W] -> per post {"tags" (scored words), "probs"}: CRF Viterbi and
         forward-backward marginals, or the softmax head's argmax and probabilities."""
         if self.crf is not None:
-            em = pin_pad(em)
-            ids, p = viterbi(em, mask, self.crf), marginals(em, mask, self.crf)
+            ids, p = crf_tags(pin_pad(em), mask, self.crf)
         else:
             am = em[..., 1:].argmax(-1) + 1
             ids, p = [am[b, : int(mask[b].sum())].tolist() for b in range(len(em))], softmax_probs(em, mask)

@@ -60,6 +60,8 @@ def _data_flags(a) -> None:
     a("--context_k", type=int, default=0,
       help="retrieved context: append the words of each post's k most similar training posts (shipped MiniLM "
            "sentence embedding; never the post itself or dev/test posts) after a separator, unlabelled; 0 = off")
+    a("--allow_split_overlap", action="store_true",
+      help="train even when splits share posts (same words and image id); otherwise that is an error")
     a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
     a("--image_aug", action="store_true", help="random crop + flip of training images (on-the-fly images only)")
     a("--cache_dir", default=str(ROOT / ".cache" / "features"), help="frozen-vision feature cache")
@@ -76,7 +78,7 @@ def _model_flags(a) -> None:
       help="attention-probability dropout inside the text encoder (its config says 0.1; 0 is faster on CPU)")
     a("--freeze_word_embeddings", action=B, default=True,
       help="keep the text encoder's word-embedding matrix fixed: no dense gradient or AdamW pass over vocab x hidden "
-           "(faster steps; Twitter-2017, 3 seeds: dev F1 83.40 vs 83.31 trained)")
+           "(faster steps)")
     a("--word_pooling", default="first", choices=["first", "mean"],
       help="a word's state from its sub-words: the first one, or the mean of all of them")
     a("--freeze_text_layers", type=int, default=0,
@@ -103,12 +105,19 @@ def _model_flags(a) -> None:
       help="valid BIO only: CRF decoding (dev, test, predict, export) takes I-X only after B-X or I-X, and a CRF "
            "scored by conlleval trains on labels whose chunks that open with I-X start with B-X (IOB2; conlleval reads "
            "the same chunks); test.py may set it on a saved run (decoding only). Runs saved before this flag keep it off")
+    a("--tag_scheme", default="bio", choices=["bio", "bioes"],
+      help="tags the CRF scores: bio (the data's), or bioes (a chunk's last word E-X, a one-word chunk S-X); data, "
+           "outputs and scores stay BIO")
     a("--bio_loss", action=B, default=False,
       help="with --bio_constraints: the CRF's training normaliser also runs over valid BIO paths only")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
+    a("--word_dropout", type=float, default=0.0,
+      help="training only: each word's state is zeroed with this probability (one draw per word, its tag kept)")
+    a("--locked_dropout", type=float, default=0.0,
+      help="training only: dropout on the word states with one mask per post, shared by all its words")
     a("--vision_trainable", action="store_true", help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
     a("--use_dual_granularity", action="store_true",
@@ -174,8 +183,8 @@ def _training_flags(a) -> None:
     a("--downs_en_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, resampler, scratch vision)")
     a("--head_lr", type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
-           "text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert (Twitter-2017, 3 seeds: +0.5 dev F1 over "
-           "1e-3), --downs_en_lr for MNER and roberta_clip_coattn (with or without --use_image)")
+           "text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert, --downs_en_lr for MNER and "
+           "roberta_clip_coattn (with or without --use_image)")
     a("--weight_decay_rate", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
@@ -185,8 +194,8 @@ def _training_flags(a) -> None:
     a("--ema_decay", type=float, default=-1,
       help="exponential moving average of the trainable weights, updated after every optimiser step (bias-corrected; "
            "horizon about 1 / (1 - decay) steps); dev scoring, model.pt and the test use the average, last.pt keeps "
-           "both; 0 = off; -1 = auto: 0.99 for the text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert "
-           "(Twitter-2017, 3 seeds: +0.15 dev F1), off for MNER and roberta_clip_coattn")
+           "both; 0 = off; -1 = auto: 0.99 for the text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert, "
+           "off for MNER and roberta_clip_coattn")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimiser step")
     a("--min_epoch_num", type=int, default=2, help="no early stop before this many epochs")
     a("--patience", type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
@@ -236,6 +245,7 @@ def _serve_flags(a) -> None:
     a("--image_workers", type=int, default=2, help="predict.py / serve.py: threads decoding and preprocessing images")
     a("--host", default="127.0.0.1", help="serve.py: address to bind (loopback only by default)")
     a("--port", type=int, default=8000, help="serve.py: TCP port")
+    a("--quiet", action="store_true", help="serve.py: no access-log line per request")
     a("--max_batch_posts", type=int, default=32, help="serve.py: most posts tagged in one batch")
     a("--batch_window_ms", type=float, default=5.0, help="serve.py: how long a batch waits for more requests")
     a("--max_body_bytes", type=int, default=8_000_000, help="serve.py: largest request body (413 above)")
@@ -262,6 +272,13 @@ RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "head_
                      "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project",
                      "word_mask_prob", "fast_path", "int_dropout_masks",
                      "allow_download", "lenient_data"}
+
+
+def run_flags() -> set[str]:
+    """Dests of the flags that define a run (the data, model, losses and training groups): a tool that loads a
+    saved run takes them from its config.json."""
+    groups = {"data", "model", "losses", "training"}
+    return {a.dest for g in build_parser()._action_groups if g.title in groups for a in g._group_actions}
 
 
 def given_flags(argv: list[str]) -> set[str]:
@@ -314,6 +331,9 @@ def validate(c) -> None:
         raise ConfigError(f"--warmup_prop must be in [0, 1], got {c.warmup_prop}")
     if c.image_dropout_p > 1 or c.drop_prob >= 1 or c.text_attention_dropout >= 1:
         raise ConfigError("--image_dropout_p must be <= 1, --drop_prob and --text_attention_dropout < 1")
+    for f in ("word_dropout", "locked_dropout"):
+        if not 0 <= getattr(c, f) < 1:
+            raise ConfigError(f"--{f} must be in [0, 1) (0 = off), got {getattr(c, f)}")
     if c.vision_img_size % c.vision_patch_size or c.vision_img_size % c.vision_fine_patch_size:
         raise ConfigError(f"--vision_img_size {c.vision_img_size} must be a multiple of --vision_patch_size "
                           f"{c.vision_patch_size} and --vision_fine_patch_size {c.vision_fine_patch_size}")

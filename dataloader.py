@@ -915,6 +915,8 @@ DATASETS = {
                                source="copies in ../shared/datasets/twitter2017/"),
     "demo": DatasetSpec("synthetic visual-disambiguation set made by data/make_demo.py", "demo",
                         source="generated on first use"),
+    "heldout": DatasetSpec("synthetic held-out picture set made by data/make_heldout.py (vision designs are chosen "
+                           "on its dev split)", "heldout", source="generated on first use"),
     "MNRE": DatasetSpec("MNRE v2 relation data (ICME 2021) as word-level BIO; types from relation paths", "MNRE",
                         read_mnre, "mnre_{split}.txt", ("train", "val", "test"), "img_org/{split}",
                         layout="one Python-dict literal per line: token, h/t {name, pos [start, end)}, img_id, "
@@ -984,6 +986,9 @@ def load_split(config, split: str, report: ReadReport | None = None) -> list[Pos
     if config.dataset_name == "demo" and not path.exists():
         from data.make_demo import make_demo  # the demo set is generated, not shipped
         make_demo(d)
+    if config.dataset_name == "heldout" and not path.exists():
+        from data.make_heldout import make_heldout  # generated too
+        make_heldout(d)
     if not path.is_file():
         raise DataError(missing_files_message(config.dataset_name, spec, d, path))
     if spec.reader is read_conll:
@@ -992,6 +997,51 @@ def load_split(config, split: str, report: ReadReport | None = None) -> list[Pos
     posts = spec.reader(path, lenient=config.lenient_data, report=report)
     print(f"{config.dataset_name}/{split}: {report.summary()}")
     return posts
+
+
+def split_hashes(config) -> dict[str, str]:
+    """{split: first 16 hex digits of the sha256 of its file}: which version of the data a run used."""
+    spec, d = dataset_spec(config)
+    return {s: hashlib.sha256((d / spec.file(s)).read_bytes()).hexdigest()[:16]
+            for s in SPLIT_FILES if (d / spec.file(s)).is_file()}
+
+
+def split_overlaps(posts: dict[str, list[Post]]) -> list[str]:
+    """One line per pair of splits that share posts (the same words and image id): a release whose test split
+    repeats its dev split, or leaks training posts, scores what it trained on."""
+    keys = {s: {(tuple(p.tokens), p.imgid) for p in ps} for s, ps in posts.items()}
+    out = []
+    for a, b in ((a, b) for i, a in enumerate(keys) for b in list(keys)[i + 1:]):
+        n = len(keys[a] & keys[b])
+        if n:
+            same = " (the same posts)" if keys[a] == keys[b] else ""
+            out.append(f"{a} and {b} share {n} of {len(keys[a])} / {len(keys[b])} distinct posts{same}")
+    return out
+
+
+def check_dataset(config) -> str:
+    """What `python dataloader.py --check DATASET` prints: per split its posts, entities per type, images found /
+    missing / unreadable and its content hash, then any posts shared between splits."""
+    from metrics import get_entities
+    hashes = split_hashes(config)
+    posts = {s: load_split(config, s) for s in hashes}
+    lines = [f"{config.dataset_name} in {dataset_dir(config)}"]
+    for s, ps in posts.items():
+        types = Counter(t for p in ps for t, _, _ in get_entities(p.tags, config.eval_mode))
+        root = image_root(config, s)
+        seen: dict[str, str] = {}
+        for p in tqdm(ps, desc=f"images {s}", leave=False, disable=root is None):
+            if root is not None and p.imgid and p.imgid not in seen:
+                seen[p.imgid] = load_image(find_image(root, p.imgid))[1]
+        found = sum(v == "ok" for v in seen.values())
+        missing = sum(v == "missing" for v in seen.values())
+        imgs = "text-only dataset" if root is None else \
+            f"images {found} found / {missing} missing / {len(seen) - found - missing} unreadable in {root}"
+        ents = ", ".join(f"{t} {n}" for t, n in sorted(types.items()))
+        lines.append(f"  {s}: {len(ps)} posts, {sum(types.values())} entities ({ents}); {imgs}; sha256 {hashes[s]}")
+    overlaps = split_overlaps(posts)
+    lines += [f"  error: {o}" for o in overlaps] or ["  no post is shared between splits"]
+    return "\n".join(lines)
 
 
 def describe_datasets(data_dir=DATA_DIR) -> str:
@@ -1321,9 +1371,17 @@ def make_loader(dataset: MNERDataset, config, train: bool, rank: int = 0, world:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="MANGO datasets")
     ap.add_argument("--list", action="store_true", help="list the datasets with split sizes and file locations")
+    ap.add_argument("--check", default="", metavar="DATASET",
+                    help="per split: posts, entities per type, images found / missing / unreadable, content hash, "
+                         "and posts shared between splits")
     ap.add_argument("--data_dir", default=str(DATA_DIR), help="folder holding one sub-folder per dataset")
+    ap.add_argument("--image_root", default="", help="with --check: the image folder, if not the dataset's own")
     args = ap.parse_args()
-    if args.list:
+    if args.check:
+        from config import cli, get_config
+        cfg = get_config(["--dataset_name", args.check, "--data_dir", args.data_dir, "--image_root", args.image_root])
+        cli(lambda: print(check_dataset(cfg)))
+    elif args.list:
         print(describe_datasets(args.data_dir))
     else:
         ap.print_help()

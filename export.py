@@ -43,9 +43,9 @@ import torch.nn as nn
 
 import bundle as BU
 import dataloader as D
-from config import ConfigError, cli, get_config, given_flags
+from config import ConfigError, cli, config_from_dict, get_config, given_flags
 from model import BYTE_LEVEL_TYPES, CRFHead, load_tokenizer
-from runner import RUNTIME_FLAGS, load_run
+from runner import RUNTIME_FLAGS, load_run, read_run_json, refuse_other_run_flags
 
 TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
 MM_INPUTS = TEXT_INPUTS + ["image_feats", "has_image"]
@@ -89,7 +89,10 @@ def crf_params(model) -> dict | None:
     if not isinstance(model.head, CRFHead):
         return None
     start, end, trans = (x.detach().float().numpy() for x in model.head.scores())  # with the BIO bans if on
-    return {"start": start, "end": end, "transitions": trans}
+    out = {"start": start, "end": end, "transitions": trans}
+    if model.head.bioes:
+        out["to_bio"] = model.head.to_bio.numpy()
+    return out
 
 
 def refusal(config, model) -> str:
@@ -371,7 +374,11 @@ def main(argv=None) -> Path:
     args = get_config(argv, check=False)
     if not args.save_name:
         raise ConfigError("--save_name is required: the run directory under --save_dir to export")
-    overrides = {k: getattr(args, k) for k in given_flags(argv) & RUNTIME_FLAGS}
+    given = given_flags(argv)
+    overrides = {k: getattr(args, k) for k in given & RUNTIME_FLAGS}
+    run = Path(args.save_dir) / args.save_name
+    if (run / "config.json").is_file():
+        refuse_other_run_flags(config_from_dict(read_run_json(run / "config.json")), run, args, given)
     t0 = time.time()
     out = export(args.save_dir, args.save_name, args.export_format, args.int8, args.opset, overrides,
                  Path(args.bundle) if args.bundle else None)

@@ -955,6 +955,46 @@ def bio_bans(num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     return start, trans
 
 
+# --tag_scheme bioes: the CRF scores PAD, O, then B-X, I-X, E-X, S-X of each type (4 per type); the data, the loss's
+# input and every output stay BIO (LabelMap ids), converted at the CRF's edge
+def bioes_to_bio(num_labels: int) -> torch.Tensor:
+    """[2 + 2 (L - 2)] BIOES score index -> LabelMap id: B-X, S-X -> B-X; I-X, E-X -> I-X."""
+    ids = [0, 1]
+    for b in range(2, num_labels, 2):
+        ids += [b, b + 1, b + 1, b]
+    return torch.tensor(ids)
+
+
+def bio_to_bioes(labels, mask):
+    """LabelMap ids [B, W] (valid IOB2 where mask [B, W]) -> BIOES score ids: a chunk's last word is E-X (S-X when the
+    chunk is one word); PAD and O keep their ids."""
+    lab = labels * mask
+    nxt = torch.cat([lab[:, 1:], torch.zeros_like(lab[:, :1])], 1)
+    inside = lab >= 2
+    typ = (lab - 2).clamp_min(0) // 2
+    goes_on = nxt == 3 + 2 * typ                                                  # the next word is I- of this type
+    is_b = (lab - 2) % 2 == 0
+    offset = torch.where(is_b, torch.where(goes_on, 0, 3), torch.where(goes_on, 1, 2))
+    return torch.where(inside, 2 + 4 * typ + offset, lab)
+
+
+def bioes_bans(num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start, end [S], transitions [S, S]) over BIOES scores: -1e4 where a BIOES path may not go. I-X and E-X follow
+    only B-X or I-X; O, B-Y and S-Y only O, E-X or S-X; a post starts outside a chunk and ends outside one."""
+    n = 2 + 2 * (num_labels - 2)
+    start, end, trans = torch.zeros(n), torch.zeros(n), torch.full((n, n), -1e4)
+    opens, closes = [1], [0, 1]                                                   # O opens and closes a gap; PAD is pinned
+    for b in range(2, n, 4):
+        opens += [b, b + 3]
+        closes += [b + 2, b + 3]
+        trans[b:b + 2, b + 1:b + 3] = 0.0                                        # B/I -> I/E of the same type
+        start[b + 1:b + 3] = -1e4
+        end[b:b + 2] = -1e4
+    trans[torch.tensor(closes)[:, None], torch.tensor(opens)[None, :]] = 0.0
+    trans[0, :] = 0.0                                                             # PAD never occurs (pinned emission)
+    return start, end, trans
+
+
 def log_partition(em, mask, start, end, trans):
     """log Z [B] of a linear-chain CRF: the forward algorithm over emissions em [B, W, L] (words a prefix of
     mask [B, W]) with start [L], end [L] and transitions [L, L] (from -> to)."""
@@ -966,20 +1006,30 @@ def log_partition(em, mask, start, end, trans):
 
 
 class CRFHead(nn.Module):
-    """Linear-chain CRF over word emissions [B, W, L] with a bool word mask [B, W] (first word always on).
+    """Linear-chain CRF over word emissions [B, W, S] with a bool word mask [B, W] (first word always on).
 
-    The PAD label can never be emitted: its emission is pinned far below the others. With bio=True (--bio_constraints)
-    decoding and tag probabilities keep to valid BIO paths (bio_bans), and the training split's labels are IOB2
-    (Tagger.iob2_targets); the loss is the plain CRF's unless bio_loss (--bio_loss), whose normaliser also keeps to
-    valid paths, so without it the same weights decode both ways.
+    Labels in and label ids out are LabelMap's BIO ids [L]. With bioes (--tag_scheme bioes) the CRF scores S = 2 + 4K
+    BIOES tags (bio_to_bioes / bioes_to_bio at its edge), else S = L. The PAD label can never be emitted: its emission
+    is pinned far below the others. With bio=True (--bio_constraints) decoding and tag probabilities keep to valid
+    paths (bio_bans, bioes_bans), and the training split's labels are IOB2 (Tagger.iob2_targets); the loss is the plain
+    CRF's unless bio_loss (--bio_loss), whose normaliser also keeps to valid paths, so without it the same weights
+    decode both ways.
     """
 
-    def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False):
+    def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False, bioes: bool = False):
         super().__init__()
-        self.crf = CRF(num_labels, batch_first=True)
+        self.bioes = bioes
+        self.register_buffer("to_bio", bioes_to_bio(num_labels) if bioes else torch.arange(num_labels),
+                             persistent=False)
+        self.n_scores = len(self.to_bio)
+        self.crf = CRF(self.n_scores, batch_first=True)
         self.bio, self.bio_loss = bio, bio and bio_loss
-        start, trans = bio_bans(num_labels)
+        if bioes:
+            start, end, trans = bioes_bans(num_labels)
+        else:
+            (start, trans), end = bio_bans(num_labels), torch.zeros(num_labels)
         self.register_buffer("ban_start", start, persistent=False)
+        self.register_buffer("ban_end", end, persistent=False)
         self.register_buffer("ban", trans, persistent=False)
 
     @staticmethod
@@ -987,15 +1037,23 @@ class CRFHead(nn.Module):
         return torch.cat([torch.full_like(em[..., :1], -1e4), em[..., 1:]], -1).float()
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(start [L], end [L], transitions [L, L]) that decoding uses: the CRF's own, plus the BIO bans if bio."""
+        """(start [S], end [S], transitions [S, S]) that decoding uses: the CRF's own, plus the bans if bio."""
         c = self.crf
         if not self.bio:
             return c.start_transitions, c.end_transitions, c.transitions
-        return c.start_transitions + self.ban_start, c.end_transitions, c.transitions + self.ban
+        return c.start_transitions + self.ban_start, c.end_transitions + self.ban_end, c.transitions + self.ban
+
+    def to_labels(self, p):
+        """Score-space probabilities [B, W, S] -> LabelMap's [B, W, L] (B-X and S-X add up to B-X, I-X and E-X to I-X)."""
+        if not self.bioes:
+            return p
+        return p.new_zeros(*p.shape[:-1], int(self.to_bio.max()) + 1).index_add_(-1, self.to_bio, p)
 
     def nll(self, em, labels, mask):
-        """Negative log-likelihood of each post's labels [B]. With bio_loss the normaliser runs over valid BIO paths
+        """Negative log-likelihood of each post's labels [B]. With bio_loss the normaliser runs over valid paths
         only (scores()), as decoding does; the labels must be valid then (the dataloader's IOB2 labels are)."""
+        if self.bioes:
+            labels = bio_to_bioes(labels, mask)
         if not self.bio_loss:
             return -self.crf(self._pin(em), labels, mask=mask, reduction="none")
         em = self._pin(em)
@@ -1032,7 +1090,7 @@ class CRFHead(nn.Module):
             path[:, t] = cur
             if t:
                 cur = torch.where(t < n, history[t - 1].gather(1, cur[:, None]).squeeze(1), cur)
-        return [row[:k] for row, k in zip(path.tolist(), n.tolist())]
+        return [row[:k] for row, k in zip(self.to_bio[path].tolist(), n.tolist())]
 
 
 class SoftmaxHead(nn.Module):
@@ -1055,6 +1113,22 @@ class SoftmaxHead(nn.Module):
 
 
 # ============================================================================ losses
+
+def word_dropout(x, p: float, training: bool):
+    """Zero each word's whole state [B, W, H] with probability p (one draw per word, no rescaling), so a tag is also
+    learnt from the words around it."""
+    if not training or p == 0:
+        return x
+    return x * x.new_empty(x.shape[:2] + (1,)).bernoulli_(1 - p)
+
+
+def locked_dropout(x, p: float, training: bool):
+    """Dropout with one mask per post [B, 1, H] shared by all its words [B, W, H] (rescaled by 1 / (1 - p)): the same
+    feature dimensions are missing at every word of a post."""
+    if not training or p == 0:
+        return x
+    return x * x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p).div_(1 - p)
+
 
 def masked_mean(x, mask, dim=1):
     """Mean of x [B, W, ...] over positions where mask [B, W] is True."""
@@ -1133,8 +1207,9 @@ class Tagger(nn.Module):
                 self.coattn = CoAttention(H, Dv, config.cross_attn_heads, p)
         self.lstm = nn.LSTM(H, config.hidden_dim, batch_first=True, bidirectional=True) if bilstm else None
         out = 2 * config.hidden_dim if bilstm else H
-        self.emit = nn.Linear(out, num_labels)
-        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss) if head == "crf" else \
+        bioes = head == "crf" and config.tag_scheme == "bioes"
+        self.emit = nn.Linear(out, len(bioes_to_bio(num_labels)) if bioes else num_labels)  # before the head: seeds
+        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss, bioes) if head == "crf" else \
             SoftmaxHead(num_labels, config.label_smoothing)
         use_fast_path(self, config.fast_path)
         use_int_dropout(self, config.int_dropout_masks)
@@ -1195,7 +1270,8 @@ class Tagger(nn.Module):
                          batch.get("case_ids"))
         if self.case is not None:
             text = text + self.case(batch["case_ids"])
-        text = self.drop(text)
+        text = locked_dropout(word_dropout(self.drop(text), cfg.word_dropout, self.training), cfg.locked_dropout,
+                              self.training)
         B, W, H = text.shape
         zero = text.new_zeros(())
         parts = {"residual": zero, "preserve": zero, "nce": zero, "sparsity": zero, "image_types": zero, "distill": zero}
@@ -1306,6 +1382,8 @@ def unused_flags(config, given: set[str]) -> list[str]:
         "rel_temperature": rel_off,
         "bio_constraints": None if head == "crf" else f"the softmax head of --model {config.model} (it constrains "
                                                       "the CRF's decoding)",
+        "tag_scheme": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the tags the "
+                                                 "CRF scores)",
         "bio_loss": None if head == "crf" and config.bio_constraints else
         "--no-bio_constraints or a softmax head (it constrains the CRF's normaliser to valid BIO paths)",
         "unfreeze_last_vision_blocks": None if config.vision_trainable else "a frozen vision encoder (it counts the "

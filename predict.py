@@ -177,7 +177,7 @@ def tag_probabilities(head, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     with torch.enable_grad():
         x = M.CRFHead._pin(em.detach()).requires_grad_(True)
         (marg,) = torch.autograd.grad(M.log_partition(x, mask, start, end, trans).sum(), x)
-    return marg
+    return head.to_labels(marg)
 
 
 def explained_modules(model) -> list:
@@ -425,7 +425,8 @@ def main(argv=None) -> list[dict]:
     from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device
     given = given_flags(argv)
     config, label_map, model, _ = load_run(args.save_dir, args.save_name,
-                                           {k: getattr(args, k) for k in given & RUNTIME_FLAGS})
+                                           {k: getattr(args, k) for k in given & RUNTIME_FLAGS}, args,
+                                           given - {"use_image"})  # --no-use_image: tag text-only, below
     if "use_image" in given:  # after the model is built: --no-use_image runs a multimodal model text-only
         config.use_image = args.use_image
     off = image_path_off(model, config)

@@ -46,7 +46,12 @@ def collect(save_dir: Path, dataset: str, model: str, seeds: list[int]) -> dict 
                      "mode": test["mode"], "support": test["gold_support"]})
     if not runs:
         return None
-    config = config_from_dict(json.loads((save_dir / runs[0]["run"] / "config.json").read_text()))
+    raw = json.loads((save_dir / runs[0]["run"] / "config.json").read_text())
+    config = config_from_dict(raw)
+    hashes = {json.dumps(json.loads((save_dir / r["run"] / "config.json").read_text()).get("data_hash")) for r in runs}
+    if len(hashes) > 1:
+        raise SystemExit(f"error: the runs of {dataset} {model} used different versions of its split files; "
+                         "rerun them on one version (python dataloader.py --check)")
 
     def ms(k):
         xs = [r[k] for r in runs]
@@ -55,7 +60,13 @@ def collect(save_dir: Path, dataset: str, model: str, seeds: list[int]) -> dict 
             "test_precision": ms("test_precision"), "test_recall": ms("test_recall"), "test_f1": ms("test_f1"),
             "dev_f1": ms("dev_f1"), "mode": runs[0]["mode"], "support": runs[0]["support"],
             "images_present": image_coverage(config), "epochs": config.epochs, "text_encoder": config.text_encoder,
+            "data": data_version(raw.get("data_hash")),
             "runs": runs}
+
+
+def data_version(hashes: dict | None) -> str:
+    """A row's data version: the first 8 hex digits of each split file's sha256 (train/valid/test)."""
+    return "/".join(hashes[s][:8] for s in ("train", "valid", "test") if s in hashes) if hashes else "-"
 
 
 def pm(x: dict, scale=100.0) -> str:
@@ -64,7 +75,7 @@ def pm(x: dict, scale=100.0) -> str:
 
 def markdown(rows: list[dict], hardware: str, note: str = "") -> str:
     out = ["| dataset | model | test images | seeds | test P | test R | test F1 | dev F1 | mode, gold entities | "
-           "epochs run (best) | s/epoch | wall/run |", "|---" * 12 + "|"]
+           "epochs run (best) | s/epoch | wall/run | data (sha256 train/valid/test) |", "|---" * 13 + "|"]
     for r in rows:
         runs = r["runs"]
         ep = ", ".join(f"{x['epochs_run']} ({x['best_epoch']})" for x in runs)
@@ -73,7 +84,8 @@ def markdown(rows: list[dict], hardware: str, note: str = "") -> str:
         seeds = ",".join(map(str, r["seeds"])) + (f" (missing {','.join(map(str, r['missing_seeds']))})" if r["missing_seeds"] else "")
         out.append(f"| {r['dataset']} | {MODEL_NAMES.get(r['model'], r['model'])} | {r['images_present']} | {seeds} | "
                    f"{pm(r['test_precision'])} | {pm(r['test_recall'])} | **{pm(r['test_f1'])}** | {pm(r['dev_f1'])} | "
-                   f"{r['mode']}, {r['support']} | {ep} | {statistics.median(x['epoch_s'] for x in runs):.0f} | {wall} |")
+                   f"{r['mode']}, {r['support']} | {ep} | {statistics.median(x['epoch_s'] for x in runs):.0f} | {wall} | "
+                   f"{r.get('data', '-')} |")
     out.append(f"\nMean ± sample std over seeds, in %. Text encoder: {rows[0]['text_encoder'] if rows else '-'}. "
                f"Hardware: {hardware}" + (f"; {note}" if note else "") + ".")
     older = {}  # rows kept from an earlier collection, which may have run elsewhere

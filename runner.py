@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dataloader as D
-from config import ConfigError, config_from_dict
+from config import ConfigError, config_from_dict, get_config, run_flags
 from metrics import evaluate
 from model import MODELS, build_model
 
@@ -175,16 +175,50 @@ def runs_with(save_dir, file: str, shown: int = 8) -> str:
         (" (newest first)" if len(runs) > 1 else "")
 
 
-def load_run(save_dir, name: str, overrides=None):
-    """(config, label_map, model, checkpoint) of a run directory; one-line errors for missing pieces."""
+# the run's paths of the machine it was trained on; a tool that loads it anywhere else uses its own
+LOCAL_PATHS = ("data_dir", "cache_dir", "image_root")
+
+
+def localise_paths(config, run: Path, given: set[str]) -> None:
+    """A loaded run works where it lies: save_dir is the folder it was loaded from, and data_dir, cache_dir and
+    image_root that were not given on the command line and are not folders on this machine take this checkout's
+    defaults (one line says so), so nothing is read from or created at the old machine's paths."""
+    config.save_dir = str(run.parent)
+    defaults = get_config(check=False)
+    for k in LOCAL_PATHS:
+        v = getattr(config, k)
+        if k in given or not v or Path(v).is_dir() or v == getattr(defaults, k):
+            continue
+        setattr(config, k, getattr(defaults, k))
+        shown = getattr(defaults, k) or "the dataset's own image folder"
+        print(f"note: {run.name}: its {k} {v} is not on this machine; using {shown} (--{k} chooses another)")
+
+
+def refuse_other_run_flags(config, run: Path, cli=None, given=()) -> None:
+    """A run-defining flag (config.run_flags) given to a tool that loads a saved run, with a value other than the run's
+    own, is an error naming it: the tool would silently use the run's value instead."""
+    if cli is None:
+        return
+    other = sorted(k for k in set(given) & run_flags() - RUNTIME_FLAGS if getattr(cli, k) != getattr(config, k))
+    if other:
+        shown = ", ".join(f"--{k} {getattr(cli, k)} (the run's: {getattr(config, k)})" for k in other)
+        raise ConfigError(f"{shown}: {run.name} was trained with its own value, which this tool uses; drop the "
+                          "flag, or train a run with it")
+
+
+def load_run(save_dir, name: str, overrides=None, cli=None, given=()):
+    """(config, label_map, model, checkpoint) of a run directory; one-line errors for missing pieces. With cli (the
+    tool's parsed flags) and given (the flags written out), a run-defining flag that differs from the run's is refused."""
     run = Path(save_dir) / name
     for f in RUN_FILES:
         if not (run / f).is_file():
             raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "
                               f"{runs_with(save_dir, 'model.pt')}")
     config = config_from_dict(read_run_json(run / "config.json"))
+    refuse_other_run_flags(config, run, cli, given)
     for k, v in (overrides or {}).items():
         setattr(config, k, v)
+    localise_paths(config, run, set(overrides or {}))
     check_encoders(config, run / "config.json")
     label_map = D.LabelMap.load(run / "label_map.json")
     ckpt = load_checkpoint(run / "model.pt")

@@ -3,9 +3,9 @@
     python serve.py --bundle save_models/NAME/bundle_int8 [--host 127.0.0.1 --port 8000]
     python serve.py --save_name NAME                        # the torch checkpoint, same answers
 
-POST /predict   JSON: one post {"text": "..." | "tokens": [...], "image_b64": "<base64 image>"?, any other keys}
-                or a list of them; or multipart/form-data with fields text | tokens (a JSON list) and a file
-                field "image". The answer is predict.py's prediction record per post (input keys, text, tokens,
+POST /predict   JSON: one post {"text": "..." | "tokens": [...], "image_b64": "<base64 image or data URI>"?,
+                "id": <yours, echoed>?} or a list of them; or multipart/form-data with fields text | tokens (a JSON
+                list), id and a file field "image". Any other key or field is a 422 naming it. The answer is predict.py's prediction record per post (input keys, text, tokens,
                 tags, entities with type, words, word and character spans and score, image_used): one object
                 for one post, a list for a list.
 GET  /health    {"status": "ok"}
@@ -17,7 +17,8 @@ posts per batch (a bigger request is one batch of its own). Images are decoded a
 Limits, each a flag, each a 4xx JSON answer {"error": "..."} that names the flag: --max_body_bytes (413),
 --max_posts per request (413), --max_words per post (413), --max_image_bytes (413), --max_image_pixels (413;
 dataloader.load_image's decompression-bomb guard applies as in training). A malformed request is a 400/415/422
-and never disturbs the requests batched with it. Binds to 127.0.0.1 unless --host says otherwise.
+and never disturbs the requests batched with it. Binds to 127.0.0.1 unless --host says otherwise. Each request
+prints one access line (method, path, status, posts, ms) unless --quiet.
 """
 from __future__ import annotations
 
@@ -97,6 +98,25 @@ def image_pixels(data: bytes, prep: D.ImagePrep, limits, where: str) -> np.ndarr
 
 # ----------------------------------------------------------------------------- requests
 
+POST_KEYS = {"text", "tokens", "image_b64", "id"}  # "id" is the client's own, echoed back; anything else is refused
+
+
+def decode_b64(value, limits, at: str) -> bytes:
+    """An "image_b64" value (plain base64, or a data URI "data:image/...;base64,...") -> the image file's bytes."""
+    if not isinstance(value, str):
+        raise BadRequest(422, f'{at}: "image_b64" must be a base64 string')
+    if value.startswith("data:"):
+        head, sep, value = value.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise BadRequest(422, f'{at}: "image_b64" data URI must be data:image/...;base64,<data>')
+    if len(value) > 4 * (limits.max_image_bytes // 3 + 2):
+        raise BadRequest(413, f"{at}: image is over --max_image_bytes {limits.max_image_bytes}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(422, f'{at}: "image_b64" is not valid base64') from None
+
+
 def parse_posts(recs, limits, where: str = "post") -> list[tuple[NewPost, bytes | None]]:
     """Request JSON (one object or a list) -> [(post, image bytes or None)]; BadRequest for bad ones.
 
@@ -115,16 +135,13 @@ def parse_posts(recs, limits, where: str = "post") -> list[tuple[NewPost, bytes 
         if isinstance(rec, dict) and "image" in rec:
             raise BadRequest(422, f'{at}: "image" (a server path) is not accepted; send the file as "image_b64" '
                                   "or as a multipart file")
+        unknown = sorted(set(rec) - POST_KEYS) if isinstance(rec, dict) else []
+        if unknown:
+            raise BadRequest(422, f"{at}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                                  f"a post has {', '.join(map(repr, sorted(POST_KEYS)))}")
         img = None
         if isinstance(rec, dict) and rec.get("image_b64") is not None:
-            if not isinstance(rec["image_b64"], str):
-                raise BadRequest(422, f'{at}: "image_b64" must be a base64 string')
-            if len(rec["image_b64"]) > 4 * (limits.max_image_bytes // 3 + 2):
-                raise BadRequest(413, f"{at}: image is over --max_image_bytes {limits.max_image_bytes}")
-            try:
-                img = base64.b64decode(rec["image_b64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise BadRequest(422, f'{at}: "image_b64" is not valid base64') from None
+            img = decode_b64(rec["image_b64"], limits, at)
         try:
             p = post_from_record({k2: v for k2, v in rec.items() if k2 != "image_b64"} if isinstance(rec, dict)
                                  else rec, at)
@@ -245,6 +262,15 @@ def make_app(rt: BU.Runtime, args):
 
     app = FastAPI(title="MANGO", lifespan=lifespan)
 
+    @app.middleware("http")
+    async def access_log(request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        if not args.quiet:  # one line per request: method, path, status, posts tagged, milliseconds
+            print(f"{request.method} {request.url.path} {response.status_code} "
+                  f"{getattr(request.state, 'posts', 0)} posts {1000 * (time.perf_counter() - t0):.1f} ms", flush=True)
+        return response
+
     @app.exception_handler(BadRequest)
     async def bad_request(request, e: BadRequest):
         state["refused"] += 1
@@ -287,6 +313,7 @@ def make_app(rt: BU.Runtime, args):
         pixels = await asyncio.gather(*[
             loop.run_in_executor(pool, image_pixels, img, rt.prep, args, p.source)
             if img is not None and rt.uses_image else _none() for p, img in items])
+        request.state.posts = len(items)
         res = await batcher.submit([p.words for p, _ in items], list(pixels))
         recs_out = []
         for (p, _), r in zip(items, res):
@@ -308,6 +335,11 @@ async def multipart_post(request, args) -> list[tuple[NewPost, bytes | None]]:
         form = await request.form(max_files=1, max_fields=8, max_part_size=args.max_body_bytes)
     except Exception as e:  # malformed multipart, too many parts
         raise BadRequest(400, f"malformed multipart body ({str(e).splitlines()[0][:80]})") from None
+    unknown = sorted(set(form) - {"text", "tokens", "image", "id"})
+    if unknown:
+        raise BadRequest(422, f"post: unknown form field{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))}; a form has text or tokens, an optional file "
+                              "field 'image' and an optional id")
     rec = {k: v for k, v in form.items() if isinstance(v, str)}
     if "tokens" in rec:
         try:
@@ -331,12 +363,29 @@ def main(argv=None):
     check_limits(args)
     rt = load_runtime(args)
     import uvicorn
+    sock = bind(args.host, args.port)  # before any banner: a busy port is one error line, not a banner then a failure
     app = make_app(rt, args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host} serves beyond this machine; there is no authentication", flush=True)
     print(f"serving {rt.info()['source']} ({rt.meta['model']}, {'int8' if rt.meta['int8'] else 'fp32'}) on "
-          f"http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+          f"http://{args.host}:{sock.getsockname()[1]}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
+
+
+def bind(host: str, port: int):
+    """A listening TCP socket on host:port; ConfigError naming the flag when the address cannot be had."""
+    import socket
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); pick a free "
+                          "--port or stop what holds it") from None
+    return sock
 
 
 if __name__ == "__main__":

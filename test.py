@@ -28,10 +28,10 @@ from runner import (RUNTIME_FLAGS, amp_context, evaluate_split, load_run, pick_d
 
 
 RECORD_FIELDS = ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
-                 "per_f1", "loc_f1", "org_f1", "misc_f1"]
+                 "per_f1", "loc_f1", "org_f1", "misc_f1", "data_hash"]
 
 
-def record(path, name: str, results: dict, config):
+def record(path, name: str, results: dict, config, data_hash: dict | None = None):
     """Append one CSV row for a run (header written once): the scores of the last split scored, and next to them
     the dev (valid) F1 when that split was scored too, so rows can be chosen on dev and read on test."""
     split = list(results)[-1]
@@ -39,11 +39,16 @@ def record(path, name: str, results: dict, config):
     row = {"run_name": name, "split": split, "mode": res["mode"], "image_control": config.image_control,
            "dev_f1": f"{results['valid']['f1']:.4f}" if "valid" in results else "NA",
            "acc": f"{res['accuracy']:.4f}", "precision": f"{res['precision']:.4f}", "recall": f"{res['recall']:.4f}",
-           "f1": f"{res['f1']:.4f}", **{f"{t.lower()}_f1": f"{v['f1']:.4f}" for t, v in res["per_type"].items()}}
+           "f1": f"{res['f1']:.4f}", **{f"{t.lower()}_f1": f"{v['f1']:.4f}" for t, v in res["per_type"].items()},
+           "data_hash": "/".join(f"{s}:{h}" for s, h in (data_hash or {}).items()) or "NA"}
     p = Path(path)
     new = not p.exists() or p.stat().st_size == 0
+    fields = RECORD_FIELDS + sorted(set(row) - set(RECORD_FIELDS))
+    if not new:  # an older file keeps its own columns
+        with open(p, newline="") as f:
+            fields = next(csv.reader(f), fields)
     with open(p, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RECORD_FIELDS + sorted(set(row) - set(RECORD_FIELDS)), restval="NA")
+        w = csv.DictWriter(f, fieldnames=fields, restval="NA", extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -54,8 +59,9 @@ def main(argv=None):
     cli = get_config(argv)  # flag values are checked (--split) before anything loads
     if not cli.save_name:
         raise ConfigError("--save_name is required: the run directory under --save_dir to score")
-    overrides = {k: getattr(cli, k) for k in given_flags(argv) & RUNTIME_FLAGS}
-    config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides)
+    given = given_flags(argv)
+    overrides = {k: getattr(cli, k) for k in given & RUNTIME_FLAGS}
+    config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides, cli, given)
     saved = read_run_json(Path(cli.save_dir) / cli.save_name / "config.json")
     trained_control = saved.get("image_control", "none")
     device = pick_device(config.device)
@@ -63,7 +69,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(config)
     vision = model.vision if model.uses_image and config.use_image else None
     amp = amp_context(config, device)[0] if config.amp else None
-    run = Path(config.save_dir) / cli.save_name
+    run = Path(cli.save_dir) / cli.save_name  # outputs go beside the run loaded, wherever it was trained
     best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
     # a control scoring (--image_control other than the run's own) or another decoding (--bio_constraints) never
     # overwrites the run's own reports
@@ -84,7 +90,7 @@ def main(argv=None):
         print(format_report(res))
         results[split] = res
     if config.record_file:
-        record(config.record_file, cli.save_name, results, config)
+        record(config.record_file, cli.save_name, results, config, D.split_hashes(config))
     if config.plots:
         from plots import run_plots
         for f in run_plots(run, split, Path(config.out_dir or run) / "plots"):

@@ -468,6 +468,11 @@ def load_data(config, resume):
     """(posts per split, label map, tokenizer); a resumed run keeps its own label map."""
     with main_first():  # rank 0 first: it may generate the demo set
         posts = {s: D.load_split(config, s) for s in ("train", "valid", "test")}
+    overlaps = D.split_overlaps(posts)
+    if overlaps and not config.allow_split_overlap:
+        raise D.DataError(f"--dataset_name {config.dataset_name}: {'; '.join(overlaps)}: dev or test would score posts "
+                          "seen elsewhere; fix the release (python dataloader.py --check) or pass --allow_split_overlap")
+    config.data_hash = D.split_hashes(config)  # stored in config.json: which version of the data the run used
     run_src = Path(config.save_dir) / config.continue_train_name
     label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(posts["train"])
     return posts, label_map, load_tokenizer(config)

@@ -25,7 +25,9 @@ text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_bla
 text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
 text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast
 text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_word_mask text_default_ema99 text_default_ema995 text_default_mpnet
-text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm text_r3_fast_path"
+text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm text_r3_fast_path
+text_r4 text_r4_flair_drop text_r4_locked text_r4_word_drop text_r4_bioes text_r4_no_bucketing text_r4_one_lr
+text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10 text_r4_flair_all text_r4_bioes_drop text_r4_attn_drop"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
 # the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which
@@ -87,6 +89,24 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r2_bilstm) echo "$TEXT_R2 --model bert_bilstm_crf" ;;
     # the fourth round: text_r2_bio's setting with the integer dropout masks (then part of --fast_path; not adopted)
     text_r3_fast_path) echo "--model roberta_crf --bio_constraints --fast_path --int_dropout_masks" ;;
+    # the fifth round: one change on the defaults of that round (text_r4), towards flair's recipe (peer_flair.py)
+    text_r4) echo "--model roberta_crf" ;;
+    text_r4_flair_drop) echo "--model roberta_crf --locked_dropout 0.5 --word_dropout 0.05" ;;
+    text_r4_locked) echo "--model roberta_crf --locked_dropout 0.5" ;;
+    text_r4_word_drop) echo "--model roberta_crf --word_dropout 0.05" ;;
+    text_r4_bioes) echo "--model roberta_crf --tag_scheme bioes" ;;
+    text_r4_no_bucketing) echo "--model roberta_crf --no-length_bucketing" ;;
+    text_r4_one_lr) echo "--model roberta_crf --head_lr 5e-5" ;;
+    text_r4_no_ema) echo "--model roberta_crf --ema_decay 0" ;;
+    text_r4_trained_emb) echo "--model roberta_crf --no-freeze_word_embeddings" ;;
+    text_r4_no_case) echo "--model roberta_crf --no-case_features" ;;
+    text_r4_clip5) echo "--model roberta_crf --clip_grad 5" ;;
+    text_r4_e10) echo "--model roberta_crf --epochs 10" ;;
+    text_r4_attn_drop) echo "--model roberta_crf --text_attention_dropout 0.1" ;;
+    text_r4_bioes_drop) echo "--model roberta_crf --tag_scheme bioes --locked_dropout 0.5 --word_dropout 0.05" ;;
+    # everything flair's recipe does that MANGO has a flag for
+    text_r4_flair_all) echo "--model roberta_crf --locked_dropout 0.5 --word_dropout 0.05 --tag_scheme bioes --head_lr 5e-5
+--no-freeze_word_embeddings --no-case_features --ema_decay 0 --drop_prob 0 --clip_grad 5 --no-length_bucketing" | tr '\n' ' ' ;;
     *) return 1 ;;
   esac
 }
@@ -141,7 +161,9 @@ for e in $sel; do
   SAVE_NAME=$name env_args
   # the experiment's own flags go last: they win over the environment's (text_epochs10 over EPOCHS)
   train_cmd=(bash "$script" --save_dir "$SAVE_DIR" "${ARGS[@]}" "${extra[@]}")
-  test_cmd=(python test.py --save_dir "$SAVE_DIR" --save_name "$name" --split valid,test --record_file "$RECORD_FILE" "${ARGS[@]}")
+  # test.py takes the run's own data and model flags from its config.json (and refuses other values)
+  test_cmd=(python test.py --save_dir "$SAVE_DIR" --save_name "$name" --split valid,test --record_file "$RECORD_FILE")
+  [ -z "${DEVICE:-}" ] || test_cmd+=(--device "$DEVICE")
   control_cmd=()  # the same trained model scored with shuffled images (only the multimodal ones have an image path)
   case $run_exp in text_*|shuffle|blank|dual_shuffle|dual_blank) ;; *) control_cmd=("${test_cmd[@]}" --image_control shuffle) ;; esac
   if [ "$mode" = dry ]; then echo "${train_cmd[*]}"; echo "${test_cmd[*]}"; [ ${#control_cmd[@]} -eq 0 ] || echo "${control_cmd[*]}"; continue; fi

@@ -289,7 +289,7 @@ def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "logs2" / "summary.csv").open()))
     assert list(rows[0]) == ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
-                             "per_f1", "loc_f1", "org_f1", "misc_f1", "log_file"]
+                             "per_f1", "loc_f1", "org_f1", "misc_f1", "data_hash", "log_file"]
     rep = json.loads((trained / "test_report.json").read_text())
     dev = max(json.loads(l)["dev_f1"] for l in (trained / "metrics.jsonl").read_text().splitlines())
     assert rows[0]["run_name"] == "two" and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)

@@ -49,7 +49,7 @@ def cfg(tmp_path, name, *extra):
 # ----------------------------------------------------------------------------- registry
 
 def test_registry_entries():
-    assert set(dl.DATASETS) == {"twitter2015", "twitter2017", "demo", "MNRE", "HacRED", "MORE", "NewsMKG"}
+    assert set(dl.DATASETS) == {"twitter2015", "twitter2017", "demo", "heldout", "MNRE", "HacRED", "MORE", "NewsMKG"}
     for spec in dl.DATASETS.values():
         assert spec.description and "\n" not in spec.description and spec.layout
         assert spec.reader in (dl.read_conll, read_mnre, read_hacred)
@@ -357,7 +357,50 @@ def test_cli_one_epoch_mnre_and_hacred(tmp_path, tiny_bert_dir, tiny_clip_dir):
     hacred_files(d, "list", HAC_DOCS * 3)
     args = tiny_flags(tmp_path, "HacRED", tiny_bert_dir, tiny_clip_dir)
     args[args.index("one")] = "hac"
-    out = run_train(args)
+    out = run_train(args + ["--allow_split_overlap"])  # the same documents in every split
     assert "train: 9 posts, images 0/9 usable" in out and "[Overall]" in out
     pred = (tmp_path / "save" / "hac" / "test_predictions.conll").read_text(encoding="utf-8").split("\n\n")[0]
     assert [l.split("\t")[0] for l in pred.splitlines()[1:]] == list("马云创办了阿里巴巴。")
+
+
+def test_check_reports_images_hashes_and_shared_posts(tiny_data_dir, tmp_path):
+    import dataloader as D
+    """dataloader.py --check: per split posts, entities by type, images found / missing / unreadable and a content
+    hash; a release whose test split repeats its dev split is named as such."""
+    import config as C
+    cfg = C.get_config(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny"])
+    out = D.check_dataset(cfg)
+    hashes = D.split_hashes(cfg)
+    for split in ("train", "valid", "test"):
+        line = next(l for l in out.splitlines() if l.strip().startswith(f"{split}:"))
+        posts = D.load_split(cfg, split)
+        assert f"{len(posts)} posts" in line and f"sha256 {hashes[split]}" in line and "found /" in line
+    assert "no post is shared" in out
+    bad = tmp_path / "rel" / "rel"
+    for split in ("train", "valid", "test"):
+        (bad / f"{split}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (bad / f"{split}.txt").write_text((tiny_data_dir / "tiny" / ("valid.txt" if split == "test" else f"{split}.txt")).read_text())
+    out = D.check_dataset(C.get_config(["--data_dir", str(bad.parent), "--dataset_name", "rel"]))
+    assert "error: valid and test share" in out and "(the same posts)" in out
+
+
+def test_heldout_generator_is_deterministic_and_boxes_lie_inside(tmp_path):
+    """data/make_heldout.py: the same seed gives byte-identical files; every post has a picture of its own size and
+    one box of its cued object inside that picture; names never cross splits."""
+    from data.make_heldout import make_heldout
+    a = make_heldout(tmp_path / "a", n_train=12, n_dev=4, n_test=4)
+    b = make_heldout(tmp_path / "b", n_train=12, n_dev=4, n_test=4)
+    for f in sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file()):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    words = {}
+    for split in ("train", "valid", "test"):
+        posts = dl.read_conll(a / f"{split}.txt")
+        boxes = [json.loads(l) for l in (a / f"{split}_boxes.jsonl").read_text().splitlines()]
+        assert [p.imgid for p in posts] == [x["imgid"] for x in boxes]
+        for x in boxes:
+            with Image.open(a / "heldout_images" / f"{x['imgid']}.png") as im:
+                assert list(im.size) == x["size"]
+            x0, y0, x1, y1 = x["box"]
+            assert 0 <= x0 < x1 <= x["size"][0] and 0 <= y0 < y1 <= x["size"][1]
+        words[split] = {w for p in posts for w, t in zip(p.tokens, p.tags) if t != "O"}
+    assert not words["train"] & words["test"] and not words["train"] & words["valid"]

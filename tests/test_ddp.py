@@ -63,7 +63,7 @@ def mem(tmp_path_factory, tiny_data_dir, tiny_bert_dir):
     cfg = json.loads((bert / "config.json").read_text())
     cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (bert / "config.json").write_text(json.dumps(cfg))
-    return d, ["--data_dir", str(d / "data"), "--dataset_name", "mem", "--text_encoder", str(bert),
+    return d, ["--allow_split_overlap", "--data_dir", str(d / "data"), "--dataset_name", "mem", "--text_encoder", str(bert),
                "--swanlab_mode", "disabled", "--device", "cpu", "--seed", "7"]
 
 

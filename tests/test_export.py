@@ -65,23 +65,26 @@ def new_posts(tiny_run, tmp_path) -> tuple[Path, list[dict]]:
 
 # ----------------------------------------------------------------------------- CRF in numpy
 
-@pytest.mark.parametrize("seed,bio", [(0, False), (1, False), (2, False), (0, True), (1, True)])
-def test_numpy_crf_matches_torch(seed, bio):
-    """bundle.viterbi == CRFHead.decode and bundle.marginals == predict.tag_probabilities (forward-backward), on the
-    scores the export writes (export.crf_params: with the BIO bans when the head has them)."""
+@pytest.mark.parametrize("seed,bio,bioes", [(0, False, False), (1, False, False), (2, False, False), (0, True, False),
+                                            (1, True, False), (0, False, True), (1, True, True)])
+def test_numpy_crf_matches_torch(seed, bio, bioes):
+    """bundle.crf_tags (Viterbi and forward-backward in numpy) == CRFHead.decode and predict.tag_probabilities, on the
+    scores the export writes (export.crf_params: with the bans when the head has them, BIOES tags mapped to BIO)."""
     g = torch.Generator().manual_seed(seed)
     L, W = 6, 7
-    head = M.CRFHead(L, bio=bio)
+    head = M.CRFHead(L, bio=bio, bioes=bioes)
     with torch.no_grad():
         for prm in head.crf.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g))
-    em = torch.randn(3, W, L, generator=g) * 3
+    em = torch.randn(3, W, head.n_scores, generator=g) * 3
     mask = torch.tensor([[True] * W, [True] * 4 + [False] * 3, [True] + [False] * (W - 1)])
     crf = export.crf_params(SimpleNamespace(head=head))
-    pinned = BU.pin_pad(em.numpy())
-    assert BU.viterbi(pinned, mask.numpy(), crf) == head.decode(em, mask)
+    ids, probs = BU.crf_tags(BU.pin_pad(em.numpy()), mask.numpy(), crf)
+    assert ids == head.decode(em, mask)
     want = predict.tag_probabilities(head, em, mask).numpy()
-    np.testing.assert_allclose(BU.marginals(pinned, mask.numpy(), crf), want, atol=1e-5)
+    assert want.shape == (3, W, L)
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(-1), mask.float().numpy(), atol=1e-5)  # each word's labels sum to 1
 
 
 def test_softmax_probs_match():
@@ -243,3 +246,37 @@ def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys,
     agree = sum(a == b for x, r in zip(qt, ref) for a, b in zip(x, r["tags"]))
     print(f"dual-granularity int8 bundle vs checkpoint: {agree}/{words} word tags agree")
     assert agree / words >= 0.8
+
+
+def test_a_moved_run_scores_predicts_and_exports_where_it_lies(tiny_run, tmp_path, capsys):
+    """A run copied to another folder, whose config.json names paths of a machine that is not this one, is scored,
+    tagged and exported beside its copy; nothing is written to the original run or created at the old paths."""
+    import shutil
+    import test as T
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_run["save"] / "e", moved / "e", ignore=shutil.ignore_patterns("bundle*", "*_report*"))
+    old = tmp_path / "old_machine"
+    cfg = json.loads((moved / "e" / "config.json").read_text())
+    cfg.update(data_dir=str(old / "data"), cache_dir=str(old / "cache"), save_dir=str(old / "save"))
+    (moved / "e" / "config.json").write_text(json.dumps(cfg))
+    before = sorted(p.name for p in (tiny_run["save"] / "e").iterdir())
+    T.main(["--save_dir", str(moved), "--save_name", "e", "--data_dir", str(tiny_run["data"]), "--device", "cpu"])
+    assert (moved / "e" / "test_report.json").is_file()
+    assert "its cache_dir" in capsys.readouterr().out  # said once, in one line
+    predict.main(["--save_dir", str(moved), "--save_name", "e", "--text", "Kevin Durant visits Paris"])
+    out = export.main(["--save_dir", str(moved), "--save_name", "e"])
+    assert Path(out).parent == moved / "e"
+    assert not old.exists()
+    assert sorted(p.name for p in (tiny_run["save"] / "e").iterdir()) == before
+
+
+def test_tools_refuse_a_run_flag_other_than_the_runs(tiny_run):
+    """test.py / predict.py / export.py on a saved run: a data or training flag with another value than the run's is
+    an error naming it (it used to be ignored: another dataset named, the run's own scored); the run's value passes."""
+    import test as T
+    from config import ConfigError
+    base = ["--save_dir", str(tiny_run["save"]), "--save_name", "e", "--data_dir", str(tiny_run["data"])]
+    for main, extra in ((T.main, []), (predict.main, ["--text", "Paris"]), (export.main, [])):
+        with pytest.raises(ConfigError, match="--dataset_name twitter2017 .*--epochs 3"):
+            main(base + extra + ["--dataset_name", "twitter2017", "--epochs", "3"])
+    T.main(base + ["--dataset_name", "tiny", "--epochs", "2", "--split", "valid"])

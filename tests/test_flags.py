@@ -104,6 +104,19 @@ def _lenient(env):
     return len(D.load_split(C.get_config(argv + ["--lenient_data"]), "train")) == 2
 
 
+def _allow_split_overlap(env):
+    """A release whose test split repeats its dev split is refused in training, unless the flag says so."""
+    d = env["tmp"] / "overlap" / "overlap"
+    for split in ("train", "valid", "test"):
+        make_conll(d / f"{split}.txt", [(["a", split if split == "train" else "b"], ["B-PER", "O"], "1")])
+    argv = ["--data_dir", str(d.parent), "--dataset_name", "overlap"] + env["enc"][:2]
+    with pytest.raises(D.DataError, match="valid and test share 1 of 1 / 1 distinct posts"):
+        train.load_data(C.get_config(argv), None)
+    cfg = C.get_config(argv + ["--allow_split_overlap"])
+    posts, _, _ = train.load_data(cfg, None)
+    return len(posts["test"]) == 1 and set(cfg.data_hash) == {"train", "valid", "test"}
+
+
 def _keep_raw_types(env):
     d = env["tmp"] / "raw" / "raw"
     make_conll(d / "train.txt", [(["a", "b"], ["B-OTHER", "O"], "1")])
@@ -369,6 +382,7 @@ FLAGS = {
     "data_dir": [fn(_data_dir)],
     "image_root": [fn(_image_root)],
     "lenient_data": [fn(_lenient)],
+    "allow_split_overlap": [fn(_allow_split_overlap)],
     "keep_raw_types": [fn(_keep_raw_types)],
     "max_len": [data(alt=["--max_len", "10"])],
     "length_bucketing": [data(alt=["--no-length_bucketing"])],
@@ -399,6 +413,10 @@ FLAGS = {
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],
     "hidden_dim": [model(["--use_bilstm"], ["--hidden_dim", "8"]), warned(["--hidden_dim", "8"])],
     "drop_prob": [model(alt=["--drop_prob", "0.3"])],
+    "tag_scheme": [model(alt=["--tag_scheme", "bioes"]), forward(["--model", "roberta_crf"], ["--tag_scheme", "bioes"]),
+                   warned(["--model", "bert", "--tag_scheme", "bioes"])],
+    "word_dropout": [forward(alt=["--word_dropout", "0.5"]), refused(["--word_dropout", "1"], "--word_dropout")],
+    "locked_dropout": [forward(alt=["--locked_dropout", "0.5"]), refused(["--locked_dropout", "1"], "--locked_dropout")],
     "vision_trainable": [model(alt=["--vision_trainable"]), warned(DUAL + ["--vision_trainable"])],
     "unfreeze_last_vision_blocks": [model(["--vision_trainable"], ["--unfreeze_last_vision_blocks", "1"]),
                                     warned(["--unfreeze_last_vision_blocks", "1"])],
@@ -483,6 +501,7 @@ FLAGS = {
     "image_workers": [used_by("predict.py"), used_by("serve.py")],
     "host": [used_by("serve.py")],
     "port": [used_by("serve.py")],
+    "quiet": [used_by("serve.py")],
     "batch_window_ms": [used_by("serve.py")],
     "max_batch_posts": [used_by("serve.py")],
     "max_body_bytes": [used_by("serve.py"), fn(_serve_limit("max_body_bytes"))],

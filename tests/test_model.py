@@ -419,6 +419,36 @@ def test_bio_constrained_decode_is_the_best_valid_path(seed):
     assert set(head.state_dict()) == set(plain.state_dict())  # the bans are not saved: old checkpoints load
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_bioes_crf_scores_chunk_ends_and_decodes_valid_bio(seed):
+    """bioes=True: the CRF scores BIOES tags (4 per type); its loss is the NLL of the gold BIO labels' BIOES path
+    over every path (brute force), and with bio=True Viterbi is the best valid BIOES path, returned as BIO ids."""
+    torch.manual_seed(seed)
+    L = 6                                                   # PAD, O, B-X, I-X, B-Y, I-Y -> S = 10 BIOES scores
+    head = M.CRFHead(L, bio=True, bioes=True)
+    assert head.n_scores == 10 and head.to_bio.tolist() == [0, 1, 2, 3, 3, 2, 4, 5, 5, 4]
+    with torch.no_grad():
+        for p in head.crf.parameters():
+            p.normal_(0, 1.0)
+    lengths = [4, 3, 1]
+    W = max(lengths)
+    em = torch.randn(len(lengths), W, 10) * 2
+    mask = torch.arange(W)[None] < torch.tensor(lengths)[:, None]
+    gold = torch.tensor([[2, 3, 1, 4], [4, 5, 5, 0], [2, 0, 0, 0]])
+    assert M.bio_to_bioes(gold, mask).tolist() == [[2, 4, 1, 9], [6, 7, 8, 0], [5, 0, 0, 0]]
+    got = head.decode(em, mask)
+    pinned = M.CRFHead._pin(em)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            bio = [y for y in itertools.product(range(1, L), repeat=n) if valid_bio(y)]
+            paths = M.bio_to_bioes(torch.tensor([list(y) for y in bio]), torch.ones(len(bio), n, dtype=torch.bool))
+            scores = torch.stack([crf_score(head.crf, em[b], y.tolist()) for y in paths])
+            assert got[b] == list(bio[int(scores.argmax())])
+            every = torch.stack([crf_score(head.crf, pinned[b], list(y)) for y in itertools.product(range(1, 10), repeat=n)])
+            nll = every.logsumexp(0) - crf_score(head.crf, pinned[b], paths[bio.index(tuple(gold[b, :n].tolist()))].tolist())
+            torch.testing.assert_close(head.nll(em, gold, mask)[b], nll, atol=1e-3, rtol=1e-5)
+
+
 def test_softmax_head_never_decodes_pad():
     head = M.SoftmaxHead(4)
     em = torch.zeros(1, 3, 4)

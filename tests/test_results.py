@@ -178,7 +178,11 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "text_default_fast", "text_default_bs32", "text_default_bs32_lr1e4",
                                   "text_default_case_input", "text_default_word_mask", "text_default_ema99",
                                   "text_default_ema995", "text_default_mpnet", "text_r2", "text_r2_bio",
-                                  "text_r2_bio_loss", "text_r2_layer_mix", "text_r2_bilstm", "text_r3_fast_path"} == set(names)
+                                  "text_r2_bio_loss", "text_r2_layer_mix", "text_r2_bilstm", "text_r3_fast_path", "text_r4",
+                                  "text_r4_flair_drop", "text_r4_locked", "text_r4_word_drop", "text_r4_bioes",
+                                  "text_r4_no_bucketing", "text_r4_one_lr", "text_r4_no_ema", "text_r4_trained_emb",
+                                  "text_r4_no_case", "text_r4_clip5", "text_r4_e10", "text_r4_flair_all",
+                                  "text_r4_bioes_drop", "text_r4_attn_drop"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()

@@ -135,6 +135,8 @@ def test_with_image_and_multipart(server):
     m = post(server, data={"text": TEXT}, files={"image": ("p.png", img, "image/png")})
     assert m.status_code == 200, m.text
     assert m.json()["tags"] == rec["tags"] and m.json()["image_used"]
+    d = post(server, {"text": TEXT, "image_b64": "data:image/png;base64," + b64(img)})  # a data URI, as pages send
+    assert d.status_code == 200 and d.json()["tags"] == rec["tags"] and d.json()["image_used"]
     m = post(server, data={"tokens": json.dumps(TEXT.split())})
     assert m.status_code == 200 and not m.json()["image_used"]
 
@@ -163,7 +165,12 @@ BAD = {
                               lambda: {"data": {"text": "a"}, "files": {"image": ("x.png", bytes(150_000))}}),
     "bad_json": (400, "not valid JSON", lambda: {"content": b"{oops", "headers": {"content-type": "application/json"}}),
     "content_type": (415, "content type", lambda: {"content": b"hi", "headers": {"content-type": "text/plain"}}),
-    "no_text": (422, 'needs "text"', lambda: {"json": {"txt": "a"}}),
+    "no_text": (422, 'needs "text"', lambda: {"json": {"id": 3}}),
+    "unknown_key": (422, "unknown key 'imageb64'", lambda: {"json": {"text": "a", "imageb64": b64(png_bytes())}}),
+    "unknown_keys": (422, "unknown keys 'picture', 'txt'", lambda: {"json": [{"text": "a", "picture": 1, "txt": 2}]}),
+    "unknown_field": (422, "unknown form field 'picture'",
+                      lambda: {"data": {"text": "a"}, "files": {"picture": ("p.png", png_bytes(), "image/png")}}),
+    "bad_data_uri": (422, "data URI", lambda: {"json": {"text": "a", "image_b64": "data:image/png," + b64(png_bytes())}}),
     "empty_list": (422, "empty list", lambda: {"json": []}),
     "not_object": (422, "expected a JSON object", lambda: {"json": [3]}),
     "bad_tokens": (422, '"tokens" must be', lambda: {"json": {"tokens": "abc"}}),
@@ -241,6 +248,36 @@ def test_one_line_startup_errors(tmp_path):
                            timeout=600)
         err = [l for l in r.stderr.splitlines() if l.strip()]
         assert r.returncode == 2 and len(err) == 1 and msg in err[0], r.stderr
+
+
+def test_access_log_and_quiet(server):
+    """One line per request (method, path, status, posts, ms) in the server's output; --quiet turns it off."""
+    post(server, [{"text": "a"}, {"text": "b"}])
+    time.sleep(0.5)
+    assert any(l.startswith("POST /predict 200 2 posts ") and l.endswith(" ms") for l in server["log"].read_text().splitlines())
+    from fastapi.testclient import TestClient
+
+    import serve
+    from config import get_config
+    args = get_config(["--quiet"], check=False)
+    rt = server["rt"]
+    lines = io.StringIO()
+    import contextlib
+    with contextlib.redirect_stdout(lines), TestClient(serve.make_app(rt, args)) as c:
+        assert c.post("/predict", json={"text": "a"}).status_code == 200
+    assert "POST /predict" not in lines.getvalue()
+
+
+def test_busy_port_is_one_error_before_any_banner(tiny_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--bundle", str(tiny_run["bundle"]), "--port",
+                            str(port)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "serving" not in r.stdout, r.stdout
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and f"--port {port}: cannot listen there" in err[0], r.stderr
 
 
 def test_bomb_header_is_413_without_decoding():

@@ -496,3 +496,25 @@ def test_clipping_inside_fused_adamw_equals_clip_grad_norm(tiny_bert_dir):
     for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
     assert opts[0][0].grad_scale is None  # nothing left for a later step
+
+
+def test_word_dropout_zeroes_whole_words_in_training_only():
+    torch.manual_seed(0)
+    x = torch.randn(4, 50, 8) + 3.0  # no state is zero by chance
+    y = M.word_dropout(x, 0.3, training=True)
+    zero = (y == 0).all(-1)                                   # [B, W]: a word is zeroed whole or kept as it was
+    kept = ~zero
+    assert torch.equal(y[kept], x[kept]) and ((y == 0) == zero[..., None]).all()
+    assert 0.15 < zero.float().mean() < 0.45
+    assert torch.equal(M.word_dropout(x, 0.3, training=False), x) and torch.equal(M.word_dropout(x, 0.0, True), x)
+
+
+def test_locked_dropout_shares_one_mask_over_a_posts_words():
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 64) + 3.0
+    y = M.locked_dropout(x, 0.5, training=True)
+    dropped = y == 0                                          # [B, W, H]
+    assert (dropped == dropped[:, :1]).all()                  # the same dimensions at every word of a post
+    assert not (dropped[0, 0] == dropped[1, 0]).all()         # but posts draw their own
+    assert torch.allclose(y[~dropped], (x * 2)[~dropped])     # kept values rescaled by 1 / (1 - p)
+    assert torch.equal(M.locked_dropout(x, 0.5, training=False), x)

@@ -1,0 +1,38 @@
+"""peer_flair.py, the flair peer, in its own environment (script/peer_flair.sh makes .venv-flair; CI does not):
+it trains flair's recipe on a tiny dataset and scores it with MANGO's scorer."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import dataloader as D
+from config import get_config
+from metrics import get_entities
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("FLAIR_VENV", ROOT / ".venv-flair"))
+
+
+def _has_flair() -> bool:
+    py = VENV / "bin" / "python"
+    return py.is_file() and subprocess.run([str(py), "-c", "import flair"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_flair(), reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+def test_peer_flair_scores_a_tiny_set_with_mangos_scorer(tiny_data_dir, tiny_bert_dir, tmp_path):
+    out = tmp_path / "flair.json"
+    p = subprocess.run([str(VENV / "bin" / "python"), "peer_flair.py", "--dataset_name", "tiny", "--data_dir",
+                        str(tiny_data_dir), "--text_encoder", tiny_bert_dir, "--epochs", "1", "--batch_size", "4",
+                        "--threads", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    posts = D.load_split(get_config(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny"]), "test")
+    gold = sum(len(get_entities(x.tags, "conlleval")) for x in posts)
+    assert res["test"]["mode"] == "conlleval" and res["test"]["gold_support"] == gold  # MANGO's scorer's report
+    assert len(res["epochs"]) == 1 and res["epochs"][0]["train_s"] > 0 and res["test_posts_per_s"] > 0
+    assert 0.0 <= res["test"]["f1"] <= 1.0 and "test (conlleval)" in p.stdout

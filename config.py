@@ -239,7 +239,8 @@ def _serve_flags(a) -> None:
     """The "export/serve" flags; a = the argument group's add_argument."""
     a("--bundle", default="", help="predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
                                    "export.py: write the bundle here instead of <run>/bundle[_int8]")
-    a("--int8", action="store_true", help="export.py: dynamic int8 quantisation of the text graphs' linear layers")
+    a("--int8", action="store_true", help="export.py: static int8 quantisation (scales calibrated on training posts) of the "
+                                                 "text graphs' linear layers (onnx only)")
     a("--export_format", default="onnx", choices=["onnx", "torch"], help="export.py: ONNX graphs or TorchScript")
     a("--opset", type=int, default=18, help="export.py: ONNX opset")
     a("--image_workers", type=int, default=2, help="predict.py / serve.py: threads decoding and preprocessing images")

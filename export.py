@@ -19,16 +19,18 @@ What goes where:
 ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward branches on data
 (`has_image.any()`), which torch.export refuses as a data-dependent guard; the tracer records the branch taken
 with every post illustrated, and that graph is exact for any has_image, since the per-post choice between the
-fused and the text-only states is a torch.where inside it. --int8: onnxruntime's dynamic quantisation of the
-MatMul (linear) weights of the text graphs (for a dual-granularity run, mm.onnx holds its encoder's linear layers
-too), per channel (activations are quantised per batch at run time), but for the emission layer and the linear
-layers whose inputs quantise worst (quantize_int8; meta.json lists them under int8_fp32); vision.onnx is
-convolutional (or CLIP, frozen) and stays fp32. --export_format torch writes the same three graphs as
-TorchScript (torch.jit.trace) with torch's dynamic int8 Linear for --int8 (every Linear): for a model part ONNX
-cannot express.
+fused and the text-only states is a torch.where inside it. --int8: onnxruntime's static quantisation of the
+MatMul (linear) layers of the text graphs (for a dual-granularity run, mm.onnx holds its encoder's linear layers
+too): weights per channel, activations with scales calibrated once on training posts and stored in the graph (so
+a post's scores do not depend on its batch), but for the emission layer and the linear layers whose inputs
+quantise worst (quantize_int8; meta.json lists them under int8_fp32); vision.onnx is convolutional (or CLIP,
+frozen) and stays fp32. --export_format torch writes the same three graphs as TorchScript (torch.jit.trace), for
+a model part ONNX cannot express; it has no int8 (torch's int8 Linear takes each batch's own activation range).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -142,6 +144,12 @@ def example_inputs(model, tokenizer, label_map, config) -> dict:
     return x
 
 
+def onnx_inputs(path: Path) -> set[str]:
+    """The inputs a saved graph kept (the exporter drops unused ones, e.g. word_mask of the text graph)."""
+    import onnx
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+
+
 def export_onnx(module, args: tuple, names: list[str], dyn: dict, path: Path, opset: int) -> None:
     """One graph through the TorchScript-based exporter (see the module docstring for why not dynamo)."""
     with warnings.catch_warnings(), torch.no_grad():
@@ -228,41 +236,75 @@ def fp32_matmuls(path: Path, feed: dict, budget: float = INT8_FP32_BUDGET) -> li
     return keep
 
 
-def quantize_int8(path: Path, feed: dict | None = None) -> list[str]:
-    """Dynamic int8 quantisation (onnxruntime) of a graph's linear layers (MatMul with a constant B), in place:
-    int8 weights, symmetric per output channel; activations quantised per tensor to uint8 at run time. Returns
-    the linear layers left in fp32 (`fp32_matmuls`; none without `feed`, an example batch of the graph's inputs):
+def quantize_int8(path: Path, feed: dict | None = None, calib: list[dict] | None = None) -> list[str]:
+    """Static int8 quantisation (onnxruntime, QDQ) of a graph's linear layers (MatMul with a constant B), in place:
+    int8 weights, symmetric per output channel; each activation quantised to uint8 with one scale calibrated on
+    `calib` (input feeds of one shape; `feed` when None) and stored in the graph, so a post's scores never depend on
+    what shares its batch (a dynamic quantiser takes each batch's own range). Returns the linear layers left in fp32
+    (`fp32_matmuls`; none without `feed`, an example batch of the graph's inputs):
 
     - the emission layer: the scores the CRF decodes come straight out of it, and it is ~0.1% of the work;
-    - the MatMuls whose inputs lose most to the per-tensor uint8 step, judged by input_snr_db on `feed`, worst
+    - the MatMuls whose inputs lose most to a per-tensor uint8 step, judged by input_snr_db on `feed`, worst
       first, within INT8_FP32_BUDGET (6%) of the linear-layer work. In BERT-like encoders these are FFN
-      down-projections: their GELU input has a few outlier channels (one at 24.5 where the median channel peaks
-      at 1.4 in MiniLM's first layer) that stretch the quantisation step for all the others.
-    Measured on base_s1 (MiniLM-L6 + CRF; Twitter-2017 test: 723 posts, 11330 words; 1 thread; speed-up against
-    the torch checkpoint in CPU seconds, the box being shared, and in script/export_bench.py wall time when it was
-    quiet): everything quantised: -0.55 F1, 99.38% of the word tags equal to the checkpoint's, 2.72x CPU / 2.63x
-    wall; this rule (the first layer's FFN down-projection and the emission layer in fp32): -0.09 F1, 99.51%
-    (dev: -0.04 F1, 99.68% against 99.39%), 2.56x CPU / 2.46x wall. Each further 4H x H layer in fp32 costs
-    about 0.15x: the two worst plus emission 99.68% (-0.44 F1), 2.39x; all six FFN down-projections 99.64%, 1.87x.
-    Whole layers kept in fp32 buy less per cost (first: 99.57%, 2.09x; last: 99.35%, 2.19x), and so do the
-    attention output projections (all six: 99.29%). The quantiser's own options did not help: reduce_range (7-bit
-    weights) and per-tensor weights lose more (per tensor: 98.62%, -1.32 F1), ActivationSymmetric changes nothing
-    (the dynamic activation quantiser is always asymmetric uint8), asymmetric int8 or uint8 weights agree no
-    better (99.41%) and uint8 weights run at 1.55x (no u8s8 dot products). F1 differences of a few tenths are
-    within what a handful of changed words does on this test set (the emission layer alone in fp32: -0.31 on
-    test, -0.64 on dev), so the rule was chosen by agreement and emission error, on dev as well as test."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+      down-projections: their GELU input has a few outlier channels that stretch the quantisation step.
+    The scales are calibrated by entropy (KL divergence between the fp32 and the quantised histogram), which
+    clips the rare outliers a min-max range would keep; docs/export.md gives the measured F1 and speed."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     keep = fp32_matmuls(path, feed) if feed is not None else []
+    feeds = calib or ([feed] if feed is not None else [])
+    if not feeds:
+        raise ValueError("quantize_int8 needs example inputs (feed or calib) to calibrate the activation scales")
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
     tmp = path.with_suffix(".int8.onnx")
     root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # its advice to pre-process is for static (calibrated) quantisation
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process (shape inference) changes nothing here
     try:
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True, nodes_to_exclude=keep)
+        with contextlib.redirect_stdout(io.StringIO()):  # the entropy calibrator prints its histogram settings
+            quantize_static(str(path), str(tmp), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            nodes_to_exclude=keep, calibrate_method=CalibrationMethod.Entropy,
+                            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
     finally:
         root.setLevel(level)
     tmp.replace(path)
+    for f in path.parent.glob(path.stem + "*-augmented*"):  # the calibrator's scratch graph, if it left one
+        f.unlink()
     return keep
+
+
+def calibration_feeds(model, config, tokenizer, label_map, names: list[str], n_posts: int = 320,
+                      batch: int = 16) -> list[dict]:
+    """Input feeds of the first n_posts training posts in batches, all padded to one shape [batch, T] / [batch, W]
+    (the entropy calibrator stacks them), image features for the fused graph from the posts' own images where the
+    split has them, else from random pixels (as example_inputs)."""
+    posts = D.load_split(config, "train")[:n_posts]
+    ds = D.MNERDataset(posts, tokenizer, label_map, config.max_len)
+    T, W = max(len(e.input_ids) for e in ds.enc), max(len(p.tokens) for p in posts)
+    feeds = []
+    for k in range(0, len(posts) - batch + 1, batch):
+        b = D.collate([ds[i] for i in range(k, k + batch)], ds.pad_id)
+        f = {}
+        for name in ("input_ids", "attention_mask", "word_index", "word_mask", "case_ids"):
+            v = b[name].numpy()
+            fill = ds.pad_id if name == "input_ids" else 0
+            f[name] = np.pad(v, ((0, 0), (0, (T if name in ("input_ids", "attention_mask") else W) - v.shape[1])),
+                             constant_values=fill)
+        if "image_feats" in names:
+            size = D.image_prep_for(config).size
+            px = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(k))
+            with torch.no_grad():
+                f["image_feats"] = model.vision.features(px).float().numpy()
+            f["has_image"] = np.ones(batch, bool)
+        feeds.append({x: f[x] for x in names})
+    return feeds
 
 
 def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: int = 18, overrides=None,
@@ -270,6 +312,9 @@ def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: in
     """Write the bundle of run `name`; returns its directory."""
     if fmt not in ("onnx", "torch"):
         raise ConfigError(f"--export_format {fmt}: choose onnx or torch")
+    if int8 and fmt == "torch":
+        raise ConfigError("--int8 --export_format torch: torch's int8 layers quantise each batch with its own range, so "
+                          "a post's scores would depend on its batch; export int8 as onnx")
     config, label_map, model, _ = load_run(save_dir, name, overrides or {})
     why = refusal(config, model)
     if why:
@@ -297,13 +342,16 @@ def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: in
             export_onnx(module, args, names, {k: v for k, v in word_dyn.items() if k in names or k == "out"}
                         if key != "vision" else {"pixels": {0: "N"}, "out": {0: "N"}}, f, opset)
             if int8 and key != "vision":
-                meta.setdefault("int8_fp32", {})[key] = quantize_int8(f, {k: v.numpy() for k, v in zip(names, args)})
+                feed = {k: v.numpy() for k, v in zip(names, args)}
+                graph_in = onnx_inputs(f)
+                calib = [{k: v for k, v in c.items() if k in graph_in}
+                         for c in calibration_feeds(model, config, tokenizer, label_map, names)]
+                meta.setdefault("int8_fp32", {})[key] = quantize_int8(
+                    f, {k: v for k, v in feed.items() if k in graph_in}, calib)
         else:
-            m = torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8) \
-                if int8 and key != "vision" else module
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                torch.jit.save(torch.jit.trace(m, args, check_trace=False), str(f))
+                torch.jit.save(torch.jit.trace(module, args, check_trace=False), str(f))
     crf = crf_params(model)
     if crf is not None:
         np.savez(tmp / "crf.npz", **crf)

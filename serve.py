@@ -8,6 +8,7 @@ POST /predict   JSON: one post {"text": "..." | "tokens": [...], "image_b64": "<
                 list), id and a file field "image". Any other key or field is a 422 naming it. The answer is predict.py's prediction record per post (input keys, text, tokens,
                 tags, entities with type, words, word and character spans and score, image_used): one object
                 for one post, a list for a list.
+GET  /          a page to try the model (serve.html): a post, an image, the highlighted entities and the JSON
 GET  /health    {"status": "ok"}
 GET  /info      model, labels, encoders, bundle or checkpoint, int8 or not, limits, batching
 
@@ -34,10 +35,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import bundle as BU
@@ -98,6 +100,16 @@ def image_pixels(data: bytes, prep: D.ImagePrep, limits, where: str) -> np.ndarr
 
 # ----------------------------------------------------------------------------- requests
 
+_POST = {"type": "object", "additionalProperties": False, "properties": {
+    "text": {"type": "string", "description": "the post; split on whitespace and punctuation"},
+    "tokens": {"type": "array", "items": {"type": "string"}, "description": "the post's words, instead of text"},
+    "image_b64": {"type": "string", "description": "the image file in base64, or a data:image/...;base64, URI"},
+    "id": {"description": "yours, echoed back"}}}
+PREDICT_SCHEMA = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"oneOf": [_POST, {"type": "array", "items": _POST}]}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "text": {"type": "string"}, "tokens": {"type": "string", "description": "a JSON list of words"},
+        "id": {"type": "string"}, "image": {"type": "string", "format": "binary"}}}}}}}
 POST_KEYS = {"text", "tokens", "image_b64", "id"}  # "id" is the client's own, echoed back; anything else is refused
 
 
@@ -280,6 +292,12 @@ def make_app(rt: BU.Runtime, args):
     async def http_error(request, e):  # unknown routes and methods: the same {"error"} shape
         return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
 
+    page = (Path(__file__).resolve().parent / "serve.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():  # a page to try the model: a post, an image, the highlighted entities and the JSON
+        return page
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -293,7 +311,7 @@ def make_app(rt: BU.Runtime, args):
                              "image_workers": args.image_workers, "batches": batcher.batches, "posts": batcher.posts},
                 "requests": state["requests"], "refused": state["refused"]}
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=PREDICT_SCHEMA)
     async def predict_route(request: Request):
         state["requests"] += 1
         body = await read_body(request, args.max_body_bytes)

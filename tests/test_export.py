@@ -158,9 +158,31 @@ def test_int8_keeps_emission_and_outlier_input_matmuls_fp32(tmp_path):
     feed = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
     assert export.fp32_matmuls(f, feed, budget=0.5) == ["mm3", "mm2"]
     assert export.fp32_matmuls(f, feed) == ["mm3"]  # 6% of the work: neither 8x8 layer fits
-    assert export.quantize_int8(f, feed) == ["mm3"]
-    ops = {n.name: n.op_type for n in onnx.load(str(f)).graph.node}
-    assert ops["mm3"] == "MatMul" and ops["mm2_quant"] == "MatMulInteger" and "mm2" not in ops
+    calib = [{"x": rng.standard_normal((2, 5, 8)).astype(np.float32)} for _ in range(4)]
+    assert export.quantize_int8(f, feed, calib) == ["mm3"]
+    g = onnx.load(str(f)).graph
+    quantised = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}  # QDQ: x -> Q -> DQ -> MatMul
+    feeds_of = {n.name: n.input for n in g.node if n.op_type == "MatMul"}
+    dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    assert set(feeds_of["mm3"]) & dq_out == set() and set(feeds_of["mm2"]) <= dq_out and set(feeds_of["mm1"]) <= dq_out
+    assert quantised  # the scales are constants in the graph: nothing is computed per batch
+    assert not [n for n in g.node if n.op_type == "DynamicQuantizeLinear"]
+
+
+def test_int8_scores_do_not_depend_on_the_batch(tiny_run, tmp_path):
+    """The same post alone and in batches of 2, 8 and 32 gets identical tags and scores from an int8 bundle."""
+    q = export.main([*tiny_run["flags"], "--int8", "--bundle", str(tmp_path / "q")])
+    b = BU.Bundle(q)
+    others = [["Paris", "is", "lovely", "in", "spring"], ["@NBA", "rocks"], ["New", "York", "Knicks", "win", "again",
+              "tonight", "at", "Madison", "Square", "Garden"]]
+    post = ["Kevin", "Durant", "enters", "Oracle", "Arena", "tonight"]
+    alone = b.tag([post], batch_size=1)[0]
+    for n in (2, 8, 32):
+        batch = [post] + [others[i % 3] for i in range(n - 1)]
+        got = b.tag(batch, batch_size=n)[0]
+        assert got["tags"] == alone["tags"] and got["probs"] == alone["probs"], n
+    with pytest.raises(Exception, match="--int8 --export_format torch"):
+        export.main([*tiny_run["flags"], "--int8", "--export_format", "torch", "--bundle", str(tmp_path / "t")])
 
 
 def test_predict_bundle_imports_no_training_code(tiny_run, tmp_path):

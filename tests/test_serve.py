@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -299,3 +300,63 @@ def test_bomb_header_is_413_without_decoding():
     with pytest.raises(serve.BadRequest) as e:
         serve.image_pixels(png_bytes((200, 100)), ImagePrep(), limits, "post")
     assert e.value.status == 413 and "200x100" in e.value.msg
+
+
+def test_openapi_documents_the_predict_request(server):
+    spec = httpx.get(server["url"] + "/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(body)
+    post_schema = body["application/json"]["schema"]["oneOf"][0]
+    assert set(post_schema["properties"]) == {"text", "tokens", "image_b64", "id"}
+
+
+def _chromium():
+    """A headless Chromium driven by selenium, or the one-line reason there is none."""
+    import shutil
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return None, "Debian's chromium and chromium-driver are not installed (.ci/run installs them)"
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        return None, "selenium is not installed (requirements-dev.txt)"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts), ""
+
+
+def test_page_tags_a_post_with_an_image_in_a_real_browser(server, tmp_path):
+    """GET / in headless Chromium: type a post, attach an image, submit; the highlighted entities are the server's
+    entities for that post and image (type and text), and the JSON shown is its answer."""
+    driver, why = _chromium()
+    if driver is None:
+        pytest.skip(why)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    img = tmp_path / "p.png"
+    img.write_bytes(png_bytes(colour=(240, 200, 30)))
+    try:
+        driver.get(server["url"] + "/")
+        WebDriverWait(driver, 60).until(lambda d: "types" in d.find_element(By.ID, "info").text)
+        driver.find_element(By.ID, "text").send_keys(TEXT)
+        driver.find_element(By.ID, "image").send_keys(str(img))
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done"))
+        shown = json.loads(driver.find_element(By.ID, "json").text)
+        marks = [(m.get_attribute("data-type"), m.get_attribute("data-text"), m.text)
+                 for m in driver.find_elements(By.CSS_SELECTOR, "#tagged mark")]
+        png = Path(os.environ.get("MANGO_PAGE_SCREENSHOT", tmp_path / "page.png"))
+        driver.save_screenshot(str(png))
+    finally:
+        driver.quit()
+    want = post(server, {"text": TEXT, "image_b64": b64(img.read_bytes())}).json()
+    assert shown["tags"] == want["tags"] and shown["image_used"] is True
+    assert want["entities"], "the tiny model tags no entity in this post: nothing to highlight"
+    assert [(t, w) for t, w, _ in marks] == [(e["type"], e["text"]) for e in want["entities"]]
+    for (t, w, shown_text), e in zip(marks, want["entities"]):  # what a reader sees: the words, type and score
+        assert shown_text.startswith(w) and f"{t} {e['score']:.2f}" in shown_text
+    assert png.stat().st_size > 1000

@@ -134,6 +134,30 @@ def ablation_table(csv_files: list[str]) -> str:
     return "\n".join(out)
 
 
+def peer_table(json_files: list[str]) -> str:
+    """The peers' rows from peer.py / peer_flair.py --json files: per recipe and dataset, seeds, dev and test F1
+    (mean ± sample std, MANGO's scorer), best epochs, median train pass per epoch and test posts/s where recorded."""
+    groups: dict[tuple, list[dict]] = {}
+    for f in json_files:
+        d = json.loads(Path(f).read_text())
+        groups.setdefault((d["recipe"], d["dataset"]), []).append(d)
+
+    def ms(xs):
+        return f"{statistics.mean(xs) * 100:.2f}" + (f" ± {statistics.stdev(xs) * 100:.2f}" if len(xs) > 1 else "")
+    out = ["| peer | dataset | seeds | dev F1 | test F1 | test F1 by seed | best epochs | train s/epoch (median) | "
+           "test posts/s |", "|---" * 9 + "|"]
+    for (recipe, ds), runs in sorted(groups.items()):
+        runs.sort(key=lambda d: d["seed"])
+        train_s = statistics.median(e["train_s"] for d in runs for e in d["epochs"])
+        pps = [d["test_posts_per_s"] for d in runs if "test_posts_per_s" in d]
+        by_seed = ", ".join(f"{d['test']['f1'] * 100:.2f}" for d in runs)
+        seeds, epochs = ",".join(str(d["seed"]) for d in runs), ", ".join(str(d["best_epoch"]) for d in runs)
+        out.append(f"| {recipe} | {ds} | {seeds} | {ms([d['dev_f1'] for d in runs])} | "
+                   f"**{ms([d['test']['f1'] for d in runs])}** | {by_seed} | {epochs} | {train_s:.0f} | "
+                   + (f"{statistics.median(pps):.0f} |" if pps else "- |"))
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["twitter2017", "twitter2015", "demo"], help="datasets to collect")
@@ -143,7 +167,11 @@ def main(argv=None):
     ap.add_argument("--out_dir", default=str(ROOT / "results"), help="where the JSON and Markdown go")
     ap.add_argument("--note", default="", help="how the runs were scheduled (reproduce.sh: runs at a time, threads each)")
     ap.add_argument("--ablation", nargs="+", default=[], help="script/ablation.sh record CSVs: print their table only")
+    ap.add_argument("--peers", nargs="+", default=[], help="peer.py / peer_flair.py --json files: print their table only")
     args = ap.parse_args(argv)
+    if args.peers:
+        print(peer_table(args.peers))
+        return
     if args.ablation:
         print(ablation_table(args.ablation))
         return

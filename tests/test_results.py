@@ -252,3 +252,18 @@ def test_peer_recipe_selects_on_dev_and_scores_test_once(tiny_flags, tmp_path):
     r = peer.Recipe(c, D.load_split(c, "train"))
     tags = r.tag([D.Post(["a"] * 300, ["O"] * 300, None)])[0]  # one sub-word a word: words past --max_len are cut
     assert len(tags) == 300 and tags[c.max_len - 1:] == ["O"] * (300 - c.max_len + 1)
+
+
+def test_peer_table_from_peer_jsons(tmp_path):
+    """results.py --peers: one row per recipe and dataset, mean ± sample std of the seeds' dev and test F1."""
+    import results
+    files = []
+    for seed, dev, test in ((1, 0.80, 0.70), (2, 0.82, 0.74)):
+        f = tmp_path / f"p{seed}.json"
+        f.write_text(json.dumps({"recipe": "flair_sequence_tagger", "dataset": "d", "seed": seed, "dev_f1": dev,
+                                 "test": {"f1": test}, "best_epoch": seed + 3, "test_posts_per_s": 100.0 * seed,
+                                 "epochs": [{"epoch": 1, "train_s": 10.0 * seed}]}))
+        files.append(str(f))
+    row = results.peer_table(files).splitlines()[2]
+    assert row == ("| flair_sequence_tagger | d | 1,2 | 81.00 ± 1.41 | **72.00 ± 2.83** | 70.00, 74.00 | 4, 5 | 15 | "
+                   "150 |")

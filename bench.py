@@ -15,10 +15,7 @@ Cases (each measured in a fresh child process, so peak memory is that case's own
     mner_pixels   MNER running the frozen EfficientNet-Lite0 (or --sizes base: CLIP-B/32) on pixels every step
     mner_dual     MNER with the dual-granularity encoder on cached EfficientNet-Lite0 stem maps (what training does)
     mner_dual_pixels  the same encoder with its frozen stem run on pixels every step (nothing cached)
-crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing and
---fast_path (--fast on,off: MANGO's cases with and without the CPU fast path, which of the two goes first swapped
-every other round, and the ratio of the two printed; --paired: both settings step by step in one process, fp32,
-bucketing on, and the median per-step ratio).
+crossed with fp32 / --amp (bf16) and length bucketing on / off (--bucketing), optionally --grad_checkpointing.
 
 What is timed: train.train_step itself (forward, finite checks, backward, clipping, fused AdamW step, schedule,
 the --ema_decay weight average where on;
@@ -67,11 +64,6 @@ def bench_args(argv=None):
     a("--amp_modes", default="fp32,amp", help="comma list of fp32, amp")
     a("--bucketing", default="on,off", help="length bucketing of training batches: comma list of on, off")
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
-    a("--fast", default="on", help="MANGO's --fast_path (default on): comma list of on, off (the recipe is always itself)")
-    a("--paired", action="store_true",
-      help="with --fast on,off: time the two settings step by step on one model in one process (fp32, bucketing on; "
-           "--amp_modes/--bucketing/--grad_ckpt do not apply), the order swapped every step, and print the median of "
-           "the per-step on/off ratios (train step, eval batch) instead of the table")
     a("--repeats", type=int, default=3, help="timed repeats per case (medians are reported)")
     a("--steps", type=int, default=20, help="training steps timed per repeat")
     a("--rounds", type=int, default=1,
@@ -175,66 +167,13 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
     tps = statistics.median(train_tps)
     n_sub = {id(p): len(r.tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in posts}
     pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
-    return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False, "fast_path": None,
+    return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
             "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
             "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
             "threads": torch.get_num_threads(), "pad_share": round(pad, 3)}
-
-
-def paired_fast(spec: dict, model, step, batches: list, evals: list, prepare, sync) -> dict:
-    """--paired: the fast path on and off on the same model, batch and machine moment. Each of
-    spec["repeats"] * spec["steps"] batches spread over the epoch is trained once with each setting (use_fast_path
-    switches what --fast_path sets at build; which goes first alternates), then every dev batch is decoded once with
-    each. Returns the median of the per-step and per-batch on/off time ratios (a slow spell of the machine hits both
-    halves of a pair, so it moves the ratio far less than it moves separate runs)."""
-    import torch
-    from model import use_fast_path
-    def pair(run, items):
-        ratios = []
-        for i, b in enumerate(items):
-            t = {}
-            for on in ((True, False) if i % 2 else (False, True)):
-                use_fast_path(model, on)
-                sync()
-                t0 = time.perf_counter()
-                run(b)
-                sync()
-                t[on] = time.perf_counter() - t0
-            ratios.append(t[True] / t[False])
-        return ratios
-    n = spec["repeats"] * spec["steps"]
-    model.train()  # only the batches timed get their (random) image inputs
-    pair(step, [prepare(b) for b in batches[-2:]])  # warm-up of both settings (the caller's ran the one built)
-    train = pair(step, [prepare(batches[i * len(batches) // n]) for i in range(n)])
-    model.eval()
-    with torch.inference_mode():
-        pair(model.decode, evals[:2])
-        ev = pair(model.decode, evals)
-    quartiles = lambda x: [round(v, 3) for v in statistics.quantiles(x, n=4)] if len(x) > 1 else None
-    return {"case": spec["case"], "paired": True, "train_steps": len(train), "eval_batches": len(ev),
-            "train_on_off": round(statistics.median(train), 3), "eval_on_off": round(statistics.median(ev), 3),
-            "train_on_off_quartiles": quartiles(train), "eval_on_off_quartiles": quartiles(ev),
-            "threads": torch.get_num_threads()}
-
-
-def paired_lines(rows: list[dict]) -> list[str]:
-    """One line per case of --paired rows: the median over rounds of each round's median on/off ratio."""
-    out = []
-    for case in dict.fromkeys(r["case"] for r in rows):
-        mine = [r for r in rows if r["case"] == case and "error" not in r]
-        if not mine:
-            out.append(f"{case}: paired fast path on vs off failed: " + next(r["error"] for r in rows if r["case"] == case))
-            continue
-        line = f"{case}: paired fast path on vs off"
-        for what, unit, n in (("train", "train step", "train_steps"), ("eval", "eval batch", "eval_batches")):
-            vals = [r[f"{what}_on_off"] for r in mine]
-            line += (f", {unit} {statistics.median(vals):.3f}x (median of {sum(r[n] for r in mine)} pairs in "
-                     f"{len(mine)} round(s): " + " ".join(f"{v:.3f}" for v in vals) + ")")
-        out.append(line)
-    return out
 
 
 def run_case(spec: dict, argv: list[str]) -> dict:
@@ -293,8 +232,6 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     for b in batches[:2]:  # warm-up (allocator, kernels), not timed
         step(prepare(b))
     sync()
-    if spec.get("paired"):
-        return paired_fast(spec, model, step, batches, ebatches, prepare, sync)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, lambda b: b["input_ids"].size(0), prepare, sync)
@@ -309,7 +246,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     eval_tps = timed_eval(decode_all, len(dev), spec["repeats"], sync)
     tps = statistics.median(train_tps)
     return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
-            "grad_ckpt": config.grad_checkpointing, "fast_path": config.fast_path, "train_posts_per_s": round(tps, 1),
+            "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
             "train_posts_per_s_all": [round(x, 1) for x in train_tps],
             "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
             "eval_posts_per_s": round(eval_tps, 1),
@@ -341,30 +278,24 @@ def hardware(threads: bool = True) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| round | case | precision | bucketing | grad ckpt | fast path | train posts/s | train s/epoch | train CPU s/epoch | "
+    head = ("| round | case | precision | bucketing | grad ckpt | train posts/s | train s/epoch | train CPU s/epoch | "
             "eval posts/s | peak RSS MiB | train RSS growth MiB | peak CUDA MiB |")
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         key = f"| {r.get('round', 1)} | {r['case']} | {'bf16' if r['amp'] else 'fp32'} |"
         if "error" in r:
-            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | {r.get('fast_path', '-')} | failed: {r['error']} |||||||")
+            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} |||||||")
             continue
         out.append(f"{key} {'on' if r['bucketing'] else 'off'} | "
-                   f"{'on' if r['grad_ckpt'] else 'off'} | {_fast(r)} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
+                   f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
                    f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | {r['peak_cuda_mib'] or '-'} |")
     return "\n".join(out)
-
-
-def _fast(r) -> str:
-    """on / off, or - for the recipe and for rows written before bench.py recorded the flag."""
-    return "-" if r.get("fast_path") is None else "on" if r.get("fast_path") else "off"
 
 
 def round_ratios(rows: list[dict]) -> dict[str, tuple[float, float]]:
     """The figures the targets are stated in, from one round's rows: {what: (wall-clock ratio, CPU-time ratio)}:
     MANGO's fp32 text path against the recipe (train pass per epoch; eval posts/s, wall clock only), each image
-    case against the text path of the same precision, bucketing and fast path, and each case with the fast path
-    against itself without it (train pass; eval time, the inverse of posts/s)."""
+    case against the text path of the same precision and bucketing (train pass)."""
     ok = [r for r in rows if "error" not in r]
     rec = next((r for r in ok if r["case"] == "hf_recipe"), None)
     key = lambda r: (r["amp"], r["bucketing"], r["grad_ckpt"])
@@ -372,23 +303,15 @@ def round_ratios(rows: list[dict]) -> dict[str, tuple[float, float]]:
     for r in ok:
         if r["case"] == "text" and not r["amp"] and rec:
             what = f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}" \
-                   + (", fast path off" if _fast(r) == "off" else "") + ") vs hf_recipe"
+                   + ") vs hf_recipe"
             out[f"{what}: train pass"] = (r["epoch_s"] / rec["epoch_s"], r["epoch_cpu_s"] / rec["epoch_cpu_s"])
             out[f"{what}: eval posts/s"] = (r["eval_posts_per_s"] / rec["eval_posts_per_s"], None)
     for r in ok:
-        t = next((x for x in ok if x["case"] == "text" and key(x) == key(r) and _fast(x) == _fast(r)), None)
+        t = next((x for x in ok if x["case"] == "text" and key(x) == key(r)), None)
         if r["case"] not in ("text", "hf_recipe") and t:
             what = f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}" \
-                   + (", grad ckpt on" if r["grad_ckpt"] else "") + (", fast path off" if _fast(r) == "off" else "") \
-                   + ") vs text"
+                   + (", grad ckpt on" if r["grad_ckpt"] else "") + ") vs text"
             out[f"{what}: train pass"] = (r["epoch_s"] / t["epoch_s"], r["epoch_cpu_s"] / t["epoch_cpu_s"])
-    for r in ok:
-        off = next((x for x in ok if x["case"] == r["case"] and key(x) == key(r) and _fast(x) == "off"), None)
-        if _fast(r) == "on" and off:
-            what = f"{r['case']} ({'bf16' if r['amp'] else 'fp32'}, bucketing {'on' if r['bucketing'] else 'off'}" \
-                   + (", grad ckpt on" if r["grad_ckpt"] else "") + ") fast path on vs off"
-            out[f"{what}: train pass"] = (r["epoch_s"] / off["epoch_s"], r["epoch_cpu_s"] / off["epoch_cpu_s"])
-            out[f"{what}: eval time"] = (off["eval_posts_per_s"] / r["eval_posts_per_s"], None)
     return out
 
 
@@ -434,44 +357,20 @@ def main(argv=None):
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
-    if not args.fast or set(args.fast.split(",")) - {"on", "off"}:
-        raise SystemExit(f"error: --fast {args.fast}: give on, off or on,off")
-    if args.paired:
-        if set(args.fast.split(",")) != {"on", "off"} or "hf_recipe" in cases:
-            raise SystemExit("error: --paired compares the fast path on and off: give --fast on,off and MANGO's cases "
-                             "only (not hf_recipe)")
-        prows = []
-        for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
-            flags = ["--swanlab_mode", "disabled", "--length_bucketing", *rest]
-            spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts,
-                    "paired": True}
-            print(f"bench round {rnd}: {case} paired fast path on/off ...", file=sys.stderr, flush=True)
-            prows.append({**run_child(spec, flags, {"case": case}), "round": rnd})
-        print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-        for line in paired_lines(prows):
-            print(line)
-        if args.json:
-            used = {k: v for k, v in vars(args).items() if k not in ("amp_modes", "bucketing", "grad_ckpt")}
-            Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": used, "flags": rest,
-                                                   "precision": "fp32", "bucketing": "on", "paired": prows}, indent=1))
-        return
     rows = []
     for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
         # the recipe is what it is: fp32, its own batching, measured once per round
-        # --fast on,off: even rounds run off first, so neither setting always takes the first slot of a round
-        fasts = args.fast.split(",")[::1 if rnd % 2 else -1]
-        combos = [("fp32", "off", "off", "on")] if case == "hf_recipe" else itertools.product(
-            args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","), fasts)
-        for amp, bucket, ck, fast in combos:
+        combos = [("fp32", "off", "off")] if case == "hf_recipe" else itertools.product(
+            args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","))
+        for amp, bucket, ck in combos:
             flags = ["--swanlab_mode", "disabled"] + rest
             flags += ["--amp"] if amp == "amp" else []
             flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
             flags += ["--grad_checkpointing"] if ck == "on" else []
-            flags += [] if case == "hf_recipe" else ["--fast_path"] if fast == "on" else ["--no-fast_path"]
             spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
-            print(f"bench round {rnd}: {case} {amp} bucketing={bucket} grad_ckpt={ck} fast_path={fast} ...",
+            print(f"bench round {rnd}: {case} {amp} bucketing={bucket} grad_ckpt={ck} ...",
                   file=sys.stderr, flush=True)
-            failed = {"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck, "fast_path": fast}
+            failed = {"case": case, "amp": amp == "amp", "bucketing": bucket, "grad_ckpt": ck}
             rows.append({**run_child(spec, flags, failed), "round": rnd})
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")

@@ -91,13 +91,6 @@ def _model_flags(a) -> None:
     a("--layer_mix", action=B, default=False,
       help="word states from a learned softmax-weighted sum of all the text encoder's hidden states (embeddings and "
            "every layer; weights start equal and train at --head_lr) instead of its last layer")
-    a("--fast_path", action=B, default=True,
-      help="MiniLM/BERT/RoBERTa layers run by MANGO (the top one only at scored sub-words) and attention as plain "
-           "matmuls on CPU: on CPU, Hugging Face's result and random stream up to float rounding; text steps about 2%% "
-           "faster, near this CPU's noise (bench.py --paired); --no-fast_path runs Hugging Face's forward and SDPA")
-    a("--int_dropout_masks", action=B, default=False,
-      help="text-side dropout masks from 16-bit random integers instead of torch's Bernoulli draws (faster on CPU, "
-           "another random stream)")
     a("--allow_download", action="store_true", help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
     a("--use_image", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
@@ -271,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "head_lr", "weight_decay_rate", "clip_grad",
                      "min_epoch_num", "patience", "patience_num", "device", "amp", "num_workers", "swanlab_mode",
                      "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project",
-                     "word_mask_prob", "fast_path", "int_dropout_masks",
+                     "word_mask_prob",
                      "allow_download", "lenient_data"}
 
 
@@ -395,8 +388,6 @@ def config_from_dict(d: dict) -> argparse.Namespace:
         c.ema_decay = 0.0
     if "bio_constraints" not in d:  # runs saved before --bio_constraints were selected and scored without it
         c.bio_constraints = False
-    if "int_dropout_masks" not in d:  # until --int_dropout_masks, --fast_path also drew the integer masks
-        c.int_dropout_masks = bool(d.get("fast_path", False))
     resolve_auto(c)
     return c
 

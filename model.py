@@ -35,84 +35,16 @@ from config import ConfigError, build_parser, resolve_text_encoder
 from dataloader import CASE_SHAPES
 
 # ============================================================================ shared kernels
-# --fast_path (on): MANGO runs BERT-style encoder layers itself (the top one only at scored sub-words) and attention as
-# plain matmuls on CPU; on CPU the random stream and the result are Hugging Face's up to float rounding (README "Speed
-# and memory"). --int_dropout_masks (off): text-side dropout masks from 16-bit integers, another random stream.
 
-def cpu_dropout(x, p: float):
-    """Inverted dropout whose keep mask comes from 16-bit random integers: torch.bernoulli_ on CPU costs about 2.8x
-    (1.5 vs 0.55 ms for [16, 36, 384], 2 threads). random_() on int32 fills 31 bits, so each int32 gives two
-    draws: its low 16 bits (uniform over int16) and bits 16-30 (uniform over 0..32767), each compared with its own
-    threshold. The drop rate is p rounded to 1/65536 and to 1/32768 (0.1 -> 0.100006 in both halves). The mask is
-    kept in the input's dtype (4 bytes per element in fp32, where torch's dropout keeps 1): no bool cast in backward."""
-    n = x.numel()
-    r = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_().view(torch.int16).view(-1, 2)
-    thr = torch.tensor([round(p * 65536) - 32768, round(p * 32768)], dtype=torch.int16, device=x.device)
-    keep = (r >= thr).view(-1)[:n].view(x.shape)
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with cpu_dropout's mask on CPU (same p, same train/eval behaviour; F.dropout elsewhere)."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu" or self.p >= 1:
-            return F.dropout(x, self.p, True)
-        return cpu_dropout(x, self.p)
-
-
-def attend(q, k, v, mask=None, fast: bool = True, drop: nn.Module | None = None):
+def attend(q, k, v, mask=None):
     """softmax(q k^T / sqrt(d) [masked]) v: q [B, h, Q, d], k, v [B, h, K, d], mask bool broadcastable to
-    [B, h, Q, K] (True = may attend; every query keeps at least one key) -> [B, h, Q, d]; `drop` (a dropout module)
-    on the attention weights. fast on CPU: plain matmul, softmax, matmul, about 2x faster forward + backward than
-    SDPA's flash kernel at these lengths (T <= 40: 0.8 vs 1.9 ms for [16, 12, 20, 32]); otherwise SDPA."""
-    p = drop.p if drop is not None and drop.training else 0.0
-    if not fast or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-    s = (q @ k.transpose(-1, -2)) * (q.size(-1) ** -0.5)
-    if mask is not None:
-        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
-    w = s.softmax(-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax under bf16 autocast, as SDPA keeps it
-    return (drop(w) if p else w) @ v
-
-
-def use_fast_path(module: nn.Module, on: bool) -> None:
-    """--fast_path: every Attention and TextEncoder below `module` takes its fast branch (TextEncoder where its
-    encoder allows). Off: SDPA and Hugging Face's forward."""
-    for m in module.modules():
-        if isinstance(m, (Attention, TextEncoder)):
-            m.fast = on and getattr(m, "fast_ok", True)
-
-
-def use_int_dropout(module: nn.Module, on: bool) -> None:
-    """--int_dropout_masks: nn.Dropout <-> Dropout below `module`, keeping each one's p and train mode. The image side
-    (vision encoders, resampler, fusion stack, co-attention) keeps torch's masks, as in the lever's measured runs."""
-    for name, child in module.named_children():
-        kind = Dropout if on and type(child) is nn.Dropout else nn.Dropout if not on and type(child) is Dropout else None
-        if kind is not None:
-            setattr(module, name, kind(child.p, child.inplace).train(child.training))
-        elif not isinstance(child, (DualGranularityEncoder, PretrainedVision, VisualResampler, MultimodalStack,
-                                    CoAttention)):
-            use_int_dropout(child, on)
-
-
-def dropout_at(drop: nn.Module, y, rows, T: int):
-    """drop(y) for y [B, W, H], the rows [B, W] of a [B, T, H] tensor (rows None: y is the whole tensor). torch's dropout (nn.Dropout, training, on
-    CPU) draws its mask at [B, T, H] and reads it at rows, as F.dropout does on the whole tensor (empty_like,
-    bernoulli_(1 - p), div_(1 - p), multiply): the same random stream and the same kept values as a layer run at
-    every position."""
-    if rows is None or type(drop) is not nn.Dropout or not drop.training or drop.p == 0 or y.device.type != "cpu":
-        return drop(y)
-    B, W, H = y.shape
-    keep = y.new_empty(B, T, H).bernoulli_(1 - drop.p).div_(1 - drop.p)
-    return y * keep.gather(1, rows.unsqueeze(-1).expand(-1, -1, H))
+    [B, h, Q, K] (True = may attend; every query keeps at least one key) -> [B, h, Q, d]. No dropout on attention
+    maps: residual dropout regularises, and CPU mask sampling is costly."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 # ============================================================================ encoders
 
-FAST_TEXT_TYPES = {"bert", "roberta", "xlm-roberta", "camembert"}  # post-LN BertLayer stacks TextEncoder runs itself
 BYTE_LEVEL_TYPES = {"roberta", "longformer", "bart", "gpt2", "deberta", "camembert_bpe"}
 
 
@@ -203,12 +135,6 @@ class TextEncoder(nn.Module):
             self.case_in = nn.Embedding(len(CASE_SHAPES), self.hidden, padding_idx=0)
             nn.init.zeros_(self.case_in.weight)
         self.layer_mix = nn.Parameter(torch.zeros(n_layers + 1)) if config.layer_mix else None
-        mc = self.model.config
-        self.checkpointing = config.grad_checkpointing
-        self.fast_ok = (mc.model_type in FAST_TEXT_TYPES and not mc.is_decoder and self.layer_mix is None
-                        and getattr(mc, "position_embedding_type", "absolute") == "absolute")
-        self.fast = False  # use_fast_path sets it
-
     @staticmethod
     def subword_cases(T: int, word_index, word_end, case_ids):
         """Each sub-word's word shape [B, T] (0 = pad for special tokens, padding, retrieved-context words and
@@ -216,36 +142,6 @@ class TextEncoder(nn.Module):
         pos = torch.arange(T, device=word_index.device)
         inside = (pos >= word_index[..., None]) & (pos < word_end[..., None])  # [B, W, T]; words never overlap
         return (inside * case_ids[..., None]).sum(1)
-
-    @staticmethod
-    def bert_layer(layer, h, mask, rows=None):
-        """One post-LN BertLayer from its own weights: h [B, T, H], mask [B, 1, 1, T] bool -> [B, T, H], or
-        [B, W, H] at the positions rows [B, W] only (their queries read keys and values of every sub-word)."""
-        a = layer.attention.self
-        B, T, H = h.shape
-        x = h if rows is None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, H))
-        split = lambda t: t.view(B, -1, a.num_attention_heads, a.attention_head_size).transpose(1, 2)
-        o = attend(split(a.query(x)), split(a.key(h)), split(a.value(h)), mask, drop=a.dropout)
-        so, out = layer.attention.output, layer.output
-        x = so.LayerNorm(dropout_at(so.dropout, so.dense(o.transpose(1, 2).reshape(B, -1, H)), rows, T) + x)
-        return out.LayerNorm(dropout_at(out.dropout, out.dense(layer.intermediate(x)), rows, T) + x)
-
-    def _fast(self, input_ids, attention_mask, emb, rows):
-        """The encoder's own forward (--fast_path): HF's embeddings module, then bert_layer per layer, the top one
-        only at rows [B, W] when given (first sub-word pooling: ~22% of Twitter's sub-words are never read; at every
-        row, then read at rows, while attention dropout trains) -> [B, T, H], or [B, W, H] when rows are given."""
-        h = self.model.embeddings(input_ids=input_ids) if emb is None else self.model.embeddings(inputs_embeds=emb)
-        mask = attention_mask.bool()[:, None, None, :]
-        layers = self.model.encoder.layer
-        # attention dropout draws a [B, heads, T, T] mask: the top layer then runs at every row, as HF draws it
-        top = None if self.training and layers[-1].attention.self.dropout.p > 0 else rows
-        for i, layer in enumerate(layers):
-            r = top if i == len(layers) - 1 else None
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(self.bert_layer, layer, h, mask, r, use_reentrant=False)
-            else:
-                h = self.bert_layer(layer, h, mask, r)
-        return h if rows is None or top is not None else h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.size(-1)))
 
     def forward(self, input_ids, attention_mask, word_index, word_end=None, case_ids=None):
         mix = self.layer_mix is not None
@@ -255,20 +151,15 @@ class TextEncoder(nn.Module):
                 raise ValueError("--case_input needs the batch's word_end and case_ids (dataloader.collate makes them)")
             emb = self.model.get_input_embeddings()(input_ids)
             emb = emb + self.case_in(self.subword_cases(input_ids.size(1), word_index, word_end, case_ids))
-        if self.fast:
-            if not self.mean:
-                return self._fast(input_ids, attention_mask, emb, word_index)
-            h = self._fast(input_ids, attention_mask, emb, None)
+        if emb is None:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=mix)
         else:
-            if emb is None:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=mix)
-            else:
-                out = self.model(inputs_embeds=emb, attention_mask=attention_mask, output_hidden_states=mix)
-            if mix:  # [L+1] weights over [L+1, B, T, H]
-                w = self.layer_mix.softmax(0).to(out.hidden_states[0].dtype)
-                h = torch.einsum("l,lbth->bth", w, torch.stack(out.hidden_states))
-            else:
-                h = out.last_hidden_state
+            out = self.model(inputs_embeds=emb, attention_mask=attention_mask, output_hidden_states=mix)
+        if mix:  # [L+1] weights over [L+1, B, T, H]
+            w = self.layer_mix.softmax(0).to(out.hidden_states[0].dtype)
+            h = torch.einsum("l,lbth->bth", w, torch.stack(out.hidden_states))
+        else:
+            h = out.last_hidden_state
         H = h.size(-1)
         if not self.mean:
             return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
@@ -297,7 +188,6 @@ class Attention(nn.Module):
         # no key bias: it adds the same amount to every score of a query, which softmax cancels
         self.q, self.k, self.v, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.keep_weights, self.last_weights = False, None
-        self.fast = False  # use_fast_path sets it
 
     def forward(self, q, kv, mask=None):
         B, Q, D = q.shape
@@ -313,8 +203,7 @@ class Attention(nn.Module):
             self.last_weights = w.detach()
             out = w @ vh
         else:
-            # no dropout on attention maps: residual dropout regularises, and CPU mask sampling is costly
-            out = attend(qh, kh, vh, mask, self.fast)
+            out = attend(qh, kh, vh, mask)
         return self.o(out.transpose(1, 2).reshape(B, Q, D))
 
 
@@ -1211,8 +1100,6 @@ class Tagger(nn.Module):
         self.emit = nn.Linear(out, len(bioes_to_bio(num_labels)) if bioes else num_labels)  # before the head: seeds
         self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss, bioes) if head == "crf" else \
             SoftmaxHead(num_labels, config.label_smoothing)
-        use_fast_path(self, config.fast_path)
-        use_int_dropout(self, config.int_dropout_masks)
 
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
     HEAD_PREFIXES = ("case.", "text.layer_mix", "lstm.", "emit.", "head.")

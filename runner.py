@@ -24,7 +24,7 @@ from metrics import evaluate
 from model import MODELS, build_model
 
 # flags test.py / predict.py take from the command line over the run's config.json (they change no weights)
-RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "bio_constraints", "fast_path", "record_file", "data_dir",
+RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "bio_constraints", "record_file", "data_dir",
                  "image_root", "cache_dir", "image_control", "num_workers", "amp", "save_dir", "lenient_data",
                  "allow_download", "plots", "out_dir"}
 RUN_FILES = ("config.json", "label_map.json", "model.pt")

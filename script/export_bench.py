@@ -5,7 +5,7 @@
 
 The checkpoint runs as test.py scores it (test.predict: the run's torch model, batches of --batch_size sorted
 by length); each bundle through bundle.Bundle.tag with the same batch size. Images are not used (the text
-path: the target of issue #16 is about it), so an MNER run is timed on its text-only graph. Model loading is
+path), so an MNER run is timed on its text-only graph. Model loading is
 not timed; tokenisation and decoding are, on both sides. Default bundles: <run>/bundle and <run>/bundle_int8.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # New images with predict.py --input: posts/s with the checkpoint (pool decoding + batched backbone) and with
 # bundles. Every run gets an empty feature cache, so no image is cached. (The sequential predict.py of 9e19cc0,
-# the "before" of issue #16, no longer runs against today's modules; its figure is kept in README.md.)
+# the "before" of the int8 work, no longer runs against the current modules; its figure is kept in docs/speed.md.)
 #   SAVE_NAME=<demo MNER run> bash script/images_bench.sh [bundle dir ...]
 # Env: SAVE_NAME (required), DATASET (demo), REPEATS (3). Prints each run's posts/s line, then the medians.
 set -euo pipefail

@@ -226,35 +226,6 @@ def _bio_loss(env):
     return bool((on.nll(em, labels, mask) < off.nll(em, labels, mask)).all())
 
 
-def _on_off(env, flag: str, probe) -> tuple:
-    """(probe(model), eval emissions, training loss under seed 1) of the text model with --flag, then with --no-flag."""
-    batch = next(iter(D.make_loader(env["dataset"](), ds_config(env, []), train=False)))
-    out = []
-    for f in (f"--{flag}", f"--no-{flag}"):
-        c, m, _ = env["mner"](["--model", "roberta_crf", f])
-        with torch.no_grad():
-            em = m.eval()(batch)["emissions"]
-            torch.manual_seed(1)
-            out.append((probe(m), em, m.train()(batch)["loss"]))
-    return tuple(out)
-
-
-def _fast_path(env):
-    """--fast_path (default): MANGO's own encoder loop; the same emissions in eval and, under the same seed, the same
-    training loss (torch's dropout masks, drawn at the shapes Hugging Face's layers draw them)."""
-    on, off = _on_off(env, "fast_path", lambda m: m.text.fast)
-    return on[0] and not off[0] and torch.allclose(on[1], off[1], atol=1e-5) and torch.allclose(on[2], off[2], atol=1e-4)
-
-
-def _int_dropout_masks(env):
-    """--int_dropout_masks: the text side's dropout modules draw integer masks: another training loss under the same
-    seed, the same emissions in eval. A config.json from before the flag keeps what its --fast_path drew then."""
-    on, off = _on_off(env, "int_dropout_masks", lambda m: any(isinstance(x, M.Dropout) for x in m.modules()))
-    old = [C.config_from_dict({"model": "roberta_crf", "fast_path": f}).int_dropout_masks for f in (True, False)]
-    return on[0] and not off[0] and torch.allclose(on[1], off[1], atol=1e-5) and not torch.isclose(on[2], off[2]) \
-        and old == [True, False] and C.config_from_dict({"fast_path": True, "int_dropout_masks": False}).int_dropout_masks is False
-
-
 def _word_mask_prob(env):
     """Training items get mask tokens with --word_mask_prob (test_text_path checks whole words, epochs, dev)."""
     c = C.get_config(env["enc"] + env["data"] + ["--word_mask_prob", "0.5"])
@@ -406,8 +377,6 @@ FLAGS = {
     "use_image": [model(alt=["--no-use_image"])],
     "bio_constraints": [fn(_bio_constraints), warned(["--head", "softmax", "--bio_constraints"])],
     "bio_loss": [fn(_bio_loss), warned(["--no-bio_constraints", "--bio_loss"])],
-    "fast_path": [fn(_fast_path)],
-    "int_dropout_masks": [fn(_int_dropout_masks)],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
     "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]), warned(["--label_smoothing", "0.1"])],
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],

@@ -65,29 +65,6 @@ def test_bench_driver_table_and_json(tmp_path, tiny_flags):
     assert "| 2 | text | fp32 | on | off |" in p.stdout and "| 1 | text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
 
 
-def test_bench_paired_fast_path(tmp_path, tiny_flags):
-    """--paired: each case trains and decodes with the fast path on and off in one process, pair by pair; the driver
-    prints the median on/off ratios per case and refuses the recipe (it has no fast path)."""
-    out = tmp_path / "paired.json"
-    p = subprocess.run([PY, "bench.py", "--cases", "text,mner_cached", "--fast", "on,off", "--paired", "--repeats", "1",
-                        "--steps", "3", "--eval_posts", "8", "--json", str(out), *tiny_flags], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = json.loads(out.read_text())["paired"]
-    assert [r["case"] for r in rows] == ["text", "mner_cached"]
-    for r in rows:  # 3 training pairs; 8 dev posts in batches of 4
-        assert r["train_steps"] == 3 and r["eval_batches"] == 2 and r["train_on_off"] > 0 and r["eval_on_off"] > 0
-        assert len(r["train_on_off_quartiles"]) == 3 and len(r["eval_on_off_quartiles"]) == 3
-    assert "text: paired fast path on vs off, train step" in p.stdout and "mner_cached: paired" in p.stdout
-    lines = bench.paired_lines([{"case": "text", "round": k, "train_on_off": t, "eval_on_off": e, "train_steps": 10,
-                                 "eval_batches": 4} for k, t, e in ((1, 0.9, 0.95), (2, 1.0, 0.93), (3, 0.96, 0.9))])
-    assert lines == ["text: paired fast path on vs off, train step 0.960x (median of 30 pairs in 3 round(s): 0.900 1.000 "
-                     "0.960), eval batch 0.930x (median of 12 pairs in 3 round(s): 0.950 0.930 0.900)"]
-    p = subprocess.run([PY, "bench.py", "--cases", "hf_recipe,text", "--fast", "on,off", "--paired"], cwd=ROOT,
-                       env=env(), capture_output=True, text=True)
-    assert p.returncode != 0 and "--paired" in p.stderr and "Traceback" not in p.stderr
-
-
 def test_bench_ratios_are_medians_over_rounds():
     """Hand-made rows: the train pass against the recipe and MNER against the text path, per round, then the median."""
     def row(k, case, s, cpu, eval_=100.0):
@@ -105,27 +82,6 @@ def test_bench_ratios_are_medians_over_rounds():
     # a case that failed in round 1 still has its ratio from the rounds where it ran
     later = bench.ratios([r for r in rows if (r["round"], r["case"]) != (1, "mner_cached")])
     assert later[2].startswith("mner_cached (fp32, bucketing on) vs text: train pass: 1.38x wall clock") and "median of 2 rounds" in later[2]
-
-
-def test_bench_fast_path_ratio_pairs_each_case_with_itself():
-    """--fast on,off: each case against itself without the fast path (train pass; eval time), and MNER against
-    the text path of the same fast-path setting."""
-    def row(case, fast, s, eval_):
-        return {"round": 1, "case": case, "amp": False, "bucketing": True, "grad_ckpt": False, "fast_path": fast,
-                "epoch_s": s, "epoch_cpu_s": 2 * s, "eval_posts_per_s": eval_}
-    rows = [{**row("hf_recipe", None, 100, 100), "bucketing": False}, row("text", True, 45, 160),
-            row("text", False, 50, 150), row("mner_cached", True, 54, 120), row("mner_cached", False, 65, 110)]
-    lines = bench.ratios(rows)
-    assert "text (bucketing on, grad ckpt off) vs hf_recipe: train pass: 0.45x wall clock, 0.45x CPU time" in lines
-    assert "text (bucketing on, grad ckpt off, fast path off) vs hf_recipe: train pass: 0.50x wall clock, 0.50x CPU time" in lines
-    assert "mner_cached (fp32, bucketing on) vs text: train pass: 1.20x wall clock, 1.20x CPU time" in lines
-    assert "mner_cached (fp32, bucketing on, fast path off) vs text: train pass: 1.30x wall clock, 1.30x CPU time" in lines
-    assert "text (fp32, bucketing on) fast path on vs off: train pass: 0.90x wall clock, 0.90x CPU time" in lines
-    assert "text (fp32, bucketing on) fast path on vs off: eval time: 0.94x wall clock" in lines
-    assert "mner_cached (fp32, bucketing on) fast path on vs off: eval time: 0.92x wall clock" in lines
-    p = subprocess.run([PY, "bench.py", "--cases", "text", "--fast", "maybe"], cwd=ROOT, env=env(),
-                       capture_output=True, text=True)
-    assert p.returncode != 0 and "--fast maybe" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_bench_rounds_must_be_positive():
@@ -178,7 +134,7 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "text_default_fast", "text_default_bs32", "text_default_bs32_lr1e4",
                                   "text_default_case_input", "text_default_word_mask", "text_default_ema99",
                                   "text_default_ema995", "text_default_mpnet", "text_r2", "text_r2_bio",
-                                  "text_r2_bio_loss", "text_r2_layer_mix", "text_r2_bilstm", "text_r3_fast_path", "text_r4",
+                                  "text_r2_bio_loss", "text_r2_layer_mix", "text_r2_bilstm", "text_r4",
                                   "text_r4_flair_drop", "text_r4_locked", "text_r4_word_drop", "text_r4_bioes",
                                   "text_r4_no_bucketing", "text_r4_one_lr", "text_r4_no_ema", "text_r4_trained_emb",
                                   "text_r4_no_case", "text_r4_clip5", "text_r4_e10", "text_r4_flair_all",
@@ -199,7 +155,7 @@ def test_reproduce_and_ablation_list(tmp_path):
                        capture_output=True, text=True)
     lines = p.stdout.splitlines()
     assert p.returncode == 0 and len(lines) == 4
-    base = "--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints --no-fast_path"
+    base = "--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_decay 0 --no-bio_constraints"
     assert lines[0].endswith(f"{base} --epochs 10") and "--epochs 6" in lines[0]
     assert lines[2].endswith(f"{base} --context_k 2") and "image_control" not in p.stdout
 

@@ -101,6 +101,9 @@ def _model_flags(a) -> None:
     a("--tag_scheme", default="bio", choices=["bio", "bioes"],
       help="tags the CRF scores: bio (the data's), or bioes (a chunk's last word E-X, a one-word chunk S-X); data, "
            "outputs and scores stay BIO")
+    a("--crf_loss_sum", action="store_true",
+      help="the CRF's loss is the sum of the batch's post NLLs instead of their mean (gradients --batch_size times "
+           "larger, so --clip_grad clips more often)")
     a("--bio_loss", action=B, default=False,
       help="with --bio_constraints: the CRF's training normaliser also runs over valid BIO paths only")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")

@@ -905,9 +905,10 @@ class CRFHead(nn.Module):
     decode both ways.
     """
 
-    def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False, bioes: bool = False):
+    def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False, bioes: bool = False,
+                 loss_sum: bool = False):
         super().__init__()
-        self.bioes = bioes
+        self.bioes, self.reduce = bioes, (torch.sum if loss_sum else torch.mean)
         self.register_buffer("to_bio", bioes_to_bio(num_labels) if bioes else torch.arange(num_labels),
                              persistent=False)
         self.n_scores = len(self.to_bio)
@@ -951,14 +952,14 @@ class CRFHead(nn.Module):
         return log_partition(em, mask, *self.scores()) - gold
 
     def loss(self, em, labels, mask):
-        return self.nll(em, labels, mask).mean()
+        return self.reduce(self.nll(em, labels, mask))
 
     def losses(self, *triples):
         """loss() of several (em, labels, mask) triples of one width W in a single CRF pass (its forward
         algorithm loops over W in Python, so one pass over the stacked posts costs about what one batch does)."""
         em, labels, mask = (torch.cat(x) for x in zip(*triples))
         per = self.nll(em, labels, mask)
-        return [x.mean() for x in per.split([t[0].size(0) for t in triples])]
+        return [self.reduce(x) for x in per.split([t[0].size(0) for t in triples])]
 
     @torch.no_grad()
     def decode(self, em, mask) -> list[list[int]]:
@@ -1098,7 +1099,8 @@ class Tagger(nn.Module):
         out = 2 * config.hidden_dim if bilstm else H
         bioes = head == "crf" and config.tag_scheme == "bioes"
         self.emit = nn.Linear(out, len(bioes_to_bio(num_labels)) if bioes else num_labels)  # before the head: seeds
-        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss, bioes) if head == "crf" else \
+        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss, bioes, config.crf_loss_sum) \
+            if head == "crf" else \
             SoftmaxHead(num_labels, config.label_smoothing)
 
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
@@ -1269,6 +1271,8 @@ def unused_flags(config, given: set[str]) -> list[str]:
         "rel_temperature": rel_off,
         "bio_constraints": None if head == "crf" else f"the softmax head of --model {config.model} (it constrains "
                                                       "the CRF's decoding)",
+        "crf_loss_sum": None if head == "crf" else f"the softmax head of --model {config.model} (it sums the CRF's "
+                                                   "loss)",
         "tag_scheme": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the tags the "
                                                  "CRF scores)",
         "bio_loss": None if head == "crf" and config.bio_constraints else

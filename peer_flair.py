@@ -55,13 +55,16 @@ def sentences(posts: list[D.Post], eval_mode: str):
 
 
 def predicted_tags(sentence) -> list[str]:
-    """BIO tags of the 'predicted' spans of one tagged Sentence."""
+    """BIO tags of the 'predicted' spans of one tagged Sentence. The type is the span's 'predicted' label: flair
+    keeps one Span object per position, so a span the gold also has carries the gold label too, and span.tag (its
+    first label) would read the gold type."""
     tags = ["O"] * len(sentence)
     for span in sentence.get_spans("predicted"):
+        typ = span.get_label("predicted").value
         first = span.tokens[0].idx - 1  # flair's token idx starts at 1
-        tags[first] = f"B-{span.tag}"
+        tags[first] = f"B-{typ}"
         for k in range(first + 1, first + len(span.tokens)):
-            tags[k] = f"I-{span.tag}"
+            tags[k] = f"I-{typ}"
     return tags
 
 

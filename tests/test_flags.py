@@ -384,6 +384,8 @@ FLAGS = {
     "drop_prob": [model(alt=["--drop_prob", "0.3"])],
     "tag_scheme": [model(alt=["--tag_scheme", "bioes"]), forward(["--model", "roberta_crf"], ["--tag_scheme", "bioes"]),
                    warned(["--model", "bert", "--tag_scheme", "bioes"])],
+    "crf_loss_sum": [forward(["--model", "roberta_crf"], ["--crf_loss_sum"]),
+                     warned(["--model", "bert", "--crf_loss_sum"])],
     "word_dropout": [forward(alt=["--word_dropout", "0.5"]), refused(["--word_dropout", "1"], "--word_dropout")],
     "locked_dropout": [forward(alt=["--locked_dropout", "0.5"]), refused(["--locked_dropout", "1"], "--locked_dropout")],
     "vision_trainable": [model(alt=["--vision_trainable"]), warned(DUAL + ["--vision_trainable"])],

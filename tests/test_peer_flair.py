@@ -36,3 +36,17 @@ def test_peer_flair_scores_a_tiny_set_with_mangos_scorer(tiny_data_dir, tiny_ber
     assert res["test"]["mode"] == "conlleval" and res["test"]["gold_support"] == gold  # MANGO's scorer's report
     assert len(res["epochs"]) == 1 and res["epochs"][0]["train_s"] > 0 and res["test_posts_per_s"] > 0
     assert 0.0 <= res["test"]["f1"] <= 1.0 and "test (conlleval)" in p.stdout
+
+
+@pytest.mark.skipif(not _has_flair(), reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+def test_predicted_type_is_the_predictions_not_the_golds():
+    """flair keeps one Span per position: a predicted span where the gold has one carries both labels, and its
+    first (gold) label must not become the prediction's type."""
+    code = ("from flair.data import Sentence; import peer_flair as P\n"
+            "s = Sentence(['Kevin', 'Durant', 'plays']); s[0:2].add_label('ner', 'PER')\n"
+            "s[0:2].add_label('predicted', 'ORG'); s[2:3].add_label('predicted', 'MISC')\n"
+            "print(P.predicted_tags(s))")
+    p = subprocess.run([str(VENV / "bin" / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "['B-ORG', 'I-ORG', 'B-MISC']"

@@ -98,9 +98,10 @@ def _model_flags(a) -> None:
       help="valid BIO only: CRF decoding (dev, test, predict, export) takes I-X only after B-X or I-X, and a CRF "
            "scored by conlleval trains on labels whose chunks that open with I-X start with B-X (IOB2; conlleval reads "
            "the same chunks); test.py may set it on a saved run (decoding only). Runs saved before this flag keep it off")
-    a("--tag_scheme", default="bio", choices=["bio", "bioes"],
+    a("--tag_scheme", default="auto", choices=["auto", "bio", "bioes"],
       help="tags the CRF scores: bio (the data's), or bioes (a chunk's last word E-X, a one-word chunk S-X); data, "
-           "outputs and scores stay BIO")
+           "outputs and scores stay BIO; auto = bioes for the text-only models roberta_crf, bert_crf, bert_bilstm_crf, "
+           "bio for MNER and roberta_clip_coattn")
     a("--crf_loss_sum", action="store_true",
       help="the CRF's loss is the sum of the batch's post NLLs instead of their mean (gradients --batch_size times "
            "larger, so --clip_grad clips more often)")
@@ -363,6 +364,8 @@ def resolve_auto(c) -> None:
         c.head_lr = c.downs_en_lr if c.model in IMAGE_MODELS else 3e-3
     if c.ema_decay < 0:  # measured on the text path only; the image models keep the optimiser they were measured with
         c.ema_decay = 0.0 if c.model in IMAGE_MODELS else 0.99
+    if c.tag_scheme == "auto":  # chosen on the text path's dev F1; the image models keep the scheme they were measured with
+        c.tag_scheme = "bio" if c.model in IMAGE_MODELS else "bioes"
     if c.image_type_lambda < 0:
         c.image_type_lambda = 0.5 if c.use_dual_granularity else 0.0
     if c.vision_distill_lambda < 0:
@@ -389,6 +392,8 @@ def config_from_dict(d: dict) -> argparse.Namespace:
         c.head_lr = c.downs_en_lr
     if "ema_decay" not in d:  # runs saved before --ema_decay kept no weight average
         c.ema_decay = 0.0
+    if "tag_scheme" not in d:  # runs saved before --tag_scheme scored BIO tags
+        c.tag_scheme = "bio"
     if "bio_constraints" not in d:  # runs saved before --bio_constraints were selected and scored without it
         c.bio_constraints = False
     resolve_auto(c)

@@ -38,6 +38,8 @@ TEXT_DEFAULT="--model roberta_crf --ema_decay 0 --no-bio_constraints"
 # the second round's defaults (text_default_ema99's setting: --ema_decay auto = 0.99); text_r2_bio on top of it is
 # the third round's default (--bio_constraints); text_r2_bio_loss and text_r2_layer_mix are one change on it
 TEXT_R2="--model roberta_crf --no-bio_constraints"
+# the fifth round's base: the defaults of then (BIO tags; --tag_scheme auto picks BIOES for text-only models since)
+TEXT_R4="--model roberta_crf --tag_scheme bio"
 flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientNet-Lite0 defaults)
   case $1 in
     full) echo "(script/train.sh defaults: EfficientNet-Lite0, 7 fusion layers, every loss)" ;;
@@ -86,24 +88,24 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r2_layer_mix) echo "$TEXT_R2 --bio_constraints --layer_mix" ;;
     text_r2_bilstm) echo "$TEXT_R2 --model bert_bilstm_crf" ;;
     # the fifth round: one change on the defaults of that round (text_r4), towards flair's recipe (peer_flair.py)
-    text_r4) echo "--model roberta_crf" ;;
-    text_r4_flair_drop) echo "--model roberta_crf --locked_dropout 0.5 --word_dropout 0.05" ;;
-    text_r4_locked) echo "--model roberta_crf --locked_dropout 0.5" ;;
-    text_r4_word_drop) echo "--model roberta_crf --word_dropout 0.05" ;;
-    text_r4_bioes) echo "--model roberta_crf --tag_scheme bioes" ;;
-    text_r4_no_bucketing) echo "--model roberta_crf --no-length_bucketing" ;;
-    text_r4_one_lr) echo "--model roberta_crf --head_lr 5e-5" ;;
-    text_r4_no_ema) echo "--model roberta_crf --ema_decay 0" ;;
-    text_r4_trained_emb) echo "--model roberta_crf --no-freeze_word_embeddings" ;;
-    text_r4_no_case) echo "--model roberta_crf --no-case_features" ;;
-    text_r4_clip5) echo "--model roberta_crf --clip_grad 5" ;;
-    text_r4_e10) echo "--model roberta_crf --epochs 10" ;;
-    text_r4_sum5) echo "--model roberta_crf --crf_loss_sum --clip_grad 5" ;;
+    text_r4) echo "$TEXT_R4" ;;
+    text_r4_flair_drop) echo "$TEXT_R4 --locked_dropout 0.5 --word_dropout 0.05" ;;
+    text_r4_locked) echo "$TEXT_R4 --locked_dropout 0.5" ;;
+    text_r4_word_drop) echo "$TEXT_R4 --word_dropout 0.05" ;;
+    text_r4_bioes) echo "$TEXT_R4 --tag_scheme bioes" ;;
+    text_r4_no_bucketing) echo "$TEXT_R4 --no-length_bucketing" ;;
+    text_r4_one_lr) echo "$TEXT_R4 --head_lr 5e-5" ;;
+    text_r4_no_ema) echo "$TEXT_R4 --ema_decay 0" ;;
+    text_r4_trained_emb) echo "$TEXT_R4 --no-freeze_word_embeddings" ;;
+    text_r4_no_case) echo "$TEXT_R4 --no-case_features" ;;
+    text_r4_clip5) echo "$TEXT_R4 --clip_grad 5" ;;
+    text_r4_e10) echo "$TEXT_R4 --epochs 10" ;;
+    text_r4_sum5) echo "$TEXT_R4 --crf_loss_sum --clip_grad 5" ;;
     text_r4_flair_all_sum) echo "$(flags_of text_r4_flair_all) --crf_loss_sum --text_attention_dropout 0.1" ;;
-    text_r4_attn_drop) echo "--model roberta_crf --text_attention_dropout 0.1" ;;
-    text_r4_bioes_drop) echo "--model roberta_crf --tag_scheme bioes --locked_dropout 0.5 --word_dropout 0.05" ;;
+    text_r4_attn_drop) echo "$TEXT_R4 --text_attention_dropout 0.1" ;;
+    text_r4_bioes_drop) echo "$TEXT_R4 --tag_scheme bioes --locked_dropout 0.5 --word_dropout 0.05" ;;
     # everything flair's recipe does that MANGO has a flag for
-    text_r4_flair_all) echo "--model roberta_crf --locked_dropout 0.5 --word_dropout 0.05 --tag_scheme bioes --head_lr 5e-5
+    text_r4_flair_all) echo "$TEXT_R4 --locked_dropout 0.5 --word_dropout 0.05 --tag_scheme bioes --head_lr 5e-5
 --no-freeze_word_embeddings --no-case_features --ema_decay 0 --drop_prob 0 --clip_grad 5 --no-length_bucketing" | tr '\n' ' ' ;;
     *) return 1 ;;
   esac

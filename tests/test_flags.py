@@ -382,7 +382,7 @@ FLAGS = {
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],
     "hidden_dim": [model(["--use_bilstm"], ["--hidden_dim", "8"]), warned(["--hidden_dim", "8"])],
     "drop_prob": [model(alt=["--drop_prob", "0.3"])],
-    "tag_scheme": [model(alt=["--tag_scheme", "bioes"]), forward(["--model", "roberta_crf"], ["--tag_scheme", "bioes"]),
+    "tag_scheme": [model(alt=["--tag_scheme", "bioes"]), forward(["--model", "roberta_crf"], ["--tag_scheme", "bio"]),
                    warned(["--model", "bert", "--tag_scheme", "bioes"])],
     "crf_loss_sum": [forward(["--model", "roberta_crf"], ["--crf_loss_sum"]),
                      warned(["--model", "bert", "--crf_loss_sum"])],

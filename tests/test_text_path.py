@@ -247,6 +247,14 @@ def test_head_lr_auto_is_higher_only_without_image_fusion():
     assert C.config_from_dict({"model": "roberta_crf", "downs_en_lr": 2e-3}).head_lr == 2e-3
 
 
+def test_tag_scheme_auto_is_bioes_only_for_the_text_only_models():
+    for model in M.MODELS:
+        c = C.get_config(["--model", model], check=False)
+        assert c.tag_scheme == ("bio" if model in C.IMAGE_MODELS else "bioes"), model
+    assert C.get_config(["--model", "roberta_crf", "--tag_scheme", "bio"], check=False).tag_scheme == "bio"
+    assert C.config_from_dict({"model": "roberta_crf"}).tag_scheme == "bio"  # a run saved before the flag
+
+
 def test_ema_auto_is_on_only_for_the_text_only_models():
     import model as M
     for model in M.MODELS:

@@ -908,6 +908,8 @@ class CRFHead(nn.Module):
     def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False, bioes: bool = False,
                  loss_sum: bool = False):
         super().__init__()
+        if bioes and num_labels % 2:  # LabelMap's layout: PAD, O, then a B-/I- pair per type
+            raise ValueError(f"BIOES needs PAD, O and B-/I- pairs of labels; got {num_labels} labels")
         self.bioes, self.reduce = bioes, (torch.sum if loss_sum else torch.mean)
         self.register_buffer("to_bio", bioes_to_bio(num_labels) if bioes else torch.arange(num_labels),
                              persistent=False)

@@ -247,7 +247,7 @@ def test_lr_groups(base, tiny_bert_dir):
 
 def test_schedule_warmup_then_decay(base):
     cfg = get_config(base + ["--warmup_prop", "0.2"])
-    m = build_model(get_config(base + ["--model", "roberta_crf"]), 9)
+    m = build_model(get_config(base + ["--model", "roberta_crf"]), 10)
     opt, sched = train.make_optimizer(m, cfg, steps=10)
     f = [sched.lr_lambdas[0](s) for s in range(11)]
     assert f[0] < f[1] < f[2] and f[2] >= max(f[3:]) and f[-1] == 0
@@ -391,7 +391,7 @@ def test_grad_scaler_state_round_trip(tmp_path, tiny_bert_dir):
     (A CPU GradScaler stands in for CUDA's: same state_dict.)"""
     import runner
     cfg = get_config(["--model", "bert_crf", "--text_encoder", tiny_bert_dir])
-    m = build_model(cfg, 9)
+    m = build_model(cfg, 10)
     opt, sched = train.make_optimizer(m, cfg, steps=10)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
     scaler.scale(torch.ones(()))  # the scale lives from the first use

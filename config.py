@@ -111,10 +111,6 @@ def _model_flags(a) -> None:
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
-    a("--word_dropout", type=float, default=0.0,
-      help="training only: each word's state is zeroed with this probability (one draw per word, its tag kept)")
-    a("--locked_dropout", type=float, default=0.0,
-      help="training only: dropout on the word states with one mask per post, shared by all its words")
     a("--vision_trainable", action="store_true", help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
     a("--use_dual_granularity", action="store_true",
@@ -188,6 +184,10 @@ def _training_flags(a) -> None:
     a("--word_mask_prob", type=float, default=0.0,
       help="training only: each word of a post is replaced, with this probability per epoch, by the tokenizer's mask "
            "token on all its sub-words (its tag stays), so tags are also learned from the context; 0 = off")
+    a("--word_dropout", type=float, default=0.0,
+      help="training only: each word's state is zeroed with this probability (one draw per word, its tag kept)")
+    a("--locked_dropout", type=float, default=0.0,
+      help="training only: dropout on the word states with one mask per post, shared by all its words")
     a("--ema_decay", type=float, default=-1,
       help="exponential moving average of the trainable weights, updated after every optimiser step (bias-corrected; "
            "horizon about 1 / (1 - decay) steps); dev scoring, model.pt and the test use the average, last.pt keeps "

@@ -256,6 +256,15 @@ async def read_body(request, limit: int) -> bytes:
     return body
 
 
+async def access_log(request, call_next):
+    """One line per request: method, path, status, posts tagged, milliseconds."""
+    t0 = time.perf_counter()
+    response = await call_next(request)
+    print(f"{request.method} {request.url.path} {response.status_code} "
+          f"{getattr(request.state, 'posts', 0)} posts {1000 * (time.perf_counter() - t0):.1f} ms", flush=True)
+    return response
+
+
 def make_app(rt: BU.Runtime, args):
     """The FastAPI app around a runtime; args carries the limits and batching flags."""
     pool = ThreadPoolExecutor(args.image_workers, thread_name_prefix="image")
@@ -274,15 +283,8 @@ def make_app(rt: BU.Runtime, args):
 
     app = FastAPI(title="MANGO", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def access_log(request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        if not args.quiet:  # one line per request: method, path, status, posts tagged, milliseconds
-            print(f"{request.method} {request.url.path} {response.status_code} "
-                  f"{getattr(request.state, 'posts', 0)} posts {1000 * (time.perf_counter() - t0):.1f} ms", flush=True)
-        return response
-
+    if not args.quiet:
+        app.middleware("http")(access_log)
     @app.exception_handler(BadRequest)
     async def bad_request(request, e: BadRequest):
         state["refused"] += 1

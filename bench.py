@@ -8,7 +8,7 @@
 Cases (each measured in a fresh child process, so peak memory is that case's own):
     hf_recipe     the peer: Hugging Face's token-classification recipe (run_ner_no_trainer) as a plain loop on the
                   same --text_encoder: AutoModelForTokenClassification, first-sub-word labels (-100 elsewhere),
-                  AdamW at --fin_tuning_lr, linear warm-up then decay, shuffled batches of --batch_size
+                  AdamW at --text_lr, linear warm-up then decay, shuffled batches of --batch_size
                   tokenised per batch, the model's own dropout; eval: tokenise, forward, argmax per first sub-word
     text          the text path: --model roberta_crf (the MNER text encoder + CRF, no image path)
     mner_cached   MNER reading cached frozen-backbone features (what training does with a frozen backbone)

@@ -33,73 +33,12 @@ import numpy as np
 
 import dataloader as D
 from config import ConfigError
+from crf import crf_tags, pin_pad
 
 BUNDLE_VERSION = 1
-NEG = -1e4  # the PAD label's pinned emission (model.CRFHead._pin): it can never be decoded
 
 
-# ----------------------------------------------------------------------------- CRF in numpy
-
-def _lse(x: np.ndarray, axis: int) -> np.ndarray:
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-def pin_pad(em: np.ndarray) -> np.ndarray:
-    """Emissions [B, W, L] as float32 with the PAD label (0) pinned far below the others."""
-    em = em.astype(np.float32, copy=True)
-    em[..., 0] = NEG
-    return em
-
-
-def viterbi(em: np.ndarray, mask: np.ndarray, crf: dict) -> list[list[int]]:
-    """Best label path of each post, as pytorch-crf decodes it. em [B, W, L] (pinned), mask [B, W] bool with the
-    first word on and words as a prefix; crf: start [L], end [L], transitions [L, L] (from -> to)."""
-    B, W, L = em.shape
-    score = crf["start"][None] + em[:, 0]                                         # [B, L]
-    history = []
-    for t in range(1, W):
-        nxt = score[:, :, None] + crf["transitions"][None] + em[:, t, None, :]    # [B, L(prev), L(cur)]
-        history.append(nxt.argmax(1))
-        score = np.where(mask[:, t, None], nxt.max(1), score)
-    score = score + crf["end"][None]
-    out = []
-    for b in range(B):
-        n = int(mask[b].sum())
-        best = [int(score[b].argmax())]
-        for hist in reversed(history[: n - 1]):
-            best.append(int(hist[b, best[-1]]))
-        out.append(best[::-1])
-    return out
-
-
-def marginals(em: np.ndarray, mask: np.ndarray, crf: dict) -> np.ndarray:
-    """p(label at word | post) [B, W, L] by forward-backward in log space (0 on padding); em pinned as for viterbi."""
-    B, W, L = em.shape
-    trans = crf["transitions"][None]
-    alpha = np.empty((B, W, L), np.float64)
-    alpha[:, 0] = crf["start"][None] + em[:, 0]
-    for t in range(1, W):
-        nxt = _lse(alpha[:, t - 1, :, None] + trans + em[:, t, None, :], 1)
-        alpha[:, t] = np.where(mask[:, t, None], nxt, alpha[:, t - 1])           # padding carries alpha over
-    beta = np.empty((B, W, L), np.float64)
-    beta[:, W - 1] = crf["end"][None]
-    for t in range(W - 2, -1, -1):
-        nxt = _lse(trans + (em[:, t + 1] + beta[:, t + 1])[:, None, :], 2)
-        beta[:, t] = np.where(mask[:, t + 1, None], nxt, crf["end"][None])       # the last word meets `end`
-    log_z = _lse(alpha[:, -1] + crf["end"][None], 1)
-    return (np.exp(alpha + beta - log_z[:, None, None]) * mask[..., None]).astype(np.float32)
-
-
-def crf_tags(em: np.ndarray, mask: np.ndarray, crf: dict) -> tuple[list[list[int]], np.ndarray]:
-    """(Viterbi label ids per post, marginals [B, W, L]) in LabelMap's ids; em pinned. A CRF that scores BIOES tags
-    (crf["to_bio"] [S]: each one's BIO id) is decoded over them, then B-X and S-X read as B-X, I-X and E-X as I-X."""
-    ids, p = viterbi(em, mask, crf), marginals(em, mask, crf)
-    if "to_bio" not in crf:
-        return ids, p
-    to_bio = crf["to_bio"]
-    return [to_bio[row].tolist() for row in ids], p @ np.eye(int(to_bio.max()) + 1, dtype=p.dtype)[to_bio]
-
+# ----------------------------------------------------------------------------- softmax head in numpy
 
 def softmax_probs(em: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Softmax head: p(label) over the labels other than PAD [B, W, L] (PAD column 0, padding rows 0)."""
@@ -198,24 +137,25 @@ class Runtime:
         return self._run("mm", x)
 
     def tag(self, words: list[list[str]], feats: list | None = None, batch_size: int = 32) -> list[dict]:
-        """Per post: "tags" (every word; words past max_len are O), "probs" (probability of each scored word's
-        tag) and "image_used". feats: per post image features (vision_features) or None (text-only path)."""
+        """Per post: "tags" and "probs" (probability of each word's tag), every word (posts longer than max_len
+        in overlapping windows, dataloader.encode_windows), and "image_used". feats: per post image features
+        (vision_features) or None (text-only path)."""
         feats = feats if feats is not None and self.uses_image else [None] * len(words)
         posts = [D.Post(list(w), ["O"] * len(w), None, f"post {i}") for i, w in enumerate(words)]
         ds = D.MNERDataset(posts, self.tokenizer, self.label_map, self.meta["max_len"])
-        lengths = ds.lengths()
-        out: list[dict | None] = [None] * len(posts)
+        lengths, post_of = ds.lengths(), [w.post for w in ds.windows]
+        out: list[dict | None] = [None] * len(ds)
         for with_img in (False, True):  # posts with an image go through the fused graph, the rest text-only
-            idx = sorted((i for i in range(len(posts)) if (feats[i] is not None) == with_img), key=lambda i: lengths[i])
-            for k in range(0, len(idx), batch_size):
-                part = idx[k:k + batch_size]
-                batch = {n: v.numpy() for n, v in D.collate([ds[i] for i in part], ds.pad_id).items()}
-                em = self._emissions(batch, [feats[i] for i in part] if with_img else None)
-                for i, r in zip(part, self.decode(em, batch["word_mask"])):
-                    r["tags"] += ["O"] * (len(words[i]) - len(r["tags"]))
+            idx = sorted((k for k in range(len(ds)) if (feats[post_of[k]] is not None) == with_img),
+                         key=lambda k: lengths[k])
+            for j in range(0, len(idx), batch_size):
+                part = idx[j:j + batch_size]
+                batch = {n: v.numpy() for n, v in D.collate([ds[k] for k in part], ds.pad_id).items()}
+                em = self._emissions(batch, [feats[post_of[k]] for k in part] if with_img else None)
+                for k, r in zip(part, self.decode(em, batch["word_mask"])):
                     r["image_used"] = with_img
-                    out[i] = r
-        return out
+                    out[k] = r
+        return ds.merge(out)
 
     def decode(self, em: np.ndarray, mask: np.ndarray) -> list[dict]:
         """Emissions [B, W, L] + word mask [B, W] -> per post {"tags" (scored words), "probs"}: CRF Viterbi and

@@ -56,7 +56,7 @@ def _data_flags(a) -> None:
     a("--image_root", default="", help="image folder; empty = the dataset's own (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<split>)")
     a("--lenient_data", action="store_true", help="repair and count malformed data lines instead of failing")
     a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
-    a("--max_len", type=int, default=128, help="max sub-words per post incl. specials; longer posts are scored with O past it")
+    a("--max_len", type=int, default=128, help="max sub-words per model input incl. specials; a longer post is tagged in overlapping windows of whole words")
     a("--context_k", type=int, default=0,
       help="retrieved context: append the words of each post's k most similar training posts (shipped MiniLM "
            "sentence embedding; never the post itself or dev/test posts) after a separator, unlabelled; 0 = off")
@@ -120,9 +120,10 @@ def _model_flags(a) -> None:
            "unless --vision_trainable, cached once per image); conv = from-scratch conv stems (ablation)")
     a("--vision_img_size", type=int, default=224,
       help="dual-granularity: input side in pixels; sets the grids: coarse S/--vision_patch_size, fine S/--vision_fine_patch_size")
-    a("--vision_patch_size", type=int, default=16,
-      help="dual-granularity: coarse patch side in pixels (efficientnet_lite0 stem: the stride of the map used, 4/8/16/32)")
-    a("--vision_fine_patch_size", type=int, default=8,
+    a("--vision_patch_size", type=int, default=32,
+      help="dual-granularity: coarse patch side in pixels (efficientnet_lite0 stem: the stride of the map used, 4/8/16/32; "
+           "32 = the network's final 1280-channel features, which the plain MNER reads)")
+    a("--vision_fine_patch_size", type=int, default=16,
       help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
     a("--vision_max_patches", type=int, default=64,
       help="dual-granularity: fine tokens kept, the most salient by a learned score (all when the fine grid has fewer)")
@@ -168,15 +169,15 @@ def _training_flags(a) -> None:
     """The "training" flags; a = the argument group's add_argument."""
     a("--epochs", type=int, default=10, help="training epochs (exactly this many unless early stopping)")
     a("--batch_size", type=int, default=16, help="posts per batch (per process under torchrun: global batch = this x processes)")
-    a("--fin_tuning_lr", type=float, default=5e-5, help="learning rate of the text encoder")
+    a("--text_lr", type=float, default=5e-5, help="learning rate of the text encoder")
     a("--llrd", type=float, default=1.0,
-      help="layer-wise learning-rate decay of the text encoder: layer i from the top trains at --fin_tuning_lr x "
+      help="layer-wise learning-rate decay of the text encoder: layer i from the top trains at --text_lr x "
            "llrd^i, the embeddings at llrd^layers (1 = one rate for the whole encoder)")
-    a("--clip_lr", type=float, default=1e-5, help="learning rate of trainable pretrained vision blocks")
-    a("--downs_en_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, resampler, scratch vision)")
+    a("--backbone_lr", type=float, default=1e-5, help="learning rate of trainable pretrained vision blocks")
+    a("--fusion_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, resampler, scratch vision)")
     a("--head_lr", type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
-           "text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert, --downs_en_lr for MNER and "
+           "text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert, --fusion_lr for MNER and "
            "roberta_clip_coattn (with or without --use_image)")
     a("--weight_decay_rate", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
@@ -195,8 +196,8 @@ def _training_flags(a) -> None:
            "off for MNER and roberta_clip_coattn")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimiser step")
     a("--min_epoch_num", type=int, default=2, help="no early stop before this many epochs")
-    a("--patience", type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
-    a("--patience_num", type=int, default=3, help="stop after this many epochs without improvement")
+    a("--min_gain", type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
+    a("--patience_epochs", type=int, default=3, help="stop after this many epochs without improvement")
     a("--text_only_epochs", type=int, default=0, help="first N epochs train with the image path off")
     a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
     a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: CUDA means cuda:LOCAL_RANK)")
@@ -215,12 +216,12 @@ def _run_flags(a) -> None:
     a("--ex_name", default="", help="experiment name, part of the run name")
     a("--swanlab_mode", default="auto", choices=["auto", "online", "local", "disabled"],
       help="auto = online when SWANLAB_API_KEY is set, else local files in the run dir")
-    a("--split", default="test", help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
-    a("--record_file", default="", help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
 
 
 def _predict_flags(a) -> None:
-    """The "predict" flags; a = the argument group's add_argument."""
+    """The "test/predict" flags; a = the argument group's add_argument."""
+    a("--split", default="test", help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
+    a("--record_file", default="", help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
     a("--text", default="", help="predict.py: one raw post to tag (split on whitespace and punctuation)")
     a("--image", default="", help="predict.py: image file of the --text post; empty = text-only")
     a("--input", default="", help='predict.py: JSON-lines file, one {"text" or "tokens", "image"} post per line')
@@ -230,6 +231,9 @@ def _predict_flags(a) -> None:
     a("--explain", action="store_true", help="predict.py: per post, text->image attention overlay and rel/gate strip PNGs")
     a("--explain_word", default="", help="predict.py --explain: overlay this word's attention; empty = each predicted entity")
     a("--plots", action="store_true", help="test.py: also draw dev F1, loss terms, per-type P/R/F1 and type confusion PNGs")
+    a("--explain_hits", action="store_true",
+      help="test.py: also report how often the attention overlay's peak lies inside the cued object's box (posts with "
+           "an image and a line in the dataset's <split>_boxes.jsonl, as data/make_heldout.py and make_demo.py write)")
 
 
 def _serve_flags(a) -> None:
@@ -254,29 +258,77 @@ def _serve_flags(a) -> None:
                                                                   "dataloader's decompression-bomb guard are refused too)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="MANGO: multimodal NER", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for title, add in (("data", _data_flags), ("model", _model_flags), ("losses", _loss_flags),
-                       ("training", _training_flags), ("runs", _run_flags), ("predict", _predict_flags),
-                       ("export/serve", _serve_flags)):
-        add(p.add_argument_group(title).add_argument)
+class _Renamed(argparse.Action):
+    """An old spelling of a renamed flag (RENAMED): sets the flag and says its new name in one line."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        print(f"warning: {option_string} is deprecated; use --{self.dest}", file=sys.stderr)
+        setattr(namespace, self.dest, value)
+
+
+GROUPS = (("data", _data_flags), ("model", _model_flags), ("losses", _loss_flags), ("training", _training_flags),
+          ("runs", _run_flags), ("test/predict", _predict_flags), ("export/serve", _serve_flags))
+TRAIN_GROUPS = {"data", "model", "losses", "training", "runs"}  # train.py's flags: what a run is made of
+# The flags each tool that loads a saved run takes; any other flag is an error there (the run's config.json gives the
+# rest). Those that train.py takes too replace the run's stored value (runner.RUNTIME_FLAGS).
+_LOCAL = {"save_dir", "save_name", "data_dir", "image_root", "cache_dir", "allow_download", "lenient_data", "device"}
+TOOL_FLAGS = {
+    "test": _LOCAL | {"split", "record_file", "plots", "out_dir", "explain_hits", "batch_size", "eval_mode",
+                      "bio_constraints", "image_control", "num_workers", "amp"},
+    "predict": _LOCAL | {"text", "image", "input", "format", "out_dir", "explain", "explain_word", "bundle",
+                         "image_workers", "batch_size", "use_image", "num_workers", "amp"},
+    "export": _LOCAL | {"bundle", "int8", "export_format", "opset"},
+    "serve": {"save_dir", "save_name", "bundle", "image_workers", "host", "port", "quiet", "max_batch_posts",
+              "batch_window_ms", "max_body_bytes", "max_posts", "max_words", "max_image_bytes", "max_image_pixels"},
+}
+
+
+def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
+    """Every flag (tool None), or the flags of one tool: "train" (TRAIN_GROUPS) or a key of TOOL_FLAGS."""
+    p = _Parser(prog=f"{tool}.py" if tool else None, description="MANGO: multimodal NER",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for title, add in GROUPS:
+        group = p.add_argument_group(title)
+        if tool is None or (tool == "train" and title in TRAIN_GROUPS):
+            add(group.add_argument)
+        elif tool != "train":
+            add(lambda *opts, **kw: group.add_argument(*opts, **kw) if opts[0][2:] in TOOL_FLAGS[tool] else None)
+    types = {a.dest: a.type for a in p._actions}
+    for old, new in RENAMED.items():  # hidden from --help
+        if new in types:
+            p.add_argument(f"--{old}", dest=new, type=types[new], action=_Renamed, default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
     return p
+
+
+def tools_taking(flag: str) -> list[str]:
+    """The tools whose command line takes --flag."""
+    train = any(flag in {a.dest for a in g._group_actions} for g in build_parser()._action_groups
+                if g.title in TRAIN_GROUPS)
+    return (["train.py"] if train else []) + [f"{t}.py" for t, fs in TOOL_FLAGS.items() if flag in fs]
+
+
+def refuse_foreign_flags(argv: list[str], tool: str) -> None:
+    """A known flag that `tool` does not take is one error line naming it and where it belongs."""
+    mine = {s for a in build_parser(tool)._actions for s in a.option_strings}
+    every = {s: a.dest for a in build_parser()._actions for s in a.option_strings}
+    for t in argv:
+        opt = t.split("=", 1)[0]
+        if opt in every and opt not in mine:
+            dest = every[opt]
+            where = tools_taking(dest)
+            why = ("a run's own value comes from its config.json" if tool != "train" and "train.py" in where
+                   else f"it is a flag of {', '.join(where)}")
+            raise ConfigError(f"{tool}.py does not take {opt}: {why}; {tool}.py --help lists its flags")
 
 
 # flags that may change when a run is resumed (--continue_train_name); all others define the model or data, or (like
 # --eval_mode, see train.RESUME_REFUSED) the meaning of what the run has recorded so far
-RESUME_MAY_CHANGE = {"epochs", "fin_tuning_lr", "clip_lr", "downs_en_lr", "head_lr", "weight_decay_rate", "clip_grad",
-                     "min_epoch_num", "patience", "patience_num", "device", "amp", "num_workers", "swanlab_mode",
+RESUME_MAY_CHANGE = {"epochs", "text_lr", "backbone_lr", "fusion_lr", "head_lr", "weight_decay_rate", "clip_grad",
+                     "min_epoch_num", "min_gain", "patience_epochs", "device", "amp", "num_workers", "swanlab_mode",
                      "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project",
                      "word_mask_prob",
                      "allow_download", "lenient_data"}
-
-
-def run_flags() -> set[str]:
-    """Dests of the flags that define a run (the data, model, losses and training groups): a tool that loads a
-    saved run takes them from its config.json."""
-    groups = {"data", "model", "losses", "training"}
-    return {a.dest for g in build_parser()._action_groups if g.title in groups for a in g._group_actions}
 
 
 def given_flags(argv: list[str]) -> set[str]:
@@ -296,7 +348,7 @@ def resolve_text_encoder(name: str) -> str:
 
 def validate(c) -> None:
     """Fail with one line for values that cannot work."""
-    for f in ("vision_distill_lambda", "text_attention_dropout", "fin_tuning_lr", "clip_lr", "downs_en_lr", "head_lr", "weight_decay_rate", "clip_grad", "drop_prob",
+    for f in ("vision_distill_lambda", "text_attention_dropout", "text_lr", "backbone_lr", "fusion_lr", "head_lr", "weight_decay_rate", "clip_grad", "drop_prob",
               "label_smoothing", "residual_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
@@ -308,7 +360,7 @@ def validate(c) -> None:
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
     for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
-              "residual_warmup_epochs", "context_k", "freeze_text_layers", "min_epoch_num", "patience_num", "max_bad_steps"):
+              "residual_warmup_epochs", "context_k", "freeze_text_layers", "min_epoch_num", "patience_epochs", "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     bad = [s for s in c.split.split(",") if s not in ("train", "valid", "test")]
@@ -361,7 +413,7 @@ def resolve_auto(c) -> None:
     """Flags whose default depends on others get their value here, so a run's config.json holds it explicitly."""
     if c.head_lr < 0:
         # by model, not by --use_image: MNER --no-use_image (the text_only control) keeps MNER's head rate
-        c.head_lr = c.downs_en_lr if c.model in IMAGE_MODELS else 3e-3
+        c.head_lr = c.fusion_lr if c.model in IMAGE_MODELS else 3e-3
     if c.ema_decay < 0:  # measured on the text path only; the image models keep the optimiser they were measured with
         c.ema_decay = 0.0 if c.model in IMAGE_MODELS else 0.99
     if c.tag_scheme == "auto":  # chosen on the text path's dev F1; the image models keep the scheme they were measured with
@@ -372,36 +424,70 @@ def resolve_auto(c) -> None:
         c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
 
 
-def get_config(argv: list[str] | None = None, check: bool = True) -> argparse.Namespace:
-    """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in)."""
-    c = build_parser().parse_args([] if argv is None else list(argv))
+def get_config(argv: list[str] | None = None, check: bool = True, tool: str | None = None) -> argparse.Namespace:
+    """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in). With a tool, only its
+    flags are accepted (refuse_foreign_flags); the namespace still carries every flag, at its default."""
+    argv = [] if argv is None else list(argv)
+    c = build_parser().parse_args([])
+    if tool:
+        refuse_foreign_flags(argv, tool)
+        for k, v in vars(build_parser(tool).parse_args(argv)).items():
+            setattr(c, k, v)
+    else:
+        c = build_parser().parse_args(argv)
     resolve_auto(c)
     if check:
         validate(c)
     return c
 
 
-def config_from_dict(d: dict) -> argparse.Namespace:
-    """A saved config.json back to a namespace; flags added since then take their defaults."""
+RUN_FORMAT = 3  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
+RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
+           "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
+
+
+def migrate(d: dict, where: str = "") -> dict:
+    """A saved config.json of any earlier run format -> this one's keys and meanings: the one place that knows old
+    runs. With `where` (the file, when a model is to be built from it) a run this code cannot rebuild is refused.
+
+    format 1 (no "run_format"): flags added later take the value those runs trained with: --head_lr was
+    --downs_en_lr, no --ema_decay, BIO tags, no --bio_constraints. Its dual-granularity encoder had no LayerScale
+    and read the 320-channel block output as the stride-32 map (format 2: the final 1280-channel features), so
+    its dual runs cannot be rebuilt.
+    format 2: the flags of RENAMED under their old names.
+    """
+    d = dict(d)
+    v = d.get("run_format", 1)
+    if v > RUN_FORMAT:
+        raise ConfigError(f"{where or 'config.json'}: run format {v}, this code reads up to {RUN_FORMAT}; "
+                          "update MANGO to load it")
+    if v < 2:
+        d.setdefault("head_lr", d.get("downs_en_lr", build_parser().get_default("fusion_lr")))
+        d.setdefault("ema_decay", 0.0)
+        d.setdefault("tag_scheme", "bio")
+        d.setdefault("bio_constraints", False)
+        if where and d.get("use_dual_granularity"):
+            raise ConfigError(f"{where}: a run of the earlier dual-granularity encoder, which this code no longer "
+                              "builds; retrain it (bash script/train_dual_granularity.sh)")
+    if v < 3:
+        d = {RENAMED.get(k, k): x for k, x in d.items()}
+    d["run_format"] = RUN_FORMAT
+    return d
+
+
+def config_from_dict(d: dict, where: str = "") -> argparse.Namespace:
+    """A saved config.json (through migrate) back to a namespace; flags added since then take their defaults."""
     c = get_config(check=False)
     known = vars(c)
-    for k, v in d.items():
+    for k, v in migrate(d, where).items():
         if k in known:
             setattr(c, k, v)
-    if "head_lr" not in d:  # runs saved before --head_lr trained their head at --downs_en_lr
-        c.head_lr = c.downs_en_lr
-    if "ema_decay" not in d:  # runs saved before --ema_decay kept no weight average
-        c.ema_decay = 0.0
-    if "tag_scheme" not in d:  # runs saved before --tag_scheme scored BIO tags
-        c.tag_scheme = "bio"
-    if "bio_constraints" not in d:  # runs saved before --bio_constraints were selected and scored without it
-        c.bio_constraints = False
     resolve_auto(c)
     return c
 
 
 def save_config(c, path) -> None:
-    Path(path).write_text(json.dumps(vars(c), indent=1, sort_keys=True))
+    Path(path).write_text(json.dumps({**vars(c), "run_format": RUN_FORMAT}, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":

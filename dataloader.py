@@ -6,6 +6,7 @@ Reading order follows the data's own path:
   DATASETS        the registry: --dataset_name -> folder, split files, reader, types, images; load_split reads one
   LabelMap        tags <-> ids, built from train, saved with every run
   encode_words    words -> sub-word ids + first-sub-token index per word (+ truncation mask)
+  encode_windows  a post longer than --max_len -> overlapping windows that each fit; merge_windows joins their outputs
   load_image      a path -> RGB PIL image, or None with the reason (placeholder + has_image = 0)
   ImagePrep       PIL -> normalised [3, S, S] tensor (short side resized, centre crop S)
   FeatureCache    frozen-backbone features computed once per image, keyed by image bytes+backbone+weights+prep
@@ -18,7 +19,7 @@ The batch contract (every model consumes exactly this):
   attention_mask [B, T] long     1 on real sub-words
   word_index     [B, W] long     position in T of each word's first sub-word (0 on padding)
   word_end       [B, W] long     one past its last sub-word (1 on padding): --word_pooling mean averages [index, end)
-  word_mask      [B, W] bool     True on words that are scored by the model (not padding, not truncated)
+  word_mask      [B, W] bool     True on the window's words (not padding)
   labels         [B, W] long     word label ids (LabelMap.PAD = 0 on padding)
   case_ids       [B, W] long     word shape (`word_shape`: lower, Title, UPPER, ...; 0 on padding)
   has_image      [B]    bool     False when the post's image is missing or unusable
@@ -26,7 +27,7 @@ The batch contract (every model consumes exactly this):
   image_feats    [B, ...]        float, when a frozen backbone's cached features are used instead (pretrained
                                  backbone: region tokens [B, R, D]; dual granularity: its stem maps, flattened [B, F])
   teacher_feats  [B, R, 1280]    float, training with --vision_distill_lambda: EfficientNet-Lite0's features
-  index          [B]    long     position of the post in its dataset (to map predictions back)
+  index          [B]    long     the item's window in its dataset (dataset.windows[k].post is its post)
 """
 from __future__ import annotations
 
@@ -547,7 +548,7 @@ class Encoded:
     input_ids: list[int]
     word_index: list[int]   # first sub-word position of each kept word (special tokens included)
     word_end: list[int]     # one past its last kept sub-word (word_index[i] < word_end[i])
-    n_kept: int             # words scored by the model; words past max_len are predicted O
+    n_kept: int             # words that fit in max_len (encode_windows puts the rest in further windows)
     n_empty: int            # words that tokenised to nothing and were replaced by the unknown token
 
 
@@ -571,8 +572,8 @@ def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[s
 
     Words that tokenise to nothing (U+FE0F, U+200B, a lone combining mark, "") would shift every later
     label when aligned by position, so they are replaced by the unknown token. Truncation keeps whole
-    sub-word prefixes up to max_len (specials included); the words whose first sub-word falls off are not
-    scored by the model and count as predicted O at evaluation, so every gold word is still scored.
+    sub-word prefixes up to max_len (specials included); words whose first sub-word falls off are not kept
+    (encode_windows starts the next window before them).
     """
     enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
     wids = enc.word_ids()
@@ -605,6 +606,77 @@ def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[s
         elif w is not None:
             word_end[-1] = pos + prefix + 1
     return Encoded(head + list(ids) + tail, word_index, word_end, len(word_index), n_empty)
+
+
+@dataclass
+class Window:
+    """One model input of a post: words [start, start + enc.n_kept) of post `post`; the tags of words [own_a, own_b)
+    are read from this window (merge_windows)."""
+    post: int
+    start: int
+    own_a: int
+    own_b: int
+    enc: Encoded
+
+
+def encode_windows(tokenizer, words: list[str], max_len: int, context: list[list[str]] | None = None,
+                   post: int = 0) -> list[Window]:
+    """A post as one window, or, when its sub-words do not fit in max_len, as overlapping windows of whole words.
+
+    Each window holds as many words as fit from its start; the next one starts half a window (in words) before
+    the previous one ended, so every word lies in one or two windows. The merge rule: a word's tag comes from the
+    window in which it is farther from a cut edge, i.e. the words two windows share are split at their middle;
+    the first half is read from the earlier window, the second from the later one.
+    """
+    n, budget = len(words), max_len  # at most max_len words can fit: every word has at least one sub-word
+    spans, s = [], 0
+    while True:
+        enc = encode_words(tokenizer, words[s:s + budget], max_len, context)
+        e = s + max(1, enc.n_kept)
+        spans.append((s, e, enc))
+        if e >= n:
+            break
+        s = max(s + 1, e - (e - s) // 2)
+    out = []
+    for k, (s, e, enc) in enumerate(spans):
+        a = 0 if k == 0 else out[-1].own_b
+        b = n if k == len(spans) - 1 else (spans[k + 1][0] + e + 1) // 2
+        out.append(Window(post, s, a, b, enc))
+    return out
+
+
+def _cut(x, a: int, b: int):
+    """Words [a, b) of one window's output: lists and arrays sliced, dicts per key, anything else as it is."""
+    if isinstance(x, dict):
+        return {k: _cut(v, a, b) for k, v in x.items()}
+    return x[a:b] if isinstance(x, (list, np.ndarray, torch.Tensor)) else x
+
+
+def _join(parts: list):
+    """The inverse of _cut over a post's windows, in word order."""
+    if len(parts) == 1:
+        return parts[0]
+    x = parts[0]
+    if isinstance(x, dict):
+        return {k: _join([p[k] for p in parts]) for k in x}
+    if isinstance(x, list):
+        return [v for p in parts for v in p]
+    if isinstance(x, np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(x, torch.Tensor):
+        return torch.cat(parts)
+    return x
+
+
+def merge_windows(windows: list[Window], outs: list, n_posts: int) -> list:
+    """Per-window outputs (a word list, or a dict of per-word lists/arrays and per-post values) -> per post, each
+    word from the window that owns it (encode_windows' merge rule). A post whose windows have no output (another
+    rank's share) stays None."""
+    parts: list[list] = [[] for _ in range(n_posts)]
+    for w, o in zip(windows, outs):
+        if o is not None:
+            parts[w.post].append(_cut(o, w.own_a - w.start, w.own_b - w.start))
+    return [_join(p) if p else None for p in parts]
 
 
 def iob2(tags: list[str]) -> tuple[list[str], int]:
@@ -1127,8 +1199,8 @@ class MNERDataset(torch.utils.data.Dataset):
         self.teacher_shape = next(iter(teacher.values())).shape if teacher else None
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
         self.word_mask_prob, self.mask_id = word_mask_prob, mask_id
-        self.enc = [encode_words(tokenizer, p.tokens, max_len, context[i] if context else None)
-                    for i, p in enumerate(posts)]
+        self.windows = [w for i, p in enumerate(posts)
+                        for w in encode_windows(tokenizer, p.tokens, max_len, context[i] if context else None, i)]
         self.context_k = max((len(c) for c in context), default=0) if context else 0
         # the loss's targets only: scoring reads p.tags as given
         fixed = [iob2(p.tags) if iob2_labels else (p.tags, 0) for p in posts]
@@ -1136,8 +1208,10 @@ class MNERDataset(torch.utils.data.Dataset):
         self.labels = [label_map.encode(t, p.source) for (t, _), p in zip(fixed, posts)]
         self.cases = [[word_shape(w) for w in p.tokens] for p in posts]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.n_truncated = sum(len(p.tokens) - e.n_kept for p, e in zip(posts, self.enc))
-        self.n_empty = sum(e.n_empty for e in self.enc)
+        windowed = {w.post for w in self.windows if w.start > 0}
+        self.n_windowed = len(windowed)
+        self.n_empty = sum(w.enc.n_empty for w in self.windows if w.post not in windowed) + sum(
+            not tokenizer.tokenize(t) for i in windowed for t in posts[i].tokens)
         self.paths = [find_image(img_root, p.imgid) for p in posts] if image_mode else [None] * len(posts)
         self.has_image = [self._usable(p) for p in self.paths]
         # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe()
@@ -1168,23 +1242,34 @@ class MNERDataset(torch.utils.data.Dataset):
             if self.control != "none":
                 s += f", image control {self.control}"
         if self.context_k:
-            post = sum(e.word_end[-1] if e.word_end else 0 for e in self.enc)
-            total = sum(len(e.input_ids) for e in self.enc)
-            s += f", retrieved context: {self.context_k} neighbours, sub-words per post {total / max(1, len(self.enc)):.1f} " \
-                 f"(post alone {post / max(1, len(self.enc)) + 1:.1f})"
+            post = sum(w.enc.word_end[-1] if w.enc.word_end else 0 for w in self.windows)
+            total = sum(len(w.enc.input_ids) for w in self.windows)
+            n = max(1, len(self.windows))
+            s += f", retrieved context: {self.context_k} neighbours, sub-words per input {total / n:.1f} " \
+                 f"(post alone {post / n + 1:.1f})"
         if self.n_iob2:
             s += f", {self.n_iob2} chunks opening with I- trained as B- (--bio_constraints)"
-        if self.n_truncated:
-            s += f", {self.n_truncated} words past --max_len (scored as O)"
+        if self.n_windowed:
+            n_win = len(self.windows) - len(self.posts) + self.n_windowed
+            posts = f"{self.n_windowed} post{'s' * (self.n_windowed > 1)}"
+            s += f", {posts} longer than --max_len tagged in {n_win} overlapping windows"
         if self.n_empty:
             s += f", {self.n_empty} words with no sub-tokens mapped to the unknown token"
         return s
 
-    def lengths(self) -> list[int]:
-        return [len(e.input_ids) for e in self.enc]
+    @property
+    def enc(self) -> list[Encoded]:  # each item's sub-word encoding
+        return [w.enc for w in self.windows]
 
-    def __len__(self):
-        return len(self.posts)
+    def lengths(self) -> list[int]:
+        return [len(w.enc.input_ids) for w in self.windows]
+
+    def __len__(self):  # items are windows: one per post unless a post is longer than --max_len
+        return len(self.windows)
+
+    def merge(self, outs: list) -> list:
+        """Per-item outputs -> per post (merge_windows)."""
+        return merge_windows(self.windows, outs, len(self.posts))
 
     def _pixels(self, i: int, j: int):
         """[3, S, S] of post j's image shown to post i (-1: grey), or None when it cannot be decoded now."""
@@ -1199,9 +1284,9 @@ class MNERDataset(torch.utils.data.Dataset):
         return self.prep(im, random.Random(f"{self.seed}/{self.epoch}/{i}") if self.train_aug else None)
 
     def masked_ids(self, i: int) -> list[int]:
-        """Post i's sub-word ids with each of its words, with probability word_mask_prob, replaced by the mask
+        """Item i's sub-word ids with each of its words, with probability word_mask_prob, replaced by the mask
         token on all its sub-words (drawn from seed, epoch, item; special tokens and context words never)."""
-        e = self.enc[i]
+        e = self.windows[i].enc
         rng = random.Random(f"word_mask/{self.seed}/{self.epoch}/{i}")
         ids = list(e.input_ids)
         for s, t in zip(e.word_index, e.word_end):
@@ -1209,11 +1294,13 @@ class MNERDataset(torch.utils.data.Dataset):
                 ids[s:t] = [self.mask_id] * (t - s)
         return ids
 
-    def __getitem__(self, i):
-        e = self.enc[i]
-        ids = self.masked_ids(i) if self.word_mask_prob > 0 else e.input_ids
-        item = {"input_ids": ids, "word_index": e.word_index, "word_end": e.word_end, "labels": self.labels[i][: e.n_kept],
-                "case_ids": self.cases[i][: e.n_kept], "has_image": self.has_image[i], "index": i}
+    def __getitem__(self, k):
+        w = self.windows[k]
+        e, i, a = w.enc, w.post, w.start
+        ids = self.masked_ids(k) if self.word_mask_prob > 0 else e.input_ids
+        item = {"input_ids": ids, "word_index": e.word_index, "word_end": e.word_end,
+                "labels": self.labels[i][a: a + e.n_kept], "case_ids": self.cases[i][a: a + e.n_kept],
+                "has_image": self.has_image[i], "index": k}
         j = self.source[i]  # whose image this post is shown (--image_control)
         if self.image_mode == "pixels":
             x = self._pixels(i, j) if self.has_image[i] else None

@@ -45,9 +45,9 @@ import torch.nn as nn
 
 import bundle as BU
 import dataloader as D
-from config import ConfigError, cli, config_from_dict, get_config, given_flags
+from config import ConfigError, cli, get_config, given_flags
 from model import BYTE_LEVEL_TYPES, CRFHead, load_tokenizer
-from runner import RUNTIME_FLAGS, load_run, read_run_json, refuse_other_run_flags
+from runner import RUNTIME_FLAGS, load_run
 
 TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
 MM_INPUTS = TEXT_INPUTS + ["image_feats", "has_image"]
@@ -287,9 +287,9 @@ def calibration_feeds(model, config, tokenizer, label_map, names: list[str], n_p
     split has them, else from random pixels (as example_inputs)."""
     posts = D.load_split(config, "train")[:n_posts]
     ds = D.MNERDataset(posts, tokenizer, label_map, config.max_len)
-    T, W = max(len(e.input_ids) for e in ds.enc), max(len(p.tokens) for p in posts)
+    T, W = max(len(w.enc.input_ids) for w in ds.windows), max(w.enc.n_kept for w in ds.windows)
     feeds = []
-    for k in range(0, len(posts) - batch + 1, batch):
+    for k in range(0, len(ds) - batch + 1, batch):
         b = D.collate([ds[i] for i in range(k, k + batch)], ds.pad_id)
         f = {}
         for name in ("input_ids", "attention_mask", "word_index", "word_mask", "case_ids"):
@@ -419,14 +419,11 @@ def check_bundle(out: Path, save_dir, name: str, overrides=None, n: int = 64) ->
 
 def main(argv=None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
-    args = get_config(argv, check=False)
+    args = get_config(argv, check=False, tool="export")
     if not args.save_name:
         raise ConfigError("--save_name is required: the run directory under --save_dir to export")
     given = given_flags(argv)
     overrides = {k: getattr(args, k) for k in given & RUNTIME_FLAGS}
-    run = Path(args.save_dir) / args.save_name
-    if (run / "config.json").is_file():
-        refuse_other_run_flags(config_from_dict(read_run_json(run / "config.json")), run, args, given)
     t0 = time.time()
     out = export(args.save_dir, args.save_name, args.export_format, args.int8, args.opset, overrides,
                  Path(args.bundle) if args.bundle else None)

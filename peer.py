@@ -3,9 +3,9 @@
     python peer.py --dataset_name twitter2017 --epochs 6 --seed 1 [--text_encoder DIR] [--json results/peer.json]
 
 AutoModelForTokenClassification on --text_encoder, each word's label on its first sub-word (-100 elsewhere), AdamW at
---fin_tuning_lr, linear warm-up (--warmup_prop) then decay, shuffled batches of --batch_size tokenised per batch, the
+--text_lr, linear warm-up (--warmup_prop) then decay, shuffled batches of --batch_size tokenised per batch, the
 model's own dropout. After every epoch it tags dev (a word's tag is its first sub-word's argmax; words cut by
---max_len are O, as MANGO's are) and scores it with metrics.evaluate under --eval_mode; test is scored once, with
+--max_len are O: the peer recipe truncates as the Hugging Face example does) and scores it with metrics.evaluate under --eval_mode; test is scored once, with
 the weights of the best dev epoch. bench.py times the same recipe (Recipe).
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Recipe:
     def optimizer(self, steps: int):
         import torch
         from transformers import get_scheduler
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.config.fin_tuning_lr)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.config.text_lr)
         return opt, get_scheduler("linear", opt, num_warmup_steps=int(self.config.warmup_prop * steps),
                                   num_training_steps=steps)
 

@@ -330,11 +330,16 @@ def run_plots(run, split: str, out_dir) -> list[Path]:
 
 # ----------------------------------------------------------------------------- a post
 
+OVERLAY_TOP = 4.0  # attention at 4x uniform or more is drawn full red
+
+
 def attention_overlay(view: np.ndarray, panels: list[tuple[str, np.ndarray]], path, title: str = "") -> Path:
     """The image as the model sees it, once per panel, with a heat map blended over it.
 
-    view: [S, S, 3] uint8 RGB; panels: [(caption, heat [S, S] float >= 0)]. Each heat map is stretched from its
-    own minimum (blue) to its maximum (red), so the caption should say how peaked it really is.
+    view: [S, S, 3] uint8 RGB; panels: [(caption, heat [S, S] float >= 0, summing to 1)]. One colour scale for every
+    map, in multiples of uniform attention (1/S^2 per pixel): 0 is blue, and red is OVERLAY_TOP x uniform or the
+    map's own peak if higher, so near-uniform attention stays blue-green instead of being stretched to look focused.
+    The caption's second line gives the map's range and where red sits.
     """
     S = view.shape[0]
     pad, cap = 12, 44
@@ -342,8 +347,10 @@ def attention_overlay(view: np.ndarray, panels: list[tuple[str, np.ndarray]], pa
     d = ImageDraw.Draw(img)
     d.text((pad, 6), title, fill=BLACK, font=font(15))
     for k, (caption, heat) in enumerate(panels):
-        span = float(heat.max() - heat.min())
-        h = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+        u = heat * S * S                                                   # 1 = uniform attention
+        top = max(OVERLAY_TOP, float(u.max()))
+        h = u / top
+        caption = f"{caption}\n{u.min():.2f}-{u.max():.2f}x uniform (red = {top:.1f}x)"
         colour = cv2.applyColorMap(np.uint8(np.clip(h, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
         blend = cv2.addWeighted(view, 0.55, colour, 0.45, 0)
         x = pad + k * (S + pad)

@@ -15,8 +15,8 @@ Words: raw text is split by TOKEN_RE: URLs, @mentions and #hashtags stay whole, 
 ("don't", "Jean-Luc"), every other punctuation character is a word of its own, whitespace separates words.
 "tokens" are taken as given: without "text" the text is the words joined by single spaces; with both, the
 words are found left to right in the text. From there the training code runs unchanged: the run's config.json
-and label_map.json (runner.load_run), dataloader.make_dataset (encode_words: sub-words and --max_len, where
-later words are predicted O; the run's image preprocessing and frozen-feature cache), make_loader (batches of
+and label_map.json (runner.load_run), dataloader.make_dataset (encode_windows: sub-words, and posts longer
+than --max_len in overlapping windows; the run's image preprocessing and frozen-feature cache), make_loader (batches of
 --batch_size sorted by length), and the model's head.
 
 Score of an entity: the mean over its words of the marginal probability of the predicted tag. CRF head: exact
@@ -166,18 +166,13 @@ def dataset_posts(posts: list[NewPost], use_images: bool) -> list[D.Post]:
 def tag_probabilities(head, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Probability of each label at each word, [B, W, L] (0 on padding) from emissions em [B, W, L], mask [B, W].
 
-    CRF: exact marginals by the forward algorithm on the pinned emissions the head decodes; their gradient of
-    log Z is the forward-backward marginal. Softmax head: softmax over the labels other than PAD.
+    CRF: its exact marginals (crf.CRFHead.marginals). Softmax head: softmax over the labels other than PAD.
     """
-    import model as M
-    if isinstance(head, M.SoftmaxHead):
-        p = em[..., 1:].float().softmax(-1)
-        return torch.cat([torch.zeros_like(p[..., :1]), p], -1) * mask[..., None]
-    start, end, trans = (x.detach() for x in head.scores())  # the paths decoding may take (BIO bans if on)
-    with torch.enable_grad():
-        x = M.CRFHead._pin(em.detach()).requires_grad_(True)
-        (marg,) = torch.autograd.grad(M.log_partition(x, mask, start, end, trans).sum(), x)
-    return head.to_labels(marg)
+    from crf import CRFHead
+    if isinstance(head, CRFHead):
+        return head.marginals(em, mask)
+    p = em[..., 1:].float().softmax(-1)
+    return torch.cat([torch.zeros_like(p[..., :1]), p], -1) * mask[..., None]
 
 
 def explained_modules(model) -> list:
@@ -220,39 +215,116 @@ def word_region_attention(model) -> torch.Tensor | None:
 
 
 def region_grids(vision) -> list[tuple[int, int, int]]:
-    """Where the vision module's region tokens lie: [(first, end, grid side)], side 0 = a whole-image token.
+    """Where the vision module's region tokens lie: [(first, end, grid side)], side 0 = a whole-image token, a
+    negative side = tokens at the cells (of a |side| x |side| grid) each image's explanation names ("cells").
 
     EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
-    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens. Tokens that mixed
-    with others inside the encoder (Swin windows, delegate attention, transformer layers) are still drawn at
-    their own patch: an approximation. The kept fine tokens sit at other cells in every image, so they are drawn
-    like the summary, spread over the whole view.
+    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the cells the saliency
+    score picked in that image. Tokens that mixed with others inside the encoder (Swin windows, delegate
+    attention, transformer layers) are still drawn at their own patch: an approximation.
     """
     import model as M
     if isinstance(vision, M.DualGranularityEncoder):
         c = vision.Gc ** 2
-        return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + vision.k, 0)]
+        return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + vision.k, -vision.Gf)]
     side = round(vision.n_tokens ** 0.5)
     if side * side != vision.n_tokens:
         raise ExplainRefused(f"--explain: {vision.n_tokens} region tokens do not form a square grid")
     return [(0, vision.n_tokens, side)]
 
 
-def region_heat(w: np.ndarray, grids, size: int) -> np.ndarray:
+def region_heat(w: np.ndarray, grids, size: int, cells=None) -> np.ndarray:
     """Attention mass per pixel of a size x size view [size, size] from region weights w [R].
 
     Each grid cell spreads its weight over its patch (bilinear between cell centres; the grids all cover the
-    whole view, so coarse and fine tokens add up), a whole-image token evenly over every pixel.
+    whole view, so coarse and fine tokens add up), a whole-image token evenly over every pixel. Tokens of a
+    negative-side grid sit at `cells` (their row-major cell indices; without them they are spread evenly).
     """
     import cv2
     heat = np.zeros((size, size), np.float32)
     for a, b, side in grids:
-        if side == 0:
+        if side == 0 or (side < 0 and cells is None):
             heat += w[a:b].sum() / size ** 2
+            continue
+        if side < 0:
+            side = -side
+            g = np.zeros(side * side, np.float32)
+            np.add.at(g, np.asarray(cells), w[a:b])
+            g = g.reshape(side, side) * side ** 2 / size ** 2
         else:
             g = w[a:b].reshape(side, side).astype(np.float32) * side ** 2 / size ** 2
-            heat += cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR)
+        heat += cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR)
     return heat
+
+
+def read_boxes(path: Path) -> dict[str, dict]:
+    """A generator's <split>_boxes.jsonl -> {imgid: {"type", "box": [x0, y0, x1, y1], "size": [W, H]}}; a line that
+    is not such an object, or a box not inside its image, is an error naming the line."""
+    out = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            (x0, y0, x1, y1), (w, h) = r["box"], r["size"]
+            ok = isinstance(r["imgid"], str) and isinstance(r["type"], str) and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{path}:{n}: expected {{\"imgid\", \"type\", \"box\": [x0, y0, x1, y1] inside \"size\": "
+                              "[W, H]}; fix or remove the line")
+        out[r["imgid"]] = r
+    return out
+
+
+def view_to_image(px: float, py: float, size: tuple[int, int], prep: D.ImagePrep) -> tuple[float, float]:
+    """A pixel of the model's S x S view -> the original image's pixel (inverse of ImagePrep's short-side resize and
+    centre crop)."""
+    w, h = size
+    rw, rh = prep.resized(w, h)
+    left, top = (rw - prep.size) // 2, (rh - prep.size) // 2
+    return (px + 0.5 + left) * w / rw, (py + 0.5 + top) * h / rh
+
+
+def image_to_view(x: float, y: float, size: tuple[int, int], prep: D.ImagePrep) -> tuple[float, float]:
+    """The inverse of view_to_image for a point (a box corner; may fall outside the view)."""
+    w, h = size
+    rw, rh = prep.resized(w, h)
+    return x * rw / w - (rw - prep.size) // 2, y * rh / h - (rh - prep.size) // 2
+
+
+def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, boxes: dict) -> dict:
+    """Does the text->image attention point at the object the picture cues? For each post whose image reached the
+    model and has a box: the attention of the words of the cued type's gold entities, averaged, drawn as the
+    --explain overlay does (region_heat); a hit when its peak pixel, mapped back to the image, lies inside the box.
+    "chance" is the rate a peak drawn uniformly over the view would reach: the mean share of the view the box covers.
+    Returns {"hits", "posts", "rate", "chance", "no_box", "no_entity"}."""
+    out = run_model(model, ds, config, label_map, device, amp, explain=True)
+    grids, prep = region_grids(model.vision), ds.prep
+    hits = posts = no_box = no_entity = 0
+    cover = 0.0
+    for i, (p, r) in enumerate(zip(ds.posts, out)):
+        if "explain" not in r:
+            continue
+        b = boxes.get(p.imgid or "")
+        if b is None:
+            no_box += 1
+            continue
+        words = [k for k, t in enumerate(p.tags) if t != "O" and t[2:] == b["type"]]
+        if not words:
+            no_entity += 1
+            continue
+        heat = region_heat(r["explain"]["att"][words].mean(0), grids, prep.size, r["explain"]["cells"])
+        py, px = np.unravel_index(heat.argmax(), heat.shape)
+        x, y = view_to_image(px, py, b["size"], prep)
+        x0, y0, x1, y1 = b["box"]
+        posts += 1
+        hits += int(x0 <= x <= x1 and y0 <= y <= y1)
+        (ax, ay), (bx, by) = image_to_view(x0, y0, b["size"], prep), image_to_view(x1, y1, b["size"], prep)
+        clip = lambda v: min(max(v, 0.0), prep.size)  # noqa: E731
+        cover += (clip(bx) - clip(ax)) * (clip(by) - clip(ay)) / prep.size ** 2
+    return {"hits": hits, "posts": posts, "rate": hits / posts if posts else 0.0,
+            "chance": cover / posts if posts else 0.0, "no_box": no_box, "no_entity": no_entity}
 
 
 def image_path_off(model, config) -> str:
@@ -267,7 +339,7 @@ def image_path_off(model, config) -> str:
 
 @torch.no_grad()
 def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, explain: bool) -> list[dict]:
-    """Per post: "tags" (every word), "probs" (probability of each scored word's tag), "image_used" and, with
+    """Per post: "tags" (every word), "probs" (probability of each word's tag), "image_used" and, with
     explain and an image that reached the model, "explain": {"att" [n, R], "rel" [n], "gate" [n] or None}."""
     model.eval()
     mods = explained_modules(model) if explain else []
@@ -283,19 +355,21 @@ def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, a
         probs = tag_probabilities(model.head, em, mask).cpu()
         att = word_region_attention(model) if explain else None
         gate = model.gate.last_gate if explain and model.gate is not None else None
+        cells = getattr(model.vision, "last_cells", None) if explain else None  # dual: the kept fine tokens' cells
         img_row = {b: k for k, b in enumerate(batch["has_image"].nonzero().squeeze(1).tolist())}  # att/gate rows
         for b, (i, row) in enumerate(zip(batch["index"].tolist(), ids)):
             n = len(row)
-            r = {"tags": label_map.decode(row) + ["O"] * (len(ds.posts[i].tokens) - n),
+            r = {"tags": label_map.decode(row),
                  "probs": probs[b, torch.arange(n), torch.tensor(row)].tolist(),
                  "image_used": bool(batch["has_image"][b])}
             if att is not None and bool(batch["has_image"][b]):
                 k = img_row[b]
                 r["explain"] = {"att": att[k, :n].cpu().numpy(), "rel": res["rel"][b, :n].float().tolist(),
-                                "gate": gate[k, :n].float().mean(-1).tolist() if gate is not None else None}
+                                "gate": gate[k, :n].float().mean(-1).tolist() if gate is not None else None,
+                                "cells": tuple(cells[k].tolist()) if cells is not None else None}  # per post
             out[i] = r
     keep_weights(mods, False)
-    return out
+    return ds.merge(out)
 
 
 def entities(post: NewPost, tags: list[str], probs: list[float], mode: str) -> list[dict]:
@@ -369,9 +443,7 @@ def explain_post(k: int, post: NewPost, r: dict, model, config, out_dir: Path, w
         grids = region_grids(model.vision)
         panels = []
         for caption, idx in targets:
-            heat = region_heat(ex["att"][idx].mean(0), grids, VIEW)
-            u = heat * VIEW * VIEW  # 1 = uniform attention
-            panels.append((f"{caption}\n{u.min():.2f}x (blue) to {u.max():.2f}x (red) uniform", heat))
+            panels.append((caption, region_heat(ex["att"][idx].mean(0), grids, VIEW, ex["cells"])))
         written.append(plots.attention_overlay(view, panels, out_dir / f"post{k}_attention.png",
                                                f"post {k}: text -> image attention over the model's view"))
     if ex["gate"] is not None:
@@ -409,7 +481,7 @@ def check_args(a) -> None:
 
 def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    args = get_config(argv, check=False)
+    args = get_config(argv, check=False, tool="predict")
     check_args(args)
     if args.text:
         rec = {"text": args.text, "image": args.image or None}
@@ -425,8 +497,7 @@ def main(argv=None) -> list[dict]:
     from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device
     given = given_flags(argv)
     config, label_map, model, _ = load_run(args.save_dir, args.save_name,
-                                           {k: getattr(args, k) for k in given & RUNTIME_FLAGS}, args,
-                                           given - {"use_image"})  # --no-use_image: tag text-only, below
+                                           {k: getattr(args, k) for k in given & RUNTIME_FLAGS})
     if "use_image" in given:  # after the model is built: --no-use_image runs a multimodal model text-only
         config.use_image = args.use_image
     off = image_path_off(model, config)

@@ -19,14 +19,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dataloader as D
-from config import ConfigError, config_from_dict, get_config, run_flags
+from config import TOOL_FLAGS, ConfigError, config_from_dict, get_config
 from metrics import evaluate
 from model import MODELS, build_model
 
-# flags test.py / predict.py take from the command line over the run's config.json (they change no weights)
-RUNTIME_FLAGS = {"split", "device", "batch_size", "eval_mode", "bio_constraints", "record_file", "data_dir",
-                 "image_root", "cache_dir", "image_control", "num_workers", "amp", "save_dir", "lenient_data",
-                 "allow_download", "plots", "out_dir"}
+# flags test.py / predict.py / export.py take from the command line over the run's config.json (they change no
+# weights); predict.py's --use_image applies after the model is built
+RUNTIME_FLAGS = (TOOL_FLAGS["test"] | TOOL_FLAGS["predict"] | TOOL_FLAGS["export"]) - {"save_name", "use_image"}
 RUN_FILES = ("config.json", "label_map.json", "model.pt")
 
 
@@ -194,28 +193,15 @@ def localise_paths(config, run: Path, given: set[str]) -> None:
         print(f"note: {run.name}: its {k} {v} is not on this machine; using {shown} (--{k} chooses another)")
 
 
-def refuse_other_run_flags(config, run: Path, cli=None, given=()) -> None:
-    """A run-defining flag (config.run_flags) given to a tool that loads a saved run, with a value other than the run's
-    own, is an error naming it: the tool would silently use the run's value instead."""
-    if cli is None:
-        return
-    other = sorted(k for k in set(given) & run_flags() - RUNTIME_FLAGS if getattr(cli, k) != getattr(config, k))
-    if other:
-        shown = ", ".join(f"--{k} {getattr(cli, k)} (the run's: {getattr(config, k)})" for k in other)
-        raise ConfigError(f"{shown}: {run.name} was trained with its own value, which this tool uses; drop the "
-                          "flag, or train a run with it")
-
-
-def load_run(save_dir, name: str, overrides=None, cli=None, given=()):
-    """(config, label_map, model, checkpoint) of a run directory; one-line errors for missing pieces. With cli (the
-    tool's parsed flags) and given (the flags written out), a run-defining flag that differs from the run's is refused."""
+def load_run(save_dir, name: str, overrides=None):
+    """(config, label_map, model, checkpoint) of a run directory, `overrides` (runtime flags) applied; one-line errors
+    for missing pieces."""
     run = Path(save_dir) / name
     for f in RUN_FILES:
         if not (run / f).is_file():
             raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "
                               f"{runs_with(save_dir, 'model.pt')}")
-    config = config_from_dict(read_run_json(run / "config.json"))
-    refuse_other_run_flags(config, run, cli, given)
+    config = config_from_dict(read_run_json(run / "config.json"), str(run / "config.json"))
     for k, v in (overrides or {}).items():
         setattr(config, k, v)
     localise_paths(config, run, set(overrides or {}))
@@ -238,9 +224,9 @@ def load_run(save_dir, name: str, overrides=None, cli=None, given=()):
 @torch.no_grad()
 def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
             shard: bool = False) -> list[list[str] | None]:
-    """Word tags for every post of `dataset`, full length: words past --max_len are predicted O.
+    """Word tags of every item (window) of `dataset`; dataset.merge turns them into every post's tags.
 
-    shard=True (torchrun): only this rank's share of the batches is predicted; the other posts stay None.
+    shard=True (torchrun): only this rank's share of the batches is predicted; the other items stay None.
     """
     model.eval()
     r, w = (rank(), world()) if shard else (0, 1)
@@ -251,9 +237,8 @@ def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device
         batch = {k: v.to(device) for k, v in batch.items()}
         with ctx():
             ids = model.decode(batch)
-        for i, row in zip(batch["index"].tolist(), ids):
-            tags = label_map.decode(row)
-            preds[i] = tags + ["O"] * (len(dataset.posts[i].tokens) - len(tags))
+        for k, row in zip(batch["index"].tolist(), ids):
+            preds[k] = label_map.decode(row)
     return preds
 
 
@@ -267,6 +252,7 @@ def evaluate_split(model, dataset, config, label_map, device, amp=None):
             for i, p in part.items():
                 preds[i] = p
         assert all(p is not None for p in preds), "a post was predicted by no rank"
+    preds = dataset.merge(preds)
     res = evaluate([p.tags for p in dataset.posts], preds, config.eval_mode) if is_main() else None
     return broadcast(res), preds
 

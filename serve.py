@@ -379,7 +379,7 @@ async def multipart_post(request, args) -> list[tuple[NewPost, bytes | None]]:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = get_config(argv, check=False)
+    args = get_config(argv, check=False, tool="serve")
     check_limits(args)
     rt = load_runtime(args)
     import uvicorn

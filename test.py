@@ -3,6 +3,7 @@
     python test.py --save_name NAME [--split test|valid|train|valid,test] [--device cpu] [--batch_size 32]
                    [--eval_mode conlleval|strict] [--record_file results.csv] [--plots [--out_dir DIR]]
                    [--image_control shuffle|blank]   # score with wrong or blank images (attribution control)
+                   [--explain_hits]                   # attention peak inside the cued object's box, per split
                    [--[no-]bio_constraints]           # decode with(out) the BIO bans, whatever the run was trained with
 
 Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
@@ -54,14 +55,32 @@ def record(path, name: str, results: dict, config, data_hash: dict | None = None
         w.writerow(row)
 
 
+def explain_hits(model, ds, config, label_map, device, amp, split: str) -> dict:
+    """--explain_hits: predict.attention_hits over the split's posts with a box, printed in one line."""
+    from contextlib import nullcontext
+
+    from predict import attention_hits, image_path_off, read_boxes
+    off = image_path_off(model, config)
+    path = D.dataset_dir(config) / f"{split}_boxes.jsonl"
+    if off or not path.is_file():
+        why = off or f"{path} not found: data/make_heldout.py and make_demo.py write it (a demo folder made before: " \
+                     "python data/make_demo.py --force)"
+        raise ConfigError(f"--explain_hits: {why}")
+    h = attention_hits(model, ds, config, label_map, device, amp or nullcontext, read_boxes(path))
+    print(f"attention peak inside the cued object's box: {h['hits']}/{h['posts']} posts ({h['rate']:.1%}; "
+          f"a uniform peak: {h['chance']:.1%}); skipped: {h['no_box']} with an image but no box, "
+          f"{h['no_entity']} with no entity of the cued type")
+    return h
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cli = get_config(argv)  # flag values are checked (--split) before anything loads
+    cli = get_config(argv, tool="test")  # flag values are checked (--split) before anything loads
     if not cli.save_name:
         raise ConfigError("--save_name is required: the run directory under --save_dir to score")
     given = given_flags(argv)
     overrides = {k: getattr(cli, k) for k in given & RUNTIME_FLAGS}
-    config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides, cli, given)
+    config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides)
     saved = read_run_json(Path(cli.save_dir) / cli.save_name / "config.json")
     trained_control = saved.get("image_control", "none")
     device = pick_device(config.device)
@@ -88,6 +107,9 @@ def main(argv=None):
         write_predictions(run / f"{split}_predictions{tag}.conll", posts, preds)
         print(f"{cli.save_name} on {config.dataset_name}/{split} (best dev epoch {best}), {len(posts) / dt:.0f} posts/s:")
         print(format_report(res))
+        if config.explain_hits:
+            res["explain_hits"] = explain_hits(model, ds, config, label_map, device, amp, split)
+            (run / f"{split}_report{tag}.json").write_text(json.dumps(res, indent=1))
         results[split] = res
     if config.record_file:
         record(config.record_file, cli.save_name, results, config, D.split_hashes(config))

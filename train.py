@@ -171,7 +171,7 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 def base_lrs(config) -> dict:
     """Learning rate of each parameter group base: text encoder, trainable pretrained vision, tagging head, the rest."""
-    return {"text": config.fin_tuning_lr, "vision": config.clip_lr, "head": config.head_lr, "rest": config.downs_en_lr}
+    return {"text": config.text_lr, "vision": config.backbone_lr, "head": config.head_lr, "rest": config.fusion_lr}
 
 
 def lr_plan(config, steps: int) -> dict:
@@ -217,8 +217,8 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
     """AdamW with layer-wise groups and a LambdaLR schedule: lr_plan(config, steps), or `plan` when given.
     head_group=False: the head in the "rest" group, as runs saved before --head_lr had it (their last.pt resumes).
 
-    text encoder -> fin_tuning_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
-    pretrained vision -> clip_lr, tagging head -> head_lr, everything else -> downs_en_lr; biases and every norm layer get no weight decay.
+    text encoder -> text_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
+    pretrained vision -> backbone_lr, tagging head -> head_lr, everything else -> fusion_lr; biases and every norm layer get no weight decay.
     """
     lrs = base_lrs(config)
     n_layers = model.text.model.config.num_hidden_layers
@@ -237,7 +237,7 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
                                    "name": f"{name}{'' if decay else '_nodecay'}{f'_d{d}' if layerwise else ''}",
                                    "base": name})
     # the fused kernel does one pass per tensor: 6x faster than the default per-parameter loop on CPU
-    opt = torch.optim.AdamW(groups, lr=config.downs_en_lr, fused=True)
+    opt = torch.optim.AdamW(groups, lr=config.fusion_lr, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(plan or lr_plan(config, steps)))
 
 
@@ -265,8 +265,8 @@ def skip_bad_step(bad_run: list, config, epoch: int, what: str):
     bad_run[1] += 1
     if bad_run[0] >= config.max_bad_steps:
         raise ConfigError(f"{bad_run[0]} non-finite {what} in a row at epoch {epoch + 1} ({bad_run[1]} skipped in all); "
-                          f"lower the learning rates (--downs_en_lr {config.downs_en_lr}, --head_lr {config.head_lr}, --fin_tuning_lr "
-                          f"{config.fin_tuning_lr}) or raise --max_bad_steps {config.max_bad_steps}")
+                          f"lower the learning rates (--fusion_lr {config.fusion_lr}, --head_lr {config.head_lr}, --text_lr "
+                          f"{config.text_lr}) or raise --max_bad_steps {config.max_bad_steps}")
 
 
 def train_step(model, group: list[dict], opt, sched, config, device, epoch: int, amp, scaler, bad_run: list,
@@ -421,7 +421,7 @@ def resolve_resume(argv: list[str]):
     """(config, resume): the flags, and with --continue_train_name the run's own config (flags that may change
     on resume applied over it) and its last.pt (resume["run_epochs"]: the --epochs the run had); resume is None
     for a new run."""
-    config = get_config(argv)
+    config = get_config(argv, tool="train")
     if not config.continue_train_name:
         check_flags(config, given_flags(argv))
         return config, None
@@ -433,7 +433,7 @@ def resolve_resume(argv: list[str]):
         if not (src / f).is_file():
             raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
                               "written with every run, so this run directory is damaged: start a new run")
-    saved = config_from_dict(read_run_json(src / "config.json"))
+    saved = config_from_dict(read_run_json(src / "config.json"), str(src / "config.json"))
     run_epochs = saved.epochs
     for k in given_flags(argv) - {"continue_train_name"}:
         new, old = getattr(config, k), getattr(saved, k)
@@ -542,18 +542,18 @@ def start_state(config, resume, model, train_loader, device, run, say):
 
 
 def improves(config, f1: float, best: float) -> bool:
-    """A dev F1 that counts as a gain: more than --patience above the best so far."""
-    return f1 > best + config.patience
+    """A dev F1 that counts as a gain: more than --min_gain above the best so far."""
+    return f1 > best + config.min_gain
 
 
 def stops_early(config, bad_epochs: int, epoch: int) -> bool:
-    """Stop after --patience_num epochs without a gain, once --min_epoch_num epochs are done (epoch: 0-based)."""
-    return bad_epochs >= config.patience_num and epoch + 1 >= config.min_epoch_num
+    """Stop after --patience_epochs epochs without a gain, once --min_epoch_num epochs are done (epoch: 0-based)."""
+    return bad_epochs >= config.patience_epochs and epoch + 1 >= config.min_epoch_num
 
 
 def fit(config, core, ds, run, device, resume, say):
     """The epochs: train, score dev, keep the best model.pt, write last.pt and a metrics.jsonl line per epoch,
-    stop early after --patience_num epochs without a dev gain (once --min_epoch_num is reached)."""
+    stop early after --patience_epochs epochs without a dev gain (once --min_epoch_num is reached)."""
     lead = is_main()
     # under torchrun each rank gets every world-th batch, all ranks the same number of them
     train_loader = D.make_loader(ds["train"], config, train=True, rank=rank(), world=world())
@@ -624,7 +624,7 @@ def fit(config, core, ds, run, device, resume, say):
                          **({"ema": ema.state_dict()} if ema is not None else {})},
                         run / "last.pt")
         if stop:
-            say(f"early stop: no dev gain > {config.patience} for {state.bad_epochs} epochs")
+            say(f"early stop: no dev gain > {config.min_gain} for {state.bad_epochs} epochs")
             break
     tracker.finish()
     barrier()  # rank 0's model.pt is complete before any rank reads it

@@ -10,6 +10,7 @@ their type: text-only models should stall near 0.6 entity F1, models that use th
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 from collections import Counter
@@ -136,6 +137,7 @@ def draw_person(img, d, rng, W):
     for s in (-1, 1):
         d.ellipse(box(cx + s * 0.4 * r, top + 1.1 * r, 0.1 * r), fill=ink)
     d.arc(box(cx, top + 1.35 * r, 0.45 * r, 0.25 * r), 20, 160, fill=ink, width=max(1, int(0.08 * r)))
+    return [cx - 0.32 * h - lw, top, cx + 0.32 * h + lw, top + h]
 
 
 def draw_landscape(img, d, rng, W):
@@ -161,11 +163,12 @@ def draw_landscape(img, d, rng, W):
         for _ in range(6):
             x, y = rng.uniform(0, 0.8) * W, rng.uniform(wy, W)
             d.line([x, y, x + 0.15 * W, y], fill=(200, 225, 250), width=2)
+    return None  # the whole scene is the cue: no object box
 
 
 def draw_org(img, d, rng, W):
     if rng.random() < 0.5:  # office block(s) with a window grid
-        gy = 0.88 * W
+        gy, xs, top = 0.88 * W, [], W
         d.rectangle([0, gy, W, W], fill=rc(rng, 90, 140))
         for _ in range(rng.randint(1, 2)):
             bw, bh = rng.uniform(0.3, 0.5) * W, rng.uniform(0.5, 0.8) * W
@@ -178,6 +181,8 @@ def draw_org(img, d, rng, W):
                     d.rectangle([x0 + (i + 0.2) * cw, y0 + (j + 0.25) * ch, x0 + (i + 0.8) * cw, y0 + (j + 0.8) * ch],
                                 fill=glass)
             d.rectangle([x0 + 0.4 * bw, gy - 0.12 * bh, x0 + 0.6 * bw, gy], fill=(50, 40, 30))
+            xs, top = xs + [x0, x0 + bw], min(top, y0)
+        return [min(xs), top, max(xs), gy]
     else:  # logo badge: ring + big letter
         cx, cy, r = rng.uniform(0.4, 0.6) * W, rng.uniform(0.4, 0.6) * W, rng.uniform(0.28, 0.42) * W
         fill, lw = rc(rng), max(3, int(0.1 * r))
@@ -188,6 +193,7 @@ def draw_org(img, d, rng, W):
             d.rounded_rectangle(box(cx, cy, r), radius=int(0.3 * r), fill=fill, outline=ring, width=lw)
         font = ImageFont.load_default(size=max(10, int(1.2 * r)))
         d.text((cx, cy), rng.choice("ABDEGHKMNRSTXZ"), fill=ring, font=font, anchor="mm", stroke_width=lw // 3)
+        return box(cx, cy, r)
 
 
 def draw_misc(img, d, rng, W):
@@ -201,6 +207,7 @@ def draw_misc(img, d, rng, W):
         d.line(rel(cx, cy, s, -1, 0, 1, 0), fill=ink, width=lw)
         d.arc(box(cx - s, cy, 0.7 * s, s), -55, 55, fill=ink, width=lw)
         d.arc(box(cx + s, cy, 0.7 * s, s), 125, 235, fill=ink, width=lw)
+        return [cx - s, cy - s, cx + s, cy + s]
     elif kind == "cup":  # mug on a saucer, with steam
         d.ellipse(box(cx, cy + 0.88 * s, 1.1 * s, 0.12 * s), fill=rc(rng, 180, 255))
         d.ellipse(box(cx + 0.7 * s, cy, 0.35 * s, 0.4 * s), outline=col, width=max(3, int(0.15 * s)))
@@ -208,6 +215,7 @@ def draw_misc(img, d, rng, W):
         d.ellipse(box(cx, cy - 0.7 * s, 0.7 * s, 0.1 * s), fill=(90, 50, 20))
         for dx in (-0.3, 0.0, 0.3):
             d.line(rel(cx, cy, s, dx, -0.9, dx + 0.1, -1.1, dx, -1.3), fill=(235, 235, 235), width=lw)
+        return [cx - 1.1 * s, cy - 1.3 * s, cx + 1.1 * s, cy + s]
     else:  # car: cabin with window, body, two wheels
         s *= 0.8  # it is wide; keep it (mostly) inside the frame
         d.polygon(rel(cx, cy, s, -0.55, -0.1, -0.35, -0.55, 0.4, -0.55, 0.65, -0.1), fill=col)
@@ -217,12 +225,14 @@ def draw_misc(img, d, rng, W):
         for wx in (cx - 0.6 * s, cx + 0.6 * s):
             d.ellipse(box(wx, cy + 0.35 * s, 0.25 * s), fill=ink)
             d.ellipse(box(wx, cy + 0.35 * s, 0.1 * s), fill=(170, 170, 170))
+        return [cx - 1.1 * s, cy - 0.55 * s, cx + 1.1 * s, cy + 0.6 * s]
 
 
 DRAW = {"PER": draw_person, "LOC": draw_landscape, "ORG": draw_org, "MISC": draw_misc}
 
 
-def draw_image(rng: random.Random, typ: str, size: int) -> Image.Image:
+def draw_image(rng: random.Random, typ: str, size: int) -> tuple[Image.Image, list[int] | None]:
+    """(picture, its cued object's box [x0, y0, x1, y1] in pixels, or None for a landscape: the scene is the cue)."""
     W = 2 * size  # draw at 2x and box-downsample: cheap anti-aliasing
     # Every class gets a random flat or gradient backdrop so "has a gradient" is no landscape cue.
     a = rc(rng, 50, 235)
@@ -231,11 +241,15 @@ def draw_image(rng: random.Random, typ: str, size: int) -> Image.Image:
     for _ in range(rng.randint(0, 4)):  # small clutter shapes shared by all classes
         shape = d.ellipse if rng.random() < 0.5 else d.rectangle
         shape(box(rng.uniform(0, W), rng.uniform(0, W), rng.uniform(0.01, 0.04) * W), fill=rc(rng))
-    DRAW[typ](img, d, rng, W)
+    obj = DRAW[typ](img, d, rng, W)
     arr = np.asarray(img.reduce(2), dtype=np.float32)
     # Luminance noise (shared by R, G, B): hides exact pixel values, keeps the PNGs half as big and fast to write.
     noise = np.random.default_rng(rng.getrandbits(64)).normal(0.0, rng.uniform(3, 12), (size, size, 1))
-    return Image.fromarray(np.clip(arr + noise, 0, 255).round().astype(np.uint8), "RGB")
+    pic = Image.fromarray(np.clip(arr + noise, 0, 255).round().astype(np.uint8), "RGB")
+    if obj is None:
+        return pic, None
+    x0, y0, x1, y1 = (min(max(v / 2, 0), size) for v in obj)  # drawn at 2x, clipped to the frame
+    return pic, [int(x0), int(y0), max(int(x0) + 1, round(x1)), max(int(y0) + 1, round(y1))]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -256,7 +270,7 @@ def make_demo(out_dir, seed: int = 13, n_train: int = 600, n_dev: int = 150, n_t
         rng = random.Random(f"text-{seed}-{split}")
         img_types = [TYPES[i % 4] for i in range(n)]  # exactly balanced picture classes
         rng.shuffle(img_types)
-        lines = []
+        lines, boxes = [], []
         for i, typ in enumerate(img_types):
             pid = f"demo_{split}_{i + 1:04d}"
             pairs, amb = make_post(rng, names, typ)
@@ -265,9 +279,12 @@ def make_demo(out_dir, seed: int = 13, n_train: int = 600, n_dev: int = 150, n_t
             amb_n, ment_n = amb_n + amb, ment_n + len(heads)
             lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
             # Per-image RNG: each picture depends only on (seed, id), not on generation order.
-            img = draw_image(random.Random(f"img-{seed}-{pid}"), typ, image_size)
+            img, obj = draw_image(random.Random(f"img-{seed}-{pid}"), typ, image_size)
             img.save(tmp / "demo_images" / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
+            if obj is not None:
+                boxes.append({"imgid": pid, "type": typ, "box": obj, "size": [image_size, image_size]})
         (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+        (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
     share = amb_n / max(1, ment_n)
     ceiling = (1 - share) + share * 0.25
     counts = " ".join(f"{t}={ents[t]}" for t in TYPES)
@@ -282,6 +299,8 @@ Posts are tweet-like sentences (5-20 tokens) with 1-2 invented names; name pools
 picture tells their type: person=PER, landscape=LOC, office building or letter badge=ORG, ball/cup/car=MISC.
 The rest carry text cues ("Mr. {{X}}", "{{X}} Inc."); posts without an ambiguous mention show their first
 entity's type. Colours, positions, sizes and backgrounds vary, with clutter shapes and pixel noise.
+`<split>_boxes.jsonl` gives each picture's cued object ({{"imgid", "type", "box": [x0, y0, x1, y1], "size"}}; none
+for landscapes, where the whole scene is the cue), for `test.py --explain_hits`.
 
 Expected text-only ceiling (an expectation, not a measurement): cued mentions ~1.0, ambiguous ones at chance
 (1/4), so about {1 - share:.2f} + {share:.2f} x 0.25 = {ceiling:.2f} entity F1, and a text-only model should

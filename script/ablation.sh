@@ -71,11 +71,11 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_default) echo "$TEXT_DEFAULT" ;;
     text_default_e10) echo "$TEXT_DEFAULT --epochs 10" ;;
     text_default_attn_drop) echo "$TEXT_DEFAULT --text_attention_dropout 0.1" ;;
-    text_default_lr1e4) echo "$TEXT_DEFAULT --fin_tuning_lr 1e-4" ;;
+    text_default_lr1e4) echo "$TEXT_DEFAULT --text_lr 1e-4" ;;
     text_default_bs8) echo "$TEXT_DEFAULT --batch_size 8" ;;
     text_default_fast) echo "$TEXT_DEFAULT --batch_size 32 --freeze_text_layers 1" ;;
     text_default_bs32) echo "$TEXT_DEFAULT --batch_size 32" ;;
-    text_default_bs32_lr1e4) echo "$TEXT_DEFAULT --batch_size 32 --fin_tuning_lr 1e-4" ;;
+    text_default_bs32_lr1e4) echo "$TEXT_DEFAULT --batch_size 32 --text_lr 1e-4" ;;
     text_default_case_input) echo "$TEXT_DEFAULT --case_input" ;;
     text_default_word_mask) echo "$TEXT_DEFAULT --word_mask_prob 0.1" ;;
     text_default_ema99) echo "$TEXT_DEFAULT --ema_decay 0.99" ;;
@@ -161,7 +161,7 @@ for e in $sel; do
   SAVE_NAME=$name env_args
   # the experiment's own flags go last: they win over the environment's (text_epochs10 over EPOCHS)
   train_cmd=(bash "$script" --save_dir "$SAVE_DIR" "${ARGS[@]}" "${extra[@]}")
-  # test.py takes the run's own data and model flags from its config.json (and refuses other values)
+  # test.py takes the run's own data and model flags from its config.json (and refuses them on its command line)
   test_cmd=(python test.py --save_dir "$SAVE_DIR" --save_name "$name" --split valid,test --record_file "$RECORD_FILE")
   [ -z "${DEVICE:-}" ] || test_cmd+=(--device "$DEVICE")
   control_cmd=()  # the same trained model scored with shuffled images (only the multimodal ones have an image path)

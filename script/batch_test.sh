@@ -15,8 +15,7 @@ mkdir -p "$OUT_DIR"
 if [ $# -gt 0 ]; then runs=("$@"); else
   runs=(); for d in "$SAVE_DIR"/*/; do [ -f "$d/config.json" ] && runs+=("$(basename "$d")"); done
 fi
-unset SAVE_NAME
-env_args
+env_args DEVICE BATCH_SIZE
 summary="$OUT_DIR/summary.csv"
 rows="$OUT_DIR/.rows.csv"
 rm -f "$rows"

@@ -31,7 +31,7 @@ one_run() {  # dataset model seed
     roberta_crf) export MODEL=roberta_crf ;;
     MNER) export MODEL=MNER ;;
     MNER_dual) export MODEL=MNER; script=script/train_dual_granularity.sh ;;
-    MNER_dual_conv) export MODEL=MNER; script=script/train_dual_granularity.sh; extra=(--vision_stem conv --vision_img_size 112) ;;
+    MNER_dual_conv) export MODEL=MNER; script=script/train_dual_granularity.sh; extra=(--vision_stem conv --vision_img_size 112 --vision_patch_size 16 --vision_fine_patch_size 8) ;;
     *) echo "error: MODELS: unknown '$model'; use roberta_crf, MNER, MNER_dual or MNER_dual_conv" >&2; return 2 ;;
   esac
   if [ -f "$run/last.pt" ]; then resume=(--continue_train_name "$name"); else rm -rf "$run"; fi

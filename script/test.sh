@@ -5,5 +5,5 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 . script/env_args.sh
 [ -n "${SAVE_NAME:-}" ] || { echo "error: set SAVE_NAME to a run directory under save_models/" >&2; exit 2; }
-env_args
+env_args SAVE_NAME DEVICE BATCH_SIZE
 exec python test.py "${ARGS[@]}" "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# MNER with MANGO's dual-granularity vision encoder: EfficientNet-Lite0's stride-16 and stride-8 maps (frozen, cached
-# once per image) under a coarse Swin + delegate branch and a fine salient-patch transformer branch.
+# MNER with MANGO's dual-granularity vision encoder: EfficientNet-Lite0's final features and its stride-16 map (frozen,
+# cached once per image) under a coarse Swin + delegate branch and a fine salient-patch transformer branch.
 #   bash script/train_dual_granularity.sh                       # demo set, a few minutes on 2 CPU cores
 #   DATASET=twitter2017 bash script/train_dual_granularity.sh   # the same encoder on Twitter-2017
 #   EXTRA_ARGS="--vision_stem conv" bash script/train_dual_granularity.sh   # from-scratch stem + distillation

@@ -37,7 +37,7 @@ def base(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
     return ["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
             "--image_encoder", tiny_clip_dir, "--save_dir", str(d / "save"), "--cache_dir", str(d / "cache"),
             "--swanlab_mode", "disabled", "--batch_size", "4", "--fusion_layers", "2", "--fusion_dim", "32",
-            "--cross_attn_heads", "2", "--downs_en_lr", "3e-3", "--seed", "7"]
+            "--cross_attn_heads", "2", "--fusion_lr", "3e-3", "--seed", "7"]
 
 
 def run_py(args, cwd=ROOT, check=True):
@@ -180,12 +180,12 @@ def test_ema_run_saves_the_average_and_resumes_it(base, monkeypatch):
     """--ema_decay: model.pt (what dev scored and the test reads) holds the averaged weights, last.pt the live ones
     and the average; a run cut in epoch 2 resumes to the uninterrupted run's dev F1 and average; a different
     --ema_decay on resume is refused."""
-    args = [*base, "--model", "roberta_crf", "--epochs", "2", "--ema_decay", "0.9", "--patience", "-1"]
+    args = [*base, "--model", "roberta_crf", "--epochs", "2", "--ema_decay", "0.9", "--min_gain", "-1"]
     train.main([*args, "--save_name", "ema_full"])
     best = torch.load(save_dir(base) / "ema_full" / "model.pt", weights_only=True)
     last = torch.load(save_dir(base) / "ema_full" / "last.pt", weights_only=True)
     assert last["ema"]["n"] == last["step"] > 0
-    assert best["epoch"] == last["epoch"] == 1  # --patience -1: every epoch counts as a gain, model.pt = the last average
+    assert best["epoch"] == last["epoch"] == 1  # --min_gain -1: every epoch counts as a gain, model.pt = the last average
     emit = best["model"]["emit.weight"]
     n = last["ema"]["n"]
     assert any(a.shape == emit.shape and torch.allclose(emit, a / (1 - 0.9 ** n)) for a in last["ema"]["avg"])
@@ -216,8 +216,8 @@ def test_existing_run_is_never_overwritten(trained, base):
 
 def test_early_stopping(base):
     """Nothing learns (all learning rates 0), so dev F1 never improves after epoch 1: stop after
-    1 + patience_num epochs once min_epoch_num is reached."""
-    _, _ = train.main([*base, "--epochs", "6", "--fin_tuning_lr", "0", "--downs_en_lr", "0", "--patience_num", "2",
+    1 + patience_epochs epochs once min_epoch_num is reached."""
+    _, _ = train.main([*base, "--epochs", "6", "--text_lr", "0", "--fusion_lr", "0", "--patience_epochs", "2",
                        "--min_epoch_num", "1", "--save_name", "early"])
     rows = (save_dir(base) / "early" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3
@@ -230,7 +230,7 @@ def test_lr_groups(base, tiny_bert_dir):
     by = {}
     for g in opt.param_groups:
         by.setdefault(g["base"], set()).update(id(p) for p in g["params"])
-        assert g["lr"] == pytest.approx({"text": cfg.fin_tuning_lr, "vision": cfg.clip_lr, "head": cfg.head_lr, "rest": cfg.downs_en_lr}[g["base"]] * sched.lr_lambdas[0](0))
+        assert g["lr"] == pytest.approx({"text": cfg.text_lr, "vision": cfg.backbone_lr, "head": cfg.head_lr, "rest": cfg.fusion_lr}[g["base"]] * sched.lr_lambdas[0](0))
         if g["name"].endswith("_nodecay"):
             assert g["weight_decay"] == 0
     names = {id(p): n for n, p in m.named_parameters()}
@@ -308,7 +308,7 @@ def test_dual_granularity_cli(base):
 
 
 @pytest.mark.parametrize("flags,msg", [
-    (["--fin_tuning_lr", "-1"], "--fin_tuning_lr must be >= 0"),
+    (["--text_lr", "-1"], "--text_lr must be >= 0"),
     (["--max_len", "4"], "--max_len must be >= 8"),
     (["--text_encoder", "/no/such/dir"], "--text_encoder /no/such/dir: no such directory"),
     (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
@@ -337,7 +337,7 @@ def test_resume_with_more_epochs_keeps_the_schedule_continuous(base, monkeypatch
     monkeypatch.setattr(train.Tracker, "log", lambda self, d, step: lrs.setdefault(self.run_name, {}).update(
         {step: d["lr/rest"]} if "lr/rest" in d else {}))
     monkeypatch.setattr(train.Tracker, "run_name", "cut", raising=False)
-    cut_in_epoch_2([*base, "--epochs", "3", "--patience_num", "9", "--save_name", "grow"], monkeypatch)  # no early stop
+    cut_in_epoch_2([*base, "--epochs", "3", "--patience_epochs", "9", "--save_name", "grow"], monkeypatch)  # no early stop
     last = torch.load(save_dir(base) / "grow" / "last.pt", weights_only=True)
     old, s = last["schedule"], last["step"]
     assert last["epoch"] == 0 and s == 6 and (old["total"], old["warmup"], old["epochs"]) == (18, 1, 3)
@@ -355,7 +355,7 @@ def test_resume_with_more_epochs_keeps_the_schedule_continuous(base, monkeypatch
     assert f_new(s + 1) < f_new(s) and f_new(30) == 0                 # then one straight decay to the new end
     assert [f_new(t) - f_new(t + 1) for t in range(s, 29)] == pytest.approx([f_new(s) / (30 - s)] * (29 - s))
     cut, resumed = lrs["cut"], lrs["resumed"]
-    lr = 3e-3  # --downs_en_lr of base
+    lr = 3e-3  # --fusion_lr of base
     assert [cut[t] for t in range(1, s + 1)] == pytest.approx([lr * f_old(t) for t in range(1, s + 1)])
     assert sorted(resumed) == list(range(s + 1, 31))                   # epochs 2-5 redone / added: steps 7..30
     assert [resumed[t] for t in range(s + 1, 31)] == pytest.approx([lr * f_new(t) for t in range(s + 1, 31)])

@@ -243,7 +243,7 @@ def test_sigkill_during_epoch_and_checkpoint_writes_then_resume_matches(tiny_dat
     args = ["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
             "--image_encoder", tiny_clip_dir, "--save_dir", str(save), "--cache_dir", str(tmp_path / "cache"),
             "--swanlab_mode", "disabled", "--device", "cpu", "--batch_size", "2", "--fusion_layers", "1",
-            "--fusion_dim", "32", "--cross_attn_heads", "2", "--resampler_tokens", "4", "--downs_en_lr", "3e-3",
+            "--fusion_dim", "32", "--cross_attn_heads", "2", "--resampler_tokens", "4", "--fusion_lr", "3e-3",
             "--epochs", "3", "--seed", "5", "--max_len", "48"]
     _, full = train.main([*args, "--save_name", "full"])
 

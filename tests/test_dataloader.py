@@ -527,7 +527,7 @@ def test_corrupt_image_falls_back_to_text_only(tiny, minilm_tok, tmp_path, capsy
 def test_collate_padding(tiny, tiny_roberta_tok):
     ds = _dataset(tiny, tiny_roberta_tok, None, max_len=12)
     assert ds.pad_id == tiny_roberta_tok.pad_token_id == 1
-    assert ds.n_truncated > 0 and "past --max_len" in ds.describe()
+    assert ds.n_windowed > 0 and "overlapping windows" in ds.describe()
     items = [ds[i] for i in range(6)]
     b = dl.collate(items, pad_id=ds.pad_id)
     for k, it in enumerate(items):
@@ -535,7 +535,7 @@ def test_collate_padding(tiny, tiny_roberta_tok):
         assert b["input_ids"][k, :n].tolist() == it["input_ids"] and (b["input_ids"][k, n:] == 1).all()
         assert b["attention_mask"][k].tolist() == [1] * n + [0] * (b["input_ids"].shape[1] - n)
         assert b["word_index"][k, :w].tolist() == it["word_index"] and (b["word_index"][k, w:] == 0).all()
-        assert b["word_mask"][k].sum() == w == len(it["labels"]) <= len(ds.posts[it["index"]].tokens)
+        assert b["word_mask"][k].sum() == w == len(it["labels"]) <= len(ds.posts[ds.windows[it["index"]].post].tokens)
         assert b["input_ids"].shape[1] <= 12
 
 

@@ -315,7 +315,7 @@ def test_hacred_alignment_with_tiny_bert(tmp_path, tiny_bert_dir):
     lm = dl.LabelMap.from_posts(posts)
     ds = dl.MNERDataset(posts + [dl.Post(list("𠀀\u200b鿿A"), ["O"] * 4, None)], tok, lm, 64, img_root=None,
                         image_mode="pixels", prep=dl.ImagePrep(32))
-    for p, e in zip(ds.posts, ds.enc):
+    for p, e in zip(ds.posts, (w.enc for w in ds.windows)):
         assert e.n_kept == len(p.tokens) and len(set(e.word_index)) == len(p.tokens)
     assert "images 0/4 usable" in ds.describe()
     assert ds[0]["has_image"] is False and tuple(ds[0]["pixel_values"].shape) == (3, 32, 32)

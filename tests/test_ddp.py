@@ -72,7 +72,7 @@ def test_ddp_matches_single_process(mem):
     # a tiny random encoder learns this set only with its word embeddings trained (frozen is the default)
     flags = [*base, "--model", "bert_crf", "--drop_prob", "0", "--no-length_bucketing", "--epochs", "8",
              "--no-freeze_word_embeddings",
-             "--fin_tuning_lr", "1e-2", "--downs_en_lr", "1e-2", "--min_epoch_num", "100"]
+             "--text_lr", "1e-2", "--fusion_lr", "1e-2", "--min_epoch_num", "100"]
     train.main([*flags, "--batch_size", "8", "--save_dir", str(d / "single"), "--save_name", "one"])  # in-process
     # no --save_name: rank 0 makes up the (timestamped) name and the other rank must use the same directory
     out = run([*TORCHRUN, "train.py", *flags, "--batch_size", "2", "--gradient_accumulation_steps", "2",

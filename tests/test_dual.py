@@ -29,13 +29,13 @@ def patch_area(enc, which):
 def test_fine_grid_is_finer_at_the_shipped_defaults(argv):
     c = cfgmod.get_config(["--use_dual_granularity", *argv])
     enc = M.DualGranularityEncoder(c)
-    assert (enc.Gc, enc.Gf) == (14, 28)
+    assert (enc.Gc, enc.Gf) == (7, 14)
     assert patch_area(enc, "fine") < patch_area(enc, "coarse")
-    assert enc.n_tokens == 1 + 14 * 14 + c.vision_max_patches  # the fine branch keeps the cap, not a pooled grid
+    assert enc.n_tokens == 1 + 7 * 7 + c.vision_max_patches  # the fine branch keeps the cap, not a pooled grid
 
 
 @pytest.mark.parametrize("argv", [
-    ["--vision_fine_patch_size", "16"],                                        # equal: not finer
+    ["--vision_fine_patch_size", "32"],                                        # equal: not finer
     ["--vision_fine_patch_size", "32", "--vision_patch_size", "16"],          # coarser
     ["--vision_stem", "conv", "--vision_patch_size", "8", "--vision_fine_patch_size", "8"],
     ["--vision_patch_size", "12", "--vision_fine_patch_size", "4", "--vision_img_size", "48"],  # no stride-12 map
@@ -123,6 +123,21 @@ def test_stem_maps_are_efficientnet_lite0s_own():
     assert not any(p.requires_grad for p in enc.stem.parameters())
     enc.train()
     assert not enc.stem.training  # pretrained BatchNorm statistics stay fixed
+
+
+def test_coarse_view_at_stride_32_is_what_the_plain_mner_reads():
+    """At the defaults the coarse map is EfficientNet-Lite0's final 1280-channel features (PretrainedVision's
+    tokens) and the fine map its stride-16 activations."""
+    enc = encoder(**dict(EFF, vision_img_size=64, vision_patch_size=32, vision_fine_patch_size=16)).eval()
+    plain = M.PretrainedVision(make_config()).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        c, f = enc.stem_maps(x)
+        assert c.shape == (2, 1280, 2, 2) and f.shape == (2, 112, 4, 4)
+        assert torch.allclose(c.flatten(2).transpose(1, 2), plain(x), atol=1e-5)
+    trained = encoder(**dict(EFF, vision_img_size=64, vision_patch_size=32, vision_fine_patch_size=16,
+                             vision_trainable=True, unfreeze_last_vision_blocks=1))
+    assert all(p.requires_grad for p in trained.stem.head.parameters())  # the head conv learns with the last block
 
 
 def test_cached_stem_maps_give_the_pixel_path_result():
@@ -250,3 +265,27 @@ def test_distill_part_is_logged_and_reaches_the_stem(tiny_bert_dir):
     out["loss"].backward()
     assert model.vision.stem.coarse.net[0].weight.grad.abs().sum() > 0
     assert model.vision.distill.weight.grad.abs().sum() > 0
+
+
+def test_runs_of_the_earlier_encoder_are_refused_in_one_line(tmp_path):
+    """A dual run saved before the current encoder (stride-32 map = the final 1280-channel features, LayerScale)
+    cannot be rebuilt: loading it is one error line naming its config.json; other earlier runs still load, and
+    results tables still read every run."""
+    import json
+
+    import runner
+    from config import ConfigError, RUN_FORMAT, config_from_dict, save_config
+    run = tmp_path / "old_dual"
+    run.mkdir()
+    old = {"use_dual_granularity": True, "vision_patch_size": 32, "vision_fine_patch_size": 16, "model": "MNER"}
+    (run / "config.json").write_text(json.dumps(old))
+    (run / "label_map.json").write_text("{}")
+    (run / "model.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"old_dual/config.json: a run of the earlier dual-granularity encoder.*retrain"):
+        runner.load_run(tmp_path, "old_dual")
+    assert config_from_dict(old).vision_patch_size == 32                 # read for tables, never built
+    assert config_from_dict({"model": "MNER", "downs_en_lr": 2e-3}, "c.json").head_lr == 2e-3  # others migrate
+    save_config(config_from_dict(old), run / "config.json")               # saved now: the current format
+    assert json.loads((run / "config.json").read_text())["run_format"] == RUN_FORMAT
+    with pytest.raises(ConfigError, match="run format 99"):
+        config_from_dict({"run_format": 99}, "new/config.json")

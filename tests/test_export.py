@@ -22,6 +22,7 @@ import model as M
 import predict
 import train
 from config import cli
+from crf import CRFHead, crf_tags, pin_pad
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def make_tiny_run(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir)
     train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
                 "--image_encoder", tiny_clip_dir, "--save_dir", str(d / "save"), "--cache_dir", str(d / "cache"),
                 "--swanlab_mode", "disabled", "--batch_size", "4", "--fusion_layers", "2", "--fusion_dim", "32",
-                "--cross_attn_heads", "2", "--resampler_tokens", "4", "--downs_en_lr", "3e-3", "--seed", "7",
+                "--cross_attn_heads", "2", "--resampler_tokens", "4", "--fusion_lr", "3e-3", "--seed", "7",
                 "--epochs", "2", "--save_name", "e"])
     flags = ["--save_dir", str(d / "save"), "--save_name", "e", "--cache_dir", str(d / "cache"), "--device", "cpu"]
     out = export.main(flags)
@@ -58,6 +59,7 @@ def new_posts(tiny_run, tmp_path) -> tuple[Path, list[dict]]:
     posts = D.read_conll(data / "test.txt")
     recs = [{"tokens": p.tokens, "image": str(data / "tiny_images" / f"{p.imgid}.png")} for p in posts]
     recs.append({"text": "Kevin Durant enters Oracle Arena tonight !"})
+    recs.append({"tokens": "we talked about the game for a long while".split() * 16 + "Kevin Durant visits Paris".split()})
     f = tmp_path / "posts.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return f, recs
@@ -68,18 +70,18 @@ def new_posts(tiny_run, tmp_path) -> tuple[Path, list[dict]]:
 @pytest.mark.parametrize("seed,bio,bioes", [(0, False, False), (1, False, False), (2, False, False), (0, True, False),
                                             (1, True, False), (0, False, True), (1, True, True)])
 def test_numpy_crf_matches_torch(seed, bio, bioes):
-    """bundle.crf_tags (Viterbi and forward-backward in numpy) == CRFHead.decode and predict.tag_probabilities, on the
+    """crf.crf_tags (Viterbi and forward-backward in numpy) == CRFHead.decode and CRFHead.marginals, on the
     scores the export writes (export.crf_params: with the bans when the head has them, BIOES tags mapped to BIO)."""
     g = torch.Generator().manual_seed(seed)
     L, W = 6, 7
-    head = M.CRFHead(L, bio=bio, bioes=bioes)
+    head = CRFHead(L, bio=bio, bioes=bioes)
     with torch.no_grad():
         for prm in head.crf.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g))
     em = torch.randn(3, W, head.n_scores, generator=g) * 3
     mask = torch.tensor([[True] * W, [True] * 4 + [False] * 3, [True] + [False] * (W - 1)])
     crf = export.crf_params(SimpleNamespace(head=head))
-    ids, probs = BU.crf_tags(BU.pin_pad(em.numpy()), mask.numpy(), crf)
+    ids, probs = crf_tags(pin_pad(em.numpy()), mask.numpy(), crf)
     assert ids == head.decode(em, mask)
     want = predict.tag_probabilities(head, em, mask).numpy()
     assert want.shape == (3, W, L)
@@ -108,6 +110,7 @@ def test_bundle_layout_and_identical_tags(tiny_run, tmp_path, capsys):
     ref = predict.main([*tiny_run["flags"], "--input", str(src), "--out_dir", str(tmp_path / "ref")])
     got = predict.main(["--bundle", str(b), "--input", str(src), "--out_dir", str(tmp_path / "onnx")])
     assert [r["tags"] for r in got] == [r["tags"] for r in ref]
+    assert len(got[-1]["tags"]) == len(recs[-1]["tokens"]) > 128  # a post past max_len: every word tagged
     assert [r["image_used"] for r in got] == [r["image_used"] for r in ref] and sum(r["image_used"] for r in got) == 4
     for a, r in zip(got, ref):
         assert [e["type"] for e in a["entities"]] == [e["type"] for e in r["entities"]]
@@ -242,16 +245,19 @@ def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys,
     train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
                 "--save_dir", str(save), "--cache_dir", str(tmp_path / "cache"), "--swanlab_mode", "disabled",
                 "--batch_size", "4", "--fusion_layers", "1", "--fusion_dim", "32", "--cross_attn_heads", "2",
-                "--resampler_tokens", "4", "--downs_en_lr", "3e-3", "--seed", "7", "--epochs", "1", "--save_name", "d",
+                "--resampler_tokens", "4", "--fusion_lr", "3e-3", "--seed", "7", "--epochs", "1", "--save_name", "d",
                 "--use_dual_granularity", "--vision_img_size", "32", "--vision_embed_dim", "16", "--vision_heads", "2",
                 "--vision_depth", "1", "--vision_swin_window", "2", "--vision_delegate_topk", "2",
-                "--vision_max_patches", "8", "--vision_stem", stem])
+                "--vision_max_patches", "8", "--vision_stem", stem,
+                *([] if stem == "efficientnet_lite0" else ["--vision_patch_size", "16", "--vision_fine_patch_size", "8"])])
     flags = ["--save_dir", str(save), "--save_name", "d", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     b = export.main(flags)
     meta = json.loads((b / "meta.json").read_text())
     assert (b / "vision.onnx").is_file() and (b / "mm.onnx").is_file()
-    channels = (112, 40) if stem == "efficientnet_lite0" else (16, 16)  # conv stem: --vision_embed_dim each
-    assert meta["image_feats"] == [channels[0] * 2 * 2 + channels[1] * 4 * 4]  # stride-16 and stride-8 maps at 32 px
+    # at 32 px: the final 1280-channel features (1 x 1) and the stride-16 map (2 x 2); conv stem: 16/8 strides,
+    # --vision_embed_dim channels each
+    n = 1280 * 1 * 1 + 112 * 2 * 2 if stem == "efficientnet_lite0" else 16 * 2 * 2 + 16 * 4 * 4
+    assert meta["image_feats"] == [n]
     assert meta["cached_features"] == (stem == "efficientnet_lite0")
     tiny_run = {"data": tiny_data_dir}
     src, recs = new_posts(tiny_run, tmp_path)
@@ -292,13 +298,29 @@ def test_a_moved_run_scores_predicts_and_exports_where_it_lies(tiny_run, tmp_pat
     assert sorted(p.name for p in (tiny_run["save"] / "e").iterdir()) == before
 
 
-def test_tools_refuse_a_run_flag_other_than_the_runs(tiny_run):
-    """test.py / predict.py / export.py on a saved run: a data or training flag with another value than the run's is
-    an error naming it (it used to be ignored: another dataset named, the run's own scored); the run's value passes."""
+def test_each_tool_takes_only_its_own_flags(tiny_run, capsys):
+    """test.py / predict.py / export.py / serve.py / train.py: a flag of another tool, or a run's own (data, model,
+    training) flag, is one error line naming it (test.py --dataset_name X used to score the run's own set
+    silently); each tool's --help lists only its flags."""
+    import serve
     import test as T
-    from config import ConfigError
+    from config import ConfigError, build_parser
     base = ["--save_dir", str(tiny_run["save"]), "--save_name", "e", "--data_dir", str(tiny_run["data"])]
-    for main, extra in ((T.main, []), (predict.main, ["--text", "Paris"]), (export.main, [])):
-        with pytest.raises(ConfigError, match="--dataset_name twitter2017 .*--epochs 3"):
+    for main, extra, tool in ((T.main, [], "test"), (predict.main, ["--text", "Paris"], "predict"),
+                              (export.main, [], "export")):
+        with pytest.raises(ConfigError, match=f"{tool}.py does not take --dataset_name: a run's own value comes "
+                                              "from its config.json"):
             main(base + extra + ["--dataset_name", "twitter2017", "--epochs", "3"])
-    T.main(base + ["--dataset_name", "tiny", "--epochs", "2", "--split", "valid"])
+    with pytest.raises(ConfigError, match="serve.py does not take --split: it is a flag of test.py"):
+        serve.main(["--save_name", "e", "--split", "valid"])
+    with pytest.raises(ConfigError, match="train.py does not take --port: it is a flag of serve.py"):
+        train.main(["--port", "9"])
+    T.main(base + ["--split", "valid"])
+    import re
+    flags = {t: set(re.findall(r"--\w+", build_parser(t).format_help())) for t in ("train", "test", "predict",
+                                                                                  "export", "serve")}
+    assert "--epochs" in flags["train"] and not {"--host", "--split", "--text"} & flags["train"]
+    assert "--split" in flags["test"] and not {"--epochs", "--text", "--host"} & flags["test"]
+    assert "--host" in flags["serve"] and not {"--max_len", "--split"} & flags["serve"]
+    assert "--int8" in flags["export"] and "--host" not in flags["export"]
+    assert "--input" in flags["predict"] and "--record_file" not in flags["predict"]

@@ -18,6 +18,7 @@ import config as cfgmod
 import dataloader as dl
 import model as M
 from dataloader import LabelMap, Post
+from crf import CRFHead, bio_to_bioes
 
 LABELS = LabelMap(["<PAD>", "O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"])
 NL = len(LABELS)
@@ -164,7 +165,7 @@ def test_build_and_forward_contract(request, enc, name, vision):
     fusion, bilstm, head = M.MODELS[name]
     assert model.uses_image == bool(fusion) and (model.vision is None) == (not fusion)
     assert (model.lstm is not None) == bool(bilstm)
-    assert isinstance(model.head, M.SoftmaxHead if head == "softmax" else M.CRFHead)
+    assert isinstance(model.head, M.SoftmaxHead if head == "softmax" else CRFHead)
     if fusion:
         want = M.DualGranularityEncoder if vision == "dual" else M.PretrainedVision
         assert isinstance(model.vision, want)
@@ -350,7 +351,7 @@ def crf_score(crf, em, y):
 @pytest.mark.parametrize("seed", range(3))
 def test_crf_decode_and_loss_brute_force(seed):
     torch.manual_seed(seed)
-    head = M.CRFHead(4)
+    head = CRFHead(4)
     with torch.no_grad():
         for p in head.crf.parameters():
             p.normal_(0, 1.0)
@@ -383,7 +384,7 @@ def test_bio_constrained_decode_is_the_best_valid_path(seed):
     parameters and loss are those of the unconstrained head; without bio the decode is pytorch-crf's, label for label."""
     torch.manual_seed(seed)
     L = 6  # PAD, O, B-X, I-X, B-Y, I-Y
-    head, plain = M.CRFHead(L, bio=True), M.CRFHead(L)
+    head, plain = CRFHead(L, bio=True), CRFHead(L)
     with torch.no_grad():
         for p in head.crf.parameters():
             p.normal_(0, 1.0)
@@ -394,7 +395,7 @@ def test_bio_constrained_decode_is_the_best_valid_path(seed):
     em[0, 0, 3] = em[0, 2, 5] = 20.0  # I-X first and I-Y after O: the unconstrained path takes them
     mask = torch.arange(W)[None] < torch.tensor(lengths)[:, None]
     got, free = head.decode(em, mask), plain.decode(em, mask)
-    assert free == plain.crf.decode(M.CRFHead._pin(em), mask=mask)
+    assert free == plain.crf.decode(CRFHead._pin(em), mask=mask)
     assert not valid_bio(free[0]) and all(valid_bio(p) for p in got)
     with torch.no_grad():
         for b, n in enumerate(lengths):
@@ -404,15 +405,15 @@ def test_bio_constrained_decode_is_the_best_valid_path(seed):
     labels = torch.randint(1, L, (len(lengths), W)) * mask
     torch.testing.assert_close(head.loss(em, labels, mask), plain.loss(em, labels, mask))
     # bio_loss: the normaliser over the valid paths only (brute force), for valid gold paths
-    strict = M.CRFHead(L, bio=True, bio_loss=True)
+    strict = CRFHead(L, bio=True, bio_loss=True)
     strict.load_state_dict(head.state_dict())
     gold = torch.tensor([[1, 2, 3, 3], [4, 5, 1, 0], [2, 0, 0, 0], [1, 4, 0, 0], [2, 3, 4, 5]])
     with torch.no_grad():
         want = []
         for b, n in enumerate(lengths):
             seqs = [y for y in itertools.product(range(1, L), repeat=n) if valid_bio(y)]
-            scores = torch.stack([crf_score(head.crf, M.CRFHead._pin(em)[b], y) for y in seqs])
-            want.append(scores.logsumexp(0) - crf_score(head.crf, M.CRFHead._pin(em)[b], gold[b, :n].tolist()))
+            scores = torch.stack([crf_score(head.crf, CRFHead._pin(em)[b], y) for y in seqs])
+            want.append(scores.logsumexp(0) - crf_score(head.crf, CRFHead._pin(em)[b], gold[b, :n].tolist()))
     torch.testing.assert_close(strict.nll(em, gold, mask), torch.stack(want), atol=1e-4, rtol=1e-5)
     assert (strict.nll(em, gold, mask) < plain.nll(em, gold, mask)).all()
     assert [n for n, _ in head.named_parameters()] == [n for n, _ in plain.named_parameters()]
@@ -425,7 +426,7 @@ def test_bioes_crf_scores_chunk_ends_and_decodes_valid_bio(seed):
     over every path (brute force), and with bio=True Viterbi is the best valid BIOES path, returned as BIO ids."""
     torch.manual_seed(seed)
     L = 6                                                   # PAD, O, B-X, I-X, B-Y, I-Y -> S = 10 BIOES scores
-    head = M.CRFHead(L, bio=True, bioes=True)
+    head = CRFHead(L, bio=True, bioes=True)
     assert head.n_scores == 10 and head.to_bio.tolist() == [0, 1, 2, 3, 3, 2, 4, 5, 5, 4]
     with torch.no_grad():
         for p in head.crf.parameters():
@@ -435,13 +436,13 @@ def test_bioes_crf_scores_chunk_ends_and_decodes_valid_bio(seed):
     em = torch.randn(len(lengths), W, 10) * 2
     mask = torch.arange(W)[None] < torch.tensor(lengths)[:, None]
     gold = torch.tensor([[2, 3, 1, 4], [4, 5, 5, 0], [2, 0, 0, 0]])
-    assert M.bio_to_bioes(gold, mask).tolist() == [[2, 4, 1, 9], [6, 7, 8, 0], [5, 0, 0, 0]]
+    assert bio_to_bioes(gold, mask).tolist() == [[2, 4, 1, 9], [6, 7, 8, 0], [5, 0, 0, 0]]
     got = head.decode(em, mask)
-    pinned = M.CRFHead._pin(em)
+    pinned = CRFHead._pin(em)
     with torch.no_grad():
         for b, n in enumerate(lengths):
             bio = [y for y in itertools.product(range(1, L), repeat=n) if valid_bio(y)]
-            paths = M.bio_to_bioes(torch.tensor([list(y) for y in bio]), torch.ones(len(bio), n, dtype=torch.bool))
+            paths = bio_to_bioes(torch.tensor([list(y) for y in bio]), torch.ones(len(bio), n, dtype=torch.bool))
             scores = torch.stack([crf_score(head.crf, em[b], y.tolist()) for y in paths])
             assert got[b] == list(bio[int(scores.argmax())])
             every = torch.stack([crf_score(head.crf, pinned[b], list(y)) for y in itertools.product(range(1, 10), repeat=n)])

@@ -17,6 +17,7 @@ import predict
 import test as test_py
 import train
 from config import cli, get_config
+from crf import CRFHead
 
 TEXT = "RT @kd35: Kevin Durant enters Oracle Arena tonight! http://t.co/x #NBA"
 
@@ -28,7 +29,7 @@ def run(tmp_path_factory, tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
     train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
                 "--image_encoder", tiny_clip_dir, "--save_dir", str(d / "save"), "--cache_dir", str(d / "cache"),
                 "--swanlab_mode", "disabled", "--batch_size", "4", "--fusion_layers", "2", "--fusion_dim", "32",
-                "--cross_attn_heads", "2", "--resampler_tokens", "4", "--downs_en_lr", "3e-3", "--seed", "7",
+                "--cross_attn_heads", "2", "--resampler_tokens", "4", "--fusion_lr", "3e-3", "--seed", "7",
                 "--epochs", "2", "--save_name", "p"])
     return ["--save_dir", str(d / "save"), "--save_name", "p", "--cache_dir", str(d / "cache"), "--device", "cpu"]
 
@@ -106,14 +107,14 @@ def test_crf_marginals_match_brute_force(seed, bio):
     the BIO bans, over the valid paths only (an I- label never first, never after O)."""
     g = torch.Generator().manual_seed(seed)
     L, W = 4, 3  # PAD, O, B-X, I-X
-    head = M.CRFHead(L, bio=bio)
+    head = CRFHead(L, bio=bio)
     with torch.no_grad():
         for prm in head.crf.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g))
     em = torch.randn(2, W, L, generator=g)
     mask = torch.tensor([[True, True, True], [True, True, False]])
     got = predict.tag_probabilities(head, em, mask)
-    crf, x = head.crf, M.CRFHead._pin(em)
+    crf, x = head.crf, CRFHead._pin(em)
     for b in range(2):
         n = int(mask[b].sum())
         want = torch.zeros(W, L)
@@ -154,6 +155,10 @@ def test_region_grids_and_heat():
     one[0] = 1.0  # top-left region -> heat in the top-left corner
     h = predict.region_heat(one, [(0, 49, 7)], 70)
     assert np.unravel_index(h.argmax(), h.shape)[0] < 10 and np.unravel_index(h.argmax(), h.shape)[1] < 10
+    fine = np.zeros(dual.n_tokens)
+    fine[1 + dual.Gc ** 2:] = 1.0 / dual.k  # all the weight on the kept fine tokens, each at the last fine cell
+    h = predict.region_heat(fine, grids, 64, cells=[dual.Gf ** 2 - 1] * dual.k)
+    assert h.sum() == pytest.approx(1.0, rel=1e-3) and min(np.unravel_index(h.argmax(), h.shape)) > 56
 
 
 # ----------------------------------------------------------------------------- predict.py
@@ -225,6 +230,68 @@ def test_same_tags_as_test_py(run, tiny_data_dir, tmp_path, capsys):
     blocks = (run_dir(run) / "test_predictions.conll").read_text().strip("\n").split("\n\n")
     assert [r["tags"] for r in res] == [[l.split("\t")[2] for l in b.splitlines()[1:]] for b in blocks]
     assert [r["image_used"] for r in res] == [i % 2 == 0 for i in range(len(posts))]
+
+
+def test_long_post_every_word_tagged_window_by_window(run, tmp_path, capsys):
+    """A post longer than --max_len gets a tag for every word; the words each window owns carry the tags that
+    window gets when it is tagged as a post of its own (the model reads the windows, nothing is padded with O)."""
+    import dataloader as D
+    from config import config_from_dict
+    words = (predict.split_words(TEXT)[0] + "and then we all went home".split()) * 12
+    cfg = config_from_dict(json.loads((run_dir(run) / "config.json").read_text()))
+    wins = D.encode_windows(M.load_tokenizer(cfg), words, cfg.max_len)
+    assert len(wins) >= 2
+    recs = [{"tokens": words}] + [{"tokens": words[w.start:w.start + w.enc.n_kept]} for w in wins]
+    src = tmp_path / "long.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = predict.main([*run, "--input", str(src), "--out_dir", str(tmp_path / "o")])
+    assert len(res[0]["tags"]) == len(words)
+    for w, alone in zip(wins, res[1:]):
+        a, b = w.own_a - w.start, w.own_b - w.start
+        assert res[0]["tags"][w.own_a:w.own_b] == alone["tags"][a:b]
+    check_spans({"text": " ".join(words), "tokens": words, **res[0]})
+
+
+def test_view_and_image_coordinates_invert_each_other():
+    import dataloader as D
+    prep = D.ImagePrep(64)
+    for size in ((96, 72), (72, 96), (64, 64), (300, 120)):
+        for px, py in ((0, 0), (31, 12), (63, 63)):
+            x, y = predict.view_to_image(px, py, size, prep)
+            assert 0 <= x <= size[0] and 0 <= y <= size[1]
+            vx, vy = predict.image_to_view(x, y, size, prep)
+            assert abs(vx - (px + 0.5)) < 1.01 and abs(vy - (py + 0.5)) < 1.01, (size, px, py, vx, vy)
+
+
+def test_explain_hits_reads_boxes_and_counts_posts_without_one(run, tiny_data_dir, tmp_path, capsys):
+    """test.py --explain_hits: every post with an image and a box is scored (a box over the whole picture is
+    always hit), a post with an image but no box is skipped and counted, and a box outside its image is one error
+    line naming the file and line."""
+    import shutil
+
+    import dataloader as D
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir / "tiny", data / "tiny")
+    posts = D.read_conll(data / "tiny" / "test.txt")
+    lines, boxed = [], 0
+    for i, p in enumerate(posts):
+        img = data / "tiny" / "tiny_images" / f"{p.imgid}.png"
+        types = [t[2:] for t in p.tags if t.startswith("B-")]
+        if not img.is_file() or not types or i == 0:
+            continue
+        w, h = Image.open(img).size
+        lines.append(json.dumps({"imgid": p.imgid, "type": types[0], "box": [0, 0, w, h], "size": [w, h]}))
+        boxed += 1
+    with_image = sum((data / "tiny" / "tiny_images" / f"{p.imgid}.png").is_file() for p in posts)
+    (data / "tiny" / "test_boxes.jsonl").write_text("\n".join(lines) + "\n")
+    test_py.main([*run, "--data_dir", str(data), "--explain_hits"])
+    h = json.loads((run_dir(run) / "test_report.json").read_text())["explain_hits"]
+    assert h["posts"] == h["hits"] == boxed > 0 and h["no_box"] + h["no_entity"] == with_image - boxed
+    assert "attention peak inside the cued object's box" in capsys.readouterr().out
+    (data / "tiny" / "test_boxes.jsonl").write_text(lines[0] + "\n" + lines[0].replace('"box": [0, 0,', '"box": [0, -5,'))
+    with pytest.raises(SystemExit):
+        cli(lambda: test_py.main([*run, "--data_dir", str(data), "--explain_hits"]))
+    assert "test_boxes.jsonl:2: expected" in capsys.readouterr().err
 
 
 def test_bad_input_one_line(run, tmp_path, capsys):
@@ -323,7 +390,7 @@ def test_context_run_predicts_like_test_py(tmp_path, tiny_data_dir, tiny_bert_di
     train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
                 "--image_encoder", tiny_clip_dir, "--save_dir", str(save), "--cache_dir", str(tmp_path / "cache"),
                 "--swanlab_mode", "disabled", "--batch_size", "4", "--fusion_layers", "1", "--fusion_dim", "16",
-                "--cross_attn_heads", "2", "--resampler_tokens", "2", "--downs_en_lr", "3e-3", "--seed", "7",
+                "--cross_attn_heads", "2", "--resampler_tokens", "2", "--fusion_lr", "3e-3", "--seed", "7",
                 "--epochs", "1", "--save_name", "c", "--context_k", "1"])
     posts = D.read_conll(tiny_data_dir / "tiny" / "test.txt")
     src = tmp_path / "posts.jsonl"
@@ -337,3 +404,21 @@ def test_context_run_predicts_like_test_py(tmp_path, tiny_data_dir, tiny_bert_di
     assert calls == ["predict"]
     blocks = (save / "c" / "test_predictions.conll").read_text().strip("\n").split("\n\n")
     assert [r["tags"] for r in res] == [[l.split("\t")[2] for l in b.splitlines()[1:]] for b in blocks]
+
+
+def test_overlay_colours_are_not_stretched(tmp_path):
+    """Near-uniform attention (within 5 % of uniform) is drawn blue-green, not stretched into a red 'focus'; a
+    real peak (10x uniform) is red; the caption gives the range in multiples of uniform."""
+    import plots
+    S = 64
+    view = np.full((S, S, 3), 128, np.uint8)
+    rng = np.random.default_rng(0)
+    flat = 1 + 0.05 * rng.uniform(-1, 1, (S, S))
+    peak = np.ones((S, S))
+    peak[20:28, 20:28] = 10.0
+    reds = []
+    for heat in (flat, peak):
+        out = plots.attention_overlay(view, [("x", heat / heat.sum())], tmp_path / "o.png")
+        panel = np.asarray(Image.open(out).convert("RGB"))[30:30 + S, 12:12 + S]
+        reds.append(int(panel[..., 0].max()))
+    assert reds[0] < 100 < reds[1], reds  # grey 128 under the colour: 70 = no red at all

@@ -226,7 +226,7 @@ def test_llrd_scales_each_layer(tiny_bert_dir):
             assert n == "text.model.embeddings.word_embeddings.weight" and id(p) not in lr_of
             continue
         if n.startswith("text."):
-            want = c.fin_tuning_lr * 0.5 ** max(0, L - M.text_depth(n, L))
+            want = c.text_lr * 0.5 ** max(0, L - M.text_depth(n, L))
         else:
             want = c.head_lr
         assert lr_of[id(p)] == pytest.approx(want), n
@@ -234,16 +234,16 @@ def test_llrd_scales_each_layer(tiny_bert_dir):
 
 
 def test_head_lr_auto_is_higher_only_without_image_fusion():
-    """-1 resolves to 3e-3 for a text-only model and to --downs_en_lr for the image models;
+    """-1 resolves to 3e-3 for a text-only model and to --fusion_lr for the image models;
     config.IMAGE_MODELS names exactly the registry entries that fuse the image."""
     assert set(C.IMAGE_MODELS) == {name for name, (fusion, _, _) in M.MODELS.items() if fusion}
     for model in M.MODELS:
-        c = C.get_config(["--model", model, "--downs_en_lr", "2e-3"], check=False)
+        c = C.get_config(["--model", model, "--fusion_lr", "2e-3"], check=False)
         assert c.head_lr == (2e-3 if model in C.IMAGE_MODELS else 3e-3), model
     # MNER without its image (the text_only control) keeps MNER's head rate: only the image changes
-    assert C.get_config(["--no-use_image", "--downs_en_lr", "2e-3"], check=False).head_lr == 2e-3
+    assert C.get_config(["--no-use_image", "--fusion_lr", "2e-3"], check=False).head_lr == 2e-3
     assert C.get_config(["--model", "roberta_crf", "--head_lr", "1e-4"], check=False).head_lr == 1e-4
-    # a run saved before --head_lr existed trained its head at --downs_en_lr, and resumes so
+    # a run saved before --head_lr existed trained its head at --fusion_lr, and resumes so
     assert C.config_from_dict({"model": "roberta_crf", "downs_en_lr": 2e-3}).head_lr == 2e-3
 
 

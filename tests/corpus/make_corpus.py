@@ -283,8 +283,8 @@ def _cases() -> list[Case]:
     data("conll_imgid_inside_post", "error", err("conll_imgid_inside_post", "IMGID line inside a post; add a blank "
                                                                             "line before it"),
          "a missing blank line between two posts")
-    data("conll_600_tokens", "recovered", r"^train: 5 posts, .*, 5\d\d words past --max_len \(scored as O\)",
-         "a 600-token post (past --max_len 48: scored as O, counted)")
+    data("conll_600_tokens", "recovered", r"^train: 5 posts, .*, 1 post longer than --max_len tagged in \d+ overlapping windows",
+         "a 600-token post (past --max_len 48: tagged in overlapping windows, counted)")
     data("conll_600_tokens_max_len_over_encoder", "error",
          r"error: --max_len 1024 is more than the 512 positions of --text_encoder .*; use --max_len 512 or less",
          "the same post with --max_len above the encoder's positions", "--max_len", "1024", ds="conll_600_tokens")
@@ -427,8 +427,8 @@ def _cases() -> list[Case]:
         "--save_name", "x", "--save_dir", "{save}/read_only", not_as_root=True)
     run("run_nan_loss", "train", "", "error",
         r"error: 10 non-finite (losses|gradients) in a row at epoch \d+ \(\d+ skipped in all\); lower the learning "
-        r"rates", "--downs_en_lr 1e30: every step after the first is non-finite; stopped after --max_bad_steps 10",
-        "--dataset_name", "clean", "--save_name", "nan", "--downs_en_lr", "1e30", "--fin_tuning_lr", "1e30",
+        r"rates", "--fusion_lr 1e30: every step after the first is non-finite; stopped after --max_bad_steps 10",
+        "--dataset_name", "clean", "--save_name", "nan", "--fusion_lr", "1e30", "--text_lr", "1e30",
         "--batch_size", "1", "--epochs", "4")
     run("run_stale_checkpoint_tmp", "train", "stale_tmp", "recovered",
         r"resumed run_stale_checkpoint_tmp after epoch 1",

@@ -29,6 +29,9 @@ Memory: CPU peak resident set of the child (ru_maxrss) and its growth during tra
 torch.cuda.max_memory_allocated. Figures are medians over --repeats. Each train pass is also given in CPU
 seconds of the case's process (train CPU s/epoch), which a busy neighbour on the machine moves less than wall
 clock; --rounds N runs the case list N times in alternation and prints each ratio's median over the rounds.
+Distance to the hardware: each case's train GFLOP/s (torch's FlopCounterMode count of matrix products,
+convolutions and attention over 4 train steps, per post, times train posts/s) beside the machine's fp32 matmul
+peak at the same thread count (a 1024 x 1024 product in a loop).
 """
 from __future__ import annotations
 
@@ -116,6 +119,41 @@ def timed_steps(step, batches: list, spec: dict, size, prepare=lambda b: b, sync
     return tps, cps, rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def matmul_peak(device, sync=lambda: None, n: int = 1024, seconds: float = 0.5) -> float:
+    """GFLOP/s of a square fp32 matrix product on this device and thread count: the ceiling a case is read against."""
+    import torch
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):  # warm-up
+        a @ b
+    sync()
+    k, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        k += 1
+    sync()
+    return 2 * n ** 3 * k / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_post(step, batches: list, size) -> float:
+    """Floating-point operations per post of train steps (forward and backward) as torch's FlopCounterMode counts
+    them: matrix products, convolutions and attention, the work that can approach the matmul peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    total = posts = 0
+    for b in batches:
+        with FlopCounterMode(display=False) as fc:
+            step(b)
+        total, posts = total + fc.get_total_flops(), posts + size(b)
+    return total / posts
+
+
+def achieved(step, batches: list, size, posts_per_s: float, device, sync=lambda: None, prepare=lambda b: b) -> dict:
+    """{"train_gflops": GFLOP/s the timed train steps achieved, "matmul_peak_gflops"} (FLOPs counted on 4 batches
+    spread over the epoch, after the timing: counting slows a step down)."""
+    pick = [prepare(batches[i * len(batches) // 4]) for i in range(4)]
+    return {"train_gflops": round(flops_per_post(step, pick, size) * posts_per_s / 1e9, 1),
+            "matmul_peak_gflops": round(matmul_peak(device, sync), 1)}
+
+
 def timed_eval(decode_all, n_posts: int, repeats: int, sync=lambda: None) -> float:
     """Median posts/s of `repeats` runs of decode_all() (which decodes n_posts posts) under inference mode."""
     import torch
@@ -157,6 +195,7 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
     for b in batches[:2]:  # warm-up, not timed
         step(b)
     train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, len)
+    flops = achieved(step, batches, len, statistics.median(train_tps), torch.device("cpu"))
 
     def decode_all():  # tokenise, forward, each word's first sub-word argmax, read out per post
         for k in range(0, len(dev), config.batch_size):
@@ -173,7 +212,7 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
-            "threads": torch.get_num_threads(), "pad_share": round(pad, 3)}
+            "threads": torch.get_num_threads(), "pad_share": round(pad, 3), **flops}
 
 
 def run_case(spec: dict, argv: list[str]) -> dict:
@@ -234,8 +273,10 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, lambda b: b["input_ids"].size(0), prepare, sync)
+    posts_of = lambda b: b["input_ids"].size(0)  # noqa: E731
+    train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, posts_of, prepare, sync)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    flops = achieved(step, batches, posts_of, statistics.median(train_tps), device, sync, prepare)
 
     def decode_all():
         with amp():
@@ -253,7 +294,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,
             "n_train": len(posts), "batch_size": config.batch_size, "device": str(device),
-            "threads": torch.get_num_threads(), "pad_share": round(pad_share(batches), 3)}
+            "threads": torch.get_num_threads(), "pad_share": round(pad_share(batches), 3), **flops}
 
 
 def pad_share(batches) -> float:
@@ -279,16 +320,17 @@ def hardware(threads: bool = True) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| round | case | precision | bucketing | grad ckpt | train posts/s | train s/epoch | train CPU s/epoch | "
-            "eval posts/s | peak RSS MiB | train RSS growth MiB | peak CUDA MiB |")
+            "eval posts/s | peak RSS MiB | train RSS growth MiB | peak CUDA MiB | train GFLOP/s (matmul peak) |")
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         key = f"| {r.get('round', 1)} | {r['case']} | {'bf16' if r['amp'] else 'fp32'} |"
         if "error" in r:
-            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} |||||||")
+            out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} ||||||||")
             continue
         out.append(f"{key} {'on' if r['bucketing'] else 'off'} | "
                    f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
-                   f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | {r['peak_cuda_mib'] or '-'} |")
+                   f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | {r['peak_cuda_mib'] or '-'} | "
+                   f"{r.get('train_gflops', '-')} ({r.get('matmul_peak_gflops', '-')}) |")
     return "\n".join(out)
 
 

@@ -49,6 +49,7 @@ def test_bench_case_reports_figures(tiny_flags, case, extra):
     assert 24 / (tps + 0.05) - 0.051 <= r["epoch_s"] <= 24 / max(tps - 0.05, 1e-9) + 0.051
     assert r["grad_ckpt"] == ("--grad_checkpointing" in extra) and r["amp"] == ("--amp" in extra)
     assert r["bucketing"] == ("--no-length_bucketing" not in extra and case != "hf_recipe")
+    assert 0 < r["train_gflops"] and 0 < r["matmul_peak_gflops"]  # counted matmul work / time, and the ceiling
 
 
 def test_bench_driver_table_and_json(tmp_path, tiny_flags):

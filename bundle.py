@@ -101,7 +101,7 @@ class Runtime:
     """Posts -> tags, per-word probabilities and whether the image was used, from three graphs: `text`, `mm`
     (optional) and `vision` (optional), each called through _run(name, inputs) -> np.ndarray.
 
-    Subclasses: Bundle (onnxruntime / TorchScript files, below) and export.CheckpointRuntime (the run's torch
+    Subclasses: Bundle (onnxruntime / TorchScript files, below) and runtime.CheckpointRuntime (the run's torch
     model, for serve.py --save_name and for checking an export).
     """
     meta: dict

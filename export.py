@@ -41,92 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import bundle as BU
 import dataloader as D
 from config import ConfigError, cli, get_config, given_flags
-from model import BYTE_LEVEL_TYPES, CRFHead, load_tokenizer
+from model import load_tokenizer
 from runner import RUNTIME_FLAGS, load_run
-
-TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
-MM_INPUTS = TEXT_INPUTS + ["image_feats", "has_image"]
-
-
-class Emissions(nn.Module):
-    """Tagger.forward up to the emissions with tensors in and out (what the exporters need).
-
-    (input_ids [B,T], attention_mask [B,T], word_index [B,W], word_mask [B,W] bool, case_ids [B,W]
-     [, image_feats [B, *vision.feat_shape], has_image [B] bool]) -> emissions [B, W, L] float32
-    """
-
-    def __init__(self, tagger, image: bool):
-        super().__init__()
-        self.tagger, self.image = tagger, image
-
-    def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats=None, has_image=None):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
-                 "word_mask": word_mask, "case_ids": case_ids}
-        if self.image:
-            batch.update(image_feats=image_feats, has_image=has_image)
-        return self.tagger(batch, image_on=self.image)["emissions"].float()
-
-
-class Vision(nn.Module):
-    """pixels [N, 3, S, S] -> image features [N, *vision.feat_shape]: what the feature cache keeps per image and
-    Tagger.image_tokens reads back through vision.from_features (region tokens [N, R, D] of a pretrained backbone;
-    the dual-granularity encoder's flattened stem maps [N, F])."""
-
-    def __init__(self, vision):
-        super().__init__()
-        self.vision = vision
-
-    def forward(self, pixels):
-        return self.vision.features(pixels).float()
-
-
-def crf_params(model) -> dict | None:
-    """start [L], end [L], transitions [L, L] the CRF head decodes with (CRFHead.scores) as float32 numpy; None for
-    the softmax head."""
-    if not isinstance(model.head, CRFHead):
-        return None
-    start, end, trans = (x.detach().float().numpy() for x in model.head.scores())  # with the BIO bans if on
-    out = {"start": start, "end": end, "transitions": trans}
-    if model.head.bioes:
-        out["to_bio"] = model.head.to_bio.numpy()
-    return out
-
-
-def refusal(config, model) -> str:
-    """Why this run cannot be exported; '' when it can."""
-    if model.lstm is not None:
-        return f"model {config.model} has a BiLSTM (packed sequences), which the bundle does not support yet"
-    if getattr(config, "case_input", False):
-        return "--case_input is not in the bundle's inputs yet (it needs each word's sub-word span); export a run without it"
-    if getattr(config, "word_pooling", "first") != "first":
-        return f"--word_pooling {config.word_pooling} is not in the bundle's inputs yet; export a first-sub-word run"
-    if getattr(config, "context_k", 0):
-        return "--context_k runs need the training posts to retrieve from, which the bundle does not carry yet"
-    return ""
-
-
-def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset: int) -> dict:
-    uses_image = model.uses_image and config.use_image
-    prep = D.image_prep_for(config) if uses_image else None
-    return {"bundle_version": BU.BUNDLE_VERSION, "model": config.model, "run": str(run), "format": fmt, "int8": int8,
-            "opset": opset if fmt == "onnx" else None, "head": "crf" if crf_params(model) is not None else "softmax",
-            "max_len": config.max_len, "eval_mode": config.eval_mode, "text_encoder": config.text_encoder,
-            "bio_constraints": config.bio_constraints,  # crf.npz holds the banned scores when on
-            "image_encoder": config.image_encoder if uses_image else None,
-            "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
-            "image_prep": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std)} if prep else None,
-            "image_feats": list(model.vision.feat_shape) if uses_image else None,
-            "cached_features": bool(model.vision.cacheable) if uses_image else None,
-            "text": f"text.{'onnx' if fmt == 'onnx' else 'pt'}",
-            "mm": f"mm.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
-            "vision": f"vision.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
-            "inputs": {"text": TEXT_INPUTS, "mm": MM_INPUTS, "vision": ["pixels"]}}
-
+from runtime import MM_INPUTS, TEXT_INPUTS, CheckpointRuntime, Emissions, Vision, bundle_meta, crf_params, refusal
 
 def example_inputs(model, tokenizer, label_map, config) -> dict:
     """A padded batch of two posts of different lengths (so the traced attention masks are real), as tensors."""
@@ -361,32 +282,6 @@ def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: in
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
-
-
-class CheckpointRuntime(BU.Runtime):
-    """The run's torch model behind bundle.Runtime's interface (same batching, CRF in numpy): serve.py
-    --save_name, and the reference an export is checked against."""
-
-    def __init__(self, save_dir, name: str, overrides=None):
-        config, label_map, model, _ = load_run(save_dir, name, overrides or {})
-        why = refusal(config, model)
-        if why:
-            raise ConfigError(f"--save_name {name}: {why}")
-        self.model = model.eval()
-        meta = bundle_meta(config, model, label_map, Path(save_dir) / name, "checkpoint", False, 0)
-        self._setup(meta, label_map, load_tokenizer(config), crf_params(model))
-        self.graphs = {"text": Emissions(model, False), "mm": Emissions(model, True), "vision": Vision(model.vision)}
-
-    @torch.inference_mode()
-    def _run(self, name: str, inputs: dict) -> np.ndarray:
-        return self.graphs[name](*(torch.from_numpy(np.ascontiguousarray(inputs[k]))
-                                   for k in self.meta["inputs"][name])).numpy()
-
-    def info(self) -> dict:
-        m = self.meta
-        return {"model": m["model"], "labels": self.label_map.labels[2:], "types": self.label_map.types,
-                "text_encoder": m["text_encoder"], "image_encoder": m["image_encoder"],
-                "source": f"checkpoint {m['run']}/model.pt", "run": m["run"], "format": "torch", "int8": False}
 
 
 def check_bundle(out: Path, save_dir, name: str, overrides=None, n: int = 64) -> dict:

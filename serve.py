@@ -227,7 +227,7 @@ def load_runtime(args) -> BU.Runtime:
         raise ConfigError("give either --bundle DIR (an export.py bundle) or --save_name NAME (a run's checkpoint)")
     if args.bundle:
         return BU.Bundle(args.bundle)
-    from export import CheckpointRuntime
+    from runtime import CheckpointRuntime
     return CheckpointRuntime(args.save_dir, args.save_name, {"save_dir": args.save_dir})
 
 

@@ -20,6 +20,7 @@ import bundle as BU
 import export
 import model as M
 import predict
+import runtime
 import train
 from config import cli
 from crf import CRFHead, crf_tags, pin_pad
@@ -71,7 +72,7 @@ def new_posts(tiny_run, tmp_path) -> tuple[Path, list[dict]]:
                                             (1, True, False), (0, False, True), (1, True, True)])
 def test_numpy_crf_matches_torch(seed, bio, bioes):
     """crf.crf_tags (Viterbi and forward-backward in numpy) == CRFHead.decode and CRFHead.marginals, on the
-    scores the export writes (export.crf_params: with the bans when the head has them, BIOES tags mapped to BIO)."""
+    scores the export writes (runtime.crf_params: with the bans when the head has them, BIOES tags mapped to BIO)."""
     g = torch.Generator().manual_seed(seed)
     L, W = 6, 7
     head = CRFHead(L, bio=bio, bioes=bioes)
@@ -80,7 +81,7 @@ def test_numpy_crf_matches_torch(seed, bio, bioes):
             prm.copy_(torch.randn(prm.shape, generator=g))
     em = torch.randn(3, W, head.n_scores, generator=g) * 3
     mask = torch.tensor([[True] * W, [True] * 4 + [False] * 3, [True] + [False] * (W - 1)])
-    crf = export.crf_params(SimpleNamespace(head=head))
+    crf = runtime.crf_params(SimpleNamespace(head=head))
     ids, probs = crf_tags(pin_pad(em.numpy()), mask.numpy(), crf)
     assert ids == head.decode(em, mask)
     want = predict.tag_probabilities(head, em, mask).numpy()

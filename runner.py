@@ -224,9 +224,10 @@ def load_run(save_dir, name: str, overrides=None):
 @torch.no_grad()
 def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
             shard: bool = False) -> list[list[str] | None]:
-    """Word tags of every item (window) of `dataset`; dataset.merge turns them into every post's tags.
+    """Word tags of every post of `dataset`, every word (a post longer than --max_len is read from its windows).
 
-    shard=True (torchrun): only this rank's share of the batches is predicted; the other items stay None.
+    shard=True (torchrun): the tags of this rank's share of the items (windows), the other items None, unmerged:
+    the caller gathers them, then dataset.merge.
     """
     model.eval()
     r, w = (rank(), world()) if shard else (0, 1)
@@ -239,7 +240,7 @@ def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device
             ids = model.decode(batch)
         for k, row in zip(batch["index"].tolist(), ids):
             preds[k] = label_map.decode(row)
-    return preds
+    return preds if shard else dataset.merge(preds)
 
 
 def evaluate_split(model, dataset, config, label_map, device, amp=None):
@@ -252,7 +253,7 @@ def evaluate_split(model, dataset, config, label_map, device, amp=None):
             for i, p in part.items():
                 preds[i] = p
         assert all(p is not None for p in preds), "a post was predicted by no rank"
-    preds = dataset.merge(preds)
+        preds = dataset.merge(preds)
     res = evaluate([p.tags for p in dataset.posts], preds, config.eval_mode) if is_main() else None
     return broadcast(res), preds
 

@@ -58,8 +58,8 @@ def _data_flags(a) -> None:
     a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
     a("--max_len", type=int, default=128, help="max sub-words per model input incl. specials; a longer post is tagged in overlapping windows of whole words")
     a("--context_k", type=int, default=0,
-      help="retrieved context: append the words of each post's k most similar training posts (shipped MiniLM "
-           "sentence embedding; never the post itself or dev/test posts) after a separator, unlabelled; 0 = off")
+      help="append the words of each post's k most similar training posts (never itself or a dev/test post) "
+           "after a separator, unlabelled; 0 = off")
     a("--allow_split_overlap", action="store_true",
       help="train even when splits share posts (same words and image id); otherwise that is an error")
     a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
@@ -77,8 +77,7 @@ def _model_flags(a) -> None:
     a("--text_attention_dropout", type=float, default=0.0,
       help="attention-probability dropout inside the text encoder (its config says 0.1; 0 is faster on CPU)")
     a("--freeze_word_embeddings", action=B, default=True,
-      help="keep the text encoder's word-embedding matrix fixed: no dense gradient or AdamW pass over vocab x hidden "
-           "(faster steps)")
+      help="keep the text encoder's word-embedding matrix fixed (no gradient or AdamW pass over vocab x hidden)")
     a("--word_pooling", default="first", choices=["first", "mean"],
       help="a word's state from its sub-words: the first one, or the mean of all of them")
     a("--freeze_text_layers", type=int, default=0,
@@ -95,13 +94,11 @@ def _model_flags(a) -> None:
     a("--use_image", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
     a("--bio_constraints", action=B, default=True,
-      help="valid BIO only: CRF decoding (dev, test, predict, export) takes I-X only after B-X or I-X, and a CRF "
-           "scored by conlleval trains on labels whose chunks that open with I-X start with B-X (IOB2; conlleval reads "
-           "the same chunks); test.py may set it on a saved run (decoding only). Runs saved before this flag keep it off")
+      help="valid BIO only: CRF decoding takes I-X only after B-X or I-X, and a conlleval-scored CRF trains on IOB2 "
+           "labels (the same chunks); test.py may set it on a saved run (decoding only)")
     a("--tag_scheme", default="auto", choices=["auto", "bio", "bioes"],
-      help="tags the CRF scores: bio (the data's), or bioes (a chunk's last word E-X, a one-word chunk S-X); data, "
-           "outputs and scores stay BIO; auto = bioes for the text-only models roberta_crf, bert_crf, bert_bilstm_crf, "
-           "bio for MNER and roberta_clip_coattn")
+      help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); "
+           "auto = bioes for the text-only models, bio for MNER and roberta_clip_coattn")
     a("--crf_loss_sum", action="store_true",
       help="the CRF's loss is the sum of the batch's post NLLs instead of their mean (gradients --batch_size times "
            "larger, so --clip_grad clips more often)")
@@ -116,13 +113,13 @@ def _model_flags(a) -> None:
     a("--use_dual_granularity", action="store_true",
       help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches) instead of a pretrained one")
     a("--vision_stem", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
-      help="dual-granularity: patch stem. efficientnet_lite0 = the shipped ImageNet network's stride maps (frozen "
-           "unless --vision_trainable, cached once per image); conv = from-scratch conv stems (ablation)")
+      help="dual-granularity: efficientnet_lite0 = the shipped ImageNet network's maps (frozen, cached per image); "
+           "conv = from-scratch conv stems (ablation)")
     a("--vision_img_size", type=int, default=224,
       help="dual-granularity: input side in pixels; sets the grids: coarse S/--vision_patch_size, fine S/--vision_fine_patch_size")
     a("--vision_patch_size", type=int, default=32,
-      help="dual-granularity: coarse patch side in pixels (efficientnet_lite0 stem: the stride of the map used, 4/8/16/32; "
-           "32 = the network's final 1280-channel features, which the plain MNER reads)")
+      help="dual-granularity: coarse patch side in pixels; efficientnet_lite0: the stride of its map, 4/8/16/32 "
+           "(32 = its final 1280-channel features, what the plain MNER reads)")
     a("--vision_fine_patch_size", type=int, default=16,
       help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
     a("--vision_max_patches", type=int, default=64,
@@ -133,8 +130,8 @@ def _model_flags(a) -> None:
     a("--vision_delegate_topk", type=int, default=16, help="dual-granularity: coarse patches kept as delegates that every patch attends to")
     a("--vision_depth", type=int, default=2, help="dual-granularity: transformer layers over the kept fine tokens")
     a("--vision_distill_lambda", type=float, default=-1.0,
-      help="dual-granularity: weight of the label-free loss that makes the summary and coarse tokens reproduce the "
-           "frozen EfficientNet-Lite0 features of the same image (cosine); -1 = auto: 1 with --vision_stem conv, else 0")
+      help="dual-granularity: weight of the label-free loss pulling its summary and coarse tokens to the frozen "
+           "EfficientNet-Lite0 features (cosine); -1 = auto: 1 with --vision_stem conv, else 0")
     a("--resampler_tokens", type=int, default=8, help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
     a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
     a("--fusion_layers", type=int, default=7, help="layers of the multimodal cross-attention stack")
@@ -145,8 +142,8 @@ def _model_flags(a) -> None:
     a("--emission_temperature", type=float, default=1.0, help="emissions are divided by this")
     a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
     a("--image_control", default="none", choices=["none", "shuffle", "blank"],
-      help="attribution control, train and test: shuffle = every post with an image gets another post's image of the "
-           "same split (fixed derangement from --seed); blank = a constant grey image; has_image is unchanged")
+      help="attribution control: shuffle = each post with an image gets another post's (a fixed derangement from "
+           "--seed); blank = a constant grey image")
 
 
 def _loss_flags(a) -> None:
@@ -159,9 +156,8 @@ def _loss_flags(a) -> None:
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
     a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
     a("--image_type_lambda", type=float, default=-1.0,
-      help="weight of the image-only prediction of the post's entity types (MNER; 0 = off, the head is not built); "
-           "-1 = auto: 0.5 with --use_dual_granularity (a direct image signal for its encoder, which learns above "
-           "the stem), else 0")
+      help="weight of the image-only prediction of the post's entity types (MNER; 0 = off); -1 = auto: 0.5 with "
+           "--use_dual_granularity (a direct image signal for its learned blocks), else 0")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
 
 
@@ -177,8 +173,7 @@ def _training_flags(a) -> None:
     a("--fusion_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, resampler, scratch vision)")
     a("--head_lr", type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
-           "text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert, --fusion_lr for MNER and "
-           "roberta_clip_coattn (with or without --use_image)")
+           "text-only models, --fusion_lr for MNER and roberta_clip_coattn")
     a("--weight_decay_rate", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
@@ -190,10 +185,8 @@ def _training_flags(a) -> None:
     a("--locked_dropout", type=float, default=0.0,
       help="training only: dropout on the word states with one mask per post, shared by all its words")
     a("--ema_decay", type=float, default=-1,
-      help="exponential moving average of the trainable weights, updated after every optimiser step (bias-corrected; "
-           "horizon about 1 / (1 - decay) steps); dev scoring, model.pt and the test use the average, last.pt keeps "
-           "both; 0 = off; -1 = auto: 0.99 for the text-only models roberta_crf, bert_crf, bert_bilstm_crf, bert, "
-           "off for MNER and roberta_clip_coattn")
+      help="moving average of the trainable weights after every step (bias-corrected), used for dev, model.pt and "
+           "test; 0 = off; -1 = auto: 0.99 for the text-only models, off for MNER and roberta_clip_coattn")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimiser step")
     a("--min_epoch_num", type=int, default=2, help="no early stop before this many epochs")
     a("--min_gain", type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
@@ -215,7 +208,7 @@ def _run_flags(a) -> None:
     a("--ex_project", default="MANGO", help="SwanLab project")
     a("--ex_name", default="", help="experiment name, part of the run name")
     a("--swanlab_mode", default="auto", choices=["auto", "online", "local", "disabled"],
-      help="auto = online when SWANLAB_API_KEY is set, else local files in the run dir")
+      help="auto = online with SWANLAB_API_KEY set, else local files")
 
 
 def _predict_flags(a) -> None:
@@ -258,6 +251,18 @@ def _serve_flags(a) -> None:
                                                                   "dataloader's decompression-bomb guard are refused too)")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Wide help lines; a default is shown where it says something (not False, "" or None)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=120, max_help_position=36)
+
+    def _get_help_string(self, action):
+        if action.default in (False, "", None):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Renamed(argparse.Action):
     """An old spelling of a renamed flag (RENAMED): sets the flag and says its new name in one line."""
 
@@ -285,8 +290,9 @@ TOOL_FLAGS = {
 
 def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     """Every flag (tool None), or the flags of one tool: "train" (TRAIN_GROUPS) or a key of TOOL_FLAGS."""
-    p = _Parser(prog=f"{tool}.py" if tool else None, description="MANGO: multimodal NER",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=f"{tool}.py" if tool else None, usage="%(prog)s [flags]; each flag below, with its default",
+                description="MANGO: multimodal NER",
+                formatter_class=_Help)
     for title, add in GROUPS:
         group = p.add_argument_group(title)
         if tool is None or (tool == "train" and title in TRAIN_GROUPS):

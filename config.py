@@ -307,24 +307,19 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def tools_taking(flag: str) -> list[str]:
-    """The tools whose command line takes --flag."""
-    train = any(flag in {a.dest for a in g._group_actions} for g in build_parser()._action_groups
-                if g.title in TRAIN_GROUPS)
-    return (["train.py"] if train else []) + [f"{t}.py" for t, fs in TOOL_FLAGS.items() if flag in fs]
-
-
-def refuse_foreign_flags(argv: list[str], tool: str) -> None:
-    """A known flag that `tool` does not take is one error line naming it and where it belongs."""
-    mine = {s for a in build_parser(tool)._actions for s in a.option_strings}
-    every = {s: a.dest for a in build_parser()._actions for s in a.option_strings}
-    for t in argv:
-        opt = t.split("=", 1)[0]
+def refuse_foreign_flags(argv: list[str], tool: str, own: argparse.ArgumentParser, full: argparse.ArgumentParser):
+    """A flag of `full` (every flag) that `tool`'s parser `own` lacks is one error line naming it and where it belongs."""
+    mine = {s for a in own._actions for s in a.option_strings}
+    every = {s: a.dest for a in full._actions for s in a.option_strings}
+    train = {a.dest for g in full._action_groups if g.title in TRAIN_GROUPS for a in g._group_actions}
+    for opt in (t.split("=", 1)[0] for t in argv):
         if opt in every and opt not in mine:
             dest = every[opt]
-            where = tools_taking(dest)
-            why = ("a run's own value comes from its config.json" if tool != "train" and "train.py" in where
-                   else f"it is a flag of {', '.join(where)}")
+            if tool != "train" and dest in train:
+                why = "a run's own value comes from its config.json"
+            else:
+                where = (["train.py"] if dest in train else []) + [f"{t}.py" for t, fs in TOOL_FLAGS.items() if dest in fs]
+                why = f"it is a flag of {', '.join(where)}"
             raise ConfigError(f"{tool}.py does not take {opt}: {why}; {tool}.py --help lists its flags")
 
 
@@ -433,14 +428,14 @@ def resolve_auto(c) -> None:
 def get_config(argv: list[str] | None = None, check: bool = True, tool: str | None = None) -> argparse.Namespace:
     """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in). With a tool, only its
     flags are accepted (refuse_foreign_flags); the namespace still carries every flag, at its default."""
-    argv = [] if argv is None else list(argv)
-    c = build_parser().parse_args([])
+    argv, full = [] if argv is None else list(argv), build_parser()
     if tool:
-        refuse_foreign_flags(argv, tool)
-        for k, v in vars(build_parser(tool).parse_args(argv)).items():
-            setattr(c, k, v)
+        own = build_parser(tool)
+        refuse_foreign_flags(argv, tool, own, full)
+        c = full.parse_args([])
+        vars(c).update(vars(own.parse_args(argv)))
     else:
-        c = build_parser().parse_args(argv)
+        c = full.parse_args(argv)
     resolve_auto(c)
     if check:
         validate(c)

@@ -106,7 +106,8 @@ def _decode_lines(path: Path) -> list[str]:
         raise DataError(f"{path}:{line}: invalid UTF-8 byte 0x{raw[e.start]:02x}; re-save the file as UTF-8") from None
     if "\x00" in text:
         line = len(_LINE_BREAK.split(text[: text.index("\x00")]))
-        raise DataError(f"{path}:{line}: NUL byte in text; the file is binary or corrupted, re-export it as plain UTF-8 text")
+        raise DataError(f"{path}:{line}: NUL byte in text; the file is binary or corrupted, re-export it as plain "
+                        "UTF-8 text")
     # \n, \r\n or \r only: str.splitlines would also break inside tokens at U+2028, U+0085, \f, \v, ...
     lines = _LINE_BREAK.split(text)
     return lines[:-1] if lines[-1] == "" else lines  # a missing final newline reads the same
@@ -123,7 +124,8 @@ def _problem_fn(path, lenient: bool, report: ReadReport, action: str = "skip"):
     return problem
 
 
-def read_conll(path, lenient: bool = False, keep_raw_types: bool = False, report: ReadReport | None = None) -> list[Post]:
+def read_conll(path, lenient: bool = False, keep_raw_types: bool = False,
+               report: ReadReport | None = None) -> list[Post]:
     """Read a CoNLL+IMGID file: `IMGID:<id>` line, `token<TAB>tag` lines, a blank line between posts.
 
     Strict by default: a line without exactly one tab, a tag that is not O/B-X/I-X, a post without an IMGID
@@ -169,7 +171,8 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False, report
         parts = line.split("\t")
         if len(parts) != 2:
             what = "no tab" if len(parts) == 1 else f"{len(parts)} tab-separated columns"
-            problem(lineno, f"expected `token<TAB>tag`, found {what}", "write one token and one tag per line separated by a single tab")
+            problem(lineno, f"expected `token<TAB>tag`, found {what}",
+                    "write one token and one tag per line separated by a single tab")
             parts = line.rsplit(None, 1) if len(parts) == 1 else [parts[0], parts[-1]]
             if len(parts) != 2:
                 parts = [parts[0], "O"]
@@ -367,7 +370,8 @@ def read_mnre(path, lenient: bool = False, report: ReadReport | None = None) -> 
     ents = report.counts["entities"]
     report.note = (f"from {c['lines']} relation lines; {sum(ents.values())} entities "
                    f"({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'}); "
-                   f"spans typed by relation {c['by_relation']}, by same-words majority {c['by_surface']}, left out untyped {c['left_out']}; "
+                   f"spans typed by relation {c['by_relation']}, by same-words majority {c['by_surface']}, left out "
+                   f"untyped {c['left_out']}; "
                    f"{c['overlap_dropped']} overlapping spans dropped (longer kept)")
     return posts
 
@@ -549,7 +553,11 @@ class Encoded:
     word_index: list[int]   # first sub-word position of each kept word (special tokens included)
     word_end: list[int]     # one past its last kept sub-word (word_index[i] < word_end[i])
     n_kept: int             # words that fit in max_len (encode_windows puts the rest in further windows)
-    n_empty: int            # words that tokenised to nothing and were replaced by the unknown token
+    empty: list[int]        # words that tokenised to nothing and were replaced by the unknown token
+
+    @property
+    def n_empty(self) -> int:
+        return len(self.empty)
 
 
 def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -578,8 +586,8 @@ def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[s
     enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
     wids = enc.word_ids()
     present = set(w for w in wids if w is not None)
-    n_empty = len(words) - len(present)
-    if n_empty:
+    empty = [i for i in range(len(words)) if i not in present]
+    if empty:
         unk = tokenizer.unk_token or tokenizer.pad_token
         words = [w if i in present else unk for i, w in enumerate(words)]
         enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
@@ -605,7 +613,7 @@ def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[s
             seen = w
         elif w is not None:
             word_end[-1] = pos + prefix + 1
-    return Encoded(head + list(ids) + tail, word_index, word_end, len(word_index), n_empty)
+    return Encoded(head + list(ids) + tail, word_index, word_end, len(word_index), empty)
 
 
 @dataclass
@@ -649,7 +657,7 @@ def _cut(x, a: int, b: int):
     """Words [a, b) of one window's output: lists and arrays sliced, dicts per key, anything else as it is."""
     if isinstance(x, dict):
         return {k: _cut(v, a, b) for k, v in x.items()}
-    return x[a:b] if isinstance(x, (list, np.ndarray, torch.Tensor)) else x
+    return x[a:b] if isinstance(x, (list, np.ndarray)) else x
 
 
 def _join(parts: list):
@@ -663,8 +671,6 @@ def _join(parts: list):
         return [v for p in parts for v in p]
     if isinstance(x, np.ndarray):
         return np.concatenate(parts)
-    if isinstance(x, torch.Tensor):
-        return torch.cat(parts)
     return x
 
 
@@ -1190,7 +1196,8 @@ class MNERDataset(torch.utils.data.Dataset):
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
                  image_mode: str | None = None, prep: ImagePrep | None = None, features=None,
                  feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split", teacher=None,
-                 control: str = "none", blank=None, context=None, word_mask_prob: float = 0.0, mask_id: int | None = None,
+                 control: str = "none", blank=None, context=None, word_mask_prob: float = 0.0,
+                 mask_id: int | None = None,
                  iob2_labels: bool = False):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
@@ -1208,10 +1215,8 @@ class MNERDataset(torch.utils.data.Dataset):
         self.labels = [label_map.encode(t, p.source) for (t, _), p in zip(fixed, posts)]
         self.cases = [[word_shape(w) for w in p.tokens] for p in posts]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        windowed = {w.post for w in self.windows if w.start > 0}
-        self.n_windowed = len(windowed)
-        self.n_empty = sum(w.enc.n_empty for w in self.windows if w.post not in windowed) + sum(
-            not tokenizer.tokenize(t) for i in windowed for t in posts[i].tokens)
+        self.n_windowed = len({w.post for w in self.windows if w.start > 0})
+        self.n_empty = len({(w.post, w.start + j) for w in self.windows for j in w.enc.empty})  # windows overlap
         self.paths = [find_image(img_root, p.imgid) for p in posts] if image_mode else [None] * len(posts)
         self.has_image = [self._usable(p) for p in self.paths]
         # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe()

@@ -277,17 +277,9 @@ def read_boxes(path: Path) -> dict[str, dict]:
     return out
 
 
-def view_to_image(px: float, py: float, size: tuple[int, int], prep: D.ImagePrep) -> tuple[float, float]:
-    """A pixel of the model's S x S view -> the original image's pixel (inverse of ImagePrep's short-side resize and
-    centre crop)."""
-    w, h = size
-    rw, rh = prep.resized(w, h)
-    left, top = (rw - prep.size) // 2, (rh - prep.size) // 2
-    return (px + 0.5 + left) * w / rw, (py + 0.5 + top) * h / rh
-
-
 def image_to_view(x: float, y: float, size: tuple[int, int], prep: D.ImagePrep) -> tuple[float, float]:
-    """The inverse of view_to_image for a point (a box corner; may fall outside the view)."""
+    """A point of a W x H image -> the same point in the model's S x S view (ImagePrep's short-side resize and centre
+    crop); a point the crop cut off falls outside [0, S]."""
     w, h = size
     rw, rh = prep.resized(w, h)
     return x * rw / w - (rw - prep.size) // 2, y * rh / h - (rh - prep.size) // 2
@@ -296,14 +288,14 @@ def image_to_view(x: float, y: float, size: tuple[int, int], prep: D.ImagePrep) 
 def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, boxes: dict) -> dict:
     """Does the text->image attention point at the object the picture cues? For each post whose image reached the
     model and has a box: the attention of the words of the cued type's gold entities, averaged, drawn as the
-    --explain overlay does (region_heat); a hit when its peak pixel, mapped back to the image, lies inside the box.
+    --explain overlay does (region_heat); a hit when its peak pixel lies inside the box, mapped into the view.
     "chance" is the rate a peak drawn uniformly over the view would reach: the mean share of the view the box covers.
     Returns {"hits", "posts", "rate", "chance", "no_box", "no_entity"}."""
     out = run_model(model, ds, config, label_map, device, amp, explain=True)
     grids, prep = region_grids(model.vision), ds.prep
     hits = posts = no_box = no_entity = 0
     cover = 0.0
-    for i, (p, r) in enumerate(zip(ds.posts, out)):
+    for p, r in zip(ds.posts, out):
         if "explain" not in r:
             continue
         b = boxes.get(p.imgid or "")
@@ -316,13 +308,12 @@ def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, devi
             continue
         heat = region_heat(r["explain"]["att"][words].mean(0), grids, prep.size, r["explain"]["cells"])
         py, px = np.unravel_index(heat.argmax(), heat.shape)
-        x, y = view_to_image(px, py, b["size"], prep)
         x0, y0, x1, y1 = b["box"]
-        posts += 1
-        hits += int(x0 <= x <= x1 and y0 <= y <= y1)
         (ax, ay), (bx, by) = image_to_view(x0, y0, b["size"], prep), image_to_view(x1, y1, b["size"], prep)
-        clip = lambda v: min(max(v, 0.0), prep.size)  # noqa: E731
-        cover += (clip(bx) - clip(ax)) * (clip(by) - clip(ay)) / prep.size ** 2
+        posts += 1
+        hits += int(ax <= px + 0.5 <= bx and ay <= py + 0.5 <= by)  # the pixel's centre
+        ax, ay, bx, by = (min(max(v, 0.0), prep.size) for v in (ax, ay, bx, by))
+        cover += (bx - ax) * (by - ay) / prep.size ** 2
     return {"hits": hits, "posts": posts, "rate": hits / posts if posts else 0.0,
             "chance": cover / posts if posts else 0.0, "no_box": no_box, "no_entity": no_entity}
 
@@ -564,7 +555,8 @@ def dataset_with_features(config, dposts: list[D.Post], tokenizer, label_map, vi
         feats, _ = bundle.features_from_paths(paths, prep, encode, pool)
     table = {str(p): torch.from_numpy(bundle.fp16_round(f)) for p, f in zip(paths, feats) if f is not None}
     return D.MNERDataset(dposts, tokenizer, label_map, config.max_len, "/", "features", prep, table,
-                         feat_shape=vision.feat_shape, name="predict", context=D.split_context(config, "predict", dposts))
+                         feat_shape=vision.feat_shape, name="predict",
+                         context=D.split_context(config, "predict", dposts))
 
 
 def main_bundle(args, posts: list[NewPost]) -> list[dict]:
@@ -599,7 +591,8 @@ def main_bundle(args, posts: list[NewPost]) -> list[dict]:
                               results, args.format)
         print(f"wrote {f}: {len(posts)} posts, {sum(len(r['entities']) for r in results)} entities")
     print(f"{len(posts)} posts in {dt:.2f} s: {len(posts) / dt:.1f} posts/s with bundle {args.bundle} "
-          f"({rt.meta['format']}{', int8' if rt.meta['int8'] else ''}, batch size {args.batch_size}, {rt.threads} threads)")
+          f"({rt.meta['format']}{', int8' if rt.meta['int8'] else ''}, batch size {args.batch_size}, {rt.threads} "
+          "threads)")
     return results
 
 

@@ -103,13 +103,13 @@ def main(argv=None):
         t0 = time.time()
         res, preds = evaluate_split(model, ds, config, label_map, device, amp)
         dt = time.time() - t0
-        (run / f"{split}_report{tag}.json").write_text(json.dumps(res, indent=1))
         write_predictions(run / f"{split}_predictions{tag}.conll", posts, preds)
-        print(f"{cli.save_name} on {config.dataset_name}/{split} (best dev epoch {best}), {len(posts) / dt:.0f} posts/s:")
+        print(f"{cli.save_name} on {config.dataset_name}/{split} (best dev epoch {best}), {len(posts) / dt:.0f} "
+              "posts/s:")
         print(format_report(res))
         if config.explain_hits:
             res["explain_hits"] = explain_hits(model, ds, config, label_map, device, amp, split)
-            (run / f"{split}_report{tag}.json").write_text(json.dumps(res, indent=1))
+        (run / f"{split}_report{tag}.json").write_text(json.dumps(res, indent=1))
         results[split] = res
     if config.record_file:
         record(config.record_file, cli.save_name, results, config, D.split_hashes(config))

@@ -214,7 +214,8 @@ def test_jsonl_round_trip_and_conll(run, image, tmp_path, capsys):
     predict.main([*run, "--input", str(src), "--out_dir", str(tmp_path / "o3"), "--format", "conll"])
     blocks = (tmp_path / "o3" / "predictions.conll").read_text().strip("\n").split("\n\n")
     assert len(blocks) == 4 and blocks[0].splitlines()[0] == f"IMGID:{image}"
-    assert [l.split("\t") for l in blocks[1].splitlines()[1:]] == [list(x) for x in zip(rows[1]["tokens"], rows[1]["tags"])]
+    assert [l.split("\t") for l in blocks[1].splitlines()[1:]] == [list(x) for x in zip(rows[1]["tokens"],
+                                                                                        rows[1]["tags"])]
 
 
 def test_same_tags_as_test_py(run, tiny_data_dir, tmp_path, capsys):
@@ -224,7 +225,8 @@ def test_same_tags_as_test_py(run, tiny_data_dir, tmp_path, capsys):
     posts = D.read_conll(tiny_data_dir / "tiny" / "test.txt")
     src = tmp_path / "test_posts.jsonl"
     img = tiny_data_dir / "tiny" / "tiny_images"
-    src.write_text("".join(json.dumps({"tokens": p.tokens, "image": str(img / f"{p.imgid}.png")}) + "\n" for p in posts))
+    src.write_text("".join(json.dumps({"tokens": p.tokens,
+                                       "image": str(img / f"{p.imgid}.png")}) + "\n" for p in posts))
     res = predict.main([*run, "--input", str(src), "--out_dir", str(tmp_path)])
     assert capsys.readouterr().out.count("is missing; this post is tagged text-only") == 4
     blocks = (run_dir(run) / "test_predictions.conll").read_text().strip("\n").split("\n\n")
@@ -252,15 +254,18 @@ def test_long_post_every_word_tagged_window_by_window(run, tmp_path, capsys):
     check_spans({"text": " ".join(words), "tokens": words, **res[0]})
 
 
-def test_view_and_image_coordinates_invert_each_other():
+def test_image_coordinates_map_into_the_models_view():
+    """ImagePrep resizes the short side to prep.short and centre-crops S: the image's centre is the view's, the
+    short side spans prep.short view pixels, and the whole image covers the view (its corners fall outside it)."""
     import dataloader as D
     prep = D.ImagePrep(64)
     for size in ((96, 72), (72, 96), (64, 64), (300, 120)):
-        for px, py in ((0, 0), (31, 12), (63, 63)):
-            x, y = predict.view_to_image(px, py, size, prep)
-            assert 0 <= x <= size[0] and 0 <= y <= size[1]
-            vx, vy = predict.image_to_view(x, y, size, prep)
-            assert abs(vx - (px + 0.5)) < 1.01 and abs(vy - (py + 0.5)) < 1.01, (size, px, py, vx, vy)
+        w, h = size
+        (ax, ay), (bx, by) = predict.image_to_view(0, 0, size, prep), predict.image_to_view(w, h, size, prep)
+        cx, cy = predict.image_to_view(w / 2, h / 2, size, prep)
+        assert abs(cx - 32) <= 1 and abs(cy - 32) <= 1, (size, cx, cy)
+        assert ax <= 0 and ay <= 0 and bx >= 64 and by >= 64, (size, ax, ay, bx, by)
+        assert abs(min(bx - ax, by - ay) - prep.short) <= 1, (size, bx - ax, by - ay)
 
 
 def test_explain_hits_reads_boxes_and_counts_posts_without_one(run, tiny_data_dir, tmp_path, capsys):
@@ -288,7 +293,8 @@ def test_explain_hits_reads_boxes_and_counts_posts_without_one(run, tiny_data_di
     h = json.loads((run_dir(run) / "test_report.json").read_text())["explain_hits"]
     assert h["posts"] == h["hits"] == boxed > 0 and h["no_box"] + h["no_entity"] == with_image - boxed
     assert "attention peak inside the cued object's box" in capsys.readouterr().out
-    (data / "tiny" / "test_boxes.jsonl").write_text(lines[0] + "\n" + lines[0].replace('"box": [0, 0,', '"box": [0, -5,'))
+    (data / "tiny" / "test_boxes.jsonl").write_text(lines[0] + "\n" + lines[0].replace('"box": [0, 0,',
+                                                                                       '"box": [0, -5,'))
     with pytest.raises(SystemExit):
         cli(lambda: test_py.main([*run, "--data_dir", str(data), "--explain_hits"]))
     assert "test_boxes.jsonl:2: expected" in capsys.readouterr().err
@@ -310,7 +316,8 @@ def test_bad_input_one_line(run, tmp_path, capsys):
 
 def test_explain_pictures(run, image, tmp_path, capsys):
     src = tmp_path / "posts.jsonl"
-    src.write_text(json.dumps({"text": TEXT, "image": str(image)}) + "\n" + json.dumps({"text": "no picture here"}) + "\n")
+    src.write_text(json.dumps({"text": TEXT,
+                               "image": str(image)}) + "\n" + json.dumps({"text": "no picture here"}) + "\n")
     out_dir = tmp_path / "ex"
     res = predict.main([*run, "--input", str(src), "--out_dir", str(out_dir), "--explain"])
     out = capsys.readouterr().out
@@ -374,7 +381,8 @@ def test_read_steps_keeps_last_line_of_a_redone_step(tmp_path):
     import plots
     rows = [{"epoch": 1, "step": 2, "train_loss": 5.0, "train_tag": 4.0},
             {"epoch": 2, "step": 4, "train_loss": 3.0, "train_tag": 2.0}]
-    assert plots.read_steps(tmp_path, rows) == [{"step": 2, "loss": 5.0, "tag": 4.0}, {"step": 4, "loss": 3.0, "tag": 2.0}]
+    assert plots.read_steps(tmp_path, rows) == [{"step": 2, "loss": 5.0, "tag": 4.0}, {"step": 4, "loss": 3.0,
+                                                                                       "tag": 2.0}]
     lines = [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}, {"step": 3, "loss": 7.0},  # killed after step 3,
              {"step": 3, "loss": 6.5}, {"step": 4, "loss": 6.0}]                            # resumed from step 2
     (tmp_path / "steps.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
@@ -395,7 +403,8 @@ def test_context_run_predicts_like_test_py(tmp_path, tiny_data_dir, tiny_bert_di
     posts = D.read_conll(tiny_data_dir / "tiny" / "test.txt")
     src = tmp_path / "posts.jsonl"
     img = tiny_data_dir / "tiny" / "tiny_images"
-    src.write_text("".join(json.dumps({"tokens": p.tokens, "image": str(img / f"{p.imgid}.png")}) + "\n" for p in posts))
+    src.write_text("".join(json.dumps({"tokens": p.tokens,
+                                       "image": str(img / f"{p.imgid}.png")}) + "\n" for p in posts))
     calls = []
     real = D.split_context
     monkeypatch.setattr(D, "split_context", lambda *a: calls.append(a[1]) or real(*a))

@@ -51,8 +51,8 @@ def test_merge_reads_each_word_where_it_is_farthest_from_a_cut(minilm_tok):
 
 def test_merge_joins_dicts_arrays_and_keeps_per_post_values():
     import numpy as np
-    enc = D.Encoded([], [], [], 4, 0)
-    ws = [D.Window(0, 0, 0, 3, enc), D.Window(0, 2, 3, 6, enc), D.Window(1, 0, 0, 2, D.Encoded([], [], [], 2, 0))]
+    enc = D.Encoded([], [], [], 4, [])
+    ws = [D.Window(0, 0, 0, 3, enc), D.Window(0, 2, 3, 6, enc), D.Window(1, 0, 0, 2, D.Encoded([], [], [], 2, []))]
     outs = [{"tags": list("abcd"), "att": np.arange(4), "image_used": True},
             {"tags": list("cdef"), "att": np.arange(2, 6), "image_used": True},
             {"tags": list("xy"), "att": np.arange(2), "image_used": False}]
@@ -87,7 +87,8 @@ def test_entities_past_the_first_window_are_found(minilm_tok, entity_at):
     lm = D.LabelMap.from_posts(posts)
     ds = D.MNERDataset(posts, minilm_tok, lm, 32)
     assert ds.n_windowed == 1 and len(ds) > 3 and "1 post longer than --max_len tagged in" in ds.describe()
-    cfg = type("C", (), {"batch_size": 4, "seed": 1, "num_workers": 0, "length_bucketing": True, "eval_mode": "conlleval"})
+    cfg = type("C", (), {"batch_size": 4, "seed": 1, "num_workers": 0, "length_bucketing": True,
+                         "eval_mode": "conlleval"})
     res, preds = runner.evaluate_split(Oracle(minilm_tok, lm), ds, cfg, lm, "cpu")
     assert preds[0][entity_at:entity_at + 4] == ["B-PER", "I-PER", "O", "B-LOC"] and len(preds[0]) == len(words)
     assert res["f1"] == 1.0

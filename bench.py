@@ -63,7 +63,8 @@ def bench_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--cases", default="hf_recipe,text,mner_cached,mner_pixels,mner_dual,mner_dual_pixels", help=f"comma list of {', '.join(CASES)}")
+    a("--cases", default="hf_recipe,text,mner_cached,mner_pixels,mner_dual,mner_dual_pixels",
+      help=f"comma list of {', '.join(CASES)}")
     a("--amp_modes", default="fp32,amp", help="comma list of fp32, amp")
     a("--bucketing", default="on,off", help="length bucketing of training batches: comma list of on, off")
     a("--grad_ckpt", default="off", help="--grad_checkpointing: comma list of off, on")
@@ -266,7 +267,8 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     def prepare(b):
         return {k: v.to(device) for k, v in with_image(dict(b)).items()}
 
-    ebatches = [prepare(b) for b in D.make_loader(D.make_dataset(config, "valid", dev, tok, label_map), config, train=False)]
+    ebatches = [prepare(b) for b in D.make_loader(D.make_dataset(config, "valid", dev, tok, label_map), config,
+                                                  train=False)]
     model.train()
     for b in batches[:2]:  # warm-up (allocator, kernels), not timed
         step(prepare(b))
@@ -329,7 +331,8 @@ def table(rows: list[dict]) -> str:
             continue
         out.append(f"{key} {'on' if r['bucketing'] else 'off'} | "
                    f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
-                   f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | {r['peak_cuda_mib'] or '-'} | "
+                   f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | "
+                   f"{r['peak_cuda_mib'] or '-'} | "
                    f"{r.get('train_gflops', '-')} ({r.get('matmul_peak_gflops', '-')}) |")
     return "\n".join(out)
 
@@ -421,7 +424,8 @@ def main(argv=None):
     for line in ratios(rows):
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": vars(args), "flags": rest, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": vars(args), "flags": rest,
+                                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

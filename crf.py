@@ -60,7 +60,8 @@ def bioes_bans(num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     only B-X or I-X; O, B-Y and S-Y only O, E-X or S-X; a post starts outside a chunk and ends outside one."""
     n = 2 + 2 * (num_labels - 2)
     start, end, trans = torch.zeros(n), torch.zeros(n), torch.full((n, n), -1e4)
-    opens, closes = [1], [0, 1]                                                   # O opens and closes a gap; PAD is pinned
+    # O opens and closes a gap; PAD is pinned
+    opens, closes = [1], [0, 1]
     for b in range(2, n, 4):
         opens += [b, b + 3]
         closes += [b + 2, b + 3]
@@ -124,7 +125,7 @@ class CRFHead(nn.Module):
         return c.start_transitions + self.ban_start, c.end_transitions + self.ban_end, c.transitions + self.ban
 
     def to_labels(self, p):
-        """Score-space probabilities [B, W, S] -> LabelMap's [B, W, L] (B-X and S-X add up to B-X, I-X and E-X to I-X)."""
+        """Score-space probabilities [B, W, S] -> LabelMap's [B, W, L] (B-X + S-X -> B-X, I-X + E-X -> I-X)."""
         if not self.bioes:
             return p
         return p.new_zeros(*p.shape[:-1], int(self.to_bio.max()) + 1).index_add_(-1, self.to_bio, p)

@@ -167,7 +167,8 @@ class TextEncoder(nn.Module):
             raise ValueError("--word_pooling mean needs the batch's word_end (dataloader.collate makes it)")
         # span means from a prefix sum: [B, T+1, H], one gather at each end of every word's sub-word span
         c = torch.cat([h.new_zeros(h.size(0), 1, H), h.cumsum(1)], 1)
-        s = c.gather(1, word_end.unsqueeze(-1).expand(-1, -1, H)) - c.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
+        at = lambda i: c.gather(1, i.unsqueeze(-1).expand(-1, -1, H))  # noqa: E731
+        s = at(word_end) - at(word_index)
         return s / (word_end - word_index).clamp_min(1).unsqueeze(-1).to(h.dtype)
 
 
@@ -1045,7 +1046,8 @@ class Tagger(nn.Module):
                               self.training)
         B, W, H = text.shape
         zero = text.new_zeros(())
-        parts = {"residual": zero, "preserve": zero, "nce": zero, "sparsity": zero, "image_types": zero, "distill": zero}
+        parts = {"residual": zero, "preserve": zero, "nce": zero, "sparsity": zero, "image_types": zero,
+                 "distill": zero}
         rel = torch.zeros(B, W, device=text.device)
         fused, img, rows = text, None, None
         if self.uses_image and image_on and cfg.use_image:

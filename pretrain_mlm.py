@@ -41,7 +41,8 @@ def build_corpus(data_dir: str, sources: list[str]) -> tuple[list[list[str]], di
     held_out = set()
     for name in TWITTER:
         for split in ("valid", "test"):
-            held_out |= {words_key(p.tokens) for p in D.load_split(get_config(["--dataset_name", name, "--data_dir", data_dir]), split)}
+            cfg = get_config(["--dataset_name", name, "--data_dir", data_dir])
+            held_out |= {words_key(p.tokens) for p in D.load_split(cfg, split)}
     corpus, seen, report = [], set(), {"held_out_posts": len(held_out), "sources": {}}
     for name in sources:
         posts = D.load_split(get_config(["--dataset_name", name, "--data_dir", data_dir]), "train")
@@ -62,7 +63,8 @@ def build_corpus(data_dir: str, sources: list[str]) -> tuple[list[list[str]], di
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--text_encoder", default="minilm", help="encoder to adapt: 'minilm' (shipped) or a local BERT-style directory")
     a("--out", default=str(ROOT / "save_models" / "encoders" / "minilm_tweets"), help="output encoder directory")
@@ -71,7 +73,8 @@ def main(argv=None):
     a("--epochs", type=int, default=2, help="passes over the corpus")
     a("--batch_size", type=int, default=32, help="sentences per step")
     a("--lr", type=float, default=1e-4, help="peak learning rate (linear warm-up 6%%, linear decay)")
-    a("--mask_prob", type=float, default=0.15, help="share of sub-words chosen for prediction (80/10/10 mask/random/keep)")
+    a("--mask_prob", type=float, default=0.15,
+      help="share of sub-words chosen for prediction (80/10/10 mask/random/keep)")
     a("--head_warmup_steps", type=int, default=200, help="first steps train only the (new) MLM head")
     a("--max_len", type=int, default=64, help="sub-words per sentence, specials included")
     a("--max_sentences", type=int, default=0, help="use only the first N corpus sentences (0 = all; for tests)")
@@ -122,14 +125,16 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             total, n, step = total + loss.item(), n + 1, step + 1
             if step % 100 == 0:
-                print(f"epoch {epoch + 1} step {step}/{steps} mlm loss {total / n:.3f} ({time.time() - t0:.0f} s)", flush=True)
+                print(f"epoch {epoch + 1} step {step}/{steps} mlm loss {total / n:.3f} ({time.time() - t0:.0f} s)",
+                      flush=True)
         losses.append(round(total / max(1, n), 4))
         print(f"epoch {epoch + 1}: mlm loss {losses[-1]}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.bert.save_pretrained(out)
     tok.save_pretrained(out)
-    report.update({"args": vars(args), "from": src, "epoch_loss": losses, "steps": steps, "seconds": round(time.time() - t0)})
+    report.update({"args": vars(args), "from": src, "epoch_loss": losses, "steps": steps,
+                   "seconds": round(time.time() - t0)})
     (out / "mlm_report.json").write_text(json.dumps(report, indent=1))
     print(f"saved {out} (use --text_encoder {out})")
 

@@ -17,7 +17,8 @@ import dataloader as D
 from config import ROOT, config_from_dict
 
 MODEL_NAMES = {"roberta_crf": "text-only baseline (roberta_crf)", "MNER": "MNER + EfficientNet-Lite0",
-               "MNER_dual": "MNER + dual granularity", "MNER_dual_conv": "MNER + dual granularity, conv stem + distillation (112 px)"}
+               "MNER_dual": "MNER + dual granularity",
+               "MNER_dual_conv": "MNER + dual granularity, conv stem + distillation (112 px)"}
 
 
 def image_coverage(config) -> str:
@@ -91,7 +92,8 @@ def markdown(rows: list[dict], hardware: str, note: str = "") -> str:
     older = {}  # rows kept from an earlier collection, which may have run elsewhere
     for r in rows:
         if (r.get("hardware", hardware), r.get("note", note)) != (hardware, note):
-            older.setdefault((r["hardware"], r["note"]), []).append(f"{r['dataset']} {MODEL_NAMES.get(r['model'], r['model'])}")
+            shown = f"{r['dataset']} {MODEL_NAMES.get(r['model'], r['model'])}"
+            older.setdefault((r["hardware"], r["note"]), []).append(shown)
     for (hw, nt), which in older.items():
         out.append(f"Kept from an earlier collection ({', '.join(which)}): {hw}" + (f"; {nt}" if nt else "") + ".")
     return "\n".join(out)
@@ -165,9 +167,11 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds to collect")
     ap.add_argument("--save_dir", default=str(ROOT / "save_models"), help="folder of run directories")
     ap.add_argument("--out_dir", default=str(ROOT / "results"), help="where the JSON and Markdown go")
-    ap.add_argument("--note", default="", help="how the runs were scheduled (reproduce.sh: runs at a time, threads each)")
+    ap.add_argument("--note", default="",
+                    help="how the runs were scheduled (reproduce.sh: runs at a time, threads each)")
     ap.add_argument("--ablation", nargs="+", default=[], help="script/ablation.sh record CSVs: print their table only")
-    ap.add_argument("--peers", nargs="+", default=[], help="peer.py / peer_flair.py --json files: print their table only")
+    ap.add_argument("--peers", nargs="+", default=[],
+                    help="peer.py / peer_flair.py --json files: print their table only")
     args = ap.parse_args(argv)
     if args.peers:
         print(peer_table(args.peers))
@@ -194,7 +198,8 @@ def main(argv=None):
             got = {r["model"] for r in rows}
             kept = [{"note": prev.get("note", ""), "hardware": prev.get("hardware", ""), **r}
                     for r in prev.get("rows", []) if r["model"] not in got]
-            rows = sorted(kept + rows, key=lambda r: list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 99)
+            rows = sorted(kept + rows,
+                          key=lambda r: list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 99)
         (out / f"{ds}.json").write_text(json.dumps({"hardware": hw, "note": args.note, "rows": rows}, indent=1))
         (out / f"{ds}.md").write_text(markdown(rows, hw, args.note) + "\n")
         every += rows

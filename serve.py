@@ -149,7 +149,8 @@ def parse_posts(recs, limits, where: str = "post") -> list[tuple[NewPost, bytes 
                                   "or as a multipart file")
         unknown = sorted(set(rec) - POST_KEYS) if isinstance(rec, dict) else []
         if unknown:
-            raise BadRequest(422, f"{at}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            raise BadRequest(422,
+                             f"{at}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                                   f"a post has {', '.join(map(repr, sorted(POST_KEYS)))}")
         img = None
         if isinstance(rec, dict) and rec.get("image_b64") is not None:

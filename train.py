@@ -85,7 +85,8 @@ def new_run_dir(config, resume: bool = False) -> Path:
     root = Path(config.save_dir)
     name = config.save_name or "_".join(x for x in (datetime.now().strftime("%Y%m%d-%H%M%S"), config.dataset_name,
                                                     config.model, config.ex_name) if x)
-    if config.save_name and not resume and any((root / name / f).exists() for f in ("metrics.jsonl", "last.pt", "model.pt")):
+    if config.save_name and not resume and any((root / name / f).exists() for f in ("metrics.jsonl", "last.pt",
+                                                                                    "model.pt")):
         raise ConfigError(f"--save_name {name}: {root / name} already holds a run; resume it with --continue_train_name "
                           f"{name}, pick another --save_name, or delete that directory")
     run, k = root / name, 2
@@ -218,7 +219,8 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
     head_group=False: the head in the "rest" group, as runs saved before --head_lr had it (their last.pt resumes).
 
     text encoder -> text_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
-    pretrained vision -> backbone_lr, tagging head -> head_lr, everything else -> fusion_lr; biases and every norm layer get no weight decay.
+    pretrained vision -> backbone_lr, tagging head -> head_lr, everything else -> fusion_lr; biases and every norm
+    layer get no weight decay.
     """
     lrs = base_lrs(config)
     n_layers = model.text.model.config.num_hidden_layers
@@ -575,7 +577,8 @@ def fit(config, core, ds, run, device, resume, say):
     n_params = sum(p.numel() for p in core.parameters())
     n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
     procs = f" x {world()} processes (global batch {config.batch_size * world()})" if world() > 1 else ""
-    say(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M parameters train | {device}{procs}")
+    say(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M "
+        f"parameters train | {device}{procs}")
 
     bad_run = [0, 0]  # non-finite steps skipped: in a row, in all
     for epoch in range(state.epoch, config.epochs):

@@ -213,7 +213,8 @@ def draw_picture(rng: random.Random, typ: str) -> tuple[Image.Image, list[int]]:
     DRAW[typ](d, rng, x, y, s)
     if rng.random() < 0.5:
         clutter(d, rng, W, H)  # some distractors in front of the object too
-    box = [max(0, int(x - 0.5 * s)), max(0, int(y - 0.5 * s)), min(W, int(x + 0.5 * s) + 1), min(H, int(y + 0.5 * s) + 1)]
+    box = [max(0, int(x - 0.5 * s)), max(0, int(y - 0.5 * s)), min(W, int(x + 0.5 * s) + 1),
+           min(H, int(y + 0.5 * s) + 1)]
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
     elif rng.random() < 0.3:

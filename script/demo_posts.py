@@ -26,5 +26,6 @@ if __name__ == "__main__":
     with open(out, "w", encoding="utf-8") as f:
         for p in D.load_split(config, split):
             img = D.find_image(root, p.imgid)
-            f.write(json.dumps({"tokens": p.tokens, "image": str(img.resolve()) if img and img.exists() else None}) + "\n")
+            f.write(json.dumps({"tokens": p.tokens,
+                                "image": str(img.resolve()) if img and img.exists() else None}) + "\n")
     print(f"wrote {out}")

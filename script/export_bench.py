@@ -41,7 +41,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--save_name", required=True)
     ap.add_argument("--save_dir", default="save_models")
-    ap.add_argument("--bundles", default="", help="comma-separated bundle dirs (default: <run>/bundle,<run>/bundle_int8)")
+    ap.add_argument("--bundles", default="",
+                    help="comma-separated bundle dirs (default: <run>/bundle,<run>/bundle_int8)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--dataset_name", default="", help="default: the run's")
     ap.add_argument("--data_dir", default="", help="default: the run's")
@@ -65,7 +66,8 @@ def main():
     base = evaluate(gold, preds, config.eval_mode)["f1"]
     rows.append(("checkpoint (torch fp32)", base, len(posts) / dt, preds))
     run = Path(a.save_dir) / a.save_name
-    dirs = [Path(d) for d in a.bundles.split(",") if d] or [d for d in (run / "bundle", run / "bundle_int8") if d.is_dir()]
+    dirs = [Path(d) for d in a.bundles.split(",") if d] or [d for d in (run / "bundle", run / "bundle_int8")
+                                                             if d.is_dir()]
     for d in dirs:
         rt = BU.Bundle(d, threads=a.threads)
         words = [p.tokens for p in posts]

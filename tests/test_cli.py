@@ -87,7 +87,8 @@ def test_test_py_reproduces_reports(trained, base):
     assert row["run_name"] == "two" and float(row["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
     # decoding without the BIO bans (a run trained with them): its own reports, the run's stay as they were
     before = (trained / "valid_report.json").read_text()
-    run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "valid", "--no-bio_constraints"])
+    run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "valid",
+            "--no-bio_constraints"])
     assert (trained / "valid_report.no_bio.json").is_file() and (trained / "valid_report.json").read_text() == before
 
 
@@ -171,7 +172,8 @@ def test_resume_of_a_run_saved_before_head_lr(base, monkeypatch):
     monkeypatch.setattr(M.Tagger, "param_groups", grouped)
     last = torch.load(save_dir(base) / "pre_head_lr" / "last.pt", weights_only=True)
     assert {g["base"] for g in last["optimizer"]["param_groups"]} == {"text", "rest"}
-    train.main(["--continue_train_name", "pre_head_lr", "--save_dir", str(save_dir(base)), "--swanlab_mode", "disabled"])
+    train.main(["--continue_train_name", "pre_head_lr", "--save_dir", str(save_dir(base)), "--swanlab_mode",
+                "disabled"])
     rows = (save_dir(base) / "pre_head_lr" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
@@ -185,7 +187,8 @@ def test_ema_run_saves_the_average_and_resumes_it(base, monkeypatch):
     best = torch.load(save_dir(base) / "ema_full" / "model.pt", weights_only=True)
     last = torch.load(save_dir(base) / "ema_full" / "last.pt", weights_only=True)
     assert last["ema"]["n"] == last["step"] > 0
-    assert best["epoch"] == last["epoch"] == 1  # --min_gain -1: every epoch counts as a gain, model.pt = the last average
+    # --min_gain -1: every epoch counts as a gain, model.pt = the last average
+    assert best["epoch"] == last["epoch"] == 1
     emit = best["model"]["emit.weight"]
     n = last["ema"]["n"]
     assert any(a.shape == emit.shape and torch.allclose(emit, a / (1 - 0.9 ** n)) for a in last["ema"]["avg"])
@@ -230,7 +233,8 @@ def test_lr_groups(base, tiny_bert_dir):
     by = {}
     for g in opt.param_groups:
         by.setdefault(g["base"], set()).update(id(p) for p in g["params"])
-        assert g["lr"] == pytest.approx({"text": cfg.text_lr, "vision": cfg.backbone_lr, "head": cfg.head_lr, "rest": cfg.fusion_lr}[g["base"]] * sched.lr_lambdas[0](0))
+        assert g["lr"] == pytest.approx({"text": cfg.text_lr, "vision": cfg.backbone_lr, "head": cfg.head_lr,
+                                         "rest": cfg.fusion_lr}[g["base"]] * sched.lr_lambdas[0](0))
         if g["name"].endswith("_nodecay"):
             assert g["weight_decay"] == 0
     names = {id(p): n for n, p in m.named_parameters()}
@@ -337,7 +341,8 @@ def test_resume_with_more_epochs_keeps_the_schedule_continuous(base, monkeypatch
     monkeypatch.setattr(train.Tracker, "log", lambda self, d, step: lrs.setdefault(self.run_name, {}).update(
         {step: d["lr/rest"]} if "lr/rest" in d else {}))
     monkeypatch.setattr(train.Tracker, "run_name", "cut", raising=False)
-    cut_in_epoch_2([*base, "--epochs", "3", "--patience_epochs", "9", "--save_name", "grow"], monkeypatch)  # no early stop
+    cut_in_epoch_2([*base, "--epochs", "3", "--patience_epochs", "9", "--save_name", "grow"],  # no early stop
+                   monkeypatch)
     last = torch.load(save_dir(base) / "grow" / "last.pt", weights_only=True)
     old, s = last["schedule"], last["step"]
     assert last["epoch"] == 0 and s == 6 and (old["total"], old["warmup"], old["epochs"]) == (18, 1, 3)

@@ -721,7 +721,8 @@ def test_clip_prep_matches_clip_image_processor(tmp_path):
     except ImportError:
         from transformers import CLIPImageProcessor as Processor
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
-    Processor(size={"shortest_edge": 32}, crop_size=28, image_mean=list(mean), image_std=list(std)).save_pretrained(tmp_path)
+    Processor(size={"shortest_edge": 32}, crop_size=28, image_mean=list(mean),
+              image_std=list(std)).save_pretrained(tmp_path)
     ref = Processor.from_pretrained(tmp_path)
     prep = dl.image_prep_for(config.get_config(["--image_encoder", str(tmp_path)]))
     assert (prep.size, prep.short, prep.mean, prep.std) == (28, 32, mean, std)

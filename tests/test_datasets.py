@@ -112,7 +112,8 @@ def test_spans_to_bio_keeps_longer_and_counts():
 
 def test_mnre_real_lines_to_bio(tmp_path):
     """Real lines of the shipped test split: one post per (tokens, image), types from relation paths."""
-    f = write(tmp_path / "mnre.txt", real_lines("test", [*range(23, 29), 38, 39, 40, 1061]) + real_lines("train", [1, 3]))
+    f = write(tmp_path / "mnre.txt",
+              real_lines("test", [*range(23, 29), 38, 39, 40, 1061]) + real_lines("train", [1, 3]))
     r = ReadReport(str(f))
     posts = read_mnre(f, report=r)
     assert [p.source for p in posts] == [f"{f}:{n}" for n in (1, 7, 10, 11, 12)]
@@ -123,7 +124,8 @@ def test_mnre_real_lines_to_bio(tmp_path):
     assert set(lolla.tags) == {"O"}  # only 'None' relations and no other typed mention: left out
     assert camila.tags[5:8] == ["B-PER", "I-PER", "O"] and camila.tags.count("B-PER") == 1  # nested Camila dropped
     assert arkham.tokens[2:5] == ["Arkham", "Horror", "LCG"]
-    assert arkham.tags == ["O", "O", "B-MISC", "I-MISC", "I-MISC", "O", "O", "O", "B-MISC", "I-MISC", "O", "O", "O", "O"]
+    assert arkham.tags == ["O", "O", "B-MISC", "I-MISC", "I-MISC", "O", "O", "O",
+                           "B-MISC", "I-MISC", "O", "O", "O", "O"]
     assert cosby.tags[3:5] == ["B-PER", "I-PER"] and cosby.tags[8:12] == ["B-MISC", "I-MISC", "I-MISC", "I-MISC"]
     assert padres.imgid.endswith(".jpg")
     assert r.counts["lines"] == 12 and r.counts["left_out"] == 3 and r.counts["overlap_dropped"] == 1
@@ -154,7 +156,8 @@ def test_mnre_surface_majority_and_left_out(tmp_path):
     ("{'token': ['a'], 'h': {'name': 'a', 'pos': [0, 1]}", "not a Python dict literal"),
     ("__import__('os').system('touch PWNED')", "not a Python dict literal"),
     ("['a', 'b']", "expected a dict"),
-    ("{'token': ['a', 'b'], 'h': {'name': 'a', 'pos': [0, 1]}, 'img_id': 'x.jpg', 'relation': 'None'}", "missing key(s) t"),
+    ("{'token': ['a', 'b'], 'h': {'name': 'a', 'pos': [0, 1]}, 'img_id': 'x.jpg', 'relation': 'None'}",
+     "missing key(s) t"),
     (mnre_line(["a", "b"], (0, 1), (1, 3)), "within its 2 tokens"),
     (mnre_line(["a", "b"], (0, 1), (1, 2), "/per/animal/x"), "relation '/per/animal/x'"),
     (mnre_line(["a", "b"], (0, 1), (1, 2), "per/org"), "relation 'per/org'"),

@@ -63,8 +63,8 @@ def mem(tmp_path_factory, tiny_data_dir, tiny_bert_dir):
     cfg = json.loads((bert / "config.json").read_text())
     cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (bert / "config.json").write_text(json.dumps(cfg))
-    return d, ["--allow_split_overlap", "--data_dir", str(d / "data"), "--dataset_name", "mem", "--text_encoder", str(bert),
-               "--swanlab_mode", "disabled", "--device", "cpu", "--seed", "7"]
+    return d, ["--allow_split_overlap", "--data_dir", str(d / "data"), "--dataset_name", "mem",
+               "--text_encoder", str(bert), "--swanlab_mode", "disabled", "--device", "cpu", "--seed", "7"]
 
 
 def test_ddp_matches_single_process(mem):

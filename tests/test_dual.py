@@ -281,7 +281,8 @@ def test_runs_of_the_earlier_encoder_are_refused_in_one_line(tmp_path):
     (run / "config.json").write_text(json.dumps(old))
     (run / "label_map.json").write_text("{}")
     (run / "model.pt").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"old_dual/config.json: a run of the earlier dual-granularity encoder.*retrain"):
+    with pytest.raises(ConfigError,
+                       match=r"old_dual/config.json: a run of the earlier dual-granularity encoder.*retrain"):
         runner.load_run(tmp_path, "old_dual")
     assert config_from_dict(old).vision_patch_size == 32                 # read for tables, never built
     assert config_from_dict({"model": "MNER", "downs_en_lr": 2e-3}, "c.json").head_lr == 2e-3  # others migrate

@@ -60,7 +60,8 @@ def new_posts(tiny_run, tmp_path) -> tuple[Path, list[dict]]:
     posts = D.read_conll(data / "test.txt")
     recs = [{"tokens": p.tokens, "image": str(data / "tiny_images" / f"{p.imgid}.png")} for p in posts]
     recs.append({"text": "Kevin Durant enters Oracle Arena tonight !"})
-    recs.append({"tokens": "we talked about the game for a long while".split() * 16 + "Kevin Durant visits Paris".split()})
+    long_post = "we talked about the game for a long while".split() * 16 + "Kevin Durant visits Paris".split()
+    recs.append({"tokens": long_post})
     f = tmp_path / "posts.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return f, recs
@@ -127,7 +128,8 @@ def test_torchscript_and_int8_bundles(tiny_run, tmp_path, capsys):
     ref = [r["tags"] for r in predict.main([*flags, "--input", str(src), "--out_dir", str(tmp_path / "r")])]
     ts = export.main([*flags, "--export_format", "torch", "--bundle", str(tmp_path / "ts")])
     assert (ts / "text.pt").is_file()
-    assert [r["tags"] for r in predict.main(["--bundle", str(ts), "--input", str(src), "--out_dir", str(tmp_path)])] == ref
+    assert [r["tags"] for r in predict.main(["--bundle", str(ts), "--input", str(src), "--out_dir",
+                                             str(tmp_path)])] == ref
     q = export.main([*flags, "--int8", "--bundle", str(tmp_path / "q")])
     qmeta = json.loads((q / "meta.json").read_text())
     assert qmeta["int8"] and set(qmeta["int8_fp32"]) == {"text", "mm"}
@@ -250,7 +252,8 @@ def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys,
                 "--use_dual_granularity", "--vision_img_size", "32", "--vision_embed_dim", "16", "--vision_heads", "2",
                 "--vision_depth", "1", "--vision_swin_window", "2", "--vision_delegate_topk", "2",
                 "--vision_max_patches", "8", "--vision_stem", stem,
-                *([] if stem == "efficientnet_lite0" else ["--vision_patch_size", "16", "--vision_fine_patch_size", "8"])])
+                *([] if stem == "efficientnet_lite0"
+                  else ["--vision_patch_size", "16", "--vision_fine_patch_size", "8"])])
     flags = ["--save_dir", str(save), "--save_name", "d", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     b = export.main(flags)
     meta = json.loads((b / "meta.json").read_text())

@@ -70,7 +70,8 @@ def _allow_download(env):
 
 
 def _words(data_dir, name):
-    return [p.tokens for p in D.load_split(C.get_config(["--data_dir", str(data_dir), "--dataset_name", name]), "train")]
+    return [p.tokens for p in D.load_split(C.get_config(["--data_dir", str(data_dir), "--dataset_name", name]),
+                                           "train")]
 
 
 def _datasets(env):
@@ -221,7 +222,8 @@ def _bio_constraints(env):
 def _bio_loss(env):
     """--bio_loss: the CRF's normaliser runs over valid BIO paths only, so a valid gold path's NLL drops."""
     em = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
-    labels, mask = torch.tensor([[1, 2, 3], [8, 9, 1]]), torch.ones(2, 3, dtype=torch.bool)  # O B-LOC I-LOC, B-PER I-PER O
+    # O B-LOC I-LOC, B-PER I-PER O
+    labels, mask = torch.tensor([[1, 2, 3], [8, 9, 1]]), torch.ones(2, 3, dtype=torch.bool)
     on, off = (env["mner"](argv)[1].head for argv in (["--bio_loss"], []))
     on.load_state_dict(off.state_dict())
     return bool((on.nll(em, labels, mask) < off.nll(em, labels, mask)).all())
@@ -256,19 +258,23 @@ def _max_bad_steps(env):
 
 
 def _min_gain(env):
-    return train.improves(C.get_config([]), 0.501, 0.5) and not train.improves(C.get_config(["--min_gain", "0.01"]), 0.501, 0.5)
+    strict = C.get_config(["--min_gain", "0.01"])
+    return train.improves(C.get_config([]), 0.501, 0.5) and not train.improves(strict, 0.501, 0.5)
 
 
 def _patience_epochs(env):
-    return train.stops_early(C.get_config(["--patience_epochs", "1"]), 1, 5) and not train.stops_early(C.get_config([]), 1, 5)
+    impatient = C.get_config(["--patience_epochs", "1"])
+    return train.stops_early(impatient, 1, 5) and not train.stops_early(C.get_config([]), 1, 5)
 
 
 def _min_epoch_num(env):
-    return train.stops_early(C.get_config([]), 3, 4) and not train.stops_early(C.get_config(["--min_epoch_num", "9"]), 3, 4)
+    late = C.get_config(["--min_epoch_num", "9"])
+    return train.stops_early(C.get_config([]), 3, 4) and not train.stops_early(late, 3, 4)
 
 
 def _seed(env):
-    order = lambda *a: list(D.make_loader(env["dataset"](), C.get_config(list(a)), train=True).batch_sampler)  # noqa: E731
+    def order(*a):
+        return list(D.make_loader(env["dataset"](), C.get_config(list(a)), train=True).batch_sampler)
     shuffled = ["--no-length_bucketing", "--batch_size", "4"]
     return order(*shuffled) != order(*shuffled, "--seed", "7")
 
@@ -317,7 +323,8 @@ def _image_control(env):
     def sources(argv):
         c = C.get_config(env["enc"] + env["data"] + argv)
         torch.manual_seed(0)
-        ds = D.make_dataset(c, "train", D.load_split(c, "train"), env["tok"], env["labels"], M.build_model(c, 10).vision)
+        ds = D.make_dataset(c, "train", D.load_split(c, "train"), env["tok"], env["labels"],
+                            M.build_model(c, 10).vision)
         return ds.source
     return sources([]) != sources(["--image_control", "shuffle"])
 
@@ -367,7 +374,8 @@ FLAGS = {
     "model": [model(alt=["--model", "bert_crf"])],
     "text_encoder": [model(alt=["--text_encoder", "minilm"])],
     "image_encoder": [model(alt=["--image_encoder", "efficientnet_lite0"])],
-    "text_attention_dropout": [model(alt=["--text_attention_dropout", "0.2"]), forward(alt=["--text_attention_dropout", "0.5"])],
+    "text_attention_dropout": [model(alt=["--text_attention_dropout", "0.2"]),
+                               forward(alt=["--text_attention_dropout", "0.5"])],
     "freeze_word_embeddings": [model(alt=["--no-freeze_word_embeddings"])],
     "freeze_text_layers": [model(alt=["--freeze_text_layers", "1"]), fn(_freeze_text_layers_too_many)],
     "word_pooling": [fn(_word_pooling)],
@@ -379,7 +387,8 @@ FLAGS = {
     "bio_constraints": [fn(_bio_constraints), warned(["--head", "softmax", "--bio_constraints"])],
     "bio_loss": [fn(_bio_loss), warned(["--no-bio_constraints", "--bio_loss"])],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
-    "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]), warned(["--label_smoothing", "0.1"])],
+    "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]),
+                        warned(["--label_smoothing", "0.1"])],
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],
     "hidden_dim": [model(["--use_bilstm"], ["--hidden_dim", "8"]), warned(["--hidden_dim", "8"])],
     "drop_prob": [model(alt=["--drop_prob", "0.3"])],
@@ -388,7 +397,8 @@ FLAGS = {
     "crf_loss_sum": [forward(["--model", "roberta_crf"], ["--crf_loss_sum"]),
                      warned(["--model", "bert", "--crf_loss_sum"])],
     "word_dropout": [forward(alt=["--word_dropout", "0.5"]), refused(["--word_dropout", "1"], "--word_dropout")],
-    "locked_dropout": [forward(alt=["--locked_dropout", "0.5"]), refused(["--locked_dropout", "1"], "--locked_dropout")],
+    "locked_dropout": [forward(alt=["--locked_dropout", "0.5"]),
+                       refused(["--locked_dropout", "1"], "--locked_dropout")],
     "vision_trainable": [model(alt=["--vision_trainable"]), warned(DUAL + ["--vision_trainable"])],
     "unfreeze_last_vision_blocks": [model(["--vision_trainable"], ["--unfreeze_last_vision_blocks", "1"]),
                                     warned(["--unfreeze_last_vision_blocks", "1"])],
@@ -411,13 +421,15 @@ FLAGS = {
     "fusion_layers": [model(alt=["--fusion_layers", "2"])],
     "fusion_dim": [model(alt=["--fusion_dim", "8"])],
     "fusion_gate": [model(alt=["--fusion_gate", "sum"])],
-    "rel_temperature": [forward(alt=["--rel_temperature", "0.2"]), warned(["--fusion_gate", "sum", "--rel_temperature", "2"]),
+    "rel_temperature": [forward(alt=["--rel_temperature", "0.2"]),
+                        warned(["--fusion_gate", "sum", "--rel_temperature", "2"]),
                         warned(["--model", "bert_crf", "--rel_temperature", "2"])],
     "emission_temperature": [forward(alt=["--emission_temperature", "3"])],
     "image_dropout_p": [forward(alt=["--image_dropout_p", "1"])],
     "image_control": [fn(_image_control), warned(["--model", "roberta_crf", "--image_control", "shuffle"])],
     # losses
-    "residual_lambda": [forward(["--residual_warmup_epochs", "0"], ["--residual_lambda", "5"])],  # full weight at epoch 0
+    # full weight at epoch 0
+    "residual_lambda": [forward(["--residual_warmup_epochs", "0"], ["--residual_lambda", "5"])],
     "residual_warmup_epochs": [forward(alt=["--residual_warmup_epochs", "0"])],
     "preserve_lambda": [forward(alt=["--preserve_lambda", "5"])],
     "nce_lambda": [forward(alt=["--nce_lambda", "5"])],
@@ -515,10 +527,12 @@ def env(tiny_bert_dir, tiny_clip_dir, tiny_data_dir, tmp_path_factory):
         m = M.build_model(c, 10)
         g = torch.Generator().manual_seed(0)
         S = D.image_prep_for(c).size
-        batch = {"input_ids": torch.randint(5, 500, (2, 9), generator=g), "attention_mask": torch.ones(2, 9, dtype=torch.long),
+        batch = {"input_ids": torch.randint(5, 500, (2, 9), generator=g),
+                 "attention_mask": torch.ones(2, 9, dtype=torch.long),
                  "word_index": torch.arange(1, 7).repeat(2, 1), "word_end": torch.arange(2, 8).repeat(2, 1),
                  "word_mask": torch.ones(2, 6, dtype=torch.bool),
-                 "labels": torch.randint(1, 10, (2, 6), generator=g), "case_ids": torch.randint(1, 4, (2, 6), generator=g),
+                 "labels": torch.randint(1, 10, (2, 6), generator=g),
+                 "case_ids": torch.randint(1, 4, (2, 6), generator=g),
                  "has_image": torch.ones(2, dtype=torch.bool), "index": torch.arange(2),
                  "pixel_values": torch.randn(2, 3, S, S, generator=g)}
         return c, m, batch

@@ -65,7 +65,8 @@ def test_every_name_a_script_imports_from_the_project_exists():
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods:
                 m = importlib.import_module(node.module)
-                missing += [f"{f.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names if not hasattr(m, a.name)]
+                missing += [f"{f.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(m, a.name)]
     assert not missing, missing
 
 

@@ -33,7 +33,8 @@ IMAGE_MODELS = [n for n, (fusion, *_) in M.MODELS.items() if fusion]
 TEXT_MODELS = [n for n in M.MODELS if n not in IMAGE_MODELS]
 
 TINY_FUSION = dict(fusion_layers=2, fusion_dim=16, cross_attn_heads=2, resampler_tokens=4, hidden_dim=8)
-TINY_DUAL = dict(use_dual_granularity=True, vision_stem="conv", vision_img_size=32, vision_patch_size=8, vision_fine_patch_size=4,
+TINY_DUAL = dict(use_dual_granularity=True, vision_stem="conv", vision_img_size=32, vision_patch_size=8,
+                 vision_fine_patch_size=4,
                  vision_embed_dim=32, vision_heads=2, vision_depth=1, vision_swin_window=2,
                  vision_delegate_topk=4, vision_max_patches=16)
 EFFNET_PX = 64  # the CNN pads "same", so small images keep it cheap (2x2 region tokens)
@@ -445,8 +446,10 @@ def test_bioes_crf_scores_chunk_ends_and_decodes_valid_bio(seed):
             paths = bio_to_bioes(torch.tensor([list(y) for y in bio]), torch.ones(len(bio), n, dtype=torch.bool))
             scores = torch.stack([crf_score(head.crf, em[b], y.tolist()) for y in paths])
             assert got[b] == list(bio[int(scores.argmax())])
-            every = torch.stack([crf_score(head.crf, pinned[b], list(y)) for y in itertools.product(range(1, 10), repeat=n)])
-            nll = every.logsumexp(0) - crf_score(head.crf, pinned[b], paths[bio.index(tuple(gold[b, :n].tolist()))].tolist())
+            every = torch.stack([crf_score(head.crf, pinned[b], list(y))
+                                 for y in itertools.product(range(1, 10), repeat=n)])
+            gold_path = paths[bio.index(tuple(gold[b, :n].tolist()))].tolist()
+            nll = every.logsumexp(0) - crf_score(head.crf, pinned[b], gold_path)
             torch.testing.assert_close(head.nll(em, gold, mask)[b], nll, atol=1e-3, rtol=1e-5)
 
 
@@ -780,7 +783,8 @@ def test_grad_checkpointing_same_loss_and_gradients(request, tiny_bert_dir):
         model = build(tiny_bert_dir, "MNER", vision_of(request, "clip"), grad_checkpointing=ck, **LOSS_ON).train()
         out = model(with_images(model, text_batch(model)), epoch=2)
         out["loss"].backward()
-        grads.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append((out["loss"].item(),
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = grads
     assert abs(l0 - l1) < 1e-5 and g0.keys() == g1.keys()
     for n in g0:

@@ -22,7 +22,8 @@ def _has_flair() -> bool:
     return py.is_file() and subprocess.run([str(py), "-c", "import flair"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _has_flair(), reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+@pytest.mark.skipif(not _has_flair(),
+                    reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
 def test_peer_flair_scores_a_tiny_set_with_mangos_scorer(tiny_data_dir, tiny_bert_dir, tmp_path):
     out = tmp_path / "flair.json"
     p = subprocess.run([str(VENV / "bin" / "python"), "peer_flair.py", "--dataset_name", "tiny", "--data_dir",
@@ -38,7 +39,8 @@ def test_peer_flair_scores_a_tiny_set_with_mangos_scorer(tiny_data_dir, tiny_ber
     assert 0.0 <= res["test"]["f1"] <= 1.0 and "test (conlleval)" in p.stdout
 
 
-@pytest.mark.skipif(not _has_flair(), reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+@pytest.mark.skipif(not _has_flair(),
+                    reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
 def test_predicted_type_is_the_predictions_not_the_golds():
     """flair keeps one Span per position: a predicted span where the gold has one carries both labels, and its
     first (gold) label must not become the prediction's type."""
@@ -46,7 +48,8 @@ def test_predicted_type_is_the_predictions_not_the_golds():
             "s = Sentence(['Kevin', 'Durant', 'plays']); s[0:2].add_label('ner', 'PER')\n"
             "s[0:2].add_label('predicted', 'ORG'); s[2:3].add_label('predicted', 'MISC')\n"
             "print(P.predicted_tags(s))")
-    p = subprocess.run([str(VENV / "bin" / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    p = subprocess.run([str(VENV / "bin" / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "['B-ORG', 'I-ORG', 'B-MISC']"

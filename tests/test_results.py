@@ -86,7 +86,8 @@ def test_bench_ratios_are_medians_over_rounds():
 
 
 def test_bench_rounds_must_be_positive():
-    p = subprocess.run([PY, "bench.py", "--cases", "text", "--rounds", "0"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    p = subprocess.run([PY, "bench.py", "--cases", "text", "--rounds", "0"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True)
     assert p.returncode != 0 and "--rounds 0" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -98,10 +99,12 @@ def test_bench_unknown_case_is_one_line():
 def fake_run(save, name, f1s_dev, test_f1, data_dir, mode="conlleval"):
     run = save / name
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"dataset_name": "tiny", "data_dir": str(data_dir), "epochs": len(f1s_dev)}))
+    (run / "config.json").write_text(json.dumps({"dataset_name": "tiny", "data_dir": str(data_dir),
+                                                 "epochs": len(f1s_dev)}))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "dev_f1": f, "time_s": 10.0 + i}) + "\n"
                                                for i, f in enumerate(f1s_dev)))
-    (run / "test_report.json").write_text(json.dumps({"mode": mode, "precision": test_f1, "recall": test_f1, "f1": test_f1,
+    (run / "test_report.json").write_text(json.dumps({"mode": mode, "precision": test_f1, "recall": test_f1,
+                                                      "f1": test_f1,
                                                       "gold_support": 150, "per_type": {"PER": {"f1": test_f1}}}))
     (run / "wall_s.txt").write_text("60\n30\n")  # an interrupted run resumed: both parts count
 
@@ -126,7 +129,8 @@ def test_results_mean_std_and_missing_seeds(tmp_path, tiny_data_dir):
 def test_reproduce_and_ablation_list(tmp_path):
     p = subprocess.run(["bash", "script/ablation.sh", "--list"], cwd=ROOT, env=env(), capture_output=True, text=True)
     names = [l.split()[0] for l in p.stdout.splitlines()]
-    assert p.returncode == 0 and {"full", "no_residual", "no_preserve", "no_nce", "no_gate", "no_resampler", "fusion_layers_1",
+    assert p.returncode == 0 and {"full", "no_residual", "no_preserve", "no_nce", "no_gate", "no_resampler",
+                                  "fusion_layers_1",
                                   "fusion_layers_3", "fusion_layers_7", "text_only", "clip", "efficientnet",
                                   "dual_granularity", "shuffle", "blank", "dual_shuffle", "dual_blank", "text_base",
                                   "text_epochs10", "text_head_lr", "text_llrd", "text_mean", "text_frozen_emb",
@@ -149,7 +153,8 @@ def test_reproduce_and_ablation_list(tmp_path):
     assert "--fusion_gate rel" in lines[0] and "abl_demo_no_gate_s42" in lines[0]  # only the per-dimension gate goes
     assert lines[1].startswith("python test.py") and "--record_file results/ablation_demo.csv" in lines[1]
     assert "--split valid,test" in lines[1] and lines[2] == lines[1] + " --image_control shuffle"
-    p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True)
     assert p.returncode == 2 and "--exp nope: unknown experiment" in p.stderr
     # the text-path levers: the text model, the experiment's flags after the environment's (they win), no image control
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "text_epochs10,text_context"], cwd=ROOT,

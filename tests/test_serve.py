@@ -161,7 +161,8 @@ BAD = {
     "posts": (413, "--max_posts", lambda: {"json": [{"text": "a"}] * 5}),
     "image_bytes": (413, "--max_image_bytes",
                     lambda: {"json": {"text": "a", "image_b64": b64(b"\x89PNG" + bytes(120_000))}}),
-    "image_pixels": (413, "--max_image_pixels", lambda: {"json": {"text": "a", "image_b64": b64(png_bytes((600, 500)))}}),
+    "image_pixels": (413, "--max_image_pixels",
+                     lambda: {"json": {"text": "a", "image_b64": b64(png_bytes((600, 500)))}}),
     "multipart_image_bytes": (413, "--max_image_bytes",
                               lambda: {"data": {"text": "a"}, "files": {"image": ("x.png", bytes(150_000))}}),
     "bad_json": (400, "not valid JSON", lambda: {"content": b"{oops", "headers": {"content-type": "application/json"}}),
@@ -171,7 +172,8 @@ BAD = {
     "unknown_keys": (422, "unknown keys 'picture', 'txt'", lambda: {"json": [{"text": "a", "picture": 1, "txt": 2}]}),
     "unknown_field": (422, "unknown form field 'picture'",
                       lambda: {"data": {"text": "a"}, "files": {"picture": ("p.png", png_bytes(), "image/png")}}),
-    "bad_data_uri": (422, "data URI", lambda: {"json": {"text": "a", "image_b64": "data:image/png," + b64(png_bytes())}}),
+    "bad_data_uri": (422, "data URI",
+                     lambda: {"json": {"text": "a", "image_b64": "data:image/png," + b64(png_bytes())}}),
     "empty_list": (422, "empty list", lambda: {"json": []}),
     "not_object": (422, "expected a JSON object", lambda: {"json": [3]}),
     "bad_tokens": (422, '"tokens" must be', lambda: {"json": {"tokens": "abc"}}),
@@ -216,7 +218,8 @@ def test_bad_requests_do_not_disturb_good_ones(server):
     for k, (g, img_k) in enumerate(goods):
         r = res[k]
         assert r.status_code == 200, r.text
-        assert r.json()["tags"] == expected(server, g["text"].split(), img_k) and r.json()["image_used"] == (img_k is not None)
+        assert r.json()["tags"] == expected(server, g["text"].split(),
+                                            img_k) and r.json()["image_used"] == (img_k is not None)
     for j in range(len(bads)):
         assert 400 <= res[len(goods) + j].status_code < 500
     batches = httpx.get(server["url"] + "/info").json()["batching"]["batches"] - before

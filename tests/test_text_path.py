@@ -138,7 +138,8 @@ def test_case_input_reaches_every_sub_word_and_learns(tiny_bert_dir):
     items = []
     for n in (3, 1):
         e = D.encode_words(tok, words[:n], 32)
-        items.append({"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": [2, 1, 1][:n],
+        items.append({"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end,
+                      "labels": [2, 1, 1][:n],
                       "case_ids": [D.word_shape(w) for w in words[:n]], "has_image": False, "index": len(items)})
     b = D.collate(items)
     e = D.encode_words(tok, words, 32)
@@ -171,7 +172,8 @@ def test_layer_mix_weights_every_hidden_state_and_learns_at_the_head_rate(tiny_b
     torch.manual_seed(0)
     m = M.build_model(c, 10)
     enc = m.text.eval()
-    hs = enc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+    hs = enc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   output_hidden_states=True).hidden_states
     assert enc.layer_mix.shape == (len(hs),) == (enc.model.config.num_hidden_layers + 1,)
     with torch.no_grad():
         enc.layer_mix.copy_(torch.arange(len(hs), dtype=torch.float))
@@ -211,7 +213,8 @@ def test_word_masking_masks_whole_post_words_in_training_only(ctx_env):
                 masked, words = masked + all(hit), words + 1
             assert all(ids[j] == e.input_ids[j] for j in range(len(ids)) if j not in post)
     assert draws[0] != draws[1] and 0.25 < masked / words < 0.75
-    assert C.get_config(argv[:-2]).word_mask_prob == 0 and D.make_dataset(C.get_config(argv[:-2]), "train", posts, tok, lm,
+    assert C.get_config(argv[:-2]).word_mask_prob == 0 and D.make_dataset(C.get_config(argv[:-2]), "train", posts, tok,
+                                                                          lm,
                                                                           train=True)[0]["input_ids"] == ds.enc[0].input_ids
 
 

@@ -283,7 +283,8 @@ def _cases() -> list[Case]:
     data("conll_imgid_inside_post", "error", err("conll_imgid_inside_post", "IMGID line inside a post; add a blank "
                                                                             "line before it"),
          "a missing blank line between two posts")
-    data("conll_600_tokens", "recovered", r"^train: 5 posts, .*, 1 post longer than --max_len tagged in \d+ overlapping windows",
+    data("conll_600_tokens", "recovered",
+         r"^train: 5 posts, .*, 1 post longer than --max_len tagged in \d+ overlapping windows",
          "a 600-token post (past --max_len 48: tagged in overlapping windows, counted)")
     data("conll_600_tokens_max_len_over_encoder", "error",
          r"error: --max_len 1024 is more than the 512 positions of --text_encoder .*; use --max_len 512 or less",

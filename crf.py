@@ -3,6 +3,8 @@
     bio_bans / bioes_bans      where a BIO / BIOES path may not go (-1e4 start, end and transition scores)
     bio_to_bioes, bioes_to_bio the CRF's tag space under --tag_scheme bioes, converted at its edge
     log_partition              log Z by the forward algorithm (torch)
+    forward_backward           log marginals alpha + beta - log Z (torch, differentiable: distillation's targets and
+                               student)
     CRFHead                    NLL (pytorch-crf's log-likelihood), Viterbi, marginals; emissions [B, W, S], mask [B, W]
     viterbi, marginals, crf_tags   the same decoding and marginals in numpy over the exported scores (bundle.py)
 
@@ -83,6 +85,22 @@ def log_partition(em, mask, start, end, trans):
     return torch.logsumexp(a + end, dim=1)
 
 
+def forward_backward(em, mask, start, end, trans):
+    """log marginals [B, W, L] of a linear-chain CRF: alpha_t + beta_t - log Z, from emissions em [B, W, L] (words a
+    prefix of mask [B, W]), start [L], end [L], transitions [L, L] (from -> to). Differentiable in all of them."""
+    W = em.size(1)
+    alpha = [start + em[:, 0]]                                                    # [B, L] each
+    for t in range(1, W):
+        nxt = torch.logsumexp(alpha[-1][:, :, None] + trans + em[:, t, None, :], dim=1)
+        alpha.append(torch.where(mask[:, t, None], nxt, alpha[-1]))
+    beta = [end.expand_as(alpha[0])]                                              # built from the last word back
+    for t in range(W - 2, -1, -1):  # a padded word t + 1 keeps beta = end: word t is then the post's last
+        nxt = torch.logsumexp(trans + (em[:, t + 1] + beta[-1])[:, None, :], dim=2)
+        beta.append(torch.where(mask[:, t + 1, None], nxt, beta[-1]))
+    log_z = torch.logsumexp(alpha[-1] + end, dim=1)                               # [B]
+    return torch.stack(alpha, 1) + torch.stack(beta[::-1], 1) - log_z[:, None, None]
+
+
 class CRFHead(nn.Module):
     """Linear-chain CRF over word emissions [B, W, S] with a bool word mask [B, W] (first word always on).
 
@@ -153,14 +171,21 @@ class CRFHead(nn.Module):
         per = self.nll(em, labels, mask)
         return [self.reduce(x) for x in per.split([t[0].size(0) for t in triples])]
 
+    def log_marginals(self, em, mask, temperature: float = 1.0) -> torch.Tensor:
+        """log p(label at word | post) [B, W, L] in LabelMap's ids over the paths decoding may take, with every score
+        divided by `temperature` (forward_backward; differentiable, so a student can learn a teacher's marginals).
+        Padding words hold 0: read the result through `mask`."""
+        start, end, trans = (x / temperature for x in self.scores())
+        logm = forward_backward(self._pin(em) / temperature, mask, start, end, trans)
+        if self.bioes:  # B-X + S-X -> B-X, I-X + E-X -> I-X, summed in log space
+            L = int(self.to_bio.max()) + 1
+            logm = torch.stack([torch.logsumexp(logm[..., self.to_bio == k], -1) for k in range(L)], -1)
+        return logm * mask[..., None]
+
     def marginals(self, em, mask) -> torch.Tensor:
-        """p(label at word | post) [B, W, L] in LabelMap's ids (0 on padding), over the paths decoding may take: the
-        gradient of log Z with respect to the pinned emissions is the forward-backward marginal."""
-        start, end, trans = (x.detach() for x in self.scores())
-        with torch.enable_grad():
-            x = self._pin(em.detach()).requires_grad_(True)
-            (marg,) = torch.autograd.grad(log_partition(x, mask, start, end, trans).sum(), x)
-        return self.to_labels(marg)
+        """p(label at word | post) [B, W, L] in LabelMap's ids (0 on padding), over the paths decoding may take."""
+        with torch.no_grad():
+            return self.log_marginals(em.float(), mask).exp() * mask[..., None]
 
     @torch.no_grad()
     def decode(self, em, mask) -> list[list[int]]:

@@ -27,6 +27,8 @@ The batch contract (every model consumes exactly this):
   image_feats    [B, ...]        float, when a frozen backbone's cached features are used instead (pretrained
                                  backbone: region tokens [B, R, D]; dual granularity: its stem maps, flattened [B, F])
   teacher_feats  [B, R, 1280]    float, training with --vision_distill_lambda: EfficientNet-Lite0's features
+  teacher_marg   [B, W, L]       float, training with --teacher_run: the teacher's tag marginals per word (0 on padding)
+  labelled       [B]    bool     training with --teacher_run: False for unlabelled posts (no tag loss)
   index          [B]    long     the item's window in its dataset (dataset.windows[k].post is its post)
 """
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Post:
     tags: list[str]
     imgid: str | None
     source: str = ""  # "file:line" of the post's first line, for messages
+    labelled: bool = True  # False: an unlabelled post (--distill_unlabelled), learned from the teacher only
 
 
 @dataclass
@@ -1190,7 +1193,8 @@ class MNERDataset(torch.utils.data.Dataset):
     `features`, a {path: tensor} dict from FeatureCache; `feat_shape` gives its shape for placeholders).
     `teacher` ({path: [R, 1280]}) adds the distillation targets of each post's image. `control` is
     --image_control; `blank` is the grey image's features (features mode). iob2_labels: the loss targets (not the
-    posts' tags, which the scorer reads) open every chunk with B- (iob2).
+    posts' tags, which the scorer reads) open every chunk with B- (iob2). `targets` (--teacher_run) holds each
+    post's teacher marginals [n_words, L].
     """
 
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
@@ -1198,10 +1202,10 @@ class MNERDataset(torch.utils.data.Dataset):
                  feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split", teacher=None,
                  control: str = "none", blank=None, context=None, word_mask_prob: float = 0.0,
                  mask_id: int | None = None,
-                 iob2_labels: bool = False):
+                 iob2_labels: bool = False, targets: list[torch.Tensor] | None = None):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
-        self.teacher, self.control, self.blank = teacher, control, blank
+        self.teacher, self.control, self.blank, self.targets = teacher, control, blank, targets
         # a post without a teacher entry gets zeros of the teacher's own shape (its distill term is never read)
         self.teacher_shape = next(iter(teacher.values())).shape if teacher else None
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
@@ -1254,6 +1258,9 @@ class MNERDataset(torch.utils.data.Dataset):
                  f"(post alone {post / n + 1:.1f})"
         if self.n_iob2:
             s += f", {self.n_iob2} chunks opening with I- trained as B- (--bio_constraints)"
+        if self.targets is not None:
+            n_un = sum(not p.labelled for p in self.posts)
+            s += f", teacher marginals on every post ({n_un} of them unlabelled)"
         if self.n_windowed:
             n_win = len(self.windows) - len(self.posts) + self.n_windowed
             posts = f"{self.n_windowed} post{'s' * (self.n_windowed > 1)}"
@@ -1317,6 +1324,9 @@ class MNERDataset(torch.utils.data.Dataset):
         if self.teacher is not None:
             t = self.teacher.get(str(self.paths[j])) if self.has_image[i] and j >= 0 else None
             item["teacher_feats"] = t.float() if t is not None else torch.zeros(self.teacher_shape or (1, 1))
+        if self.targets is not None:
+            item["teacher_marg"] = self.targets[i][a: a + e.n_kept].float()
+            item["labelled"] = self.posts[i].labelled
         return item
 
 
@@ -1348,6 +1358,12 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
     for k in ("pixel_values", "image_feats", "teacher_feats"):
         if k in items[0]:
             batch[k] = torch.stack([it[k] for it in items])
+    if "teacher_marg" in items[0]:
+        marg = torch.zeros(B, W, items[0]["teacher_marg"].size(-1))
+        for b, it in enumerate(items):
+            marg[b, :len(it["teacher_marg"])] = it["teacher_marg"]
+        batch["teacher_marg"] = marg
+        batch["labelled"] = torch.tensor([bool(it["labelled"]) for it in items])
     return batch
 
 
@@ -1416,13 +1432,15 @@ def split_context(config, split: str, posts: list[Post]):
 
 
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
-                 train: bool = False, image_dir=None, teacher=None, iob2_labels: bool = False) -> MNERDataset:
+                 train: bool = False, image_dir=None, teacher=None, iob2_labels: bool = False,
+                 targets=None) -> MNERDataset:
     """A split ready for the model. `vision` is the model's vision module (duck-typed: `cacheable`, `features`,
     `feat_shape`, `backbone_id`, `weights_file`, callable on pixels) or None for text-only models. A cacheable
     (frozen) module's features come from FeatureCache; otherwise pixels are read every step. `teacher` (training
     with --vision_distill_lambda) is a frozen backbone whose cached features become each post's distillation target.
     image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs). iob2_labels:
-    the loss targets open every chunk with B- (the caller's model.iob2_targets for the train split).
+    the loss targets open every chunk with B- (the caller's model.iob2_targets for the train split). `targets`: the
+    teacher marginals of each post (distill.teacher_targets) for the train split.
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
     context = split_context(config, split, posts)
@@ -1433,7 +1451,7 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
             raise ConfigError(f"--word_mask_prob {config.word_mask_prob}: --text_encoder {config.text_encoder}'s "
                               "tokenizer has neither a mask nor an unknown token; use --word_mask_prob 0")
         opts = {"word_mask_prob": config.word_mask_prob, "mask_id": mid}
-    opts["iob2_labels"] = iob2_labels
+    opts.update(iob2_labels=iob2_labels, targets=targets)
     if vision is None:
         return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, context=context,
                            seed=config.seed, **opts)

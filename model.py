@@ -13,7 +13,8 @@ Any text encoder works with any of them (the names are the papers' names, not a 
 Forward contract (the batch is the dict described in dataloader.py):
     out = model(batch, epoch=0, image_on=True)
         out["loss"]        scalar (only when batch has labels)
-        out["parts"]       {"tag", "residual", "preserve", "nce", "sparsity", "image_types", "distill"}: each term, unweighted, detached
+        out["parts"]       {"tag", "residual", "preserve", "nce", "sparsity", "image_types", "distill", "tag_distill"}:
+                           each term, unweighted, detached (tag_distill: KL from --teacher_run's tag marginals)
         out["emissions"]   [B, W, L]  word-level label scores
         out["rel"]         [B, W]     per-word image relevance (zeros without an image path)
     model.decode(batch) -> list of B lists of label ids, one per scored word (word_mask)
@@ -943,6 +944,14 @@ def image_type_loss(logits, labels):
     return F.binary_cross_entropy_with_logits(logits, types.amax(1).to(logits.dtype))
 
 
+def tag_distill_loss(log_student, teacher, mask):
+    """KL(teacher || student) between tag marginals summed over each post's words, mean over posts (the CRF NLL's
+    normalisation, so --distill_lambda 1 weighs them alike): log_student [B, W, L] (CRFHead.log_marginals), teacher
+    [B, W, L] probabilities, mask [B, W] -> scalar."""
+    kl = (teacher * (teacher.clamp_min(1e-8).log() - log_student)).sum(-1)                 # [B, W]
+    return (kl * mask).sum(1).mean()
+
+
 def warmup_weight(epoch: float, warmup_epochs: int) -> float:
     """w(epoch) = min(1, epoch / warmup); the training loop passes the current epoch (0-based)."""
     return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
@@ -1047,7 +1056,7 @@ class Tagger(nn.Module):
         B, W, H = text.shape
         zero = text.new_zeros(())
         parts = {"residual": zero, "preserve": zero, "nce": zero, "sparsity": zero, "image_types": zero,
-                 "distill": zero}
+                 "distill": zero, "tag_distill": zero}
         rel = torch.zeros(B, W, device=text.device)
         fused, img, rows = text, None, None
         if self.uses_image and image_on and cfg.use_image:
@@ -1071,14 +1080,17 @@ class Tagger(nn.Module):
         out = {"emissions": em, "rel": rel}
         if "labels" not in batch:
             return out
-        labels = batch["labels"]
+        labels, tagged = batch["labels"], (em, batch["labels"], mask)
+        if "labelled" in batch:  # distillation's unlabelled posts (never with an image) have no tag loss
+            keep = batch["labelled"].nonzero().squeeze(1)
+            tagged = (em[keep], labels[keep], mask[keep])
         extra = img is not None and self.stack is not None
         if extra:
             # the preserve loss (text-only emissions of the posts with an image) shares the tagging loss's CRF pass
             text_em = self._emissions(t, m)
-            loss, parts["preserve"] = self.head.losses((em, labels, mask), (text_em, labels[rows], m))
+            loss, parts["preserve"] = self.head.losses(tagged, (text_em, labels[rows], m))
         else:
-            loss = self.head.loss(em, labels, mask)
+            loss = self.head.loss(*tagged) if len(tagged[0]) else zero
         parts["tag"] = loss
         if extra:
             parts["residual"] = residual_loss(t, fused_rows, m)
@@ -1092,6 +1104,11 @@ class Tagger(nn.Module):
                     + cfg.preserve_lambda * parts["preserve"] + cfg.nce_lambda * parts["nce"]
                     + cfg.sparsity_lambda * parts["sparsity"] + cfg.image_type_lambda * parts["image_types"]
                     + cfg.vision_distill_lambda * parts["distill"])
+        if "teacher_marg" in batch and cfg.distill_lambda > 0:
+            T = cfg.distill_temperature  # scaled by T^2 so its gradient keeps its size across temperatures
+            parts["tag_distill"] = T * T * tag_distill_loss(self.head.log_marginals(em, mask, T),
+                                                            batch["teacher_marg"].to(em.dtype), mask)
+            loss = loss + cfg.distill_lambda * parts["tag_distill"]
         out["loss"] = loss
         out["parts"] = {k: v.detach() for k, v in parts.items()}
         return out
@@ -1164,6 +1181,11 @@ def unused_flags(config, given: set[str]) -> list[str]:
         "unfreeze_last_vision_blocks": None if config.vision_trainable else "a frozen vision encoder (it counts the "
                                                                             "blocks --vision_trainable trains)",
     }
+    for k in ("distill_lambda", "distill_temperature", "distill_unlabelled"):
+        why[k] = None if config.teacher_run else "no --teacher_run (it shapes learning from a teacher's marginals)"
+    if config.teacher_run and head != "crf":
+        raise ConfigError(f"--teacher_run: the student learns CRF tag marginals; --model {config.model} has a {head} "
+                          "head: use a CRF model")
     image_path = bool(fusion) and config.use_image
     if not image_path:
         why["image_control"] = f"--model {config.model}{'' if config.use_image else ' --no-use_image'} (no image path)"

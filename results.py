@@ -18,7 +18,8 @@ from config import ROOT, config_from_dict
 
 MODEL_NAMES = {"roberta_crf": "text-only baseline (roberta_crf)", "MNER": "MNER + EfficientNet-Lite0",
                "MNER_dual": "MNER + dual granularity",
-               "MNER_dual_conv": "MNER + dual granularity, conv stem + distillation (112 px)"}
+               "MNER_dual_conv": "MNER + dual granularity, conv stem + distillation (112 px)",
+               "roberta_crf_distill": "text path distilled from all-mpnet-base-v2 (+ MNRE posts unlabelled)"}
 
 
 def image_coverage(config) -> str:

@@ -38,7 +38,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dataloader as D
-from config import ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE
+from config import (ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE,
+                    RESUME_REFUSED)
+from distill import teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer, text_depth
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
                     load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
@@ -46,16 +48,6 @@ from runner import (all_gather, amp_context, barrier, broadcast, check_encoders,
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng")
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
-# flags that may not change on resume although they define no weights, and why
-RESUME_REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
-                               "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
-                               "test.py --eval_mode {new}) or start a new run",
-                  "ema_decay": "the best dev F1 so far was scored on weights averaged with --ema_decay {old}, so a "
-                               "new best would be picked by comparing two averages; start a new run",
-                  "bio_constraints": "the best dev F1 so far was decoded (and trained) with --bio_constraints {old}; "
-                                     "start a new run, or rescore the finished one with test.py --bio_constraints {new}",
-                  "bio_loss": "the run so far trained with --bio_loss {old}, and its best dev F1 with it; start a new run"}
-
 
 # ----------------------------------------------------------------------------- run set-up
 
@@ -485,9 +477,14 @@ def build(config, resume, posts, label_map, tokenizer, device, say):
         label_map.save(run / "label_map.json")
     vision = model.vision.to(device) if model.uses_image and config.use_image else None
     teacher = build_teacher(config)  # --vision_distill_lambda: its cached features are the train split's targets
-    with main_first():  # rank 0 builds the frozen-feature cache, the other ranks then read it
+    posts, targets = dict(posts), None
+    with main_first():  # rank 0 builds the frozen-feature and teacher caches, the other ranks then read them
+        if config.teacher_run:  # the student also learns the teacher's tag marginals, on unlabelled posts too
+            posts["train"] = posts["train"] + unlabelled_posts(config, posts, say)
+            targets = teacher_targets(config, posts["train"], label_map, device, say)
         ds = {s: D.make_dataset(config, s, p, tokenizer, label_map, vision, train=s == "train",
-                                teacher=teacher and teacher.to(device), iob2_labels=s == "train" and model.iob2_targets)
+                                teacher=teacher and teacher.to(device), iob2_labels=s == "train" and model.iob2_targets,
+                                targets=targets if s == "train" else None)
               for s, p in posts.items()}
     for d in ds.values():
         say(d.describe())

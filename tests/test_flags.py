@@ -179,6 +179,20 @@ def _clip_grad(env):
     return moments[0] < moments[1]
 
 
+def _distill(argv):
+    """The distillation term of a roberta_crf student changes with argv (a batch with teacher marginals, one post
+    unlabelled)."""
+    def loss(env, a):
+        c, m, batch = env["mner"](["--model", "roberta_crf", "--teacher_run", "t", *a])
+        marg = torch.softmax(torch.randn(2, 6, 10, generator=torch.Generator().manual_seed(2)), -1)
+        batch = dict(batch, teacher_marg=marg.index_fill(-1, torch.tensor([0]), 0.0),
+                     labelled=torch.tensor([True, False]))
+        m.train()
+        torch.manual_seed(1)
+        return float(m(batch)["loss"].detach())
+    return lambda env: loss(env, []) != loss(env, argv)
+
+
 def _ema_decay(env):
     """With --ema_decay 0.9 the weights dev and model.pt see after two steps (w1, w2) are the bias-corrected average
     (0.09 w1 + 0.1 w2) / 0.19: the initial weights carry none; leaving averaged() restores the live w2."""
@@ -454,6 +468,13 @@ FLAGS = {
     "min_gain": [fn(_min_gain)],
     "patience_epochs": [fn(_patience_epochs)],
     "text_only_epochs": [fn(_text_only_epochs)],
+    # distillation (behaviour end to end: tests/test_distill.py)
+    "teacher_run": [used_by("train.py"), refused(["--teacher_run", "t", "--model", "bert"], "--teacher_run")],
+    "distill_lambda": [fn(_distill(["--distill_lambda", "0.3"])), warned(["--distill_lambda", "0.3"]),
+                       refused(["--distill_lambda", "-1"], "--distill_lambda")],
+    "distill_temperature": [fn(_distill(["--distill_temperature", "2"])), warned(["--distill_temperature", "2"]),
+                            refused(["--distill_temperature", "0"], "--distill_temperature")],
+    "distill_unlabelled": [used_by("distill.py"), warned(["--distill_unlabelled", "u.txt"])],
     "seed": [fn(_seed)],
     "device": [fn(_device)],
     "max_bad_steps": [fn(_max_bad_steps)],
@@ -648,3 +669,15 @@ def test_renamed_flags_keep_their_old_spelling_with_one_warning_line(capsys):
     assert (old_run.text_lr, old_run.fusion_lr, old_run.head_lr, old_run.patience_epochs) == (2e-5, 2e-3, 2e-3, 7)
     fmt2 = C.config_from_dict({"run_format": 2, "model": "MNER", "clip_lr": 3e-6, "patience": 0.5})
     assert (fmt2.backbone_lr, fmt2.min_gain) == (3e-6, 0.5)
+
+
+def test_flag_policy_comes_from_the_declarations():
+    """Resume and tool policy are keywords of each flag's declaration; the sets are derived from them."""
+    dests = {a.dest for a in C.build_parser()._actions}
+    assert C.RESUME_MAY_CHANGE <= dests and set(C.RESUME_REFUSED) <= dests
+    assert "epochs" in C.RESUME_MAY_CHANGE and not {"model", "teacher_run"} & C.RESUME_MAY_CHANGE
+    assert "chunking rule" in C.RESUME_REFUSED["eval_mode"] and not C.RESUME_MAY_CHANGE & set(C.RESUME_REFUSED)
+    for tool, flags in C.TOOL_FLAGS.items():
+        own = {a.dest for a in C.build_parser(tool)._actions if a.option_strings and a.dest != "help"}
+        assert own - set(C.RENAMED.values()) == flags - {"help"}, tool
+    assert "port" in C.TOOL_FLAGS["serve"] and "port" not in C.TOOL_FLAGS["test"]

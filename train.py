@@ -40,7 +40,7 @@ from tqdm import tqdm
 import dataloader as D
 from config import (ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE,
                     RESUME_REFUSED)
-from distill import teacher_targets, unlabelled_posts
+from distill import teacher_dir, teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer, text_depth
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
                     load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
@@ -453,6 +453,8 @@ def resolve_resume(argv: list[str]):
 
 def load_data(config, resume):
     """(posts per split, label map, tokenizer); a resumed run keeps its own label map."""
+    if config.teacher_run:
+        teacher_dir(config)  # a missing teacher is refused before any run directory is made
     with main_first():  # rank 0 first: it may generate the demo set
         posts = {s: D.load_split(config, s) for s in ("train", "valid", "test")}
     overlaps = D.split_overlaps(posts)

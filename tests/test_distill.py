@@ -143,6 +143,7 @@ def test_teacher_refusals(teacher):
     base, _ = teacher
     with pytest.raises(UserError, match="--teacher_run ghost: no run with a model.pt"):
         train.main([*base, "--save_name", "x", "--teacher_run", "ghost"])
+    assert not (Path(base[base.index("--save_dir") + 1]) / "x").exists()  # refused before the run directory
     with pytest.raises(UserError, match="--teacher_run: the student learns CRF tag marginals; --model bert"):
         train.main([*base, "--save_name", "x", "--teacher_run", "teacher", "--model", "bert"])
 

@@ -216,6 +216,22 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
             "threads": torch.get_num_threads(), "pad_share": round(pad, 3), **flops}
 
 
+def with_image(b: dict, case: str, config, model, g) -> dict:
+    """Batch b with random image inputs of the case's kind (every post has one); the text case as it is."""
+    import torch
+    import dataloader as D
+    if case == "text":
+        return b
+    B = b["input_ids"].size(0)
+    b["has_image"] = torch.ones(B, dtype=torch.bool)
+    if case in CACHED:  # what the feature cache holds: region tokens, or the dual stem's maps
+        b["image_feats"] = torch.randn(B, *model.vision.feat_shape, generator=g)
+    else:
+        S = config.vision_img_size if config.use_dual_granularity else D.image_prep_for(config).size
+        b["pixel_values"] = torch.randn(B, 3, S, S, generator=g)
+    return b
+
+
 def run_case(spec: dict, argv: list[str]) -> dict:
     if spec["case"] == "hf_recipe":
         return run_recipe(spec, argv)
@@ -242,18 +258,6 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     amp, scaler = amp_context(config, device)
     g = torch.Generator().manual_seed(0)
 
-    def with_image(b):
-        if spec["case"] == "text":
-            return b
-        B = b["input_ids"].size(0)
-        b["has_image"] = torch.ones(B, dtype=torch.bool)
-        if spec["case"] in CACHED:  # what the feature cache holds: region tokens, or the dual stem's maps
-            b["image_feats"] = torch.randn(B, *model.vision.feat_shape, generator=g)
-        else:
-            S = config.vision_img_size if config.use_dual_granularity else D.image_prep_for(config).size
-            b["pixel_values"] = torch.randn(B, 3, S, S, generator=g)
-        return b
-
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -265,7 +269,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
         train_step(model, [b], opt, sched, config, device, 1, amp, scaler, bad_run, ema)
 
     def prepare(b):
-        return {k: v.to(device) for k, v in with_image(dict(b)).items()}
+        return {k: v.to(device) for k, v in with_image(dict(b), spec["case"], config, model, g).items()}
 
     ebatches = [prepare(b) for b in D.make_loader(D.make_dataset(config, "valid", dev, tok, label_map), config,
                                                   train=False)]

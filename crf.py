@@ -121,6 +121,9 @@ class CRFHead(nn.Module):
         self.register_buffer("to_bio", bioes_to_bio(num_labels) if bioes else torch.arange(num_labels),
                              persistent=False)
         self.n_scores = len(self.to_bio)
+        # [L, S]: 0 where score tag s is label l, else -inf (log_marginals' BIOES -> BIO sum as one logsumexp)
+        labels = torch.arange(int(self.to_bio.max()) + 1)[:, None]
+        self.register_buffer("log_to_bio", torch.where(labels == self.to_bio, 0.0, float("-inf")), persistent=False)
         self.crf = CRF(self.n_scores, batch_first=True)
         self.bio, self.bio_loss = bio, bio and bio_loss
         if bioes:
@@ -176,10 +179,9 @@ class CRFHead(nn.Module):
         divided by `temperature` (forward_backward; differentiable, so a student can learn a teacher's marginals).
         Padding words hold 0: read the result through `mask`."""
         start, end, trans = (x / temperature for x in self.scores())
-        logm = forward_backward(self._pin(em) / temperature, mask, start, end, trans)
-        if self.bioes:  # B-X + S-X -> B-X, I-X + E-X -> I-X, summed in log space
-            L = int(self.to_bio.max()) + 1
-            logm = torch.stack([torch.logsumexp(logm[..., self.to_bio == k], -1) for k in range(L)], -1)
+        logm = forward_backward(self._pin(em) / temperature, mask, start, end, trans)     # [B, W, S]
+        if self.bioes:  # B-X + S-X -> B-X, I-X + E-X -> I-X, summed in log space: [B, W, L]
+            logm = torch.logsumexp(logm[..., None, :] + self.log_to_bio, -1)
         return logm * mask[..., None]
 
     def marginals(self, em, mask) -> torch.Tensor:

@@ -59,14 +59,15 @@ def unlabelled_posts(config, posts: dict[str, list[D.Post]], say=print) -> list[
         return []
     extra = read_unlabelled(config.distill_unlabelled)
     held = {post_key(p.tokens): (s, p.source) for s in ("valid", "test") for p in posts[s]}
-    bad = [(p, held[post_key(p.tokens)]) for p in extra if post_key(p.tokens) in held]
+    keys = [post_key(p.tokens) for p in extra]
+    bad = [(p, held[k]) for p, k in zip(extra, keys) if k in held]
     if bad:
         (p, (split, src)) = bad[0]
         raise UserError(f"--distill_unlabelled: {p.source} repeats {split} post {src} ({len(bad)} such posts); the "
                         "student would learn the scored posts from the teacher: rebuild the file with "
                         "data/make_unlabelled.py or remove them")
     seen = {post_key(p.tokens) for p in posts["train"]}
-    kept = [p for p in extra if post_key(p.tokens) not in seen]
+    kept = [p for p, k in zip(extra, keys) if k not in seen]
     say(f"unlabelled: {config.distill_unlabelled}: {len(kept)} posts learned from the teacher only"
         + (f" ({len(extra) - len(kept)} repeating a training post left out)" if len(kept) < len(extra) else ""))
     return kept
@@ -141,12 +142,13 @@ def teacher_targets(config, posts: list[D.Post], label_map: D.LabelMap, device, 
         raise ConfigError(f"--teacher_run {config.teacher_run}: its labels {tlabels.labels[2:]} are not this run's "
                           f"{label_map.labels[2:]}; pick a teacher trained on --dataset_name {config.dataset_name}")
     cache = TeacherCache(config.cache_dir, run, config.distill_temperature)
-    todo = list({cache.key(p): p for p in posts if cache.key(p) not in cache.entries}.values())
-    cached = sum(cache.key(p) in cache.entries for p in posts)
+    keys = [cache.key(p) for p in posts]
+    todo = {k: p for k, p in zip(keys, posts) if k not in cache.entries}  # each distinct post once
     say(f"teacher: {run} ({tconfig.model}, {tconfig.text_encoder}): marginals of {len(posts)} posts, "
-        f"{cached} from {cache.path}")
+        f"{sum(k in cache.entries for k in keys)} from {cache.path}")
     if todo:
-        for p, m in zip(todo, teacher_marginals(tconfig, tmodel, tlabels, todo, config.distill_temperature, device)):
-            cache.entries[cache.key(p)] = torch.from_numpy(m).to(torch.float16)
+        marg = teacher_marginals(tconfig, tmodel, tlabels, list(todo.values()), config.distill_temperature, device)
+        for k, m in zip(todo, marg):
+            cache.entries[k] = torch.from_numpy(m).to(torch.float16)
         cache.save()
-    return [cache.entries[cache.key(p)] for p in posts]
+    return [cache.entries[k] for k in keys]

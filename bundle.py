@@ -13,6 +13,7 @@ A bundle directory (written by export.py) holds:
     vision.onnx      pixels [N,3,S,S] -> image features [N, *meta["image_feats"]]  has_image] -> emissions [B,W,L])
                      (a frozen backbone's regions [R,D]; a dual-granularity run's flattened stem maps [F], whose
                      encoder is in mm.onnx)
+    explain.onnx     mm.onnx's inputs -> word -> image-cell attention [B, W, G*G], G = meta["explain_side"]
     crf.npz          CRF start [S], end [S], transitions [S,S] over the tags it scores (absent for a softmax head);
                      with --tag_scheme bioes also to_bio [S]: each scored BIOES tag's BIO label id
 (.pt TorchScript files instead of .onnx with --export_format torch.)
@@ -157,6 +158,23 @@ class Runtime:
                     out[k] = r
         return ds.merge(out)
 
+    @property
+    def explains(self) -> bool:
+        return "explain" in getattr(self, "graphs", {})
+
+    def explain(self, words: list[str], feat: np.ndarray) -> np.ndarray:
+        """One post and its image features -> each word's attention over the image cells [W, G*G] (rows sum to 1;
+        G = meta["explain_side"], row-major over the model's square view), every word (windows merged as in tag)."""
+        ds = D.MNERDataset([D.Post(list(words), ["O"] * len(words), None, "post")], self.tokenizer, self.label_map,
+                           self.meta["max_len"])
+        outs = []
+        for k in range(len(ds)):
+            batch = {n: v.numpy() for n, v in D.collate([ds[k]], ds.pad_id).items()}
+            x = {n: batch[n] for n in ("input_ids", "attention_mask", "word_index", "word_mask", "case_ids")}
+            x.update(image_feats=feat[None].astype(np.float32), has_image=np.ones(1, bool))
+            outs.append({"att": self._run("explain", x)[0, : int(batch["word_mask"][0].sum())]})
+        return ds.merge(outs)[0]["att"]
+
     def decode(self, em: np.ndarray, mask: np.ndarray) -> list[dict]:
         """Emissions [B, W, L] + word mask [B, W] -> per post {"tags" (scored words), "probs"}: CRF Viterbi and
         forward-backward marginals, or the softmax head's argmax and probabilities."""
@@ -182,7 +200,8 @@ class Bundle(Runtime):
         self.dir = Path(path)
         meta_file = self.dir / "meta.json"
         if not meta_file.is_file():
-            raise ConfigError(f"--bundle {path}: no meta.json there; make a bundle with python export.py --save_name <run>")
+            raise ConfigError(f"--bundle {path}: no meta.json there; "
+                              "make a bundle with python export.py --save_name <run>")
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
@@ -201,7 +220,8 @@ class Bundle(Runtime):
         crf = dict(np.load(self.dir / "crf.npz")) if meta["head"] == "crf" else None
         self._setup(meta, D.LabelMap.load(self.dir / "label_map.json"), tok, crf)
         self.threads = threads or session_threads()
-        self.graphs = {k: self._load(meta[k]) for k in ("text", "mm", "vision") if meta.get(k)}
+        self.graphs = {k: self._load(meta[k]) for k in ("text", "mm", "vision", "explain")
+                       if meta.get(k) and (self.dir / meta[k]).exists()}  # bundles made before explain.onnx lack it
 
     def _load(self, name: str):
         f = str(self.dir / name)
@@ -211,7 +231,8 @@ class Bundle(Runtime):
             import torch
             torch.set_num_threads(self.threads)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still the format asked for
+                # torch.jit is deprecated, still the format asked for
+                warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(f, map_location="cpu").eval()
         import onnxruntime as ort
         so = ort.SessionOptions()
@@ -233,7 +254,8 @@ class Bundle(Runtime):
         if self.meta["format"] == "torch":
             import torch
             with torch.inference_mode():
-                return g(*(torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in self.meta["inputs"][name])).numpy()
+                return g(*(torch.from_numpy(np.ascontiguousarray(inputs[k]))
+                           for k in self.meta["inputs"][name])).numpy()
         return g.run(None, {k: inputs[k] for k in g.wanted})[0]
 
     def info(self) -> dict:

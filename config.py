@@ -182,7 +182,7 @@ def _loss_flags(a) -> None:
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
     a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
     a("--image_type_lambda", type=float, default=-1.0,
-      help="weight of the image-only prediction of the post's entity types (MNER); -1 = auto: 0.5 with "
+      help="weight of the image-only prediction of the post's entity types (MNER); -1 = auto: 2 with "
            "--use_dual_granularity")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
     a("--distill_lambda", type=float, default=1.0,
@@ -302,7 +302,7 @@ def _serve_flags(a) -> None:
     a("--max_image_bytes", tools="serve", type=int, default=5_000_000, help="serve.py: largest image file (413 above)")
     a("--max_image_pixels", tools="serve", type=int, default=40_000_000,
       help="serve.py: most image pixels (413 above; files over "
-                                                                  "dataloader's decompression-bomb guard are refused too)")
+           "dataloader's decompression-bomb guard are refused too)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -447,14 +447,17 @@ def validate(c) -> None:
         raise ConfigError(f"--vision_img_size {c.vision_img_size} must be a multiple of --vision_patch_size "
                           f"{c.vision_patch_size} and --vision_fine_patch_size {c.vision_fine_patch_size}")
     if c.vision_fine_patch_size >= c.vision_patch_size:  # else the "fine" tokens would not be finer
-        raise ConfigError(f"--vision_fine_patch_size {c.vision_fine_patch_size} must be smaller than --vision_patch_size "
-                          f"{c.vision_patch_size}: fine tokens cover smaller image areas than coarse ones")
+        raise ConfigError(f"--vision_fine_patch_size {c.vision_fine_patch_size} must be smaller than "
+                          f"--vision_patch_size {c.vision_patch_size}: "
+                          "fine tokens cover smaller image areas than coarse ones")
     if c.vision_stem == "efficientnet_lite0" and not {c.vision_patch_size, c.vision_fine_patch_size} <= EFFNET_STRIDES:
-        raise ConfigError(f"--vision_patch_size {c.vision_patch_size} / --vision_fine_patch_size {c.vision_fine_patch_size}: "
+        raise ConfigError(f"--vision_patch_size {c.vision_patch_size} / "
+                          f"--vision_fine_patch_size {c.vision_fine_patch_size}: "
                           f"with --vision_stem efficientnet_lite0 each is the stride of a map it has, one of "
                           f"{sorted(EFFNET_STRIDES)}; or use --vision_stem conv")
     if c.vision_embed_dim % c.vision_heads:
-        raise ConfigError(f"--vision_embed_dim {c.vision_embed_dim} must be divisible by --vision_heads {c.vision_heads}")
+        raise ConfigError(f"--vision_embed_dim {c.vision_embed_dim} must be divisible by "
+                          f"--vision_heads {c.vision_heads}")
     if not c.allow_download:
         if c.text_encoder != "minilm" and not Path(c.text_encoder).is_dir():
             raise ConfigError(f"--text_encoder {c.text_encoder}: no such directory; give 'minilm' or a local model "
@@ -475,10 +478,11 @@ def resolve_auto(c) -> None:
         c.head_lr = c.fusion_lr if c.model in IMAGE_MODELS else 3e-3
     if c.ema_decay < 0:  # measured on the text path only; the image models keep the optimiser they were measured with
         c.ema_decay = 0.0 if c.model in IMAGE_MODELS else 0.99
-    if c.tag_scheme == "auto":  # chosen on the text path's dev F1; the image models keep the scheme they were measured with
+    # chosen on the text path's dev F1; the image models keep the scheme they were measured with
+    if c.tag_scheme == "auto":
         c.tag_scheme = "bio" if c.model in IMAGE_MODELS else "bioes"
     if c.image_type_lambda < 0:
-        c.image_type_lambda = 0.5 if c.use_dual_granularity else 0.0
+        c.image_type_lambda = 2.0 if c.use_dual_granularity else 0.0
     if c.vision_distill_lambda < 0:
         c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
 
@@ -500,7 +504,7 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
     return c
 
 
-RUN_FORMAT = 3  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
+RUN_FORMAT = 4  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
 
@@ -514,6 +518,8 @@ def migrate(d: dict, where: str = "") -> dict:
     and read the 320-channel block output as the stride-32 map (format 2: the final 1280-channel features), so
     its dual runs cannot be rebuilt.
     format 2: the flags of RENAMED under their old names.
+    format 3: its dual-granularity fine tokens did not start from their parent coarse cell's features, so its dual
+    runs cannot be rebuilt either.
     """
     d = dict(d)
     v = d.get("run_format", 1)
@@ -525,11 +531,11 @@ def migrate(d: dict, where: str = "") -> dict:
         d.setdefault("ema_decay", 0.0)
         d.setdefault("tag_scheme", "bio")
         d.setdefault("bio_constraints", False)
-        if where and d.get("use_dual_granularity"):
-            raise ConfigError(f"{where}: a run of the earlier dual-granularity encoder, which this code no longer "
-                              "builds; retrain it (bash script/train_dual_granularity.sh)")
     if v < 3:
         d = {RENAMED.get(k, k): x for k, x in d.items()}
+    if v < 4 and where and d.get("use_dual_granularity"):
+        raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
+                          "builds; retrain it (bash script/train_dual_granularity.sh)")
     d["run_format"] = RUN_FORMAT
     return d
 

@@ -541,7 +541,8 @@ class LabelMap:
         try:
             return cls(json.loads(Path(path).read_text(encoding="utf-8"))["labels"])
         except FileNotFoundError:
-            raise DataError(f"{path}: not found; it is written with every run, so the run directory is damaged") from None
+            raise DataError(f"{path}: not found; it is written with every run, "
+                            "so the run directory is damaged") from None
         except (ValueError, KeyError, TypeError) as e:  # bad JSON/UTF-8, no "labels", labels not a list of tags
             why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:100]
             raise DataError(f"{path}: not a MANGO label map ({why}); the run directory is damaged: retrain, or "
@@ -1153,7 +1154,8 @@ def describe_datasets(data_dir=DATA_DIR) -> str:
                     lines.append(str(r.counts.get("lines", r.counts.get("documents"))))
                 except DataError:
                     sizes.append(f"{split}=unreadable")
-        unit = " posts" + (f" (from {'/'.join(lines)} {'lines' if spec.reader is read_mnre else 'documents'})" if lines else "")
+        what = 'lines' if spec.reader is read_mnre else 'documents'
+        unit = " posts" + (f" (from {'/'.join(lines)} {what})" if lines else "")
         pattern = spec.files.format(split="{" + ",".join(spec.split_names) + "}")
         images = f"images {show(d / spec.image_dir())}/" if spec.images else "text-only"
         types = " ".join(spec.types) if spec.types else "from train"

@@ -14,6 +14,8 @@ What goes where:
                        backbone's region tokens (EfficientNet-Lite0 or CLIP), or the dual-granularity encoder's two
                        stem maps, flattened (frozen or --vision_stem conv); the dual encoder's Swin / delegate /
                        saliency / transformer part learns with the tagger, so it sits in mm.onnx (from_features).
+  explain.onnx         the same inputs as mm.onnx -> the text -> image attention on the finest grid of image cells
+                       (runtime.Explain; fp32 always), for serve.py's page overlay.
   crf.npz              the CRF's start/end/transition scores; Viterbi and marginals run in numpy (bundle.py),
                        since the CRF's loops over words are data-dependent and cost nothing at L = 10 labels.
 ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward branches on data
@@ -24,12 +26,13 @@ MatMul (linear) layers of the text graphs (for a dual-granularity run, mm.onnx h
 too): weights per channel, activations with scales calibrated once on training posts and stored in the graph (so
 a post's scores do not depend on its batch), but for the emission layer and the linear layers whose inputs
 quantise worst (quantize_int8; meta.json lists them under int8_fp32); vision.onnx is convolutional (or CLIP,
-frozen) and stays fp32. --export_format torch writes the same three graphs as TorchScript (torch.jit.trace), for
+frozen) and stays fp32. --export_format torch writes the same graphs as TorchScript (torch.jit.trace), for
 a model part ONNX cannot express; it has no int8 (torch's int8 Linear takes each batch's own activation range).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -47,7 +50,8 @@ import dataloader as D
 from config import ConfigError, cli, get_config, given_flags
 from model import load_tokenizer
 from runner import RUNTIME_FLAGS, load_run
-from runtime import MM_INPUTS, TEXT_INPUTS, CheckpointRuntime, Emissions, Vision, bundle_meta, crf_params, refusal
+from runtime import (MM_INPUTS, TEXT_INPUTS, CheckpointRuntime, Emissions, Explain, Vision, bundle_meta, crf_params,
+                     refusal)
 
 def example_inputs(model, tokenizer, label_map, config) -> dict:
     """A padded batch of two posts of different lengths (so the traced attention masks are real), as tensors."""
@@ -234,8 +238,8 @@ def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: in
     if fmt not in ("onnx", "torch"):
         raise ConfigError(f"--export_format {fmt}: choose onnx or torch")
     if int8 and fmt == "torch":
-        raise ConfigError("--int8 --export_format torch: torch's int8 layers quantise each batch with its own range, so "
-                          "a post's scores would depend on its batch; export int8 as onnx")
+        raise ConfigError("--int8 --export_format torch: torch's int8 layers quantise each batch with its own range, "
+                          "so a post's scores would depend on its batch; export int8 as onnx")
     config, label_map, model, _ = load_run(save_dir, name, overrides or {})
     why = refusal(config, model)
     if why:
@@ -254,7 +258,8 @@ def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: in
                 "has_image": {0: "B"}, "out": {0: "B", 1: "W"}}
     graphs = [("text", Emissions(model, False), TEXT_INPUTS)]
     if meta["mm"]:
-        graphs += [("mm", Emissions(model, True), MM_INPUTS), ("vision", Vision(model.vision), ["pixels"])]
+        graphs += [("mm", Emissions(model, True), MM_INPUTS), ("vision", Vision(model.vision), ["pixels"]),
+                   ("explain", Explain(copy.deepcopy(model)), MM_INPUTS)]
     for key, module, names in graphs:
         module.eval()
         args = tuple(x[k] for k in names)
@@ -262,7 +267,7 @@ def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: in
         if fmt == "onnx":
             export_onnx(module, args, names, {k: v for k, v in word_dyn.items() if k in names or k == "out"}
                         if key != "vision" else {"pixels": {0: "N"}, "out": {0: "N"}}, f, opset)
-            if int8 and key != "vision":
+            if int8 and key in ("text", "mm"):
                 feed = {k: v.numpy() for k, v in zip(names, args)}
                 graph_in = onnx_inputs(f)
                 calib = [{k: v for k, v in c.items() if k in graph_in}
@@ -323,7 +328,8 @@ def main(argv=None) -> Path:
     out = export(args.save_dir, args.save_name, args.export_format, args.int8, args.opset, overrides,
                  Path(args.bundle) if args.bundle else None)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
-    print(f"wrote {out} ({args.export_format}{', int8' if args.int8 else ''}, {size:.1f} MiB) in {time.time() - t0:.1f} s")
+    print(f"wrote {out} ({args.export_format}{', int8' if args.int8 else ''}, {size:.1f} MiB) "
+          f"in {time.time() - t0:.1f} s")
     chk = check_bundle(out, args.save_dir, args.save_name, overrides)
     if chk:
         print(f"check on {chk['posts']} dev posts: {chk['agree_words']}/{chk['words']} word tags and "

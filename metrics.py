@@ -69,10 +69,13 @@ def evaluate(gold: list[list[str]], pred: list[list[str]], mode: str = "conlleva
 
 def format_report(res: dict) -> str:
     """The lines batch_test.sh parses: one `[TYPE] P=, R=, F1=` per type, then `[Overall] ...`."""
-    lines = [f"[{t}] P={v['precision']:.4f}, R={v['recall']:.4f}, F1={v['f1']:.4f}, gold={v['gold_support']}, pred={v['pred_support']}"
+    lines = [f"[{t}] P={v['precision']:.4f}, R={v['recall']:.4f}, F1={v['f1']:.4f}, "
+             f"gold={v['gold_support']}, pred={v['pred_support']}"
              for t, v in res["per_type"].items()]
-    lines.append(f"[Overall] Acc={res['accuracy']:.4f}, P={res['precision']:.4f}, R={res['recall']:.4f}, F1={res['f1']:.4f}")
-    lines.append(f"[Mode] {res['mode']}, gold entities={res['gold_support']}, predicted={res['pred_support']}, correct={res['correct']}")
+    lines.append(f"[Overall] Acc={res['accuracy']:.4f}, P={res['precision']:.4f}, R={res['recall']:.4f}, "
+                 f"F1={res['f1']:.4f}")
+    lines.append(f"[Mode] {res['mode']}, gold entities={res['gold_support']}, predicted={res['pred_support']}, "
+                 f"correct={res['correct']}")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 One model class, `Tagger`, is assembled from parts by `build_model(config, num_labels)`:
 
-    MNER                 text enc -> [vision -> resampler -> N-layer multimodal stack -> gated fusion] -> (BiLSTM) -> CRF|CE
+    MNER                 text enc -> [vision -> resampler -> N-layer multimodal stack -> gated fusion]
+                         -> (BiLSTM) -> CRF|CE
     roberta_clip_coattn  text enc -> [vision -> one text<->image co-attention block] -> CRF
     roberta_crf, bert_crf  text enc -> linear -> CRF
     bert_bilstm_crf      text enc -> BiLSTM -> CRF
@@ -188,7 +189,8 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.h = heads
         # no key bias: it adds the same amount to every score of a query, which softmax cancels
-        self.q, self.k, self.v, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False),
+                                          nn.Linear(dim, dim), nn.Linear(dim, dim))
         self.keep_weights, self.last_weights = False, None
 
     def forward(self, q, kv, mask=None):
@@ -404,7 +406,8 @@ class PretrainedVision(nn.Module):
             self.blocks = getattr(self.net, "vision_model", self.net).encoder.layers
             self.out_dim = self.net.config.hidden_size
             self.n_tokens = (self.net.config.image_size // self.net.config.patch_size) ** 2
-            wf = sorted(Path(config.image_encoder).glob("*.safetensors")) + sorted(Path(config.image_encoder).glob("*.bin"))
+            wf = (sorted(Path(config.image_encoder).glob("*.safetensors"))
+                  + sorted(Path(config.image_encoder).glob("*.bin")))
             self.weights_file = str(wf[0]) if wf else None
         self.backbone_id = self.kind if self.kind == "efficientnet_lite0" else f"clip:{Path(self.kind).resolve()}"
         self.requires_grad_(False)
@@ -423,7 +426,8 @@ class PretrainedVision(nn.Module):
 
     def forward(self, pixels):
         if self.kind == "efficientnet_lite0":  # channels-last convolutions: ~1.4x faster on CPU
-            return self.net.forward_features(pixels.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
+            feats = self.net.forward_features(pixels.contiguous(memory_format=torch.channels_last))
+            return feats.flatten(2).transpose(1, 2)
         return self.net(pixel_values=pixels).last_hidden_state[:, 1:]
 
     @torch.no_grad()
@@ -474,6 +478,20 @@ class SwinBlock(nn.Module):
         eye = torch.eye(self.w * self.w, dtype=torch.bool)
         mask = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)) | eye
         self.register_buffer("mask", mask[:, None], persistent=False)  # [nW, 1, w*w, w*w]
+        Gp = -(-grid // self.w) * self.w
+        cell = F.pad(torch.arange(grid * grid).view(grid, grid), (0, Gp - grid, 0, Gp - grid), value=-1)
+        cell = torch.roll(cell, (-self.shift, -self.shift), (0, 1)) if self.shift else cell
+        slot_cell = self._windows(cell[None, :, :, None])[..., 0]                       # [nW, w*w], -1 = padding
+        # one-hot of each window slot's grid cell (padding: a zero row): where rollout() puts window attention back
+        self.register_buffer("slot_onehot", F.one_hot(slot_cell + 1, grid * grid + 1)[..., 1:].float(),
+                             persistent=False)                                          # [nW, w*w, G*G]
+
+    def attention_map(self) -> torch.Tensor:
+        """The last forward's window attention (kept weights, mean over heads) on the whole grid: [B, G*G, G*G]."""
+        nW, S, _ = self.slot_onehot.shape
+        w = self.attn.last_weights.float().mean(1).reshape(-1, nW, S, S)             # [B, nW, w*w, w*w]
+        P = self.slot_onehot
+        return torch.einsum("nsc,bnst,ntd->bcd", P, w, P)
 
     def _windows(self, x):  # [B, Gp, Gp, D] -> [B*nW, w*w, D]
         B, Gp, _, D = x.shape
@@ -516,6 +534,7 @@ class DelegateAttention(nn.Module):
         h = self.ln(x)
         s = self.score(h).squeeze(-1)
         top, idx = s.topk(min(self.topk, x.size(1)), dim=1)
+        self.last_idx = idx  # for DualGranularityEncoder.rollout
         delegates = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.size(-1))) * torch.sigmoid(top).unsqueeze(-1)
         return x + self.ls(self.attn(h, delegates))
 
@@ -646,8 +665,10 @@ class DualGranularityEncoder(nn.Module):
             pc = --vision_patch_size > pf = --vision_fine_patch_size: every fine token covers a smaller area.
     coarse: the Gc x Gc map (Gc = S/pc) projected to D + position embedding, two Swin blocks (window
             --vision_swin_window, the second shifted), delegate attention (--vision_delegate_topk).
-    fine:   the Gf x Gf map (Gf = S/pf) projected to D + position embedding; the k = min(--vision_max_patches,
-            Gf^2) most salient tokens are kept (SaliencySelect), then --vision_depth transformer layers.
+    fine:   the Gf x Gf map (Gf = S/pf) projected to D + position embedding + the projected coarse token of the
+            cell it lies in (parent_cells: the semantics the saliency score and the fine blocks start from); the
+            k = min(--vision_max_patches, Gf^2) most salient tokens are kept (SaliencySelect), then --vision_depth
+            transformer layers.
     summary: an MLP over [mean coarse; mean fine].
     Every residual branch of the learned blocks starts at DUAL_LAYER_SCALE (LayerScale): they refine the pretrained
     features instead of replacing them in the first steps, on a few hundred pictures.
@@ -718,14 +739,49 @@ class DualGranularityEncoder(nn.Module):
     def encode_maps(self, c, f):
         """coarse [B, Cc, Gc, Gc], fine [B, Cf, Gf, Gf] -> tokens [B, 1 + Gc^2 + k, D]."""
         c = self.coarse_proj(c.flatten(2).transpose(1, 2)) + self.coarse_pos
+        f = self.fine_proj(f.flatten(2).transpose(1, 2)) + self.fine_pos + self.parent_cells(c)
         for blk in self.swin:
             c = blk(c)
         c = self.delegate(c)
-        f, self.last_cells = self.select(self.fine_proj(f.flatten(2).transpose(1, 2)) + self.fine_pos)  # for --explain
+        f, self.last_cells = self.select(f)  # last_cells: for --explain
         for blk in self.fine:
             f = blk(f)
         summary = self.fuse(torch.cat([c.mean(1), f.mean(1)], -1)).unsqueeze(1)
         return self.norm(torch.cat([summary, c, f], 1))
+
+    def rollout(self) -> torch.Tensor | None:
+        """How much each output token of the last forward draws on each input cell, [B, T, T] in the token layout
+        (slot 0, the summary, is no cell and gets nothing; rows sum to 1), from the kept attention weights (predict.
+        explained_modules); None without them. Attention rollout (Abnar & Zuidema, 2020) through the Swin, delegate
+        and fine blocks, each residual branch weighted by its LayerScale: (I + g A) / (1 + g), g = mean |gamma|. The
+        summary token (an MLP over both views' means) draws half on each view's mean. FFNs, norms and the parent cell
+        added to each fine token are left out (a fine cell lies inside its parent)."""
+        mixes = [*(b.attn for b in self.swin), self.delegate.attn, *(b.attn for b in self.fine)]
+        if any(m.last_weights is None for m in mixes):
+            return None
+        Nc = self.Gc * self.Gc
+
+        def step(r, a, ls):  # no batch size is read: the graph stays batch-free for export (runtime.Explain)
+            g = ls.gamma.detach().abs().mean() if isinstance(ls, LayerScale) else 1.0
+            return (r + g * (a @ r)) / (1 + g)
+
+        rc = torch.eye(Nc)
+        for blk in self.swin:
+            rc = step(rc, blk.attention_map(), blk.ls1)
+        w = self.delegate.attn.last_weights.float().mean(1)                                 # [B, Nc, topk]
+        rc = step(rc, w @ F.one_hot(self.delegate.last_idx, Nc).float(), self.delegate.ls)  # [B, Nc, Nc]
+        rf = torch.eye(self.k) + 0 * rc[:, :1, :1]                                          # [B, k, k]
+        for blk in self.fine:
+            rf = step(rf, blk.attn.last_weights.float().mean(1), blk.ls1)
+        summary = torch.cat([rc.mean(1, keepdim=True), rf.mean(1, keepdim=True)], -1) / 2   # [B, 1, Nc + k]
+        return torch.cat([F.pad(summary, (1, 0)), F.pad(rc, (1, self.k)), F.pad(rf, (1 + Nc, 0))], 1)
+
+    def parent_cells(self, c):
+        """coarse tokens [B, Gc^2, D] -> [B, Gf^2, D]: each fine cell gets the coarse token of the cell it lies in,
+        so the fine view starts from the backbone's semantic features and scores saliency on them."""
+        B, _, D = c.shape
+        grid = c.transpose(1, 2).reshape(B, D, self.Gc, self.Gc)
+        return F.interpolate(grid, size=(self.Gf, self.Gf), mode="nearest").flatten(2).transpose(1, 2)
 
     def distill_loss(self, tokens, teacher):
         """Mean (1 - cos) between the encoder's summary and coarse grid (projected to the teacher's width) and the
@@ -1155,7 +1211,8 @@ def unused_flags(config, given: set[str]) -> list[str]:
     fusion, bilstm, head = MODELS[config.model]
     if "head" in given and head is not None and config.head != head:
         raise ConfigError(f"--head {config.head}: --model {config.model} always has a {head} head (only MNER takes "
-                          f"--head); drop the flag, or use --model {'bert' if config.head == 'softmax' else 'bert_crf'}")
+                          "--head); drop the flag, or use --model "
+                          f"{'bert' if config.head == 'softmax' else 'bert_crf'}")
     if "use_bilstm" in given and bilstm is False and config.use_bilstm:
         raise ConfigError(f"--use_bilstm: --model {config.model} has no BiLSTM (only MNER takes --use_bilstm); drop "
                           "the flag, or use --model bert_bilstm_crf")

@@ -177,11 +177,16 @@ def tag_probabilities(head, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 def explained_modules(model) -> list:
     """The attention (and gate) modules whose kept weights explanations read."""
+    import model as M
     if model.coattn is not None:
         return [model.coattn.t2i]
-    if model.stack is not None:
-        return [m for m in (model.resampler.attn, *(b.cross for b in model.stack.blocks), model.gate) if m is not None]
-    return []
+    if model.stack is None:
+        return []
+    mods = [m for m in (model.resampler.attn, *(b.cross for b in model.stack.blocks), model.gate) if m is not None]
+    v = model.vision
+    if isinstance(v, M.DualGranularityEncoder):  # its token mixing, traced back to the cells by rollout()
+        mods += [*(b.attn for b in v.swin), v.delegate.attn, *(b.attn for b in v.fine)]
+    return mods
 
 
 def keep_weights(mods: list, on: bool):
@@ -200,7 +205,9 @@ def word_region_attention(model) -> torch.Tensor | None:
     MNER: words reach the image only through the resampler's K learned queries, so the map is composed:
     (word -> query attention of the stack's cross-attention, averaged over layers and heads) @ (query -> region
     attention of the resampler, averaged over heads). Approximations: what the stack's self-attention passes
-    between words, the FFNs and residuals, and the queries' own (image-independent) content are left out.
+    between words, the FFNs and residuals, and the queries' own (image-independent) content are left out. Dual
+    granularity: its tokens mixed inside the encoder, so each is traced back to the input cells it drew on
+    (DualGranularityEncoder.rollout).
     """
     if model.coattn is not None:
         w = model.coattn.t2i.last_weights
@@ -208,10 +215,10 @@ def word_region_attention(model) -> torch.Tensor | None:
     if model.stack is None or model.stack.blocks[0].cross.last_weights is None:
         return None
     t2x = torch.stack([b.cross.last_weights.float() for b in model.stack.blocks]).mean((0, 2))
-    if model.resampler.attn is None:  # --resampler_tokens 0: the stack's keys are the regions themselves
-        return t2x
-    q2r = model.resampler.attn.last_weights.float().mean(1)                                     # [B, K, R]
-    return t2x @ q2r  # [B, W, K] @ [B, K, R]
+    if model.resampler.attn is not None:  # else (--resampler_tokens 0) the stack's keys are the regions themselves
+        t2x = t2x @ model.resampler.attn.last_weights.float().mean(1)  # [B, W, K] @ [B, K, R]
+    roll = getattr(model.vision, "rollout", lambda: None)()  # dual: [B, R, R], tokens back to their input cells
+    return t2x if roll is None else t2x @ roll
 
 
 def region_grids(vision) -> list[tuple[int, int, int]]:
@@ -220,8 +227,7 @@ def region_grids(vision) -> list[tuple[int, int, int]]:
 
     EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
     the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the cells the saliency
-    score picked in that image. Tokens that mixed with others inside the encoder (Swin windows, delegate
-    attention, transformer layers) are still drawn at their own patch: an approximation.
+    score picked in that image (word_region_attention has already traced the mixed tokens back to these cells).
     """
     import model as M
     if isinstance(vision, M.DualGranularityEncoder):
@@ -231,6 +237,28 @@ def region_grids(vision) -> list[tuple[int, int, int]]:
     if side * side != vision.n_tokens:
         raise ExplainRefused(f"--explain: {vision.n_tokens} region tokens do not form a square grid")
     return [(0, vision.n_tokens, side)]
+
+
+def cell_attention(att: torch.Tensor, vision, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """Word -> region attention [n, W, R] -> word -> cell attention on the vision's finest grid [n, W, G*G]
+    (G = explain_side(vision); row sums kept): a grid token's weight spread evenly over the finest cells it covers,
+    a kept fine token's (dual; cells [n, k], row-major on the fine grid) on its cell, the summary token's evenly."""
+    import model as M
+    if not isinstance(vision, M.DualGranularityEncoder):
+        return att
+    Nc, Gf = vision.Gc ** 2, vision.Gf
+    parent = torch.nn.functional.interpolate(torch.arange(Nc, dtype=torch.float32).view(1, 1, vision.Gc, vision.Gc),
+                                             size=(Gf, Gf), mode="nearest").long().flatten()      # [Gf*Gf]
+    spread = torch.nn.functional.one_hot(parent, Nc).T.float()                                    # [Nc, Gf*Gf]
+    spread = spread / spread.sum(1, keepdim=True)
+    fine = att[..., 1 + Nc:] @ torch.nn.functional.one_hot(cells, Gf * Gf).float()          # [n, W, k] @ [n, k, Gf*Gf]
+    return att[..., :1] / (Gf * Gf) + att[..., 1:1 + Nc] @ spread + fine
+
+
+def explain_side(vision) -> int:
+    """The side of the grid cell_attention maps to: the dual encoder's fine grid, else the region grid's."""
+    import model as M
+    return vision.Gf if isinstance(vision, M.DualGranularityEncoder) else round(vision.n_tokens ** 0.5)
 
 
 def region_heat(w: np.ndarray, grids, size: int, cells=None) -> np.ndarray:
@@ -458,7 +486,8 @@ def model_view(path, prep: D.ImagePrep, size: int = VIEW) -> np.ndarray:
 
 def check_args(a) -> None:
     if a.bundle and a.explain:
-        raise ExplainRefused("--explain needs the run's torch model (attention weights); give --save_name, not --bundle")
+        raise ExplainRefused("--explain needs the run's torch model (attention weights); "
+                             "give --save_name, not --bundle")
     if not a.save_name and not a.bundle:
         raise ConfigError("--save_name is required: the run directory under --save_dir whose model.pt tags the posts "
                           "(or --bundle DIR: an export.py bundle)")

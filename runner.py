@@ -134,7 +134,8 @@ def load_checkpoint(path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{path}: checkpoint not found") from None
     except Exception as e:  # a truncated or foreign file: say so in one line
-        raise ConfigError(f"{path}: not a readable MANGO checkpoint ({type(e).__name__}); retrain or pick another run") from None
+        raise ConfigError(f"{path}: not a readable MANGO checkpoint ({type(e).__name__}); "
+                          "retrain or pick another run") from None
 
 
 def read_run_json(path) -> dict:

@@ -1,6 +1,7 @@
 """The run's torch model behind bundle.Runtime's interface, and the graph modules export.py traces.
 
     Emissions / Vision    Tagger.forward up to the emissions, and pixels -> cached image features, tensors in and out
+    Explain               the text -> image attention on a grid of image cells (serve.py's page overlay)
     crf_params            the CRF scores a bundle decodes with (crf.npz)
     bundle_meta, refusal  what meta.json says of a run, and why a run cannot be exported
     CheckpointRuntime     bundle.Runtime on the run's checkpoint: serve.py --save_name, and the reference
@@ -8,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import dataloader as D
 from config import ConfigError
 from crf import CRFHead
 from model import BYTE_LEVEL_TYPES, load_tokenizer
+from predict import explain_side
 from runner import load_run
 
 TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
@@ -42,6 +45,26 @@ class Emissions(nn.Module):
         if self.image:
             batch.update(image_feats=image_feats, has_image=has_image)
         return self.tagger(batch, image_on=self.image)["emissions"].float()
+
+
+class Explain(nn.Module):
+    """The MNER / co-attention graph's text -> image attention with the same inputs as Emissions(image=True): word ->
+    cell attention on the vision's finest grid [B, W, G*G] (predict.word_region_attention, then cell_attention),
+    every post of the batch with an image; what serve.py's page draws over the picture."""
+
+    def __init__(self, tagger):
+        super().__init__()
+        from predict import explained_modules, keep_weights
+        self.tagger = tagger
+        keep_weights(explained_modules(tagger), True)
+
+    def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats, has_image):
+        from predict import cell_attention, word_region_attention
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
+                 "word_mask": word_mask, "case_ids": case_ids, "image_feats": image_feats, "has_image": has_image}
+        self.tagger(batch, image_on=True)
+        return cell_attention(word_region_attention(self.tagger), self.tagger.vision,
+                              getattr(self.tagger.vision, "last_cells", None)).float()
 
 
 class Vision(nn.Module):
@@ -98,7 +121,9 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
             "text": f"text.{'onnx' if fmt == 'onnx' else 'pt'}",
             "mm": f"mm.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
             "vision": f"vision.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
-            "inputs": {"text": TEXT_INPUTS, "mm": MM_INPUTS, "vision": ["pixels"]}}
+            "explain": f"explain.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,  # fp32 even with int8
+            "explain_side": explain_side(model.vision) if uses_image else None,
+            "inputs": {"text": TEXT_INPUTS, "mm": MM_INPUTS, "vision": ["pixels"], "explain": MM_INPUTS}}
 
 
 class CheckpointRuntime(BU.Runtime):
@@ -114,6 +139,8 @@ class CheckpointRuntime(BU.Runtime):
         meta = bundle_meta(config, model, label_map, Path(save_dir) / name, "checkpoint", False, 0)
         self._setup(meta, label_map, load_tokenizer(config), crf_params(model))
         self.graphs = {"text": Emissions(model, False), "mm": Emissions(model, True), "vision": Vision(model.vision)}
+        if meta["explain"]:  # its own copy: keeping attention weights must not slow the tagging graphs
+            self.graphs["explain"] = Explain(copy.deepcopy(model))
 
     @torch.inference_mode()
     def _run(self, name: str, inputs: dict) -> np.ndarray:

@@ -4,11 +4,14 @@
     python serve.py --save_name NAME                        # the torch checkpoint, same answers
 
 POST /predict   JSON: one post {"text": "..." | "tokens": [...], "image_b64": "<base64 image or data URI>"?,
-                "id": <yours, echoed>?} or a list of them; or multipart/form-data with fields text | tokens (a JSON
-                list), id and a file field "image". Any other key or field is a 422 naming it. The answer is predict.py's prediction record per post (input keys, text, tokens,
-                tags, entities with type, words, word and character spans and score, image_used): one object
-                for one post, a list for a list.
-GET  /          a page to try the model (serve.html): a post, an image, the highlighted entities and the JSON
+                "id": <yours, echoed>?, "explain": true?} or a list of them; or multipart/form-data with fields
+                text | tokens (a JSON list), id, explain and a file field "image". Any other key or field is a 422
+                naming it. The answer is predict.py's prediction record per post (input keys, text, tokens, tags,
+                entities with type, words, word and character spans and score, image_used): one object for one
+                post, a list for a list. With "explain": true also "attention": {"side": G, "entities": per entity
+                G*G weights over the image's cells, in multiples of uniform} (or {"why": ...} when there is none).
+GET  /          a page to try the model (serve.html): a post, an image, the highlighted entities, the attention
+                over the image and the JSON
 GET  /health    {"status": "ok"}
 GET  /info      model, labels, encoders, bundle or checkpoint, int8 or not, limits, batching
 
@@ -58,7 +61,8 @@ class BadRequest(Exception):
 
 @dataclass
 class Job:
-    """One request's posts waiting for a batch: words and preprocessed image pixels [3, S, S] (None: text-only) per post."""
+    """One request's posts waiting for a batch: words and preprocessed image pixels [3, S, S] (None: text-only)
+    per post."""
     words: list[list[str]]
     pixels: list[np.ndarray | None]
     future: asyncio.Future = field(default=None)
@@ -104,13 +108,16 @@ _POST = {"type": "object", "additionalProperties": False, "properties": {
     "text": {"type": "string", "description": "the post; split on whitespace and punctuation"},
     "tokens": {"type": "array", "items": {"type": "string"}, "description": "the post's words, instead of text"},
     "image_b64": {"type": "string", "description": "the image file in base64, or a data:image/...;base64, URI"},
-    "id": {"description": "yours, echoed back"}}}
+    "id": {"description": "yours, echoed back"},
+    "explain": {"type": "boolean", "description": "add each entity's attention over the image's cells"}}}
 PREDICT_SCHEMA = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"oneOf": [_POST, {"type": "array", "items": _POST}]}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "text": {"type": "string"}, "tokens": {"type": "string", "description": "a JSON list of words"},
-        "id": {"type": "string"}, "image": {"type": "string", "format": "binary"}}}}}}}
-POST_KEYS = {"text", "tokens", "image_b64", "id"}  # "id" is the client's own, echoed back; anything else is refused
+        "id": {"type": "string"}, "explain": {"type": "string", "enum": ["true", "false"]},
+        "image": {"type": "string", "format": "binary"}}}}}}}
+# "id" is the client's own, echoed back; "explain": true adds the attention over the image; anything else is refused
+POST_KEYS = {"text", "tokens", "image_b64", "id", "explain"}
 
 
 def decode_b64(value, limits, at: str) -> bytes:
@@ -152,6 +159,8 @@ def parse_posts(recs, limits, where: str = "post") -> list[tuple[NewPost, bytes 
             raise BadRequest(422,
                              f"{at}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                                   f"a post has {', '.join(map(repr, sorted(POST_KEYS)))}")
+        if isinstance(rec, dict) and not isinstance(rec.get("explain", False), bool):
+            raise BadRequest(422, f'{at}: "explain" must be true or false')
         img = None
         if isinstance(rec, dict) and rec.get("image_b64") is not None:
             img = decode_b64(rec["image_b64"], limits, at)
@@ -337,12 +346,30 @@ def make_app(rt: BU.Runtime, args):
         request.state.posts = len(items)
         res = await batcher.submit([p.words for p, _ in items], list(pixels))
         recs_out = []
-        for (p, _), r in zip(items, res):
+        for (p, _), r, px in zip(items, res, pixels):
             r["entities"] = entities(p, r["tags"], r["probs"], rt.meta["eval_mode"])
-            recs_out.append(prediction_record(p, r))
+            rec = prediction_record(p, r)
+            if p.record.get("explain"):
+                rec["attention"] = await loop.run_in_executor(pool, attention, rt, p, r, px)
+            recs_out.append(rec)
         return recs_out if many else recs_out[0]
 
     return app
+
+
+def attention(rt: BU.Runtime, p: NewPost, r: dict, pixels: np.ndarray | None) -> dict:
+    """"attention" of a post asked with "explain": true: per entity, the mean attention of its words over the
+    image's side x side cells (row-major over the model's square view: the centred square of the picture), in
+    multiples of uniform attention (1 = as if spread evenly); or why there is none."""
+    if not rt.explains:
+        return {"why": "this model or bundle has no attention graph (a text-only model, or a bundle exported "
+                       "before explain.onnx: export it again)"}
+    if pixels is None or not r["image_used"]:
+        return {"why": "no image was used for this post"}
+    att = rt.explain(p.words, rt.vision_features(pixels[None])[0])
+    side = int(rt.meta["explain_side"])
+    maps = [np.round(att[e["word_start"]:e["word_end"]].mean(0) * side * side, 3).tolist() for e in r["entities"]]
+    return {"side": side, "entities": maps}
 
 
 async def _none():
@@ -356,12 +383,16 @@ async def multipart_post(request, args) -> list[tuple[NewPost, bytes | None]]:
         form = await request.form(max_files=1, max_fields=8, max_part_size=args.max_body_bytes)
     except Exception as e:  # malformed multipart, too many parts
         raise BadRequest(400, f"malformed multipart body ({str(e).splitlines()[0][:80]})") from None
-    unknown = sorted(set(form) - {"text", "tokens", "image", "id"})
+    unknown = sorted(set(form) - {"text", "tokens", "image", "id", "explain"})
     if unknown:
         raise BadRequest(422, f"post: unknown form field{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))}; a form has text or tokens, an optional file "
-                              "field 'image' and an optional id")
+                              "field 'image', an optional id and explain")
     rec = {k: v for k, v in form.items() if isinstance(v, str)}
+    if "explain" in rec:
+        if rec["explain"] not in ("true", "false"):
+            raise BadRequest(422, 'post: form field "explain" must be true or false')
+        rec["explain"] = rec["explain"] == "true"
     if "tokens" in rec:
         try:
             rec["tokens"] = json.loads(rec["tokens"])

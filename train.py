@@ -79,7 +79,8 @@ def new_run_dir(config, resume: bool = False) -> Path:
                                                     config.model, config.ex_name) if x)
     if config.save_name and not resume and any((root / name / f).exists() for f in ("metrics.jsonl", "last.pt",
                                                                                     "model.pt")):
-        raise ConfigError(f"--save_name {name}: {root / name} already holds a run; resume it with --continue_train_name "
+        raise ConfigError(f"--save_name {name}: {root / name} already holds a run; "
+                          "resume it with --continue_train_name "
                           f"{name}, pick another --save_name, or delete that directory")
     run, k = root / name, 2
     while not config.save_name and run.exists():  # collision-safe for generated names
@@ -113,7 +114,8 @@ def atomic_save(obj, path: Path):
             why += f", {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
         except OSError:
             pass
-        raise ConfigError(f"could not write {path}: {why}; {path.name} is left as it was. Free space or pass a writable "
+        raise ConfigError(f"could not write {path}: {why}; {path.name} is left as it was. "
+                          "Free space or pass a writable "
                           f"--save_dir, then resume with --continue_train_name {path.parent.name}") from None
 
 
@@ -138,7 +140,8 @@ class Tracker:
             self.sw.log({k: v for k, v in data.items() if isinstance(v, (int, float))}, step=step)
 
     def log_step(self, losses: dict, step: int):
-        """A line of steps.jsonl. A resumed run redoes the steps after its checkpoint: readers keep a step's last line."""
+        """A line of steps.jsonl. A resumed run redoes the steps after its checkpoint: readers keep a step's
+        last line."""
         if self.steps is not None:
             with open(self.steps, "a") as f:
                 f.write(json.dumps({"step": step, **losses}) + "\n")
@@ -224,7 +227,8 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
         for d in sorted(set(depth.values())):
             scale = config.llrd ** max(0, n_layers - d) if layerwise else 1.0
             for decay in (True, False):
-                ps = [p for n, p in params if depth[n] == d and (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
+                ps = [p for n, p in params
+                      if depth[n] == d and (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
                 if ps:
                     groups.append({"params": ps, "lr": lrs[name] * scale, "scale": scale,
                                    "weight_decay": config.weight_decay_rate if decay else 0.0,
@@ -258,9 +262,10 @@ def skip_bad_step(bad_run: list, config, epoch: int, what: str):
     bad_run[0] += 1
     bad_run[1] += 1
     if bad_run[0] >= config.max_bad_steps:
-        raise ConfigError(f"{bad_run[0]} non-finite {what} in a row at epoch {epoch + 1} ({bad_run[1]} skipped in all); "
-                          f"lower the learning rates (--fusion_lr {config.fusion_lr}, --head_lr {config.head_lr}, --text_lr "
-                          f"{config.text_lr}) or raise --max_bad_steps {config.max_bad_steps}")
+        raise ConfigError(f"{bad_run[0]} non-finite {what} in a row at epoch {epoch + 1} "
+                          f"({bad_run[1]} skipped in all); "
+                          f"lower the learning rates (--fusion_lr {config.fusion_lr}, --head_lr {config.head_lr}, "
+                          f"--text_lr {config.text_lr}) or raise --max_bad_steps {config.max_bad_steps}")
 
 
 def train_step(model, group: list[dict], opt, sched, config, device, epoch: int, amp, scaler, bad_run: list,
@@ -460,7 +465,8 @@ def load_data(config, resume):
     overlaps = D.split_overlaps(posts)
     if overlaps and not config.allow_split_overlap:
         raise D.DataError(f"--dataset_name {config.dataset_name}: {'; '.join(overlaps)}: dev or test would score posts "
-                          "seen elsewhere; fix the release (python dataloader.py --check) or pass --allow_split_overlap")
+                          "seen elsewhere; fix the release (python dataloader.py --check) "
+                          "or pass --allow_split_overlap")
     config.data_hash = D.split_hashes(config)  # stored in config.json: which version of the data the run used
     run_src = Path(config.save_dir) / config.continue_train_name
     label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(posts["train"])
@@ -522,7 +528,8 @@ def start_state(config, resume, model, train_loader, device, run, say):
     sched.base_lrs = [lrs[g["base"]] * g.get("scale", 1.0) for g in opt.param_groups]
     for g, base in zip(opt.param_groups, sched.base_lrs):
         g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
-    state.epoch, state.best, state.bad_epochs, state.step = resume["epoch"] + 1, resume["best"], resume["bad_epochs"], resume["step"]
+    state.epoch, state.best, state.bad_epochs, state.step = (resume["epoch"] + 1, resume["best"],
+                                                             resume["bad_epochs"], resume["step"])
     if resume["stopped"]:
         state.epoch = config.epochs  # it had stopped early: only the final test is redone
     if state.plan["total"] != old["total"] and state.epoch < config.epochs:
@@ -606,7 +613,8 @@ def fit(config, core, ds, run, device, resume, say):
                "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
                **{f"train_{k}": v for k, v in losses.items()},
                "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
-               "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")} for t, v in dev["per_type"].items()},
+               "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")}
+                                for t, v in dev["per_type"].items()},
                "best_dev_f1": max(state.best, dev["f1"]),
                "improved": improved, "skipped_steps": skipped}
         if lead:
@@ -615,7 +623,8 @@ def fit(config, core, ds, run, device, resume, say):
         tracker.log({"dev/f1": dev["f1"], "dev/precision": dev["precision"], "dev/recall": dev["recall"],
                      **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, state.step)
         say(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
-            f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''} ({row['time_s']:.1f}s)"
+            f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''}"
+            f" ({row['time_s']:.1f}s)"
             + (f"; {skipped} step(s) with a non-finite loss or gradient skipped" if skipped else ""))
         stop = stops_early(config, state.bad_epochs, epoch)
         rngs = all_gather(rng_state())

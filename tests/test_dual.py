@@ -199,6 +199,88 @@ def test_kept_fine_tokens_carry_their_position():
     assert not torch.allclose(a[:, 1 + enc.Gc ** 2:].sort(1).values, b[:, 1 + enc.Gc ** 2:].sort(1).values)
 
 
+def test_each_fine_cell_gets_its_parent_coarse_token():
+    """The fine view starts from the backbone's semantics: fine cell (i, j) adds the coarse token of the cell it
+    lies in, for any ratio of the grids."""
+    for kw in (EFF, dict(TINY_DUAL, vision_img_size=48, vision_patch_size=16, vision_fine_patch_size=6)):
+        enc = encoder(**kw)
+        c = torch.randn(2, enc.Gc ** 2, 8)
+        par = enc.parent_cells(c)
+        assert par.shape == (2, enc.Gf ** 2, 8)
+        for i in range(enc.Gf):
+            for j in range(enc.Gf):
+                pi, pj = i * enc.Gc // enc.Gf, j * enc.Gc // enc.Gf
+                assert torch.equal(par[:, i * enc.Gf + j], c[:, pi * enc.Gc + pj])
+
+
+def explained(enc, x):
+    for m in [*(b.attn for b in enc.swin), enc.delegate.attn, *(b.attn for b in enc.fine)]:
+        m.keep_weights = True
+    with torch.no_grad():
+        enc(x)
+    return enc.rollout()
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_window_attention_map_stays_inside_each_window(window):
+    """SwinBlock.attention_map puts each window's weights back on the whole grid: rows sum to 1 and a cell draws
+    only on cells of its own (shifted) window."""
+    enc = encoder(**dict(TINY_DUAL, vision_img_size=40, vision_swin_window=window)).eval()  # 5 x 5 coarse grid
+    explained(enc, torch.randn(2, 3, 40, 40))
+    G = enc.Gc
+    for blk in enc.swin:
+        a = blk.attention_map()
+        assert a.shape == (2, G * G, G * G) and torch.allclose(a.sum(-1), torch.ones(2, G * G), atol=1e-5)
+        win = lambda r: ((r - blk.shift) % (-(-G // blk.w) * blk.w)) // blk.w  # noqa: E731 (window row/col)
+        for i in range(G * G):
+            for j in (a[0, i] > 0).nonzero().flatten().tolist():
+                assert (win(i // G), win(i % G)) == (win(j // G), win(j % G)), (blk.shift, i, j)
+
+
+def test_rollout_traces_mixed_tokens_back_to_their_cells():
+    """Rows sum to 1 and the summary is no cell; with silent residual branches (LayerScale 0) every token is its
+    own cell; when the blocks route everything to one cell, the coarse tokens point there."""
+    enc = encoder(**dict(EFF, vision_swin_window=4)).eval()  # one window over the 4 x 4 coarse grid
+    x = torch.randn(2, 3, enc.size, enc.size)
+    r = explained(enc, x)
+    Nc = enc.Gc ** 2
+    assert r.shape == (2, enc.n_tokens, enc.n_tokens) and r[:, :, 0].abs().max() == 0
+    assert torch.allclose(r.sum(-1), torch.ones(2, enc.n_tokens), atol=1e-5)
+    assert r[:, 1:1 + Nc, 1 + Nc:].abs().max() == 0 and r[:, 1 + Nc:, 1:1 + Nc].abs().max() == 0  # views apart
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, M.LayerScale):
+                m.gamma.zero_()
+    r = explained(enc, x)
+    assert torch.allclose(r[:, 1:, 1:], torch.eye(enc.n_tokens - 1).expand(2, -1, -1))
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, M.LayerScale):
+                m.gamma.fill_(1e4)
+    explained(enc, x)
+    for blk in enc.swin:  # every window slot attends to the first cell only
+        w = torch.zeros_like(blk.attn.last_weights)
+        w[..., 0] = 1.0
+        blk.attn.last_weights = w
+    r = enc.rollout()
+    assert torch.allclose(r[:, 1:1 + Nc, 1], torch.ones(2, Nc), atol=1e-3)
+
+
+def test_runs_before_the_parent_cells_are_refused_but_other_runs_load(tmp_path):
+    import json
+
+    import runner
+    from config import ConfigError, config_from_dict
+    run = tmp_path / "dual3"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"use_dual_granularity": True, "model": "MNER", "run_format": 3}))
+    for f in ("label_map.json", "model.pt"):
+        (run / f).write_text("{}")
+    with pytest.raises(ConfigError, match=r"dual3/config.json: a run of an earlier dual-granularity encoder"):
+        runner.load_run(tmp_path, "dual3")
+    assert config_from_dict({"model": "MNER", "run_format": 3}, "c.json").model == "MNER"
+
+
 # ----------------------------------------------------------------------------- only real images enter
 
 @pytest.mark.parametrize("stem", ["conv", "efficientnet_lite0"])
@@ -282,7 +364,7 @@ def test_runs_of_the_earlier_encoder_are_refused_in_one_line(tmp_path):
     (run / "label_map.json").write_text("{}")
     (run / "model.pt").write_bytes(b"")
     with pytest.raises(ConfigError,
-                       match=r"old_dual/config.json: a run of the earlier dual-granularity encoder.*retrain"):
+                       match=r"old_dual/config.json: a run of an earlier dual-granularity encoder.*retrain"):
         runner.load_run(tmp_path, "old_dual")
     assert config_from_dict(old).vision_patch_size == 32                 # read for tables, never built
     assert config_from_dict({"model": "MNER", "downs_en_lr": 2e-3}, "c.json").head_lr == 2e-3  # others migrate

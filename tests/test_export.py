@@ -105,7 +105,8 @@ def test_bundle_layout_and_identical_tags(tiny_run, tmp_path, capsys):
     b = tiny_run["bundle"]
     meta = json.loads((b / "meta.json").read_text())
     assert meta["format"] == "onnx" and not meta["int8"] and meta["head"] == "crf"
-    for f in ("text.onnx", "mm.onnx", "vision.onnx", "crf.npz", "label_map.json", "tokenizer/tokenizer_config.json"):
+    for f in ("text.onnx", "mm.onnx", "vision.onnx", "explain.onnx", "crf.npz", "label_map.json",
+              "tokenizer/tokenizer_config.json"):
         assert (b / f).is_file(), f
     assert meta["image_prep"]["size"] == 64
     src, recs = new_posts(tiny_run, tmp_path)
@@ -119,6 +120,34 @@ def test_bundle_layout_and_identical_tags(tiny_run, tmp_path, capsys):
         np.testing.assert_allclose([e["score"] for e in a["entities"]], [e["score"] for e in r["entities"]], atol=2e-3)
     lines = (tmp_path / "onnx" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(recs) and json.loads(lines[0])["tags"] == ref[0]["tags"]
+
+
+def check_explain(save, name: str, bundle_dir, data_dir) -> None:
+    """The bundle's explain graph gives the checkpoint's word -> image-cell attention (rows sum to 1, one row per
+    word, a post longer than one window included)."""
+    import dataloader as D
+    from runtime import CheckpointRuntime
+    ck, bu = CheckpointRuntime(save, name), BU.Bundle(bundle_dir)
+    assert ck.explains and bu.explains and bu.meta["explain_side"] == ck.meta["explain_side"]
+    side = bu.meta["explain_side"]
+    posts = D.read_conll(data_dir / "tiny" / "test.txt")
+    n = 0
+    for p in posts:
+        px, _ = BU.prep_image(data_dir / "tiny" / "tiny_images" / f"{p.imgid}.png", bu.prep)
+        if px is None:
+            continue
+        for words in (p.tokens, p.tokens * 20):
+            a = ck.explain(words, ck.vision_features(px[None])[0])
+            b = bu.explain(words, bu.vision_features(px[None])[0])
+            assert a.shape == b.shape == (len(words), side * side)
+            np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-4)
+            np.testing.assert_allclose(b, a, atol=1e-4)
+        n += 1
+    assert n > 0
+
+
+def test_bundle_explains_like_the_checkpoint(tiny_run):
+    check_explain(tiny_run["save"], "e", tiny_run["bundle"], tiny_run["data"])
 
 
 def test_torchscript_and_int8_bundles(tiny_run, tmp_path, capsys):
@@ -263,6 +292,7 @@ def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys,
     n = 1280 * 1 * 1 + 112 * 2 * 2 if stem == "efficientnet_lite0" else 16 * 2 * 2 + 16 * 4 * 4
     assert meta["image_feats"] == [n]
     assert meta["cached_features"] == (stem == "efficientnet_lite0")
+    check_explain(save, "d", b, tiny_data_dir)
     tiny_run = {"data": tiny_data_dir}
     src, recs = new_posts(tiny_run, tmp_path)
     ref = predict.main([*flags, "--input", str(src), "--out_dir", str(tmp_path / "ref")])

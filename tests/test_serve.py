@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -142,6 +143,28 @@ def test_with_image_and_multipart(server):
     assert m.status_code == 200 and not m.json()["image_used"]
 
 
+def test_explain_gives_each_entity_its_attention_over_the_image(server):
+    """"explain": true adds, per entity, its words' attention over the image cells in multiples of uniform (the
+    bundle's explain graph: the same numbers in process); a post without an image says why there is none; the
+    answer without "explain" has no attention; multipart takes explain=true."""
+    img = png_bytes()
+    rec = post(server, {"text": TEXT, "image_b64": b64(img), "explain": True}).json()
+    att, rt = rec["attention"], server["rt"]
+    assert rec["entities"], "the tiny model tags no entity in this post"
+    side = att["side"]
+    assert side == rt.meta["explain_side"] and len(att["entities"]) == len(rec["entities"])
+    from serve import image_pixels
+    x = image_pixels(img, rt.prep, type("L", (), LIMITS), "t")
+    mine = rt.explain(TEXT.split(), rt.vision_features(x[None])[0])
+    for e, m in zip(rec["entities"], att["entities"]):
+        assert len(m) == side * side and abs(np.mean(m) - 1) < 0.01
+        np.testing.assert_allclose(m, mine[e["word_start"]:e["word_end"]].mean(0) * side * side, atol=2e-3)
+    assert "no image" in post(server, {"text": TEXT, "explain": True}).json()["attention"]["why"]
+    assert "attention" not in post(server, {"text": TEXT, "image_b64": b64(img)}).json()
+    m = post(server, data={"text": TEXT, "explain": "true"}, files={"image": ("p.png", img, "image/png")}).json()
+    assert m["attention"] == att
+
+
 def test_batch_of_posts(server):
     img = png_bytes(colour=(200, 30, 30))
     r = post(server, [{"text": TEXT}, {"text": "Paris is lovely", "image_b64": b64(img)}, {"tokens": ["Obama"]}])
@@ -175,6 +198,8 @@ BAD = {
     "bad_data_uri": (422, "data URI",
                      lambda: {"json": {"text": "a", "image_b64": "data:image/png," + b64(png_bytes())}}),
     "empty_list": (422, "empty list", lambda: {"json": []}),
+    "explain_not_bool": (422, '"explain" must be true or false', lambda: {"json": {"text": "a", "explain": "yes"}}),
+    "explain_field": (422, 'field "explain" must be true or false', lambda: {"data": {"text": "a", "explain": "1"}}),
     "not_object": (422, "expected a JSON object", lambda: {"json": [3]}),
     "bad_tokens": (422, '"tokens" must be', lambda: {"json": {"tokens": "abc"}}),
     "server_path": (422, '"image" (a server path)', lambda: {"json": {"text": "a", "image": "/etc/passwd"}}),
@@ -310,7 +335,7 @@ def test_openapi_documents_the_predict_request(server):
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
     post_schema = body["application/json"]["schema"]["oneOf"][0]
-    assert set(post_schema["properties"]) == {"text", "tokens", "image_b64", "id"}
+    assert set(post_schema["properties"]) == {"text", "tokens", "image_b64", "id", "explain"}
 
 
 def _chromium():
@@ -352,12 +377,18 @@ def test_page_tags_a_post_with_an_image_in_a_real_browser(server, tmp_path):
         shown = json.loads(driver.find_element(By.ID, "json").text)
         marks = [(m.get_attribute("data-type"), m.get_attribute("data-text"), m.text)
                  for m in driver.find_elements(By.CSS_SELECTOR, "#tagged mark")]
+        overlay = driver.find_element(By.ID, "overlay")
+        shown_att = (overlay.is_displayed(), overlay.get_attribute("data-peak"),
+                     driver.find_element(By.ID, "overlay_note").text)
         png = Path(os.environ.get("MANGO_PAGE_SCREENSHOT", tmp_path / "page.png"))
         driver.save_screenshot(str(png))
     finally:
         driver.quit()
-    want = post(server, {"text": TEXT, "image_b64": b64(img.read_bytes())}).json()
+    want = post(server, {"text": TEXT, "image_b64": b64(img.read_bytes()), "explain": True}).json()
     assert shown["tags"] == want["tags"] and shown["image_used"] is True
+    first = want["attention"]["entities"][0]  # the overlay shows the first entity's map, its range in the caption
+    assert shown_att[0] and int(shown_att[1]) == first.index(max(first))
+    assert f"0 to {max(first):.2f}x uniform" in shown_att[2] and want["entities"][0]["text"] in shown_att[2]
     assert want["entities"], "the tiny model tags no entity in this post: nothing to highlight"
     assert [(t, w) for t, w, _ in marks] == [(e["type"], e["text"]) for e in want["entities"]]
     for (t, w, shown_text), e in zip(marks, want["entities"]):  # what a reader sees: the words, type and score

@@ -388,7 +388,8 @@ def test_page_tags_a_post_with_an_image_in_a_real_browser(server, tmp_path):
     assert shown["tags"] == want["tags"] and shown["image_used"] is True
     first = want["attention"]["entities"][0]  # the overlay shows the first entity's map, its range in the caption
     assert shown_att[0] and int(shown_att[1]) == first.index(max(first))
-    assert f"0 to {max(first):.2f}x uniform" in shown_att[2] and want["entities"][0]["text"] in shown_att[2]
+    assert f"from {min(first):.2f} to {max(first):.2f}x uniform" in shown_att[2]
+    assert want["entities"][0]["text"] in shown_att[2]
     assert want["entities"], "the tiny model tags no entity in this post: nothing to highlight"
     assert [(t, w) for t, w, _ in marks] == [(e["type"], e["text"]) for e in want["entities"]]
     for (t, w, shown_text), e in zip(marks, want["entities"]):  # what a reader sees: the words, type and score

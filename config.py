@@ -182,8 +182,8 @@ def _loss_flags(a) -> None:
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
     a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
     a("--image_type_lambda", type=float, default=-1.0,
-      help="weight of the image-only prediction of the post's entity types (MNER); -1 = auto: 2 with "
-           "--use_dual_granularity")
+      help="weight of the image-only prediction of the post's entity types (MNER); -1 = auto: 2 for MNER with "
+           "its image path on, else 0")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
     a("--distill_lambda", type=float, default=1.0,
       help="weight of the KL from --teacher_run's CRF tag marginals to the model's (summed over a post's words)")
@@ -482,7 +482,7 @@ def resolve_auto(c) -> None:
     if c.tag_scheme == "auto":
         c.tag_scheme = "bio" if c.model in IMAGE_MODELS else "bioes"
     if c.image_type_lambda < 0:
-        c.image_type_lambda = 2.0 if c.use_dual_granularity else 0.0
+        c.image_type_lambda = 2.0 if c.model == "MNER" and c.use_image else 0.0
     if c.vision_distill_lambda < 0:
         c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
 

@@ -672,7 +672,8 @@ class DualGranularityEncoder(nn.Module):
     summary: an MLP over [mean coarse; mean fine].
     Every residual branch of the learned blocks starts at DUAL_LAYER_SCALE (LayerScale): they refine the pretrained
     features instead of replacing them in the first steps, on a few hundred pictures.
-    forward(pixels [B, 3, S', S']) -> tokens [B, 1 + Gc^2 + k, D]; from_features(stem maps, flattened) -> the same.
+    forward(pixels [B, 3, S', S']) -> tokens [B, 1 + Gc^2 + k, D]; from_features(stem maps, flattened) -> the same;
+    rollout() -> [B, T, T]: how much each output token of the last forward drew on each input cell (explanations).
     """
 
     def __init__(self, config):

@@ -307,6 +307,12 @@ def test_real_image_output_ignores_the_rest_of_its_batch(tiny_bert_dir, stem):
 
 # ----------------------------------------------------------------------------- distillation
 
+@pytest.mark.parametrize("argv,want", [([], 2.0), (["--use_dual_granularity"], 2.0), (["--no-use_image"], 0.0),
+                                       (["--model", "roberta_crf"], 0.0), (["--image_type_lambda", "0.5"], 0.5)])
+def test_image_type_weight_is_auto_on_for_mner_with_images(argv, want):
+    assert cfgmod.get_config(argv).image_type_lambda == want
+
+
 def test_distill_is_auto_on_for_the_conv_stem_only():
     assert cfgmod.get_config(["--use_dual_granularity", "--vision_stem", "conv"]).vision_distill_lambda == 1.0
     assert cfgmod.get_config(["--use_dual_granularity"]).vision_distill_lambda == 0.0

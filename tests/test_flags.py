@@ -448,7 +448,7 @@ FLAGS = {
     "preserve_lambda": [forward(alt=["--preserve_lambda", "5"])],
     "nce_lambda": [forward(alt=["--nce_lambda", "5"])],
     "nce_temperature": [forward(alt=["--nce_temperature", "0.02"])],
-    "image_type_lambda": [model(alt=["--image_type_lambda", "0.5"])],
+    "image_type_lambda": [model(alt=["--image_type_lambda", "0"]), forward(alt=["--image_type_lambda", "5"])],
     "sparsity_lambda": [forward(alt=["--sparsity_lambda", "5"])],
     # training
     "epochs": [fn(_epochs_and_accumulation("--epochs", "3"))],

@@ -132,6 +132,11 @@ def _model_flags(a) -> None:
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
+    _vision_flags(a)
+
+
+def _vision_flags(a) -> None:
+    """The "model" flags of the image side: pretrained vision, the dual-granularity encoder, resampler and fusion."""
     a("--vision_trainable", action="store_true",
       help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
@@ -443,6 +448,11 @@ def validate(c) -> None:
     for f in ("word_dropout", "locked_dropout"):
         if not 0 <= getattr(c, f) < 1:
             raise ConfigError(f"--{f} must be in [0, 1) (0 = off), got {getattr(c, f)}")
+    _validate_vision(c)
+
+
+def _validate_vision(c) -> None:
+    """validate(), the image side: the dual encoder's grids and widths, and where the encoders come from."""
     if c.vision_img_size % c.vision_patch_size or c.vision_img_size % c.vision_fine_patch_size:
         raise ConfigError(f"--vision_img_size {c.vision_img_size} must be a multiple of --vision_patch_size "
                           f"{c.vision_patch_size} and --vision_fine_patch_size {c.vision_fine_patch_size}")

@@ -171,20 +171,7 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False,
             continue
         if not tokens and imgid is None:
             start = lineno
-        parts = line.split("\t")
-        if len(parts) != 2:
-            what = "no tab" if len(parts) == 1 else f"{len(parts)} tab-separated columns"
-            problem(lineno, f"expected `token<TAB>tag`, found {what}",
-                    "write one token and one tag per line separated by a single tab")
-            parts = line.rsplit(None, 1) if len(parts) == 1 else [parts[0], parts[-1]]
-            if len(parts) != 2:
-                parts = [parts[0], "O"]
-        token, tag = parts[0], parts[1].strip()
-        if not TAG_RE.match(tag):
-            problem(lineno, f"unknown tag {tag!r}", "use O, B-<TYPE> or I-<TYPE>")
-            tag = "O"
-        if tag != "O" and not keep_raw_types:
-            tag = tag[:2] + RAW_TYPE_MAP.get(tag[2:], tag[2:])
+        token, tag = _conll_token_line(line, lineno, problem, keep_raw_types)
         tokens.append(token)
         tags.append(tag)
     close(len(lines) + 1)
@@ -197,6 +184,25 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False,
     if notes:
         print(f"note: {path}: {notes}")
     return posts
+
+
+def _conll_token_line(line: str, lineno: int, problem, keep_raw_types: bool) -> tuple[str, str]:
+    """One `token<TAB>tag` line -> (token, tag), problems reported (and repaired when lenient)."""
+    parts = line.split("\t")
+    if len(parts) != 2:
+        what = "no tab" if len(parts) == 1 else f"{len(parts)} tab-separated columns"
+        problem(lineno, f"expected `token<TAB>tag`, found {what}",
+                "write one token and one tag per line separated by a single tab")
+        parts = line.rsplit(None, 1) if len(parts) == 1 else [parts[0], parts[-1]]
+        if len(parts) != 2:
+            parts = [parts[0], "O"]
+    token, tag = parts[0], parts[1].strip()
+    if not TAG_RE.match(tag):
+        problem(lineno, f"unknown tag {tag!r}", "use O, B-<TYPE> or I-<TYPE>")
+        tag = "O"
+    if tag != "O" and not keep_raw_types:
+        tag = tag[:2] + RAW_TYPE_MAP.get(tag[2:], tag[2:])
+    return token, tag
 
 
 def opens_with_i(prev: str, tag: str) -> bool:
@@ -311,6 +317,34 @@ def _mnre_line(line: str):
     return tokens, img.strip(), spans, mismatch
 
 
+def _mnre_posts(groups: dict, path: Path, c: Counter) -> list[Post]:
+    """read_mnre's grouped spans -> posts: each span typed by its relations' majority, else by the majority type of
+    the same words typed elsewhere in the file, else left out; counts go to c."""
+    surface: dict[str, Counter] = {}  # words of a typed span -> one vote per post it is typed in
+    for (tokens, _), (_, votes) in groups.items():
+        for (s, e), v in votes.items():
+            if v:
+                surface.setdefault(" ".join(tokens[s:e]), Counter())[_majority(v)] += 1
+    posts = []
+    for (tokens, img), (lineno, votes) in groups.items():
+        typed = {}
+        for (s, e), v in votes.items():
+            words = " ".join(tokens[s:e])
+            if v:
+                typed[(s, e)] = _majority(v)
+                c["by_relation"] += 1
+                c["type_conflicts"] += len(v) > 1
+            elif words in surface:
+                typed[(s, e)] = _majority(surface[words])
+                c["by_surface"] += 1
+            else:
+                c["left_out"] += 1
+        tags, dropped = spans_to_bio(len(tokens), typed)
+        c["overlap_dropped"] += dropped
+        posts.append(Post(list(tokens), tags, img, f"{path}:{lineno}"))
+    return posts
+
+
 def read_mnre(path, lenient: bool = False, report: ReadReport | None = None) -> list[Post]:
     """MNRE relation lines -> word-level BIO posts, one per distinct (tokens, img_id), in file order.
 
@@ -345,28 +379,7 @@ def read_mnre(path, lenient: bool = False, report: ReadReport | None = None) -> 
                 v[typ] += 1
     if not groups:
         raise DataError(f"{path}:1: no relation lines found; the file is empty or holds no MNRE dict lines")
-    surface: dict[str, Counter] = {}  # words of a typed span -> one vote per post it is typed in
-    for (tokens, _), (_, votes) in groups.items():
-        for (s, e), v in votes.items():
-            if v:
-                surface.setdefault(" ".join(tokens[s:e]), Counter())[_majority(v)] += 1
-    posts = []
-    for (tokens, img), (lineno, votes) in groups.items():
-        typed = {}
-        for (s, e), v in votes.items():
-            words = " ".join(tokens[s:e])
-            if v:
-                typed[(s, e)] = _majority(v)
-                c["by_relation"] += 1
-                c["type_conflicts"] += len(v) > 1
-            elif words in surface:
-                typed[(s, e)] = _majority(surface[words])
-                c["by_surface"] += 1
-            else:
-                c["left_out"] += 1
-        tags, dropped = spans_to_bio(len(tokens), typed)
-        c["overlap_dropped"] += dropped
-        posts.append(Post(list(tokens), tags, img, f"{path}:{lineno}"))
+    posts = _mnre_posts(groups, path, c)
     report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
     report.counts = {**{k: c[k] for k in ("lines", "by_relation", "by_surface", "left_out", "overlap_dropped",
                                           "type_conflicts", "name_mismatch")}, "entities": _entity_counts(posts)}

@@ -1104,12 +1104,7 @@ class Tagger(nn.Module):
     def forward(self, batch, epoch: float = 0.0, image_on: bool = True):
         cfg = self.config
         mask = batch["word_mask"]
-        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"),
-                         batch.get("case_ids"))
-        if self.case is not None:
-            text = text + self.case(batch["case_ids"])
-        text = locked_dropout(word_dropout(self.drop(text), cfg.word_dropout, self.training), cfg.locked_dropout,
-                              self.training)
+        text = self._word_states(batch)
         B, W, H = text.shape
         zero = text.new_zeros(())
         parts = {"residual": zero, "preserve": zero, "nce": zero, "sparsity": zero, "image_types": zero,
@@ -1150,17 +1145,8 @@ class Tagger(nn.Module):
             loss = self.head.loss(*tagged) if len(tagged[0]) else zero
         parts["tag"] = loss
         if extra:
-            parts["residual"] = residual_loss(t, fused_rows, m)
-            parts["nce"] = info_nce(masked_mean(t, m), self.nce_proj(img.mean(1)), cfg.nce_temperature)
-            parts["sparsity"] = rel_rows[m].mean()
-            if self.type_head is not None:
-                parts["image_types"] = image_type_loss(self.type_head(img.mean(1)), labels[rows])
-            if getattr(self.vision, "distill", None) is not None and "teacher_feats" in batch:
-                parts["distill"] = self.vision.distill_loss(img, batch["teacher_feats"][rows].to(img.dtype))
-            loss = (loss + cfg.residual_lambda * warmup_weight(epoch, cfg.residual_warmup_epochs) * parts["residual"]
-                    + cfg.preserve_lambda * parts["preserve"] + cfg.nce_lambda * parts["nce"]
-                    + cfg.sparsity_lambda * parts["sparsity"] + cfg.image_type_lambda * parts["image_types"]
-                    + cfg.vision_distill_lambda * parts["distill"])
+            for term in self._image_losses(parts, t, m, fused_rows, rel_rows, img, labels[rows], batch, rows, epoch):
+                loss = loss + term
         if "teacher_marg" in batch and cfg.distill_lambda > 0:
             T = cfg.distill_temperature  # scaled by T^2 so its gradient keeps its size across temperatures
             parts["tag_distill"] = T * T * tag_distill_loss(self.head.log_marginals(em, mask, T),
@@ -1169,6 +1155,32 @@ class Tagger(nn.Module):
         out["loss"] = loss
         out["parts"] = {k: v.detach() for k, v in parts.items()}
         return out
+
+    def _word_states(self, batch) -> torch.Tensor:
+        """The text encoder's word states [B, W, H], word shapes added, word and locked dropout applied."""
+        cfg = self.config
+        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"),
+                         batch.get("case_ids"))
+        if self.case is not None:
+            text = text + self.case(batch["case_ids"])
+        return locked_dropout(word_dropout(self.drop(text), cfg.word_dropout, self.training), cfg.locked_dropout,
+                              self.training)
+
+    def _image_losses(self, parts, t, m, fused_rows, rel_rows, img, labels, batch, rows, epoch) -> list:
+        """The auxiliary losses of the posts with an image (t [n, W, H], m [n, W], fused_rows, rel_rows [n, W],
+        img [n, R, Dv], labels [n, W]), written into parts; -> their weighted terms, in the order they are added."""
+        cfg = self.config
+        parts["residual"] = residual_loss(t, fused_rows, m)
+        parts["nce"] = info_nce(masked_mean(t, m), self.nce_proj(img.mean(1)), cfg.nce_temperature)
+        parts["sparsity"] = rel_rows[m].mean()
+        if self.type_head is not None:
+            parts["image_types"] = image_type_loss(self.type_head(img.mean(1)), labels)
+        if getattr(self.vision, "distill", None) is not None and "teacher_feats" in batch:
+            parts["distill"] = self.vision.distill_loss(img, batch["teacher_feats"][rows].to(img.dtype))
+        return [cfg.residual_lambda * warmup_weight(epoch, cfg.residual_warmup_epochs) * parts["residual"],
+                cfg.preserve_lambda * parts["preserve"], cfg.nce_lambda * parts["nce"],
+                cfg.sparsity_lambda * parts["sparsity"], cfg.image_type_lambda * parts["image_types"],
+                cfg.vision_distill_lambda * parts["distill"]]
 
     @torch.no_grad()
     def decode(self, batch, image_on: bool = True) -> list[list[int]]:

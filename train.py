@@ -559,13 +559,21 @@ def stops_early(config, bad_epochs: int, epoch: int) -> bool:
     return bad_epochs >= config.patience_epochs and epoch + 1 >= config.min_epoch_num
 
 
-def fit(config, core, ds, run, device, resume, say):
-    """The epochs: train, score dev, keep the best model.pt, write last.pt and a metrics.jsonl line per epoch,
-    stop early after --patience_epochs epochs without a dev gain (once --min_epoch_num is reached)."""
+def epoch_row(epoch: int, state, times: tuple, losses: dict, dev: dict, improved: bool, skipped: int) -> dict:
+    """metrics.jsonl's line for an epoch; times = (start, train end, dev end)."""
+    t0, t1, t2 = times
+    return {"epoch": epoch + 1, "step": state.step, "time_s": round(time.time() - t0, 2),
+            "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
+            **{f"train_{k}": v for k, v in losses.items()},
+            "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
+            "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")} for t, v in dev["per_type"].items()},
+            "best_dev_f1": max(state.best, dev["f1"]),
+            "improved": improved, "skipped_steps": skipped}
+
+
+def training_parts(config, core, resume, run, device, say):
+    """(what trains: the model or its DDP wrapper, the weight average or None, the tracker); says what trains."""
     lead = is_main()
-    # under torchrun each rank gets every world-th batch, all ranks the same number of them
-    train_loader = D.make_loader(ds["train"], config, train=True, rank=rank(), world=world())
-    state, opt, sched, amp, scaler = start_state(config, resume, core, train_loader, device, run, say)
     model = core  # the model itself (core): checkpoints, decoding, parameter groups; model: what trains
     if world() > 1:
         # the image path is skipped for batches without a usable image (and in --text_only_epochs), so DDP has
@@ -585,6 +593,17 @@ def fit(config, core, ds, run, device, resume, say):
     procs = f" x {world()} processes (global batch {config.batch_size * world()})" if world() > 1 else ""
     say(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M "
         f"parameters train | {device}{procs}")
+    return model, ema, tracker
+
+
+def fit(config, core, ds, run, device, resume, say):
+    """The epochs: train, score dev, keep the best model.pt, write last.pt and a metrics.jsonl line per epoch,
+    stop early after --patience_epochs epochs without a dev gain (once --min_epoch_num is reached)."""
+    lead = is_main()
+    # under torchrun each rank gets every world-th batch, all ranks the same number of them
+    train_loader = D.make_loader(ds["train"], config, train=True, rank=rank(), world=world())
+    state, opt, sched, amp, scaler = start_state(config, resume, core, train_loader, device, run, say)
+    model, ema, tracker = training_parts(config, core, resume, run, device, say)
 
     bad_run = [0, 0]  # non-finite steps skipped: in a row, in all
     for epoch in range(state.epoch, config.epochs):
@@ -609,14 +628,7 @@ def fit(config, core, ds, run, device, resume, say):
                                 run / "model.pt")
             else:
                 state.bad_epochs += 1
-        row = {"epoch": epoch + 1, "step": state.step, "time_s": round(time.time() - t0, 2),
-               "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
-               **{f"train_{k}": v for k, v in losses.items()},
-               "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
-               "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")}
-                                for t, v in dev["per_type"].items()},
-               "best_dev_f1": max(state.best, dev["f1"]),
-               "improved": improved, "skipped_steps": skipped}
+        row = epoch_row(epoch, state, (t0, t1, t2), losses, dev, improved, skipped)
         if lead:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import dataloader as D
 from config import ConfigError, UserError
 from crf import CRFHead
 from model import load_tokenizer
-from runner import load_run, runs_with
+from runner import load_run, run_batches, runs_with
 
 TEACHER_CODE_VERSION = 1  # raised when what a cached marginal means changes
 
@@ -119,16 +118,13 @@ class TeacherCache:
 def teacher_marginals(config, model, label_map, posts: list[D.Post], temperature: float, device) -> list[np.ndarray]:
     """The teacher's p(label at word | post) [n_words, L] of each post, read from its windows (text only)."""
     ds = D.make_dataset(config, "train", posts, load_tokenizer(config), label_map)
-    out: list = [None] * len(ds)
-    model.eval().to(device)
-    for batch in tqdm(D.make_loader(ds, config, train=False), desc="teacher marginals", unit="batch", leave=False,
-                      dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+    def each(batch) -> list[np.ndarray]:
         em, mask = model(batch)["emissions"].float(), batch["word_mask"]
         p = model.head.log_marginals(em, mask, temperature).exp().cpu().numpy()
-        for b, (k, n) in enumerate(zip(batch["index"].tolist(), mask.sum(1).tolist())):
-            out[k] = p[b, :n]
-    return ds.merge(out)
+        return [p[b, :n] for b, n in enumerate(mask.sum(1).tolist())]
+
+    return run_batches(model.to(device), ds, config, device, each, desc="teacher marginals")
 
 
 def teacher_targets(config, posts: list[D.Post], label_map: D.LabelMap, device, say=print) -> list[torch.Tensor]:

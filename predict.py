@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import dataloader as D
 from config import ConfigError, UserError, cli, get_config, given_flags
@@ -360,15 +359,12 @@ def image_path_off(model, config) -> str:
 def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, explain: bool) -> list[dict]:
     """Per post: "tags" (every word), "probs" (probability of each word's tag), "image_used" and, with
     explain and an image that reached the model, "explain": {"att" [n, R], "rel" [n], "gate" [n] or None}."""
-    model.eval()
+    from runner import run_batches
     mods = explained_modules(model) if explain else []
-    out: list[dict | None] = [None] * len(ds)
-    for batch in tqdm(D.make_loader(ds, config, train=False), desc="predict", unit="batch", leave=False,
-                      dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+    def each(batch) -> list[dict]:
         keep_weights(mods, explain)
-        with amp():
-            res = model(batch)
+        res = model(batch)
         em, mask = res["emissions"].float(), batch["word_mask"]
         ids = model.head.decode(em, mask)
         probs = tag_probabilities(model.head, em, mask).cpu()
@@ -376,7 +372,8 @@ def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, a
         gate = model.gate.last_gate if explain and model.gate is not None else None
         cells = getattr(model.vision, "last_cells", None) if explain else None  # dual: the kept fine tokens' cells
         img_row = {b: k for k, b in enumerate(batch["has_image"].nonzero().squeeze(1).tolist())}  # att/gate rows
-        for b, (i, row) in enumerate(zip(batch["index"].tolist(), ids)):
+        rows = []
+        for b, row in enumerate(ids):
             n = len(row)
             r = {"tags": label_map.decode(row),
                  "probs": probs[b, torch.arange(n), torch.tensor(row)].tolist(),
@@ -386,9 +383,12 @@ def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, a
                 r["explain"] = {"att": att[k, :n].cpu().numpy(), "rel": res["rel"][b, :n].float().tolist(),
                                 "gate": gate[k, :n].float().mean(-1).tolist() if gate is not None else None,
                                 "cells": tuple(cells[k].tolist()) if cells is not None else None}  # per post
-            out[i] = r
+            rows.append(r)
+        return rows
+
+    out = run_batches(model, ds, config, device, each, amp)
     keep_weights(mods, False)
-    return ds.merge(out)
+    return out
 
 
 def entities(post: NewPost, tags: list[str], probs: list[float], mode: str) -> list[dict]:

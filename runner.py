@@ -223,25 +223,32 @@ def load_run(save_dir, name: str, overrides=None):
 # ----------------------------------------------------------------------------- predicting and scoring a split
 
 @torch.no_grad()
-def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
-            shard: bool = False) -> list[list[str] | None]:
-    """Word tags of every post of `dataset`, every word (a post longer than --max_len is read from its windows).
-
-    shard=True (torchrun): the tags of this rank's share of the items (windows), the other items None, unmerged:
-    the caller gathers them, then dataset.merge.
-    """
+@torch.no_grad()
+def run_batches(model, dataset: D.MNERDataset, config, device, each, amp=None, desc: str = "predict",
+                shard: bool = False) -> list:
+    """The one inference loop of the tools: each(batch) -> one output per item of the batch (batch order), for every
+    batch of `dataset` in eval order (labels dropped), under amp; -> per post (windows merged: dataset.merge), or
+    with shard=True (torchrun) this rank's items with the others None, unmerged (the caller gathers, then merges)."""
     model.eval()
     r, w = (rank(), world()) if shard else (0, 1)
-    loader = D.make_loader(dataset, config, train=False, rank=r, world=w)
-    preds: list[list[str] | None] = [None] * len(dataset)
-    ctx = amp or torch.no_grad
-    for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, dynamic_ncols=True, disable=not is_main()):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    out: list = [None] * len(dataset)
+    ctx = amp or nullcontext
+    for batch in tqdm(D.make_loader(dataset, config, train=False, rank=r, world=w), desc=desc, unit="batch",
+                      leave=False, dynamic_ncols=True, disable=not is_main()):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         with ctx():
-            ids = model.decode(batch)
-        for k, row in zip(batch["index"].tolist(), ids):
-            preds[k] = label_map.decode(row)
-    return preds if shard else dataset.merge(preds)
+            rows = each(batch)
+        for k, x in zip(batch["index"].tolist(), rows):
+            out[k] = x
+    return out if shard else dataset.merge(out)
+
+
+def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
+            shard: bool = False) -> list[list[str] | None]:
+    """Word tags of every post of `dataset`, every word (a post longer than --max_len is read from its windows);
+    shard as run_batches."""
+    return run_batches(model, dataset, config, device, lambda b: [label_map.decode(r) for r in model.decode(b)],
+                       amp, f"eval {dataset.name}", shard)
 
 
 def evaluate_split(model, dataset, config, label_map, device, amp=None):

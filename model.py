@@ -693,6 +693,9 @@ class DualGranularityEncoder(nn.Module):
         # LayerNorm first: the pretrained maps' channels differ in scale by orders of magnitude
         self.coarse_proj = nn.Sequential(nn.LayerNorm(Cc), nn.Linear(Cc, D))
         self.fine_proj = nn.Sequential(nn.LayerNorm(Cf), nn.Linear(Cf, D))
+        # the coarse cell holding each fine cell's centre, row-major [Gf*Gf] (any pc / pf ratio)
+        side = torch.clamp((torch.arange(self.Gf) * pf + pf // 2) // pc, max=self.Gc - 1)
+        self.register_buffer("parent_index", (side[:, None] * self.Gc + side[None, :]).flatten(), persistent=False)
         self.coarse_pos = nn.Parameter(torch.zeros(1, self.Gc * self.Gc, D))
         self.fine_pos = nn.Parameter(torch.zeros(1, self.Gf * self.Gf, D))
         ls = DUAL_LAYER_SCALE
@@ -766,23 +769,21 @@ class DualGranularityEncoder(nn.Module):
             g = ls.gamma.detach().abs().mean() if isinstance(ls, LayerScale) else 1.0
             return (r + g * (a @ r)) / (1 + g)
 
-        rc = torch.eye(Nc)
+        rc = torch.eye(Nc, device=self.parent_index.device)
         for blk in self.swin:
             rc = step(rc, blk.attention_map(), blk.ls1)
         w = self.delegate.attn.last_weights.float().mean(1)                                 # [B, Nc, topk]
         rc = step(rc, w @ F.one_hot(self.delegate.last_idx, Nc).float(), self.delegate.ls)  # [B, Nc, Nc]
-        rf = torch.eye(self.k) + 0 * rc[:, :1, :1]                                          # [B, k, k]
+        rf = torch.eye(self.k, device=rc.device) + 0 * rc[:, :1, :1]                        # [B, k, k]
         for blk in self.fine:
             rf = step(rf, blk.attn.last_weights.float().mean(1), blk.ls1)
         summary = torch.cat([rc.mean(1, keepdim=True), rf.mean(1, keepdim=True)], -1) / 2   # [B, 1, Nc + k]
         return torch.cat([F.pad(summary, (1, 0)), F.pad(rc, (1, self.k)), F.pad(rf, (1 + Nc, 0))], 1)
 
     def parent_cells(self, c):
-        """coarse tokens [B, Gc^2, D] -> [B, Gf^2, D]: each fine cell gets the coarse token of the cell it lies in,
-        so the fine view starts from the backbone's semantic features and scores saliency on them."""
-        B, _, D = c.shape
-        grid = c.transpose(1, 2).reshape(B, D, self.Gc, self.Gc)
-        return F.interpolate(grid, size=(self.Gf, self.Gf), mode="nearest").flatten(2).transpose(1, 2)
+        """coarse tokens [B, Gc^2, D] -> [B, Gf^2, D]: each fine cell gets the coarse token of the cell its centre
+        lies in, so the fine view starts from the backbone's semantic features and scores saliency on them."""
+        return c.index_select(1, self.parent_index)
 
     def distill_loss(self, tokens, teacher):
         """Mean (1 - cos) between the encoder's summary and coarse grid (projected to the teacher's width) and the

@@ -178,10 +178,11 @@ def explained_modules(model) -> list:
     """The attention (and gate) modules whose kept weights explanations read."""
     import model as M
     if model.coattn is not None:
-        return [model.coattn.t2i]
-    if model.stack is None:
+        mods = [model.coattn.t2i]
+    elif model.stack is not None:
+        mods = [m for m in (model.resampler.attn, *(b.cross for b in model.stack.blocks), model.gate) if m is not None]
+    else:
         return []
-    mods = [m for m in (model.resampler.attn, *(b.cross for b in model.stack.blocks), model.gate) if m is not None]
     v = model.vision
     if isinstance(v, M.DualGranularityEncoder):  # its token mixing, traced back to the cells by rollout()
         mods += [*(b.attn for b in v.swin), v.delegate.attn, *(b.attn for b in v.fine)]
@@ -210,12 +211,15 @@ def word_region_attention(model) -> torch.Tensor | None:
     """
     if model.coattn is not None:
         w = model.coattn.t2i.last_weights
-        return None if w is None else w.float().mean(1)
-    if model.stack is None or model.stack.blocks[0].cross.last_weights is None:
+        if w is None:
+            return None
+        t2x = w.float().mean(1)
+    elif model.stack is None or model.stack.blocks[0].cross.last_weights is None:
         return None
-    t2x = torch.stack([b.cross.last_weights.float() for b in model.stack.blocks]).mean((0, 2))
-    if model.resampler.attn is not None:  # else (--resampler_tokens 0) the stack's keys are the regions themselves
-        t2x = t2x @ model.resampler.attn.last_weights.float().mean(1)  # [B, W, K] @ [B, K, R]
+    else:
+        t2x = torch.stack([b.cross.last_weights.float() for b in model.stack.blocks]).mean((0, 2))
+        if model.resampler.attn is not None:  # else (--resampler_tokens 0) the stack's keys are the regions
+            t2x = t2x @ model.resampler.attn.last_weights.float().mean(1)  # [B, W, K] @ [B, K, R]
     roll = getattr(model.vision, "rollout", lambda: None)()  # dual: [B, R, R], tokens back to their input cells
     return t2x if roll is None else t2x @ roll
 
@@ -246,9 +250,7 @@ def cell_attention(att: torch.Tensor, vision, cells: torch.Tensor | None = None)
     if not isinstance(vision, M.DualGranularityEncoder):
         return att
     Nc, Gf = vision.Gc ** 2, vision.Gf
-    parent = torch.nn.functional.interpolate(torch.arange(Nc, dtype=torch.float32).view(1, 1, vision.Gc, vision.Gc),
-                                             size=(Gf, Gf), mode="nearest").long().flatten()      # [Gf*Gf]
-    spread = torch.nn.functional.one_hot(parent, Nc).T.float()                                    # [Nc, Gf*Gf]
+    spread = torch.nn.functional.one_hot(vision.parent_index, Nc).T.float()                       # [Nc, Gf*Gf]
     spread = spread / spread.sum(1, keepdim=True)
     fine = att[..., 1 + Nc:] @ torch.nn.functional.one_hot(cells, Gf * Gf).float()          # [n, W, k] @ [n, k, Gf*Gf]
     return att[..., :1] / (Gf * Gf) + att[..., 1:1 + Nc] @ spread + fine
@@ -364,7 +366,8 @@ def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, a
 
     def each(batch) -> list[dict]:
         keep_weights(mods, explain)
-        res = model(batch)
+        with amp():  # the model only: tag probabilities and attention maps are composed in fp32
+            res = model(batch)
         em, mask = res["emissions"].float(), batch["word_mask"]
         ids = model.head.decode(em, mask)
         probs = tag_probabilities(model.head, em, mask).cpu()
@@ -386,7 +389,7 @@ def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, a
             rows.append(r)
         return rows
 
-    out = run_batches(model, ds, config, device, each, amp)
+    out = run_batches(model, ds, config, device, each)
     keep_weights(mods, False)
     return out
 

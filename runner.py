@@ -223,7 +223,6 @@ def load_run(save_dir, name: str, overrides=None):
 # ----------------------------------------------------------------------------- predicting and scoring a split
 
 @torch.no_grad()
-@torch.no_grad()
 def run_batches(model, dataset: D.MNERDataset, config, device, each, amp=None, desc: str = "predict",
                 shard: bool = False) -> list:
     """The one inference loop of the tools: each(batch) -> one output per item of the batch (batch order), for every

@@ -350,7 +350,8 @@ def make_app(rt: BU.Runtime, args):
             r["entities"] = entities(p, r["tags"], r["probs"], rt.meta["eval_mode"])
             rec = prediction_record(p, r)
             if p.record.get("explain"):
-                rec["attention"] = await loop.run_in_executor(pool, attention, rt, p, r, px)
+                # on the tagger's own thread: a checkpoint's explain graph keeps per-call attention state
+                rec["attention"] = await loop.run_in_executor(batcher.worker, attention, rt, p, r, px)
             recs_out.append(rec)
         return recs_out if many else recs_out[0]
 
@@ -388,6 +389,8 @@ async def multipart_post(request, args) -> list[tuple[NewPost, bytes | None]]:
         raise BadRequest(422, f"post: unknown form field{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))}; a form has text or tokens, an optional file "
                               "field 'image', an optional id and explain")
+    if "explain" in form and not isinstance(form["explain"], str):
+        raise BadRequest(422, 'post: form field "explain" must be true or false, not a file')
     rec = {k: v for k, v in form.items() if isinstance(v, str)}
     if "explain" in rec:
         if rec["explain"] not in ("true", "false"):

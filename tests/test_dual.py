@@ -200,17 +200,20 @@ def test_kept_fine_tokens_carry_their_position():
 
 
 def test_each_fine_cell_gets_its_parent_coarse_token():
-    """The fine view starts from the backbone's semantics: fine cell (i, j) adds the coarse token of the cell it
-    lies in, for any ratio of the grids."""
+    """The fine view starts from the backbone's semantics: fine cell (i, j) adds the coarse token of the cell its
+    centre lies in, for any ratio of the patch sizes (48 px, 16 / 6: fine cell 5 spans pixels 30-36, coarse cell 2)."""
     for kw in (EFF, dict(TINY_DUAL, vision_img_size=48, vision_patch_size=16, vision_fine_patch_size=6)):
         enc = encoder(**kw)
+        pc, pf = enc.size // enc.Gc, enc.size // enc.Gf
         c = torch.randn(2, enc.Gc ** 2, 8)
         par = enc.parent_cells(c)
         assert par.shape == (2, enc.Gf ** 2, 8)
         for i in range(enc.Gf):
             for j in range(enc.Gf):
-                pi, pj = i * enc.Gc // enc.Gf, j * enc.Gc // enc.Gf
+                pi, pj = int((i + 0.5) * pf // pc), int((j + 0.5) * pf // pc)
                 assert torch.equal(par[:, i * enc.Gf + j], c[:, pi * enc.Gc + pj])
+        if pf == 6:
+            assert enc.parent_index[5].item() == 2
 
 
 def explained(enc, x):
@@ -264,6 +267,20 @@ def test_rollout_traces_mixed_tokens_back_to_their_cells():
         blk.attn.last_weights = w
     r = enc.rollout()
     assert torch.allclose(r[:, 1:1 + Nc, 1], torch.ones(2, Nc), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["MNER", "roberta_clip_coattn"])
+def test_word_attention_is_traced_to_the_cells_for_either_fusion(tiny_bert_dir, name):
+    """Both fusions read the dual encoder's mixed tokens; the words' attention is rolled back to input cells (rows
+    sum to 1, the summary slot, which is no cell, gets nothing)."""
+    import predict
+    model = build(tiny_bert_dir, name, "dual").eval()
+    predict.keep_weights(predict.explained_modules(model), True)
+    with torch.no_grad():
+        model(with_images(model, text_batch(model), has=[True, True, False, True]))
+    att = predict.word_region_attention(model)
+    assert att.shape[0] == 3 and att.shape[-1] == model.vision.n_tokens
+    assert torch.allclose(att.sum(-1), torch.ones(att.shape[:2]), atol=1e-4) and att[..., 0].abs().max() == 0
 
 
 def test_runs_before_the_parent_cells_are_refused_but_other_runs_load(tmp_path):

@@ -200,6 +200,8 @@ BAD = {
     "empty_list": (422, "empty list", lambda: {"json": []}),
     "explain_not_bool": (422, '"explain" must be true or false', lambda: {"json": {"text": "a", "explain": "yes"}}),
     "explain_field": (422, 'field "explain" must be true or false', lambda: {"data": {"text": "a", "explain": "1"}}),
+    "explain_file": (422, 'field "explain" must be true or false, not a file',
+                     lambda: {"data": {"text": "a"}, "files": {"explain": ("e.txt", b"true", "text/plain")}}),
     "not_object": (422, "expected a JSON object", lambda: {"json": [3]}),
     "bad_tokens": (422, '"tokens" must be', lambda: {"json": {"tokens": "abc"}}),
     "server_path": (422, '"image" (a server path)', lambda: {"json": {"text": "a", "image": "/etc/passwd"}}),

@@ -128,14 +128,18 @@ class Runtime:
         out = np.concatenate(out)
         return fp16_round(out) if self.meta.get("cached_features", True) else out
 
-    def _emissions(self, batch: dict, feats: list | None) -> np.ndarray:
-        """One collated batch (dataloader.collate, as numpy) -> emissions [B, W, L] (float32)."""
+    @staticmethod
+    def _inputs(batch: dict, feats: list | None) -> dict:
+        """One collated batch (dataloader.collate, as numpy) and its posts' image features (or None) -> graph inputs."""
         x = {k: batch[k] for k in ("input_ids", "attention_mask", "word_index", "word_mask", "case_ids")}
-        if feats is None:
-            return self._run("text", x)
-        x["image_feats"] = np.stack(feats).astype(np.float32)
-        x["has_image"] = np.ones(len(feats), bool)
-        return self._run("mm", x)
+        if feats is not None:
+            x["image_feats"] = np.stack(feats).astype(np.float32)
+            x["has_image"] = np.ones(len(feats), bool)
+        return x
+
+    def _emissions(self, batch: dict, feats: list | None) -> np.ndarray:
+        """One collated batch -> emissions [B, W, L] (float32): the fused graph when feats are given."""
+        return self._run("text" if feats is None else "mm", self._inputs(batch, feats))
 
     def tag(self, words: list[list[str]], feats: list | None = None, batch_size: int = 32) -> list[dict]:
         """Per post: "tags" and "probs" (probability of each word's tag), every word (posts longer than max_len
@@ -170,9 +174,8 @@ class Runtime:
         outs = []
         for k in range(len(ds)):
             batch = {n: v.numpy() for n, v in D.collate([ds[k]], ds.pad_id).items()}
-            x = {n: batch[n] for n in ("input_ids", "attention_mask", "word_index", "word_mask", "case_ids")}
-            x.update(image_feats=feat[None].astype(np.float32), has_image=np.ones(1, bool))
-            outs.append({"att": self._run("explain", x)[0, : int(batch["word_mask"][0].sum())]})
+            att = self._run("explain", self._inputs(batch, [feat]))
+            outs.append({"att": att[0, : int(batch["word_mask"][0].sum())]})
         return ds.merge(outs)[0]["att"]
 
     def decode(self, em: np.ndarray, mask: np.ndarray) -> list[dict]:

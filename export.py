@@ -32,7 +32,6 @@ a model part ONNX cannot express; it has no int8 (torch's int8 Linear takes each
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -259,7 +258,7 @@ def export(save_dir, name: str, fmt: str = "onnx", int8: bool = False, opset: in
     graphs = [("text", Emissions(model, False), TEXT_INPUTS)]
     if meta["mm"]:
         graphs += [("mm", Emissions(model, True), MM_INPUTS), ("vision", Vision(model.vision), ["pixels"]),
-                   ("explain", Explain(copy.deepcopy(model)), MM_INPUTS)]
+                   ("explain", Explain(model), MM_INPUTS)]
     for key, module, names in graphs:
         module.eval()
         args = tuple(x[k] for k in names)

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -54,17 +53,20 @@ class Explain(nn.Module):
 
     def __init__(self, tagger):
         super().__init__()
-        from predict import explained_modules, keep_weights
-        self.tagger = tagger
-        keep_weights(explained_modules(tagger), True)
+        self.tagger = tagger  # shared with the tagging graphs: weights are kept only inside this forward
 
     def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats, has_image):
-        from predict import cell_attention, word_region_attention
+        from predict import cell_attention, explained_modules, keep_weights, word_region_attention
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
                  "word_mask": word_mask, "case_ids": case_ids, "image_feats": image_feats, "has_image": has_image}
-        self.tagger(batch, image_on=True)
-        return cell_attention(word_region_attention(self.tagger), self.tagger.vision,
-                              getattr(self.tagger.vision, "last_cells", None)).float()
+        mods = explained_modules(self.tagger)
+        keep_weights(mods, True)
+        try:
+            self.tagger(batch, image_on=True)
+            return cell_attention(word_region_attention(self.tagger), self.tagger.vision,
+                                  getattr(self.tagger.vision, "last_cells", None)).float()
+        finally:
+            keep_weights(mods, False)
 
 
 class Vision(nn.Module):
@@ -139,8 +141,8 @@ class CheckpointRuntime(BU.Runtime):
         meta = bundle_meta(config, model, label_map, Path(save_dir) / name, "checkpoint", False, 0)
         self._setup(meta, label_map, load_tokenizer(config), crf_params(model))
         self.graphs = {"text": Emissions(model, False), "mm": Emissions(model, True), "vision": Vision(model.vision)}
-        if meta["explain"]:  # its own copy: keeping attention weights must not slow the tagging graphs
-            self.graphs["explain"] = Explain(copy.deepcopy(model))
+        if meta["explain"]:
+            self.graphs["explain"] = Explain(model)
 
     @torch.inference_mode()
     def _run(self, name: str, inputs: dict) -> np.ndarray:

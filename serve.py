@@ -222,6 +222,8 @@ class Batcher:
             for i, f in zip(have, self.rt.vision_features(np.stack([pixels[i] for i in have]))):
                 feats[i] = f
         out = self.rt.tag(words, feats, batch_size=max(len(words), 1))
+        for r, f in zip(out, feats):
+            r["image_feats"] = f  # for "explain": true, so its image is not encoded twice
         self.batches, self.posts = self.batches + 1, self.posts + len(words)
         res, k = [], 0
         for j in jobs:
@@ -326,19 +328,7 @@ def make_app(rt: BU.Runtime, args):
     @app.post("/predict", openapi_extra=PREDICT_SCHEMA)
     async def predict_route(request: Request):
         state["requests"] += 1
-        body = await read_body(request, args.max_body_bytes)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            many, items = False, await multipart_post(request, args)
-        elif ctype in ("application/json", ""):
-            try:
-                recs = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadRequest(400, f"body is not valid JSON ({str(e).splitlines()[0][:80]})") from None
-            many, items = isinstance(recs, list), parse_posts(recs, args)
-        else:
-            raise BadRequest(415, f"content type {ctype!r}: send application/json or multipart/form-data (or a "
-                                  "urlencoded form without an image)")
+        many, items = await request_posts(request, args)
         loop = asyncio.get_running_loop()
         pixels = await asyncio.gather(*[
             loop.run_in_executor(pool, image_pixels, img, rt.prep, args, p.source)
@@ -346,28 +336,44 @@ def make_app(rt: BU.Runtime, args):
         request.state.posts = len(items)
         res = await batcher.submit([p.words for p, _ in items], list(pixels))
         recs_out = []
-        for (p, _), r, px in zip(items, res, pixels):
+        for (p, _), r in zip(items, res):
             r["entities"] = entities(p, r["tags"], r["probs"], rt.meta["eval_mode"])
             rec = prediction_record(p, r)
             if p.record.get("explain"):
-                # on the tagger's own thread: a checkpoint's explain graph keeps per-call attention state
-                rec["attention"] = await loop.run_in_executor(batcher.worker, attention, rt, p, r, px)
+                # on the tagger's own thread: the explain graph shares the tagger's modules and their kept weights
+                rec["attention"] = await loop.run_in_executor(batcher.worker, attention, rt, p, r)
             recs_out.append(rec)
         return recs_out if many else recs_out[0]
 
     return app
 
 
-def attention(rt: BU.Runtime, p: NewPost, r: dict, pixels: np.ndarray | None) -> dict:
+async def request_posts(request, args) -> tuple[bool, list[tuple[NewPost, bytes | None]]]:
+    """A /predict request -> (whether it sent a list, [(post, image bytes or None)]); BadRequest for a bad body."""
+    body = await read_body(request, args.max_body_bytes)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return False, await multipart_post(request, args)
+    if ctype not in ("application/json", ""):
+        raise BadRequest(415, f"content type {ctype!r}: send application/json or multipart/form-data (or a "
+                              "urlencoded form without an image)")
+    try:
+        recs = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"body is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+    return isinstance(recs, list), parse_posts(recs, args)
+
+
+def attention(rt: BU.Runtime, p: NewPost, r: dict) -> dict:
     """"attention" of a post asked with "explain": true: per entity, the mean attention of its words over the
     image's side x side cells (row-major over the model's square view: the centred square of the picture), in
     multiples of uniform attention (1 = as if spread evenly); or why there is none."""
     if not rt.explains:
         return {"why": "this model or bundle has no attention graph (a text-only model, or a bundle exported "
                        "before explain.onnx: export it again)"}
-    if pixels is None or not r["image_used"]:
+    if r.get("image_feats") is None or not r["image_used"]:
         return {"why": "no image was used for this post"}
-    att = rt.explain(p.words, rt.vision_features(pixels[None])[0])
+    att = rt.explain(p.words, r["image_feats"])
     side = int(rt.meta["explain_side"])
     maps = [np.round(att[e["word_start"]:e["word_end"]].mean(0) * side * side, 3).tolist() for e in r["entities"]]
     return {"side": side, "entities": maps}

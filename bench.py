@@ -22,7 +22,8 @@ the --ema_decay weight average where on;
 one batch per step, as with --gradient_accumulation_steps 1) on the real Twitter-2017
 posts, batched exactly as train.py batches them (same sampler, --batch_size), `--steps` batches spread
 evenly over the epoch; epoch seconds = train posts / train posts/s (the train pass only: train.py's
-metrics.jsonl `train_s`; its `eval_s` is the dev pass and `time_s` the whole epoch). Eval: model.decode over the first --eval_posts dev posts.
+metrics.jsonl `train_s`; its `eval_s` is the dev pass and `time_s` the whole epoch). Eval: model.decode over the
+first --eval_posts dev posts.
 The Twitter images are not on this machine, so the image cases feed random pixels / random features
 with has_image = 1 for every post: the compute of a fully illustrated data set, minus JPEG decoding.
 Memory: CPU peak resident set of the child (ru_maxrss) and its growth during training steps; CUDA:
@@ -318,7 +319,8 @@ def hardware(threads: bool = True) -> str:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}" + (f", {torch.get_num_threads()} threads" if threads else "")
+    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    s += f", {torch.get_num_threads()} threads" if threads else ""
     if torch.cuda.is_available():
         s += f", {torch.cuda.get_device_name(0)}"
     return s
@@ -334,7 +336,8 @@ def table(rows: list[dict]) -> str:
             out.append(f"{key} {r['bucketing']} | {r['grad_ckpt']} | failed: {r['error']} ||||||||")
             continue
         out.append(f"{key} {'on' if r['bucketing'] else 'off'} | "
-                   f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | {r['epoch_cpu_s']} | "
+                   f"{'on' if r['grad_ckpt'] else 'off'} | {r['train_posts_per_s']} | {r['epoch_s']} | "
+                   f"{r['epoch_cpu_s']} | "
                    f"{r['eval_posts_per_s']} | {r['peak_rss_mib']} | {r['train_rss_growth_mib']} | "
                    f"{r['peak_cuda_mib'] or '-'} | "
                    f"{r.get('train_gflops', '-')} ({r.get('matmul_peak_gflops', '-')}) |")
@@ -351,8 +354,8 @@ def round_ratios(rows: list[dict]) -> dict[str, tuple[float, float]]:
     out = {}
     for r in ok:
         if r["case"] == "text" and not r["amp"] and rec:
-            what = f"text (bucketing {'on' if r['bucketing'] else 'off'}, grad ckpt {'on' if r['grad_ckpt'] else 'off'}" \
-                   + ") vs hf_recipe"
+            what = (f"text (bucketing {'on' if r['bucketing'] else 'off'}, "
+                    f"grad ckpt {'on' if r['grad_ckpt'] else 'off'}) vs hf_recipe")
             out[f"{what}: train pass"] = (r["epoch_s"] / rec["epoch_s"], r["epoch_cpu_s"] / rec["epoch_cpu_s"])
             out[f"{what}: eval posts/s"] = (r["eval_posts_per_s"] / rec["eval_posts_per_s"], None)
     for r in ok:

@@ -5,8 +5,8 @@
 AutoModelForTokenClassification on --text_encoder, each word's label on its first sub-word (-100 elsewhere), AdamW at
 --text_lr, linear warm-up (--warmup_prop) then decay, shuffled batches of --batch_size tokenised per batch, the
 model's own dropout. After every epoch it tags dev (a word's tag is its first sub-word's argmax; words cut by
---max_len are O: the peer recipe truncates as the Hugging Face example does) and scores it with metrics.evaluate under --eval_mode; test is scored once, with
-the weights of the best dev epoch. bench.py times the same recipe (Recipe).
+--max_len are O: the peer recipe truncates as the Hugging Face example does) and scores it with metrics.evaluate
+under --eval_mode; test is scored once, with the weights of the best dev epoch. bench.py times the same recipe (Recipe).
 """
 from __future__ import annotations
 

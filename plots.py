@@ -171,7 +171,8 @@ def dev_f1_curve(rows: list[dict], path) -> Path:
     return save(img, path)
 
 
-IMAGE_TERMS = ("residual", "preserve", "nce", "sparsity", "image_types", "distill")  # computed only on a batch's posts with an image
+# computed only on a batch's posts with an image
+IMAGE_TERMS = ("residual", "preserve", "nce", "sparsity", "image_types", "distill")
 
 
 def smooth(ys: list[float], alpha: float = 0.1) -> list[float]:

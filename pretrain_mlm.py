@@ -101,7 +101,8 @@ def main(argv=None):
     steps = args.epochs * math.ceil(len(enc) / args.batch_size)
     warm = max(1, int(0.06 * steps))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else max(0.0, (steps - t) / (steps - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else max(0.0, (steps - t) / (steps - warm)))
     head_only = [q for n, q in model.named_parameters() if not n.startswith("cls.")]
     losses, step, t0 = [], 0, time.time()
     for epoch in range(args.epochs):

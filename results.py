@@ -83,10 +83,12 @@ def markdown(rows: list[dict], hardware: str, note: str = "") -> str:
         ep = ", ".join(f"{x['epochs_run']} ({x['best_epoch']})" for x in runs)
         walls = [x["wall_s"] for x in runs if x["wall_s"]]
         wall = f"{statistics.median(walls) / 60:.1f} min" if walls else "-"
-        seeds = ",".join(map(str, r["seeds"])) + (f" (missing {','.join(map(str, r['missing_seeds']))})" if r["missing_seeds"] else "")
+        missing = ",".join(map(str, r["missing_seeds"]))
+        seeds = ",".join(map(str, r["seeds"])) + (f" (missing {missing})" if missing else "")
         out.append(f"| {r['dataset']} | {MODEL_NAMES.get(r['model'], r['model'])} | {r['images_present']} | {seeds} | "
                    f"{pm(r['test_precision'])} | {pm(r['test_recall'])} | **{pm(r['test_f1'])}** | {pm(r['dev_f1'])} | "
-                   f"{r['mode']}, {r['support']} | {ep} | {statistics.median(x['epoch_s'] for x in runs):.0f} | {wall} | "
+                   f"{r['mode']}, {r['support']} | {ep} | {statistics.median(x['epoch_s'] for x in runs):.0f} | "
+                   f"{wall} | "
                    f"{r.get('data', '-')} |")
     out.append(f"\nMean ± sample std over seeds, in %. Text encoder: {rows[0]['text_encoder'] if rows else '-'}. "
                f"Hardware: {hardware}" + (f"; {note}" if note else "") + ".")

@@ -72,7 +72,8 @@ def name_pools(rng: random.Random, sizes: list[int]) -> list[list[str]]:
 
 
 def make_post(rng: random.Random, names: list[str], img_type: str) -> tuple[list[tuple[str, str]], int]:
-    """([(word, tag)], 1 if a mention is ambiguous); the picture's type goes to the ambiguous mention, else the first."""
+    """([(word, tag)], 1 if a mention is ambiguous); the picture's type goes to the ambiguous mention, else the
+    first."""
     n = rng.choice((1, 1, 2))
     amb = rng.randrange(n) if rng.random() < AMB_RATE else None
     types = [rng.choice(TYPES) for _ in range(n)]

@@ -152,7 +152,8 @@ def achieved(step, batches: list, size, posts_per_s: float, device, sync=lambda:
     """{"train_gflops": GFLOP/s the timed train steps achieved, "matmul_peak_gflops"} (FLOPs counted on 4 batches
     spread over the epoch, after the timing: counting slows a step down)."""
     pick = [prepare(batches[i * len(batches) // 4]) for i in range(4)]
-    return {"train_gflops": round(flops_per_post(step, pick, size) * posts_per_s / 1e9, 1),
+    gflops = flops_per_post(step, pick, size) * posts_per_s / 1e9  # 3 significant digits: tiny models too
+    return {"train_gflops": float(f"{gflops:.3g}"),
             "matmul_peak_gflops": round(matmul_peak(device, sync), 1)}
 
 

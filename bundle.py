@@ -145,9 +145,14 @@ class Runtime:
         """Per post: "tags" and "probs" (probability of each word's tag), every word (posts longer than max_len
         in overlapping windows, dataloader.encode_windows), and "image_used". feats: per post image features
         (vision_features) or None (text-only path)."""
-        feats = feats if feats is not None and self.uses_image else [None] * len(words)
         posts = [D.Post(list(w), ["O"] * len(w), None, f"post {i}") for i, w in enumerate(words)]
         ds = D.MNERDataset(posts, self.tokenizer, self.label_map, self.meta["max_len"])
+        return self.tag_dataset(ds, feats, batch_size)
+
+    def tag_dataset(self, ds: D.MNERDataset, feats: list | None = None, batch_size: int = 32) -> list[dict]:
+        """tag() for a dataset already made (test.py: a split with its windows and context): one result per post of
+        ds.posts, windows merged (ds.merge). feats: per post image features or None, as in tag."""
+        feats = feats if feats is not None and self.uses_image else [None] * len(ds.posts)
         lengths, post_of = ds.lengths(), [w.post for w in ds.windows]
         out: list[dict | None] = [None] * len(ds)
         for with_img in (False, True):  # posts with an image go through the fused graph, the rest text-only

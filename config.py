@@ -284,8 +284,8 @@ def _predict_flags(a) -> None:
 
 def _serve_flags(a) -> None:
     """The "export/serve" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
-    a("--bundle", tools="predict export serve", default="",
-      help="predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
+    a("--bundle", tools="test predict export serve", default="",
+      help="test.py / predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
                                    "export.py: write the bundle here instead of <run>/bundle[_int8]")
     a("--int8", tools="export", action="store_true",
       help="export.py: static int8 quantisation (scales calibrated on training posts) of the "

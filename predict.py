@@ -16,12 +16,12 @@ Words: raw text is split by TOKEN_RE: URLs, @mentions and #hashtags stay whole, 
 "tokens" are taken as given: without "text" the text is the words joined by single spaces; with both, the
 words are found left to right in the text. From there the training code runs unchanged: the run's config.json
 and label_map.json (runner.load_run), dataloader.make_dataset (encode_windows: sub-words, and posts longer
-than --max_len in overlapping windows; the run's image preprocessing and frozen-feature cache), make_loader (batches of
---batch_size sorted by length), and the model's head.
+than --max_len in overlapping windows; the run's image preprocessing and frozen-feature cache), then the runtime
+test.py and serve.py tag with (runtime.CheckpointRuntime: batches of --batch_size sorted by length, posts with and
+without an image apart, the head's decoding in numpy).
 
 Score of an entity: the mean over its words of the marginal probability of the predicted tag. CRF head: exact
-marginals (forward-backward, computed as the gradient of log Z with respect to the emissions); softmax head:
-the softmax of the emissions.
+marginals (forward-backward, crf.py); softmax head: the softmax of the emissions.
 
 --explain writes per post with an image <out_dir>/explain/post<k>_attention.png (the part of the image the
 model sees, with the text->image attention of --explain_word or of each predicted entity as a heat overlay;
@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 import dataloader as D
-from config import ConfigError, UserError, cli, get_config, given_flags
+from config import ConfigError, cli, get_config, given_flags
+from explain import ExplainRefused, attention_rows, image_path_off, region_grids, region_heat
 from metrics import get_entities
 
 # model.py, test.py, plots and cv2 are imported where used: --bundle runs without the training code
@@ -56,10 +57,6 @@ from metrics import get_entities
 TOKEN_RE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+|\w+(?:['’-]\w+)*|[^\w\s]")
 VIEW = 320        # side in pixels of the image as drawn
 MAX_PANELS = 6    # overlays in one attention picture (a post with more entities shows its first six)
-
-
-class ExplainRefused(UserError):
-    """--explain asked of a model that cannot look at images: nothing honest to draw."""
 
 
 @dataclasses.dataclass
@@ -160,239 +157,7 @@ def dataset_posts(posts: list[NewPost], use_images: bool) -> list[D.Post]:
     return out
 
 
-# ----------------------------------------------------------------------------- model outputs
-
-def tag_probabilities(head, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Probability of each label at each word, [B, W, L] (0 on padding) from emissions em [B, W, L], mask [B, W].
-
-    CRF: its exact marginals (crf.CRFHead.marginals). Softmax head: softmax over the labels other than PAD.
-    """
-    from crf import CRFHead
-    if isinstance(head, CRFHead):
-        return head.marginals(em, mask)
-    p = em[..., 1:].float().softmax(-1)
-    return torch.cat([torch.zeros_like(p[..., :1]), p], -1) * mask[..., None]
-
-
-def explained_modules(model) -> list:
-    """The attention (and gate) modules whose kept weights explanations read."""
-    import model as M
-    if model.coattn is not None:
-        mods = [model.coattn.t2i]
-    elif model.stack is not None:
-        mods = [m for m in (model.resampler.attn, *(b.cross for b in model.stack.blocks), model.gate) if m is not None]
-    else:
-        return []
-    v = model.vision
-    if isinstance(v, M.DualGranularityEncoder):  # its token mixing, traced back to the cells by rollout()
-        mods += [*(b.attn for b in v.swin), v.delegate.attn, *(b.attn for b in v.fine)]
-    return mods
-
-
-def keep_weights(mods: list, on: bool):
-    """Switch weight keeping on/off and forget the last batch's weights (a text-only batch leaves them unset)."""
-    import model as M
-    for m in mods:
-        m.keep_weights = on
-        setattr(m, "last_gate" if isinstance(m, M.GatedConcatFusion) else "last_weights", None)
-
-
-def word_region_attention(model) -> torch.Tensor | None:
-    """Text-word -> image-region attention of the last forward pass, [n, W, R] (rows sum to 1), or None; n = the
-    posts of the batch that had an image, in batch order (only they go through the image path).
-
-    roberta_clip_coattn: the text->image co-attention, averaged over heads (exact for that layer).
-    MNER: words reach the image only through the resampler's K learned queries, so the map is composed:
-    (word -> query attention of the stack's cross-attention, averaged over layers and heads) @ (query -> region
-    attention of the resampler, averaged over heads). Approximations: what the stack's self-attention passes
-    between words, the FFNs and residuals, and the queries' own (image-independent) content are left out. Dual
-    granularity: its tokens mixed inside the encoder, so each is traced back to the input cells it drew on
-    (DualGranularityEncoder.rollout).
-    """
-    if model.coattn is not None:
-        w = model.coattn.t2i.last_weights
-        if w is None:
-            return None
-        t2x = w.float().mean(1)
-    elif model.stack is None or model.stack.blocks[0].cross.last_weights is None:
-        return None
-    else:
-        t2x = torch.stack([b.cross.last_weights.float() for b in model.stack.blocks]).mean((0, 2))
-        if model.resampler.attn is not None:  # else (--resampler_tokens 0) the stack's keys are the regions
-            t2x = t2x @ model.resampler.attn.last_weights.float().mean(1)  # [B, W, K] @ [B, K, R]
-    roll = getattr(model.vision, "rollout", lambda: None)()  # dual: [B, R, R], tokens back to their input cells
-    return t2x if roll is None else t2x @ roll
-
-
-def region_grids(vision) -> list[tuple[int, int, int]]:
-    """Where the vision module's region tokens lie: [(first, end, grid side)], side 0 = a whole-image token, a
-    negative side = tokens at the cells (of a |side| x |side| grid) each image's explanation names ("cells").
-
-    EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
-    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the cells the saliency
-    score picked in that image (word_region_attention has already traced the mixed tokens back to these cells).
-    """
-    import model as M
-    if isinstance(vision, M.DualGranularityEncoder):
-        c = vision.Gc ** 2
-        return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + vision.k, -vision.Gf)]
-    side = round(vision.n_tokens ** 0.5)
-    if side * side != vision.n_tokens:
-        raise ExplainRefused(f"--explain: {vision.n_tokens} region tokens do not form a square grid")
-    return [(0, vision.n_tokens, side)]
-
-
-def cell_attention(att: torch.Tensor, vision, cells: torch.Tensor | None = None) -> torch.Tensor:
-    """Word -> region attention [n, W, R] -> word -> cell attention on the vision's finest grid [n, W, G*G]
-    (G = explain_side(vision); row sums kept): a grid token's weight spread evenly over the finest cells it covers,
-    a kept fine token's (dual; cells [n, k], row-major on the fine grid) on its cell, the summary token's evenly."""
-    import model as M
-    if not isinstance(vision, M.DualGranularityEncoder):
-        return att
-    Nc, Gf = vision.Gc ** 2, vision.Gf
-    spread = torch.nn.functional.one_hot(vision.parent_index, Nc).T.float()                       # [Nc, Gf*Gf]
-    spread = spread / spread.sum(1, keepdim=True)
-    fine = att[..., 1 + Nc:] @ torch.nn.functional.one_hot(cells, Gf * Gf).float()          # [n, W, k] @ [n, k, Gf*Gf]
-    return att[..., :1] / (Gf * Gf) + att[..., 1:1 + Nc] @ spread + fine
-
-
-def explain_side(vision) -> int:
-    """The side of the grid cell_attention maps to: the dual encoder's fine grid, else the region grid's."""
-    import model as M
-    return vision.Gf if isinstance(vision, M.DualGranularityEncoder) else round(vision.n_tokens ** 0.5)
-
-
-def region_heat(w: np.ndarray, grids, size: int, cells=None) -> np.ndarray:
-    """Attention mass per pixel of a size x size view [size, size] from region weights w [R].
-
-    Each grid cell spreads its weight over its patch (bilinear between cell centres; the grids all cover the
-    whole view, so coarse and fine tokens add up), a whole-image token evenly over every pixel. Tokens of a
-    negative-side grid sit at `cells` (their row-major cell indices; without them they are spread evenly).
-    """
-    import cv2
-    heat = np.zeros((size, size), np.float32)
-    for a, b, side in grids:
-        if side == 0 or (side < 0 and cells is None):
-            heat += w[a:b].sum() / size ** 2
-            continue
-        if side < 0:
-            side = -side
-            g = np.zeros(side * side, np.float32)
-            np.add.at(g, np.asarray(cells), w[a:b])
-            g = g.reshape(side, side) * side ** 2 / size ** 2
-        else:
-            g = w[a:b].reshape(side, side).astype(np.float32) * side ** 2 / size ** 2
-        heat += cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR)
-    return heat
-
-
-def read_boxes(path: Path) -> dict[str, dict]:
-    """A generator's <split>_boxes.jsonl -> {imgid: {"type", "box": [x0, y0, x1, y1], "size": [W, H]}}; a line that
-    is not such an object, or a box not inside its image, is an error naming the line."""
-    out = {}
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            (x0, y0, x1, y1), (w, h) = r["box"], r["size"]
-            ok = isinstance(r["imgid"], str) and isinstance(r["type"], str) and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"{path}:{n}: expected {{\"imgid\", \"type\", \"box\": [x0, y0, x1, y1] inside \"size\": "
-                              "[W, H]}; fix or remove the line")
-        out[r["imgid"]] = r
-    return out
-
-
-def image_to_view(x: float, y: float, size: tuple[int, int], prep: D.ImagePrep) -> tuple[float, float]:
-    """A point of a W x H image -> the same point in the model's S x S view (ImagePrep's short-side resize and centre
-    crop); a point the crop cut off falls outside [0, S]."""
-    w, h = size
-    rw, rh = prep.resized(w, h)
-    return x * rw / w - (rw - prep.size) // 2, y * rh / h - (rh - prep.size) // 2
-
-
-def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, boxes: dict) -> dict:
-    """Does the text->image attention point at the object the picture cues? For each post whose image reached the
-    model and has a box: the attention of the words of the cued type's gold entities, averaged, drawn as the
-    --explain overlay does (region_heat); a hit when its peak pixel lies inside the box, mapped into the view.
-    "chance" is the rate a peak drawn uniformly over the view would reach: the mean share of the view the box covers.
-    Returns {"hits", "posts", "rate", "chance", "no_box", "no_entity"}."""
-    out = run_model(model, ds, config, label_map, device, amp, explain=True)
-    grids, prep = region_grids(model.vision), ds.prep
-    hits = posts = no_box = no_entity = 0
-    cover = 0.0
-    for p, r in zip(ds.posts, out):
-        if "explain" not in r:
-            continue
-        b = boxes.get(p.imgid or "")
-        if b is None:
-            no_box += 1
-            continue
-        words = [k for k, t in enumerate(p.tags) if t != "O" and t[2:] == b["type"]]
-        if not words:
-            no_entity += 1
-            continue
-        heat = region_heat(r["explain"]["att"][words].mean(0), grids, prep.size, r["explain"]["cells"])
-        py, px = np.unravel_index(heat.argmax(), heat.shape)
-        x0, y0, x1, y1 = b["box"]
-        (ax, ay), (bx, by) = image_to_view(x0, y0, b["size"], prep), image_to_view(x1, y1, b["size"], prep)
-        posts += 1
-        hits += int(ax <= px + 0.5 <= bx and ay <= py + 0.5 <= by)  # the pixel's centre
-        ax, ay, bx, by = (min(max(v, 0.0), prep.size) for v in (ax, ay, bx, by))
-        cover += (bx - ax) * (by - ay) / prep.size ** 2
-    return {"hits": hits, "posts": posts, "rate": hits / posts if posts else 0.0,
-            "chance": cover / posts if posts else 0.0, "no_box": no_box, "no_entity": no_entity}
-
-
-def image_path_off(model, config) -> str:
-    """Why the model cannot look at images (and so --explain has no text->image attention to draw); '' when it can."""
-    if not model.uses_image:
-        return (f"model {config.model} of this run has no image path"
-                + ("" if config.use_image else " (trained with --no-use_image)"))
-    if not config.use_image:
-        return "--no-use_image turns its image path off"
-    return ""
-
-
-@torch.no_grad()
-def run_model(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, explain: bool) -> list[dict]:
-    """Per post: "tags" (every word), "probs" (probability of each word's tag), "image_used" and, with
-    explain and an image that reached the model, "explain": {"att" [n, R], "rel" [n], "gate" [n] or None}."""
-    from runner import run_batches
-    mods = explained_modules(model) if explain else []
-
-    def each(batch) -> list[dict]:
-        keep_weights(mods, explain)
-        with amp():  # the model only: tag probabilities and attention maps are composed in fp32
-            res = model(batch)
-        em, mask = res["emissions"].float(), batch["word_mask"]
-        ids = model.head.decode(em, mask)
-        probs = tag_probabilities(model.head, em, mask).cpu()
-        att = word_region_attention(model) if explain else None
-        gate = model.gate.last_gate if explain and model.gate is not None else None
-        cells = getattr(model.vision, "last_cells", None) if explain else None  # dual: the kept fine tokens' cells
-        img_row = {b: k for k, b in enumerate(batch["has_image"].nonzero().squeeze(1).tolist())}  # att/gate rows
-        rows = []
-        for b, row in enumerate(ids):
-            n = len(row)
-            r = {"tags": label_map.decode(row),
-                 "probs": probs[b, torch.arange(n), torch.tensor(row)].tolist(),
-                 "image_used": bool(batch["has_image"][b])}
-            if att is not None and bool(batch["has_image"][b]):
-                k = img_row[b]
-                r["explain"] = {"att": att[k, :n].cpu().numpy(), "rel": res["rel"][b, :n].float().tolist(),
-                                "gate": gate[k, :n].float().mean(-1).tolist() if gate is not None else None,
-                                "cells": tuple(cells[k].tolist()) if cells is not None else None}  # per post
-            rows.append(r)
-        return rows
-
-    out = run_batches(model, ds, config, device, each)
-    keep_weights(mods, False)
-    return out
-
+# ----------------------------------------------------------------------------- output
 
 def entities(post: NewPost, tags: list[str], probs: list[float], mode: str) -> list[dict]:
     """The predicted entities of a post with word and character spans ([start, end)) and their score."""
@@ -404,8 +169,6 @@ def entities(post: NewPost, tags: list[str], probs: list[float], mode: str) -> l
                     "char_start": cs, "char_end": ce, "score": round(sum(ps) / len(ps), 4)})
     return out
 
-
-# ----------------------------------------------------------------------------- output
 
 def format_entities(post: NewPost, ents: list[dict], image_used: bool) -> str:
     """The --text printout: the post, then one line per entity."""
@@ -518,6 +281,7 @@ def main(argv=None) -> list[dict]:
         return main_bundle(args, posts)
     from model import load_tokenizer
     from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device
+    from runtime import CheckpointRuntime
     given = given_flags(argv)
     config, label_map, model, _ = load_run(args.save_dir, args.save_name,
                                            {k: getattr(args, k) for k in given & RUNTIME_FLAGS})
@@ -545,7 +309,14 @@ def main(argv=None) -> list[dict]:
             why = D.load_image(dp.imgid)[1]
             why = {"zero bytes": "empty (0 bytes)", "decompression bomb": "a decompression bomb"}.get(why, why)
             warn(f"{p.source}: image {p.image} is {why}; this post is tagged text-only")
-    results = run_model(model, ds, config, label_map, device, amp_context(config, device)[0], args.explain)
+    amp = amp_context(config, device)[0]
+    rt = CheckpointRuntime(args.save_dir, args.save_name, loaded=(config, label_map, model), strict=False,
+                           device=device, amp=amp)
+    results = rt.tag_dataset(ds, rt.dataset_features(ds), config.batch_size)
+    if args.explain:  # the attention maps behind the overlays, from the model's own modules
+        for r, ex in zip(results, attention_rows(model, ds, config, device, amp)):
+            if ex:
+                r["explain"] = ex
     for p, r in zip(posts, results):
         r["entities"] = entities(p, r["tags"], r["probs"], config.eval_mode)
     dt = time.time() - t0

@@ -4,11 +4,12 @@
     Explain               the text -> image attention on a grid of image cells (serve.py's page overlay)
     crf_params            the CRF scores a bundle decodes with (crf.npz)
     bundle_meta, refusal  what meta.json says of a run, and why a run cannot be exported
-    CheckpointRuntime     bundle.Runtime on the run's checkpoint: serve.py --save_name, and the reference
-                          export.py checks a bundle against
+    CheckpointRuntime     bundle.Runtime on the run's checkpoint: test.py, serve.py --save_name, and the
+                          reference export.py checks a bundle against
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import dataloader as D
 from config import ConfigError
 from crf import CRFHead
 from model import BYTE_LEVEL_TYPES, load_tokenizer
-from predict import explain_side
+from explain import explain_side
 from runner import load_run
 
 TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
@@ -48,7 +49,7 @@ class Emissions(nn.Module):
 
 class Explain(nn.Module):
     """The MNER / co-attention graph's text -> image attention with the same inputs as Emissions(image=True): word ->
-    cell attention on the vision's finest grid [B, W, G*G] (predict.word_region_attention, then cell_attention),
+    cell attention on the vision's finest grid [B, W, G*G] (explain.word_region_attention, then cell_attention),
     every post of the batch with an image; what serve.py's page draws over the picture."""
 
     def __init__(self, tagger):
@@ -56,7 +57,7 @@ class Explain(nn.Module):
         self.tagger = tagger  # shared with the tagging graphs: weights are kept only inside this forward
 
     def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats, has_image):
-        from predict import cell_attention, explained_modules, keep_weights, word_region_attention
+        from explain import cell_attention, explained_modules, keep_weights, word_region_attention
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
                  "word_mask": word_mask, "case_ids": case_ids, "image_feats": image_feats, "has_image": has_image}
         mods = explained_modules(self.tagger)
@@ -129,25 +130,61 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
 
 
 class CheckpointRuntime(BU.Runtime):
-    """The run's torch model behind bundle.Runtime's interface (same batching, CRF in numpy): serve.py
-    --save_name, and the reference an export is checked against."""
+    """The run's torch model behind bundle.Runtime's interface (same batching, CRF in numpy): test.py's scoring,
+    serve.py --save_name, and the reference an export is checked against.
 
-    def __init__(self, save_dir, name: str, overrides=None):
-        config, label_map, model, _ = load_run(save_dir, name, overrides or {})
+    loaded: (config, label_map, model) already built by runner.load_run (test.py), else the run is loaded here.
+    strict: refuse a run whose inputs a post's words alone cannot give (refusal: serve.py and export.py tag raw
+    words); test.py scores its own datasets (tag_dataset), which carry them. device / amp: where and under which
+    autocast context the model runs."""
+
+    def __init__(self, save_dir, name: str, overrides=None, loaded=None, strict: bool = True, device="cpu",
+                 amp=None):
+        config, label_map, model = loaded or load_run(save_dir, name, overrides or {})[:3]
         why = refusal(config, model)
-        if why:
+        if strict and why:
             raise ConfigError(f"--save_name {name}: {why}")
-        self.model = model.eval()
+        self.model, self.device, self.amp = model.to(device).eval(), torch.device(device), amp or nullcontext
         meta = bundle_meta(config, model, label_map, Path(save_dir) / name, "checkpoint", False, 0)
         self._setup(meta, label_map, load_tokenizer(config), crf_params(model))
-        self.graphs = {"text": Emissions(model, False), "mm": Emissions(model, True), "vision": Vision(model.vision)}
+        self.graphs = {"vision": Vision(model.vision)} if meta["vision"] else {}
         if meta["explain"]:
             self.graphs["explain"] = Explain(model)
 
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
     @torch.inference_mode()
     def _run(self, name: str, inputs: dict) -> np.ndarray:
-        return self.graphs[name](*(torch.from_numpy(np.ascontiguousarray(inputs[k]))
-                                   for k in self.meta["inputs"][name])).numpy()
+        return self.graphs[name](*(self._tensor(inputs[k]) for k in self.meta["inputs"][name])).cpu().numpy()
+
+    @torch.inference_mode()
+    def _emissions(self, batch: dict, feats: list | None) -> np.ndarray:
+        """The model on the whole collated batch (word_end too, which mean pooling and the BiLSTM read)."""
+        x = {k: self._tensor(batch[k]) for k in TEXT_INPUTS + ["word_end"]}
+        if feats is not None:
+            x["image_feats"] = self._tensor(np.stack(feats).astype(np.float32))
+            x["has_image"] = torch.ones(len(feats), dtype=torch.bool, device=self.device)
+        with self.amp():
+            em = self.model(x, image_on=feats is not None)["emissions"]
+        return em.float().cpu().numpy()
+
+    def dataset_features(self, ds: D.MNERDataset) -> list | None:
+        """Each post's image features as the model reads them in training (the feature cache, --image_control
+        applied), or this runtime's vision on the dataset's pixels for a vision trained with the tagger; None for a
+        post without a usable image, and for a dataset or runtime without an image path."""
+        if not ds.image_mode or not self.uses_image:
+            return None
+        first: dict[int, int] = {}
+        for k, w in enumerate(ds.windows):
+            first.setdefault(w.post, k)
+        feats: list = [None] * len(ds.posts)
+        for i, k in first.items():
+            it = ds[k] if ds.has_image[i] else {"has_image": False}
+            if it["has_image"]:
+                feats[i] = it["image_feats"].numpy() if "image_feats" in it else \
+                    self.vision_features(it["pixel_values"][None].numpy())[0]
+        return feats
 
     def info(self) -> dict:
         m = self.meta

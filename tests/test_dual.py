@@ -7,6 +7,7 @@ import torch
 
 import config as cfgmod
 import dataloader as dl
+import explain
 import model as M
 from test_model import TINY_DUAL, build, make_config, text_batch, with_images
 
@@ -273,12 +274,11 @@ def test_rollout_traces_mixed_tokens_back_to_their_cells():
 def test_word_attention_is_traced_to_the_cells_for_either_fusion(tiny_bert_dir, name):
     """Both fusions read the dual encoder's mixed tokens; the words' attention is rolled back to input cells (rows
     sum to 1, the summary slot, which is no cell, gets nothing)."""
-    import predict
     model = build(tiny_bert_dir, name, "dual").eval()
-    predict.keep_weights(predict.explained_modules(model), True)
+    explain.keep_weights(explain.explained_modules(model), True)
     with torch.no_grad():
         model(with_images(model, text_batch(model), has=[True, True, False, True]))
-    att = predict.word_region_attention(model)
+    att = explain.word_region_attention(model)
     assert att.shape[0] == 3 and att.shape[-1] == model.vision.n_tokens
     assert torch.allclose(att.sum(-1), torch.ones(att.shape[:2]), atol=1e-4) and att[..., 0].abs().max() == 0
 

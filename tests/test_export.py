@@ -3,7 +3,6 @@ TorchScript bundles give the checkpoint's tags, int8 agreement, predict.py --bun
 and one-line refusals."""
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from PIL import Image, ImageDraw
 
 import bundle as BU
 import export
-import model as M
 import predict
 import runtime
 import train
@@ -85,7 +83,7 @@ def test_numpy_crf_matches_torch(seed, bio, bioes):
     crf = runtime.crf_params(SimpleNamespace(head=head))
     ids, probs = crf_tags(pin_pad(em.numpy()), mask.numpy(), crf)
     assert ids == head.decode(em, mask)
-    want = predict.tag_probabilities(head, em, mask).numpy()
+    want = head.marginals(em, mask).numpy()
     assert want.shape == (3, W, L)
     np.testing.assert_allclose(probs, want, atol=1e-5)
     np.testing.assert_allclose(probs.sum(-1), mask.float().numpy(), atol=1e-5)  # each word's labels sum to 1
@@ -94,8 +92,8 @@ def test_numpy_crf_matches_torch(seed, bio, bioes):
 def test_softmax_probs_match():
     em = torch.randn(2, 3, 5)
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    np.testing.assert_allclose(BU.softmax_probs(em.numpy(), mask.numpy()),
-                               predict.tag_probabilities(M.SoftmaxHead(5), em, mask).numpy(), atol=1e-6)
+    want = torch.cat([torch.zeros(2, 3, 1), em[..., 1:].softmax(-1)], -1) * mask[..., None]
+    np.testing.assert_allclose(BU.softmax_probs(em.numpy(), mask.numpy()), want.numpy(), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- bundles
@@ -120,6 +118,31 @@ def test_bundle_layout_and_identical_tags(tiny_run, tmp_path, capsys):
         np.testing.assert_allclose([e["score"] for e in a["entities"]], [e["score"] for e in r["entities"]], atol=2e-3)
     lines = (tmp_path / "onnx" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(recs) and json.loads(lines[0])["tags"] == ref[0]["tags"]
+
+
+def test_test_py_scores_a_bundle_as_the_checkpoint(tiny_run, tmp_path, capsys):
+    """test.py --bundle: the same runtime interface as the checkpoint, so the fp32 bundle scores the split exactly as
+    the checkpoint (images from the bundle's own vision graph), in its own report; a bundle of another run and
+    --explain_hits (the checkpoint's attention) are refused in one line each."""
+    import test as test_py
+    from config import ConfigError
+    flags = [*tiny_run["flags"], "--data_dir", str(tiny_run["data"]), "--split", "test"]
+    ref = test_py.main(flags)
+    got = test_py.main([*flags, "--bundle", str(tiny_run["bundle"])])
+    run = tiny_run["save"] / "e"
+    assert got == ref and (run / "test_report.bundle.json").is_file()
+    assert (run / "test_predictions.bundle.conll").read_text() == (run / "test_predictions.conll").read_text()
+    with pytest.raises(ConfigError, match="--explain_hits reads the checkpoint's attention"):
+        test_py.main([*flags, "--bundle", str(tiny_run["bundle"]), "--explain_hits"])
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((tiny_run["bundle"] / "meta.json").read_text())
+    for f in tiny_run["bundle"].iterdir():
+        (other / f.name).symlink_to(f)
+    (other / "meta.json").unlink()
+    (other / "meta.json").write_text(json.dumps({**meta, "run": "/elsewhere/another_run"}))
+    with pytest.raises(ConfigError, match="exported from run another_run, not from --save_name e"):
+        test_py.main([*flags, "--bundle", str(other)])
 
 
 def check_explain(save, name: str, bundle_dir, data_dir) -> None:

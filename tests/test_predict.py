@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import bundle as BU
+import explain
 import model as M
 import predict
 import test as test_py
@@ -103,7 +105,7 @@ def test_post_from_record_variants():
 
 @pytest.mark.parametrize("seed,bio", [(0, False), (1, False), (0, True)])
 def test_crf_marginals_match_brute_force(seed, bio):
-    """tag_probabilities == sum over all tag paths of p(path) with the label at that word (PAD never emitted); with
+    """CRFHead.marginals == sum over all tag paths of p(path) with the label at that word (PAD never emitted); with
     the BIO bans, over the valid paths only (an I- label never first, never after O)."""
     g = torch.Generator().manual_seed(seed)
     L, W = 4, 3  # PAD, O, B-X, I-X
@@ -113,7 +115,7 @@ def test_crf_marginals_match_brute_force(seed, bio):
             prm.copy_(torch.randn(prm.shape, generator=g))
     em = torch.randn(2, W, L, generator=g)
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    got = predict.tag_probabilities(head, em, mask)
+    got = head.marginals(em, mask)
     crf, x = head.crf, CRFHead._pin(em)
     for b in range(2):
         n = int(mask[b].sum())
@@ -135,7 +137,7 @@ def test_crf_marginals_match_brute_force(seed, bio):
 
 def test_softmax_probabilities():
     em = torch.randn(1, 3, 5)
-    p = predict.tag_probabilities(M.SoftmaxHead(5), em, torch.tensor([[True, True, False]]))
+    p = torch.from_numpy(BU.softmax_probs(em.numpy(), np.array([[True, True, False]])))
     torch.testing.assert_close(p[0, :2].sum(-1), torch.ones(2))
     assert (p[0, 2] == 0).all() and (p[..., 0] == 0).all()
 
@@ -145,19 +147,19 @@ def test_region_grids_and_heat():
                     "--vision_fine_patch_size", "4", "--vision_embed_dim", "32", "--vision_heads", "2",
                     "--vision_depth", "1", "--vision_swin_window", "2", "--vision_max_patches", "16"])
     dual = M.DualGranularityEncoder(c)
-    grids = predict.region_grids(dual)
+    grids = explain.region_grids(dual)
     assert grids[0] == (0, 1, 0) and grids[-1][1] == dual.n_tokens
-    assert predict.region_grids(types.SimpleNamespace(n_tokens=49)) == [(0, 49, 7)]  # EfficientNet's 7x7 map
+    assert explain.region_grids(types.SimpleNamespace(n_tokens=49)) == [(0, 49, 7)]  # EfficientNet's 7x7 map
     w = np.full(dual.n_tokens, 1.0 / dual.n_tokens)
-    heat = predict.region_heat(w, grids, 64)
+    heat = explain.region_heat(w, grids, 64)
     assert heat.sum() == pytest.approx(1.0, rel=1e-3) and heat.std() < 0.05 * heat.mean()  # uniform in, uniform out
     one = np.zeros(49)
     one[0] = 1.0  # top-left region -> heat in the top-left corner
-    h = predict.region_heat(one, [(0, 49, 7)], 70)
+    h = explain.region_heat(one, [(0, 49, 7)], 70)
     assert np.unravel_index(h.argmax(), h.shape)[0] < 10 and np.unravel_index(h.argmax(), h.shape)[1] < 10
     fine = np.zeros(dual.n_tokens)
     fine[1 + dual.Gc ** 2:] = 1.0 / dual.k  # all the weight on the kept fine tokens, each at the last fine cell
-    h = predict.region_heat(fine, grids, 64, cells=[dual.Gf ** 2 - 1] * dual.k)
+    h = explain.region_heat(fine, grids, 64, cells=[dual.Gf ** 2 - 1] * dual.k)
     assert h.sum() == pytest.approx(1.0, rel=1e-3) and min(np.unravel_index(h.argmax(), h.shape)) > 56
 
 
@@ -261,8 +263,8 @@ def test_image_coordinates_map_into_the_models_view():
     prep = D.ImagePrep(64)
     for size in ((96, 72), (72, 96), (64, 64), (300, 120)):
         w, h = size
-        (ax, ay), (bx, by) = predict.image_to_view(0, 0, size, prep), predict.image_to_view(w, h, size, prep)
-        cx, cy = predict.image_to_view(w / 2, h / 2, size, prep)
+        (ax, ay), (bx, by) = explain.image_to_view(0, 0, size, prep), explain.image_to_view(w, h, size, prep)
+        cx, cy = explain.image_to_view(w / 2, h / 2, size, prep)
         assert abs(cx - 32) <= 1 and abs(cy - 32) <= 1, (size, cx, cy)
         assert ax <= 0 and ay <= 0 and bx >= 64 and by >= 64, (size, ax, ay, bx, by)
         assert abs(min(bx - ax, by - ay) - prep.short) <= 1, (size, bx - ax, by - ay)
@@ -363,7 +365,7 @@ def test_explain_refused_when_image_path_off(run, image, capsys, tiny_bert_dir):
     assert not res[0]["image_used"] and "the images are not used" in capsys.readouterr().out
     # a model built without an image path
     c = get_config(["--text_encoder", tiny_bert_dir, "--model", "bert_crf"])
-    assert "model bert_crf of this run has no image path" in predict.image_path_off(M.build_model(c, 10), c)
+    assert "model bert_crf of this run has no image path" in explain.image_path_off(M.build_model(c, 10), c)
 
 
 def test_run_plots_from_test_py(run, tmp_path, capsys):

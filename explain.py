@@ -1,0 +1,240 @@
+"""What a model looks at: the text -> image attention behind predict.py --explain, test.py --explain_hits and the
+bundle's explain graph (runtime.Explain).
+
+    explained_modules / keep_weights   the attention (and gate) modules whose weights are kept for one forward
+    word_region_attention              word -> image-token attention of the last forward [n, W, R]
+    region_grids / cell_attention      where the tokens lie on the picture; word -> cell attention [n, W, G*G]
+    region_heat                        region weights -> attention mass per pixel of the model's view
+    attention_rows                     per post of a dataset: its attention, relevance and gate (the overlays)
+    read_boxes / attention_hits        the generators' object boxes, and how often the attention peak is inside
+
+model.py is imported inside the functions that need it, so predict.py --bundle never loads the training code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dataloader as D
+from config import ConfigError, UserError
+
+
+class ExplainRefused(UserError):
+    """--explain asked of a model that cannot look at images: nothing honest to draw."""
+
+
+def explained_modules(model) -> list:
+    """The attention (and gate) modules whose kept weights explanations read."""
+    import model as M
+    if model.coattn is not None:
+        mods = [model.coattn.t2i]
+    elif model.stack is not None:
+        mods = [m for m in (model.resampler.attn, *(b.cross for b in model.stack.blocks), model.gate) if m is not None]
+    else:
+        return []
+    v = model.vision
+    if isinstance(v, M.DualGranularityEncoder):  # its token mixing, traced back to the cells by rollout()
+        mods += [*(b.attn for b in v.swin), v.delegate.attn, *(b.attn for b in v.fine)]
+    return mods
+
+
+def keep_weights(mods: list, on: bool):
+    """Switch weight keeping on/off and forget the last batch's weights (a text-only batch leaves them unset)."""
+    import model as M
+    for m in mods:
+        m.keep_weights = on
+        setattr(m, "last_gate" if isinstance(m, M.GatedConcatFusion) else "last_weights", None)
+
+
+def word_region_attention(model) -> torch.Tensor | None:
+    """Text-word -> image-region attention of the last forward pass, [n, W, R] (rows sum to 1), or None; n = the
+    posts of the batch that had an image, in batch order (only they go through the image path).
+
+    roberta_clip_coattn: the text->image co-attention, averaged over heads (exact for that layer).
+    MNER: words reach the image only through the resampler's K learned queries, so the map is composed:
+    (word -> query attention of the stack's cross-attention, averaged over layers and heads) @ (query -> region
+    attention of the resampler, averaged over heads). Approximations: what the stack's self-attention passes
+    between words, the FFNs and residuals, and the queries' own (image-independent) content are left out. Dual
+    granularity: its tokens mixed inside the encoder, so each is traced back to the input cells it drew on
+    (DualGranularityEncoder.rollout).
+    """
+    if model.coattn is not None:
+        w = model.coattn.t2i.last_weights
+        if w is None:
+            return None
+        t2x = w.float().mean(1)
+    elif model.stack is None or model.stack.blocks[0].cross.last_weights is None:
+        return None
+    else:
+        t2x = torch.stack([b.cross.last_weights.float() for b in model.stack.blocks]).mean((0, 2))
+        if model.resampler.attn is not None:  # else (--resampler_tokens 0) the stack's keys are the regions
+            t2x = t2x @ model.resampler.attn.last_weights.float().mean(1)  # [B, W, K] @ [B, K, R]
+    roll = getattr(model.vision, "rollout", lambda: None)()  # dual: [B, R, R], tokens back to their input cells
+    return t2x if roll is None else t2x @ roll
+
+
+def region_grids(vision) -> list[tuple[int, int, int]]:
+    """Where the vision module's region tokens lie: [(first, end, grid side)], side 0 = a whole-image token, a
+    negative side = tokens at the cells (of a |side| x |side| grid) each image's explanation names ("cells").
+
+    EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
+    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the cells the saliency
+    score picked in that image (word_region_attention has already traced the mixed tokens back to these cells).
+    """
+    import model as M
+    if isinstance(vision, M.DualGranularityEncoder):
+        c = vision.Gc ** 2
+        return [(0, 1, 0), (1, 1 + c, vision.Gc), (1 + c, 1 + c + vision.k, -vision.Gf)]
+    side = round(vision.n_tokens ** 0.5)
+    if side * side != vision.n_tokens:
+        raise ExplainRefused(f"--explain: {vision.n_tokens} region tokens do not form a square grid")
+    return [(0, vision.n_tokens, side)]
+
+
+def cell_attention(att: torch.Tensor, vision, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """Word -> region attention [n, W, R] -> word -> cell attention on the vision's finest grid [n, W, G*G]
+    (G = explain_side(vision); row sums kept): a grid token's weight spread evenly over the finest cells it covers,
+    a kept fine token's (dual; cells [n, k], row-major on the fine grid) on its cell, the summary token's evenly."""
+    import model as M
+    if not isinstance(vision, M.DualGranularityEncoder):
+        return att
+    Nc, Gf = vision.Gc ** 2, vision.Gf
+    spread = torch.nn.functional.one_hot(vision.parent_index, Nc).T.float()                       # [Nc, Gf*Gf]
+    spread = spread / spread.sum(1, keepdim=True)
+    fine = att[..., 1 + Nc:] @ torch.nn.functional.one_hot(cells, Gf * Gf).float()          # [n, W, k] @ [n, k, Gf*Gf]
+    return att[..., :1] / (Gf * Gf) + att[..., 1:1 + Nc] @ spread + fine
+
+
+def explain_side(vision) -> int:
+    """The side of the grid cell_attention maps to: the dual encoder's fine grid, else the region grid's."""
+    import model as M
+    return vision.Gf if isinstance(vision, M.DualGranularityEncoder) else round(vision.n_tokens ** 0.5)
+
+
+def region_heat(w: np.ndarray, grids, size: int, cells=None) -> np.ndarray:
+    """Attention mass per pixel of a size x size view [size, size] from region weights w [R].
+
+    Each grid cell spreads its weight over its patch (bilinear between cell centres; the grids all cover the
+    whole view, so coarse and fine tokens add up), a whole-image token evenly over every pixel. Tokens of a
+    negative-side grid sit at `cells` (their row-major cell indices; without them they are spread evenly).
+    """
+    import cv2
+    heat = np.zeros((size, size), np.float32)
+    for a, b, side in grids:
+        if side == 0 or (side < 0 and cells is None):
+            heat += w[a:b].sum() / size ** 2
+            continue
+        if side < 0:
+            side = -side
+            g = np.zeros(side * side, np.float32)
+            np.add.at(g, np.asarray(cells), w[a:b])
+            g = g.reshape(side, side) * side ** 2 / size ** 2
+        else:
+            g = w[a:b].reshape(side, side).astype(np.float32) * side ** 2 / size ** 2
+        heat += cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR)
+    return heat
+
+
+def read_boxes(path: Path) -> dict[str, dict]:
+    """A generator's <split>_boxes.jsonl -> {imgid: {"type", "box": [x0, y0, x1, y1], "size": [W, H]}}; a line that
+    is not such an object, or a box not inside its image, is an error naming the line."""
+    out = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            (x0, y0, x1, y1), (w, h) = r["box"], r["size"]
+            ok = isinstance(r["imgid"], str) and isinstance(r["type"], str) and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{path}:{n}: expected {{\"imgid\", \"type\", \"box\": [x0, y0, x1, y1] inside \"size\": "
+                              "[W, H]}; fix or remove the line")
+        out[r["imgid"]] = r
+    return out
+
+
+def image_to_view(x: float, y: float, size: tuple[int, int], prep: D.ImagePrep) -> tuple[float, float]:
+    """A point of a W x H image -> the same point in the model's S x S view (ImagePrep's short-side resize and centre
+    crop); a point the crop cut off falls outside [0, S]."""
+    w, h = size
+    rw, rh = prep.resized(w, h)
+    return x * rw / w - (rw - prep.size) // 2, y * rh / h - (rh - prep.size) // 2
+
+
+def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, boxes: dict) -> dict:
+    """Does the text->image attention point at the object the picture cues? For each post whose image reached the
+    model and has a box: the attention of the words of the cued type's gold entities, averaged, drawn as the
+    --explain overlay does (region_heat); a hit when its peak pixel lies inside the box, mapped into the view.
+    "chance" is the rate a peak drawn uniformly over the view would reach: the mean share of the view the box covers.
+    Returns {"hits", "posts", "rate", "chance", "no_box", "no_entity"}."""
+    out = attention_rows(model, ds, config, device, amp)
+    grids, prep = region_grids(model.vision), ds.prep
+    hits = posts = no_box = no_entity = 0
+    cover = 0.0
+    for p, ex in zip(ds.posts, out):
+        if not ex:
+            continue
+        b = boxes.get(p.imgid or "")
+        if b is None:
+            no_box += 1
+            continue
+        words = [k for k, t in enumerate(p.tags) if t != "O" and t[2:] == b["type"]]
+        if not words:
+            no_entity += 1
+            continue
+        heat = region_heat(ex["att"][words].mean(0), grids, prep.size, ex["cells"])
+        py, px = np.unravel_index(heat.argmax(), heat.shape)
+        x0, y0, x1, y1 = b["box"]
+        (ax, ay), (bx, by) = image_to_view(x0, y0, b["size"], prep), image_to_view(x1, y1, b["size"], prep)
+        posts += 1
+        hits += int(ax <= px + 0.5 <= bx and ay <= py + 0.5 <= by)  # the pixel's centre
+        ax, ay, bx, by = (min(max(v, 0.0), prep.size) for v in (ax, ay, bx, by))
+        cover += (bx - ax) * (by - ay) / prep.size ** 2
+    return {"hits": hits, "posts": posts, "rate": hits / posts if posts else 0.0,
+            "chance": cover / posts if posts else 0.0, "no_box": no_box, "no_entity": no_entity}
+
+
+def image_path_off(model, config) -> str:
+    """Why the model cannot look at images (and so --explain has no text->image attention to draw); '' when it can."""
+    if not model.uses_image:
+        return (f"model {config.model} of this run has no image path"
+                + ("" if config.use_image else " (trained with --no-use_image)"))
+    if not config.use_image:
+        return "--no-use_image turns its image path off"
+    return ""
+
+
+@torch.no_grad()
+def attention_rows(model, ds: D.MNERDataset, config, device, amp) -> list[dict]:
+    """Per post whose image reached the model: {"att" [n, R] (word -> image-token attention, word_region_attention),
+    "rel" [n], "gate" [n] or None, "cells"} for the --explain overlays and attention_hits; {} for the other posts.
+    The tags come from the runtime (test.py, predict.py main); this reads the model's attention modules only."""
+    from runner import run_batches
+    mods = explained_modules(model)
+
+    def each(batch) -> list[dict]:
+        keep_weights(mods, True)
+        with amp():  # the model only: attention maps are composed in fp32
+            res = model(batch)
+        att = word_region_attention(model)
+        gate = model.gate.last_gate if model.gate is not None else None
+        cells = getattr(model.vision, "last_cells", None)  # dual: the kept fine tokens' cells
+        img_row = {b: k for k, b in enumerate(batch["has_image"].nonzero().squeeze(1).tolist())}  # att/gate rows
+        rows = []
+        for b, n in enumerate(batch["word_mask"].sum(1).tolist()):
+            k = img_row.get(b)
+            rows.append({} if att is None or k is None else
+                        {"att": att[k, :n].cpu().numpy(), "rel": res["rel"][b, :n].float().tolist(),
+                         "gate": gate[k, :n].float().mean(-1).tolist() if gate is not None else None,
+                         "cells": tuple(cells[k].tolist()) if cells is not None else None})
+        return rows
+
+    try:
+        return run_batches(model, ds, config, device, each)
+    finally:
+        keep_weights(mods, False)

@@ -20,7 +20,7 @@ A bundle directory (written by export.py) holds:
 
 Nothing here imports model.py or train.py: the training code is not on this path. The text side reuses the
 training preprocessing (dataloader.MNERDataset: encode_words, word shapes; dataloader.collate) and the image
-side dataloader.load_image (with its decompression-bomb guard) and ImagePrep, so a bundle sees exactly the
+side images.load_image (with its decompression-bomb guard) and ImagePrep, so a bundle sees exactly the
 inputs the checkpoint saw. Image features are rounded to fp16, as the training feature cache stores them.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def softmax_probs(em: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- images
 
 def prep_image(src, prep: D.ImagePrep) -> tuple[np.ndarray | None, str]:
-    """One image file -> (pixels [3, S, S] float32, "ok") or (None, why): dataloader.load_image (missing, empty,
+    """One image file -> (pixels [3, S, S] float32, "ok") or (None, why): images.load_image (missing, empty,
     unreadable, decompression bomb) then the run's ImagePrep."""
     im, why = D.load_image(src)
     return (None, why) if im is None else (prep(im).numpy(), "ok")

@@ -415,7 +415,7 @@ class PretrainedVision(nn.Module):
         for blk in list(self.blocks)[len(self.blocks) - n:] if n else []:
             blk.requires_grad_(True)
         self.trainable = n > 0
-        self.cacheable = not self.trainable  # frozen: tokens are computed once per image (dataloader.FeatureCache)
+        self.cacheable = not self.trainable  # frozen: tokens are computed once per image (images.FeatureCache)
         self.feat_shape = (self.n_tokens, self.out_dim)
 
     def train(self, mode: bool = True):
@@ -713,7 +713,7 @@ class DualGranularityEncoder(nn.Module):
         nn.init.trunc_normal_(self.fine_pos, std=0.02)
         self.out_dim = D
         self.n_tokens = 1 + self.Gc * self.Gc + self.k
-        # a frozen stem's maps are computed once per image and cached (dataloader.FeatureCache); the rest learns
+        # a frozen stem's maps are computed once per image and cached (images.FeatureCache); the rest learns
         self.trainable, self.cacheable = True, self.stem.frozen
         self.map_shapes = ((Cc, self.Gc, self.Gc), (Cf, self.Gf, self.Gf))
         self.feat_shape = (sum(math.prod(s) for s in self.map_shapes),)

@@ -20,7 +20,7 @@ posts per batch (a bigger request is one batch of its own). Images are decoded a
 --image_workers threads as requests arrive; the vision backbone then runs once per batch.
 Limits, each a flag, each a 4xx JSON answer {"error": "..."} that names the flag: --max_body_bytes (413),
 --max_posts per request (413), --max_words per post (413), --max_image_bytes (413), --max_image_pixels (413;
-dataloader.load_image's decompression-bomb guard applies as in training). A malformed request is a 400/415/422
+images.load_image's decompression-bomb guard applies as in training). A malformed request is a 400/415/422
 and never disturbs the requests batched with it. Binds to 127.0.0.1 unless --host says otherwise. Each request
 prints one access line (method, path, status, posts, ms) unless --quiet.
 """
@@ -73,7 +73,7 @@ class Job:
 def image_pixels(data: bytes, prep: D.ImagePrep, limits, where: str) -> np.ndarray:
     """Image file bytes -> pixels [3, S, S]; BadRequest for too many bytes or pixels, or an unusable file.
 
-    The header is read first (no decoding) for the pixel limit; then dataloader.load_image decodes with the
+    The header is read first (no decoding) for the pixel limit; then images.load_image decodes with the
     training guards (zero bytes, truncated, non-image, decompression bomb), from a private temporary file.
     """
     from PIL import Image

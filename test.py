@@ -76,7 +76,7 @@ def explain_hits(model, ds, config, label_map, device, amp, split: str) -> dict:
 
 def bundle_features(rt, config, split: str, posts: list) -> list | None:
     """The split's image features from a bundle's own vision graph (images decoded in a pool), --image_control
-    applied as dataloader.image_sources does; None for a post without a usable image."""
+    applied as images.image_sources does; None for a post without a usable image."""
     root = D.image_root(config, split)
     if not rt.uses_image or root is None:
         return None

@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 import dataloader as dl
+import images
 from conftest import TINY_COUNTS, make_conll, real_split
-from dataloader import DataError, LabelMap, ReadReport, read_conll
+from dataloader import LabelMap
+from readers import DataError, ReadReport, read_conll
 
 CLEAN = "IMGID:1\nNew\tB-LOC\nYork\tI-LOC\nrocks\tO\n\nIMGID:2\nHi\tO\nBob\tB-PER\n\n"
 CLEAN_POSTS = [(["New", "York", "rocks"], ["B-LOC", "I-LOC", "O"], "1"), (["Hi", "Bob"], ["O", "B-PER"], "2")]
@@ -330,9 +332,9 @@ def test_image_over_project_limit(tmp_path, monkeypatch):
     (tmp_path / "big.png").write_bytes(_png_claiming(8500, 8500))  # under Pillow's limits, over the project's
     assert dl.load_image(tmp_path / "big.png") == (None, "too large (8500x8500)")
     p = _save(_rgb((40, 30)), tmp_path / "a.png")
-    monkeypatch.setattr(dl, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
     assert dl.load_image(p) == (None, "too large (40x30)")
-    monkeypatch.setattr(dl, "MAX_IMAGE_PIXELS", 40 * 30)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 40 * 30)
     assert dl.load_image(p)[1] == "ok"
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 import dataloader as dl
 from config import get_config
 from conftest import ROOT, make_conll
-from dataloader import DataError, ReadReport, read_hacred, read_mnre, spans_to_bio
+from readers import DataError, ReadReport, read_hacred, read_mnre, spans_to_bio
 
 MNRE_DIR = dl.DATA_DIR / "MNRE"
 

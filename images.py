@@ -1,0 +1,307 @@
+"""Images: finding and decoding a post's picture, the backbones' preprocessing, and the frozen-feature cache.
+
+  find_image / load_image   an IMGID -> a file -> RGB PIL image, or None with the reason (placeholder + has_image 0)
+  ImagePrep       PIL -> normalised [3, S, S] tensor (short side resized, centre crop S); image_prep_for per backbone
+  FeatureCache    frozen-backbone features computed once per image, keyed by image bytes+backbone+weights+prep
+  cached_features a frozen vision module's features of a split's images (and the grey image's)
+  image_sources   --image_control: which post's image each post shows (shuffle) or a constant grey one (blank)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from tqdm import tqdm
+
+from readers import DataError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # tried in this order for an IMGID without one
+
+
+# ----------------------------------------------------------------------------- images
+
+def find_image(image_root, imgid: str | None) -> Path | None:
+    """`<image_root>/<imgid>`; the imgid may be a sub-path (NewsMKG: a/b/c) and may carry its extension.
+
+    Without an extension IMAGE_EXTS (.jpg, .jpeg, .png, .gif, .webp, .bmp) are tried in that order; with one, the
+    file as named, else the same stem with another image extension. When nothing exists the first candidate is
+    returned (reported missing).
+    """
+    if not imgid or image_root is None:
+        return None
+    base = Path(image_root) / imgid.lstrip("/")  # a sub-path stays below the image folder
+    has_ext = base.suffix.lower() in IMAGE_EXTS
+    if has_ext and base.exists():
+        return base
+    cands = [base.with_suffix(ext) if has_ext else base.with_name(base.name + ext) for ext in IMAGE_EXTS]
+    return next((p for p in cands if p.exists()), base if has_ext else cands[0])
+
+
+MAX_IMAGE_PIXELS = 64_000_000  # above this a file is treated as a decompression bomb, not decoded
+
+
+def load_image(path) -> tuple[Image.Image | None, str]:
+    """Open an image as RGB. Returns (image, "ok") or (None, reason) for the placeholder path.
+
+    Convertible modes (CMYK, palette, RGBA, L, 16-bit, animated -> first frame) become RGB; transparency
+    is composited on white. Missing, zero-byte, unreadable, truncated and oversized files give None.
+    """
+    if path is None:
+        return None, "no image id"
+    path = Path(path)
+    if not path.exists():
+        return None, "missing"
+    if not path.is_file():
+        return None, "not a file"
+    if path.stat().st_size == 0:
+        return None, "zero bytes"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    return None, f"too large ({im.width}x{im.height})"
+                im.seek(0)
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im) if im.format == "JPEG" else im), "ok"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "decompression bomb"
+    except (OSError, SyntaxError, ValueError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """PIL image -> normalised float tensor [3, size, size]: the short side resized to `short` (bicubic, the
+    aspect ratio kept), a centre crop of size x size, (x / 255 - mean) / std.
+
+    short = 0 means round(size * 256 / 224), the ImageNet convention EfficientNet-Lite0 and the dual-granularity
+    encoder are fed with; a CLIP directory gives its processor's shortest_edge (image_prep_for). truncate: the long
+    side is int(short * long / short side), as transformers' CLIPImageProcessor computes it (else it is rounded).
+    With an rng (training with --image_aug), a random crop position and a horizontal flip replace the centre crop.
+    """
+    size: int = 224
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+    short: int = 0
+    truncate: bool = False
+
+    def __post_init__(self):
+        if not self.short:
+            object.__setattr__(self, "short", round(self.size * 256 / 224))
+
+    def resized(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) of a w x h image after the short-side resize."""
+        if self.truncate:  # transformers' get_resize_output_image_size, operation for operation
+            return (self.short, int(self.short * h / w)) if w <= h else (int(self.short * w / h), self.short)
+        scale = self.short / min(w, h)
+        return max(self.short, round(w * scale)), max(self.short, round(h * scale))
+
+    def __call__(self, im: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        im = im.resize(self.resized(*im.size), Image.BICUBIC)
+        w, h = im.size
+        if rng is None:
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+        else:
+            left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
+        im = im.crop((left, top, left + self.size, top + self.size))
+        if rng is not None and rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def key(self) -> str:
+        return (f"size={self.size},short={self.short},mean={self.mean},std={self.std},bicubic"
+                + (",truncate" if self.truncate else ""))
+
+
+EFFNET_PREP = ImagePrep(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite0 as trained (mean = std = 0.5)
+
+
+def image_prep_for(config) -> ImagePrep:
+    """The preprocessing each vision backbone was trained with (the model file owns no data code).
+
+    A CLIP directory: its preprocessor_config.json as CLIPImageProcessor reads it (size.shortest_edge, crop_size,
+    image_mean, image_std); without one, CLIPImageProcessor's defaults at the model's image_size.
+    """
+    if config.use_dual_granularity and config.vision_stem == "conv":
+        return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if config.use_dual_granularity:  # EfficientNet-Lite0's own normalisation, at the encoder's input size
+        return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    if config.image_encoder == "efficientnet_lite0":
+        return EFFNET_PREP
+    cfg_file = Path(config.image_encoder) / "preprocessor_config.json"
+    size, mean, std = 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    short = None
+    if cfg_file.exists():
+        pc = json.loads(cfg_file.read_text())
+        crop = pc.get("crop_size", size)
+        size = crop.get("height", size) if isinstance(crop, dict) else crop
+        mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+        edge = pc.get("size", size)
+        if isinstance(edge, dict) and "shortest_edge" not in edge:
+            raise DataError(f"{cfg_file}: size {edge} is not a shortest_edge resize; MANGO feeds CLIP as "
+                            "CLIPImageProcessor does with size {\"shortest_edge\": N}: write that there")
+        short = edge["shortest_edge"] if isinstance(edge, dict) else edge
+    else:
+        vcfg = Path(config.image_encoder) / "config.json"
+        if vcfg.exists():
+            c = json.loads(vcfg.read_text())
+            size = c.get("vision_config", c).get("image_size", size)
+    return ImagePrep(int(size), mean, std, short=int(short or size), truncate=True)
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+# Bump when the code that turns an image into cached features changes (decoding, ImagePrep, a backbone's forward):
+# every entry written by older code is then recomputed.
+FEATURE_CODE_VERSION = "3"
+
+
+def file_digest(path) -> str:
+    """sha1 of a file's bytes: the cache key of its features (an image overwritten in place gets new features)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Features of a frozen vision backbone, computed once per image and reused by later runs.
+
+    One file per image: <cache_dir>/<key>/<d[:2]>/<d>.pt, an fp16 tensor (any shape the backbone's `features`
+    gives), where d is the sha1 of the image file's bytes. The key hashes the backbone identity, the weights file
+    (path, size, mtime), the preprocessing and FEATURE_CODE_VERSION. So an image overwritten in place, a new
+    weights file, other preprocessing or new feature code all recompute. Images that cannot be read are never
+    stored: they are retried (and counted again) on the next run. Each entry is written to a temporary file of
+    its own and renamed, so runs that share a cache directory at the same time never see half-written entries;
+    a damaged entry is recomputed.
+    """
+
+    def __init__(self, cache_dir, backbone_id: str, weights_file, prep: ImagePrep):
+        wf = Path(weights_file) if weights_file else None
+        wsig = f"{wf.resolve()}:{wf.stat().st_size}:{wf.stat().st_mtime_ns}" if wf and wf.exists() else "none"
+        self.key = hashlib.sha1(f"{backbone_id}|{wsig}|{prep.key()}|v{FEATURE_CODE_VERSION}".encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir) / self.key
+        self.prep = prep
+        self.write_ok = True
+
+    def entry(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.pt"
+
+    def get(self, paths: list[Path | None], encode, batch_size: int = 32, desc: str = "features"):
+        """Features of each readable image ({str(path): fp16 tensor}); `encode` maps [B,3,S,S] -> [B, ...]."""
+        feats: dict[str, torch.Tensor] = {}
+        todo: dict[str, list[str]] = {}  # digest -> paths holding those bytes, still to compute
+        for p in sorted({str(p) for p in paths if p is not None}):
+            if not os.path.isfile(p):
+                continue
+            d = file_digest(p)
+            f = self.entry(d)
+            if d not in todo and f.exists():
+                try:
+                    feats[p] = torch.load(f, weights_only=True)
+                    continue
+                except Exception as e:  # a damaged entry (disk trouble, a copy cut short): recompute it
+                    print(f"warning: {f}: unreadable feature cache entry ({type(e).__name__}); recomputing it")
+            todo.setdefault(d, []).append(p)
+        batch: list[tuple[str, Image.Image]] = []
+        for d, ps in tqdm(list(todo.items()), desc=f"extract {desc}", unit="img", leave=False, disable=not todo):
+            im, _ = load_image(ps[0])
+            if im is None:  # not stored: the next run tries again (MNERDataset reports why it is unused)
+                continue
+            batch.append((d, im))
+            if len(batch) == batch_size:
+                self._run(batch, encode, todo, feats)
+                batch = []
+        if batch:
+            self._run(batch, encode, todo, feats)
+        return feats
+
+    def _run(self, batch, encode, todo, feats):
+        with torch.no_grad():
+            out = encode(torch.stack([self.prep(im) for _, im in batch])).to(torch.float16).cpu()
+        for (d, _), o in zip(batch, out):
+            o = o.clone()
+            for p in todo[d]:
+                feats[p] = o
+            self._write(self.entry(d), o)
+
+    def _write(self, f: Path, t: torch.Tensor):
+        if not self.write_ok:
+            return
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # one temp file per process: concurrent writers never mix
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                torch.save(t, fh)
+            os.replace(tmp, f)
+        except (OSError, RuntimeError) as e:  # the features are in memory: the run goes on without caching them
+            if tmp.is_file():
+                tmp.unlink()
+            self.write_ok = False
+            print(f"warning: could not write the feature cache under {self.dir} "
+                  f"({getattr(e, 'strerror', None) or e}); features are recomputed next time")
+
+
+GREY = (128, 128, 128)  # the --image_control blank picture
+
+
+def image_sources(has_image: list[bool], control: str, seed: int) -> list[int]:
+    """For each post, the post whose image it is shown (--image_control); -1 = the constant grey image.
+
+    none: itself. shuffle: the posts with an image are put in a random order (from seed) and each is shown the
+    image of the next one in that cycle, so no post keeps its own image where the split has >= 2 images.
+    blank: -1 for every post with an image. Posts without an image keep the text-only path under every control.
+    """
+    src = list(range(len(has_image)))
+    have = [i for i, h in enumerate(has_image) if h]
+    if control == "blank":
+        for i in have:
+            src[i] = -1
+    elif control == "shuffle" and len(have) > 1:
+        random.Random(f"image_control/{seed}").shuffle(have)
+        for i, j in zip(have, have[1:] + have[:1]):
+            src[i] = j
+    return src
+
+
+def cached_features(config, vision, paths, desc: str, prep: ImagePrep | None = None):
+    """FeatureCache.get for a frozen vision module (duck-typed: `features` on pixels [B,3,S,S], `backbone_id`,
+    `weights_file`); also returns the features of the constant grey image (--image_control blank)."""
+    prep = prep or image_prep_for(config)
+    cache = FeatureCache(config.cache_dir, vision.backbone_id, vision.weights_file, prep)
+    param = next(vision.parameters())
+
+    def encode(x):
+        return vision.features(x.to(param.device, param.dtype))
+    feats = cache.get(paths, encode, desc=desc)
+    with torch.no_grad():
+        blank = encode(prep(Image.new("RGB", (prep.size, prep.size), GREY))[None])[0].to(torch.float16).cpu()
+    return feats, blank

@@ -1,0 +1,611 @@
+"""Reading datasets: CoNLL+IMGID files and converted relation data -> posts, and the dataset registry.
+
+  read_conll      one file -> list[Post]           (errors name file:line)
+  read_mnre / read_hacred   relation data (MNRE dict lines, HacRED DocRED JSON) converted to BIO posts
+  DATASETS        the registry: --dataset_name -> folder, split files, reader, types, images; load_split reads one
+  split_hashes / split_overlaps   which version of the data a run used; posts shared between splits
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from config import UserError
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
+TAG_RE = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z_]*)$")
+RAW_TYPE_MAP = {"OTHER": "MISC"}  # Twitter-2015 calls MISC "OTHER"; papers score them as one type
+
+
+class DataError(UserError):
+    """A problem in an input file; its message is one line naming file:line and the fix."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass
+class Post:
+    tokens: list[str]
+    tags: list[str]
+    imgid: str | None
+    source: str = ""  # "file:line" of the post's first line, for messages
+    labelled: bool = True  # False: an unlabelled post (--distill_unlabelled), learned from the teacher only
+
+
+@dataclass
+class ReadReport:
+    """What the reader repaired or skipped in lenient mode; nothing is dropped without a count."""
+    path: str
+    problems: list[str] = field(default_factory=list)
+    posts: int = 0
+    tokens: int = 0
+    counts: dict = field(default_factory=dict)  # converters (MNRE, HacRED): what was converted, resolved, dropped
+    note: str = ""                              # the same counts as one readable phrase
+
+    def summary(self) -> str:
+        s = f"{self.path}: {self.posts} posts, {self.tokens} tokens"
+        if self.note:
+            s += f"; {self.note}"
+        if self.problems:
+            s += f"; {len(self.problems)} problem(s) repaired/skipped under --lenient_data (first: {self.problems[0]})"
+        return s
+
+
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def _decode_lines(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 byte 0x{raw[e.start]:02x}; re-save the file as UTF-8") from None
+    if "\x00" in text:
+        line = len(_LINE_BREAK.split(text[: text.index("\x00")]))
+        raise DataError(f"{path}:{line}: NUL byte in text; the file is binary or corrupted, re-export it as plain "
+                        "UTF-8 text")
+    # \n, \r\n or \r only: str.splitlines would also break inside tokens at U+2028, U+0085, \f, \v, ...
+    lines = _LINE_BREAK.split(text)
+    return lines[:-1] if lines[-1] == "" else lines  # a missing final newline reads the same
+
+
+def _problem_fn(path, lenient: bool, report: ReadReport, action: str = "skip"):
+    """`problem(line, msg, fix)`: DataError("file:line: msg; fix"), or under lenient a problem counted in report
+    (the reader then does `action` to the line: "skip" it, or "repair" it)."""
+    def problem(lineno: int, msg: str, fix: str):
+        where = f"{path}:{lineno}"
+        if not lenient:
+            raise DataError(f"{where}: {msg}; {fix} (or pass --lenient_data to {action} and count)")
+        report.problems.append(f"{where}: {msg}")
+    return problem
+
+
+def read_conll(path, lenient: bool = False, keep_raw_types: bool = False,
+               report: ReadReport | None = None) -> list[Post]:
+    """Read a CoNLL+IMGID file: `IMGID:<id>` line, `token<TAB>tag` lines, a blank line between posts.
+
+    Strict by default: a line without exactly one tab, a tag that is not O/B-X/I-X, a post without an IMGID
+    line, or an IMGID with no tokens raises DataError("file:line: ...; fix"). With lenient=True each of
+    these is repaired or skipped and counted in `report` (tag -> O, token line kept whitespace-split,
+    post kept without image, empty post skipped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; put the split file there or pass --data_dir")
+    report = report if report is not None else ReadReport(str(path))
+    lines = _decode_lines(path)
+    posts: list[Post] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    imgid: str | None = None
+    start = 0
+    problem = _problem_fn(path, lenient, report, "repair")
+
+    def close(lineno: int):
+        nonlocal tokens, tags, imgid
+        if tokens:
+            if imgid is None:
+                problem(start, "post has no IMGID line", "add `IMGID:<id>` before its first token")
+            posts.append(Post(tokens, tags, imgid, f"{path}:{start}"))
+        elif imgid is not None:
+            problem(start, f"IMGID:{imgid} has no tokens", "remove the line or add the post's tokens")
+        tokens, tags, imgid = [], [], None
+
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip(" \r")
+        if not line.strip():
+            close(lineno)
+            continue
+        if line.startswith("IMGID:"):
+            if tokens or imgid is not None:
+                problem(lineno, "IMGID line inside a post", "add a blank line before it")
+                close(lineno)
+            imgid, start = line[len("IMGID:"):].strip(), lineno
+            continue
+        if not tokens and imgid is None:
+            start = lineno
+        token, tag = _conll_token_line(line, lineno, problem, keep_raw_types)
+        tokens.append(token)
+        tags.append(tag)
+    close(len(lines) + 1)
+    if not posts:
+        raise DataError(f"{path}:1: no posts found; the file is empty or has no `token<TAB>tag` lines")
+    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
+    if report.problems:
+        print(f"warning: {report.summary()}")
+    notes = conll_notes(posts)
+    if notes:
+        print(f"note: {path}: {notes}")
+    return posts
+
+
+def _conll_token_line(line: str, lineno: int, problem, keep_raw_types: bool) -> tuple[str, str]:
+    """One `token<TAB>tag` line -> (token, tag), problems reported (and repaired when lenient)."""
+    parts = line.split("\t")
+    if len(parts) != 2:
+        what = "no tab" if len(parts) == 1 else f"{len(parts)} tab-separated columns"
+        problem(lineno, f"expected `token<TAB>tag`, found {what}",
+                "write one token and one tag per line separated by a single tab")
+        parts = line.rsplit(None, 1) if len(parts) == 1 else [parts[0], parts[-1]]
+        if len(parts) != 2:
+            parts = [parts[0], "O"]
+    token, tag = parts[0], parts[1].strip()
+    if not TAG_RE.match(tag):
+        problem(lineno, f"unknown tag {tag!r}", "use O, B-<TYPE> or I-<TYPE>")
+        tag = "O"
+    if tag != "O" and not keep_raw_types:
+        tag = tag[:2] + RAW_TYPE_MAP.get(tag[2:], tag[2:])
+    return token, tag
+
+
+def opens_with_i(prev: str, tag: str) -> bool:
+    """True for an I- tag that begins a chunk: after O (or at a post's start, prev = "O") or after another type."""
+    return tag.startswith("I-") and (prev == "O" or prev[2:] != tag[2:])
+
+
+def conll_notes(posts: list[Post]) -> str:
+    """Valid but unusual things in a read file, counted (one phrase; '' when there are none).
+
+    I- tags that begin a chunk (after O or after another type) are kept as they are in the posts, which the scorer
+    reads: the conlleval evaluator as entity starts, --eval_mode strict as no entity (with --bio_constraints the
+    training targets read them as B-, see iob2). IMGIDs shared by several posts are kept too (the posts
+    share one image); the count shows a file that was concatenated twice.
+    """
+    orphans, first_orphan, seen, dups = 0, "", {}, {}
+    for p in posts:
+        prev = "O"
+        for k, t in enumerate(p.tags):
+            if opens_with_i(prev, t):
+                orphans += 1
+                if not first_orphan:
+                    path, _, line = p.source.rpartition(":")
+                    first_orphan = f"{path}:{int(line) + k + (p.imgid is not None)}" if line.isdigit() else p.source
+            prev = t
+        if p.imgid is not None:
+            if p.imgid in seen:
+                dups.setdefault(p.imgid, (seen[p.imgid], p.source))
+            else:
+                seen[p.imgid] = p.source
+    out = []
+    if orphans:
+        out.append(f"{orphans} I- tag(s) begin a chunk (first: {first_orphan}); kept: --eval_mode conlleval reads "
+                   "them as entity starts, strict as no entity")
+    if dups:
+        imgid, (a, b) = next(iter(dups.items()))
+        out.append(f"{len(dups)} IMGID(s) name more than one post (first: {imgid} at {a} and {b}); those posts share "
+                   "one image")
+    return "; ".join(out)
+
+
+# ----------------------------------------------------------------------------- relation data -> BIO
+
+def _majority(votes: Counter) -> str:
+    """The most frequent type; a tie goes to the alphabetically first one."""
+    return min(votes, key=lambda t: (-votes[t], t))
+
+
+def spans_to_bio(n: int, spans: dict) -> tuple[list[str], int]:
+    """BIO tags over n tokens from {(start, end): type}, end exclusive.
+
+    Overlap rule: two spans sharing a token cannot both be tagged, so the longer one is kept (on equal length,
+    the one that starts first). Returns (tags, number of spans dropped by this rule).
+    """
+    tags, dropped = ["O"] * n, 0
+    for (s, e), t in sorted(spans.items(), key=lambda kv: (kv[0][0] - kv[0][1], kv[0][0])):
+        if any(x != "O" for x in tags[s:e]):
+            dropped += 1
+            continue
+        tags[s:e] = [f"B-{t}"] + [f"I-{t}"] * (e - s - 1)
+    return tags, dropped
+
+
+def _entity_counts(posts: list[Post]) -> dict:
+    return dict(sorted(Counter(t[2:] for p in posts for t in p.tags if t.startswith("B-")).items()))
+
+
+# MNRE relation paths are /<head type>/<tail type>/<relation>. The release uses per, org, loc and misc;
+# "other" (Twitter-2015's name for MISC) is accepted too. The relation 'None' relates two spans without typing them.
+MNRE_TYPES = {"per": "PER", "org": "ORG", "loc": "LOC", "misc": "MISC", "other": "MISC"}
+
+
+def _mnre_line(line: str):
+    """One MNRE line -> (tokens, img_id, [(span, type or None)] for head and tail, name mismatches).
+
+    Raises ValueError(why). Parsed with ast.literal_eval: literals only, nothing is executed.
+    """
+    try:
+        d = ast.literal_eval(line.strip())
+    except (SyntaxError, ValueError, TypeError, RecursionError) as e:
+        raise ValueError(f"not a Python dict literal ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a dict, found {type(d).__name__}")
+    missing = [k for k in ("token", "h", "t", "img_id", "relation") if k not in d]
+    if missing:
+        raise ValueError(f"missing key(s) {', '.join(missing)}")
+    tokens = d["token"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(w, str) for w in tokens):
+        raise ValueError("'token' must be a non-empty list of strings")
+    img = d["img_id"]
+    if not isinstance(img, str) or not img.strip():
+        raise ValueError("'img_id' must be an image file name")
+    rel = d["relation"]
+    if rel is None or rel == "None":
+        types = (None, None)
+    else:
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if len(parts) != 4 or parts[0] or parts[1].lower() not in MNRE_TYPES or parts[2].lower() not in MNRE_TYPES:
+            raise ValueError(f"relation {rel!r} is neither 'None' nor /<head type>/<tail type>/<name> with types "
+                             f"{', '.join(MNRE_TYPES)}")
+        types = (MNRE_TYPES[parts[1].lower()], MNRE_TYPES[parts[2].lower()])
+    spans, mismatch = [], 0
+    for key, typ in zip("ht", types):
+        ent = d[key]
+        pos = ent.get("pos") if isinstance(ent, dict) else None
+        if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and all(type(i) is int for i in pos)
+                and 0 <= pos[0] < pos[1] <= len(tokens)):
+            raise ValueError(f"'{key}' needs pos = [start, end) word indices within its {len(tokens)} tokens, "
+                             f"found {pos!r}")
+        mismatch += ent.get("name") != " ".join(tokens[pos[0]:pos[1]])
+        spans.append(((pos[0], pos[1]), typ))
+    return tokens, img.strip(), spans, mismatch
+
+
+def _mnre_posts(groups: dict, path: Path, c: Counter) -> list[Post]:
+    """read_mnre's grouped spans -> posts: each span typed by its relations' majority, else by the majority type of
+    the same words typed elsewhere in the file, else left out; counts go to c."""
+    surface: dict[str, Counter] = {}  # words of a typed span -> one vote per post it is typed in
+    for (tokens, _), (_, votes) in groups.items():
+        for (s, e), v in votes.items():
+            if v:
+                surface.setdefault(" ".join(tokens[s:e]), Counter())[_majority(v)] += 1
+    posts = []
+    for (tokens, img), (lineno, votes) in groups.items():
+        typed = {}
+        for (s, e), v in votes.items():
+            words = " ".join(tokens[s:e])
+            if v:
+                typed[(s, e)] = _majority(v)
+                c["by_relation"] += 1
+                c["type_conflicts"] += len(v) > 1
+            elif words in surface:
+                typed[(s, e)] = _majority(surface[words])
+                c["by_surface"] += 1
+            else:
+                c["left_out"] += 1
+        tags, dropped = spans_to_bio(len(tokens), typed)
+        c["overlap_dropped"] += dropped
+        posts.append(Post(list(tokens), tags, img, f"{path}:{lineno}"))
+    return posts
+
+
+def read_mnre(path, lenient: bool = False, report: ReadReport | None = None) -> list[Post]:
+    """MNRE relation lines -> word-level BIO posts, one per distinct (tokens, img_id), in file order.
+
+    Every head and tail span is an entity typed by its relation path (/per/org/member_of: head PER, tail ORG;
+    a span typed differently by two relations of one post takes the majority). A span seen only in 'None'
+    relations takes the majority type of the same words typed elsewhere in this file, else it is left out (O).
+    Overlapping spans: the longer is kept (spans_to_bio). Counts go to report.counts; a malformed line raises
+    DataError("file:line: ...") unless lenient (then it is skipped and counted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; put the MNRE split file there or pass --data_dir")
+    report = report if report is not None else ReadReport(str(path))
+    problem = _problem_fn(path, lenient, report)
+    groups: dict = {}  # (tokens, img_id) -> (first line, {span: Counter(type)})
+    c = Counter()
+    for lineno, line in enumerate(_decode_lines(path), 1):
+        if not line.strip():
+            continue
+        c["lines"] += 1
+        try:
+            tokens, img, spans, mismatch = _mnre_line(line)
+        except ValueError as e:
+            problem(lineno, str(e), "write one dict per line: {'token': [...], 'h': {'name', 'pos'}, 't': {...}, "
+                    "'img_id': ..., 'relation': ...}")
+            continue
+        c["name_mismatch"] += mismatch
+        _, votes = groups.setdefault((tuple(tokens), img), (lineno, {}))
+        for span, typ in spans:
+            v = votes.setdefault(span, Counter())
+            if typ:
+                v[typ] += 1
+    if not groups:
+        raise DataError(f"{path}:1: no relation lines found; the file is empty or holds no MNRE dict lines")
+    posts = _mnre_posts(groups, path, c)
+    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
+    report.counts = {**{k: c[k] for k in ("lines", "by_relation", "by_surface", "left_out", "overlap_dropped",
+                                          "type_conflicts", "name_mismatch")}, "entities": _entity_counts(posts)}
+    ents = report.counts["entities"]
+    report.note = (f"from {c['lines']} relation lines; {sum(ents.values())} entities "
+                   f"({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'}); "
+                   f"spans typed by relation {c['by_relation']}, by same-words majority {c['by_surface']}, left out "
+                   f"untyped {c['left_out']}; "
+                   f"{c['overlap_dropped']} overlapping spans dropped (longer kept)")
+    return posts
+
+
+def _json_records(path: Path, problem):
+    """(line, record) for each record of a JSON-lines file or of a file holding one JSON list.
+
+    A bad JSON line is a problem (skippable under lenient); a syntax error inside a JSON list is always an error.
+    """
+    lines = _decode_lines(path)
+    text = "\n".join(lines)
+    if not text.lstrip().startswith("["):
+        for lineno, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    problem(lineno, f"invalid JSON ({e.msg}, column {e.colno})", "write one JSON document per line")
+        return
+    dec, n, line, at = json.JSONDecoder(), len(text), 1, 0
+    space = re.compile(r"\s*")
+
+    def line_of(k):
+        nonlocal line, at
+        line, at = line + text.count("\n", at, k), k
+        return line
+    i = space.match(text, text.index("[") + 1).end()
+    if i < n and text[i] == "]" and space.match(text, i + 1).end() == n:
+        return
+    while True:
+        try:
+            obj, j = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); the file must be JSON "
+                            "lines or one JSON list of documents") from None
+        yield line_of(i), obj
+        i = space.match(text, j).end()
+        if i < n and text[i] == ",":
+            i = space.match(text, i + 1).end()
+        elif i < n and text[i] == "]" and space.match(text, i + 1).end() == n:
+            return
+        else:
+            raise DataError(f"{path}:{line_of(i)}: expected ',' or the closing ']' of the JSON list")
+
+
+def _hacred_mention(m, sents) -> tuple[int, tuple[int, int], str, bool]:
+    """A `vertex_char` mention -> (sent_id, (start, end), type, name matches); ValueError(why)."""
+    if not isinstance(m, dict):
+        raise ValueError(f"mention is a {type(m).__name__}, not an object")
+    k, pos, typ = m.get("sent_id"), m.get("pos"), m.get("type")
+    if type(k) is not int or not 0 <= k < len(sents):
+        raise ValueError(f"sent_id {k!r} is not a sentence index (0..{len(sents) - 1})")
+    if not (isinstance(pos, list) and len(pos) == 2 and all(type(i) is int for i in pos)
+            and 0 <= pos[0] < pos[1] <= len(sents[k])):
+        raise ValueError(f"pos {pos!r} is not [start, end) within sentence {k} ({len(sents[k])} characters)")
+    if not isinstance(typ, str) or not typ.strip():
+        raise ValueError(f"type {typ!r} is not a type name")
+    return k, (pos[0], pos[1]), "_".join(typ.split()), m.get("name") == "".join(sents[k][pos[0]:pos[1]])
+
+
+def read_hacred(path, lenient: bool = False, report: ReadReport | None = None) -> list[Post]:
+    """HacRED (DocRED layout, JSON lines or one JSON list) -> one character-level BIO post per sentence.
+
+    Tokens are the characters of `sents_char`; entities are the `vertex_char` mentions {name, sent_id, type,
+    pos: [start, end) within the sentence}, typed by `type` (inner whitespace -> _). A span given two types takes
+    the majority; overlapping spans: the longer is kept. Text-only: imgid is None. Empty sentences are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; put the HacRED split file there or pass --data_dir")
+    report = report if report is not None else ReadReport(str(path))
+    problem = _problem_fn(path, lenient, report)
+    posts, c = [], Counter()
+    for lineno, doc in _json_records(path, problem):
+        sents = doc.get("sents_char") if isinstance(doc, dict) else None
+        ents = doc.get("vertex_char") if isinstance(doc, dict) else None
+        if not (isinstance(sents, list)
+                and all(isinstance(s, list) and all(isinstance(ch, str) for ch in s) for s in sents)):
+            problem(lineno, "document has no `sents_char` list of sentences (lists of characters)",
+                    "give every document its sents_char")
+            continue
+        if not (isinstance(ents, list) and all(isinstance(e, list) for e in ents)):
+            problem(lineno, "document has no `vertex_char` list of entities (lists of mentions)",
+                    "give every document its vertex_char ([] when it has no entities)")
+            continue
+        c["documents"] += 1
+        votes = [{} for _ in sents]
+        for i, ent in enumerate(ents):
+            for j, m in enumerate(ent):
+                try:
+                    k, span, typ, same_name = _hacred_mention(m, sents)
+                except ValueError as e:
+                    problem(lineno, f"vertex_char[{i}][{j}]: {e}", "fix the mention")
+                    continue
+                c["name_mismatch"] += not same_name
+                votes[k].setdefault(span, Counter())[typ] += 1
+        for k, chars in enumerate(sents):
+            if not chars:
+                c["empty_sentences"] += 1
+                continue
+            c["type_conflicts"] += sum(len(v) > 1 for v in votes[k].values())
+            tags, dropped = spans_to_bio(len(chars), {span: _majority(v) for span, v in votes[k].items()})
+            c["overlap_dropped"] += dropped
+            posts.append(Post(list(chars), tags, None, f"{path}:{lineno} (sentence {k})"))
+    if not posts:
+        raise DataError(f"{path}:1: no sentences found; the file is empty or its documents have no sents_char")
+    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
+    report.counts = {**{k: c[k] for k in ("documents", "overlap_dropped", "type_conflicts", "empty_sentences",
+                                          "name_mismatch")}, "entities": _entity_counts(posts)}
+    ents = report.counts["entities"]
+    report.note = (f"from {c['documents']} documents; {sum(ents.values())} entities "
+                   f"({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'}); {c['overlap_dropped']} overlapping "
+                   f"spans dropped (longer kept), {c['type_conflicts']} spans with two types (majority kept)")
+    return posts
+
+
+# ----------------------------------------------------------------------------- datasets
+
+CONLL_LAYOUT = "CoNLL+IMGID: an `IMGID:<id>` line, then `token<TAB>BIO-tag` lines, a blank line between posts"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A folder under --data_dir and how to read it (one reader per file format)."""
+    description: str
+    folder: str
+    reader: object = read_conll                 # read_conll, read_mnre or read_hacred
+    files: str = "{split}.txt"                  # a split's file name; {split} is one of split_names
+    split_names: tuple = ("train", "valid", "test")  # this release's words for train / valid / test
+    images: str | None = "{folder}_images"      # image folder in the dataset folder ({split} allowed); None: text-only
+    types: tuple | None = ("PER", "LOC", "ORG", "MISC")  # entity types; None = whatever train holds
+    layout: str = CONLL_LAYOUT
+    source: str = ""                            # where the files come from
+
+    def split_name(self, split: str) -> str:
+        return self.split_names[list(SPLIT_FILES).index(split)]
+
+    def file(self, split: str) -> str:
+        return self.files.format(split=self.split_name(split))
+
+    def image_dir(self, split: str | None = None) -> str | None:
+        """Image folder relative to the dataset folder (split None: a pattern such as img_org/<train|val|test>)."""
+        if self.images is None:
+            return None
+        sub = self.split_name(split) if split else "<" + "|".join(self.split_names) + ">"
+        return self.images.format(folder=self.folder, split=sub)
+
+
+DATASETS = {
+    "twitter2015": DatasetSpec("Twitter-2015 MNER (UMT release); OTHER read as MISC", "twitter2015",
+                               source="copies in ../shared/datasets/twitter2015/"),
+    "twitter2017": DatasetSpec("Twitter-2017 MNER (UMT release)", "twitter2017",
+                               source="copies in ../shared/datasets/twitter2017/"),
+    "demo": DatasetSpec("synthetic visual-disambiguation set made by data/make_demo.py", "demo",
+                        source="generated on first use"),
+    "heldout": DatasetSpec("synthetic held-out picture set made by data/make_heldout.py (vision designs are chosen "
+                           "on its dev split)", "heldout", source="generated on first use"),
+    "MNRE": DatasetSpec("MNRE v2 relation data (ICME 2021) as word-level BIO; types from relation paths", "MNRE",
+                        read_mnre, "mnre_{split}.txt", ("train", "val", "test"), "img_org/{split}",
+                        layout="one Python-dict literal per line: token, h/t {name, pos [start, end)}, img_id, "
+                               "relation",
+                        source="copies in ../shared/datasets/MNRE/"),
+    "HacRED": DatasetSpec("HacRED Chinese relation data as character-level BIO, one post per sentence; text-only",
+                          "HacRED", read_hacred, "{split}.json", ("train", "dev", "test"), None, None,
+                          layout="DocRED-style JSON lines or one JSON list: sents_char, vertex_char mentions "
+                                 "{name, sent_id, type, pos [start, end) in the sentence}",
+                          source="from the HacRED release (not shipped)"),
+    "MORE": DatasetSpec("MORE multimodal object-entity data (ACM MM 2023) converted to CoNLL+IMGID", "MORE",
+                        types=None, source="converted from the MORE release (not obtainable here)"),
+    "NewsMKG": DatasetSpec("NewsMKG multimodal news entities converted to CoNLL+IMGID; IMGID may be a sub-path",
+                           "NewsMKG", types=None,
+                           layout=CONLL_LAYOUT + "; IMGID may be a sub-path a/b/c (image <images>/a/b/c.jpg)",
+                           source="converted from the NewsMKG release (not obtainable here)"),
+}
+
+
+def dataset_spec(config) -> tuple[DatasetSpec, Path]:
+    """(spec, folder) of --dataset_name: a registered dataset or any CoNLL+IMGID folder under --data_dir."""
+    if config.dataset_name in DATASETS:
+        spec = DATASETS[config.dataset_name]
+        return spec, Path(config.data_dir) / spec.folder
+    d = Path(config.data_dir) / config.dataset_name
+    if (d / SPLIT_FILES["train"]).is_file():
+        return DatasetSpec("custom CoNLL+IMGID folder", config.dataset_name, types=None), d
+    raise DataError(f"--dataset_name {config.dataset_name!r}: not a known dataset ({', '.join(DATASETS)}) and "
+                    f"{d / SPLIT_FILES['train']} does not exist; pick one of those or put train/valid/test.txt there")
+
+
+def dataset_dir(config) -> Path:
+    return dataset_spec(config)[1]
+
+
+def image_root(config, split: str = "train") -> Path | None:
+    """Folder of a split's images; None for a text-only dataset.
+
+    Default: the registry's folder (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<train|val|test>).
+    --image_root replaces it; for a dataset with one image folder per split, its <split> sub-folder is used
+    when it exists there.
+    """
+    spec, d = dataset_spec(config)
+    if spec.images is None:
+        return None
+    if config.image_root:
+        root = Path(config.image_root)
+        sub = root / spec.split_name(split)
+        return sub if "{split}" in spec.images and sub.is_dir() else root
+    return d / spec.image_dir(split)
+
+
+def missing_files_message(name: str, spec: DatasetSpec, d: Path, path: Path) -> str:
+    files = ", ".join(spec.file(s) for s in SPLIT_FILES)
+    img = f"images in {d / spec.image_dir()}/" if spec.images else "no images (text-only)"
+    src = f"; {spec.source}" if spec.source else ""
+    return f"{path} not found: dataset {name} expects {files} in {d}/ ({spec.layout}), {img}{src}"
+
+
+def load_split(config, split: str, report: ReadReport | None = None) -> list[Post]:
+    """The posts of one split of --dataset_name, read by its registry reader: the one entry point for training.
+
+    Converted datasets (MNRE, HacRED) print one line with their sizes and what was resolved or dropped.
+    """
+    spec, d = dataset_spec(config)
+    path = d / spec.file(split)
+    if config.dataset_name == "demo" and not path.exists():
+        from data.make_demo import make_demo  # the demo set is generated, not shipped
+        make_demo(d)
+    if config.dataset_name == "heldout" and not path.exists():
+        from data.make_heldout import make_heldout  # generated too
+        make_heldout(d)
+    if not path.is_file():
+        raise DataError(missing_files_message(config.dataset_name, spec, d, path))
+    if spec.reader is read_conll:
+        return read_conll(path, lenient=config.lenient_data, keep_raw_types=config.keep_raw_types, report=report)
+    report = report if report is not None else ReadReport(str(path))
+    posts = spec.reader(path, lenient=config.lenient_data, report=report)
+    print(f"{config.dataset_name}/{split}: {report.summary()}")
+    return posts
+
+
+def split_hashes(config) -> dict[str, str]:
+    """{split: first 16 hex digits of the sha256 of its file}: which version of the data a run used."""
+    spec, d = dataset_spec(config)
+    return {s: hashlib.sha256((d / spec.file(s)).read_bytes()).hexdigest()[:16]
+            for s in SPLIT_FILES if (d / spec.file(s)).is_file()}
+
+
+def split_overlaps(posts: dict[str, list[Post]]) -> list[str]:
+    """One line per pair of splits that share posts (the same words and image id): a release whose test split
+    repeats its dev split, or leaks training posts, scores what it trained on."""
+    keys = {s: {(tuple(p.tokens), p.imgid) for p in ps} for s, ps in posts.items()}
+    out = []
+    for a, b in ((a, b) for i, a in enumerate(keys) for b in list(keys)[i + 1:]):
+        n = len(keys[a] & keys[b])
+        if n:
+            same = " (the same posts)" if keys[a] == keys[b] else ""
+            out.append(f"{a} and {b} share {n} of {len(keys[a])} / {len(keys[b])} distinct posts{same}")
+    return out

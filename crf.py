@@ -145,12 +145,6 @@ class CRFHead(nn.Module):
             return c.start_transitions, c.end_transitions, c.transitions
         return c.start_transitions + self.ban_start, c.end_transitions + self.ban_end, c.transitions + self.ban
 
-    def to_labels(self, p):
-        """Score-space probabilities [B, W, S] -> LabelMap's [B, W, L] (B-X + S-X -> B-X, I-X + E-X -> I-X)."""
-        if not self.bioes:
-            return p
-        return p.new_zeros(*p.shape[:-1], int(self.to_bio.max()) + 1).index_add_(-1, self.to_bio, p)
-
     def nll(self, em, labels, mask):
         """Negative log-likelihood of each post's labels [B]. With bio_loss the normaliser runs over valid paths
         only (scores()), as decoding does; the labels must be valid then (the dataloader's IOB2 labels are)."""

@@ -8,7 +8,6 @@ every report says which mode produced it.
 """
 from __future__ import annotations
 
-import re
 
 MODES = ("conlleval", "strict")
 
@@ -77,16 +76,3 @@ def format_report(res: dict) -> str:
     lines.append(f"[Mode] {res['mode']}, gold entities={res['gold_support']}, predicted={res['pred_support']}, "
                  f"correct={res['correct']}")
     return "\n".join(lines)
-
-
-_LINE = re.compile(r"^\[(\w+)\] (?:Acc=(?P<acc>[\d.]+), )?P=(?P<p>[\d.]+), R=(?P<r>[\d.]+), F1=(?P<f1>[\d.]+)")
-
-
-def parse_report(text: str) -> dict:
-    """Inverse of format_report for the numbers: {"Overall": {acc, p, r, f1}, "PER": {p, r, f1}, ...}."""
-    out = {}
-    for line in text.splitlines():
-        m = _LINE.match(line.strip())
-        if m:
-            out[m.group(1)] = {k: float(v) for k, v in m.groupdict().items() if v is not None}
-    return out

@@ -1,11 +1,12 @@
 """What training, scoring and tagging share: the device (and torchrun's process group), mixed precision, reading a
-run directory, predicting and scoring a split, writing predictions.
+run directory, the torch inference loop (run_batches) and training's scoring of a split, writing predictions.
 
     train.py, test.py, predict.py, bench.py, plots.py -> runner.py -> config, dataloader, metrics, model
 
 Nothing here imports an entry point, so no two files import each other (tests/test_imports.py checks the graph).
-Under torchrun (WORLD_SIZE > 1) each process predicts its shard of a split; the predictions are gathered and
-scored once (evaluate_split).
+A saved run is scored and tagged through runtime.CheckpointRuntime (test.py, predict.py, serve.py); training scores
+its dev and test splits here, with the model in memory: under torchrun (WORLD_SIZE > 1) each process predicts its
+shard of a split, the predictions are gathered and scored once (evaluate_split).
 """
 from __future__ import annotations
 

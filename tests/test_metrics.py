@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
@@ -9,7 +10,7 @@ from seqeval.scheme import IOB2
 
 import dataloader
 from conftest import real_split
-from metrics import evaluate, format_report, get_entities, parse_report
+from metrics import evaluate, format_report, get_entities
 
 
 @pytest.mark.parametrize("tags,conlleval,strict", [
@@ -129,6 +130,19 @@ def test_against_seqeval_twitter2017():
     pred = _perturb(gold, 1)
     for mode, kw in (("conlleval", {}), ("strict", dict(mode="strict", scheme=IOB2))):
         assert abs(evaluate(gold, pred, mode)["f1"] - f1_score(gold, pred, **kw)) < 1e-9
+
+
+_LINE = re.compile(r"^\[(\w+)\] (?:Acc=(?P<acc>[\d.]+), )?P=(?P<p>[\d.]+), R=(?P<r>[\d.]+), F1=(?P<f1>[\d.]+)")
+
+
+def parse_report(text: str) -> dict:
+    """The numbers format_report prints: {"Overall": {acc, p, r, f1}, "PER": {p, r, f1}, ...}."""
+    out = {}
+    for line in text.splitlines():
+        m = _LINE.match(line.strip())
+        if m:
+            out[m.group(1)] = {k: float(v) for k, v in m.groupdict().items() if v is not None}
+    return out
 
 
 def test_report_round_trip(t2015):

@@ -500,7 +500,7 @@ FLAGS = {
     "explain": [used_by("predict.py")],
     "explain_word": [fn(_predict_args(["--text", "a", "--explain_word", "x"], "--explain_word needs --explain"))],
     # export / serve (behaviour: tests/test_export.py, tests/test_serve.py)
-    "bundle": [used_by("predict.py"), used_by("serve.py"), used_by("export.py")],
+    "bundle": [used_by("predict.py"), used_by("serve.py"), used_by("export.py"), used_by("test.py")],
     "int8": [used_by("export.py")],
     "export_format": [used_by("export.py")],
     "opset": [used_by("export.py")],
@@ -635,7 +635,7 @@ def _check(env, flag, check) -> bool:
         return len(lines) == 1
     if kind == "used_by":
         src = (ROOT / check[1]).read_text()
-        return f"config.{flag}" in src or f"args.{flag}" in src
+        return any(f"{v}.{flag}" in src for v in ("config", "args", "cli"))
     raise AssertionError(f"unknown check kind {kind}")
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from config import ConfigError
 from tqdm import tqdm
@@ -48,7 +47,8 @@ from readers import (DATA_DIR, DATASETS, ROOT, SPLIT_FILES, DataError, DatasetSp
                      _decode_lines, _json_records, _problem_fn, dataset_dir, dataset_spec, image_root, load_split,
                      opens_with_i, read_conll, read_hacred, read_mnre, spans_to_bio, split_hashes, split_overlaps)
 from images import (EFFNET_PREP, GREY, IMAGE_EXTS, MAX_IMAGE_PIXELS, FeatureCache, ImagePrep,  # noqa: F401
-                    cached_features, file_digest, find_image, image_prep_for, image_sources, load_image)
+                    cached_features, file_digest, find_image, grey_pixels, image_prep_for, image_sources,
+                    load_image)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -440,7 +440,7 @@ class MNERDataset(torch.utils.data.Dataset):
     def _pixels(self, i: int, j: int):
         """[3, S, S] of post j's image shown to post i (-1: grey), or None when it cannot be decoded now."""
         if j < 0:
-            return self.prep(Image.new("RGB", (self.prep.size, self.prep.size), GREY))
+            return grey_pixels(self.prep)
         im, status = load_image(self.paths[j])
         if im is None:
             if str(self.paths[j]) not in self.failed:

@@ -273,6 +273,11 @@ class FeatureCache:
 GREY = (128, 128, 128)  # the --image_control blank picture
 
 
+def grey_pixels(prep: ImagePrep) -> torch.Tensor:
+    """The --image_control blank picture through `prep`: [3, S, S]."""
+    return prep(Image.new("RGB", (prep.size, prep.size), GREY))
+
+
 def image_sources(has_image: list[bool], control: str, seed: int) -> list[int]:
     """For each post, the post whose image it is shown (--image_control); -1 = the constant grey image.
 
@@ -303,5 +308,5 @@ def cached_features(config, vision, paths, desc: str, prep: ImagePrep | None = N
         return vision.features(x.to(param.device, param.dtype))
     feats = cache.get(paths, encode, desc=desc)
     with torch.no_grad():
-        blank = encode(prep(Image.new("RGB", (prep.size, prep.size), GREY))[None])[0].to(torch.float16).cpu()
+        blank = encode(grey_pixels(prep)[None])[0].to(torch.float16).cpu()
     return feats, blank

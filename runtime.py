@@ -179,11 +179,17 @@ class CheckpointRuntime(BU.Runtime):
         for k, w in enumerate(ds.windows):
             first.setdefault(w.post, k)
         feats: list = [None] * len(ds.posts)
+        pixels = {}  # a vision trained with the tagger: its pixels, run through the vision graph in batches below
         for i, k in first.items():
             it = ds[k] if ds.has_image[i] else {"has_image": False}
             if it["has_image"]:
-                feats[i] = it["image_feats"].numpy() if "image_feats" in it else \
-                    self.vision_features(it["pixel_values"][None].numpy())[0]
+                if "image_feats" in it:
+                    feats[i] = it["image_feats"].numpy()
+                else:
+                    pixels[i] = it["pixel_values"].numpy()
+        if pixels:
+            for i, f in zip(pixels, self.vision_features(np.stack(list(pixels.values())))):
+                feats[i] = f
         return feats
 
     def info(self) -> dict:

@@ -10,10 +10,10 @@
 Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
 run directory (<split>_report.<control>.json and so on when --image_control differs from the run's own, .bio /
 .no_bio when --bio_constraints does), and
-appends one CSV row to --record_file when given (a bundle's reports carry its folder name: test_report.bundle_int8.json).
-Scoring runs through the same runtime as serve.py (runtime.CheckpointRuntime, or bundle.Bundle with --bundle):
-batches of similar length, text-only and image posts apart, CRF decoding in numpy. The model is rebuilt from the run's config.json and
-label_map.json (never from the current flags or the test data).
+appends one CSV row to --record_file when given (a bundle's reports carry its folder name:
+test_report.bundle_int8.json). Scoring runs through the same runtime as serve.py (runtime.CheckpointRuntime, or
+bundle.Bundle with --bundle): batches of similar length, text-only and image posts apart, CRF decoding in numpy.
+The model is rebuilt from the run's config.json and label_map.json (never from the current flags or the test data).
 """
 from __future__ import annotations
 
@@ -82,8 +82,6 @@ def bundle_features(rt, config, split: str, posts: list) -> list | None:
         return None
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import Image
-
     from bundle import features_from_paths
     with ThreadPoolExecutor(2) as pool:
         feats, _ = features_from_paths([D.find_image(root, p.imgid) for p in posts], rt.prep, rt.vision_features,
@@ -91,7 +89,7 @@ def bundle_features(rt, config, split: str, posts: list) -> list | None:
     src = D.image_sources([f is not None for f in feats], config.image_control, config.seed)
     grey = None
     if config.image_control == "blank":
-        grey = rt.vision_features(rt.prep(Image.new("RGB", (rt.prep.size,) * 2, D.GREY))[None].numpy())[0]
+        grey = rt.vision_features(D.grey_pixels(rt.prep)[None].numpy())[0]
     return [None if f is None else (feats[j] if j >= 0 else grey) for f, j in zip(feats, src)]
 
 

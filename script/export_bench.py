@@ -4,9 +4,9 @@
                                   [--dataset_name twitter2017 --data_dir DIR] [--threads 2]
 
 The checkpoint runs as train.py's final test scores it (runner.predict: the run's torch model, batches of
---batch_size sorted by length); each bundle through bundle.Bundle.tag with the same batch size. Images are not used (the text
-path), so an MNER run is timed on its text-only graph. Model loading is
-not timed; tokenisation and decoding are, on both sides. Default bundles: <run>/bundle and <run>/bundle_int8.
+--batch_size sorted by length); each bundle through bundle.Bundle.tag with the same batch size. Images are not
+used (the text path), so an MNER run is timed on its text-only graph. Model loading is not timed; tokenisation
+and decoding are, on both sides. Default bundles: <run>/bundle and <run>/bundle_int8.
 """
 from __future__ import annotations
 

@@ -126,6 +126,9 @@ def _model_flags(a) -> None:
     a("--crf_loss_sum", action="store_true",
       help="the CRF's loss is the sum of the batch's post NLLs instead of their mean (gradients --batch_size times "
            "larger, so --clip_grad clips more often)")
+    a("--crf_init", default="uniform", choices=["uniform", "zero", "normal"],
+      help="the CRF's start, end and transition scores before training: uniform = pytorch-crf's U(-0.1, 0.1), zero, "
+           "or normal = N(0, 1) (flair's)")
     a("--bio_loss", resume=REFUSED['bio_loss'], action=B, default=False,
       help="with --bio_constraints: the CRF's training normaliser also runs over valid BIO paths only")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
@@ -211,6 +214,8 @@ def _training_flags(a) -> None:
     a("--head_lr", resume=True, type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
            "text-only models, --fusion_lr for MNER and roberta_clip_coattn")
+    a("--crf_lr", type=float, default=-1,
+      help="learning rate of the CRF's start, end and transition scores; -1 = --head_lr's (one group with the head)")
     a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", resume=True, type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
@@ -415,6 +420,8 @@ def validate(c) -> None:
               "image_type_lambda", "image_dropout_p"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
+    if c.crf_lr < 0 and c.crf_lr != -1:
+        raise ConfigError(f"--crf_lr must be >= 0 (or -1: --head_lr's), got {c.crf_lr}")
     for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads",
               "vision_img_size", "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window",
               "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size", "emission_temperature",

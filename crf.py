@@ -109,11 +109,11 @@ class CRFHead(nn.Module):
     is pinned far below the others. With bio=True (--bio_constraints) decoding and tag probabilities keep to valid
     paths (bio_bans, bioes_bans), and the training split's labels are IOB2 (Tagger.iob2_targets); the loss is the plain
     CRF's unless bio_loss (--bio_loss), whose normaliser also keeps to valid paths, so without it the same weights
-    decode both ways.
+    decode both ways. init (--crf_init): the scores start uniform (pytorch-crf's), at zero, or normal (N(0, 1)).
     """
 
     def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False, bioes: bool = False,
-                 loss_sum: bool = False):
+                 loss_sum: bool = False, init: str = "uniform"):
         super().__init__()
         if bioes and num_labels % 2:  # LabelMap's layout: PAD, O, then a B-/I- pair per type
             raise ValueError(f"BIOES needs PAD, O and B-/I- pairs of labels; got {num_labels} labels")
@@ -124,7 +124,10 @@ class CRFHead(nn.Module):
         # [L, S]: 0 where score tag s is label l, else -inf (log_marginals' BIOES -> BIO sum as one logsumexp)
         labels = torch.arange(int(self.to_bio.max()) + 1)[:, None]
         self.register_buffer("log_to_bio", torch.where(labels == self.to_bio, 0.0, float("-inf")), persistent=False)
-        self.crf = CRF(self.n_scores, batch_first=True)
+        self.crf = CRF(self.n_scores, batch_first=True)  # start, end, transitions drawn from U(-0.1, 0.1)
+        if init != "uniform":
+            for prm in self.crf.parameters():
+                nn.init.zeros_(prm) if init == "zero" else nn.init.normal_(prm)
         self.bio, self.bio_loss = bio, bio and bio_loss
         if bioes:
             start, end, trans = bioes_bans(num_labels)

@@ -1049,24 +1049,27 @@ class Tagger(nn.Module):
         out = 2 * config.hidden_dim if bilstm else H
         bioes = head == "crf" and config.tag_scheme == "bioes"
         self.emit = nn.Linear(out, len(bioes_to_bio(num_labels)) if bioes else num_labels)  # before the head: seeds
-        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss, bioes, config.crf_loss_sum) \
+        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss, bioes, config.crf_loss_sum,
+                            config.crf_init) \
             if head == "crf" else \
             SoftmaxHead(num_labels, config.label_smoothing)
 
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
     HEAD_PREFIXES = ("case.", "text.layer_mix", "lstm.", "emit.", "head.")
 
-    def param_groups(self, head_group: bool = True) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """{text, vision, head, rest: [(name, parameter)]} in named_parameters order; the head group is HEAD_PREFIXES,
-        --layer_mix's weights included (head_group=False: the head's parameters stay in "rest", the grouping of runs
-        saved before --head_lr)."""
-        groups = {"text": [], "vision": [], "head": [], "rest": []}
+    def param_groups(self, head_group=True, crf_group=False) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """{text, vision, head, crf, rest: [(name, parameter)]} in named_parameters order; the head group is
+        HEAD_PREFIXES, --layer_mix's weights included (head_group=False: the head's parameters stay in "rest", the
+        grouping of runs saved before --head_lr); the CRF's scores form their own group only with crf_group
+        (--crf_lr), else they are the head's."""
+        groups = {"text": [], "vision": [], "head": [], "crf": [], "rest": []}
         pretrained = ("vision.",) if isinstance(self.vision, PretrainedVision) else \
             ("vision.stem.",) if isinstance(getattr(self.vision, "stem", None), EfficientNetStem) else ()
         for n, prm in self.named_parameters():
             if not prm.requires_grad:
                 continue
-            g = "head" if head_group and n.startswith(self.HEAD_PREFIXES) else "text" if n.startswith("text.") else \
+            g = "crf" if crf_group and n.startswith("head.crf.") else \
+                "head" if head_group and n.startswith(self.HEAD_PREFIXES) else "text" if n.startswith("text.") else \
                 "vision" if pretrained and n.startswith(pretrained) else "rest"
             groups[g].append((n, prm))
         return groups
@@ -1245,6 +1248,9 @@ def unused_flags(config, given: set[str]) -> list[str]:
                                                       "the CRF's decoding)",
         "crf_loss_sum": None if head == "crf" else f"the softmax head of --model {config.model} (it sums the CRF's "
                                                    "loss)",
+        "crf_init": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the CRF's "
+                                               "first scores)",
+        "crf_lr": None if head == "crf" else f"the softmax head of --model {config.model} (it is the CRF's rate)",
         "tag_scheme": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the tags the "
                                                  "CRF scores)",
         "bio_loss": None if head == "crf" and config.bio_constraints else

@@ -166,8 +166,10 @@ def all_finite(loss: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- optimiser
 
 def base_lrs(config) -> dict:
-    """Learning rate of each parameter group base: text encoder, trainable pretrained vision, tagging head, the rest."""
-    return {"text": config.text_lr, "vision": config.backbone_lr, "head": config.head_lr, "rest": config.fusion_lr}
+    """Learning rate of each parameter group base: text encoder, trainable pretrained vision, tagging head, CRF
+    scores (with --crf_lr), the rest."""
+    return {"text": config.text_lr, "vision": config.backbone_lr, "head": config.head_lr, "crf": config.crf_lr,
+            "rest": config.fusion_lr}
 
 
 def lr_plan(config, steps: int) -> dict:
@@ -214,13 +216,13 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
     head_group=False: the head in the "rest" group, as runs saved before --head_lr had it (their last.pt resumes).
 
     text encoder -> text_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
-    pretrained vision -> backbone_lr, tagging head -> head_lr, everything else -> fusion_lr; biases and every norm
-    layer get no weight decay.
+    pretrained vision -> backbone_lr, tagging head -> head_lr (the CRF's scores -> crf_lr when it is set),
+    everything else -> fusion_lr; biases and every norm layer get no weight decay.
     """
     lrs = base_lrs(config)
     n_layers = model.text.model.config.num_hidden_layers
     groups = []
-    for name, params in model.param_groups(head_group).items():
+    for name, params in model.param_groups(head_group, crf_group=config.crf_lr >= 0).items():
         # one group per (depth, decay): with --llrd each text-encoder depth has its own rate, else one depth
         layerwise = name == "text" and config.llrd != 1.0
         depth = {n: text_depth(n, n_layers) if layerwise else 0 for n, _ in params}

@@ -80,7 +80,7 @@ def _data_flags(a) -> None:
       help="append the words of each post's k most similar training posts (never itself or a dev/test post) "
            "after a separator, unlabelled; 0 = off")
     a("--allow_split_overlap", action="store_true",
-      help="train even when splits share posts (same words and image id); otherwise that is an error")
+      help="train even when splits share posts (same words and image id); else an error")
     a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
     a("--image_aug", action="store_true", help="random crop + flip of training images (on-the-fly images only)")
     a("--cache_dir", resume=True, tools="test predict export", default=str(ROOT / ".cache" / "features"),
@@ -114,7 +114,7 @@ def _model_flags(a) -> None:
       help="word states from a learned softmax-weighted sum of all the text encoder's hidden states (embeddings and "
            "every layer; weights start equal and train at --head_lr) instead of its last layer")
     a("--allow_download", resume=True, tools="test predict export", action="store_true",
-      help="let transformers fetch a hub id named by --text_encoder/--image_encoder (online only)")
+      help="let transformers fetch a hub id named by an --*_encoder (online)")
     a("--use_image", tools="predict", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
     a("--bio_constraints", resume=REFUSED['bio_constraints'], tools="test", action=B, default=True,
@@ -124,13 +124,12 @@ def _model_flags(a) -> None:
       help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); "
            "auto = bioes for the text-only models, bio for MNER and roberta_clip_coattn")
     a("--crf_loss_sum", action="store_true",
-      help="the CRF's loss is the sum of the batch's post NLLs instead of their mean (gradients --batch_size times "
-           "larger, so --clip_grad clips more often)")
+      help="the CRF's loss sums the batch's post NLLs (gradients --batch_size times the mean's)")
     a("--crf_init", default="uniform", choices=["uniform", "zero", "normal"],
       help="the CRF's start, end and transition scores before training: uniform = pytorch-crf's U(-0.1, 0.1), zero, "
            "or normal = N(0, 1) (flair's)")
     a("--bio_loss", resume=REFUSED['bio_loss'], action=B, default=False,
-      help="with --bio_constraints: the CRF's training normaliser also runs over valid BIO paths only")
+      help="with --bio_constraints: the CRF's training normaliser keeps to valid paths too")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
@@ -215,7 +214,7 @@ def _training_flags(a) -> None:
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
            "text-only models, --fusion_lr for MNER and roberta_clip_coattn")
     a("--crf_lr", type=float, default=-1,
-      help="learning rate of the CRF's start, end and transition scores; -1 = --head_lr's (one group with the head)")
+      help="learning rate of the CRF's scores; -1 = --head_lr's")
     a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", resume=True, type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")

@@ -120,7 +120,8 @@ def test_stem_maps_are_efficientnet_lite0s_own():
             h = blk(h)
             maps[i] = h
     assert c.shape == (2, 112, 4, 4) and f.shape == (2, 40, 8, 8)
-    assert torch.allclose(c, maps[10], atol=1e-5) and torch.allclose(f, maps[4], atol=1e-5)
+    # float tolerance: the thread count (which an earlier test in the same process may have changed) reorders sums
+    assert torch.allclose(c, maps[10], rtol=1e-4, atol=1e-4) and torch.allclose(f, maps[4], rtol=1e-4, atol=1e-4)
     assert not any(p.requires_grad for p in enc.stem.parameters())
     enc.train()
     assert not enc.stem.training  # pretrained BatchNorm statistics stay fixed
@@ -135,7 +136,7 @@ def test_coarse_view_at_stride_32_is_what_the_plain_mner_reads():
     with torch.no_grad():
         c, f = enc.stem_maps(x)
         assert c.shape == (2, 1280, 2, 2) and f.shape == (2, 112, 4, 4)
-        assert torch.allclose(c.flatten(2).transpose(1, 2), plain(x), atol=1e-5)
+        assert torch.allclose(c.flatten(2).transpose(1, 2), plain(x), rtol=1e-4, atol=1e-4)
     trained = encoder(**dict(EFF, vision_img_size=64, vision_patch_size=32, vision_fine_patch_size=16,
                              vision_trainable=True, unfreeze_last_vision_blocks=1))
     assert all(p.requires_grad for p in trained.stem.head.parameters())  # the head conv learns with the last block

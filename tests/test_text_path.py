@@ -236,6 +236,26 @@ def test_llrd_scales_each_layer(tiny_bert_dir):
     assert {g["base"] for g in opt.param_groups} == {"text", "head"}  # roberta_crf: nothing but the head above it
 
 
+def test_crf_lr_gives_the_crf_scores_their_own_rate_and_crf_init_their_start(tiny_bert_dir):
+    """--crf_lr: exactly the CRF's start, end and transition scores train at it, the rest of the head at --head_lr;
+    -1 leaves them in the head's group. --crf_init zero / normal: the scores start at 0 / spread like N(0, 1)."""
+    argv = ["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--warmup_prop", "0"]
+    for extra, crf_rate in (([], None), (["--crf_lr", "0.02"], 0.02)):
+        c = C.get_config(argv + extra)
+        m = M.build_model(c, 10)
+        opt, _ = train.make_optimizer(m, c, steps=10)
+        lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        crf = {id(p) for p in m.head.crf.parameters()}
+        assert len(crf) == 3
+        for n, p in m.named_parameters():
+            if p.requires_grad and not n.startswith("text."):
+                assert lr_of[id(p)] == pytest.approx(crf_rate if crf_rate and id(p) in crf else c.head_lr), n
+    for init, check in (("zero", lambda x: (x == 0).all()), ("normal", lambda x: x.std() > 0.5),
+                        ("uniform", lambda x: x.abs().max() <= 0.1)):
+        m = M.build_model(C.get_config(argv + ["--crf_init", init]), 10)
+        assert check(m.head.crf.transitions.detach()), init
+
+
 def test_head_lr_auto_is_higher_only_without_image_fusion():
     """-1 resolves to 3e-3 for a text-only model and to --fusion_lr for the image models;
     config.IMAGE_MODELS names exactly the registry entries that fuse the image."""

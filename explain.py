@@ -171,10 +171,15 @@ def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, devi
     model and has a box: the attention of the words of the cued type's gold entities, averaged, drawn as the
     --explain overlay does (region_heat); a hit when its peak pixel lies inside the box, mapped into the view.
     "chance" is the rate a peak drawn uniformly over the view would reach: the mean share of the view the box covers.
-    Returns {"hits", "posts", "rate", "chance", "no_box", "no_entity"}."""
+    With more than one grid of tokens (dual granularity's coarse and fine views), "views" gives each grid's rate
+    when its tokens alone are drawn: which view's attention lands on the object.
+    Returns {"hits", "posts", "rate", "chance", "no_box", "no_entity", "views"}."""
     out = attention_rows(model, ds, config, device, amp)
     grids, prep = region_grids(model.vision), ds.prep
-    hits = posts = no_box = no_entity = 0
+    views = {name: (a, b) for name, (a, b, side) in zip(("coarse", "fine"), [g for g in grids if g[2]])} \
+        if sum(bool(g[2]) for g in grids) > 1 else {}
+    hits, view_hits = 0, dict.fromkeys(views, 0)
+    posts = no_box = no_entity = 0
     cover = 0.0
     for p, ex in zip(ds.posts, out):
         if not ex:
@@ -187,16 +192,27 @@ def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, devi
         if not words:
             no_entity += 1
             continue
-        heat = region_heat(ex["att"][words].mean(0), grids, prep.size, ex["cells"])
-        py, px = np.unravel_index(heat.argmax(), heat.shape)
         x0, y0, x1, y1 = b["box"]
-        (ax, ay), (bx, by) = image_to_view(x0, y0, b["size"], prep), image_to_view(x1, y1, b["size"], prep)
+        box = (*image_to_view(x0, y0, b["size"], prep), *image_to_view(x1, y1, b["size"], prep))
+        w = ex["att"][words].mean(0)
         posts += 1
-        hits += int(ax <= px + 0.5 <= bx and ay <= py + 0.5 <= by)  # the pixel's centre
-        ax, ay, bx, by = (min(max(v, 0.0), prep.size) for v in (ax, ay, bx, by))
+        hits += peak_in_box(region_heat(w, grids, prep.size, ex["cells"]), box)
+        for name, (a, e) in views.items():
+            alone = np.zeros_like(w)
+            alone[a:e] = w[a:e]
+            view_hits[name] += peak_in_box(region_heat(alone, grids, prep.size, ex["cells"]), box)
+        ax, ay, bx, by = (min(max(v, 0.0), prep.size) for v in box)
         cover += (bx - ax) * (by - ay) / prep.size ** 2
-    return {"hits": hits, "posts": posts, "rate": hits / posts if posts else 0.0,
-            "chance": cover / posts if posts else 0.0, "no_box": no_box, "no_entity": no_entity}
+    rate = lambda n: n / posts if posts else 0.0  # noqa: E731
+    return {"hits": hits, "posts": posts, "rate": rate(hits), "chance": rate(cover), "no_box": no_box,
+            "no_entity": no_entity, "views": {k: rate(n) for k, n in view_hits.items()}}
+
+
+def peak_in_box(heat: np.ndarray, box) -> int:
+    """1 when the centre of heat's peak pixel lies inside box (x0, y0, x1, y1) in view pixels, else 0."""
+    py, px = np.unravel_index(heat.argmax(), heat.shape)
+    ax, ay, bx, by = box
+    return int(ax <= px + 0.5 <= bx and ay <= py + 0.5 <= by)
 
 
 def image_path_off(model, config) -> str:

@@ -68,8 +68,9 @@ def explain_hits(model, ds, config, label_map, device, amp, split: str) -> dict:
                      "python data/make_demo.py --force)"
         raise ConfigError(f"--explain_hits: {why}")
     h = attention_hits(model, ds, config, label_map, device, amp or nullcontext, read_boxes(path))
+    views = "".join(f"; {k} view alone {r:.1%}" for k, r in h["views"].items())
     print(f"attention peak inside the cued object's box: {h['hits']}/{h['posts']} posts ({h['rate']:.1%}; "
-          f"a uniform peak: {h['chance']:.1%}); skipped: {h['no_box']} with an image but no box, "
+          f"a uniform peak: {h['chance']:.1%}{views}); skipped: {h['no_box']} with an image but no box, "
           f"{h['no_entity']} with no entity of the cued type")
     return h
 

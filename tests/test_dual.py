@@ -396,3 +396,24 @@ def test_runs_of_the_earlier_encoder_are_refused_in_one_line(tmp_path):
     assert json.loads((run / "config.json").read_text())["run_format"] == RUN_FORMAT
     with pytest.raises(ConfigError, match="run format 99"):
         config_from_dict({"run_format": 99}, "new/config.json")
+
+
+def test_explain_hits_says_which_view_lands_on_the_object(monkeypatch):
+    """attention_hits draws each view's tokens alone too: coarse weight on the object's quadrant and a denser fine
+    token on the far corner make the overlay's peak miss, the coarse view alone hit and the fine view alone miss."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    enc = encoder(**dict(EFF, vision_max_patches=4))  # 32 px: 4x4 coarse, 8x8 fine grid, 4 fine tokens kept
+    nc, last = enc.Gc ** 2, enc.Gf ** 2 - 1
+    w = np.zeros(1 + nc + enc.k, np.float32)
+    w[1] = 0.7                                       # coarse cell 0: the top-left corner, where the object is
+    w[1 + nc] = 0.3                                  # the first kept fine token, at the bottom-right fine cell
+    rows = [{"att": w[None], "cells": (last, 1, 2, 3)}]
+    monkeypatch.setattr(explain, "attention_rows", lambda *a: rows)
+    post = SimpleNamespace(imgid="1", tags=["B-PER"])
+    ds = SimpleNamespace(posts=[post], prep=dl.ImagePrep(32))
+    boxes = {"1": {"type": "PER", "box": [0, 0, 16, 16], "size": [32, 32]}}
+    h = explain.attention_hits(SimpleNamespace(vision=enc), ds, None, None, None, None, boxes)
+    assert (h["posts"], h["hits"]) == (1, 0)
+    assert h["views"] == {"coarse": 1.0, "fine": 0.0}

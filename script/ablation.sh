@@ -28,7 +28,7 @@ text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_w
 text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm
 text_r4 text_r4_flair_drop text_r4_locked text_r4_word_drop text_r4_bioes text_r4_no_bucketing text_r4_one_lr
 text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10 text_r4_flair_all text_r4_bioes_drop text_r4_attn_drop text_r4_sum5 text_r4_flair_all_sum
-text_r7_crf_zero text_r7_crf_normal text_r7_crf_lr1e2 text_r7_crf_lr3e4 text_r7_no_case text_r7_e10"
+text_r7_crf_zero text_r7_crf_lr1e2 text_r7_no_case text_r7_e10"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
 # the first text path (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which wins over the
@@ -108,9 +108,7 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     # the seventh round: one change on the defaults (BIOES; text_r4_bioes's runs): the CRF's first scores and rate,
     # case features, the schedule's length
     text_r7_crf_zero) echo "--model roberta_crf --crf_init zero" ;;
-    text_r7_crf_normal) echo "--model roberta_crf --crf_init normal" ;;
     text_r7_crf_lr1e2) echo "--model roberta_crf --crf_lr 1e-2" ;;
-    text_r7_crf_lr3e4) echo "--model roberta_crf --crf_lr 3e-4" ;;
     text_r7_no_case) echo "--model roberta_crf --no-case_features" ;;
     text_r7_e10) echo "--model roberta_crf --epochs 10" ;;
     # everything flair's recipe does that MANGO has a flag for

@@ -167,7 +167,7 @@ def test_resume_of_a_run_saved_before_head_lr(base, monkeypatch):
     optimiser is rebuilt in that grouping, and the run finishes."""
     import model as M
     grouped = M.Tagger.param_groups
-    monkeypatch.setattr(M.Tagger, "param_groups", lambda self, head_group=True: grouped(self, False))
+    monkeypatch.setattr(M.Tagger, "param_groups", lambda self, head_group=True, crf_group=False: grouped(self, False))
     cut_in_epoch_2([*base, "--epochs", "2", "--save_name", "pre_head_lr"], monkeypatch)
     monkeypatch.setattr(M.Tagger, "param_groups", grouped)
     last = torch.load(save_dir(base) / "pre_head_lr" / "last.pt", weights_only=True)

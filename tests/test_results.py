@@ -144,7 +144,8 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "text_r4_no_bucketing", "text_r4_one_lr", "text_r4_no_ema", "text_r4_trained_emb",
                                   "text_r4_no_case", "text_r4_clip5", "text_r4_e10", "text_r4_flair_all",
                                   "text_r4_bioes_drop", "text_r4_attn_drop", "text_r4_sum5",
-                                  "text_r4_flair_all_sum"} == set(names)
+                                  "text_r4_flair_all_sum", "text_r7_crf_zero", "text_r7_crf_lr1e2",
+                                  "text_r7_no_case", "text_r7_e10"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()

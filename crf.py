@@ -126,8 +126,9 @@ class CRFHead(nn.Module):
         self.register_buffer("log_to_bio", torch.where(labels == self.to_bio, 0.0, float("-inf")), persistent=False)
         self.crf = CRF(self.n_scores, batch_first=True)  # start, end, transitions drawn from U(-0.1, 0.1)
         if init != "uniform":
+            start = nn.init.zeros_ if init == "zero" else nn.init.normal_
             for prm in self.crf.parameters():
-                nn.init.zeros_(prm) if init == "zero" else nn.init.normal_(prm)
+                start(prm)
         self.bio, self.bio_loss = bio, bio and bio_loss
         if bioes:
             start, end, trans = bioes_bans(num_labels)

@@ -176,8 +176,8 @@ def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, devi
     Returns {"hits", "posts", "rate", "chance", "no_box", "no_entity", "views"}."""
     out = attention_rows(model, ds, config, device, amp)
     grids, prep = region_grids(model.vision), ds.prep
-    views = {name: (a, b) for name, (a, b, side) in zip(("coarse", "fine"), [g for g in grids if g[2]])} \
-        if sum(bool(g[2]) for g in grids) > 1 else {}
+    grid_tokens = [(a, b) for a, b, side in grids if side]  # the whole-image token (side 0) is no view
+    views = dict(zip(("coarse", "fine"), grid_tokens)) if len(grid_tokens) > 1 else {}
     hits, view_hits = 0, dict.fromkeys(views, 0)
     posts = no_box = no_entity = 0
     cover = 0.0

@@ -2,10 +2,12 @@
 every post that is a dev or test post of any dataset under --data_dir, registered or a CoNLL folder (compared by
 words lower-cased, letters and digits only, so another release's tokenisation of one tweet is caught), one per line.
 
-    python data/make_unlabelled.py [--source MNRE] [--out data/unlabelled/mnre_train.txt] [--data_dir data]
+    python data/make_unlabelled.py [--source MNRE[,twitter2015,...]] [--out data/unlabelled/mnre_train.txt]
+                                   [--data_dir data]
 
 The default source, MNRE's training split (Twitter posts of a relation-extraction release), shares no post with the
-Twitter-2015/2017 training splits. It says how many posts it removed and why.
+Twitter-2015/2017 training splits. Several sources (comma-separated) are read in turn, a post repeated across them
+kept once. It says how many posts it removed and why.
 """
 from __future__ import annotations
 
@@ -43,19 +45,21 @@ def held_out_keys(data_dir: str) -> dict[str, str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", default="MNRE", help="dataset whose training posts become unlabelled posts")
+    ap.add_argument("--source", default="MNRE",
+                    help="dataset(s), comma-separated, whose training posts become unlabelled posts")
     ap.add_argument("--out", default=str(ROOT / "data" / "unlabelled" / "mnre_train.txt"), help="file to write")
     ap.add_argument("--data_dir", default=str(ROOT / "data"), help="folder holding one sub-folder per dataset")
     a = ap.parse_args(argv)
     held = held_out_keys(a.data_dir)
-    posts = D.load_split(get_config(["--dataset_name", a.source, "--data_dir", a.data_dir]), "train")
+    sources = [s for s in a.source.split(",") if s]
+    posts = [p for s in sources for p in D.load_split(get_config(["--dataset_name", s, "--data_dir", a.data_dir]), "train")]
     kept, removed, seen = [], Counter(), set()
     for p in posts:
         k = post_key(p.tokens)
         if k in held:
             removed[held[k]] += 1
         elif k in seen:
-            removed["repeated in the source"] += 1
+            removed["repeated in the sources" if len(sources) > 1 else "repeated in the source"] += 1
         else:
             seen.add(k)
             kept.append(" ".join(p.tokens))
@@ -63,7 +67,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(kept) + "\n", encoding="utf-8")
     why = ", ".join(f"{n} {w}" for w, n in sorted(removed.items())) or "none"
-    print(f"{out}: {len(kept)} of {len(posts)} {a.source} training posts; removed: {why}")
+    print(f"{out}: {len(kept)} of {len(posts)} {' + '.join(sources)} training posts; removed: {why}")
 
 
 if __name__ == "__main__":

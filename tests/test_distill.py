@@ -163,3 +163,6 @@ def test_make_unlabelled_removes_held_out_posts(tiny_data_dir, tmp_path, capsys)
     want = {distill.post_key(p.tokens) for p in train_posts} - held
     assert {distill.post_key(line.split()) for line in lines} == want
     assert f"{len(lines)} of {len(train_posts)} tiny training posts" in capsys.readouterr().out
+    mod.main(["--source", "tiny,tiny", "--data_dir", str(tiny_data_dir), "--out", str(out)])  # a post in two sources
+    assert sorted(out.read_text(encoding="utf-8").splitlines()) == sorted(lines)
+    assert f"{len(lines)} of {2 * len(train_posts)} tiny + tiny training posts" in capsys.readouterr().out

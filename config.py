@@ -155,6 +155,9 @@ def _vision_flags(a) -> None:
       help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
     a("--vision_max_patches", type=int, default=64,
       help="dual-granularity: fine tokens kept, the most salient by a learned score (all when the fine grid has fewer)")
+    a("--vision_select", default="learned", choices=["learned", "prior"],
+      help="dual-granularity: which fine tokens are kept: the top of a learned score, or the cells that stand out in "
+           "the stem's maps (distance from the map's mean, fine times parent coarse); the score weights them")
     a("--vision_embed_dim", type=int, default=128, help="dual-granularity: token width")
     a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads of every vision block")
     a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window side in coarse patches")

@@ -635,10 +635,11 @@ class EfficientNetStem(nn.Module):
 
 
 class SaliencySelect(nn.Module):
-    """Keeps the k most salient of N tokens, by a learned score; each kept token is scaled by sigmoid(score), so
-    the scorer learns through whatever reads the kept tokens (as DelegateAttention's does).
+    """Keeps k of N tokens: the k most salient by a learned score, or, given a prior, the k the prior ranks first;
+    each kept token is scaled by sigmoid(score), so the scorer learns through whatever reads the kept tokens (as
+    DelegateAttention's does).
 
-    x [B, N, D] -> kept [B, k, D], idx [B, k] (positions in the N tokens)
+    x [B, N, D], prior [B, N] or None -> kept [B, k, D], idx [B, k] (positions in the N tokens)
     """
 
     def __init__(self, dim: int, k: int):
@@ -646,11 +647,21 @@ class SaliencySelect(nn.Module):
         self.k = k
         self.ln, self.score = nn.LayerNorm(dim), nn.Linear(dim, 1)
 
-    def forward(self, x):
+    def forward(self, x, prior=None):
         s = self.score(self.ln(x)).squeeze(-1)
-        top, idx = s.topk(min(self.k, x.size(1)), dim=1)
-        kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1))) * torch.sigmoid(top).unsqueeze(-1)
+        k = min(self.k, x.size(1))
+        idx = (s if prior is None else prior).topk(k, dim=1).indices
+        kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1))) * torch.sigmoid(s.gather(1, idx)).unsqueeze(-1)
         return kept, idx
+
+
+def activation_prior(c, f, parent_index):
+    """Where the backbone sees something: each fine cell's distance from its map's mean feature times its parent
+    coarse cell's, [B, Gf^2]. Off the cued object a learned score trained from tags alone drifts to background cells;
+    this ranking keeps the fine view on what stands out in the pretrained maps.
+    c [B, Cc, Gc, Gc], f [B, Cf, Gf, Gf], parent_index [Gf^2] -> [B, Gf^2]"""
+    dev = lambda m: (m - m.mean((2, 3), keepdim=True)).norm(dim=1).flatten(1)  # noqa: E731  [B, G^2]
+    return dev(f) * dev(c).index_select(1, parent_index)
 
 
 DUAL_LAYER_SCALE = 0.1  # start of every residual branch's LayerScale inside the dual encoder
@@ -667,8 +678,8 @@ class DualGranularityEncoder(nn.Module):
             --vision_swin_window, the second shifted), delegate attention (--vision_delegate_topk).
     fine:   the Gf x Gf map (Gf = S/pf) projected to D + position embedding + the projected coarse token of the
             cell it lies in (parent_cells: the semantics the saliency score and the fine blocks start from); the
-            k = min(--vision_max_patches, Gf^2) most salient tokens are kept (SaliencySelect), then --vision_depth
-            transformer layers.
+            k = min(--vision_max_patches, Gf^2) most salient tokens are kept (SaliencySelect; --vision_select: by a
+            learned score or by the backbone's activation_prior), then --vision_depth transformer layers.
     summary: an MLP over [mean coarse; mean fine].
     Every residual branch of the learned blocks starts at DUAL_LAYER_SCALE (LayerScale): they refine the pretrained
     features instead of replacing them in the first steps, on a few hundred pictures.
@@ -704,6 +715,7 @@ class DualGranularityEncoder(nn.Module):
         self.delegate = DelegateAttention(D, heads, config.vision_delegate_topk, p, scale=ls)
         self.k = min(config.vision_max_patches, self.Gf * self.Gf)
         self.select = SaliencySelect(D, self.k)
+        self.select_by = config.vision_select
         self.fine = nn.ModuleList(Block(D, heads, p, scale=ls) for _ in range(config.vision_depth))
         self.fuse = MLP(2 * D, 2 * D, p, out=D)
         self.norm = nn.LayerNorm(D)
@@ -742,12 +754,13 @@ class DualGranularityEncoder(nn.Module):
 
     def encode_maps(self, c, f):
         """coarse [B, Cc, Gc, Gc], fine [B, Cf, Gf, Gf] -> tokens [B, 1 + Gc^2 + k, D]."""
+        prior = activation_prior(c, f, self.parent_index) if self.select_by == "prior" else None
         c = self.coarse_proj(c.flatten(2).transpose(1, 2)) + self.coarse_pos
         f = self.fine_proj(f.flatten(2).transpose(1, 2)) + self.fine_pos + self.parent_cells(c)
         for blk in self.swin:
             c = blk(c)
         c = self.delegate(c)
-        f, self.last_cells = self.select(f)  # last_cells: for --explain
+        f, self.last_cells = self.select(f, prior)  # last_cells: for --explain
         for blk in self.fine:
             f = blk(f)
         summary = self.fuse(torch.cat([c.mean(1), f.mean(1)], -1)).unsqueeze(1)

@@ -68,6 +68,7 @@ VISION_FLAGS = [
     ("vision_patch_size", 16, EFF, "shape"),               # the stride-16 map instead of the stride-8 one
     ("vision_fine_patch_size", 8, dict(EFF, vision_patch_size=16, vision_max_patches=1000), "shape"),
     ("vision_max_patches", 4, EFF, "shape"),
+    ("vision_select", "prior", dict(EFF, vision_max_patches=4), "out"),  # other cells kept
     ("vision_embed_dim", 64, EFF, "shape"),
     ("vision_heads", 4, EFF, "out"),
     ("vision_swin_window", 1, EFF, "out"),
@@ -187,6 +188,25 @@ def test_saliency_topk_passes_gradient_to_its_scorer():
     assert torch.equal(idx, scores.topk(3, dim=1).indices)
     (kept * torch.randn_like(kept)).sum().backward()
     assert sel.score.weight.grad.abs().sum() > 0 and sel.score.bias.grad.abs() > 0
+
+
+def test_prior_selection_keeps_the_cells_that_stand_out_and_still_trains_the_scorer():
+    """--vision_select prior: the kept fine cells are those whose fine and parent-coarse features differ most from
+    their map's mean (a bright object on a flat background), whatever the learned score says; the score still
+    weights them, so it gets a gradient."""
+    enc = encoder(**{**EFF, "vision_max_patches": 4}, vision_select="prior").train()
+    (Cc, Gc, _), (Cf, Gf, _) = enc.map_shapes
+    r = Gf // Gc
+    c, f = torch.ones(1, Cc, Gc, Gc), torch.ones(1, Cf, Gf, Gf)
+    c[..., -1, -1] += 5                       # the object: the bottom-right coarse cell ...
+    f[..., -r:, -r:] += torch.rand(Cf, r, r) + 3  # ... and the fine cells inside it
+    inside = [i * Gf + j for i in range(Gf - r, Gf) for j in range(Gf - r, Gf)]
+    enc.encode_maps(c, f)
+    assert set(enc.last_cells[0].tolist()) <= set(inside) and len(inside) >= enc.k
+    assert set(M.activation_prior(c, f, enc.parent_index)[0].topk(enc.k).indices.tolist()) <= set(inside)
+    out = enc.encode_maps(c, f)
+    (out * torch.randn_like(out)).sum().backward()
+    assert enc.select.score.weight.grad.abs().sum() > 0
 
 
 def test_kept_fine_tokens_carry_their_position():

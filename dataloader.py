@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import ConfigError
 from tqdm import tqdm
 
 # what the rest of MANGO reads as dataloader.X lives in the two modules it is split from
@@ -135,12 +134,8 @@ def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
     return list(enc["input_ids"][:first]), list(enc["input_ids"][last + 1:])
 
 
-def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[str]] | None = None) -> Encoded:
+def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
     """Sub-word encode a word list and record each word's first sub-word position.
-
-    `context` (--context_k) is a list of retrieved posts' word lists, appended after the post as
-    [SEP] ctx1 [SEP] ctx2 ... in whatever room max_len leaves; the post itself is never cut for them, and their
-    sub-words are not words of the post (not in word_index), so nothing scores or labels them.
 
     Words that tokenise to nothing (U+FE0F, U+200B, a lone combining mark, "") would shift every later
     label when aligned by position, so they are replaced by the unknown token. Truncation keeps whole
@@ -161,14 +156,6 @@ def encode_words(tokenizer, words: list[str], max_len: int, context: list[list[s
     ids = enc["input_ids"][:budget]
     wids = wids[:budget]
     prefix = len(head)
-    if context:
-        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        ids = list(ids)
-        for ctx in context:
-            room = budget - len(ids) - 1
-            if room <= 0 or not ctx:
-                break
-            ids += [sep] + tokenizer(ctx, is_split_into_words=True, add_special_tokens=False)["input_ids"][:room]
     word_index, word_end, seen = [], [], -1
     for pos, w in enumerate(wids):
         if w is not None and w != seen:
@@ -191,8 +178,7 @@ class Window:
     enc: Encoded
 
 
-def encode_windows(tokenizer, words: list[str], max_len: int, context: list[list[str]] | None = None,
-                   post: int = 0) -> list[Window]:
+def encode_windows(tokenizer, words: list[str], max_len: int, post: int = 0) -> list[Window]:
     """A post as one window, or, when its sub-words do not fit in max_len, as overlapping windows of whole words.
 
     Each window holds as many words as fit from its start; the next one starts half a window (in words) before
@@ -203,7 +189,7 @@ def encode_windows(tokenizer, words: list[str], max_len: int, context: list[list
     n, budget = len(words), max_len  # at most max_len words can fit: every word has at least one sub-word
     spans, s = [], 0
     while True:
-        enc = encode_words(tokenizer, words[s:s + budget], max_len, context)
+        enc = encode_words(tokenizer, words[s:s + budget], max_len)
         e = s + max(1, enc.n_kept)
         spans.append((s, e, enc))
         if e >= n:
@@ -354,19 +340,15 @@ class MNERDataset(torch.utils.data.Dataset):
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
                  image_mode: str | None = None, prep: ImagePrep | None = None, features=None,
                  feat_shape=None, train_aug: bool = False, seed: int = 0, name: str = "split", teacher=None,
-                 control: str = "none", blank=None, context=None, word_mask_prob: float = 0.0,
-                 mask_id: int | None = None,
-                 iob2_labels: bool = False, targets: list[torch.Tensor] | None = None):
+                 control: str = "none", blank=None, iob2_labels: bool = False,
+                 targets: list[torch.Tensor] | None = None):
         self.posts, self.label_map, self.image_mode, self.prep = posts, label_map, image_mode, prep
         self.features, self.feat_shape, self.train_aug, self.name = features, feat_shape, train_aug, name
         self.teacher, self.control, self.blank, self.targets = teacher, control, blank, targets
         # a post without a teacher entry gets zeros of the teacher's own shape (its distill term is never read)
         self.teacher_shape = next(iter(teacher.values())).shape if teacher else None
         self.seed, self.epoch = seed, 0  # augmentation draws from (seed, epoch, item): same in any worker or order
-        self.word_mask_prob, self.mask_id = word_mask_prob, mask_id
-        self.windows = [w for i, p in enumerate(posts)
-                        for w in encode_windows(tokenizer, p.tokens, max_len, context[i] if context else None, i)]
-        self.context_k = max((len(c) for c in context), default=0) if context else 0
+        self.windows = [w for i, p in enumerate(posts) for w in encode_windows(tokenizer, p.tokens, max_len, i)]
         # the loss's targets only: scoring reads p.tags as given
         fixed = [iob2(p.tags) if iob2_labels else (p.tags, 0) for p in posts]
         self.n_iob2 = sum(n for _, n in fixed)
@@ -404,12 +386,6 @@ class MNERDataset(torch.utils.data.Dataset):
             s += ")"
             if self.control != "none":
                 s += f", image control {self.control}"
-        if self.context_k:
-            post = sum(w.enc.word_end[-1] if w.enc.word_end else 0 for w in self.windows)
-            total = sum(len(w.enc.input_ids) for w in self.windows)
-            n = max(1, len(self.windows))
-            s += f", retrieved context: {self.context_k} neighbours, sub-words per input {total / n:.1f} " \
-                 f"(post alone {post / n + 1:.1f})"
         if self.n_iob2:
             s += f", {self.n_iob2} chunks opening with I- trained as B- (--bio_constraints)"
         if self.targets is not None:
@@ -449,22 +425,10 @@ class MNERDataset(torch.utils.data.Dataset):
             return None
         return self.prep(im, random.Random(f"{self.seed}/{self.epoch}/{i}") if self.train_aug else None)
 
-    def masked_ids(self, i: int) -> list[int]:
-        """Item i's sub-word ids with each of its words, with probability word_mask_prob, replaced by the mask
-        token on all its sub-words (drawn from seed, epoch, item; special tokens and context words never)."""
-        e = self.windows[i].enc
-        rng = random.Random(f"word_mask/{self.seed}/{self.epoch}/{i}")
-        ids = list(e.input_ids)
-        for s, t in zip(e.word_index, e.word_end):
-            if rng.random() < self.word_mask_prob:
-                ids[s:t] = [self.mask_id] * (t - s)
-        return ids
-
     def __getitem__(self, k):
         w = self.windows[k]
         e, i, a = w.enc, w.post, w.start
-        ids = self.masked_ids(k) if self.word_mask_prob > 0 else e.input_ids
-        item = {"input_ids": ids, "word_index": e.word_index, "word_end": e.word_end,
+        item = {"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end,
                 "labels": self.labels[i][a: a + e.n_kept], "case_ids": self.cases[i][a: a + e.n_kept],
                 "has_image": self.has_image[i], "index": k}
         j = self.source[i]  # whose image this post is shown (--image_control)
@@ -561,15 +525,6 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return -(-(-(-len(self.lengths) // self.batch_size)) // self.world)
 
 
-def split_context(config, split: str, posts: list[Post]):
-    """--context_k's retrieved words for each post (context.context_words), or None when it is off. The pool is the
-    training split: the posts themselves for split "train", else the training split of config's dataset."""
-    if getattr(config, "context_k", 0) <= 0:
-        return None
-    from context import context_words
-    return context_words(config, split, posts, posts if split == "train" else load_split(config, "train"))
-
-
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
                  train: bool = False, image_dir=None, teacher=None, iob2_labels: bool = False,
                  targets=None) -> MNERDataset:
@@ -582,21 +537,12 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
     teacher marginals of each post (distill.teacher_targets) for the train split.
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
-    context = split_context(config, split, posts)
-    opts = {}
-    if train and config.word_mask_prob > 0:
-        mid = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
-        if mid is None:
-            raise ConfigError(f"--word_mask_prob {config.word_mask_prob}: --text_encoder {config.text_encoder}'s "
-                              "tokenizer has neither a mask nor an unknown token; use --word_mask_prob 0")
-        opts = {"word_mask_prob": config.word_mask_prob, "mask_id": mid}
-    opts.update(iob2_labels=iob2_labels, targets=targets)
+    opts = dict(iob2_labels=iob2_labels, targets=targets)
     if vision is None:
-        return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, context=context,
-                           seed=config.seed, **opts)
+        return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, seed=config.seed, **opts)
     prep = image_prep_for(config)
     paths = [find_image(root, p.imgid) for p in posts]
-    common = dict(seed=config.seed, name=split, control=config.image_control, context=context, **opts)
+    common = dict(seed=config.seed, name=split, control=config.image_control, **opts)
     if teacher is not None and train:
         common["teacher"] = cached_features(config, teacher, paths, f"{config.dataset_name}/{split} teacher",
                                             EFFNET_PREP)[0]

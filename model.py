@@ -88,12 +88,9 @@ def text_depth(name: str, n_layers: int) -> int:
 class TextEncoder(nn.Module):
     """Any Hugging Face encoder from a local directory; architecture from its config.json.
 
-    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W], word_end [B,W] | None, case_ids [B,W] | None)
+    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W], word_end [B,W] | None)
     -> word states [B, W, H] (each word is its first sub-word, or with --word_pooling mean the mean of sub-words
-    word_index..word_end-1). With --case_input each sub-word's input embedding gets its word's shape embedding
-    (`case_in`, zero-initialised so training starts from the pretrained encoder exactly). With --layer_mix the
-    sub-word states are sum_l softmax(layer_mix)_l * hidden_l over the L+1 hidden states [L+1, B, T, H] instead of
-    the last one (a sentence-embedding encoder tunes its top layer for pooling, not for tagging).
+    word_index..word_end-1).
     """
 
     def __init__(self, config):
@@ -109,8 +106,8 @@ class TextEncoder(nn.Module):
         if n_pos and config.max_len > n_pos:  # longer inputs would index past the position table mid-run
             raise ConfigError(f"--max_len {config.max_len} is more than the {n_pos} positions of --text_encoder "
                               f"{config.text_encoder}; use --max_len {n_pos} or less")
-        if hasattr(cfg, "attention_probs_dropout_prob"):  # 0 skips a [B, heads, T, T] Bernoulli mask per layer
-            cfg.attention_probs_dropout_prob = config.text_attention_dropout
+        if hasattr(cfg, "attention_probs_dropout_prob"):  # skips a [B, heads, T, T] Bernoulli mask per layer
+            cfg.attention_probs_dropout_prob = 0.0
         try:  # the pooler is never used; leaving it out keeps "every trainable parameter learns" true
             self.model = AutoModel.from_pretrained(path, config=cfg, add_pooling_layer=False)
         except TypeError:
@@ -132,36 +129,9 @@ class TextEncoder(nn.Module):
                     prm.requires_grad_(False)
         self.hidden = self.model.config.hidden_size
         self.mean = config.word_pooling == "mean"
-        self.case_in = None
-        if config.case_input:
-            self.case_in = nn.Embedding(len(CASE_SHAPES), self.hidden, padding_idx=0)
-            nn.init.zeros_(self.case_in.weight)
-        self.layer_mix = nn.Parameter(torch.zeros(n_layers + 1)) if config.layer_mix else None
-    @staticmethod
-    def subword_cases(T: int, word_index, word_end, case_ids):
-        """Each sub-word's word shape [B, T] (0 = pad for special tokens, padding, retrieved-context words and
-        dropped sub-words)."""
-        pos = torch.arange(T, device=word_index.device)
-        inside = (pos >= word_index[..., None]) & (pos < word_end[..., None])  # [B, W, T]; words never overlap
-        return (inside * case_ids[..., None]).sum(1)
 
-    def forward(self, input_ids, attention_mask, word_index, word_end=None, case_ids=None):
-        mix = self.layer_mix is not None
-        emb = None
-        if self.case_in is not None:
-            if word_end is None or case_ids is None:
-                raise ValueError("--case_input needs the batch's word_end and case_ids (dataloader.collate makes them)")
-            emb = self.model.get_input_embeddings()(input_ids)
-            emb = emb + self.case_in(self.subword_cases(input_ids.size(1), word_index, word_end, case_ids))
-        if emb is None:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=mix)
-        else:
-            out = self.model(inputs_embeds=emb, attention_mask=attention_mask, output_hidden_states=mix)
-        if mix:  # [L+1] weights over [L+1, B, T, H]
-            w = self.layer_mix.softmax(0).to(out.hidden_states[0].dtype)
-            h = torch.einsum("l,lbth->bth", w, torch.stack(out.hidden_states))
-        else:
-            h = out.last_hidden_state
+    def forward(self, input_ids, attention_mask, word_index, word_end=None):
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         H = h.size(-1)
         if not self.mean:
             return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
@@ -1062,17 +1032,17 @@ class Tagger(nn.Module):
         out = 2 * config.hidden_dim if bilstm else H
         bioes = head == "crf" and config.tag_scheme == "bioes"
         self.emit = nn.Linear(out, len(bioes_to_bio(num_labels)) if bioes else num_labels)  # before the head: seeds
-        self.head = CRFHead(num_labels, config.bio_constraints, config.bio_loss, bioes, config.crf_loss_sum,
+        self.head = CRFHead(num_labels, config.bio_constraints, bioes, config.crf_loss_sum,
                             config.crf_init) \
             if head == "crf" else \
             SoftmaxHead(num_labels, config.label_smoothing)
 
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
-    HEAD_PREFIXES = ("case.", "text.layer_mix", "lstm.", "emit.", "head.")
+    HEAD_PREFIXES = ("case.", "lstm.", "emit.", "head.")
 
     def param_groups(self, head_group=True, crf_group=False) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """{text, vision, head, crf, rest: [(name, parameter)]} in named_parameters order; the head group is
-        HEAD_PREFIXES, --layer_mix's weights included (head_group=False: the head's parameters stay in "rest", the
+        HEAD_PREFIXES (head_group=False: the head's parameters stay in "rest", the
         grouping of runs saved before --head_lr); the CRF's scores form their own group only with crf_group
         (--crf_lr), else they are the head's."""
         groups = {"text": [], "vision": [], "head": [], "crf": [], "rest": []}
@@ -1176,8 +1146,7 @@ class Tagger(nn.Module):
     def _word_states(self, batch) -> torch.Tensor:
         """The text encoder's word states [B, W, H], word shapes added, word and locked dropout applied."""
         cfg = self.config
-        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"),
-                         batch.get("case_ids"))
+        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"))
         if self.case is not None:
             text = text + self.case(batch["case_ids"])
         return locked_dropout(word_dropout(self.drop(text), cfg.word_dropout, self.training), cfg.locked_dropout,
@@ -1266,8 +1235,6 @@ def unused_flags(config, given: set[str]) -> list[str]:
         "crf_lr": None if head == "crf" else f"the softmax head of --model {config.model} (it is the CRF's rate)",
         "tag_scheme": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the tags the "
                                                  "CRF scores)",
-        "bio_loss": None if head == "crf" and config.bio_constraints else
-        "--no-bio_constraints or a softmax head (it constrains the CRF's normaliser to valid BIO paths)",
         "unfreeze_last_vision_blocks": None if config.vision_trainable else "a frozen vision encoder (it counts the "
                                                                             "blocks --vision_trainable trains)",
     }

@@ -358,8 +358,7 @@ def dataset_with_features(config, dposts: list[D.Post], tokenizer, label_map, vi
         feats, _ = bundle.features_from_paths(paths, prep, encode, pool)
     table = {str(p): torch.from_numpy(bundle.fp16_round(f)) for p, f in zip(paths, feats) if f is not None}
     return D.MNERDataset(dposts, tokenizer, label_map, config.max_len, "/", "features", prep, table,
-                         feat_shape=vision.feat_shape, name="predict",
-                         context=D.split_context(config, "predict", dposts))
+                         feat_shape=vision.feat_shape, name="predict")
 
 
 def main_bundle(args, posts: list[NewPost]) -> list[dict]:

@@ -99,13 +99,8 @@ def refusal(config, model) -> str:
     """Why this run cannot be exported; '' when it can."""
     if model.lstm is not None:
         return f"model {config.model} has a BiLSTM (packed sequences), which the bundle does not support yet"
-    if getattr(config, "case_input", False):
-        return ("--case_input is not in the bundle's inputs yet (it needs each word's sub-word span); "
-                "export a run without it")
     if getattr(config, "word_pooling", "first") != "first":
         return f"--word_pooling {config.word_pooling} is not in the bundle's inputs yet; export a first-sub-word run"
-    if getattr(config, "context_k", 0):
-        return "--context_k runs need the training posts to retrieve from, which the bundle does not carry yet"
     return ""
 
 

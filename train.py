@@ -41,7 +41,7 @@ import dataloader as D
 from config import (ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE,
                     RESUME_REFUSED)
 from distill import teacher_dir, teacher_targets, unlabelled_posts
-from model import build_model, build_teacher, check_flags, load_tokenizer, text_depth
+from model import build_model, build_teacher, check_flags, load_tokenizer
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
                     load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
                     write_predictions)
@@ -212,30 +212,21 @@ def optimizer_steps(config, n_batches: int) -> int:
 
 
 def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None, head_group: bool = True):
-    """AdamW with layer-wise groups and a LambdaLR schedule: lr_plan(config, steps), or `plan` when given.
+    """AdamW with a group per rate and weight decay, and a LambdaLR schedule: lr_plan(config, steps), or `plan` when
+    given.
     head_group=False: the head in the "rest" group, as runs saved before --head_lr had it (their last.pt resumes).
 
-    text encoder -> text_lr (times --llrd ** layers-from-the-top with layer-wise decay), trainable
-    pretrained vision -> backbone_lr, tagging head -> head_lr (the CRF's scores -> crf_lr when it is set),
-    everything else -> fusion_lr; biases and every norm layer get no weight decay.
+    text encoder -> text_lr, trainable pretrained vision -> backbone_lr, tagging head -> head_lr (the CRF's scores ->
+    crf_lr when it is set), everything else -> fusion_lr; biases and every norm layer get no weight decay.
     """
     lrs = base_lrs(config)
-    n_layers = model.text.model.config.num_hidden_layers
     groups = []
     for name, params in model.param_groups(head_group, crf_group=config.crf_lr >= 0).items():
-        # one group per (depth, decay): with --llrd each text-encoder depth has its own rate, else one depth
-        layerwise = name == "text" and config.llrd != 1.0
-        depth = {n: text_depth(n, n_layers) if layerwise else 0 for n, _ in params}
-        for d in sorted(set(depth.values())):
-            scale = config.llrd ** max(0, n_layers - d) if layerwise else 1.0
-            for decay in (True, False):
-                ps = [p for n, p in params
-                      if depth[n] == d and (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
-                if ps:
-                    groups.append({"params": ps, "lr": lrs[name] * scale, "scale": scale,
-                                   "weight_decay": config.weight_decay_rate if decay else 0.0,
-                                   "name": f"{name}{'' if decay else '_nodecay'}{f'_d{d}' if layerwise else ''}",
-                                   "base": name})
+        for decay in (True, False):
+            ps = [p for n, p in params if (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
+            if ps:
+                groups.append({"params": ps, "lr": lrs[name], "name": f"{name}{'' if decay else '_nodecay'}",
+                               "weight_decay": config.weight_decay_rate if decay else 0.0, "base": name})
     # the fused kernel does one pass per tensor: 6x faster than the default per-parameter loop on CPU
     opt = torch.optim.AdamW(groups, lr=config.fusion_lr, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(plan or lr_plan(config, steps)))
@@ -527,7 +518,7 @@ def start_state(config, resume, model, train_loader, device, run, say):
         raise ConfigError(f"{run_src / 'last.pt'}: does not match the model in {run_src / 'config.json'} "
                           f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
     lrs = base_lrs(config)
-    sched.base_lrs = [lrs[g["base"]] * g.get("scale", 1.0) for g in opt.param_groups]
+    sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
     for g, base in zip(opt.param_groups, sched.base_lrs):
         g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
     state.epoch, state.best, state.bad_epochs, state.step = (resume["epoch"] + 1, resume["best"],

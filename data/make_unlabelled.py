@@ -52,7 +52,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     held = held_out_keys(a.data_dir)
     sources = [s for s in a.source.split(",") if s]
-    posts = [p for s in sources for p in D.load_split(get_config(["--dataset_name", s, "--data_dir", a.data_dir]), "train")]
+    posts = [p for s in sources
+             for p in D.load_split(get_config(["--dataset_name", s, "--data_dir", a.data_dir]), "train")]
     kept, removed, seen = [], Counter(), set()
     for p in posts:
         k = post_key(p.tokens)

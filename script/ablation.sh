@@ -22,12 +22,12 @@ set -uo pipefail
 
 EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
 text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank
-text_base text_epochs10 text_head_lr text_llrd text_mean text_frozen_emb text_frozen_2 text_dapt text_context
-text_default text_default_e10 text_default_attn_drop text_default_lr1e4 text_default_bs8 text_default_fast
-text_default_bs32 text_default_bs32_lr1e4 text_default_case_input text_default_word_mask text_default_ema99 text_default_ema995 text_default_mpnet
-text_r2 text_r2_bio text_r2_bio_loss text_r2_layer_mix text_r2_bilstm
+text_base text_epochs10 text_head_lr text_mean text_frozen_emb text_frozen_2 text_dapt
+text_default text_default_e10 text_default_lr1e4 text_default_bs8 text_default_fast
+text_default_bs32 text_default_bs32_lr1e4 text_default_ema99 text_default_ema995 text_default_mpnet
+text_r2 text_r2_bio text_r2_bilstm
 text_r4 text_r4_flair_drop text_r4_locked text_r4_word_drop text_r4_bioes text_r4_no_bucketing text_r4_one_lr
-text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10 text_r4_flair_all text_r4_bioes_drop text_r4_attn_drop text_r4_sum5 text_r4_flair_all_sum
+text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10 text_r4_flair_all text_r4_bioes_drop text_r4_sum5
 text_r7_crf_zero text_r7_crf_lr1e2 text_r7_no_case text_r7_e10"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
@@ -37,7 +37,7 @@ TEXT_BASE="--model roberta_crf --no-freeze_word_embeddings --head_lr 1e-3 --ema_
 # the defaults of the first lever round (frozen word embeddings, --head_lr auto = 3e-3, no weight average)
 TEXT_DEFAULT="--model roberta_crf --ema_decay 0 --no-bio_constraints"
 # the second round's defaults (text_default_ema99's setting: --ema_decay auto = 0.99); text_r2_bio on top of it is
-# the third round's default (--bio_constraints); text_r2_bio_loss and text_r2_layer_mix are one change on it
+# the third round's default (--bio_constraints)
 TEXT_R2="--model roberta_crf --no-bio_constraints"
 # the fifth round's base: the defaults of then (BIO tags; --tag_scheme auto picks BIOES for text-only models since)
 TEXT_R4="--model roberta_crf --tag_scheme bio"
@@ -62,31 +62,24 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_base) echo "$TEXT_BASE" ;;
     text_epochs10) echo "$TEXT_BASE --epochs 10" ;;
     text_head_lr) echo "$TEXT_BASE --head_lr 3e-3" ;;
-    text_llrd) echo "$TEXT_BASE --llrd 0.9" ;;
     text_mean) echo "$TEXT_BASE --word_pooling mean" ;;
     text_frozen_emb) echo "$TEXT_BASE --freeze_word_embeddings" ;;
     text_frozen_2) echo "$TEXT_BASE --freeze_text_layers 2" ;;
     text_dapt) echo "$TEXT_BASE --text_encoder $DAPT_DIR" ;;
-    text_context) echo "$TEXT_BASE --context_k 2" ;;
     # the first round's defaults (frozen word embeddings, --head_lr auto = 3e-3), then one change on top of them
     text_default) echo "$TEXT_DEFAULT" ;;
     text_default_e10) echo "$TEXT_DEFAULT --epochs 10" ;;
-    text_default_attn_drop) echo "$TEXT_DEFAULT --text_attention_dropout 0.1" ;;
     text_default_lr1e4) echo "$TEXT_DEFAULT --text_lr 1e-4" ;;
     text_default_bs8) echo "$TEXT_DEFAULT --batch_size 8" ;;
     text_default_fast) echo "$TEXT_DEFAULT --batch_size 32 --freeze_text_layers 1" ;;
     text_default_bs32) echo "$TEXT_DEFAULT --batch_size 32" ;;
     text_default_bs32_lr1e4) echo "$TEXT_DEFAULT --batch_size 32 --text_lr 1e-4" ;;
-    text_default_case_input) echo "$TEXT_DEFAULT --case_input" ;;
-    text_default_word_mask) echo "$TEXT_DEFAULT --word_mask_prob 0.1" ;;
     text_default_ema99) echo "$TEXT_DEFAULT --ema_decay 0.99" ;;
     text_default_ema995) echo "$TEXT_DEFAULT --ema_decay 0.995" ;;
     text_default_mpnet) echo "$TEXT_DEFAULT --text_encoder $MPNET_DIR" ;;  # base size: an extra row, never a default
     # the third round: one change on the second round's defaults
     text_r2) echo "$TEXT_R2" ;;  # = text_default_ema99's setting (its runs are the README's rows)
     text_r2_bio) echo "$TEXT_R2 --bio_constraints" ;;
-    text_r2_bio_loss) echo "$TEXT_R2 --bio_constraints --bio_loss" ;;
-    text_r2_layer_mix) echo "$TEXT_R2 --bio_constraints --layer_mix" ;;
     text_r2_bilstm) echo "$TEXT_R2 --model bert_bilstm_crf" ;;
     # the fifth round: one change on the defaults of that round (text_r4), towards flair's recipe (peer_flair.py)
     text_r4) echo "$TEXT_R4" ;;
@@ -102,8 +95,6 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r4_clip5) echo "$TEXT_R4 --clip_grad 5" ;;
     text_r4_e10) echo "$TEXT_R4 --epochs 10" ;;
     text_r4_sum5) echo "$TEXT_R4 --crf_loss_sum --clip_grad 5" ;;
-    text_r4_flair_all_sum) echo "$(flags_of text_r4_flair_all) --crf_loss_sum --text_attention_dropout 0.1" ;;
-    text_r4_attn_drop) echo "$TEXT_R4 --text_attention_dropout 0.1" ;;
     text_r4_bioes_drop) echo "$TEXT_R4 --tag_scheme bioes --locked_dropout 0.5 --word_dropout 0.05" ;;
     # the seventh round: one change on the defaults (BIOES; text_r4_bioes's runs): the CRF's first scores and rate,
     # case features, the schedule's length

@@ -212,16 +212,6 @@ def _ema_decay(env):
     return averaged and moved and back
 
 
-def _case_input(env):
-    """--case_input builds the sub-word shape embedding, in the text encoder's learning-rate group, and one step
-    moves it off zero (its gradient is checked in test_text_path)."""
-    c, m, batch = env["mner"](["--case_input"])
-    names = [n for n, _ in m.param_groups()["text"]]
-    opt, sched = train.make_optimizer(m, c, steps=10)
-    train.train_step(m, [batch], opt, sched, c, torch.device("cpu"), 5, contextlib.nullcontext, None, [0, 0])
-    return "text.case_in.weight" in names and m.text.case_in.weight.abs().sum() > 0 and env["mner"]([])[1].text.case_in is None
-
-
 def _bio_constraints(env):
     """The head decodes with the BIO bans (an I-X first becomes something else) only with --bio_constraints; a
     saved run's config.json without the flag decodes as before it existed."""
@@ -231,26 +221,6 @@ def _bio_constraints(env):
     on, off = (env["mner"](argv)[1].head for argv in ([], ["--no-bio_constraints"]))
     return off.decode(em, mask) == [[3, 3]] and on.decode(em, mask)[0][0] != 3 and \
         C.config_from_dict({"model": "roberta_crf"}).bio_constraints is False
-
-
-def _bio_loss(env):
-    """--bio_loss: the CRF's normaliser runs over valid BIO paths only, so a valid gold path's NLL drops."""
-    em = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
-    # O B-LOC I-LOC, B-PER I-PER O
-    labels, mask = torch.tensor([[1, 2, 3], [8, 9, 1]]), torch.ones(2, 3, dtype=torch.bool)
-    on, off = (env["mner"](argv)[1].head for argv in (["--bio_loss"], []))
-    on.load_state_dict(off.state_dict())
-    return bool((on.nll(em, labels, mask) < off.nll(em, labels, mask)).all())
-
-
-def _word_mask_prob(env):
-    """Training items get mask tokens with --word_mask_prob (test_text_path checks whole words, epochs, dev)."""
-    c = C.get_config(env["enc"] + env["data"] + ["--word_mask_prob", "0.5"])
-    posts = D.load_split(c, "train")
-    ds = D.make_dataset(c, "train", posts, env["tok"], env["labels"], train=True)
-    plain = env["dataset"]()
-    return any(ds[i]["input_ids"] != plain[i]["input_ids"] for i in range(len(ds))) and \
-        all(ds.windows[i].enc.input_ids == plain[i]["input_ids"] for i in range(len(ds)))
 
 
 def _text_only_epochs(env):
@@ -379,7 +349,6 @@ FLAGS = {
     "keep_raw_types": [fn(_keep_raw_types)],
     "max_len": [data(alt=["--max_len", "10"])],
     "length_bucketing": [data(alt=["--no-length_bucketing"])],
-    "context_k": [data(alt=["--context_k", "1"])],
     "image_aug": [fn(_image_aug)],
     "cache_dir": [fn(_cache_dir)],
     "num_workers": [fn(_num_workers)],
@@ -388,18 +357,13 @@ FLAGS = {
     "model": [model(alt=["--model", "bert_crf"])],
     "text_encoder": [model(alt=["--text_encoder", "minilm"])],
     "image_encoder": [model(alt=["--image_encoder", "efficientnet_lite0"])],
-    "text_attention_dropout": [model(alt=["--text_attention_dropout", "0.2"]),
-                               forward(alt=["--text_attention_dropout", "0.5"])],
     "freeze_word_embeddings": [model(alt=["--no-freeze_word_embeddings"])],
     "freeze_text_layers": [model(alt=["--freeze_text_layers", "1"]), fn(_freeze_text_layers_too_many)],
     "word_pooling": [fn(_word_pooling)],
     "case_features": [model(alt=["--no-case_features"])],
-    "case_input": [fn(_case_input), refused(["--case_input", "--freeze_text_layers", "1"], "--case_input")],
-    "layer_mix": [model(alt=["--layer_mix"]), forward(alt=["--layer_mix"])],
     "allow_download": [fn(_allow_download)],
     "use_image": [model(alt=["--no-use_image"])],
     "bio_constraints": [fn(_bio_constraints), warned(["--head", "softmax", "--bio_constraints"])],
-    "bio_loss": [fn(_bio_loss), warned(["--no-bio_constraints", "--bio_loss"])],
     "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
     "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]),
                         warned(["--label_smoothing", "0.1"])],
@@ -459,7 +423,6 @@ FLAGS = {
     "batch_size": [data(alt=["--batch_size", "3"])],
     "text_lr": [train_(alt=["--text_lr", "1e-3"])],
     "backbone_lr": [train_(["--vision_trainable"], ["--backbone_lr", "1e-3"])],
-    "llrd": [train_(alt=["--llrd", "0.8"]), refused(["--llrd", "0"], "--llrd")],
     "fusion_lr": [train_(alt=["--fusion_lr", "1e-2"])],
     "head_lr": [train_(alt=["--head_lr", "1e-2"])],
     "crf_lr": [train_(alt=["--crf_lr", "1e-2"]), refused(["--crf_lr", "-2"], "--crf_lr"),
@@ -468,7 +431,6 @@ FLAGS = {
     "clip_grad": [fn(_clip_grad)],
     "warmup_prop": [train_(alt=["--warmup_prop", "0.5"])],
     "ema_decay": [fn(_ema_decay), refused(["--ema_decay", "1"], "--ema_decay")],
-    "word_mask_prob": [fn(_word_mask_prob), refused(["--word_mask_prob", "1"], "--word_mask_prob")],
     "gradient_accumulation_steps": [fn(_epochs_and_accumulation("--gradient_accumulation_steps", "4"))],
     "min_epoch_num": [fn(_min_epoch_num)],
     "min_gain": [fn(_min_gain)],
@@ -675,6 +637,18 @@ def test_renamed_flags_keep_their_old_spelling_with_one_warning_line(capsys):
     assert (old_run.text_lr, old_run.fusion_lr, old_run.head_lr, old_run.patience_epochs) == (2e-5, 2e-3, 2e-3, 7)
     fmt2 = C.config_from_dict({"run_format": 2, "model": "MNER", "clip_lr": 3e-6, "patience": 0.5})
     assert (fmt2.backbone_lr, fmt2.min_gain) == (3e-6, 0.5)
+
+
+def test_runs_of_removed_levers_load_only_when_the_lever_left_the_weights_alone():
+    """A lever taken out of MANGO: a run that used one that defines the model is refused in one line naming it;
+    one that only shaped training (--llrd) loads for test and predict; the flag is gone from the parser."""
+    with pytest.raises(C.ConfigError, match=r"^run/config.json: trained with --context_k 2, .*retrain") as e:
+        C.config_from_dict({"model": "roberta_crf", "context_k": 2}, "run/config.json")
+    assert "\n" not in str(e.value)
+    c = C.config_from_dict({"model": "roberta_crf", "llrd": 0.9, "case_input": False}, "run/config.json")
+    assert c.model == "roberta_crf" and not hasattr(c, "llrd") and not hasattr(c, "case_input")
+    with pytest.raises(C.ConfigError, match="--llrd"):
+        C.get_config(["--llrd", "0.9"])
 
 
 def test_flag_policy_comes_from_the_declarations():

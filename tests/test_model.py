@@ -406,18 +406,6 @@ def test_bio_constrained_decode_is_the_best_valid_path(seed):
             assert got[b] == list(seqs[int(scores.argmax())])
     labels = torch.randint(1, L, (len(lengths), W)) * mask
     torch.testing.assert_close(head.loss(em, labels, mask), plain.loss(em, labels, mask))
-    # bio_loss: the normaliser over the valid paths only (brute force), for valid gold paths
-    strict = CRFHead(L, bio=True, bio_loss=True)
-    strict.load_state_dict(head.state_dict())
-    gold = torch.tensor([[1, 2, 3, 3], [4, 5, 1, 0], [2, 0, 0, 0], [1, 4, 0, 0], [2, 3, 4, 5]])
-    with torch.no_grad():
-        want = []
-        for b, n in enumerate(lengths):
-            seqs = [y for y in itertools.product(range(1, L), repeat=n) if valid_bio(y)]
-            scores = torch.stack([crf_score(head.crf, CRFHead._pin(em)[b], y) for y in seqs])
-            want.append(scores.logsumexp(0) - crf_score(head.crf, CRFHead._pin(em)[b], gold[b, :n].tolist()))
-    torch.testing.assert_close(strict.nll(em, gold, mask), torch.stack(want), atol=1e-4, rtol=1e-5)
-    assert (strict.nll(em, gold, mask) < plain.nll(em, gold, mask)).all()
     assert [n for n, _ in head.named_parameters()] == [n for n, _ in plain.named_parameters()]
     assert set(head.state_dict()) == set(plain.state_dict())  # the bans are not saved: old checkpoints load
 
@@ -792,9 +780,8 @@ def test_grad_checkpointing_same_loss_and_gradients(request, tiny_bert_dir):
         assert torch.allclose(g0[n], g1[n], atol=1e-5), n
 
 
-def test_text_attention_dropout_and_frozen_word_embeddings(tiny_bert_dir):
-    model = build(tiny_bert_dir, "roberta_crf", text_attention_dropout=0.3, freeze_word_embeddings=True)
-    assert model.text.model.config.attention_probs_dropout_prob == 0.3
+def test_frozen_word_embeddings_and_no_attention_dropout(tiny_bert_dir):
+    model = build(tiny_bert_dir, "roberta_crf", freeze_word_embeddings=True)
     emb = model.text.model.get_input_embeddings().weight
     assert not emb.requires_grad
     assert all(p is not emb for _, p in model.param_groups()["text"])

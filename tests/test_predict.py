@@ -392,27 +392,22 @@ def test_read_steps_keeps_last_line_of_a_redone_step(tmp_path):
     assert_png(plots.loss_curves(plots.read_steps(tmp_path, rows), [2, 4], tmp_path / "l.png"), (300, 200))
 
 
-def test_context_run_predicts_like_test_py(tmp_path, tiny_data_dir, tiny_bert_dir, tiny_clip_dir, capsys, monkeypatch):
-    """A --context_k run tags new posts with the same retrieved context as test.py scored them with (the pool: the
-    run's training split), so the test split given as new posts gets test.py's tags."""
+def test_predict_tags_new_posts_as_test_py_scored_them(tmp_path, tiny_data_dir, tiny_bert_dir, tiny_clip_dir):
+    """The test split given to predict.py as new posts (words and image files) gets the tags test.py wrote."""
     import dataloader as D
     save = tmp_path / "save"
     train.main(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny", "--text_encoder", tiny_bert_dir,
                 "--image_encoder", tiny_clip_dir, "--save_dir", str(save), "--cache_dir", str(tmp_path / "cache"),
                 "--swanlab_mode", "disabled", "--batch_size", "4", "--fusion_layers", "1", "--fusion_dim", "16",
                 "--cross_attn_heads", "2", "--resampler_tokens", "2", "--fusion_lr", "3e-3", "--seed", "7",
-                "--epochs", "1", "--save_name", "c", "--context_k", "1"])
+                "--epochs", "1", "--save_name", "c"])
     posts = D.read_conll(tiny_data_dir / "tiny" / "test.txt")
     src = tmp_path / "posts.jsonl"
     img = tiny_data_dir / "tiny" / "tiny_images"
     src.write_text("".join(json.dumps({"tokens": p.tokens,
                                        "image": str(img / f"{p.imgid}.png")}) + "\n" for p in posts))
-    calls = []
-    real = D.split_context
-    monkeypatch.setattr(D, "split_context", lambda *a: calls.append(a[1]) or real(*a))
     res = predict.main(["--save_dir", str(save), "--save_name", "c", "--cache_dir", str(tmp_path / "cache"),
                         "--device", "cpu", "--input", str(src), "--out_dir", str(tmp_path)])
-    assert calls == ["predict"]
     blocks = (save / "c" / "test_predictions.conll").read_text().strip("\n").split("\n\n")
     assert [r["tags"] for r in res] == [[l.split("\t")[2] for l in b.splitlines()[1:]] for b in blocks]
 

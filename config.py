@@ -141,9 +141,9 @@ def _vision_flags(a) -> None:
       help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
     a("--vision_max_patches", type=int, default=64,
       help="dual-granularity: fine tokens kept, the most salient by a learned score (all when the fine grid has fewer)")
-    a("--vision_select", default="learned", choices=["learned", "prior"],
-      help="dual-granularity: which fine tokens are kept: the top of a learned score, or the cells that stand out in "
-           "the stem's maps (distance from the map's mean, fine times parent coarse); the score weights them")
+    a("--vision_select", default="prior", choices=["prior", "learned"],
+      help="dual-granularity: which fine tokens are kept: the cells that stand out in the stem's maps (distance from "
+           "the map's mean, fine times parent coarse), or the top of the learned score that weights the kept ones")
     a("--vision_embed_dim", type=int, default=128, help="dual-granularity: token width")
     a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads of every vision block")
     a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window side in coarse patches")
@@ -498,7 +498,7 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
     return c
 
 
-RUN_FORMAT = 4  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
+RUN_FORMAT = 5  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
 # levers measured and taken out: flag -> its off value. A run that used one of the first three cannot be rebuilt; the
@@ -518,6 +518,7 @@ def migrate(d: dict, where: str = "") -> dict:
     format 2: the flags of RENAMED under their old names.
     format 3: its dual-granularity fine tokens did not start from their parent coarse cell's features, so its dual
     runs cannot be rebuilt either.
+    format 4: its dual-granularity encoder kept the fine cells a learned score ranked first (--vision_select learned).
     Any format: a run that used a REMOVED flag that defines the model is refused.
     """
     d = dict(d)
@@ -532,6 +533,8 @@ def migrate(d: dict, where: str = "") -> dict:
         d.setdefault("bio_constraints", False)
     if v < 3:
         d = {RENAMED.get(k, k): x for k, x in d.items()}
+    if v < 5:
+        d.setdefault("vision_select", "learned")
     if v < 4 and where and d.get("use_dual_granularity"):
         raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
                           "builds; retrain it (bash script/train_dual_granularity.sh)")

@@ -648,8 +648,9 @@ class DualGranularityEncoder(nn.Module):
             --vision_swin_window, the second shifted), delegate attention (--vision_delegate_topk).
     fine:   the Gf x Gf map (Gf = S/pf) projected to D + position embedding + the projected coarse token of the
             cell it lies in (parent_cells: the semantics the saliency score and the fine blocks start from); the
-            k = min(--vision_max_patches, Gf^2) most salient tokens are kept (SaliencySelect; --vision_select: by a
-            learned score or by the backbone's activation_prior), then --vision_depth transformer layers.
+            k = min(--vision_max_patches, Gf^2) cells where the stem's maps stand out are kept (activation_prior;
+            --vision_select learned: the top of a learned score), each scaled by its learned score (SaliencySelect),
+            then --vision_depth transformer layers.
     summary: an MLP over [mean coarse; mean fine].
     Every residual branch of the learned blocks starts at DUAL_LAYER_SCALE (LayerScale): they refine the pretrained
     features instead of replacing them in the first steps, on a few hundred pictures.

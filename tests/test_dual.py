@@ -68,7 +68,7 @@ VISION_FLAGS = [
     ("vision_patch_size", 16, EFF, "shape"),               # the stride-16 map instead of the stride-8 one
     ("vision_fine_patch_size", 8, dict(EFF, vision_patch_size=16, vision_max_patches=1000), "shape"),
     ("vision_max_patches", 4, EFF, "shape"),
-    ("vision_select", "prior", dict(EFF, vision_max_patches=4), "out"),  # other cells kept
+    ("vision_select", "learned", dict(EFF, vision_max_patches=4), "out"),  # other cells kept
     ("vision_embed_dim", 64, EFF, "shape"),
     ("vision_heads", 4, EFF, "out"),
     ("vision_swin_window", 1, EFF, "out"),
@@ -317,6 +317,13 @@ def test_runs_before_the_parent_cells_are_refused_but_other_runs_load(tmp_path):
     with pytest.raises(ConfigError, match=r"dual3/config.json: a run of an earlier dual-granularity encoder"):
         runner.load_run(tmp_path, "dual3")
     assert config_from_dict({"model": "MNER", "run_format": 3}, "c.json").model == "MNER"
+
+
+def test_dual_runs_saved_before_the_prior_selection_keep_their_learned_one():
+    from config import config_from_dict, get_config
+    assert get_config([]).vision_select == "prior"
+    assert config_from_dict({"model": "MNER", "use_dual_granularity": True, "run_format": 4}).vision_select == "learned"
+    assert config_from_dict({"model": "MNER", "use_dual_granularity": True, "run_format": 5}).vision_select == "prior"
 
 
 # ----------------------------------------------------------------------------- only real images enter

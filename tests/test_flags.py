@@ -391,7 +391,7 @@ FLAGS = {
     "vision_swin_window": [forward(DUAL, ["--vision_swin_window", "4"])],
     "vision_delegate_topk": [forward(DUAL, ["--vision_delegate_topk", "2"])],
     "vision_max_patches": [forward(DUAL, ["--vision_max_patches", "4"])],
-    "vision_select": [forward(DUAL, ["--vision_select", "prior"]), warned(["--vision_select", "prior"])],
+    "vision_select": [forward(DUAL, ["--vision_select", "learned"]), warned(["--vision_select", "learned"])],
     "vision_fine_patch_size": [forward(DUAL, ["--vision_fine_patch_size", "2"]),
                                refused(DUAL + ["--vision_fine_patch_size", "8"], "--vision_fine_patch_size")],
     "vision_depth": [model(DUAL, ["--vision_depth", "2"]), warned(["--vision_depth", "3"])],

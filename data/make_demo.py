@@ -13,6 +13,7 @@ import argparse
 import json
 import random
 import shutil
+import tempfile
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
@@ -260,8 +261,9 @@ def make_demo(out_dir, seed: int = 13, n_train: int = 600, n_dev: int = 150, n_t
     if out_dir.exists() and not force:
         print(f"{out_dir} already exists; pass --force / force=True to regenerate")
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a folder of this process's own: runs started together each generate, and the first complete set wins
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
     (tmp / "demo_images").mkdir(parents=True)
     sizes = [n_train, n_dev, n_test]
     pools = name_pools(random.Random(f"names-{seed}"), sizes)
@@ -306,9 +308,13 @@ Expected text-only ceiling (an expectation, not a measurement): cued mentions ~1
 (1/4), so about {1 - share:.2f} + {share:.2f} x 0.25 = {ceiling:.2f} entity F1, and a text-only model should
 stay <= 0.75. A model that uses the image should clearly beat it.
 """, encoding="utf-8", newline="\n")
-    if out_dir.exists():  # only reached with force; the new set is complete before the old one goes
+    if out_dir.exists() and force:  # the new set is complete before the old one goes
         shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process published the same set (same seed) first
+        shutil.rmtree(tmp)
+        return out_dir
     print(f"demo set -> {out_dir} | posts train/dev/test={n_train}/{n_dev}/{n_test} | entities {counts} "
           f"| ambiguous {amb_n}/{ment_n}={share:.1%} | text-only ceiling ~{ceiling:.2f}")
     return out_dir

@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -237,8 +238,9 @@ def make_heldout(out_dir, seed: int = 29, n_train: int = 800, n_dev: int = 200, 
     if out_dir.exists() and not force:
         print(f"{out_dir} already exists; pass --force to regenerate")
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a folder of this process's own: runs started together each generate, and the first complete set wins
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
     (tmp / "heldout_images").mkdir(parents=True)
     sizes = [n_train, n_dev, n_test]
     pools = name_pools(random.Random(f"heldout-names-{seed}"), sizes)
@@ -271,9 +273,13 @@ heldout_images/, the cued object's box per picture in <split>_boxes.jsonl. Entit
 mentions are ambiguous (only the picture tells their type), so text alone should stay near
 {(1 - share) + share * 0.25:.2f} entity F1.
 """, encoding="utf-8", newline="\n")
-    if out_dir.exists():
+    if out_dir.exists() and force:  # the new set is complete before the old one goes
         shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process published the same set (same seed) first
+        shutil.rmtree(tmp)
+        return out_dir
     print(f"held-out set -> {out_dir} | posts {n_train}/{n_dev}/{n_test} | entities {counts} | ambiguous {share:.1%}")
     return out_dir
 

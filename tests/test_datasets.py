@@ -407,3 +407,17 @@ def test_heldout_generator_is_deterministic_and_boxes_lie_inside(tmp_path):
             assert 0 <= x0 < x1 <= x["size"][0] and 0 <= y0 < y1 <= x["size"][1]
         words[split] = {w for p in posts for w, t in zip(p.tokens, p.tags) if t != "O"}
     assert not words["train"] & words["test"] and not words["train"] & words["valid"]
+
+
+@pytest.mark.parametrize("module", ["make_heldout", "make_demo"])
+def test_generators_started_together_publish_one_complete_set(tmp_path, module):
+    """Runs started at once each generate the set (as reproduce.sh's parallel jobs do on a fresh clone): every
+    caller gets the complete folder and no scratch folder is left behind."""
+    import importlib
+    from concurrent.futures import ThreadPoolExecutor
+    make = getattr(importlib.import_module(f"data.{module}"), module)
+    out = tmp_path / "set"
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda _: make(out, n_train=8, n_dev=4, n_test=4), range(3)))
+    assert got == [out] * 3 and sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    assert len(dl.read_conll(out / "test.txt")) == 4 and (out / "README.md").is_file()

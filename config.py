@@ -140,10 +140,11 @@ def _vision_flags(a) -> None:
     a("--vision_fine_patch_size", type=int, default=16,
       help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
     a("--vision_max_patches", type=int, default=64,
-      help="dual-granularity: fine tokens kept, the most salient by a learned score (all when the fine grid has fewer)")
-    a("--vision_select", default="prior", choices=["prior", "learned"],
+      help="dual-granularity: fine tokens kept, by --vision_select (all when the fine grid has fewer)")
+    a("--vision_select", default="auto", choices=["auto", "prior", "learned"],
       help="dual-granularity: which fine tokens are kept: the cells that stand out in the stem's maps (distance from "
-           "the map's mean, fine times parent coarse), or the top of the learned score that weights the kept ones")
+           "the map's mean, fine times parent coarse), or the top of the learned score that weights the kept ones; "
+           "auto = prior for the pretrained stem, learned for --vision_stem conv (its maps start untrained)")
     a("--vision_embed_dim", type=int, default=128, help="dual-granularity: token width")
     a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads of every vision block")
     a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window side in coarse patches")
@@ -479,6 +480,8 @@ def resolve_auto(c) -> None:
         c.image_type_lambda = 2.0 if c.model == "MNER" and c.use_image else 0.0
     if c.vision_distill_lambda < 0:
         c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
+    if c.vision_select == "auto":
+        c.vision_select = "learned" if c.vision_stem == "conv" else "prior"
 
 
 def get_config(argv: list[str] | None = None, check: bool = True, tool: str | None = None) -> argparse.Namespace:
@@ -502,9 +505,14 @@ RUN_FORMAT = 5  # config.json's "run_format": raised when what a saved value mea
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
 # levers measured and taken out: flag -> its off value. A run that used one of the first three cannot be rebuilt; the
-# others only shaped training, so their runs load for test and predict as they are.
+# others only shaped training, so their runs load for test and predict as they are, but do not resume.
 REMOVED = {"context_k": 0, "case_input": False, "layer_mix": False, "llrd": 1.0, "word_mask_prob": 0.0,
            "bio_loss": False, "text_attention_dropout": 0.0}
+
+
+def removed_levers(d: dict) -> list[str]:
+    """The REMOVED flags a saved config.json used, as "--flag value"."""
+    return [f"--{k} {d[k]}" for k in REMOVED if d.get(k, REMOVED[k]) != REMOVED[k]]
 
 
 def migrate(d: dict, where: str = "") -> dict:
@@ -538,10 +546,9 @@ def migrate(d: dict, where: str = "") -> dict:
     if v < 4 and where and d.get("use_dual_granularity"):
         raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
                           "builds; retrain it (bash script/train_dual_granularity.sh)")
-    used = [k for k in ("context_k", "case_input", "layer_mix") if d.get(k, REMOVED[k]) != REMOVED[k]]
+    used = [u for u in removed_levers(d) if u.split()[0][2:] in ("context_k", "case_input", "layer_mix")]
     if used and where:
-        raise ConfigError(f"{where}: trained with --{used[0]} {d[used[0]]}, a lever this version no longer has; "
-                          "retrain without it")
+        raise ConfigError(f"{where}: trained with {used[0]}, a lever this version no longer has; retrain without it")
     d["run_format"] = RUN_FORMAT
     return {k: x for k, x in d.items() if k not in REMOVED}
 

@@ -81,8 +81,8 @@ def region_grids(vision) -> list[tuple[int, int, int]]:
     negative side = tokens at the cells (of a |side| x |side| grid) each image's explanation names ("cells").
 
     EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
-    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the cells the saliency
-    score picked in that image (word_region_attention has already traced the mixed tokens back to these cells).
+    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the cells kept in that
+    image (word_region_attention has already traced the mixed tokens back to these cells).
     """
     import model as M
     if isinstance(vision, M.DualGranularityEncoder):

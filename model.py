@@ -620,7 +620,12 @@ class SaliencySelect(nn.Module):
     def forward(self, x, prior=None):
         s = self.score(self.ln(x)).squeeze(-1)
         k = min(self.k, x.size(1))
-        idx = (s if prior is None else prior).topk(k, dim=1).indices
+        if prior is None:
+            idx = s.topk(k, dim=1).indices
+        elif torch.onnx.is_in_onnx_export():  # ONNX's TopK puts the lower index first among equal values
+            idx = prior.topk(k, dim=1).indices
+        else:  # the same order here: cells of a flat region (a blank image) tie exactly, and topk breaks ties freely
+            idx = prior.sort(dim=1, descending=True, stable=True).indices[:, :k]
         kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1))) * torch.sigmoid(s.gather(1, idx)).unsqueeze(-1)
         return kept, idx
 
@@ -766,7 +771,7 @@ class DualGranularityEncoder(nn.Module):
 
     def parent_cells(self, c):
         """coarse tokens [B, Gc^2, D] -> [B, Gf^2, D]: each fine cell gets the coarse token of the cell its centre
-        lies in, so the fine view starts from the backbone's semantic features and scores saliency on them."""
+        lies in, so the fine view starts from the backbone's semantic features."""
         return c.index_select(1, self.parent_index)
 
     def distill_loss(self, tokens, teacher):

@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dataloader as D
-from config import (ConfigError, cli, config_from_dict, get_config, given_flags, save_config, RESUME_MAY_CHANGE,
-                    RESUME_REFUSED)
+from config import (ConfigError, cli, config_from_dict, get_config, given_flags, removed_levers, save_config,
+                    RESUME_MAY_CHANGE, RESUME_REFUSED)
 from distill import teacher_dir, teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
@@ -425,7 +425,12 @@ def resolve_resume(argv: list[str]):
         if not (src / f).is_file():
             raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
                               "written with every run, so this run directory is damaged: start a new run")
-    saved = config_from_dict(read_run_json(src / "config.json"), str(src / "config.json"))
+    raw = read_run_json(src / "config.json")
+    if removed_levers(raw):
+        raise ConfigError(f"--continue_train_name {config.continue_train_name}: the run trained with "
+                          f"{removed_levers(raw)[0]}, a lever this version no longer has, so it cannot go on as it "
+                          "began; start a new run (test.py and predict.py still load it)")
+    saved = config_from_dict(raw, str(src / "config.json"))
     run_epochs = saved.epochs
     for k in given_flags(argv) - {"continue_train_name"}:
         new, old = getattr(config, k), getattr(saved, k)

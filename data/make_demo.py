@@ -11,15 +11,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+
+@contextmanager
+def staging(out_dir: Path, force: bool):
+    """A scratch folder of this call's own beside out_dir, published as out_dir when the block completes. Runs
+    started together (reproduce.sh's parallel jobs on a fresh clone) each generate, and the first complete set wins
+    (the same seed writes the same bytes); a failed or interrupted block leaves nothing behind."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp's folder is the owner's alone
+        if out_dir.exists() and force:  # the new set is complete before the old one goes
+            shutil.rmtree(out_dir)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not out_dir.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 TYPES = ("PER", "LOC", "ORG", "MISC")
 SPLITS = ("train", "valid", "test")  # file stems; "valid" holds the dev split
@@ -256,41 +279,39 @@ def draw_image(rng: random.Random, typ: str, size: int) -> tuple[Image.Image, li
 # ----------------------------------------------------------------------------- driver
 def make_demo(out_dir, seed: int = 13, n_train: int = 600, n_dev: int = 150, n_test: int = 150,
               image_size: int = 160, force: bool = False) -> Path:
-    """Write the demo set to out_dir (via out_dir.tmp, then rename) and return its path."""
+    """Write the demo set to out_dir (via a scratch folder, then rename) and return its path."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         print(f"{out_dir} already exists; pass --force / force=True to regenerate")
         return out_dir
-    # a folder of this process's own: runs started together each generate, and the first complete set wins
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    (tmp / "demo_images").mkdir(parents=True)
-    sizes = [n_train, n_dev, n_test]
-    pools = name_pools(random.Random(f"names-{seed}"), sizes)
-    ents, amb_n, ment_n = Counter(), 0, 0
-    for split, n, names in zip(SPLITS, sizes, pools):
-        rng = random.Random(f"text-{seed}-{split}")
-        img_types = [TYPES[i % 4] for i in range(n)]  # exactly balanced picture classes
-        rng.shuffle(img_types)
-        lines, boxes = [], []
-        for i, typ in enumerate(img_types):
-            pid = f"demo_{split}_{i + 1:04d}"
-            pairs, amb = make_post(rng, names, typ)
-            heads = [t[2:] for _, t in pairs if t.startswith("B-")]
-            ents.update(heads)
-            amb_n, ment_n = amb_n + amb, ment_n + len(heads)
-            lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
-            # Per-image RNG: each picture depends only on (seed, id), not on generation order.
-            img, obj = draw_image(random.Random(f"img-{seed}-{pid}"), typ, image_size)
-            img.save(tmp / "demo_images" / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
-            if obj is not None:
-                boxes.append({"imgid": pid, "type": typ, "box": obj, "size": [image_size, image_size]})
-        (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
-        (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
-    share = amb_n / max(1, ment_n)
-    ceiling = (1 - share) + share * 0.25
-    counts = " ".join(f"{t}={ents[t]}" for t in TYPES)
-    (tmp / "README.md").write_text(f"""# MANGO demo set: synthetic visual-disambiguation MNER
+    with staging(out_dir, force) as tmp:
+        (tmp / "demo_images").mkdir(parents=True)
+        sizes = [n_train, n_dev, n_test]
+        pools = name_pools(random.Random(f"names-{seed}"), sizes)
+        ents, amb_n, ment_n = Counter(), 0, 0
+        for split, n, names in zip(SPLITS, sizes, pools):
+            rng = random.Random(f"text-{seed}-{split}")
+            img_types = [TYPES[i % 4] for i in range(n)]  # exactly balanced picture classes
+            rng.shuffle(img_types)
+            lines, boxes = [], []
+            for i, typ in enumerate(img_types):
+                pid = f"demo_{split}_{i + 1:04d}"
+                pairs, amb = make_post(rng, names, typ)
+                heads = [t[2:] for _, t in pairs if t.startswith("B-")]
+                ents.update(heads)
+                amb_n, ment_n = amb_n + amb, ment_n + len(heads)
+                lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
+                # Per-image RNG: each picture depends only on (seed, id), not on generation order.
+                img, obj = draw_image(random.Random(f"img-{seed}-{pid}"), typ, image_size)
+                img.save(tmp / "demo_images" / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
+                if obj is not None:
+                    boxes.append({"imgid": pid, "type": typ, "box": obj, "size": [image_size, image_size]})
+            (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+            (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
+        share = amb_n / max(1, ment_n)
+        ceiling = (1 - share) + share * 0.25
+        counts = " ".join(f"{t}={ents[t]}" for t in TYPES)
+        (tmp / "README.md").write_text(f"""# MANGO demo set: synthetic visual-disambiguation MNER
 
 Made by `python data/make_demo.py --seed {seed}` (same seed => byte-identical files). Splits: train={n_train},
 valid (dev)={n_dev}, test={n_test} posts in CoNLL files with an `IMGID:<id>` line per post, and one
@@ -308,13 +329,6 @@ Expected text-only ceiling (an expectation, not a measurement): cued mentions ~1
 (1/4), so about {1 - share:.2f} + {share:.2f} x 0.25 = {ceiling:.2f} entity F1, and a text-only model should
 stay <= 0.75. A model that uses the image should clearly beat it.
 """, encoding="utf-8", newline="\n")
-    if out_dir.exists() and force:  # the new set is complete before the old one goes
-        shutil.rmtree(out_dir)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process published the same set (same seed) first
-        shutil.rmtree(tmp)
-        return out_dir
     print(f"demo set -> {out_dir} | posts train/dev/test={n_train}/{n_dev}/{n_test} | entities {counts} "
           f"| ambiguous {amb_n}/{ment_n}={share:.1%} | text-only ceiling ~{ceiling:.2f}")
     return out_dir

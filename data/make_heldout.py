@@ -25,13 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+try:  # run as a script (data/ on the path) or imported as data.make_heldout
+    from make_demo import staging
+except ImportError:
+    from data.make_demo import staging
 
 TYPES = ("PER", "LOC", "ORG", "MISC")
 SPLITS = ("train", "valid", "test")
@@ -233,38 +236,36 @@ def draw_picture(rng: random.Random, typ: str) -> tuple[Image.Image, list[int]]:
 
 def make_heldout(out_dir, seed: int = 29, n_train: int = 800, n_dev: int = 200, n_test: int = 200,
                  force: bool = False) -> Path:
-    """Write the held-out set to out_dir (via out_dir.tmp, then rename) and return its path."""
+    """Write the held-out set to out_dir (via a scratch folder, then rename) and return its path."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         print(f"{out_dir} already exists; pass --force to regenerate")
         return out_dir
-    # a folder of this process's own: runs started together each generate, and the first complete set wins
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    (tmp / "heldout_images").mkdir(parents=True)
-    sizes = [n_train, n_dev, n_test]
-    pools = name_pools(random.Random(f"heldout-names-{seed}"), sizes)
-    ents, amb_n, ment_n = Counter(), 0, 0
-    for split, n, names in zip(SPLITS, sizes, pools):
-        rng = random.Random(f"heldout-text-{seed}-{split}")
-        kinds = [TYPES[i % 4] for i in range(n)]
-        rng.shuffle(kinds)
-        lines, boxes = [], []
-        for i, typ in enumerate(kinds):
-            pid = f"ho_{split}_{i + 1:04d}"
-            pairs, amb = make_post(rng, names, typ)
-            heads = [t[2:] for _, t in pairs if t.startswith("B-")]
-            ents.update(heads)
-            amb_n, ment_n = amb_n + amb, ment_n + len(heads)
-            lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
-            img, box = draw_picture(random.Random(f"heldout-img-{seed}-{pid}"), typ)
-            img.save(tmp / "heldout_images" / f"{pid}.png", compress_level=1)
-            boxes.append({"imgid": pid, "type": typ, "box": box, "size": list(img.size)})
-        (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
-        (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
-    share = amb_n / max(1, ment_n)
-    counts = " ".join(f"{t}={ents[t]}" for t in TYPES)
-    (tmp / "README.md").write_text(f"""# MANGO held-out picture set
+    with staging(out_dir, force) as tmp:
+        (tmp / "heldout_images").mkdir(parents=True)
+        sizes = [n_train, n_dev, n_test]
+        pools = name_pools(random.Random(f"heldout-names-{seed}"), sizes)
+        ents, amb_n, ment_n = Counter(), 0, 0
+        for split, n, names in zip(SPLITS, sizes, pools):
+            rng = random.Random(f"heldout-text-{seed}-{split}")
+            kinds = [TYPES[i % 4] for i in range(n)]
+            rng.shuffle(kinds)
+            lines, boxes = [], []
+            for i, typ in enumerate(kinds):
+                pid = f"ho_{split}_{i + 1:04d}"
+                pairs, amb = make_post(rng, names, typ)
+                heads = [t[2:] for _, t in pairs if t.startswith("B-")]
+                ents.update(heads)
+                amb_n, ment_n = amb_n + amb, ment_n + len(heads)
+                lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
+                img, box = draw_picture(random.Random(f"heldout-img-{seed}-{pid}"), typ)
+                img.save(tmp / "heldout_images" / f"{pid}.png", compress_level=1)
+                boxes.append({"imgid": pid, "type": typ, "box": box, "size": list(img.size)})
+            (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+            (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
+        share = amb_n / max(1, ment_n)
+        counts = " ".join(f"{t}={ents[t]}" for t in TYPES)
+        (tmp / "README.md").write_text(f"""# MANGO held-out picture set
 
 Made by `python data/make_heldout.py --seed {seed}` (same seed => byte-identical files); see that file's docstring
 for how it differs from the demo set. Vision designs are chosen on its dev split (valid.txt); its test split is
@@ -273,13 +274,6 @@ heldout_images/, the cued object's box per picture in <split>_boxes.jsonl. Entit
 mentions are ambiguous (only the picture tells their type), so text alone should stay near
 {(1 - share) + share * 0.25:.2f} entity F1.
 """, encoding="utf-8", newline="\n")
-    if out_dir.exists() and force:  # the new set is complete before the old one goes
-        shutil.rmtree(out_dir)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process published the same set (same seed) first
-        shutil.rmtree(tmp)
-        return out_dir
     print(f"held-out set -> {out_dir} | posts {n_train}/{n_dev}/{n_test} | entities {counts} | ambiguous {share:.1%}")
     return out_dir
 

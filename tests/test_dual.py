@@ -322,6 +322,7 @@ def test_runs_before_the_parent_cells_are_refused_but_other_runs_load(tmp_path):
 def test_dual_runs_saved_before_the_prior_selection_keep_their_learned_one():
     from config import config_from_dict, get_config
     assert get_config([]).vision_select == "prior"
+    assert get_config(["--use_dual_granularity", "--vision_stem", "conv"]).vision_select == "learned"  # auto
     assert config_from_dict({"model": "MNER", "use_dual_granularity": True, "run_format": 4}).vision_select == "learned"
     assert config_from_dict({"model": "MNER", "use_dual_granularity": True, "run_format": 5}).vision_select == "prior"
 

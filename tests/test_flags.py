@@ -391,7 +391,7 @@ FLAGS = {
     "vision_swin_window": [forward(DUAL, ["--vision_swin_window", "4"])],
     "vision_delegate_topk": [forward(DUAL, ["--vision_delegate_topk", "2"])],
     "vision_max_patches": [forward(DUAL, ["--vision_max_patches", "4"])],
-    "vision_select": [forward(DUAL, ["--vision_select", "learned"]), warned(["--vision_select", "learned"])],
+    "vision_select": [forward(DUAL, ["--vision_select", "prior"]), warned(["--vision_select", "prior"])],  # auto: learned here
     "vision_fine_patch_size": [forward(DUAL, ["--vision_fine_patch_size", "2"]),
                                refused(DUAL + ["--vision_fine_patch_size", "8"], "--vision_fine_patch_size")],
     "vision_depth": [model(DUAL, ["--vision_depth", "2"]), warned(["--vision_depth", "3"])],
@@ -649,6 +649,18 @@ def test_runs_of_removed_levers_load_only_when_the_lever_left_the_weights_alone(
     assert c.model == "roberta_crf" and not hasattr(c, "llrd") and not hasattr(c, "case_input")
     with pytest.raises(C.ConfigError, match="--llrd"):
         C.get_config(["--llrd", "0.9"])
+
+
+def test_a_run_of_a_removed_training_lever_does_not_resume(tmp_path):
+    """It loads for test and predict, but training on would not go as it began: refused in one line."""
+    import json
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "roberta_crf", "run_format": 4, "llrd": 0.9}))
+    for f in ("label_map.json", "last.pt"):
+        (run / f).write_text("{}")
+    with pytest.raises(C.ConfigError, match=r"^--continue_train_name old: the run trained with --llrd 0.9, .*new run"):
+        train.main(["--continue_train_name", "old", "--save_dir", str(tmp_path), "--swanlab_mode", "disabled"])
 
 
 def test_flag_policy_comes_from_the_declarations():

@@ -504,15 +504,16 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
 RUN_FORMAT = 5  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
-# levers measured and taken out: flag -> its off value. A run that used one of the first three cannot be rebuilt; the
+# levers measured and taken out: flag -> its off value. A run that used one of REMOVED_MODEL cannot be rebuilt; the
 # others only shaped training, so their runs load for test and predict as they are, but do not resume.
 REMOVED = {"context_k": 0, "case_input": False, "layer_mix": False, "llrd": 1.0, "word_mask_prob": 0.0,
            "bio_loss": False, "text_attention_dropout": 0.0}
+REMOVED_MODEL = ("context_k", "case_input", "layer_mix")
 
 
-def removed_levers(d: dict) -> list[str]:
-    """The REMOVED flags a saved config.json used, as "--flag value"."""
-    return [f"--{k} {d[k]}" for k in REMOVED if d.get(k, REMOVED[k]) != REMOVED[k]]
+def removed_levers(d: dict, among=REMOVED) -> list[str]:
+    """The flags of `among` (REMOVED by default) that a saved config.json used, as "--flag value"."""
+    return [f"--{k} {d[k]}" for k in among if d.get(k, REMOVED[k]) != REMOVED[k]]
 
 
 def migrate(d: dict, where: str = "") -> dict:
@@ -546,7 +547,7 @@ def migrate(d: dict, where: str = "") -> dict:
     if v < 4 and where and d.get("use_dual_granularity"):
         raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
                           "builds; retrain it (bash script/train_dual_granularity.sh)")
-    used = [u for u in removed_levers(d) if u.split()[0][2:] in ("context_k", "case_input", "layer_mix")]
+    used = removed_levers(d, REMOVED_MODEL)
     if used and where:
         raise ConfigError(f"{where}: trained with {used[0]}, a lever this version no longer has; retrain without it")
     d["run_format"] = RUN_FORMAT

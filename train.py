@@ -426,10 +426,11 @@ def resolve_resume(argv: list[str]):
             raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
                               "written with every run, so this run directory is damaged: start a new run")
     raw = read_run_json(src / "config.json")
-    if removed_levers(raw):
-        raise ConfigError(f"--continue_train_name {config.continue_train_name}: the run trained with "
-                          f"{removed_levers(raw)[0]}, a lever this version no longer has, so it cannot go on as it "
-                          "began; start a new run (test.py and predict.py still load it)")
+    used = removed_levers(raw)
+    if used:
+        raise ConfigError(f"--continue_train_name {config.continue_train_name}: the run trained with {used[0]}, a "
+                          "lever this version no longer has, so it cannot go on as it began; start a new run "
+                          "(test.py and predict.py still load it)")
     saved = config_from_dict(raw, str(src / "config.json"))
     run_epochs = saved.epochs
     for k in given_flags(argv) - {"continue_train_name"}:

@@ -95,8 +95,6 @@ def _model_flags(a) -> None:
       help="'efficientnet_lite0' (shipped ImageNet weights) or a local CLIP directory")
     a("--freeze_word_embeddings", action=B, default=True,
       help="keep the text encoder's word-embedding matrix fixed (no gradient or AdamW pass over vocab x hidden)")
-    a("--word_pooling", default="first", choices=["first", "mean"],
-      help="a word's state from its sub-words: the first one, or the mean of all of them")
     a("--freeze_text_layers", type=int, default=0,
       help="keep the text encoder's embeddings and its first N layers fixed: backward stops above them (faster steps)")
     a("--case_features", action=B, default=True,
@@ -111,11 +109,6 @@ def _model_flags(a) -> None:
     a("--tag_scheme", default="auto", choices=["auto", "bio", "bioes"],
       help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); "
            "auto = bioes for the text-only models, bio for MNER and roberta_clip_coattn")
-    a("--crf_loss_sum", action="store_true",
-      help="the CRF's loss sums the batch's post NLLs (gradients --batch_size times the mean's)")
-    a("--crf_init", default="uniform", choices=["uniform", "zero", "normal"],
-      help="the CRF's start, end and transition scores before training: uniform = pytorch-crf's U(-0.1, 0.1), zero, "
-           "or normal = N(0, 1) (flair's)")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
@@ -206,10 +199,6 @@ def _training_flags(a) -> None:
     a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", resume=True, type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
-    a("--word_dropout", type=float, default=0.0,
-      help="training only: each word's state is zeroed with this probability (one draw per word, its tag kept)")
-    a("--locked_dropout", type=float, default=0.0,
-      help="training only: dropout on the word states with one mask per post, shared by all its words")
     a("--ema_decay", resume=REFUSED['ema_decay'], type=float, default=-1,
       help="moving average of the weights (bias-corrected) used for dev, model.pt and test; 0 = off; -1 = auto: "
            "0.99 for the text-only models")
@@ -430,9 +419,6 @@ def validate(c) -> None:
         raise ConfigError(f"--warmup_prop must be in [0, 1], got {c.warmup_prop}")
     if c.image_dropout_p > 1 or c.drop_prob >= 1:
         raise ConfigError("--image_dropout_p must be <= 1, --drop_prob < 1")
-    for f in ("word_dropout", "locked_dropout"):
-        if not 0 <= getattr(c, f) < 1:
-            raise ConfigError(f"--{f} must be in [0, 1) (0 = off), got {getattr(c, f)}")
     _validate_vision(c)
 
 
@@ -507,8 +493,9 @@ RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "b
 # levers measured and taken out: flag -> its off value. A run that used one of REMOVED_MODEL cannot be rebuilt; the
 # others only shaped training, so their runs load for test and predict as they are, but do not resume.
 REMOVED = {"context_k": 0, "case_input": False, "layer_mix": False, "llrd": 1.0, "word_mask_prob": 0.0,
-           "bio_loss": False, "text_attention_dropout": 0.0}
-REMOVED_MODEL = ("context_k", "case_input", "layer_mix")
+           "bio_loss": False, "text_attention_dropout": 0.0, "word_pooling": "first", "crf_loss_sum": False,
+           "crf_init": "uniform", "word_dropout": 0.0, "locked_dropout": 0.0}
+REMOVED_MODEL = ("context_k", "case_input", "layer_mix", "word_pooling")
 
 
 def removed_levers(d: dict, among=REMOVED) -> list[str]:

@@ -97,16 +97,14 @@ class CRFHead(nn.Module):
     BIOES tags (bio_to_bioes / bioes_to_bio at its edge), else S = L. The PAD label can never be emitted: its emission
     is pinned far below the others. With bio=True (--bio_constraints) decoding and tag probabilities keep to valid
     paths (bio_bans, bioes_bans), and the training split's labels are IOB2 (Tagger.iob2_targets); the loss is the plain
-    CRF's, so the same weights decode both ways. init (--crf_init): the scores start uniform (pytorch-crf's), at
-    zero, or normal (N(0, 1)).
+    CRF's, so the same weights decode both ways.
     """
 
-    def __init__(self, num_labels: int, bio: bool = False, bioes: bool = False, loss_sum: bool = False,
-                 init: str = "uniform"):
+    def __init__(self, num_labels: int, bio: bool = False, bioes: bool = False):
         super().__init__()
         if bioes and num_labels % 2:  # LabelMap's layout: PAD, O, then a B-/I- pair per type
             raise ValueError(f"BIOES needs PAD, O and B-/I- pairs of labels; got {num_labels} labels")
-        self.bioes, self.reduce = bioes, (torch.sum if loss_sum else torch.mean)
+        self.bioes = bioes
         self.register_buffer("to_bio", bioes_to_bio(num_labels) if bioes else torch.arange(num_labels),
                              persistent=False)
         self.n_scores = len(self.to_bio)
@@ -114,10 +112,6 @@ class CRFHead(nn.Module):
         labels = torch.arange(int(self.to_bio.max()) + 1)[:, None]
         self.register_buffer("log_to_bio", torch.where(labels == self.to_bio, 0.0, float("-inf")), persistent=False)
         self.crf = CRF(self.n_scores, batch_first=True)  # start, end, transitions drawn from U(-0.1, 0.1)
-        if init != "uniform":
-            start = nn.init.zeros_ if init == "zero" else nn.init.normal_
-            for prm in self.crf.parameters():
-                start(prm)
         self.bio = bio
         if bioes:
             start, end, trans = bioes_bans(num_labels)
@@ -145,14 +139,14 @@ class CRFHead(nn.Module):
         return -self.crf(self._pin(em), labels, mask=mask, reduction="none")
 
     def loss(self, em, labels, mask):
-        return self.reduce(self.nll(em, labels, mask))
+        return self.nll(em, labels, mask).mean()
 
     def losses(self, *triples):
         """loss() of several (em, labels, mask) triples of one width W in a single CRF pass (its forward
         algorithm loops over W in Python, so one pass over the stacked posts costs about what one batch does)."""
         em, labels, mask = (torch.cat(x) for x in zip(*triples))
         per = self.nll(em, labels, mask)
-        return [self.reduce(x) for x in per.split([t[0].size(0) for t in triples])]
+        return [x.mean() for x in per.split([t[0].size(0) for t in triples])]
 
     def log_marginals(self, em, mask, temperature: float = 1.0) -> torch.Tensor:
         """log p(label at word | post) [B, W, L] in LabelMap's ids over the paths decoding may take, with every score

@@ -13,7 +13,6 @@ The batch contract (every model consumes exactly this):
   input_ids      [B, T] long     sub-word ids, padded with the tokenizer's pad id
   attention_mask [B, T] long     1 on real sub-words
   word_index     [B, W] long     position in T of each word's first sub-word (0 on padding)
-  word_end       [B, W] long     one past its last sub-word (1 on padding): --word_pooling mean averages [index, end)
   word_mask      [B, W] bool     True on the window's words (not padding)
   labels         [B, W] long     word label ids (LabelMap.PAD = 0 on padding)
   case_ids       [B, W] long     word shape (`word_shape`: lower, Title, UPPER, ...; 0 on padding)
@@ -114,7 +113,6 @@ class LabelMap:
 class Encoded:
     input_ids: list[int]
     word_index: list[int]   # first sub-word position of each kept word (special tokens included)
-    word_end: list[int]     # one past its last kept sub-word (word_index[i] < word_end[i])
     n_kept: int             # words that fit in max_len (encode_windows puts the rest in further windows)
     empty: list[int]        # words that tokenised to nothing and were replaced by the unknown token
 
@@ -156,15 +154,12 @@ def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
     ids = enc["input_ids"][:budget]
     wids = wids[:budget]
     prefix = len(head)
-    word_index, word_end, seen = [], [], -1
+    word_index, seen = [], -1
     for pos, w in enumerate(wids):
         if w is not None and w != seen:
             word_index.append(pos + prefix)
-            word_end.append(pos + prefix + 1)
             seen = w
-        elif w is not None:
-            word_end[-1] = pos + prefix + 1
-    return Encoded(head + list(ids) + tail, word_index, word_end, len(word_index), empty)
+    return Encoded(head + list(ids) + tail, word_index, len(word_index), empty)
 
 
 @dataclass
@@ -428,7 +423,7 @@ class MNERDataset(torch.utils.data.Dataset):
     def __getitem__(self, k):
         w = self.windows[k]
         e, i, a = w.enc, w.post, w.start
-        item = {"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end,
+        item = {"input_ids": e.input_ids, "word_index": e.word_index,
                 "labels": self.labels[i][a: a + e.n_kept], "case_ids": self.cases[i][a: a + e.n_kept],
                 "has_image": self.has_image[i], "index": k}
         j = self.source[i]  # whose image this post is shown (--image_control)
@@ -456,7 +451,6 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     word_index = torch.zeros(B, W, dtype=torch.long)
-    word_end = torch.ones(B, W, dtype=torch.long)
     word_mask = torch.zeros(B, W, dtype=torch.bool)
     labels = torch.zeros(B, W, dtype=torch.long)
     case_ids = torch.zeros(B, W, dtype=torch.long)
@@ -465,12 +459,11 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         input_ids[b, :n] = torch.tensor(it["input_ids"])
         attention_mask[b, :n] = 1
         word_index[b, :w] = torch.tensor(it["word_index"], dtype=torch.long)
-        word_end[b, :w] = torch.tensor(it["word_end"], dtype=torch.long)
         word_mask[b, :w] = True
         labels[b, :w] = torch.tensor(it["labels"], dtype=torch.long)
         case_ids[b, :w] = torch.tensor(it["case_ids"], dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index, "word_end": word_end,
-             "word_mask": word_mask, "labels": labels, "case_ids": case_ids,
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index, "word_mask": word_mask,
+             "labels": labels, "case_ids": case_ids,
              "has_image": torch.tensor([bool(it["has_image"]) for it in items]),
              "index": torch.tensor([it["index"] for it in items])}
     for k in ("pixel_values", "image_feats", "teacher_feats"):

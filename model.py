@@ -88,9 +88,8 @@ def text_depth(name: str, n_layers: int) -> int:
 class TextEncoder(nn.Module):
     """Any Hugging Face encoder from a local directory; architecture from its config.json.
 
-    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W], word_end [B,W] | None)
-    -> word states [B, W, H] (each word is its first sub-word, or with --word_pooling mean the mean of sub-words
-    word_index..word_end-1).
+    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W]) -> word states [B, W, H] (each word's first
+    sub-word).
     """
 
     def __init__(self, config):
@@ -128,20 +127,10 @@ class TextEncoder(nn.Module):
                 if text_depth(n, n_layers) <= config.freeze_text_layers:
                     prm.requires_grad_(False)
         self.hidden = self.model.config.hidden_size
-        self.mean = config.word_pooling == "mean"
 
-    def forward(self, input_ids, attention_mask, word_index, word_end=None):
+    def forward(self, input_ids, attention_mask, word_index):
         h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        H = h.size(-1)
-        if not self.mean:
-            return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, H))
-        if word_end is None:
-            raise ValueError("--word_pooling mean needs the batch's word_end (dataloader.collate makes it)")
-        # span means from a prefix sum: [B, T+1, H], one gather at each end of every word's sub-word span
-        c = torch.cat([h.new_zeros(h.size(0), 1, H), h.cumsum(1)], 1)
-        at = lambda i: c.gather(1, i.unsqueeze(-1).expand(-1, -1, H))  # noqa: E731
-        s = at(word_end) - at(word_index)
-        return s / (word_end - word_index).clamp_min(1).unsqueeze(-1).to(h.dtype)
+        return h.gather(1, word_index.unsqueeze(-1).expand(-1, -1, h.size(-1)))
 
 
 # ============================================================================ vision
@@ -935,22 +924,6 @@ class SoftmaxHead(nn.Module):
 
 # ============================================================================ losses
 
-def word_dropout(x, p: float, training: bool):
-    """Zero each word's whole state [B, W, H] with probability p (one draw per word, no rescaling), so a tag is also
-    learnt from the words around it."""
-    if not training or p == 0:
-        return x
-    return x * x.new_empty(x.shape[:2] + (1,)).bernoulli_(1 - p)
-
-
-def locked_dropout(x, p: float, training: bool):
-    """Dropout with one mask per post [B, 1, H] shared by all its words [B, W, H] (rescaled by 1 / (1 - p)): the same
-    feature dimensions are missing at every word of a post."""
-    if not training or p == 0:
-        return x
-    return x * x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p).div_(1 - p)
-
-
 def masked_mean(x, mask, dim=1):
     """Mean of x [B, W, ...] over positions where mask [B, W] is True."""
     m = mask.to(x.dtype)
@@ -1038,9 +1011,7 @@ class Tagger(nn.Module):
         out = 2 * config.hidden_dim if bilstm else H
         bioes = head == "crf" and config.tag_scheme == "bioes"
         self.emit = nn.Linear(out, len(bioes_to_bio(num_labels)) if bioes else num_labels)  # before the head: seeds
-        self.head = CRFHead(num_labels, config.bio_constraints, bioes, config.crf_loss_sum,
-                            config.crf_init) \
-            if head == "crf" else \
+        self.head = CRFHead(num_labels, config.bio_constraints, bioes) if head == "crf" else \
             SoftmaxHead(num_labels, config.label_smoothing)
 
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
@@ -1150,13 +1121,11 @@ class Tagger(nn.Module):
         return out
 
     def _word_states(self, batch) -> torch.Tensor:
-        """The text encoder's word states [B, W, H], word shapes added, word and locked dropout applied."""
-        cfg = self.config
-        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch.get("word_end"))
+        """The text encoder's word states [B, W, H], word shapes added, dropout applied."""
+        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"])
         if self.case is not None:
             text = text + self.case(batch["case_ids"])
-        return locked_dropout(word_dropout(self.drop(text), cfg.word_dropout, self.training), cfg.locked_dropout,
-                              self.training)
+        return self.drop(text)
 
     def _image_losses(self, parts, t, m, fused_rows, rel_rows, img, labels, batch, rows, epoch) -> list:
         """The auxiliary losses of the posts with an image (t [n, W, H], m [n, W], fused_rows, rel_rows [n, W],
@@ -1234,10 +1203,6 @@ def unused_flags(config, given: set[str]) -> list[str]:
         "rel_temperature": rel_off,
         "bio_constraints": None if head == "crf" else f"the softmax head of --model {config.model} (it constrains "
                                                       "the CRF's decoding)",
-        "crf_loss_sum": None if head == "crf" else f"the softmax head of --model {config.model} (it sums the CRF's "
-                                                   "loss)",
-        "crf_init": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the CRF's "
-                                               "first scores)",
         "crf_lr": None if head == "crf" else f"the softmax head of --model {config.model} (it is the CRF's rate)",
         "tag_scheme": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the tags the "
                                                  "CRF scores)",

@@ -99,8 +99,6 @@ def refusal(config, model) -> str:
     """Why this run cannot be exported; '' when it can."""
     if model.lstm is not None:
         return f"model {config.model} has a BiLSTM (packed sequences), which the bundle does not support yet"
-    if getattr(config, "word_pooling", "first") != "first":
-        return f"--word_pooling {config.word_pooling} is not in the bundle's inputs yet; export a first-sub-word run"
     return ""
 
 
@@ -155,8 +153,8 @@ class CheckpointRuntime(BU.Runtime):
 
     @torch.inference_mode()
     def _emissions(self, batch: dict, feats: list | None) -> np.ndarray:
-        """The model on the whole collated batch (word_end too, which mean pooling and the BiLSTM read)."""
-        x = {k: self._tensor(batch[k]) for k in TEXT_INPUTS + ["word_end"]}
+        """The model on the whole collated batch."""
+        x = {k: self._tensor(batch[k]) for k in TEXT_INPUTS}
         if feats is not None:
             x["image_feats"] = self._tensor(np.stack(feats).astype(np.float32))
             x["has_image"] = torch.ones(len(feats), dtype=torch.bool, device=self.device)

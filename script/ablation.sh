@@ -22,13 +22,13 @@ set -uo pipefail
 
 EXPS="full no_residual no_preserve no_nce no_gate no_resampler fusion_layers_1 fusion_layers_3 fusion_layers_7
 text_only shuffle blank efficientnet clip dual_granularity dual_shuffle dual_blank
-text_base text_epochs10 text_head_lr text_mean text_frozen_emb text_frozen_2 text_dapt
+text_base text_epochs10 text_head_lr text_frozen_emb text_frozen_2 text_dapt
 text_default text_default_e10 text_default_lr1e4 text_default_bs8 text_default_fast
 text_default_bs32 text_default_bs32_lr1e4 text_default_ema99 text_default_ema995 text_default_mpnet
 text_r2 text_r2_bio text_r2_bilstm
-text_r4 text_r4_flair_drop text_r4_locked text_r4_word_drop text_r4_bioes text_r4_no_bucketing text_r4_one_lr
-text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10 text_r4_flair_all text_r4_bioes_drop text_r4_sum5
-text_r7_crf_zero text_r7_crf_lr1e2 text_r7_no_case text_r7_e10"
+text_r4 text_r4_bioes text_r4_no_bucketing text_r4_one_lr
+text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10
+text_r7_crf_lr1e2 text_r7_no_case text_r7_e10"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
 # the first text path (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which wins over the
@@ -62,7 +62,6 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_base) echo "$TEXT_BASE" ;;
     text_epochs10) echo "$TEXT_BASE --epochs 10" ;;
     text_head_lr) echo "$TEXT_BASE --head_lr 3e-3" ;;
-    text_mean) echo "$TEXT_BASE --word_pooling mean" ;;
     text_frozen_emb) echo "$TEXT_BASE --freeze_word_embeddings" ;;
     text_frozen_2) echo "$TEXT_BASE --freeze_text_layers 2" ;;
     text_dapt) echo "$TEXT_BASE --text_encoder $DAPT_DIR" ;;
@@ -83,9 +82,6 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r2_bilstm) echo "$TEXT_R2 --model bert_bilstm_crf" ;;
     # the fifth round: one change on the defaults of that round (text_r4), towards flair's recipe (peer_flair.py)
     text_r4) echo "$TEXT_R4" ;;
-    text_r4_flair_drop) echo "$TEXT_R4 --locked_dropout 0.5 --word_dropout 0.05" ;;
-    text_r4_locked) echo "$TEXT_R4 --locked_dropout 0.5" ;;
-    text_r4_word_drop) echo "$TEXT_R4 --word_dropout 0.05" ;;
     text_r4_bioes) echo "$TEXT_R4 --tag_scheme bioes" ;;
     text_r4_no_bucketing) echo "$TEXT_R4 --no-length_bucketing" ;;
     text_r4_one_lr) echo "$TEXT_R4 --head_lr 5e-5" ;;
@@ -94,17 +90,11 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r4_no_case) echo "$TEXT_R4 --no-case_features" ;;
     text_r4_clip5) echo "$TEXT_R4 --clip_grad 5" ;;
     text_r4_e10) echo "$TEXT_R4 --epochs 10" ;;
-    text_r4_sum5) echo "$TEXT_R4 --crf_loss_sum --clip_grad 5" ;;
-    text_r4_bioes_drop) echo "$TEXT_R4 --tag_scheme bioes --locked_dropout 0.5 --word_dropout 0.05" ;;
-    # the seventh round: one change on the defaults (BIOES; text_r4_bioes's runs): the CRF's first scores and rate,
-    # case features, the schedule's length
-    text_r7_crf_zero) echo "--model roberta_crf --crf_init zero" ;;
+    # the seventh round: one change on the defaults (BIOES; text_r4_bioes's runs): the CRF's rate, case features,
+    # the schedule's length
     text_r7_crf_lr1e2) echo "--model roberta_crf --crf_lr 1e-2" ;;
     text_r7_no_case) echo "--model roberta_crf --no-case_features" ;;
     text_r7_e10) echo "--model roberta_crf --epochs 10" ;;
-    # everything flair's recipe does that MANGO has a flag for
-    text_r4_flair_all) echo "$TEXT_R4 --locked_dropout 0.5 --word_dropout 0.05 --tag_scheme bioes --head_lr 5e-5
---no-freeze_word_embeddings --no-case_features --ema_decay 0 --drop_prob 0 --clip_grad 5 --no-length_bucketing" | tr '\n' ' ' ;;
     *) return 1 ;;
   esac
 }

@@ -6,7 +6,7 @@
 #   DEVICE=cuda bash script/bench.sh --sizes base      # RoBERTa-base / CLIP-B/32-sized random encoders
 # Env: DEVICE BATCH_SIZE DATASET TEXT_ENCODER IMAGE_ENCODER EXTRA_ARGS (as in every script)
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 env_args
 exec python bench.py "${ARGS[@]}" "$@"

@@ -9,7 +9,7 @@
 # together wait for one another's teacher (flock).
 # Env: DEVICE EPOCHS BATCH_SIZE DATASET MODEL SEED TEXT_ENCODER SAVE_NAME EXTRA_ARGS, TEACHER, TEACHER_SEED, UNLABELLED
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 : "${DATASET:=twitter2017}" "${MODEL:=roberta_crf}" "${TEACHER_SEED:=1}"
 : "${UNLABELLED:=data/unlabelled/mnre_train.txt}"

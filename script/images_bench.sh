@@ -5,7 +5,7 @@
 #   SAVE_NAME=<demo MNER run> bash script/images_bench.sh [bundle dir ...]
 # Env: SAVE_NAME (required), DATASET (demo), REPEATS (3). Prints each run's posts/s line, then the medians.
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 : "${SAVE_NAME:?set SAVE_NAME to a trained MNER run}"
 DATASET=${DATASET:-demo}; REPEATS=${REPEATS:-3}
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT

@@ -6,7 +6,7 @@
 # Env: LAMBDAS (default "0.05 0.1 0.3 0.5"), TOKENS (default "4 8 16"), GRID_NAME (run-name prefix),
 #      and DEVICE EPOCHS BATCH_SIZE DATASET SEED TEXT_ENCODER IMAGE_ENCODER EXTRA_ARGS
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 : "${DATASET:=twitter2017}" "${LAMBDAS:=0.05 0.1 0.3 0.5}" "${TOKENS:=4 8 16}" "${GRID_NAME:=grid_$(date +%Y%m%d-%H%M%S)}"
 export DATASET MODEL=MNER

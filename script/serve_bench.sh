@@ -5,7 +5,7 @@
 #   SAVE_NAME=<run> bash script/serve_bench.sh          # serve the checkpoint instead
 # Env: BUNDLE or SAVE_NAME, DATASET (demo), DURATION (seconds, 60), CLIENTS (8), PORT (8765), EXTRA_ARGS (to serve.py)
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 DATASET=${DATASET:-demo}; DURATION=${DURATION:-60}; CLIENTS=${CLIENTS:-8}; PORT=${PORT:-8765}
 if [ -n "${BUNDLE:-}" ]; then SRC=(--bundle "$BUNDLE"); else SRC=(--save_name "${SAVE_NAME:?set BUNDLE or SAVE_NAME}" --device cpu); fi
 work=$(mktemp -d)

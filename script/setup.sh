@@ -14,7 +14,7 @@ else
     echo "setup: creating .venv" >&2
     python3 -m venv .venv || { echo "error: python3 -m venv failed; install python3-venv" >&2; return 1; }
   fi
-  . .venv/bin/activate
+  . .venv/bin/activate || { echo "error: .venv is incomplete; remove it (rm -rf .venv) and rerun" >&2; return 1; }
   # one stamp per requirements file content: pip runs only for a file that is new or changed
   for req in requirements.txt requirements-nodeps.txt ${MANGO_DEV:+requirements-dev.txt}; do
     stamp=".venv/.mango-$req-$(sha1sum "$req" | cut -c1-12)"

@@ -4,7 +4,7 @@
 #   DATASET=twitter2015 IMAGE_ENCODER=/models/clip-vit-base-patch32 EPOCHS=20 bash script/train.sh
 # Env: DEVICE EPOCHS BATCH_SIZE DATASET MODEL SEED TEXT_ENCODER IMAGE_ENCODER SAVE_NAME EXTRA_ARGS
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 : "${DATASET:=twitter2017}" "${MODEL:=MNER}"
 export DATASET MODEL

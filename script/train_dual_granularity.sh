@@ -7,7 +7,7 @@
 # Every value lands in the run's config.json.
 # Env: DEVICE EPOCHS BATCH_SIZE VISION_DEPTH DATASET MODEL SEED TEXT_ENCODER SAVE_NAME EXTRA_ARGS
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 : "${DATASET:=demo}" "${MODEL:=MNER}"
 export DATASET MODEL

@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 import contextlib
 import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -313,19 +312,6 @@ def _image_control(env):
     return sources([]) != sources(["--image_control", "shuffle"])
 
 
-def _word_pooling(env):
-    """--word_pooling mean: the word states of the tiny data (some words span several sub-words) change."""
-    batch = next(iter(D.make_loader(env["dataset"](), ds_config(env, []), train=False)))
-    states = []
-    for argv in ([], ["--word_pooling", "mean"]):
-        c, m, _ = env["mner"](argv)
-        m.eval()
-        states.append(m.text(batch["input_ids"], batch["attention_mask"], batch["word_index"], batch["word_end"]))
-    multi = (batch["word_end"] - batch["word_index"] > 1) & batch["word_mask"]
-    return bool(multi.any()) and torch.allclose(states[0][~multi], states[1][~multi], atol=1e-6) and \
-        not torch.allclose(states[0][multi], states[1][multi])
-
-
 def _freeze_text_layers_too_many(env):
     with pytest.raises(C.ConfigError, match="--freeze_text_layers 99"):
         env["mner"](["--freeze_text_layers", "99"])
@@ -359,7 +345,6 @@ FLAGS = {
     "image_encoder": [model(alt=["--image_encoder", "efficientnet_lite0"])],
     "freeze_word_embeddings": [model(alt=["--no-freeze_word_embeddings"])],
     "freeze_text_layers": [model(alt=["--freeze_text_layers", "1"]), fn(_freeze_text_layers_too_many)],
-    "word_pooling": [fn(_word_pooling)],
     "case_features": [model(alt=["--no-case_features"])],
     "allow_download": [fn(_allow_download)],
     "use_image": [model(alt=["--no-use_image"])],
@@ -372,14 +357,6 @@ FLAGS = {
     "drop_prob": [model(alt=["--drop_prob", "0.3"])],
     "tag_scheme": [model(alt=["--tag_scheme", "bioes"]), forward(["--model", "roberta_crf"], ["--tag_scheme", "bio"]),
                    warned(["--model", "bert", "--tag_scheme", "bioes"])],
-    "crf_init": [forward(["--model", "roberta_crf"], ["--crf_init", "zero"]),
-                 forward(["--model", "roberta_crf"], ["--crf_init", "normal"]),
-                 warned(["--model", "bert", "--crf_init", "zero"])],
-    "crf_loss_sum": [forward(["--model", "roberta_crf"], ["--crf_loss_sum"]),
-                     warned(["--model", "bert", "--crf_loss_sum"])],
-    "word_dropout": [forward(alt=["--word_dropout", "0.5"]), refused(["--word_dropout", "1"], "--word_dropout")],
-    "locked_dropout": [forward(alt=["--locked_dropout", "0.5"]),
-                       refused(["--locked_dropout", "1"], "--locked_dropout")],
     "vision_trainable": [model(alt=["--vision_trainable"]), warned(DUAL + ["--vision_trainable"])],
     "unfreeze_last_vision_blocks": [model(["--vision_trainable"], ["--unfreeze_last_vision_blocks", "1"]),
                                     warned(["--unfreeze_last_vision_blocks", "1"])],
@@ -518,7 +495,7 @@ def env(tiny_bert_dir, tiny_clip_dir, tiny_data_dir, tmp_path_factory):
         S = D.image_prep_for(c).size
         batch = {"input_ids": torch.randint(5, 500, (2, 9), generator=g),
                  "attention_mask": torch.ones(2, 9, dtype=torch.long),
-                 "word_index": torch.arange(1, 7).repeat(2, 1), "word_end": torch.arange(2, 8).repeat(2, 1),
+                 "word_index": torch.arange(1, 7).repeat(2, 1),
                  "word_mask": torch.ones(2, 6, dtype=torch.bool),
                  "labels": torch.randint(1, 10, (2, 6), generator=g),
                  "case_ids": torch.randint(1, 4, (2, 6), generator=g),
@@ -645,8 +622,11 @@ def test_runs_of_removed_levers_load_only_when_the_lever_left_the_weights_alone(
     with pytest.raises(C.ConfigError, match=r"^run/config.json: trained with --context_k 2, .*retrain") as e:
         C.config_from_dict({"model": "roberta_crf", "context_k": 2}, "run/config.json")
     assert "\n" not in str(e.value)
-    c = C.config_from_dict({"model": "roberta_crf", "llrd": 0.9, "case_input": False}, "run/config.json")
-    assert c.model == "roberta_crf" and not hasattr(c, "llrd") and not hasattr(c, "case_input")
+    with pytest.raises(C.ConfigError, match=r"trained with --word_pooling mean, "):
+        C.config_from_dict({"model": "roberta_crf", "word_pooling": "mean"}, "run/config.json")
+    c = C.config_from_dict({"model": "roberta_crf", "llrd": 0.9, "case_input": False, "word_pooling": "first",
+                            "crf_init": "zero", "word_dropout": 0.05}, "run/config.json")
+    assert c.model == "roberta_crf" and not {"llrd", "case_input", "word_pooling", "crf_init", "word_dropout"} & set(vars(c))
     with pytest.raises(C.ConfigError, match="--llrd"):
         C.get_config(["--llrd", "0.9"])
 

@@ -16,24 +16,9 @@ import model as M
 import train
 from conftest import ROOT
 
-def test_mean_pooling_averages_each_words_sub_words(tiny_bert_dir):
-    c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--word_pooling", "mean"])
-    tok = M.load_tokenizer(c)
-    e = D.encode_words(tok, ["hello", "unbelievablyxyz", "a"], 32)
-    assert e.word_end[1] - e.word_index[1] > 1  # a word of several sub-words
-    b = D.collate([{"input_ids": e.input_ids, "word_index": e.word_index, "word_end": e.word_end, "labels": [1] * 3,
-                    "case_ids": [1] * 3, "has_image": False, "index": 0}])
-    torch.manual_seed(0)
-    enc = M.build_model(c, 10).text.eval()
-    h = enc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[0]
-    w = enc(b["input_ids"], b["attention_mask"], b["word_index"], b["word_end"])[0]
-    for i in range(3):
-        torch.testing.assert_close(w[i], h[e.word_index[i]:e.word_end[i]].mean(0))
-
-
-def test_crf_lr_gives_the_crf_scores_their_own_rate_and_crf_init_their_start(tiny_bert_dir):
+def test_crf_lr_gives_the_crf_scores_their_own_rate(tiny_bert_dir):
     """--crf_lr: exactly the CRF's start, end and transition scores train at it, the rest of the head at --head_lr;
-    -1 leaves them in the head's group. --crf_init zero / normal: the scores start at 0 / spread like N(0, 1)."""
+    -1 leaves them in the head's group."""
     argv = ["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--warmup_prop", "0"]
     for extra, crf_rate in (([], None), (["--crf_lr", "0.02"], 0.02)):
         c = C.get_config(argv + extra)
@@ -45,10 +30,6 @@ def test_crf_lr_gives_the_crf_scores_their_own_rate_and_crf_init_their_start(tin
         for n, p in m.named_parameters():
             if p.requires_grad and not n.startswith("text."):
                 assert lr_of[id(p)] == pytest.approx(crf_rate if crf_rate and id(p) in crf else c.head_lr), n
-    for init, check in (("zero", lambda x: (x == 0).all()), ("normal", lambda x: x.std() > 0.5),
-                        ("uniform", lambda x: x.abs().max() <= 0.1)):
-        m = M.build_model(C.get_config(argv + ["--crf_init", init]), 10)
-        assert check(m.head.crf.transitions.detach()), init
 
 
 def test_head_lr_auto_is_higher_only_without_image_fusion():
@@ -131,25 +112,3 @@ def test_mlm_script_writes_a_loadable_encoder(tmp_path, tiny_bert_dir):
     assert any(not torch.equal(w0[n], q) for n, q in after.text.model.named_parameters())
 
 
-# ----------------------------------------------------------------------------- word and locked dropout
-
-def test_word_dropout_zeroes_whole_words_in_training_only():
-    torch.manual_seed(0)
-    x = torch.randn(4, 50, 8) + 3.0  # no state is zero by chance
-    y = M.word_dropout(x, 0.3, training=True)
-    zero = (y == 0).all(-1)                                   # [B, W]: a word is zeroed whole or kept as it was
-    kept = ~zero
-    assert torch.equal(y[kept], x[kept]) and ((y == 0) == zero[..., None]).all()
-    assert 0.15 < zero.float().mean() < 0.45
-    assert torch.equal(M.word_dropout(x, 0.3, training=False), x) and torch.equal(M.word_dropout(x, 0.0, True), x)
-
-
-def test_locked_dropout_shares_one_mask_over_a_posts_words():
-    torch.manual_seed(0)
-    x = torch.randn(3, 20, 64) + 3.0
-    y = M.locked_dropout(x, 0.5, training=True)
-    dropped = y == 0                                          # [B, W, H]
-    assert (dropped == dropped[:, :1]).all()                  # the same dimensions at every word of a post
-    assert not (dropped[0, 0] == dropped[1, 0]).all()         # but posts draw their own
-    assert torch.allclose(y[~dropped], (x * 2)[~dropped])     # kept values rescaled by 1 / (1 - p)
-    assert torch.equal(M.locked_dropout(x, 0.5, training=False), x)

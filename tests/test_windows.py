@@ -51,8 +51,8 @@ def test_merge_reads_each_word_where_it_is_farthest_from_a_cut(minilm_tok):
 
 def test_merge_joins_dicts_arrays_and_keeps_per_post_values():
     import numpy as np
-    enc = D.Encoded([], [], [], 4, [])
-    ws = [D.Window(0, 0, 0, 3, enc), D.Window(0, 2, 3, 6, enc), D.Window(1, 0, 0, 2, D.Encoded([], [], [], 2, []))]
+    enc = D.Encoded([], [], 4, [])
+    ws = [D.Window(0, 0, 0, 3, enc), D.Window(0, 2, 3, 6, enc), D.Window(1, 0, 0, 2, D.Encoded([], [], 2, []))]
     outs = [{"tags": list("abcd"), "att": np.arange(4), "image_used": True},
             {"tags": list("cdef"), "att": np.arange(2, 6), "image_used": True},
             {"tags": list("xy"), "att": np.arange(2), "image_used": False}]

@@ -155,7 +155,6 @@ def _vision_flags(a) -> None:
     a("--fusion_gate", default="gated", choices=["gated", "rel", "sum"],
       help="MNER fusion: gated (relevance x per-dimension gate), rel (relevance only) or sum (text + context)")
     a("--rel_temperature", type=float, default=1.0, help="temperature of the per-word image relevance")
-    a("--emission_temperature", type=float, default=1.0, help="emissions are divided by this")
     a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
     a("--image_control", tools="test", default="none", choices=["none", "shuffle", "blank"],
       help="attribution control: shuffle = each post with an image gets another post's (a fixed derangement from "
@@ -206,7 +205,6 @@ def _training_flags(a) -> None:
     a("--min_epoch_num", resume=True, type=int, default=2, help="no early stop before this many epochs")
     a("--min_gain", resume=True, type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
     a("--patience_epochs", resume=True, type=int, default=3, help="stop after this many epochs without improvement")
-    a("--text_only_epochs", type=int, default=0, help="first N epochs train with the image path off")
     a("--teacher_run", default="",
       help="a CRF run (folder, or name under --save_dir) whose tag marginals the model also learns (distillation)")
     a("--distill_unlabelled", default="",
@@ -398,12 +396,12 @@ def validate(c) -> None:
         raise ConfigError(f"--crf_lr must be >= 0 (or -1: --head_lr's), got {c.crf_lr}")
     for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads",
               "vision_img_size", "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window",
-              "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size", "emission_temperature",
+              "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size",
               "nce_temperature", "distill_temperature",
               "rel_temperature", "hidden_dim", "fusion_dim", "fusion_layers"):
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
-    for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "text_only_epochs", "num_workers",
+    for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "num_workers",
               "residual_warmup_epochs", "freeze_text_layers", "min_epoch_num", "patience_epochs",
               "max_bad_steps"):
         if getattr(c, f) < 0:
@@ -490,12 +488,14 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
 RUN_FORMAT = 5  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
-# levers measured and taken out: flag -> its off value. A run that used one of REMOVED_MODEL cannot be rebuilt; the
-# others only shaped training, so their runs load for test and predict as they are, but do not resume.
+# flags taken out (levers that lost on dev, knobs no result used): flag -> its off value. A run that used one of
+# REMOVED_MODEL cannot be rebuilt; the others only shaped training, so their runs load for test and predict as they
+# are, but do not resume.
 REMOVED = {"context_k": 0, "case_input": False, "layer_mix": False, "llrd": 1.0, "word_mask_prob": 0.0,
            "bio_loss": False, "text_attention_dropout": 0.0, "word_pooling": "first", "crf_loss_sum": False,
-           "crf_init": "uniform", "word_dropout": 0.0, "locked_dropout": 0.0}
-REMOVED_MODEL = ("context_k", "case_input", "layer_mix", "word_pooling")
+           "crf_init": "uniform", "word_dropout": 0.0, "locked_dropout": 0.0, "text_only_epochs": 0,
+           "emission_temperature": 1.0}
+REMOVED_MODEL = ("context_k", "case_input", "layer_mix", "word_pooling", "emission_temperature")
 
 
 def removed_levers(d: dict, among=REMOVED) -> list[str]:

@@ -1063,7 +1063,7 @@ class Tagger(nn.Module):
         return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=h.size(1))[0]
 
     def _emissions(self, h, mask):
-        return self.emit(self.drop(self._sequence(h, mask))) / self.config.emission_temperature
+        return self.emit(self.drop(self._sequence(h, mask)))
 
     def forward(self, batch, epoch: float = 0.0, image_on: bool = True):
         cfg = self.config

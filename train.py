@@ -272,14 +272,13 @@ def train_step(model, group: list[dict], opt, sched, config, device, epoch: int,
     Returns {"losses": [(loss, {part: value}) of each finite batch], "norm": the gradient norm
     before clipping, or None when no step was taken}.
     """
-    image_on = epoch >= config.text_only_epochs
     losses, ok = [], False
     for j, batch in enumerate(group):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # DDP: batches that only accumulate skip the gradient all-reduce (the group's last batch does it)
         accumulating = j < len(group) - 1 and isinstance(model, DDP)
         with amp(), (model.no_sync() if accumulating else nullcontext()):
-            out = model(batch, epoch=epoch, image_on=image_on)
+            out = model(batch, epoch=epoch)
         loss = out["loss"].float()
         ok = all_finite(loss)
         if not ok:
@@ -575,7 +574,7 @@ def training_parts(config, core, resume, run, device, say):
     lead = is_main()
     model = core  # the model itself (core): checkpoints, decoding, parameter groups; model: what trains
     if world() > 1:
-        # the image path is skipped for batches without a usable image (and in --text_only_epochs), so DDP has
+        # the image path is skipped for batches without a usable image (or dropped by --image_dropout_p), so DDP has
         # to look for parameters that got no gradient; text-only models use every parameter every step
         model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=core.uses_image)

@@ -147,7 +147,7 @@ def cut_in_epoch_2(argv, monkeypatch):
 
 def test_resume_matches_uninterrupted(base, monkeypatch):
     """Crash in epoch 2 (after epoch 1's last.pt), resume, and end where an uninterrupted run ends."""
-    args = [*base, "--epochs", "2", "--text_only_epochs", "0", "--image_dropout_p", "0.3"]
+    args = [*base, "--epochs", "2", "--image_dropout_p", "0.3"]
     _, full = train.main([*args, "--save_name", "full"])
     cut_in_epoch_2([*args, "--save_name", "cut"], monkeypatch)
     last = torch.load(save_dir(base) / "cut" / "last.pt", weights_only=True)

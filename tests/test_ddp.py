@@ -107,11 +107,11 @@ def test_ddp_matches_single_process(mem):
 
 def test_ddp_image_model_cache_and_resume(mem, tiny_clip_dir):
     """MNER with cached frozen-CLIP features under DDP: posts without a picture and --image_dropout_p skip the
-    image path in some batches (unused parameters), the first epoch is text-only, rank 0 builds the feature cache
+    image path in some batches (unused parameters), rank 0 builds the feature cache
     alone, and --continue_train_name resumes a torchrun run under torchrun."""
     d, base = mem
     flags = [*base, "--model", "MNER", "--image_encoder", tiny_clip_dir, "--fusion_layers", "2", "--fusion_dim", "32",
-             "--cross_attn_heads", "2", "--batch_size", "4", "--text_only_epochs", "1", "--image_dropout_p", "0.5",
+             "--cross_attn_heads", "2", "--batch_size", "4", "--image_dropout_p", "0.5",
              "--save_dir", str(d / "mner"), "--cache_dir", str(d / "cache"), "--save_name", "m"]
     out = run([*TORCHRUN, "train.py", *flags, "--epochs", "2"])
     assert out.count("[Overall]") == 1 and out.count("images 12/24 usable") == 3  # 3 splits, printed by rank 0

@@ -222,16 +222,6 @@ def _bio_constraints(env):
         C.config_from_dict({"model": "roberta_crf"}).bio_constraints is False
 
 
-def _text_only_epochs(env):
-    parts = []
-    for argv in ([], ["--text_only_epochs", "1"]):
-        c, m, batch = env["mner"](argv)
-        opt, sched = train.make_optimizer(m, c, steps=10)
-        r = train.train_step(m, [batch], opt, sched, c, torch.device("cpu"), 0, contextlib.nullcontext, None, [0, 0])
-        parts.append(r["losses"][0][1]["nce"])
-    return parts[0] != 0 and parts[1] == 0  # epoch 0 without the image path: no image loss terms
-
-
 def _max_bad_steps(env):
     c = C.get_config(["--max_bad_steps", "1"])
     with pytest.raises(C.ConfigError, match="--max_bad_steps 1"):
@@ -383,7 +373,6 @@ FLAGS = {
     "rel_temperature": [forward(alt=["--rel_temperature", "0.2"]),
                         warned(["--fusion_gate", "sum", "--rel_temperature", "2"]),
                         warned(["--model", "bert_crf", "--rel_temperature", "2"])],
-    "emission_temperature": [forward(alt=["--emission_temperature", "3"])],
     "image_dropout_p": [forward(alt=["--image_dropout_p", "1"])],
     "image_control": [fn(_image_control), warned(["--model", "roberta_crf", "--image_control", "shuffle"])],
     # losses
@@ -412,7 +401,6 @@ FLAGS = {
     "min_epoch_num": [fn(_min_epoch_num)],
     "min_gain": [fn(_min_gain)],
     "patience_epochs": [fn(_patience_epochs)],
-    "text_only_epochs": [fn(_text_only_epochs)],
     # distillation (behaviour end to end: tests/test_distill.py)
     "teacher_run": [used_by("train.py"), refused(["--teacher_run", "t", "--model", "bert"], "--teacher_run")],
     "distill_lambda": [fn(_distill(["--distill_lambda", "0.3"])), warned(["--distill_lambda", "0.3"]),

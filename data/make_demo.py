@@ -44,8 +44,40 @@ def staging(out_dir: Path, force: bool):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
 TYPES = ("PER", "LOC", "ORG", "MISC")
 SPLITS = ("train", "valid", "test")  # file stems; "valid" holds the dev split
+
+
+def write_splits(tmp: Path, images: str, ids: str, sizes: list[int], pools: list[list[str]], text_seed: str,
+                 make_post, draw) -> tuple:
+    """The splits of a generated set: sizes[k] posts each, whose picture types are exactly balanced, in an order an
+    RNG of the split's own (text_seed-split) shuffles; make_post(rng, names, type) -> ([(word, tag)], ambiguous
+    mentions) writes each post from the split's name pool, draw(post id, type) -> (picture, cued object's box or
+    None) its picture (with an RNG of its own, so a picture depends only on the seed and the id). Writes
+    <split>.txt, the PNGs under tmp/images and <split>_boxes.jsonl; returns (entity types Counter, ambiguous
+    mentions, mentions)."""
+    (tmp / images).mkdir(parents=True)
+    ents, amb_n, ment_n = Counter(), 0, 0
+    for split, n, names in zip(SPLITS, sizes, pools):
+        rng = random.Random(f"{text_seed}-{split}")
+        kinds = [TYPES[i % 4] for i in range(n)]
+        rng.shuffle(kinds)
+        lines, boxes = [], []
+        for i, typ in enumerate(kinds):
+            pid = f"{ids}_{split}_{i + 1:04d}"
+            pairs, amb = make_post(rng, names, typ)
+            heads = [t[2:] for _, t in pairs if t.startswith("B-")]
+            ents.update(heads)
+            amb_n, ment_n = amb_n + amb, ment_n + len(heads)
+            lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
+            img, obj = draw(pid, typ)
+            img.save(tmp / images / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
+            if obj is not None:
+                boxes.append({"imgid": pid, "type": typ, "box": obj, "size": list(img.size)})
+        (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+        (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
+    return ents, amb_n, ment_n
 AMB_RATE = 0.75  # P(post has an ambiguous mention); with 1.5 mentions/post -> ~50% of mentions
 
 # Neutral templates: nothing in them hints at the type of {X}.
@@ -285,29 +317,10 @@ def make_demo(out_dir, seed: int = 13, n_train: int = 600, n_dev: int = 150, n_t
         print(f"{out_dir} already exists; pass --force / force=True to regenerate")
         return out_dir
     with staging(out_dir, force) as tmp:
-        (tmp / "demo_images").mkdir(parents=True)
         sizes = [n_train, n_dev, n_test]
-        pools = name_pools(random.Random(f"names-{seed}"), sizes)
-        ents, amb_n, ment_n = Counter(), 0, 0
-        for split, n, names in zip(SPLITS, sizes, pools):
-            rng = random.Random(f"text-{seed}-{split}")
-            img_types = [TYPES[i % 4] for i in range(n)]  # exactly balanced picture classes
-            rng.shuffle(img_types)
-            lines, boxes = [], []
-            for i, typ in enumerate(img_types):
-                pid = f"demo_{split}_{i + 1:04d}"
-                pairs, amb = make_post(rng, names, typ)
-                heads = [t[2:] for _, t in pairs if t.startswith("B-")]
-                ents.update(heads)
-                amb_n, ment_n = amb_n + amb, ment_n + len(heads)
-                lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
-                # Per-image RNG: each picture depends only on (seed, id), not on generation order.
-                img, obj = draw_image(random.Random(f"img-{seed}-{pid}"), typ, image_size)
-                img.save(tmp / "demo_images" / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
-                if obj is not None:
-                    boxes.append({"imgid": pid, "type": typ, "box": obj, "size": [image_size, image_size]})
-            (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
-            (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
+        ents, amb_n, ment_n = write_splits(
+            tmp, "demo_images", "demo", sizes, name_pools(random.Random(f"names-{seed}"), sizes), f"text-{seed}",
+            make_post, lambda pid, typ: draw_image(random.Random(f"img-{seed}-{pid}"), typ, image_size))
         share = amb_n / max(1, ment_n)
         ceiling = (1 - share) + share * 0.25
         counts = " ".join(f"{t}={ents[t]}" for t in TYPES)

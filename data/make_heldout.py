@@ -23,21 +23,17 @@ of the mentions sit in neutral templates, where only the picture tells their typ
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 try:  # run as a script (data/ on the path) or imported as data.make_heldout
-    from make_demo import staging
+    from make_demo import TYPES, staging, write_splits
 except ImportError:
-    from data.make_demo import staging
+    from data.make_demo import TYPES, staging, write_splits
 
-TYPES = ("PER", "LOC", "ORG", "MISC")
-SPLITS = ("train", "valid", "test")
 AMB_RATE = 0.7
 
 AMBIGUOUS = [
@@ -242,27 +238,11 @@ def make_heldout(out_dir, seed: int = 29, n_train: int = 800, n_dev: int = 200, 
         print(f"{out_dir} already exists; pass --force to regenerate")
         return out_dir
     with staging(out_dir, force) as tmp:
-        (tmp / "heldout_images").mkdir(parents=True)
         sizes = [n_train, n_dev, n_test]
-        pools = name_pools(random.Random(f"heldout-names-{seed}"), sizes)
-        ents, amb_n, ment_n = Counter(), 0, 0
-        for split, n, names in zip(SPLITS, sizes, pools):
-            rng = random.Random(f"heldout-text-{seed}-{split}")
-            kinds = [TYPES[i % 4] for i in range(n)]
-            rng.shuffle(kinds)
-            lines, boxes = [], []
-            for i, typ in enumerate(kinds):
-                pid = f"ho_{split}_{i + 1:04d}"
-                pairs, amb = make_post(rng, names, typ)
-                heads = [t[2:] for _, t in pairs if t.startswith("B-")]
-                ents.update(heads)
-                amb_n, ment_n = amb_n + amb, ment_n + len(heads)
-                lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
-                img, box = draw_picture(random.Random(f"heldout-img-{seed}-{pid}"), typ)
-                img.save(tmp / "heldout_images" / f"{pid}.png", compress_level=1)
-                boxes.append({"imgid": pid, "type": typ, "box": box, "size": list(img.size)})
-            (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
-            (tmp / f"{split}_boxes.jsonl").write_text("".join(json.dumps(b) + "\n" for b in boxes), encoding="utf-8")
+        ents, amb_n, ment_n = write_splits(
+            tmp, "heldout_images", "ho", sizes, name_pools(random.Random(f"heldout-names-{seed}"), sizes),
+            f"heldout-text-{seed}", make_post,
+            lambda pid, typ: draw_picture(random.Random(f"heldout-img-{seed}-{pid}"), typ))
         share = amb_n / max(1, ment_n)
         counts = " ".join(f"{t}={ents[t]}" for t in TYPES)
         (tmp / "README.md").write_text(f"""# MANGO held-out picture set

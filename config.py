@@ -108,7 +108,8 @@ def _model_flags(a) -> None:
            "decoding)")
     a("--tag_scheme", default="auto", choices=["auto", "bio", "bioes"],
       help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); "
-           "auto = bioes for the text-only models, bio for MNER and roberta_clip_coattn")
+           "auto = bioes for the text-only models, bio for MNER and roberta_clip_coattn when their training posts "
+           "have images")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
@@ -192,7 +193,7 @@ def _training_flags(a) -> None:
       help="learning rate of everything else (fusion, resampler, scratch vision)")
     a("--head_lr", resume=True, type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
-           "text-only models, --fusion_lr for MNER and roberta_clip_coattn")
+           "text-only models, --fusion_lr for MNER and roberta_clip_coattn when their training posts have images")
     a("--crf_lr", type=float, default=-1,
       help="learning rate of the CRF's scores; -1 = --head_lr's")
     a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
@@ -200,7 +201,7 @@ def _training_flags(a) -> None:
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
     a("--ema_decay", resume=REFUSED['ema_decay'], type=float, default=-1,
       help="moving average of the weights (bias-corrected) used for dev, model.pt and test; 0 = off; -1 = auto: "
-           "0.99 for the text-only models")
+           "0.99 for the text-only models and for image models whose training posts have no image")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimiser step")
     a("--min_epoch_num", resume=True, type=int, default=2, help="no early stop before this many epochs")
     a("--min_gain", resume=True, type=float, default=1e-4, help="minimum dev-F1 gain that counts as an improvement")
@@ -448,18 +449,22 @@ def _validate_vision(c) -> None:
 
 # the registry models (model.MODELS) that fuse the image; the others tag from text alone
 IMAGE_MODELS = ("MNER", "roberta_clip_coattn")
+AUTO_BY_IMAGES = ("head_lr", "ema_decay", "tag_scheme")  # auto flags that differ when the training posts have images
 
 
-def resolve_auto(c) -> None:
-    """Flags whose default depends on others get their value here, so a run's config.json holds it explicitly."""
+def resolve_auto(c, images: bool = True) -> None:
+    """Flags whose default depends on others get their value here, so a run's config.json holds it explicitly.
+    images=False (train.py: no training post has a usable image) gives the image models the text path's settings,
+    since their text path is then all that trains."""
+    image_model = c.model in IMAGE_MODELS and images
     if c.head_lr < 0:
         # by model, not by --use_image: MNER --no-use_image (the text_only control) keeps MNER's head rate
-        c.head_lr = c.fusion_lr if c.model in IMAGE_MODELS else 3e-3
-    if c.ema_decay < 0:  # measured on the text path only; the image models keep the optimiser they were measured with
-        c.ema_decay = 0.0 if c.model in IMAGE_MODELS else 0.99
-    # chosen on the text path's dev F1; the image models keep the scheme they were measured with
+        c.head_lr = c.fusion_lr if image_model else 3e-3
+    if c.ema_decay < 0:  # chosen on the text path; an average lags the pictures' slow start (held-out dev)
+        c.ema_decay = 0.0 if image_model else 0.99
+    # chosen on the text path's dev F1; with pictures BIOES lost held-out dev
     if c.tag_scheme == "auto":
-        c.tag_scheme = "bio" if c.model in IMAGE_MODELS else "bioes"
+        c.tag_scheme = "bio" if image_model else "bioes"
     if c.image_type_lambda < 0:
         c.image_type_lambda = 2.0 if c.model == "MNER" and c.use_image else 0.0
     if c.vision_distill_lambda < 0:
@@ -468,7 +473,8 @@ def resolve_auto(c) -> None:
         c.vision_select = "learned" if c.vision_stem == "conv" else "prior"
 
 
-def get_config(argv: list[str] | None = None, check: bool = True, tool: str | None = None) -> argparse.Namespace:
+def get_config(argv: list[str] | None = None, check: bool = True, tool: str | None = None,
+               images: bool = True) -> argparse.Namespace:
     """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in). With a tool, only its
     flags are accepted (refuse_foreign_flags); the namespace still carries every flag, at its default."""
     argv, full = [] if argv is None else list(argv), build_parser()
@@ -479,7 +485,7 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
         vars(c).update(vars(own.parse_args(argv)))
     else:
         c = full.parse_args(argv)
-    resolve_auto(c)
+    resolve_auto(c, images)
     if check:
         validate(c)
     return c

@@ -518,6 +518,13 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return -(-(-(-len(self.lengths) // self.batch_size)) // self.world)
 
 
+def any_image(config, posts: list[Post], split: str = "train") -> bool:
+    """Whether any post's image file is there and not empty (the dataset's own test, before any feature is made)."""
+    root = image_root(config, split)
+    paths = (find_image(root, p.imgid) for p in posts) if root is not None else ()
+    return any(p is not None and p.is_file() and p.stat().st_size > 0 for p in paths)
+
+
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
                  train: bool = False, image_dir=None, teacher=None, iob2_labels: bool = False,
                  targets=None) -> MNERDataset:

@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dataloader as D
-from config import (ConfigError, cli, config_from_dict, get_config, given_flags, removed_levers, save_config,
-                    RESUME_MAY_CHANGE, RESUME_REFUSED)
+from config import (AUTO_BY_IMAGES, IMAGE_MODELS, ConfigError, cli, config_from_dict, get_config, given_flags,
+                    removed_levers, save_config, RESUME_MAY_CHANGE, RESUME_REFUSED)
 from distill import teacher_dir, teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
@@ -471,6 +471,19 @@ def load_data(config, resume):
     return posts, label_map, load_tokenizer(config)
 
 
+def text_path_settings(config, argv, train_posts, say) -> None:
+    """An image model whose training posts have no usable image trains only its text path: its auto settings
+    (tag scheme, head rate, weight average) become the text path's."""
+    if not (config.model in IMAGE_MODELS and config.use_image) or D.any_image(config, train_posts):
+        return
+    text = get_config(argv, tool="train", images=False)
+    changed = {k: getattr(text, k) for k in AUTO_BY_IMAGES if getattr(text, k) != getattr(config, k)}
+    if changed:
+        vars(config).update(changed)
+        say(f"no training post has an image: {config.model} trains its text path with the text path's settings ("
+            + ", ".join(f"--{k} {v}" for k, v in changed.items()) + ")")
+
+
 def build(config, resume, posts, label_map, tokenizer, device, say):
     """The model (built on CPU with the run's seed, so every init repeats), the run directory with its config and
     label map, and the datasets (frozen-vision features cached). Returns (model, run dir, datasets)."""
@@ -680,6 +693,8 @@ def _main(argv=None):
     say = print if is_main() else (lambda *a, **k: None)  # rank 0 (or the only process) prints, logs and writes
     seed_everything(config.seed)  # the same seed on every rank: identical inits, each rank its own data shard
     posts, label_map, tokenizer = load_data(config, resume)
+    if resume is None:
+        text_path_settings(config, argv, posts["train"], say)
     model, run, ds = build(config, resume, posts, label_map, tokenizer, device, say)
     amp = fit(config, model, ds, run, device, resume, say)
     return run, final_test(config, model, ds, run, device, amp, posts["test"])

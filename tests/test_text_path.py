@@ -65,6 +65,28 @@ def test_ema_auto_is_on_only_for_the_text_only_models():
     assert C.config_from_dict({"model": "roberta_crf"}).ema_decay == 0.0
 
 
+def test_image_models_without_any_training_image_take_the_text_paths_settings(tiny_data_dir):
+    """With no usable image among the training posts only MNER's text path trains, so its auto flags become the text
+    path's; one image keeps MNER's own; a flag the user gives is kept; text-only models are untouched."""
+    argv = ["--model", "MNER", "--data_dir", str(tiny_data_dir), "--dataset_name", "tiny"]
+    c = C.get_config(argv, tool="train")
+    posts = D.load_split(c, "train")
+    imageless = [D.Post(p.tokens, p.tags, "no_such_image") for p in posts]
+    said = []
+    train.text_path_settings(c, argv, posts, said.append)
+    assert (c.tag_scheme, c.head_lr, c.ema_decay, said) == ("bio", c.fusion_lr, 0.0, [])
+    train.text_path_settings(c, argv, imageless, said.append)
+    assert (c.tag_scheme, c.head_lr, c.ema_decay) == ("bioes", 3e-3, 0.99) and "--tag_scheme bioes" in said[0]
+    given = argv + ["--tag_scheme", "bio"]
+    c = C.get_config(given, tool="train")
+    train.text_path_settings(c, given, imageless, said.append)
+    assert (c.tag_scheme, c.head_lr) == ("bio", 3e-3)
+    off = argv + ["--no-use_image"]  # the text_only control keeps MNER's settings, as it was measured
+    c = C.get_config(off, tool="train")
+    train.text_path_settings(c, off, imageless, said.append)
+    assert (c.tag_scheme, c.head_lr) == ("bio", c.fusion_lr)
+
+
 def test_frozen_lower_layers_get_no_gradient(tiny_bert_dir):
     c = C.get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf", "--freeze_text_layers", "1"])
     torch.manual_seed(0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,13 @@ class Runtime:
                     out[k] = r
         return ds.merge(out)
 
+    def info(self) -> dict:
+        """What serve.py's /info and predict.py print about the runtime."""
+        m = self.meta
+        return {"model": m["model"], "labels": self.label_map.labels[2:], "types": self.label_map.types,
+                "text_encoder": m["text_encoder"], "image_encoder": m.get("image_encoder") if self.uses_image else None,
+                "source": "", "run": m["run"], "format": m["format"], "int8": m["int8"]}
+
     @property
     def explains(self) -> bool:
         return "explain" in getattr(self, "graphs", {})
@@ -267,8 +275,20 @@ class Bundle(Runtime):
         return g.run(None, {k: inputs[k] for k in g.wanted})[0]
 
     def info(self) -> dict:
-        """What serve.py's /info and predict.py print about the bundle."""
-        m = self.meta
-        return {"model": m["model"], "labels": self.label_map.labels[2:], "types": self.label_map.types,
-                "text_encoder": m["text_encoder"], "image_encoder": m.get("image_encoder") if self.uses_image else None,
-                "source": f"bundle {self.dir}", "run": m["run"], "format": m["format"], "int8": m["int8"]}
+        return {**super().info(), "source": f"bundle {self.dir}"}
+
+
+def split_features(rt, config, split: str, posts: list) -> list | None:
+    """The split's image features from a bundle's own vision graph (images decoded in a pool), --image_control
+    applied as images.image_sources does; None for a post without a usable image."""
+    root = D.image_root(config, split)
+    if not rt.uses_image or root is None:
+        return None
+    with ThreadPoolExecutor(2) as pool:
+        feats, _ = features_from_paths([D.find_image(root, p.imgid) for p in posts], rt.prep, rt.vision_features,
+                                       pool)
+    src = D.image_sources([f is not None for f in feats], config.image_control, config.seed)
+    grey = None
+    if config.image_control == "blank":
+        grey = rt.vision_features(D.grey_pixels(rt.prep)[None].numpy())[0]
+    return [None if f is None else (feats[j] if j >= 0 else grey) for f, j in zip(feats, src)]

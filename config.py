@@ -65,7 +65,7 @@ def _data_flags(a) -> None:
     """The "data" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--dataset_name", default="twitter2017",
       help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under --data_dir "
-           "(python dataloader.py --list)")
+           "(python check_data.py --list)")
     a("--data_dir", resume=True, tools="test predict export", default=str(ROOT / "data"),
       help="folder holding one sub-folder per dataset")
     a("--image_root", resume=True, tools="test predict export", default="",

@@ -27,7 +27,6 @@ The batch contract (every model consumes exactly this):
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import random
@@ -38,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tqdm import tqdm
 
 # what the rest of MANGO reads as dataloader.X lives in the two modules it is split from
 from readers import (DATA_DIR, DATASETS, ROOT, SPLIT_FILES, DataError, DatasetSpec, Post, ReadReport,  # noqa: F401
@@ -256,69 +254,6 @@ def word_shape(word: str) -> int:
     return 4
 
 
-def check_dataset(config) -> str:
-    """What `python dataloader.py --check DATASET` prints: per split its posts, entities per type, images found /
-    missing / unreadable and its content hash, then any posts shared between splits."""
-    from metrics import get_entities
-    hashes = split_hashes(config)
-    posts = {s: load_split(config, s) for s in hashes}
-    lines = [f"{config.dataset_name} in {dataset_dir(config)}"]
-    for s, ps in posts.items():
-        types = Counter(t for p in ps for t, _, _ in get_entities(p.tags, config.eval_mode))
-        root = image_root(config, s)
-        seen: dict[str, str] = {}
-        for p in tqdm(ps, desc=f"images {s}", leave=False, disable=root is None):
-            if root is not None and p.imgid and p.imgid not in seen:
-                seen[p.imgid] = load_image(find_image(root, p.imgid))[1]
-        found = sum(v == "ok" for v in seen.values())
-        missing = sum(v == "missing" for v in seen.values())
-        imgs = "text-only dataset" if root is None else \
-            f"images {found} found / {missing} missing / {len(seen) - found - missing} unreadable in {root}"
-        ents = ", ".join(f"{t} {n}" for t, n in sorted(types.items()))
-        lines.append(f"  {s}: {len(ps)} posts, {sum(types.values())} entities ({ents}); {imgs}; sha256 {hashes[s]}")
-    overlaps = split_overlaps(posts)
-    lines += [f"  error: {o}" for o in overlaps] or ["  no post is shared between splits"]
-    return "\n".join(lines)
-
-
-def describe_datasets(data_dir=DATA_DIR) -> str:
-    """What `python dataloader.py --list` prints: each dataset, its split sizes and where its files go."""
-    def show(p: Path) -> str:
-        try:
-            return str(p.resolve().relative_to(Path.cwd()))
-        except ValueError:
-            return str(p)
-    out = []
-    for name, spec in DATASETS.items():
-        d = Path(data_dir) / spec.folder
-        sizes, lines = [], []
-        for split in SPLIT_FILES:
-            f = d / spec.file(split)
-            if not f.is_file():
-                sizes.append(f"{split}=absent")
-            elif spec.reader is read_conll:
-                try:
-                    n = sum(1 for l in _decode_lines(f) if l.startswith("IMGID:"))
-                    sizes.append(f"{split}={n}")
-                except DataError:
-                    sizes.append(f"{split}=unreadable")
-            else:
-                r = ReadReport(str(f))
-                try:
-                    sizes.append(f"{split}={len(spec.reader(f, lenient=True, report=r))}")
-                    lines.append(str(r.counts.get("lines", r.counts.get("documents"))))
-                except DataError:
-                    sizes.append(f"{split}=unreadable")
-        what = 'lines' if spec.reader is read_mnre else 'documents'
-        unit = " posts" + (f" (from {'/'.join(lines)} {what})" if lines else "")
-        pattern = spec.files.format(split="{" + ",".join(spec.split_names) + "}")
-        images = f"images {show(d / spec.image_dir())}/" if spec.images else "text-only"
-        types = " ".join(spec.types) if spec.types else "from train"
-        out.append(f"{name:12s}{spec.description}\n{'':12s}{' '.join(sizes)}{unit} | types: {types}\n"
-                   f"{'':12s}files {show(d)}/{pattern} ({spec.layout}) | {images}")
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------- dataset / batches
 
 class MNERDataset(torch.utils.data.Dataset):
@@ -445,25 +380,20 @@ class MNERDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict], pad_id: int = 0) -> dict:
     """Pad a list of items into the batch contract in this module's docstring."""
-    B = len(items)
-    T = max(len(it["input_ids"]) for it in items)
+    B, T = len(items), max(len(it["input_ids"]) for it in items)
     W = max(len(it["word_index"]) for it in items)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
-    word_index = torch.zeros(B, W, dtype=torch.long)
     word_mask = torch.zeros(B, W, dtype=torch.bool)
-    labels = torch.zeros(B, W, dtype=torch.long)
-    case_ids = torch.zeros(B, W, dtype=torch.long)
+    per_word = {k: torch.zeros(B, W, dtype=torch.long) for k in ("word_index", "labels", "case_ids")}
     for b, it in enumerate(items):
         n, w = len(it["input_ids"]), len(it["word_index"])
         input_ids[b, :n] = torch.tensor(it["input_ids"])
         attention_mask[b, :n] = 1
-        word_index[b, :w] = torch.tensor(it["word_index"], dtype=torch.long)
         word_mask[b, :w] = True
-        labels[b, :w] = torch.tensor(it["labels"], dtype=torch.long)
-        case_ids[b, :w] = torch.tensor(it["case_ids"], dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index, "word_mask": word_mask,
-             "labels": labels, "case_ids": case_ids,
+        for k, v in per_word.items():
+            v[b, :w] = torch.tensor(it[k], dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_mask": word_mask, **per_word,
              "has_image": torch.tensor([bool(it["has_image"]) for it in items]),
              "index": torch.tensor([it["index"] for it in items])}
     for k in ("pixel_values", "image_feats", "teacher_feats"):
@@ -561,22 +491,3 @@ def make_loader(dataset: MNERDataset, config, train: bool, rank: int = 0, world:
                                   rank=rank, world=world)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                        collate_fn=functools.partial(collate, pad_id=dataset.pad_id))
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="MANGO datasets")
-    ap.add_argument("--list", action="store_true", help="list the datasets with split sizes and file locations")
-    ap.add_argument("--check", default="", metavar="DATASET",
-                    help="per split: posts, entities per type, images found / missing / unreadable, content hash, "
-                         "and posts shared between splits")
-    ap.add_argument("--data_dir", default=str(DATA_DIR), help="folder holding one sub-folder per dataset")
-    ap.add_argument("--image_root", default="", help="with --check: the image folder, if not the dataset's own")
-    args = ap.parse_args()
-    if args.check:
-        from config import cli, get_config
-        cfg = get_config(["--dataset_name", args.check, "--data_dir", args.data_dir, "--image_root", args.image_root])
-        cli(lambda: print(check_dataset(cfg)))
-    elif args.list:
-        print(describe_datasets(args.data_dir))
-    else:
-        ap.print_help()

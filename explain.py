@@ -1,5 +1,5 @@
 """What a model looks at: the text -> image attention behind predict.py --explain, test.py --explain_hits and the
-bundle's explain graph (runtime.Explain).
+bundle's explain graph (explain.Explain).
 
     explained_modules / keep_weights   the attention (and gate) modules whose weights are kept for one forward
     word_region_attention              word -> image-token attention of the last forward [n, W, R]
@@ -13,10 +13,12 @@ model.py is imported inside the functions that need it, so predict.py --bundle n
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import dataloader as D
 from config import ConfigError, UserError
@@ -254,3 +256,41 @@ def attention_rows(model, ds: D.MNERDataset, config, device, amp) -> list[dict]:
         return run_batches(model, ds, config, device, each)
     finally:
         keep_weights(mods, False)
+
+
+class Explain(nn.Module):
+    """The MNER / co-attention graph's text -> image attention with the same inputs as Emissions(image=True): word ->
+    cell attention on the vision's finest grid [B, W, G*G] (explain.word_region_attention, then cell_attention),
+    every post of the batch with an image; what serve.py's page draws over the picture."""
+
+    def __init__(self, tagger):
+        super().__init__()
+        self.tagger = tagger  # shared with the tagging graphs: weights are kept only inside this forward
+
+    def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats, has_image):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
+                 "word_mask": word_mask, "case_ids": case_ids, "image_feats": image_feats, "has_image": has_image}
+        mods = explained_modules(self.tagger)
+        keep_weights(mods, True)
+        try:
+            self.tagger(batch, image_on=True)
+            return cell_attention(word_region_attention(self.tagger), self.tagger.vision,
+                                  getattr(self.tagger.vision, "last_cells", None)).float()
+        finally:
+            keep_weights(mods, False)
+
+
+def report_hits(model, ds, config, label_map, device, amp, split: str) -> dict:
+    """--explain_hits: explain.attention_hits over the split's posts with a box, printed in one line."""
+    off = image_path_off(model, config)
+    path = D.dataset_dir(config) / f"{split}_boxes.jsonl"
+    if off or not path.is_file():
+        why = off or f"{path} not found: data/make_heldout.py and make_demo.py write it (a demo folder made before: " \
+                     "python data/make_demo.py --force)"
+        raise ConfigError(f"--explain_hits: {why}")
+    h = attention_hits(model, ds, config, label_map, device, amp or nullcontext, read_boxes(path))
+    views = "".join(f"; {k} view alone {r:.1%}" for k, r in h["views"].items())
+    print(f"attention peak inside the cued object's box: {h['hits']}/{h['posts']} posts ({h['rate']:.1%}; "
+          f"a uniform peak: {h['chance']:.1%}{views}); skipped: {h['no_box']} with an image but no box, "
+          f"{h['no_entity']} with no entity of the cued type")
+    return h

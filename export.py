@@ -15,7 +15,7 @@ What goes where:
                        stem maps, flattened (frozen or --vision_stem conv); the dual encoder's Swin / delegate /
                        saliency / transformer part learns with the tagger, so it sits in mm.onnx (from_features).
   explain.onnx         the same inputs as mm.onnx -> the text -> image attention on the finest grid of image cells
-                       (runtime.Explain; fp32 always), for serve.py's page overlay.
+                       (explain.Explain; fp32 always), for serve.py's page overlay.
   crf.npz              the CRF's start/end/transition scores; Viterbi and marginals run in numpy (bundle.py),
                        since the CRF's loops over words are data-dependent and cost nothing at L = 10 labels.
 ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward branches on data
@@ -43,14 +43,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import bundle as BU
 import dataloader as D
 from config import ConfigError, cli, get_config, given_flags
 from model import load_tokenizer
 from runner import RUNTIME_FLAGS, load_run
-from runtime import (MM_INPUTS, TEXT_INPUTS, CheckpointRuntime, Emissions, Explain, Vision, bundle_meta, crf_params,
-                     refusal)
+from explain import Explain
+from runtime import MM_INPUTS, TEXT_INPUTS, CheckpointRuntime, bundle_meta, crf_params, refusal
+
+
+class Emissions(nn.Module):
+    """Tagger.forward up to the emissions with tensors in and out (what the exporters need).
+
+    (input_ids [B,T], attention_mask [B,T], word_index [B,W], word_mask [B,W] bool, case_ids [B,W]
+     [, image_feats [B, *vision.feat_shape], has_image [B] bool]) -> emissions [B, W, L] float32
+    """
+
+    def __init__(self, tagger, image: bool):
+        super().__init__()
+        self.tagger, self.image = tagger, image
+
+    def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats=None, has_image=None):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
+                 "word_mask": word_mask, "case_ids": case_ids}
+        if self.image:
+            batch.update(image_feats=image_feats, has_image=has_image)
+        return self.tagger(batch, image_on=self.image)["emissions"].float()
+
+
+class Vision(nn.Module):
+    """pixels [N, 3, S, S] -> image features [N, *vision.feat_shape]: what the feature cache keeps per image and
+    Tagger.image_tokens reads back through vision.from_features (region tokens [N, R, D] of a pretrained backbone;
+    the dual-granularity encoder's flattened stem maps [N, F])."""
+
+    def __init__(self, vision):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixels):
+        return self.vision.features(pixels).float()
+
 
 def example_inputs(model, tokenizer, label_map, config) -> dict:
     """A padded batch of two posts of different lengths (so the traced attention masks are real), as tensors."""

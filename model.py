@@ -36,28 +36,15 @@ from config import ConfigError, build_parser, resolve_text_encoder
 from crf import CRFHead, bioes_to_bio
 from dataloader import CASE_SHAPES
 
-# ============================================================================ shared kernels
-
-def attend(q, k, v, mask=None):
-    """softmax(q k^T / sqrt(d) [masked]) v: q [B, h, Q, d], k, v [B, h, K, d], mask bool broadcastable to
-    [B, h, Q, K] (True = may attend; every query keeps at least one key) -> [B, h, Q, d]. No dropout on attention
-    maps: residual dropout regularises, and CPU mask sampling is costly."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 # ============================================================================ encoders
 
 BYTE_LEVEL_TYPES = {"roberta", "longformer", "bart", "gpt2", "deberta", "camembert_bpe"}
 
 
-def text_encoder_dir(config) -> str:
-    return resolve_text_encoder(config.text_encoder)
-
-
 def load_tokenizer(config):
     """The fast tokenizer of --text_encoder; byte-level BPE ones get add_prefix_space for pre-split words."""
     from transformers import AutoConfig, AutoTokenizer
-    path = text_encoder_dir(config)
+    path = resolve_text_encoder(config.text_encoder)
     kind = AutoConfig.from_pretrained(path).model_type
     kw = {"add_prefix_space": True} if kind in BYTE_LEVEL_TYPES else {}
     tok = AutoTokenizer.from_pretrained(path, use_fast=True, **kw)
@@ -99,7 +86,7 @@ class TextEncoder(nn.Module):
         hf_logging.set_verbosity_error()  # the pooler we leave out is reported as "unexpected" otherwise
         hf_logging.disable_progress_bar()
         from transformers import AutoConfig
-        path = text_encoder_dir(config)
+        path = resolve_text_encoder(config.text_encoder)
         cfg = AutoConfig.from_pretrained(path)
         n_pos = text_positions(cfg)
         if n_pos and config.max_len > n_pos:  # longer inputs would index past the position table mid-run
@@ -166,7 +153,8 @@ class Attention(nn.Module):
             self.last_weights = w.detach()
             out = w @ vh
         else:
-            out = attend(qh, kh, vh, mask)
+            # no dropout on attention maps: residual dropout regularises, and CPU mask sampling is costly
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(B, Q, D))
 
 
@@ -260,7 +248,7 @@ class MBConvBlock(nn.Module):
     [B, cin, H, W] -> [B, cout, H/stride, W/stride]; identity skip when shape is kept.
     """
 
-    def __init__(self, cin, cout, kernel, stride, expand, drop_connect=0.0):
+    def __init__(self, cin, cout, kernel, stride, expand):
         super().__init__()
         mid = cin * expand
         if expand != 1:  # block 0 has no expansion; absent keys must stay absent
@@ -271,7 +259,6 @@ class MBConvBlock(nn.Module):
         self._project_conv = SameConv2d(mid, cout, 1)
         self._bn2 = _bn(cout)
         self.has_skip = stride == 1 and cin == cout
-        self.drop_connect = drop_connect
 
     def forward(self, x):
         y = x
@@ -279,14 +266,7 @@ class MBConvBlock(nn.Module):
             y = F.relu6(self._bn0(self._expand_conv(y)))
         y = F.relu6(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))  # no activation: linear bottleneck
-        if self.has_skip:
-            if self.training and self.drop_connect > 0:
-                # Stochastic depth: drop the whole residual branch per sample.
-                keep = 1.0 - self.drop_connect
-                mask = torch.rand(y.shape[0], 1, 1, 1, device=y.device, dtype=y.dtype) < keep
-                y = y * mask / keep
-            y = y + x
-        return y
+        return y + x if self.has_skip else y  # no drop-connect: the pretrained network always runs in eval mode
 
 
 class EfficientNetLite0(nn.Module):
@@ -299,17 +279,14 @@ class EfficientNetLite0(nn.Module):
     so callers can unfreeze e.g. ``model._blocks[-N:]``.
     """
 
-    def __init__(self, num_classes=1000, dropout=0.2, drop_connect=0.2):
+    def __init__(self, num_classes=1000, dropout=0.2):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2)
         self._bn0 = _bn(32)
         blocks, cin = [], 32
-        n_total = sum(s[0] for s in STAGES)
         for repeats, k, stride, e, cout in STAGES:
             for i in range(repeats):
-                # Drop-connect rate grows linearly with depth, as in the paper.
-                rate = drop_connect * len(blocks) / n_total
-                blocks.append(MBConvBlock(cin, cout, k, stride if i == 0 else 1, e, rate))
+                blocks.append(MBConvBlock(cin, cout, k, stride if i == 0 else 1, e))
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(cin, 1280, 1)
@@ -743,7 +720,7 @@ class DualGranularityEncoder(nn.Module):
             return None
         Nc = self.Gc * self.Gc
 
-        def step(r, a, ls):  # no batch size is read: the graph stays batch-free for export (runtime.Explain)
+        def step(r, a, ls):  # no batch size is read: the graph stays batch-free for export (explain.Explain)
             g = ls.gamma.detach().abs().mean() if isinstance(ls, LayerScale) else 1.0
             return (r + g * (a @ r)) / (1 + g)
 
@@ -778,10 +755,6 @@ class DualGranularityEncoder(nn.Module):
 
 
 TEACHER_DIM = 1280  # EfficientNet-Lite0's feature width
-
-
-def build_vision(config) -> nn.Module:
-    return DualGranularityEncoder(config) if config.use_dual_granularity else PretrainedVision(config)
 
 
 def build_teacher(config) -> nn.Module | None:
@@ -993,7 +966,7 @@ class Tagger(nn.Module):
         self.drop = nn.Dropout(p)
         self.vision = self.resampler = self.stack = self.gate = self.coattn = self.nce_proj = self.type_head = None
         if fusion:
-            self.vision = build_vision(config)
+            self.vision = DualGranularityEncoder(config) if config.use_dual_granularity else PretrainedVision(config)
             Dv = self.vision.out_dim
             if fusion == "stack":
                 Df = config.fusion_dim

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import dataloader as D
-from config import cli, get_config
+from config import cli, get_config, resolve_text_encoder
 from metrics import evaluate, format_report
-from model import text_encoder_dir
 
 
 def first_subwords(word_ids) -> list[tuple[int, int]]:
@@ -44,7 +43,7 @@ class Recipe:
         self.config = config
         self.labels = sorted({t for p in train_posts for t in p.tags})
         self.lid = {t: i for i, t in enumerate(self.labels)}
-        path = text_encoder_dir(config)
+        path = resolve_text_encoder(config.text_encoder)
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(self.labels))
 

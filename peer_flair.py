@@ -28,7 +28,7 @@ from metrics import evaluate, format_report, get_entities
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--dataset_name", default="twitter2017",
-                   help="a dataset dataloader.py knows (python dataloader.py --list)")
+                   help="a dataset dataloader.py knows (python check_data.py --list)")
     p.add_argument("--data_dir", default=str(D.DATA_DIR), help="folder holding one sub-folder per dataset")
     p.add_argument("--text_encoder", default="minilm", help="'minilm' (the shipped MiniLM) or a local model directory")
     p.add_argument("--seed", type=int, default=1, help="flair.set_seed")

@@ -9,6 +9,7 @@ the table gives mean ± sample std over the seeds found, and says which seeds ar
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -20,6 +21,33 @@ MODEL_NAMES = {"roberta_crf": "text-only baseline (roberta_crf)", "MNER": "MNER 
                "MNER_dual": "MNER + dual granularity",
                "MNER_dual_conv": "MNER + dual granularity, conv stem + distillation (112 px)",
                "roberta_crf_distill": "text path distilled from all-mpnet-base-v2 (+ MNRE posts unlabelled)"}
+
+
+RECORD_FIELDS = ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
+                 "per_f1", "loc_f1", "org_f1", "misc_f1", "data_hash"]
+
+
+def record(path, name: str, results: dict, config, data_hash: dict | None = None):
+    """Append one CSV row for a run (header written once): the scores of the last split scored, and next to them
+    the dev (valid) F1 when that split was scored too, so rows can be chosen on dev and read on test."""
+    split = list(results)[-1]
+    res = results[split]
+    row = {"run_name": name, "split": split, "mode": res["mode"], "image_control": config.image_control,
+           "dev_f1": f"{results['valid']['f1']:.4f}" if "valid" in results else "NA",
+           "acc": f"{res['accuracy']:.4f}", "precision": f"{res['precision']:.4f}", "recall": f"{res['recall']:.4f}",
+           "f1": f"{res['f1']:.4f}", **{f"{t.lower()}_f1": f"{v['f1']:.4f}" for t, v in res["per_type"].items()},
+           "data_hash": "/".join(f"{s}:{h}" for s, h in (data_hash or {}).items()) or "NA"}
+    p = Path(path)
+    new = not p.exists() or p.stat().st_size == 0
+    fields = RECORD_FIELDS + sorted(set(row) - set(RECORD_FIELDS))
+    if not new:  # an older file keeps its own columns
+        with open(p, newline="") as f:
+            fields = next(csv.reader(f), fields)
+    with open(p, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="NA", extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def image_coverage(config) -> str:
@@ -53,7 +81,7 @@ def collect(save_dir: Path, dataset: str, model: str, seeds: list[int]) -> dict 
     hashes = {json.dumps(json.loads((save_dir / r["run"] / "config.json").read_text()).get("data_hash")) for r in runs}
     if len(hashes) > 1:
         raise SystemExit(f"error: the runs of {dataset} {model} used different versions of its split files; "
-                         "rerun them on one version (python dataloader.py --check)")
+                         "rerun them on one version (python check_data.py --check)")
 
     def ms(k):
         xs = [r[k] for r in runs]
@@ -106,7 +134,6 @@ def ablation_table(csv_files: list[str]) -> str:
     """The ablation table from script/ablation.sh's record files (one per seed): for each experiment, dev and test F1
     (mean ± sample std over its runs) with real images, and the test F1 of the same runs scored with shuffled
     images (test.py --image_control shuffle) beside it."""
-    import csv
     import re
     cells: dict[str, dict[str, list[float]]] = {}
     for path in csv_files:

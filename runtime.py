@@ -1,7 +1,5 @@
-"""The run's torch model behind bundle.Runtime's interface, and the graph modules export.py traces.
+"""The run's torch model behind bundle.Runtime's interface.
 
-    Emissions / Vision    Tagger.forward up to the emissions, and pixels -> cached image features, tensors in and out
-    Explain               the text -> image attention on a grid of image cells (serve.py's page overlay)
     crf_params            the CRF scores a bundle decodes with (crf.npz)
     bundle_meta, refusal  what meta.json says of a run, and why a run cannot be exported
     CheckpointRuntime     bundle.Runtime on the run's checkpoint: test.py, serve.py --save_name, and the
@@ -14,73 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import bundle as BU
 import dataloader as D
 from config import ConfigError
 from crf import CRFHead
 from model import BYTE_LEVEL_TYPES, load_tokenizer
-from explain import explain_side
+from explain import Explain, explain_side
 from runner import load_run
 
 TEXT_INPUTS = ["input_ids", "attention_mask", "word_index", "word_mask", "case_ids"]
 MM_INPUTS = TEXT_INPUTS + ["image_feats", "has_image"]
-
-
-class Emissions(nn.Module):
-    """Tagger.forward up to the emissions with tensors in and out (what the exporters need).
-
-    (input_ids [B,T], attention_mask [B,T], word_index [B,W], word_mask [B,W] bool, case_ids [B,W]
-     [, image_feats [B, *vision.feat_shape], has_image [B] bool]) -> emissions [B, W, L] float32
-    """
-
-    def __init__(self, tagger, image: bool):
-        super().__init__()
-        self.tagger, self.image = tagger, image
-
-    def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats=None, has_image=None):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
-                 "word_mask": word_mask, "case_ids": case_ids}
-        if self.image:
-            batch.update(image_feats=image_feats, has_image=has_image)
-        return self.tagger(batch, image_on=self.image)["emissions"].float()
-
-
-class Explain(nn.Module):
-    """The MNER / co-attention graph's text -> image attention with the same inputs as Emissions(image=True): word ->
-    cell attention on the vision's finest grid [B, W, G*G] (explain.word_region_attention, then cell_attention),
-    every post of the batch with an image; what serve.py's page draws over the picture."""
-
-    def __init__(self, tagger):
-        super().__init__()
-        self.tagger = tagger  # shared with the tagging graphs: weights are kept only inside this forward
-
-    def forward(self, input_ids, attention_mask, word_index, word_mask, case_ids, image_feats, has_image):
-        from explain import cell_attention, explained_modules, keep_weights, word_region_attention
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_index": word_index,
-                 "word_mask": word_mask, "case_ids": case_ids, "image_feats": image_feats, "has_image": has_image}
-        mods = explained_modules(self.tagger)
-        keep_weights(mods, True)
-        try:
-            self.tagger(batch, image_on=True)
-            return cell_attention(word_region_attention(self.tagger), self.tagger.vision,
-                                  getattr(self.tagger.vision, "last_cells", None)).float()
-        finally:
-            keep_weights(mods, False)
-
-
-class Vision(nn.Module):
-    """pixels [N, 3, S, S] -> image features [N, *vision.feat_shape]: what the feature cache keeps per image and
-    Tagger.image_tokens reads back through vision.from_features (region tokens [N, R, D] of a pretrained backbone;
-    the dual-granularity encoder's flattened stem maps [N, F])."""
-
-    def __init__(self, vision):
-        super().__init__()
-        self.vision = vision
-
-    def forward(self, pixels):
-        return self.vision.features(pixels).float()
 
 
 def crf_params(model) -> dict | None:
@@ -140,7 +82,7 @@ class CheckpointRuntime(BU.Runtime):
         self.model, self.device, self.amp = model.to(device).eval(), torch.device(device), amp or nullcontext
         meta = bundle_meta(config, model, label_map, Path(save_dir) / name, "checkpoint", False, 0)
         self._setup(meta, label_map, load_tokenizer(config), crf_params(model))
-        self.graphs = {"vision": Vision(model.vision)} if meta["vision"] else {}
+        self.graphs = {"vision": lambda px: model.vision.features(px).float()} if meta["vision"] else {}
         if meta["explain"]:
             self.graphs["explain"] = Explain(model)
 
@@ -154,10 +96,7 @@ class CheckpointRuntime(BU.Runtime):
     @torch.inference_mode()
     def _emissions(self, batch: dict, feats: list | None) -> np.ndarray:
         """The model on the whole collated batch."""
-        x = {k: self._tensor(batch[k]) for k in TEXT_INPUTS}
-        if feats is not None:
-            x["image_feats"] = self._tensor(np.stack(feats).astype(np.float32))
-            x["has_image"] = torch.ones(len(feats), dtype=torch.bool, device=self.device)
+        x = {k: self._tensor(v) for k, v in self._inputs(batch, feats).items()}
         with self.amp():
             em = self.model(x, image_on=feats is not None)["emissions"]
         return em.float().cpu().numpy()
@@ -186,7 +125,4 @@ class CheckpointRuntime(BU.Runtime):
         return feats
 
     def info(self) -> dict:
-        m = self.meta
-        return {"model": m["model"], "labels": self.label_map.labels[2:], "types": self.label_map.types,
-                "text_encoder": m["text_encoder"], "image_encoder": m["image_encoder"],
-                "source": f"checkpoint {m['run']}/model.pt", "run": m["run"], "format": "torch", "int8": False}
+        return {**super().info(), "source": f"checkpoint {self.meta['run']}/model.pt", "format": "torch"}

@@ -17,81 +17,18 @@ The model is rebuilt from the run's config.json and label_map.json (never from t
 """
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 
 import dataloader as D
+from bundle import Bundle, split_features
 from config import ConfigError, cli, get_config, given_flags
+from explain import report_hits
 from metrics import evaluate, format_report
+from results import record
 from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device, read_run_json, write_predictions
-
-
-RECORD_FIELDS = ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
-                 "per_f1", "loc_f1", "org_f1", "misc_f1", "data_hash"]
-
-
-def record(path, name: str, results: dict, config, data_hash: dict | None = None):
-    """Append one CSV row for a run (header written once): the scores of the last split scored, and next to them
-    the dev (valid) F1 when that split was scored too, so rows can be chosen on dev and read on test."""
-    split = list(results)[-1]
-    res = results[split]
-    row = {"run_name": name, "split": split, "mode": res["mode"], "image_control": config.image_control,
-           "dev_f1": f"{results['valid']['f1']:.4f}" if "valid" in results else "NA",
-           "acc": f"{res['accuracy']:.4f}", "precision": f"{res['precision']:.4f}", "recall": f"{res['recall']:.4f}",
-           "f1": f"{res['f1']:.4f}", **{f"{t.lower()}_f1": f"{v['f1']:.4f}" for t, v in res["per_type"].items()},
-           "data_hash": "/".join(f"{s}:{h}" for s, h in (data_hash or {}).items()) or "NA"}
-    p = Path(path)
-    new = not p.exists() or p.stat().st_size == 0
-    fields = RECORD_FIELDS + sorted(set(row) - set(RECORD_FIELDS))
-    if not new:  # an older file keeps its own columns
-        with open(p, newline="") as f:
-            fields = next(csv.reader(f), fields)
-    with open(p, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="NA", extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def explain_hits(model, ds, config, label_map, device, amp, split: str) -> dict:
-    """--explain_hits: explain.attention_hits over the split's posts with a box, printed in one line."""
-    from contextlib import nullcontext
-
-    from explain import attention_hits, image_path_off, read_boxes
-    off = image_path_off(model, config)
-    path = D.dataset_dir(config) / f"{split}_boxes.jsonl"
-    if off or not path.is_file():
-        why = off or f"{path} not found: data/make_heldout.py and make_demo.py write it (a demo folder made before: " \
-                     "python data/make_demo.py --force)"
-        raise ConfigError(f"--explain_hits: {why}")
-    h = attention_hits(model, ds, config, label_map, device, amp or nullcontext, read_boxes(path))
-    views = "".join(f"; {k} view alone {r:.1%}" for k, r in h["views"].items())
-    print(f"attention peak inside the cued object's box: {h['hits']}/{h['posts']} posts ({h['rate']:.1%}; "
-          f"a uniform peak: {h['chance']:.1%}{views}); skipped: {h['no_box']} with an image but no box, "
-          f"{h['no_entity']} with no entity of the cued type")
-    return h
-
-
-def bundle_features(rt, config, split: str, posts: list) -> list | None:
-    """The split's image features from a bundle's own vision graph (images decoded in a pool), --image_control
-    applied as images.image_sources does; None for a post without a usable image."""
-    root = D.image_root(config, split)
-    if not rt.uses_image or root is None:
-        return None
-    from concurrent.futures import ThreadPoolExecutor
-
-    from bundle import features_from_paths
-    with ThreadPoolExecutor(2) as pool:
-        feats, _ = features_from_paths([D.find_image(root, p.imgid) for p in posts], rt.prep, rt.vision_features,
-                                       pool)
-    src = D.image_sources([f is not None for f in feats], config.image_control, config.seed)
-    grey = None
-    if config.image_control == "blank":
-        grey = rt.vision_features(D.grey_pixels(rt.prep)[None].numpy())[0]
-    return [None if f is None else (feats[j] if j >= 0 else grey) for f, j in zip(feats, src)]
 
 
 def open_runtime(cli, loaded, device, amp):
@@ -101,7 +38,6 @@ def open_runtime(cli, loaded, device, amp):
         return CheckpointRuntime(cli.save_dir, cli.save_name, loaded=loaded, strict=False, device=device, amp=amp)
     if cli.explain_hits:
         raise ConfigError("--explain_hits reads the checkpoint's attention; score it without --bundle")
-    from bundle import Bundle
     rt = Bundle(cli.bundle)
     if Path(rt.meta["run"]).name != cli.save_name:
         raise ConfigError(f"--bundle {cli.bundle} was exported from run {Path(rt.meta['run']).name}, not from "
@@ -137,7 +73,7 @@ def main(argv=None):
         ds = D.make_dataset(config, split, posts, rt.tokenizer, label_map, vision)
         print(ds.describe())
         t0 = time.time()
-        feats = bundle_features(rt, config, split, posts) if cli.bundle else rt.dataset_features(ds)
+        feats = split_features(rt, config, split, posts) if cli.bundle else rt.dataset_features(ds)
         preds = [r["tags"] for r in rt.tag_dataset(ds, feats, config.batch_size)]
         res = evaluate([p.tags for p in posts], preds, config.eval_mode)
         dt = time.time() - t0
@@ -146,7 +82,7 @@ def main(argv=None):
               f"(best dev epoch {best}), {len(posts) / dt:.0f} posts/s:")
         print(format_report(res))
         if config.explain_hits:
-            res["explain_hits"] = explain_hits(model, ds, config, label_map, device, amp, split)
+            res["explain_hits"] = report_hits(model, ds, config, label_map, device, amp, split)
         (run / f"{split}_report{tag}.json").write_text(json.dumps(res, indent=1))
         results[split] = res
     if config.record_file:

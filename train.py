@@ -463,7 +463,7 @@ def load_data(config, resume):
     overlaps = D.split_overlaps(posts)
     if overlaps and not config.allow_split_overlap:
         raise D.DataError(f"--dataset_name {config.dataset_name}: {'; '.join(overlaps)}: dev or test would score posts "
-                          "seen elsewhere; fix the release (python dataloader.py --check) "
+                          "seen elsewhere; fix the release (python check_data.py --check) "
                           "or pass --allow_split_overlap")
     config.data_hash = D.split_hashes(config)  # stored in config.json: which version of the data the run used
     run_src = Path(config.save_dir) / config.continue_train_name

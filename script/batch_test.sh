@@ -19,7 +19,7 @@ env_args DEVICE BATCH_SIZE
 summary="$OUT_DIR/summary.csv"
 rows="$OUT_DIR/.rows.csv"
 rm -f "$rows"
-python -c "import test; print(','.join(test.RECORD_FIELDS + ['log_file']))" > "$summary"
+python -c "import results; print(','.join(results.RECORD_FIELDS + ['log_file']))" > "$summary"
 for run in "${runs[@]}"; do
   log="$OUT_DIR/$run.log"
   echo "== $run"
@@ -28,7 +28,7 @@ for run in "${runs[@]}"; do
     "${ARGS[@]}" > "$log" 2>&1
   python - "$run" "$log" "$rows" "$n0" >> "$summary" <<'PY'
 import csv, sys
-import test
+import results
 run, log, rows, n0 = sys.argv[1:]
 try:
     got = list(csv.DictReader(open(rows)))
@@ -36,7 +36,7 @@ except FileNotFoundError:
     got = []
 new = got[int(n0) - 1:] if int(n0) else got  # the row test.py appended for this run, if it got that far
 row = next((r for r in new if r["run_name"] == run), None) or {"run_name": run}
-print(",".join([row.get(k, "NA") or "NA" for k in test.RECORD_FIELDS] + [log]))
+print(",".join([row.get(k, "NA") or "NA" for k in results.RECORD_FIELDS] + [log]))
 PY
   tail -n 1 "$summary"
 done

@@ -431,7 +431,7 @@ def test_nan_guard_catches_infinite_gradients():
 def test_checkpoints_load_with_weights_only():
     """Every torch.load in the product passes weights_only=True; run files are JSON (config, label map)."""
     for f in ("train.py", "test.py", "predict.py", "dataloader.py", "readers.py", "images.py", "model.py", "plots.py",
-              "metrics.py", "config.py"):
+              "metrics.py", "config.py", "check_data.py"):
         src = (ROOT / f).read_text()
         for m in re.finditer(r"torch\.load\(([^)]*)\)", src):
             assert "weights_only=True" in m.group(1), f"{f}: {m.group(0)}"

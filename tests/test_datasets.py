@@ -10,6 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
+import check_data
 import dataloader as dl
 from config import get_config
 from conftest import ROOT, make_conll
@@ -69,7 +70,7 @@ def test_shipped_mnre_is_the_shared_release():
 
 def test_list_cli(tmp_path):
     write(tmp_path / "MNRE" / "mnre_train.txt", real_lines("test", range(23, 29)) + real_lines("test", [38, 39]))
-    p = subprocess.run([sys.executable, str(ROOT / "dataloader.py"), "--list", "--data_dir", str(tmp_path)],
+    p = subprocess.run([sys.executable, str(ROOT / "check_data.py"), "--list", "--data_dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     for name in dl.DATASETS:
@@ -81,7 +82,7 @@ def test_list_cli(tmp_path):
 
 
 def test_list_real_data_dir():
-    out = dl.describe_datasets()
+    out = check_data.describe_datasets()
     assert "train=4000 valid=1000 test=3257" in out and "train=3373 valid=723 test=723" in out
     assert "train=7356 valid=931 test=914 posts (from 12247/1624/1614 lines)" in out
 
@@ -368,11 +369,11 @@ def test_cli_one_epoch_mnre_and_hacred(tmp_path, tiny_bert_dir, tiny_clip_dir):
 
 def test_check_reports_images_hashes_and_shared_posts(tiny_data_dir, tmp_path):
     import dataloader as D
-    """dataloader.py --check: per split posts, entities by type, images found / missing / unreadable and a content
+    """check_data.py --check: per split posts, entities by type, images found / missing / unreadable and a content
     hash; a release whose test split repeats its dev split is named as such."""
     import config as C
     cfg = C.get_config(["--data_dir", str(tiny_data_dir), "--dataset_name", "tiny"])
-    out = D.check_dataset(cfg)
+    out = check_data.check_dataset(cfg)
     hashes = D.split_hashes(cfg)
     for split in ("train", "valid", "test"):
         line = next(l for l in out.splitlines() if l.strip().startswith(f"{split}:"))
@@ -383,7 +384,7 @@ def test_check_reports_images_hashes_and_shared_posts(tiny_data_dir, tmp_path):
     for split in ("train", "valid", "test"):
         (bad / f"{split}.txt").parent.mkdir(parents=True, exist_ok=True)
         (bad / f"{split}.txt").write_text((tiny_data_dir / "tiny" / ("valid.txt" if split == "test" else f"{split}.txt")).read_text())
-    out = D.check_dataset(C.get_config(["--data_dir", str(bad.parent), "--dataset_name", "rel"]))
+    out = check_data.check_dataset(C.get_config(["--data_dir", str(bad.parent), "--dataset_name", "rel"]))
     assert "error: valid and test share" in out and "(the same posts)" in out
 
 

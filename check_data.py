@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from config import cli, get_config
 from images import find_image, load_image
+from metrics import get_entities
 from readers import (DATA_DIR, DATASETS, SPLIT_FILES, DataError, ReadReport, _decode_lines, dataset_dir, image_root,
                      load_split, read_conll, read_mnre, split_hashes, split_overlaps)
 
@@ -21,7 +22,6 @@ from readers import (DATA_DIR, DATASETS, SPLIT_FILES, DataError, ReadReport, _de
 def check_dataset(config) -> str:
     """What `python check_data.py --check DATASET` prints: per split its posts, entities per type, images found /
     missing / unreadable and its content hash, then any posts shared between splits."""
-    from metrics import get_entities
     hashes = split_hashes(config)
     posts = {s: load_split(config, s) for s in hashes}
     lines = [f"{config.dataset_name} in {dataset_dir(config)}"]

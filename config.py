@@ -449,7 +449,6 @@ def _validate_vision(c) -> None:
 
 # the registry models (model.MODELS) that fuse the image; the others tag from text alone
 IMAGE_MODELS = ("MNER", "roberta_clip_coattn")
-AUTO_BY_IMAGES = ("head_lr", "ema_decay", "tag_scheme")  # auto flags that differ when the training posts have images
 
 
 def resolve_auto(c, images: bool = True) -> None:

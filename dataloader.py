@@ -296,11 +296,9 @@ class MNERDataset(torch.utils.data.Dataset):
         self.failed: set[str] = set()
 
     def _usable(self, p) -> bool:
-        if p is None:
-            return False
         if self.image_mode == "features":
-            return str(p) in self.features
-        return p.is_file() and p.stat().st_size > 0
+            return p is not None and str(p) in self.features
+        return image_file(p)
 
     def _why(self, p) -> str:
         return load_image(p)[1]  # cheap for the usual reasons (missing, zero bytes); decodes only broken files
@@ -451,8 +449,12 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 def any_image(config, posts: list[Post], split: str = "train") -> bool:
     """Whether any post's image file is there and not empty (the dataset's own test, before any feature is made)."""
     root = image_root(config, split)
-    paths = (find_image(root, p.imgid) for p in posts) if root is not None else ()
-    return any(p is not None and p.is_file() and p.stat().st_size > 0 for p in paths)
+    return root is not None and any(image_file(find_image(root, p.imgid)) for p in posts)
+
+
+def image_file(p) -> bool:
+    """A path that names a non-empty file (decoding is checked where the pixels are read)."""
+    return p is not None and p.is_file() and p.stat().st_size > 0
 
 
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dataloader as D
-from config import (AUTO_BY_IMAGES, IMAGE_MODELS, ConfigError, cli, config_from_dict, get_config, given_flags,
+from config import (IMAGE_MODELS, ConfigError, cli, config_from_dict, get_config, given_flags,
                     removed_levers, save_config, RESUME_MAY_CHANGE, RESUME_REFUSED)
 from distill import teacher_dir, teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer
@@ -476,8 +476,9 @@ def text_path_settings(config, argv, train_posts, say) -> None:
     (tag scheme, head rate, weight average) become the text path's."""
     if not (config.model in IMAGE_MODELS and config.use_image) or D.any_image(config, train_posts):
         return
-    text = get_config(argv, tool="train", images=False)
-    changed = {k: getattr(text, k) for k in AUTO_BY_IMAGES if getattr(text, k) != getattr(config, k)}
+    # the same flags resolved as without images: only the auto values that depend on it can differ
+    text = vars(get_config(argv, tool="train", images=False))
+    changed = {k: v for k, v in text.items() if v != getattr(config, k)}
     if changed:
         vars(config).update(changed)
         say(f"no training post has an image: {config.model} trains its text path with the text path's settings ("

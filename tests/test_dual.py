@@ -8,6 +8,7 @@ import torch
 import config as cfgmod
 import dataloader as dl
 import explain
+import efficientnet as E
 import model as M
 from test_model import TINY_DUAL, build, make_config, text_batch, with_images
 
@@ -111,7 +112,7 @@ def test_vision_flags_without_dual_granularity_are_warned():
 def test_stem_maps_are_efficientnet_lite0s_own():
     """The coarse/fine maps are the shipped network's stride-16/stride-8 activations, frozen and unchanged."""
     enc = encoder(**dict(EFF, vision_img_size=64, vision_patch_size=16, vision_fine_patch_size=8)).eval()
-    net = M.load_efficientnet_lite0()
+    net = E.load_efficientnet_lite0()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         c, f = enc.stem_maps(x)
@@ -373,7 +374,7 @@ def test_distillation_term_decreases_on_a_tiny_image_set():
     """The conv stem learns to reproduce the frozen EfficientNet-Lite0 features of a few images, no labels."""
     torch.manual_seed(0)
     enc = encoder(vision_stem="conv", vision_distill_lambda=1.0).train()
-    teacher = M.load_efficientnet_lite0()
+    teacher = E.load_efficientnet_lite0()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 import config as cfgmod
 import dataloader as dl
+import efficientnet as E
 import model as M
 from dataloader import LabelMap, Post
 from crf import CRFHead, bio_to_bioes
@@ -586,12 +587,12 @@ def test_clip_weights_equal_files(tiny_bert_dir, tiny_clip_dir):
 
 @pytest.fixture(scope="module")
 def effnet_file_state():
-    return torch.load(M.efficientnet_weights_file(), map_location="cpu", weights_only=True)
+    return torch.load(E.efficientnet_weights_file(), map_location="cpu", weights_only=True)
 
 
 def test_efficientnet_weights_equal_file_and_bn_stats_kept(tiny_bert_dir, effnet_file_state):
     model = build(tiny_bert_dir, "MNER", "effnet", vision_trainable=True, unfreeze_last_vision_blocks=2, **LOSS_ON)
-    assert model.vision.weights_file == M.efficientnet_weights_file()
+    assert model.vision.weights_file == E.efficientnet_weights_file()
     ours = model.vision.net.state_dict()
     assert set(ours) == set(effnet_file_state)
     assert all(torch.equal(ours[k], effnet_file_state[k]) for k in ours)
@@ -614,9 +615,9 @@ def _drawn_image():
 
 
 def test_efficientnet_lite0_checksum():
-    net = M.load_efficientnet_lite0()  # strict load inside
+    net = E.load_efficientnet_lite0()  # strict load inside
     assert not net.training
-    net.load_state_dict(torch.load(M.efficientnet_weights_file(), map_location="cpu", weights_only=True), strict=True)
+    net.load_state_dict(torch.load(E.efficientnet_weights_file(), map_location="cpu", weights_only=True), strict=True)
     x = _drawn_image()
     with torch.no_grad():
         logits, feats = net(x), net.forward_features(x)
@@ -630,10 +631,10 @@ def test_efficientnet_lite0_checksum():
 def test_efficientnet_bn_means_follow_skip_chains(effnet_file_state):
     """Weights only: a skip block's input is the sum of its stage's earlier branch outputs, whose means are
     their _bn2 biases, so the expand BN's running mean must be W_expand @ that sum (checks block order/naming)."""
-    net = M.EfficientNetLite0()
+    net = E.EfficientNetLite0()
     net.load_state_dict(effnet_file_state)
     i, checked = 0, 0
-    for repeats, *_ in M.STAGES:
+    for repeats, *_ in E.STAGES:
         chain = []
         for _ in range(repeats):
             blk = net._blocks[i]
@@ -807,15 +808,15 @@ def test_image_type_head_only_when_weighted(tiny_bert_dir):
 
 
 def test_efficientnet_lite0_matches_an_independent_implementation():
-    """model.EfficientNetLite0 and efficientnet_lite_pytorch (ml-illustrated's port of the TF Lite reference, with
+    """efficientnet.EfficientNetLite0 and efficientnet_lite_pytorch (ml-illustrated's port of the TF Lite reference, with
     its own static-SAME-padding convolutions and MBConv blocks) give the same logits on the same shipped weights
     for preprocessed pictures of several aspect ratios."""
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch==0.1.0 "
                                   "(requirements-dev.txt) for the reference implementation")
     import config as cfgmod
     ref = ref_pkg.EfficientNet.from_name("efficientnet-lite0")
-    ref.load_state_dict(torch.load(M.efficientnet_weights_file(), map_location="cpu", weights_only=True), strict=True)
-    ours = M.load_efficientnet_lite0()
+    ref.load_state_dict(torch.load(E.efficientnet_weights_file(), map_location="cpu", weights_only=True), strict=True)
+    ours = E.load_efficientnet_lite0()
     prep = dl.image_prep_for(cfgmod.get_config([]))
     rng = np.random.default_rng(0)
     pics = []

@@ -53,3 +53,20 @@ def test_predicted_type_is_the_predictions_not_the_golds():
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "['B-ORG', 'I-ORG', 'B-MISC']"
+
+
+@pytest.mark.skipif(not _has_flair(),
+                    reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+def test_speed_script_times_both_sides_and_writes_their_ratios(tiny_data_dir, tiny_bert_dir, tmp_path):
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "THREADS": "1", "DATASET": "tiny", "DATA_DIR": str(tiny_data_dir),
+           "TEXT_ENCODER": tiny_bert_dir, "OUT": str(out)}
+    p = subprocess.run(["bash", "script/speed_vs_flair.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for side in ("flair", "mango"):
+        assert res[side]["train_s"] > 0 and res[side]["test_posts_per_s"] > 0
+    assert res["train_ratio"] == round(res["mango"]["train_s"] / res["flair"]["train_s"], 3)
+    assert res["eval_ratio"] == round(res["mango"]["test_posts_per_s"] / res["flair"]["test_posts_per_s"], 3)
+    assert "train pass: MANGO" in p.stdout

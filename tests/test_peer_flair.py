@@ -59,7 +59,7 @@ def test_predicted_type_is_the_predictions_not_the_golds():
                     reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
 def test_speed_script_times_both_sides_and_writes_their_ratios(tiny_data_dir, tiny_bert_dir, tmp_path):
     out = tmp_path / "speed.json"
-    env = {**os.environ, "THREADS": "1", "DATASET": "tiny", "DATA_DIR": str(tiny_data_dir),
+    env = {**os.environ, "THREADS": "1", "DATASET": "tiny", "EXTRA_ARGS": f"--data_dir {tiny_data_dir}",
            "TEXT_ENCODER": tiny_bert_dir, "OUT": str(out)}
     p = subprocess.run(["bash", "script/speed_vs_flair.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=env)
@@ -67,6 +67,10 @@ def test_speed_script_times_both_sides_and_writes_their_ratios(tiny_data_dir, ti
     res = json.loads(out.read_text())
     for side in ("flair", "mango"):
         assert res[side]["train_s"] > 0 and res[side]["test_posts_per_s"] > 0
+    assert res["bundle_eval_ratio"] == round(res["mango"]["bundle_test_posts_per_s"] / res["flair"]["test_posts_per_s"], 3)
+    # the checkpoint and its fp32 bundle tag alike: MANGO's last two test reports (test.py on each) are the same
+    overall = [l for l in p.stdout.splitlines() if l.startswith("[Overall]")]
+    assert len(overall) == 4 and overall[-1] == overall[-2]  # flair's, train.py's final test, then test.py twice
     assert res["train_ratio"] == round(res["mango"]["train_s"] / res["flair"]["train_s"], 3)
     assert res["eval_ratio"] == round(res["mango"]["test_posts_per_s"] / res["flair"]["test_posts_per_s"], 3)
     assert "train pass: MANGO" in p.stdout

@@ -8,8 +8,7 @@
 # DATASET, SEED, TEXT_ENCODER (a local encoder directory; default the shipped MiniLM) and EXTRA_ARGS (e.g.
 # "--data_dir DIR") go to both sides, through the scripts' env-to-flag helper.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1  # MANGO's environment (flair's is peer_flair.sh's own)
 THREADS=${THREADS:-2}
 DATASET=${DATASET:-twitter2017}
 SEED=${SEED:-1}
@@ -23,8 +22,6 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 bash script/peer_flair.sh "${SHARED[@]}" --threads "$THREADS" --json "$tmp/flair.json"
-# shellcheck disable=SC1091
-. .venv/bin/activate
 python train.py --model roberta_crf "${SHARED[@]}" --save_dir "$tmp" --save_name "$RUN"
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test | tee "$tmp/test.log"
 python export.py --save_dir "$tmp" --save_name "$RUN"

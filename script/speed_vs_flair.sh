@@ -14,7 +14,7 @@ DATASET=${DATASET:-twitter2017}
 SEED=${SEED:-1}
 OUT=${OUT:-results/speed_vs_flair_${DATASET}_${THREADS}thread.json}
 RUN=speed_mango_${DATASET}_${THREADS}thread
-export OMP_NUM_THREADS=$THREADS SWANLAB_MODE=disabled
+export OMP_NUM_THREADS=$THREADS
 . script/env_args.sh
 env_args DATASET SEED TEXT_ENCODER
 SHARED=(--epochs 1 "${ARGS[@]}")
@@ -22,7 +22,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 bash script/peer_flair.sh "${SHARED[@]}" --threads "$THREADS" --json "$tmp/flair.json"
-python train.py --model roberta_crf "${SHARED[@]}" --save_dir "$tmp" --save_name "$RUN"
+python train.py --model roberta_crf "${SHARED[@]}" --save_dir "$tmp" --save_name "$RUN" --swanlab_mode disabled
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test | tee "$tmp/test.log"
 python export.py --save_dir "$tmp" --save_name "$RUN"
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test --bundle "$tmp/$RUN/bundle" | tee "$tmp/bundle.log"

@@ -25,7 +25,7 @@ def env():
     e["VIRTUAL_ENV"] = e.get("VIRTUAL_ENV") or str(Path(PY).parent.parent)
     e.pop("SWANLAB_API_KEY", None)
     for k in ("DEVICE", "EPOCHS", "BATCH_SIZE", "VISION_DEPTH", "DATASET", "MODEL", "SEED", "TEXT_ENCODER",
-              "IMAGE_ENCODER", "SAVE_NAME", "EXTRA_ARGS"):
+              "IMAGE_ENCODER", "SAVE_NAME", "SWANLAB_MODE", "EXTRA_ARGS"):
         e.pop(k, None)
     return e
 
@@ -267,17 +267,19 @@ def sh(script, cwd, extra_env=None):
 def test_env_vars_reach_flags():
     e = env()
     e.update(DEVICE="cpu", EPOCHS="3", BATCH_SIZE="5", VISION_DEPTH="6", DATASET="demo", MODEL="bert", SEED="9",
-             TEXT_ENCODER="/x", IMAGE_ENCODER="/y", SAVE_NAME="n", EXTRA_ARGS="--fusion_layers 2 --amp")
+             TEXT_ENCODER="/x", IMAGE_ENCODER="/y", SAVE_NAME="n", SWANLAB_MODE="disabled",
+             EXTRA_ARGS="--fusion_layers 2 --amp")
     p = subprocess.run(["bash", "-c", f". {ROOT}/script/env_args.sh; env_args; printf '%s\\n' \"${{ARGS[@]}}\""],
                        env=e, capture_output=True, text=True)
     got = p.stdout.split()
-    pairs = dict(zip(got[:20:2], got[1:20:2]))
+    pairs = dict(zip(got[:22:2], got[1:22:2]))
     assert pairs == {"--device": "cpu", "--epochs": "3", "--batch_size": "5", "--vision_depth": "6",
                      "--dataset_name": "demo", "--model": "bert", "--seed": "9", "--text_encoder": "/x",
-                     "--image_encoder": "/y", "--save_name": "n"}
-    assert got[20:] == ["--fusion_layers", "2", "--amp"]
+                     "--image_encoder": "/y", "--save_name": "n", "--swanlab_mode": "disabled"}
+    assert got[22:] == ["--fusion_layers", "2", "--amp"]
     cfg = get_config(got[:4] + got[20:])  # the flags parse
     assert cfg.device == "cpu" and cfg.epochs == 3 and cfg.fusion_layers == 2 and cfg.amp
+    assert cfg.swanlab_mode == "disabled"
 
 
 def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):

@@ -22,8 +22,11 @@ def _has_flair() -> bool:
     return py.is_file() and subprocess.run([str(py), "-c", "import flair"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _has_flair(),
-                    reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+needs_flair = pytest.mark.skipif(not _has_flair(),
+                                 reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+
+
+@needs_flair
 def test_peer_flair_scores_a_tiny_set_with_mangos_scorer(tiny_data_dir, tiny_bert_dir, tmp_path):
     out = tmp_path / "flair.json"
     p = subprocess.run([str(VENV / "bin" / "python"), "peer_flair.py", "--dataset_name", "tiny", "--data_dir",
@@ -39,8 +42,7 @@ def test_peer_flair_scores_a_tiny_set_with_mangos_scorer(tiny_data_dir, tiny_ber
     assert 0.0 <= res["test"]["f1"] <= 1.0 and "test (conlleval)" in p.stdout
 
 
-@pytest.mark.skipif(not _has_flair(),
-                    reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+@needs_flair
 def test_predicted_type_is_the_predictions_not_the_golds():
     """flair keeps one Span per position: a predicted span where the gold has one carries both labels, and its
     first (gold) label must not become the prediction's type."""
@@ -55,8 +57,7 @@ def test_predicted_type_is_the_predictions_not_the_golds():
     assert p.stdout.strip().splitlines()[-1] == "['B-ORG', 'I-ORG', 'B-MISC']"
 
 
-@pytest.mark.skipif(not _has_flair(),
-                    reason=f"flair's environment {VENV} is absent (bash script/peer_flair.sh makes it)")
+@needs_flair
 def test_speed_script_times_both_sides_and_writes_their_ratios(tiny_data_dir, tiny_bert_dir, tmp_path):
     out = tmp_path / "speed.json"
     env = {**os.environ, "THREADS": "1", "DATASET": "tiny", "EXTRA_ARGS": f"--data_dir {tiny_data_dir}",

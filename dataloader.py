@@ -3,7 +3,7 @@
 Reading order follows the data's own path (readers.py reads the files, images.py the pictures):
   load_split      readers.py: one split of --dataset_name -> list[Post] through the registry's reader
   LabelMap        tags <-> ids, built from train, saved with every run
-  encode_words    words -> sub-word ids + first-sub-token index per word (+ truncation mask)
+  encode_words    words -> sub-word ids + first-sub-token index per word
   encode_windows  a post longer than --max_len -> overlapping windows that each fit; merge_windows joins their outputs
   load_image, ImagePrep, FeatureCache, image_sources   images.py: decoding, preprocessing, the feature cache, controls
   MNERDataset     posts + tokenizer + images -> items; `collate` pads them into a batch
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
+from torch.nn.utils.rnn import pad_sequence
 
 # what the rest of MANGO reads as dataloader.X lives in the two modules it is split from
 from readers import (DATA_DIR, DATASETS, ROOT, SPLIT_FILES, DataError, DatasetSpec, Post, ReadReport,  # noqa: F401
@@ -50,11 +50,9 @@ from images import (EFFNET_PREP, GREY, IMAGE_EXTS, MAX_IMAGE_PIXELS, FeatureCach
 # ----------------------------------------------------------------------------- labels
 
 class LabelMap:
-    """Tag <-> id. PAD (0) and O (1) first, then B-/I- of each type in sorted order.
-
-    Built from the train split only and saved as label_map.json beside the run, so test time reuses the
-    exact ids the model was trained with (rebuilding it from test data silently permutes classes).
-    """
+    """Tag <-> id: PAD (0) and O (1) first, then B-/I- of each type in sorted order. Built from train only and saved
+    as label_map.json beside the run, so test time reuses the ids the model was trained with (rebuilding it from
+    test data silently permutes classes)."""
     PAD, O = "<PAD>", "O"
 
     def __init__(self, labels: list[str]):
@@ -120,10 +118,8 @@ class Encoded:
 
 
 def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """The special-token ids the tokenizer puts before and after a text ([CLS] / [SEP], <s> / </s>).
-
-    Read off a one-word probe, since transformers 5 tokenizers have no build_inputs_with_special_tokens.
-    """
+    """The special-token ids the tokenizer puts before and after a text ([CLS] / [SEP], <s> / </s>), read off a
+    one-word probe: transformers 5 tokenizers have no build_inputs_with_special_tokens."""
     enc = tokenizer(["a"], is_split_into_words=True, add_special_tokens=True)
     wids = enc.word_ids()
     first, last = wids.index(0), len(wids) - 1 - wids[::-1].index(0)
@@ -133,14 +129,13 @@ def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
 def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
     """Sub-word encode a word list and record each word's first sub-word position.
 
-    Words that tokenise to nothing (U+FE0F, U+200B, a lone combining mark, "") would shift every later
-    label when aligned by position, so they are replaced by the unknown token. Truncation keeps whole
-    sub-word prefixes up to max_len (specials included); words whose first sub-word falls off are not kept
-    (encode_windows starts the next window before them).
+    Words that tokenise to nothing (U+FE0F, U+200B, a lone combining mark, "") would shift every later label when
+    aligned by position, so they are replaced by the unknown token. Truncation keeps sub-words up to max_len
+    (specials included); words whose first sub-word falls off are not kept (the next window starts before them).
     """
     enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
     wids = enc.word_ids()
-    present = set(w for w in wids if w is not None)
+    present = {w for w in wids if w is not None}
     empty = [i for i in range(len(words)) if i not in present]
     if empty:
         unk = tokenizer.unk_token or tokenizer.pad_token
@@ -149,15 +144,12 @@ def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
         wids = enc.word_ids()
     head, tail = _special_ids(tokenizer)
     budget = max_len - len(head) - len(tail)
-    ids = enc["input_ids"][:budget]
-    wids = wids[:budget]
-    prefix = len(head)
     word_index, seen = [], -1
-    for pos, w in enumerate(wids):
+    for pos, w in enumerate(wids[:budget]):
         if w is not None and w != seen:
-            word_index.append(pos + prefix)
+            word_index.append(pos + len(head))
             seen = w
-    return Encoded(head + list(ids) + tail, word_index, len(word_index), empty)
+    return Encoded(head + list(enc["input_ids"][:budget]) + tail, word_index, len(word_index), empty)
 
 
 @dataclass
@@ -174,15 +166,13 @@ class Window:
 def encode_windows(tokenizer, words: list[str], max_len: int, post: int = 0) -> list[Window]:
     """A post as one window, or, when its sub-words do not fit in max_len, as overlapping windows of whole words.
 
-    Each window holds as many words as fit from its start; the next one starts half a window (in words) before
-    the previous one ended, so every word lies in one or two windows. The merge rule: a word's tag comes from the
-    window in which it is farther from a cut edge, i.e. the words two windows share are split at their middle;
-    the first half is read from the earlier window, the second from the later one.
+    Each window holds as many words as fit from its start; the next one starts half a window (in words) before the
+    previous one ended, so every word lies in one or two windows. Merge rule: a word is read from the window where
+    it is farther from a cut edge, i.e. the words two windows share are split at their middle.
     """
-    n, budget = len(words), max_len  # at most max_len words can fit: every word has at least one sub-word
-    spans, s = [], 0
-    while True:
-        enc = encode_words(tokenizer, words[s:s + budget], max_len)
+    n, spans, s = len(words), [], 0
+    while True:  # at most max_len words fit: every word has at least one sub-word
+        enc = encode_words(tokenizer, words[s:s + max_len], max_len)
         e = s + max(1, enc.n_kept)
         spans.append((s, e, enc))
         if e >= n:
@@ -230,7 +220,7 @@ def merge_windows(windows: list[Window], outs: list, n_posts: int) -> list:
 
 def iob2(tags: list[str]) -> tuple[list[str], int]:
     """(tags with every chunk that opens with I-X relabelled B-X, how many were): IOB1 or a stray I- to IOB2.
-    conlleval reads the same chunks from both; Twitter-2015 has 186 such chunks in train."""
+    conlleval reads the same chunks from both."""
     out = [("B-" + t[2:]) if opens_with_i(tags[i - 1] if i else "O", t) else t for i, t in enumerate(tags)]
     return out, sum(a != b for a, b in zip(out, tags))
 
@@ -259,12 +249,11 @@ def word_shape(word: str) -> int:
 class MNERDataset(torch.utils.data.Dataset):
     """Posts ready for a model: encodings and label ids are computed once, images per item.
 
-    image_mode: None (text-only model), "pixels" (decode + ImagePrep each time) or "features" (look up
-    `features`, a {path: tensor} dict from FeatureCache; `feat_shape` gives its shape for placeholders).
-    `teacher` ({path: [R, 1280]}) adds the distillation targets of each post's image. `control` is
-    --image_control; `blank` is the grey image's features (features mode). iob2_labels: the loss targets (not the
-    posts' tags, which the scorer reads) open every chunk with B- (iob2). `targets` (--teacher_run) holds each
-    post's teacher marginals [n_words, L].
+    image_mode: None (text-only model), "pixels" (decode + ImagePrep each time) or "features" (look up `features`, a
+    {path: tensor} dict from FeatureCache; `feat_shape` for placeholders). `teacher` ({path: [R, 1280]}): each post's
+    distillation targets. `control`: --image_control; `blank`: the grey image's features (features mode).
+    iob2_labels: the loss targets open every chunk with B- (iob2). `targets` (--teacher_run): each post's teacher
+    marginals [n_words, L].
     """
 
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
@@ -288,20 +277,14 @@ class MNERDataset(torch.utils.data.Dataset):
         self.n_windowed = len({w.post for w in self.windows if w.start > 0})
         self.n_empty = len({(w.post, w.start + j) for w in self.windows for j in w.enc.empty})  # windows overlap
         self.paths = [find_image(img_root, p.imgid) for p in posts] if image_mode else [None] * len(posts)
-        self.has_image = [self._usable(p) for p in self.paths]
-        # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe()
-        self.image_status = [("ok" if ok else self._why(p)) for p, ok in zip(self.paths, self.has_image)
+        self.has_image = [(p is not None and str(p) in features) if image_mode == "features" else image_file(p)
+                          for p in self.paths]
+        # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe();
+        # load_image is cheap for the usual reasons (missing, zero bytes) and decodes only broken files
+        self.image_status = [("ok" if ok else load_image(p)[1]) for p, ok in zip(self.paths, self.has_image)
                              ] if image_mode else []
         self.source = image_sources(self.has_image, control, seed)
         self.failed: set[str] = set()
-
-    def _usable(self, p) -> bool:
-        if self.image_mode == "features":
-            return p is not None and str(p) in self.features
-        return image_file(p)
-
-    def _why(self, p) -> str:
-        return load_image(p)[1]  # cheap for the usual reasons (missing, zero bytes); decodes only broken files
 
     def describe(self) -> str:
         s = f"{self.name}: {len(self.posts)} posts"
@@ -326,10 +309,6 @@ class MNERDataset(torch.utils.data.Dataset):
         if self.n_empty:
             s += f", {self.n_empty} words with no sub-tokens mapped to the unknown token"
         return s
-
-    @property
-    def enc(self) -> list[Encoded]:  # each item's sub-word encoding
-        return [w.enc for w in self.windows]
 
     def lengths(self) -> list[int]:
         return [len(w.enc.input_ids) for w in self.windows]
@@ -378,27 +357,19 @@ class MNERDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict], pad_id: int = 0) -> dict:
     """Pad a list of items into the batch contract in this module's docstring."""
-    B, T = len(items), max(len(it["input_ids"]) for it in items)
-    W = max(len(it["word_index"]) for it in items)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, T, dtype=torch.long)
-    word_mask = torch.zeros(B, W, dtype=torch.bool)
-    per_word = {k: torch.zeros(B, W, dtype=torch.long) for k in ("word_index", "labels", "case_ids")}
-    for b, it in enumerate(items):
-        n, w = len(it["input_ids"]), len(it["word_index"])
-        input_ids[b, :n] = torch.tensor(it["input_ids"])
-        attention_mask[b, :n] = 1
-        word_mask[b, :w] = True
-        for k, v in per_word.items():
-            v[b, :w] = torch.tensor(it[k], dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_mask": word_mask, **per_word,
+    def pad(rows, value=0, dtype=torch.long):  # [B, longest row]
+        return pad_sequence([torch.tensor(r, dtype=dtype) for r in rows], batch_first=True, padding_value=value)
+    ids, words = [it["input_ids"] for it in items], [it["word_index"] for it in items]
+    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(r) for r in ids]),
+             "word_mask": pad([[True] * len(r) for r in words], dtype=torch.bool),
+             **{k: pad([it[k] for it in items]) for k in ("word_index", "labels", "case_ids")},
              "has_image": torch.tensor([bool(it["has_image"]) for it in items]),
              "index": torch.tensor([it["index"] for it in items])}
     for k in ("pixel_values", "image_feats", "teacher_feats"):
         if k in items[0]:
             batch[k] = torch.stack([it[k] for it in items])
     if "teacher_marg" in items[0]:
-        marg = torch.zeros(B, W, items[0]["teacher_marg"].size(-1))
+        marg = torch.zeros(*batch["word_mask"].shape, items[0]["teacher_marg"].size(-1))
         for b, it in enumerate(items):
             marg[b, :len(it["teacher_marg"])] = it["teacher_marg"]
         batch["teacher_marg"] = marg
@@ -407,12 +378,9 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
 
 
 class LengthBucketSampler(torch.utils.data.Sampler):
-    """Batches of similar sub-word length (less padding), shuffled per epoch with a fixed seed.
-
-    Indices are shuffled, cut into pools of 50 batches, sorted by length inside each pool, batched, and the
-    batch order shuffled again, so batches vary between epochs while padding stays low. `set_epoch` makes
-    the order a function of (seed, epoch), which keeps resumed runs identical to uninterrupted ones.
-    """
+    """Batches of similar sub-word length (less padding): indices shuffled, cut into pools of 50 batches, sorted by
+    length inside each pool, batched, and the batch order shuffled again. The order is a function of (seed, epoch),
+    so resumed runs match uninterrupted ones."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, bucket: bool = True,
                  shuffle: bool = True, rank: int = 0, world: int = 1):
@@ -443,7 +411,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return iter(self._batches())
 
     def __len__(self):
-        return -(-(-(-len(self.lengths) // self.batch_size)) // self.world)
+        return -(-len(self.lengths) // (self.batch_size * self.world))  # batches per rank, rounded up
 
 
 def any_image(config, posts: list[Post], split: str = "train") -> bool:
@@ -460,21 +428,18 @@ def image_file(p) -> bool:
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
                  train: bool = False, image_dir=None, teacher=None, iob2_labels: bool = False,
                  targets=None) -> MNERDataset:
-    """A split ready for the model. `vision` is the model's vision module (duck-typed: `cacheable`, `features`,
-    `feat_shape`, `backbone_id`, `weights_file`, callable on pixels) or None for text-only models. A cacheable
-    (frozen) module's features come from FeatureCache; otherwise pixels are read every step. `teacher` (training
-    with --vision_distill_lambda) is a frozen backbone whose cached features become each post's distillation target.
-    image_dir replaces the split's image folder (predict.py: "/" with absolute image paths as IMGIDs). iob2_labels:
-    the loss targets open every chunk with B- (the caller's model.iob2_targets for the train split). `targets`: the
-    teacher marginals of each post (distill.teacher_targets) for the train split.
+    """A split ready for the model. `vision`: the model's vision module (duck-typed: `cacheable`, `features`,
+    `feat_shape`, `backbone_id`, `weights_file`) or None; a cacheable (frozen) one's features come from FeatureCache,
+    else pixels are read every step. `teacher` (--vision_distill_lambda): a frozen backbone whose cached features are
+    each post's distillation target. image_dir replaces the split's image folder (predict.py: "/" with absolute
+    paths as IMGIDs). iob2_labels (model.iob2_targets) and `targets` (distill.teacher_targets): train split only.
     """
     root = image_root(config, split) if image_dir is None else Path(image_dir)
-    opts = dict(iob2_labels=iob2_labels, targets=targets)
+    common = dict(seed=config.seed, name=split, iob2_labels=iob2_labels, targets=targets)
     if vision is None:
-        return MNERDataset(posts, tokenizer, label_map, config.max_len, name=split, seed=config.seed, **opts)
-    prep = image_prep_for(config)
-    paths = [find_image(root, p.imgid) for p in posts]
-    common = dict(seed=config.seed, name=split, control=config.image_control, **opts)
+        return MNERDataset(posts, tokenizer, label_map, config.max_len, **common)
+    prep, paths = image_prep_for(config), [find_image(root, p.imgid) for p in posts]
+    common["control"] = config.image_control
     if teacher is not None and train:
         common["teacher"] = cached_features(config, teacher, paths, f"{config.dataset_name}/{split} teacher",
                                             EFFNET_PREP)[0]

@@ -14,12 +14,12 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-
 from tqdm import tqdm
 
 from readers import DataError
@@ -32,9 +32,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # tried in this
 def find_image(image_root, imgid: str | None) -> Path | None:
     """`<image_root>/<imgid>`; the imgid may be a sub-path (NewsMKG: a/b/c) and may carry its extension.
 
-    Without an extension IMAGE_EXTS (.jpg, .jpeg, .png, .gif, .webp, .bmp) are tried in that order; with one, the
-    file as named, else the same stem with another image extension. When nothing exists the first candidate is
-    returned (reported missing).
+    Without one, IMAGE_EXTS are tried in order; with one, the file as named, else the same stem with another image
+    extension. When nothing exists the first candidate is returned (reported missing).
     """
     if not imgid or image_root is None:
         return None
@@ -50,10 +49,8 @@ MAX_IMAGE_PIXELS = 64_000_000  # above this a file is treated as a decompression
 
 
 def load_image(path) -> tuple[Image.Image | None, str]:
-    """Open an image as RGB. Returns (image, "ok") or (None, reason) for the placeholder path.
-
-    Convertible modes (CMYK, palette, RGBA, L, 16-bit, animated -> first frame) become RGB; transparency
-    is composited on white. Missing, zero-byte, unreadable, truncated and oversized files give None.
+    """(RGB image, "ok"), or (None, reason) for the placeholder path: missing, zero-byte, unreadable, truncated and
+    oversized files. Other modes (CMYK, palette, 16-bit, animated -> first frame) become RGB, transparency on white.
     """
     if path is None:
         return None, "no image id"
@@ -95,13 +92,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImagePrep:
-    """PIL image -> normalised float tensor [3, size, size]: the short side resized to `short` (bicubic, the
-    aspect ratio kept), a centre crop of size x size, (x / 255 - mean) / std.
+    """PIL image -> normalised float tensor [3, size, size]: the short side resized to `short` (bicubic, aspect ratio
+    kept), a centre crop of size x size, (x / 255 - mean) / std.
 
-    short = 0 means round(size * 256 / 224), the ImageNet convention EfficientNet-Lite0 and the dual-granularity
-    encoder are fed with; a CLIP directory gives its processor's shortest_edge (image_prep_for). truncate: the long
-    side is int(short * long / short side), as transformers' CLIPImageProcessor computes it (else it is rounded).
-    With an rng (training with --image_aug), a random crop position and a horizontal flip replace the centre crop.
+    short = 0: round(size * 256 / 224), the ImageNet convention EfficientNet-Lite0 and the dual-granularity encoder
+    are fed with. truncate: the long side is truncated, not rounded, as CLIPImageProcessor computes it. With an rng
+    (--image_aug), a random crop position and a horizontal flip replace the centre crop.
     """
     size: int = 224
     mean: tuple = (0.5, 0.5, 0.5)
@@ -131,9 +127,7 @@ class ImagePrep:
         if rng is not None and rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
     def key(self) -> str:
         return (f"size={self.size},short={self.short},mean={self.mean},std={self.std},bicubic"
@@ -144,20 +138,17 @@ EFFNET_PREP = ImagePrep(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-L
 
 
 def image_prep_for(config) -> ImagePrep:
-    """The preprocessing each vision backbone was trained with (the model file owns no data code).
-
-    A CLIP directory: its preprocessor_config.json as CLIPImageProcessor reads it (size.shortest_edge, crop_size,
-    image_mean, image_std); without one, CLIPImageProcessor's defaults at the model's image_size.
-    """
+    """The preprocessing each vision backbone was trained with (the model file owns no data code). A CLIP directory:
+    its preprocessor_config.json as CLIPImageProcessor reads it (size.shortest_edge, crop_size, image_mean,
+    image_std); without one, CLIPImageProcessor's defaults at the model's image_size."""
     if config.use_dual_granularity and config.vision_stem == "conv":
         return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     if config.use_dual_granularity:  # EfficientNet-Lite0's own normalisation, at the encoder's input size
         return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if config.image_encoder == "efficientnet_lite0":
         return EFFNET_PREP
-    cfg_file = Path(config.image_encoder) / "preprocessor_config.json"
-    size, mean, std = 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    short = None
+    cfg_file, vcfg = Path(config.image_encoder) / "preprocessor_config.json", Path(config.image_encoder) / "config.json"
+    size, short, mean, std = 224, None, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     if cfg_file.exists():
         pc = json.loads(cfg_file.read_text())
         crop = pc.get("crop_size", size)
@@ -168,11 +159,9 @@ def image_prep_for(config) -> ImagePrep:
             raise DataError(f"{cfg_file}: size {edge} is not a shortest_edge resize; MANGO feeds CLIP as "
                             "CLIPImageProcessor does with size {\"shortest_edge\": N}: write that there")
         short = edge["shortest_edge"] if isinstance(edge, dict) else edge
-    else:
-        vcfg = Path(config.image_encoder) / "config.json"
-        if vcfg.exists():
-            c = json.loads(vcfg.read_text())
-            size = c.get("vision_config", c).get("image_size", size)
+    elif vcfg.exists():
+        c = json.loads(vcfg.read_text())
+        size = c.get("vision_config", c).get("image_size", size)
     return ImagePrep(int(size), mean, std, short=int(short or size), truncate=True)
 
 
@@ -185,23 +174,18 @@ FEATURE_CODE_VERSION = "3"
 
 def file_digest(path) -> str:
     """sha1 of a file's bytes: the cache key of its features (an image overwritten in place gets new features)."""
-    h = hashlib.sha1()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 class FeatureCache:
     """Features of a frozen vision backbone, computed once per image and reused by later runs.
 
-    One file per image: <cache_dir>/<key>/<d[:2]>/<d>.pt, an fp16 tensor (any shape the backbone's `features`
-    gives), where d is the sha1 of the image file's bytes. The key hashes the backbone identity, the weights file
-    (path, size, mtime), the preprocessing and FEATURE_CODE_VERSION. So an image overwritten in place, a new
-    weights file, other preprocessing or new feature code all recompute. Images that cannot be read are never
-    stored: they are retried (and counted again) on the next run. Each entry is written to a temporary file of
-    its own and renamed, so runs that share a cache directory at the same time never see half-written entries;
-    a damaged entry is recomputed.
+    One file per image: <cache_dir>/<key>/<d[:2]>/<d>.pt, an fp16 tensor, d the sha1 of the image file's bytes. The
+    key hashes the backbone identity, the weights file (path, size, mtime), the preprocessing and
+    FEATURE_CODE_VERSION, so a change to any of them (or to the image) recomputes. Unreadable images are never
+    stored (retried next run). Each entry is written to its own temporary file and renamed, so runs sharing a cache
+    directory never see half-written entries; a damaged entry is recomputed.
     """
 
     def __init__(self, cache_dir, backbone_id: str, weights_file, prep: ImagePrep):
@@ -231,16 +215,10 @@ class FeatureCache:
                 except Exception as e:  # a damaged entry (disk trouble, a copy cut short): recompute it
                     print(f"warning: {f}: unreadable feature cache entry ({type(e).__name__}); recomputing it")
             todo.setdefault(d, []).append(p)
-        batch: list[tuple[str, Image.Image]] = []
-        for d, ps in tqdm(list(todo.items()), desc=f"extract {desc}", unit="img", leave=False, disable=not todo):
-            im, _ = load_image(ps[0])
-            if im is None:  # not stored: the next run tries again (MNERDataset reports why it is unused)
-                continue
-            batch.append((d, im))
-            if len(batch) == batch_size:
-                self._run(batch, encode, todo, feats)
-                batch = []
-        if batch:
+        pending = tqdm(list(todo.items()), desc=f"extract {desc}", unit="img", leave=False, disable=not todo)
+        # an unreadable image is not stored: the next run tries again (MNERDataset reports why it is unused)
+        loaded = ((d, im) for d, ps in pending if (im := load_image(ps[0])[0]) is not None)
+        while batch := list(islice(loaded, batch_size)):  # decoded one batch at a time
             self._run(batch, encode, todo, feats)
         return feats
 
@@ -281,32 +259,28 @@ def grey_pixels(prep: ImagePrep) -> torch.Tensor:
 def image_sources(has_image: list[bool], control: str, seed: int) -> list[int]:
     """For each post, the post whose image it is shown (--image_control); -1 = the constant grey image.
 
-    none: itself. shuffle: the posts with an image are put in a random order (from seed) and each is shown the
-    image of the next one in that cycle, so no post keeps its own image where the split has >= 2 images.
-    blank: -1 for every post with an image. Posts without an image keep the text-only path under every control.
+    none: itself. shuffle: the posts with an image, in a random cycle (from seed), each shown the next one's image,
+    so none keeps its own where the split has >= 2 images. blank: -1 for every post with an image. Posts without an
+    image keep the text-only path under every control.
     """
-    src = list(range(len(has_image)))
-    have = [i for i, h in enumerate(has_image) if h]
     if control == "blank":
-        for i in have:
-            src[i] = -1
-    elif control == "shuffle" and len(have) > 1:
+        return [-1 if h else i for i, h in enumerate(has_image)]
+    src, have = list(range(len(has_image))), [i for i, h in enumerate(has_image) if h]
+    if control == "shuffle" and len(have) > 1:
         random.Random(f"image_control/{seed}").shuffle(have)
         for i, j in zip(have, have[1:] + have[:1]):
             src[i] = j
     return src
 
 
-def cached_features(config, vision, paths, desc: str, prep: ImagePrep | None = None):
+def cached_features(config, vision, paths, desc: str, prep: ImagePrep):
     """FeatureCache.get for a frozen vision module (duck-typed: `features` on pixels [B,3,S,S], `backbone_id`,
     `weights_file`); also returns the features of the constant grey image (--image_control blank)."""
-    prep = prep or image_prep_for(config)
-    cache = FeatureCache(config.cache_dir, vision.backbone_id, vision.weights_file, prep)
     param = next(vision.parameters())
 
     def encode(x):
         return vision.features(x.to(param.device, param.dtype))
-    feats = cache.get(paths, encode, desc=desc)
+    feats = FeatureCache(config.cache_dir, vision.backbone_id, vision.weights_file, prep).get(paths, encode, desc=desc)
     with torch.no_grad():
         blank = encode(grey_pixels(prep)[None])[0].to(torch.float16).cpu()
     return feats, blank

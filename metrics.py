@@ -3,11 +3,9 @@
 Entities are (type, start, end) word spans, end exclusive. Two explicit chunking modes:
   conlleval  an I- after O, or after a different type, starts a new chunk (conlleval / seqeval default)
   strict     IOB2: a chunk starts only at B-; an I- that does not continue a same-type chunk is no entity
-Twitter-2015 test has 135 orphan I- chunks, so the modes differ there (5207 vs 5072 gold entities);
-every report says which mode produced it.
+The modes differ on orphan I- chunks; every report says which mode produced it.
 """
 from __future__ import annotations
-
 
 MODES = ("conlleval", "strict")
 
@@ -50,20 +48,15 @@ def evaluate(gold: list[list[str]], pred: list[list[str]], mode: str = "conlleva
         right += sum(a == b for a, b in zip(g, p))
         total += len(g)
         ge, pe = set(get_entities(g, mode)), set(get_entities(p, mode))
-        for t, *_ in ge:
-            per.setdefault(t, [0, 0, 0])[2] += 1
-        for t, *_ in pe:
-            per.setdefault(t, [0, 0, 0])[1] += 1
-        for t, *_ in ge & pe:
-            per[t][0] += 1
+        for k, ents in ((2, ge), (1, pe), (0, ge & pe)):
+            for t, *_ in ents:
+                per.setdefault(t, [0, 0, 0])[k] += 1
     c, np_, ng = (sum(v[k] for v in per.values()) for k in range(3))
     P, R, F = _prf(c, np_, ng)
-    return {
-        "mode": mode, "precision": P, "recall": R, "f1": F, "accuracy": right / total if total else 0.0,
-        "correct": c, "pred_support": np_, "gold_support": ng,
-        "per_type": {t: dict(zip(("precision", "recall", "f1"), _prf(*v)), correct=v[0], pred_support=v[1],
-                             gold_support=v[2]) for t, v in sorted(per.items())},
-    }
+    return {"mode": mode, "precision": P, "recall": R, "f1": F, "accuracy": right / total if total else 0.0,
+            "correct": c, "pred_support": np_, "gold_support": ng,
+            "per_type": {t: dict(zip(("precision", "recall", "f1"), _prf(*v)), correct=v[0], pred_support=v[1],
+                                 gold_support=v[2]) for t, v in sorted(per.items())}}
 
 
 def format_report(res: dict) -> str:

@@ -68,25 +68,19 @@ def text_positions(cfg) -> int | None:
 def text_depth(name: str, n_layers: int) -> int:
     """Depth of a text-encoder parameter: 0 = embeddings, i + 1 = transformer layer i, n_layers + 1 = above them."""
     m = re.search(r"\.layers?\.(\d+)\.", name)
-    if m:
-        return int(m.group(1)) + 1
-    return 0 if "embeddings" in name else n_layers + 1
+    return int(m.group(1)) + 1 if m else 0 if "embeddings" in name else n_layers + 1
 
 
 class TextEncoder(nn.Module):
     """Any Hugging Face encoder from a local directory; architecture from its config.json.
-
-    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W]) -> word states [B, W, H] (each word's first
-    sub-word).
-    """
+    forward(input_ids [B,T], attention_mask [B,T], word_index [B,W]) -> each word's first sub-word state [B, W, H]"""
 
     def __init__(self, config):
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # the pooler we leave out is reported as "unexpected" otherwise
         hf_logging.disable_progress_bar()
-        from transformers import AutoConfig
         path = resolve_text_encoder(config.text_encoder)
         cfg = AutoConfig.from_pretrained(path)
         n_pos = text_positions(cfg)
@@ -125,10 +119,8 @@ class TextEncoder(nn.Module):
 # -- shared attention pieces (also used by the fusion stack)
 
 class Attention(nn.Module):
-    """Multi-head attention. q [B,Q,D], kv [B,K,D], mask [B|1,(H),Q|1,K] bool (True = may attend) -> [B,Q,D].
-
-    `last_weights` keeps the attention map [B, heads, Q, K] when keep_weights is set (for explanations).
-    """
+    """Multi-head attention. q [B,Q,D], kv [B,K,D], mask [B|1,H|1,Q|1,K] bool (True = may attend) -> [B,Q,D].
+    `last_weights` keeps the attention map [B, heads, Q, K] when keep_weights is set (for explanations)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -144,13 +136,9 @@ class Attention(nn.Module):
         B, Q, D = q.shape
         split = lambda x: x.view(B, -1, self.h, D // self.h).transpose(1, 2)
         qh, kh, vh = split(self.q(q)), split(self.k(kv)), split(self.v(kv))
-        if mask is not None and mask.dim() == 3:
-            mask = mask.unsqueeze(1)
         if self.keep_weights:
             s = qh @ kh.transpose(-1, -2) / math.sqrt(D // self.h)
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            w = s.softmax(-1)
+            w = (s if mask is None else s.masked_fill(~mask, float("-inf"))).softmax(-1)
             self.last_weights = w.detach()
             out = w @ vh
         else:
@@ -182,36 +170,29 @@ def layer_scale(dim: int, init: float) -> nn.Module:
 
 class Block(nn.Module):
     """Pre-LN transformer block: self-attention, optional cross-attention, FFN; `scale` > 0 puts a LayerScale on the
-    self-attention and FFN branches.
-
-    x [B,N,D], self_mask [B,1|N,N] bool, ctx [B,K,D], ctx_mask [B,1,K] bool -> [B,N,D]
-    """
+    self-attention and FFN branches. x [B,N,D], self_mask [B,1,1|N,N] bool, ctx [B,K,D] -> [B,N,D]"""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, cross: bool = False, ffn_mult: int = 4,
                  scale: float = 0.0):
         super().__init__()
         self.ls1, self.ls3 = layer_scale(dim, scale), layer_scale(dim, scale)
         self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.cross = Attention(dim, heads) if cross else None
-        self.ln2 = nn.LayerNorm(dim) if cross else None
+        self.cross, self.ln2 = (Attention(dim, heads), nn.LayerNorm(dim)) if cross else (None, None)
         self.ln3, self.ffn = nn.LayerNorm(dim), MLP(dim, ffn_mult * dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, self_mask=None, ctx=None, ctx_mask=None):
+    def forward(self, x, self_mask=None, ctx=None):
         h = self.ln1(x)
         x = x + self.ls1(self.drop(self.attn(h, h, self_mask)))
         if self.cross is not None:
-            x = x + self.drop(self.cross(self.ln2(x), ctx, ctx_mask))
+            x = x + self.drop(self.cross(self.ln2(x), ctx))
         return x + self.ls3(self.drop(self.ffn(self.ln3(x))))
 
 
 class PretrainedVision(nn.Module):
-    """A frozen-by-default pretrained backbone that returns region tokens.
-
+    """A frozen-by-default pretrained backbone that returns region tokens, forward(pixels [B,3,S,S]) -> [B, R, D]:
     efficientnet_lite0: the 7x7x1280 map at 224 px -> 49 tokens of 1280.
-    CLIP directory:     patch tokens without CLS (49 x 768 for ViT-B/32 at 224).
-    forward(pixels [B,3,S,S]) -> [B, R, D]. Pretrained weights are loaded, never re-initialised.
-    """
+    CLIP directory:     patch tokens without CLS (49 x 768 for ViT-B/32 at 224)."""
 
     def __init__(self, config):
         super().__init__()
@@ -228,8 +209,7 @@ class PretrainedVision(nn.Module):
             self.blocks = getattr(self.net, "vision_model", self.net).encoder.layers
             self.out_dim = self.net.config.hidden_size
             self.n_tokens = (self.net.config.image_size // self.net.config.patch_size) ** 2
-            wf = (sorted(Path(config.image_encoder).glob("*.safetensors"))
-                  + sorted(Path(config.image_encoder).glob("*.bin")))
+            wf = [f for ext in ("safetensors", "bin") for f in sorted(Path(self.kind).glob(f"*.{ext}"))]
             self.weights_file = str(wf[0]) if wf else None
         self.backbone_id = self.kind if self.kind == "efficientnet_lite0" else f"clip:{Path(self.kind).resolve()}"
         self.requires_grad_(False)
@@ -247,7 +227,7 @@ class PretrainedVision(nn.Module):
         return self
 
     def forward(self, pixels):
-        if self.kind == "efficientnet_lite0":  # channels-last convolutions: ~1.4x faster on CPU
+        if self.kind == "efficientnet_lite0":  # channels-last convolutions are faster on CPU
             feats = self.net.forward_features(pixels.contiguous(memory_format=torch.channels_last))
             return feats.flatten(2).transpose(1, 2)
         return self.net(pixel_values=pixels).last_hidden_state[:, 1:]
@@ -263,11 +243,8 @@ class PretrainedVision(nn.Module):
 # -- dual-granularity encoder (trained from scratch)
 
 def _window_ids(G: int, w: int, shift: int) -> torch.Tensor:
-    """Region id of each cell of a G x G grid padded to a multiple of w, after a cyclic shift.
-
-    Cells from different regions must not attend to each other inside a shifted window (Swin's mask);
-    padding cells get id -1 and are never attended to.
-    """
+    """Region id of each cell of a G x G grid padded to a multiple of w, after a cyclic shift: cells of different
+    regions must not attend to each other inside a shifted window (Swin's mask); padding cells get id -1."""
     Gp = -(-G // w) * w
     valid = torch.zeros(Gp, Gp, dtype=torch.bool)
     valid[:G, :G] = True
@@ -284,26 +261,21 @@ def _window_ids(G: int, w: int, shift: int) -> torch.Tensor:
 
 class SwinBlock(nn.Module):
     """Window attention over a G x G token grid (shifted by window//2 when shift=True) + FFN (LayerScale as Block's).
+    x [B, G*G, D] -> [B, G*G, D]"""
 
-    x [B, G*G, D] -> [B, G*G, D]
-    """
-
-    def __init__(self, dim: int, heads: int, grid: int, window: int, shift: bool, dropout: float = 0.0,
-                 scale: float = 0.0):
+    def __init__(self, dim: int, heads: int, grid: int, window: int, shift: bool, scale: float = 0.0):
         super().__init__()
         self.ls1, self.ls2 = layer_scale(dim, scale), layer_scale(dim, scale)
         self.G, self.w = grid, min(window, grid)
+        self.Gp = -(-grid // self.w) * self.w  # the grid padded to whole windows
         self.shift = self.w // 2 if shift and self.w < grid else 0
         self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.ln2, self.ffn = nn.LayerNorm(dim), MLP(dim, 4 * dim, dropout)
+        self.ln2, self.ffn = nn.LayerNorm(dim), MLP(dim, 4 * dim)
         ids = self._windows(_window_ids(grid, self.w, self.shift)[None, :, :, None].float())[..., 0]  # [nW, w*w]
         eye = torch.eye(self.w * self.w, dtype=torch.bool)
         mask = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)) | eye
         self.register_buffer("mask", mask[:, None], persistent=False)  # [nW, 1, w*w, w*w]
-        Gp = -(-grid // self.w) * self.w
-        cell = F.pad(torch.arange(grid * grid).view(grid, grid), (0, Gp - grid, 0, Gp - grid), value=-1)
-        cell = torch.roll(cell, (-self.shift, -self.shift), (0, 1)) if self.shift else cell
-        slot_cell = self._windows(cell[None, :, :, None])[..., 0]                       # [nW, w*w], -1 = padding
+        slot_cell = self._partition(torch.arange(grid * grid).view(1, grid, grid, 1), -1)[..., 0]  # [nW, w*w]
         # one-hot of each window slot's grid cell (padding: a zero row): where rollout() puts window attention back
         self.register_buffer("slot_onehot", F.one_hot(slot_cell + 1, grid * grid + 1)[..., 1:].float(),
                              persistent=False)                                          # [nW, w*w, G*G]
@@ -312,67 +284,78 @@ class SwinBlock(nn.Module):
         """The last forward's window attention (kept weights, mean over heads) on the whole grid: [B, G*G, G*G]."""
         nW, S, _ = self.slot_onehot.shape
         w = self.attn.last_weights.float().mean(1).reshape(-1, nW, S, S)             # [B, nW, w*w, w*w]
-        P = self.slot_onehot
-        return torch.einsum("nsc,bnst,ntd->bcd", P, w, P)
+        return torch.einsum("nsc,bnst,ntd->bcd", self.slot_onehot, w, self.slot_onehot)
 
     def _windows(self, x):  # [B, Gp, Gp, D] -> [B*nW, w*w, D]
         B, Gp, _, D = x.shape
         n = Gp // self.w
         return x.view(B, n, self.w, n, self.w, D).transpose(2, 3).reshape(B * n * n, self.w * self.w, D)
 
+    def _partition(self, x, fill=0):  # [B, G, G, D] -> padded (with fill), shifted -> [B*nW, w*w, D]
+        p = self.Gp - self.G
+        x = F.pad(x, (0, 0, 0, p, 0, p), value=fill)
+        return self._windows(torch.roll(x, (-self.shift, -self.shift), (1, 2)) if self.shift else x)
+
     def forward(self, x):
         B, N, D = x.shape
-        G, w = self.G, self.w
-        Gp = -(-G // w) * w
-        h = self.ln1(x).view(B, G, G, D)
-        h = F.pad(h, (0, 0, 0, Gp - G, 0, Gp - G))
-        if self.shift:
-            h = torch.roll(h, (-self.shift, -self.shift), (1, 2))
-        win = self._windows(h)
-        mask = self.mask.repeat(B, 1, 1, 1)
-        out = self.attn(win, win, mask)
-        n = Gp // w
-        out = out.view(B, n, n, w, w, D).transpose(2, 3).reshape(B, Gp, Gp, D)
+        G, Gp, w = self.G, self.Gp, self.w
+        win = self._partition(self.ln1(x).view(B, G, G, D))
+        out = self.attn(win, win, self.mask.repeat(B, 1, 1, 1))
+        out = out.view(B, Gp // w, Gp // w, w, w, D).transpose(2, 3).reshape(B, Gp, Gp, D)
         if self.shift:
             out = torch.roll(out, (self.shift, self.shift), (1, 2))
         x = x + self.ls1(out[:, :G, :G].reshape(B, N, D))
         return x + self.ls2(self.ffn(self.ln2(x)))
 
 
-class DelegateAttention(nn.Module):
-    """Scores patches, keeps the top-k as delegates, and lets every patch attend to them (residually).
+class SaliencySelect(nn.Module):
+    """Keeps k of N tokens: the k most salient by a learned score, or, given a prior, the k the prior ranks first;
+    each kept token is scaled by sigmoid(score), so the scorer learns through whatever reads the kept tokens.
+    x [B, N, D], prior [B, N] or None -> kept [B, k, D], idx [B, k] (positions in the N tokens)"""
 
-    The delegates are scaled by sigmoid(score) so the scorer learns through the attention output.
-    x [B, N, D] -> [B, N, D]
-    """
-
-    def __init__(self, dim: int, heads: int, topk: int, dropout: float = 0.0, scale: float = 0.0):
+    def __init__(self, dim: int, k: int):
         super().__init__()
-        self.topk = topk
-        self.ln, self.score, self.attn = nn.LayerNorm(dim), nn.Linear(dim, 1), Attention(dim, heads)
-        self.ls = layer_scale(dim, scale)
+        self.k = k
+        self.ln, self.score = nn.LayerNorm(dim), nn.Linear(dim, 1)
+
+    def keep(self, x, s, idx):
+        """The tokens idx [B, k] of x [B, N, D], each scaled by sigmoid of its score s [B, N] -> [B, k, D]."""
+        return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1))) * torch.sigmoid(s.gather(1, idx)).unsqueeze(-1)
+
+    def forward(self, x, prior=None):
+        s = self.score(self.ln(x)).squeeze(-1)
+        k = min(self.k, x.size(1))
+        if prior is None:
+            idx = s.topk(k, dim=1).indices
+        elif torch.onnx.is_in_onnx_export():  # ONNX's TopK puts the lower index first among equal values
+            idx = prior.topk(k, dim=1).indices
+        else:  # the same order here: cells of a flat region (a blank image) tie exactly, and topk breaks ties freely
+            idx = prior.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        return self.keep(x, s, idx), idx
+
+
+class DelegateAttention(SaliencySelect):
+    """Scores patches, keeps the top-k as delegates (scaled as SaliencySelect's), and lets every patch attend to them
+    (residually). x [B, N, D] -> [B, N, D]"""
+
+    def __init__(self, dim: int, heads: int, topk: int, scale: float = 0.0):
+        super().__init__(dim, topk)
+        self.attn, self.ls = Attention(dim, heads), layer_scale(dim, scale)
 
     def forward(self, x):
         h = self.ln(x)
         s = self.score(h).squeeze(-1)
-        top, idx = s.topk(min(self.topk, x.size(1)), dim=1)
-        self.last_idx = idx  # for DualGranularityEncoder.rollout
-        delegates = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.size(-1))) * torch.sigmoid(top).unsqueeze(-1)
-        return x + self.ls(self.attn(h, delegates))
+        self.last_idx = s.topk(min(self.k, x.size(1)), dim=1).indices  # for DualGranularityEncoder.rollout
+        return x + self.ls(self.attn(h, self.keep(h, s, self.last_idx)))
 
 
 class PatchEmbed(nn.Module):
-    """Image -> [B, D, S/p, S/p] patch grid through a convolutional stem.
-
-    One 3x3 stride-2 conv + BatchNorm + GELU per factor 2 of p (a plain p'-stride conv for an odd rest p'),
-    widths doubling towards the output; then a projection to D: with `mix`, a 3x3 stride-1 conv + BN + GELU
-    (each patch also sees its neighbours), else a linear 1x1 conv.
-    Why: trained from scratch on a few hundred images, a linear or un-normalised patchify learns far too slowly
-    (demo picture probe: ~0.65 dev accuracy after 6 epochs; this stem: ~0.9). BatchNorm is what matters most
-    (LayerNorm/GroupNorm stems stay ~0.7): the pictures' colours vary freely, and per-channel batch statistics
-    make the stem's responses comparable across pictures from the first steps. `mix` is used where the grid is
-    coarse (cheap); the finer grid keeps the 1x1 so its cost stays near the old stem's.
-    """
+    """Image -> [B, D, S/p, S/p] patch grid through a convolutional stem: one 3x3 stride-2 conv + BatchNorm + GELU
+    per factor 2 of p (a plain p'-stride conv for an odd rest p'), widths doubling towards the output; then a
+    projection to D: with `mix`, a 3x3 stride-1 conv + BN + GELU (each patch also sees its neighbours), else a 1x1.
+    Why: trained from scratch on a few hundred images, a linear or un-normalised patchify learns far too slowly.
+    BatchNorm matters most: the pictures' colours vary freely, and per-channel batch statistics make the stem's
+    responses comparable across pictures from the first steps. `mix` is used on the coarse grid only (cheap there)."""
 
     def __init__(self, dim: int, patch: int, mix: bool = False):
         super().__init__()
@@ -386,10 +369,8 @@ class PatchEmbed(nn.Module):
             # no conv bias before BatchNorm: its mean subtraction removes it
             layers += [nn.Conv2d(cin, w, k, s, k // 2 if s == 2 else 0, bias=False), nn.BatchNorm2d(w), nn.GELU()]
             cin = w
-        if mix:
-            layers += [nn.Conv2d(cin, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU()]
-        else:
-            layers.append(nn.Conv2d(cin, dim, 1))
+        layers += [nn.Conv2d(cin, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU()] if mix else \
+            [nn.Conv2d(cin, dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -398,9 +379,7 @@ class PatchEmbed(nn.Module):
 
 class ConvStem(nn.Module):
     """--vision_stem conv: two from-scratch patch stems (the ablation of the pretrained stem).
-
-    pixels [B, 3, S, S] -> (coarse [B, D, S/pc, S/pc], fine [B, D, S/pf, S/pf]).
-    """
+    pixels [B, 3, S, S] -> (coarse [B, D, S/pc, S/pc], fine [B, D, S/pf, S/pf])"""
     frozen = False
 
     def __init__(self, dim: int, coarse_patch: int, fine_patch: int):
@@ -419,20 +398,17 @@ EFFNET_MAPS = {4: (2, 24), 8: (4, 40), 16: (10, 112), 32: (15, 1280)}
 
 class EfficientNetStem(nn.Module):
     """--vision_stem efficientnet_lite0: the shipped ImageNet EfficientNet-Lite0 as the source of both views.
-
     pixels [B, 3, S, S] (mean = std = 0.5) -> (coarse [B, Cc, S/pc, S/pc], fine [B, Cf, S/pf, S/pf]): the maps
     at stride pc (--vision_patch_size) and pf (--vision_fine_patch_size), each one of 4, 8, 16, 32; stride 32 is
     the final 1280-channel features. At 224 px and 32/16: [B, 1280, 7, 7] and [B, 112, 14, 14]. Layers past the
     coarser map never run. Frozen (BatchNorm statistics included) unless --vision_trainable unfreezes its last
-    --unfreeze_last_vision_blocks blocks (and the head conv with them); frozen, its maps are cached per image.
-    """
+    --unfreeze_last_vision_blocks blocks (and the head conv with them); frozen, its maps are cached per image."""
 
     def __init__(self, coarse_stride: int, fine_stride: int, unfreeze: int = 0):
         super().__init__()
         net = load_efficientnet_lite0()
-        last = EFFNET_MAPS[coarse_stride][0]
         self.conv, self.bn = net._conv_stem, net._bn0
-        self.blocks = nn.ModuleList(list(net._blocks)[: last + 1])
+        self.blocks = nn.ModuleList(list(net._blocks)[: EFFNET_MAPS[coarse_stride][0] + 1])
         self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()) if coarse_stride == 32 else None
         self.fine_at = EFFNET_MAPS[fine_stride][0]
         self.channels = (EFFNET_MAPS[coarse_stride][1], EFFNET_MAPS[fine_stride][1])
@@ -448,38 +424,12 @@ class EfficientNetStem(nn.Module):
 
     def forward(self, pixels):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            x = F.relu6(self.bn(self.conv(pixels.contiguous(memory_format=torch.channels_last))))  # ~1.4x faster on CPU
+            x = F.relu6(self.bn(self.conv(pixels.contiguous(memory_format=torch.channels_last))))  # faster on CPU
             for i, blk in enumerate(self.blocks):
                 x = blk(x)
                 if i == self.fine_at:
                     fine = x
             return (x if self.head is None else self.head(x)), fine
-
-
-class SaliencySelect(nn.Module):
-    """Keeps k of N tokens: the k most salient by a learned score, or, given a prior, the k the prior ranks first;
-    each kept token is scaled by sigmoid(score), so the scorer learns through whatever reads the kept tokens (as
-    DelegateAttention's does).
-
-    x [B, N, D], prior [B, N] or None -> kept [B, k, D], idx [B, k] (positions in the N tokens)
-    """
-
-    def __init__(self, dim: int, k: int):
-        super().__init__()
-        self.k = k
-        self.ln, self.score = nn.LayerNorm(dim), nn.Linear(dim, 1)
-
-    def forward(self, x, prior=None):
-        s = self.score(self.ln(x)).squeeze(-1)
-        k = min(self.k, x.size(1))
-        if prior is None:
-            idx = s.topk(k, dim=1).indices
-        elif torch.onnx.is_in_onnx_export():  # ONNX's TopK puts the lower index first among equal values
-            idx = prior.topk(k, dim=1).indices
-        else:  # the same order here: cells of a flat region (a blank image) tie exactly, and topk breaks ties freely
-            idx = prior.sort(dim=1, descending=True, stable=True).indices[:, :k]
-        kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1))) * torch.sigmoid(s.gather(1, idx)).unsqueeze(-1)
-        return kept, idx
 
 
 def activation_prior(c, f, parent_index):
@@ -497,37 +447,27 @@ DUAL_LAYER_SCALE = 0.1  # start of every residual branch's LayerScale inside the
 class DualGranularityEncoder(nn.Module):
     """Coarse (Swin + delegate attention) and fine (salient patches + transformer) views of one image.
 
-    stem:   EfficientNet-Lite0's maps at stride pc and pf (default; frozen, cacheable; at the defaults 32/16 the
-            coarse map is the network's final 1280-channel features, what the plain MNER reads, and the fine map its
-            stride-16 activations) or a from-scratch conv stem (--vision_stem conv), at --vision_img_size S.
+    stem:   EfficientNetStem (default; frozen, cacheable) or ConvStem (--vision_stem conv), at --vision_img_size S;
             pc = --vision_patch_size > pf = --vision_fine_patch_size: every fine token covers a smaller area.
     coarse: the Gc x Gc map (Gc = S/pc) projected to D + position embedding, two Swin blocks (window
             --vision_swin_window, the second shifted), delegate attention (--vision_delegate_topk).
-    fine:   the Gf x Gf map (Gf = S/pf) projected to D + position embedding + the projected coarse token of the
-            cell it lies in (parent_cells: the semantics the saliency score and the fine blocks start from); the
-            k = min(--vision_max_patches, Gf^2) cells where the stem's maps stand out are kept (activation_prior;
-            --vision_select learned: the top of a learned score), each scaled by its learned score (SaliencySelect),
-            then --vision_depth transformer layers.
+    fine:   the Gf x Gf map (Gf = S/pf) projected to D + position embedding + parent_cells; the k =
+            min(--vision_max_patches, Gf^2) cells activation_prior ranks first (--vision_select learned: a learned
+            score) are kept by SaliencySelect, then --vision_depth transformer layers.
     summary: an MLP over [mean coarse; mean fine].
     Every residual branch of the learned blocks starts at DUAL_LAYER_SCALE (LayerScale): they refine the pretrained
     features instead of replacing them in the first steps, on a few hundred pictures.
-    forward(pixels [B, 3, S', S']) -> tokens [B, 1 + Gc^2 + k, D]; from_features(stem maps, flattened) -> the same;
-    rollout() -> [B, T, T]: how much each output token of the last forward drew on each input cell (explanations).
+    forward(pixels [B, 3, S', S']) -> tokens [B, 1 + Gc^2 + k, D]; from_features(stem maps, flattened) -> the same.
     """
 
     def __init__(self, config):
         super().__init__()
         D, heads = config.vision_embed_dim, config.vision_heads
-        # no dropout (--drop_prob is for the fusion stack and heads): this encoder underfits rather than overfits,
-        # and sampling the masks on CPU took ~15% of its step time
-        p = 0.0
         self.size = config.vision_img_size
         pc, pf = config.vision_patch_size, config.vision_fine_patch_size
         self.Gc, self.Gf = self.size // pc, self.size // pf
-        if config.vision_stem == "conv":
-            self.stem = ConvStem(D, pc, pf)
-        else:
-            self.stem = EfficientNetStem(pc, pf, config.unfreeze_last_vision_blocks if config.vision_trainable else 0)
+        self.stem = ConvStem(D, pc, pf) if config.vision_stem == "conv" else \
+            EfficientNetStem(pc, pf, config.unfreeze_last_vision_blocks if config.vision_trainable else 0)
         Cc, Cf = self.stem.channels
         # LayerNorm first: the pretrained maps' channels differ in scale by orders of magnitude
         self.coarse_proj = nn.Sequential(nn.LayerNorm(Cc), nn.Linear(Cc, D))
@@ -537,22 +477,21 @@ class DualGranularityEncoder(nn.Module):
         self.register_buffer("parent_index", (side[:, None] * self.Gc + side[None, :]).flatten(), persistent=False)
         self.coarse_pos = nn.Parameter(torch.zeros(1, self.Gc * self.Gc, D))
         self.fine_pos = nn.Parameter(torch.zeros(1, self.Gf * self.Gf, D))
+        # no dropout in here (--drop_prob is for the fusion stack and heads): this encoder underfits, not overfits
         ls = DUAL_LAYER_SCALE
-        self.swin = nn.ModuleList(SwinBlock(D, heads, self.Gc, config.vision_swin_window, shift=i == 1, dropout=p,
-                                            scale=ls) for i in range(2))
-        self.delegate = DelegateAttention(D, heads, config.vision_delegate_topk, p, scale=ls)
+        self.swin = nn.ModuleList(SwinBlock(D, heads, self.Gc, config.vision_swin_window, i == 1, ls) for i in range(2))
+        self.delegate = DelegateAttention(D, heads, config.vision_delegate_topk, scale=ls)
         self.k = min(config.vision_max_patches, self.Gf * self.Gf)
         self.select = SaliencySelect(D, self.k)
         self.select_by = config.vision_select
-        self.fine = nn.ModuleList(Block(D, heads, p, scale=ls) for _ in range(config.vision_depth))
-        self.fuse = MLP(2 * D, 2 * D, p, out=D)
+        self.fine = nn.ModuleList(Block(D, heads, scale=ls) for _ in range(config.vision_depth))
+        self.fuse = MLP(2 * D, 2 * D, out=D)
         self.norm = nn.LayerNorm(D)
         # label-free warm-up of a from-scratch stem: summary and coarse grid regress EfficientNet-Lite0's features
         self.distill = nn.Linear(D, TEACHER_DIM) if config.vision_distill_lambda > 0 else None
         nn.init.trunc_normal_(self.coarse_pos, std=0.02)
         nn.init.trunc_normal_(self.fine_pos, std=0.02)
-        self.out_dim = D
-        self.n_tokens = 1 + self.Gc * self.Gc + self.k
+        self.out_dim, self.n_tokens = D, 1 + self.Gc * self.Gc + self.k
         # a frozen stem's maps are computed once per image and cached (images.FeatureCache); the rest learns
         self.trainable, self.cacheable = True, self.stem.frozen
         self.map_shapes = ((Cc, self.Gc, self.Gc), (Cf, self.Gf, self.Gf))
@@ -596,7 +535,7 @@ class DualGranularityEncoder(nn.Module):
 
     def rollout(self) -> torch.Tensor | None:
         """How much each output token of the last forward draws on each input cell, [B, T, T] in the token layout
-        (slot 0, the summary, is no cell and gets nothing; rows sum to 1), from the kept attention weights (predict.
+        (slot 0, the summary, is no cell and gets nothing; rows sum to 1), from the kept attention weights (explain.
         explained_modules); None without them. Attention rollout (Abnar & Zuidema, 2020) through the Swin, delegate
         and fine blocks, each residual branch weighted by its LayerScale: (I + g A) / (1 + g), g = mean |gamma|. The
         summary token (an MLP over both views' means) draws half on each view's mean. FFNs, norms and the parent cell
@@ -632,9 +571,8 @@ class DualGranularityEncoder(nn.Module):
         grid (average-pooled to the teacher's grid side) cell by cell.
         tokens [B, 1 + Gc^2 + k, D]; teacher [B, R, 1280] with R a square (49 at 224 px) -> scalar."""
         B, R, _ = teacher.shape
-        side = math.isqrt(R)
         grid = tokens[:, 1:1 + self.Gc * self.Gc].transpose(1, 2).reshape(B, -1, self.Gc, self.Gc)
-        grid = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)           # [B, R, D]
+        grid = F.adaptive_avg_pool2d(grid, math.isqrt(R)).flatten(2).transpose(1, 2)  # [B, R, D]
         summary = 1 - F.cosine_similarity(self.distill(tokens[:, 0]), teacher.mean(1), dim=-1)
         cells = 1 - F.cosine_similarity(self.distill(grid), teacher, dim=-1)
         return (summary.mean() + cells.mean()) / 2
@@ -657,9 +595,7 @@ def build_teacher(config) -> nn.Module | None:
 
 class VisualResampler(nn.Module):
     """K learned queries read the image tokens (cross-attention + FFN): [B, R, Dv] -> [B, K, D].
-
-    K = 0 turns the resampler off (ablation): the image tokens are only projected, [B, R, Dv] -> [B, R, D].
-    """
+    K = 0 turns the resampler off (ablation): the image tokens are only projected, [B, R, Dv] -> [B, R, D]."""
 
     def __init__(self, in_dim: int, dim: int, tokens: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -681,10 +617,8 @@ class VisualResampler(nn.Module):
 
 class MultimodalStack(nn.Module):
     """N pre-LN blocks over word states: self-attention (padding mask), cross-attention to image tokens, FFN.
-
     Runs at width fusion_dim (down/up projections around it) so seven layers stay cheap next to the encoder.
-    text [B, W, H], mask [B, W] bool, img [B, K, Df] -> image context per word [B, W, H]
-    """
+    text [B, W, H], mask [B, W] bool, img [B, K, Df] -> image context per word [B, W, H]"""
 
     def __init__(self, hidden: int, dim: int, layers: int, heads: int, dropout: float = 0.0,
                  checkpointing: bool = False):
@@ -696,23 +630,18 @@ class MultimodalStack(nn.Module):
 
     def forward(self, text, mask, img):
         x = self.down(text)
-        self_mask = mask[:, None, :]
+        m, ck = mask[:, None, None, :], self.checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, self_mask, img, use_reentrant=False)
-            else:
-                x = blk(x, self_mask, img)
+            x = torch.utils.checkpoint.checkpoint(blk, x, m, img, use_reentrant=False) if ck else blk(x, m, img)
         return self.up(self.norm(x))
 
 
 class GatedConcatFusion(nn.Module):
     """How much of the image context each word takes.
-
     rel  = sigmoid(w . [LN(text); LN(ctx)] / temperature)       per-word relevance in [0, 1]
     gate = sigmoid(W [text; rel * ctx])                         per-dimension gate
     out  = text + alpha * gate * rel * ctx                      (alpha learnable; residual on the text)
-    text, ctx [B, W, H] -> out [B, W, H], rel [B, W]
-    """
+    text, ctx [B, W, H] -> out [B, W, H], rel [B, W]"""
 
     def __init__(self, hidden: int, temperature: float = 1.0, mode: str = "gated"):
         super().__init__()
@@ -739,11 +668,9 @@ class GatedConcatFusion(nn.Module):
 
 
 class CoAttention(nn.Module):
-    """roberta_clip_coattn's fusion: one co-attention block. Image tokens first read the text
-    (image->text attention), then every word reads the updated image tokens (text->image attention);
-    the result is added to the word states.
-    text [B, W, H], mask [B, W] bool, img [B, R, Dv] -> [B, W, H]
-    """
+    """roberta_clip_coattn's fusion: one co-attention block. Image tokens first read the text (image->text
+    attention), then every word reads the updated image tokens (text->image attention); the caller adds the result
+    to the word states. text [B, W, H], mask [B, W] bool, img [B, R, Dv] -> [B, W, H]"""
 
     def __init__(self, hidden: int, in_dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -755,7 +682,7 @@ class CoAttention(nn.Module):
     def forward(self, text, mask, img):
         v = self.proj(img)
         t = self.ln_t(text)
-        v = v + self.i2t(self.ln_i(v), t, mask[:, None, :])
+        v = v + self.i2t(self.ln_i(v), t, mask[:, None, None, :])
         ctx = self.t2i(t, v)
         return ctx + self.ffn(self.ln_f(ctx))
 
@@ -770,8 +697,7 @@ class SoftmaxHead(nn.Module):
         self.ls = label_smoothing
 
     def loss(self, em, labels, mask):
-        em = em[..., 1:]  # PAD is never a target
-        return F.cross_entropy(em[mask].float(), labels[mask] - 1, label_smoothing=self.ls)
+        return F.cross_entropy(em[..., 1:][mask].float(), labels[mask] - 1, label_smoothing=self.ls)  # no PAD target
 
     def losses(self, *triples):
         return [self.loss(*t) for t in triples]
@@ -783,22 +709,18 @@ class SoftmaxHead(nn.Module):
 
 # ============================================================================ losses
 
-def masked_mean(x, mask, dim=1):
-    """Mean of x [B, W, ...] over positions where mask [B, W] is True."""
-    m = mask.to(x.dtype)
-    while m.dim() < x.dim():
-        m = m.unsqueeze(-1)
-    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+def masked_mean(x, mask):
+    """Mean of x [B, W, D] over the words where mask [B, W] is True -> [B, D]."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def residual_loss(text, fused, mask):
-    """How far the image moved each word: (1 - cos) + 0.3 * MSE between its text state and its fused state, averaged
-    uniformly over the words in mask (a penalty on the size of the image's contribution, not an alignment).
-
-    The text side is detached: the penalty shrinks the image residual, it never drags the text encoder. Every word
-    weighs the same, so words where the image helps (entities) are not pushed back harder than the rest.
-    text, fused [B, W, H]; mask [B, W] bool -> scalar (0 when mask is empty).
-    """
+    """How far the image moved each word: (1 - cos) + 0.3 * MSE between its text and fused states, averaged uniformly
+    over the words in mask: a penalty on the size of the image's contribution, not an alignment. The text side is
+    detached (the penalty shrinks the image residual, never drags the text encoder); uniform weights keep the words
+    where the image helps (entities) from being pushed back harder than the rest.
+    text, fused [B, W, H]; mask [B, W] bool -> scalar (0 when mask is empty)."""
     t = text.detach()
     per = (1 - F.cosine_similarity(t, fused, dim=-1)) + 0.3 * (t - fused).pow(2).mean(-1)
     w = mask.float()
@@ -853,19 +775,18 @@ class Tagger(nn.Module):
         self.vision = self.resampler = self.stack = self.gate = self.coattn = self.nce_proj = self.type_head = None
         if fusion:
             self.vision = DualGranularityEncoder(config) if config.use_dual_granularity else PretrainedVision(config)
-            Dv = self.vision.out_dim
+            Dv, heads = self.vision.out_dim, config.cross_attn_heads
             if fusion == "stack":
-                Df = config.fusion_dim
-                self.resampler = VisualResampler(Dv, Df, config.resampler_tokens, config.cross_attn_heads, p)
-                self.stack = MultimodalStack(H, Df, config.fusion_layers, config.cross_attn_heads, p,
-                                             checkpointing=config.grad_checkpointing)
+                self.resampler = VisualResampler(Dv, config.fusion_dim, config.resampler_tokens, heads, p)
+                self.stack = MultimodalStack(H, config.fusion_dim, config.fusion_layers, heads, p,
+                                             config.grad_checkpointing)
                 self.gate = GatedConcatFusion(H, config.rel_temperature, config.fusion_gate)
                 self.nce_proj = nn.Linear(Dv, H)
                 # which entity types occur in the post, from the pooled image alone: a direct image-level signal
                 # for a vision encoder trained from scratch (the tagging loss reaches it only through the fusion)
                 self.type_head = nn.Linear(Dv, (num_labels - 2) // 2) if config.image_type_lambda > 0 else None
             else:
-                self.coattn = CoAttention(H, Dv, config.cross_attn_heads, p)
+                self.coattn = CoAttention(H, Dv, heads, p)
         self.lstm = nn.LSTM(H, config.hidden_dim, batch_first=True, bidirectional=True) if bilstm else None
         out = 2 * config.hidden_dim if bilstm else H
         bioes = head == "crf" and config.tag_scheme == "bioes"
@@ -877,10 +798,9 @@ class Tagger(nn.Module):
     HEAD_PREFIXES = ("case.", "lstm.", "emit.", "head.")
 
     def param_groups(self, head_group=True, crf_group=False) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """{text, vision, head, crf, rest: [(name, parameter)]} in named_parameters order; the head group is
-        HEAD_PREFIXES (head_group=False: the head's parameters stay in "rest", the
-        grouping of runs saved before --head_lr); the CRF's scores form their own group only with crf_group
-        (--crf_lr), else they are the head's."""
+        """{text, vision, head, crf, rest: [(name, parameter)]} in named_parameters order. head_group=False leaves
+        HEAD_PREFIXES in "rest" (the grouping of runs saved before --head_lr); crf_group gives the CRF's scores their
+        own group (--crf_lr), else they are the head's."""
         groups = {"text": [], "vision": [], "head": [], "crf": [], "rest": []}
         pretrained = ("vision.",) if isinstance(self.vision, PretrainedVision) else \
             ("vision.stem.",) if isinstance(getattr(self.vision, "stem", None), EfficientNetStem) else ()
@@ -904,53 +824,46 @@ class Tagger(nn.Module):
         return self.fusion_kind is not None
 
     def image_tokens(self, batch, rows):
-        """[n, R, Dv] for the posts `rows` [n] (those with a usable image), from cached features or pixels.
-
-        Only these rows enter the vision encoder: placeholders never reach its BatchNorm statistics or its compute.
-        """
+        """[n, R, Dv] for the posts `rows` [n] (those with a usable image), from cached features or pixels: only
+        these rows enter the vision encoder, so placeholders never reach its BatchNorm statistics or its compute."""
         if "image_feats" in batch:
             return self.vision.from_features(batch["image_feats"][rows])
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision.trainable):
             return self.vision(batch["pixel_values"][rows])
 
-    def _sequence(self, h, mask):
-        if self.lstm is None:
-            return h
-        lengths = mask.sum(1).clamp_min(1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
-        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=h.size(1))[0]
-
     def _emissions(self, h, mask):
-        return self.emit(self.drop(self._sequence(h, mask)))
+        if self.lstm is not None:
+            lengths = mask.sum(1).clamp_min(1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+            h = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=h.size(1))[0]
+        return self.emit(self.drop(h))
 
     def forward(self, batch, epoch: float = 0.0, image_on: bool = True):
-        cfg = self.config
-        mask = batch["word_mask"]
-        text = self._word_states(batch)
-        B, W, H = text.shape
+        cfg, mask = self.config, batch["word_mask"]
+        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"])  # [B, W, H]
+        if self.case is not None:
+            text = text + self.case(batch["case_ids"])
+        text = self.drop(text)
+        B, W, _ = text.shape
         zero = text.new_zeros(())
-        parts = {"residual": zero, "preserve": zero, "nce": zero, "sparsity": zero, "image_types": zero,
-                 "distill": zero, "tag_distill": zero}
+        parts = dict.fromkeys(["residual", "preserve", "nce", "sparsity", "image_types", "distill", "tag_distill"],
+                              zero)
         rel = torch.zeros(B, W, device=text.device)
-        fused, img, rows = text, None, None
+        fused, img = text, None
         if self.uses_image and image_on and cfg.use_image:
             has = batch["has_image"].to(text.device)
             if self.training and cfg.image_dropout_p > 0:
                 has = has & (torch.rand(B, device=text.device) >= cfg.image_dropout_p)
             rows = has.nonzero().squeeze(1)
-            # a batch with no usable image skips the vision encoder (Twitter without its images: text cost only)
-            img = self.image_tokens(batch, rows).to(text.dtype) if rows.numel() else None
-        if img is not None:
-            # the image path runs on the posts with an image only; the others keep the text path exactly
-            t, m = text[rows], mask[rows]
-            if self.stack is not None:
-                ctx = self.stack(t, m, self.resampler(img))
-                fused_rows, rel_rows = self.gate(t, ctx)
-                rel = rel.index_put((rows,), rel_rows.to(rel.dtype))
-            else:
-                fused_rows = t + self.coattn(t, m, img)
-            fused = text.index_put((rows,), fused_rows.to(text.dtype))
+            if rows.numel():  # a batch with no usable image skips the vision encoder (text cost only)
+                # the image path runs on the posts with an image only; the others keep the text path exactly
+                img, t, m = self.image_tokens(batch, rows).to(text.dtype), text[rows], mask[rows]
+                if self.stack is not None:
+                    fused_rows, rel_rows = self.gate(t, self.stack(t, m, self.resampler(img)))
+                    rel = rel.index_put((rows,), rel_rows.to(rel.dtype))
+                else:
+                    fused_rows = t + self.coattn(t, m, img)
+                fused = text.index_put((rows,), fused_rows.to(text.dtype))
         em = self._emissions(fused, mask)
         out = {"emissions": em, "rel": rel}
         if "labels" not in batch:
@@ -959,17 +872,23 @@ class Tagger(nn.Module):
         if "labelled" in batch:  # distillation's unlabelled posts (never with an image) have no tag loss
             keep = batch["labelled"].nonzero().squeeze(1)
             tagged = (em[keep], labels[keep], mask[keep])
-        extra = img is not None and self.stack is not None
-        if extra:
+        if img is None or self.stack is None:
+            loss = parts["tag"] = self.head.loss(*tagged) if len(tagged[0]) else zero
+        else:  # the auxiliary losses of the posts with an image
             # the preserve loss (text-only emissions of the posts with an image) shares the tagging loss's CRF pass
-            text_em = self._emissions(t, m)
-            loss, parts["preserve"] = self.head.losses(tagged, (text_em, labels[rows], m))
-        else:
-            loss = self.head.loss(*tagged) if len(tagged[0]) else zero
-        parts["tag"] = loss
-        if extra:
-            for term in self._image_losses(parts, t, m, fused_rows, rel_rows, img, labels[rows], batch, rows, epoch):
-                loss = loss + term
+            loss, parts["preserve"] = self.head.losses(tagged, (self._emissions(t, m), labels[rows], m))
+            parts["tag"] = loss
+            parts["residual"] = residual_loss(t, fused_rows, m)
+            parts["nce"] = info_nce(masked_mean(t, m), self.nce_proj(img.mean(1)), cfg.nce_temperature)
+            parts["sparsity"] = rel_rows[m].mean()
+            if self.type_head is not None:
+                parts["image_types"] = image_type_loss(self.type_head(img.mean(1)), labels[rows])
+            if getattr(self.vision, "distill", None) is not None and "teacher_feats" in batch:
+                parts["distill"] = self.vision.distill_loss(img, batch["teacher_feats"][rows].to(img.dtype))
+            loss = sum([cfg.residual_lambda * warmup_weight(epoch, cfg.residual_warmup_epochs) * parts["residual"],
+                        cfg.preserve_lambda * parts["preserve"], cfg.nce_lambda * parts["nce"],
+                        cfg.sparsity_lambda * parts["sparsity"], cfg.image_type_lambda * parts["image_types"],
+                        cfg.vision_distill_lambda * parts["distill"]], loss)
         if "teacher_marg" in batch and cfg.distill_lambda > 0:
             T = cfg.distill_temperature  # scaled by T^2 so its gradient keeps its size across temperatures
             parts["tag_distill"] = T * T * tag_distill_loss(self.head.log_marginals(em, mask, T),
@@ -978,29 +897,6 @@ class Tagger(nn.Module):
         out["loss"] = loss
         out["parts"] = {k: v.detach() for k, v in parts.items()}
         return out
-
-    def _word_states(self, batch) -> torch.Tensor:
-        """The text encoder's word states [B, W, H], word shapes added, dropout applied."""
-        text = self.text(batch["input_ids"], batch["attention_mask"], batch["word_index"])
-        if self.case is not None:
-            text = text + self.case(batch["case_ids"])
-        return self.drop(text)
-
-    def _image_losses(self, parts, t, m, fused_rows, rel_rows, img, labels, batch, rows, epoch) -> list:
-        """The auxiliary losses of the posts with an image (t [n, W, H], m [n, W], fused_rows, rel_rows [n, W],
-        img [n, R, Dv], labels [n, W]), written into parts; -> their weighted terms, in the order they are added."""
-        cfg = self.config
-        parts["residual"] = residual_loss(t, fused_rows, m)
-        parts["nce"] = info_nce(masked_mean(t, m), self.nce_proj(img.mean(1)), cfg.nce_temperature)
-        parts["sparsity"] = rel_rows[m].mean()
-        if self.type_head is not None:
-            parts["image_types"] = image_type_loss(self.type_head(img.mean(1)), labels)
-        if getattr(self.vision, "distill", None) is not None and "teacher_feats" in batch:
-            parts["distill"] = self.vision.distill_loss(img, batch["teacher_feats"][rows].to(img.dtype))
-        return [cfg.residual_lambda * warmup_weight(epoch, cfg.residual_warmup_epochs) * parts["residual"],
-                cfg.preserve_lambda * parts["preserve"], cfg.nce_lambda * parts["nce"],
-                cfg.sparsity_lambda * parts["sparsity"], cfg.image_type_lambda * parts["image_types"],
-                cfg.vision_distill_lambda * parts["distill"]]
 
     @torch.no_grad()
     def decode(self, batch, image_on: bool = True) -> list[list[int]]:
@@ -1027,55 +923,49 @@ def build_model(config, num_labels: int = 10) -> Tagger:
     if config.model not in MODELS:
         raise ConfigError(f"--model {config.model!r} is unknown; choose one of {', '.join(MODELS)}")
     fusion, bilstm, head = MODELS[config.model]
-    if fusion and not config.use_image:
-        fusion = None
-    return Tagger(config, num_labels, fusion,
-                  config.use_bilstm if bilstm is None else bilstm,
-                  config.head if head is None else head)
+    return Tagger(config, num_labels, fusion if config.use_image else None,
+                  config.use_bilstm if bilstm is None else bilstm, config.head if head is None else head)
 
 
 def unused_flags(config, given: set[str]) -> list[str]:
     """Flags written out (`given`: config.given_flags(argv)) that this model would ignore: a value the registry
     entry contradicts raises ConfigError (one line naming the flag and the fix); a flag that merely does nothing
-    here comes back as a `--X does nothing with ...` line for a warning (check_flags prints them).
-    config.validate checks values alone; this needs the registry and what was given, so it lives here."""
+    here comes back as a `--X does nothing with ...` line for a warning (check_flags prints them)."""
     if config.model not in MODELS:
         return []  # build_model names the unknown model
     fusion, bilstm, head = MODELS[config.model]
+    model = f"--model {config.model}"
     if "head" in given and head is not None and config.head != head:
-        raise ConfigError(f"--head {config.head}: --model {config.model} always has a {head} head (only MNER takes "
-                          "--head); drop the flag, or use --model "
-                          f"{'bert' if config.head == 'softmax' else 'bert_crf'}")
+        raise ConfigError(f"--head {config.head}: {model} always has a {head} head (only MNER takes --head); drop the "
+                          f"flag, or use --model {'bert' if config.head == 'softmax' else 'bert_crf'}")
     if "use_bilstm" in given and bilstm is False and config.use_bilstm:
-        raise ConfigError(f"--use_bilstm: --model {config.model} has no BiLSTM (only MNER takes --use_bilstm); drop "
+        raise ConfigError(f"--use_bilstm: {model} has no BiLSTM (only MNER takes --use_bilstm); drop "
                           "the flag, or use --model bert_bilstm_crf")
-    has_lstm = config.use_bilstm if bilstm is None else bilstm
     head = config.head if head is None else head
-    rel_off = (f"--model {config.model}{'' if config.use_image else ' --no-use_image'} (only MNER's image fusion "
-               "has a per-word relevance)" if not (fusion == "stack" and config.use_image) else
-               "--fusion_gate sum (that fusion has no per-word relevance)" if config.fusion_gate == "sum" else None)
-    why = {
-        "hidden_dim": None if has_lstm else f"--model {config.model} without a BiLSTM (it sizes the BiLSTM: "
-                                            "--use_bilstm with MNER, or --model bert_bilstm_crf)",
-        "label_smoothing": None if head == "softmax" else f"the {head} head of --model {config.model} (it smooths the "
-                                                          "softmax head's cross-entropy)",
-        "rel_temperature": rel_off,
-        "bio_constraints": None if head == "crf" else f"the softmax head of --model {config.model} (it constrains "
-                                                      "the CRF's decoding)",
-        "crf_lr": None if head == "crf" else f"the softmax head of --model {config.model} (it is the CRF's rate)",
-        "tag_scheme": None if head == "crf" else f"the softmax head of --model {config.model} (it sets the tags the "
-                                                 "CRF scores)",
-        "unfreeze_last_vision_blocks": None if config.vision_trainable else "a frozen vision encoder (it counts the "
-                                                                            "blocks --vision_trainable trains)",
-    }
-    for k in ("distill_lambda", "distill_temperature", "distill_unlabelled"):
-        why[k] = None if config.teacher_run else "no --teacher_run (it shapes learning from a teacher's marginals)"
     if config.teacher_run and head != "crf":
-        raise ConfigError(f"--teacher_run: the student learns CRF tag marginals; --model {config.model} has a {head} "
+        raise ConfigError(f"--teacher_run: the student learns CRF tag marginals; {model} has a {head} "
                           "head: use a CRF model")
     image_path = bool(fusion) and config.use_image
-    if not image_path:
-        why["image_control"] = f"--model {config.model}{'' if config.use_image else ' --no-use_image'} (no image path)"
+    no_image = f"{model}{'' if config.use_image else ' --no-use_image'}"
+    rel_off = (f"{no_image} (only MNER's image fusion has a per-word relevance)" if not (fusion == "stack" and
+               config.use_image) else "--fusion_gate sum (that fusion has no per-word relevance)"
+               if config.fusion_gate == "sum" else None)
+    crf_only = lambda it: None if head == "crf" else f"the softmax head of {model} (it {it})"  # noqa: E731
+    no_teacher = None if config.teacher_run else "no --teacher_run (it shapes learning from a teacher's marginals)"
+    why = {
+        "hidden_dim": None if (config.use_bilstm if bilstm is None else bilstm) else
+            f"{model} without a BiLSTM (it sizes the BiLSTM: --use_bilstm with MNER, or --model bert_bilstm_crf)",
+        "label_smoothing": None if head == "softmax" else
+            f"the {head} head of {model} (it smooths the softmax head's cross-entropy)",
+        "rel_temperature": rel_off,
+        "bio_constraints": crf_only("constrains the CRF's decoding"),
+        "crf_lr": crf_only("is the CRF's rate"),
+        "tag_scheme": crf_only("sets the tags the CRF scores"),
+        "unfreeze_last_vision_blocks": None if config.vision_trainable else
+            "a frozen vision encoder (it counts the blocks --vision_trainable trains)",
+        "distill_lambda": no_teacher, "distill_temperature": no_teacher, "distill_unlabelled": no_teacher,
+        "image_control": None if image_path else f"{no_image} (no image path)",
+    }
     dual_off = (None if image_path and config.use_dual_granularity else
                 "no dual-granularity encoder (add --use_dual_granularity to an image model)")
     for k in (a.dest for a in build_parser()._actions if a.dest.startswith("vision_") and a.dest != "vision_trainable"):

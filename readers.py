@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
-
 
 from config import UserError
 
@@ -63,9 +64,7 @@ _LINE_BREAK = re.compile(r"\r\n?|\n")
 
 
 def _decode_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -91,28 +90,28 @@ def _problem_fn(path, lenient: bool, report: ReadReport, action: str = "skip"):
     return problem
 
 
+def _open(path, kind: str, lenient: bool, report: ReadReport | None, action: str = "skip"):
+    """A reader's (path, report, problem); the file must exist (`kind` names its format in the message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; put the {kind}split file there or pass --data_dir")
+    report = report if report is not None else ReadReport(str(path))
+    return path, report, _problem_fn(path, lenient, report, action)
+
+
 def read_conll(path, lenient: bool = False, keep_raw_types: bool = False,
                report: ReadReport | None = None) -> list[Post]:
     """Read a CoNLL+IMGID file: `IMGID:<id>` line, `token<TAB>tag` lines, a blank line between posts.
 
-    Strict by default: a line without exactly one tab, a tag that is not O/B-X/I-X, a post without an IMGID
-    line, or an IMGID with no tokens raises DataError("file:line: ...; fix"). With lenient=True each of
-    these is repaired or skipped and counted in `report` (tag -> O, token line kept whitespace-split,
-    post kept without image, empty post skipped).
+    Strict by default: a line without exactly one tab, a tag that is not O/B-X/I-X, a post without an IMGID line or
+    an IMGID with no tokens raises DataError("file:line: ...; fix"). Lenient: repaired or skipped and counted in
+    `report` (tag -> O, token line whitespace-split, post kept without image, empty post skipped).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; put the split file there or pass --data_dir")
-    report = report if report is not None else ReadReport(str(path))
-    lines = _decode_lines(path)
+    path, report, problem = _open(path, "", lenient, report, "repair")
     posts: list[Post] = []
-    tokens: list[str] = []
-    tags: list[str] = []
-    imgid: str | None = None
-    start = 0
-    problem = _problem_fn(path, lenient, report, "repair")
+    tokens, tags, imgid, start = [], [], None, 0  # the post being read, its IMGID and first line
 
-    def close(lineno: int):
+    def close():
         nonlocal tokens, tags, imgid
         if tokens:
             if imgid is None:
@@ -122,15 +121,15 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False,
             problem(start, f"IMGID:{imgid} has no tokens", "remove the line or add the post's tokens")
         tokens, tags, imgid = [], [], None
 
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(_decode_lines(path), 1):
         line = line.rstrip(" \r")
         if not line.strip():
-            close(lineno)
+            close()
             continue
         if line.startswith("IMGID:"):
             if tokens or imgid is not None:
                 problem(lineno, "IMGID line inside a post", "add a blank line before it")
-                close(lineno)
+                close()
             imgid, start = line[len("IMGID:"):].strip(), lineno
             continue
         if not tokens and imgid is None:
@@ -138,14 +137,13 @@ def read_conll(path, lenient: bool = False, keep_raw_types: bool = False,
         token, tag = _conll_token_line(line, lineno, problem, keep_raw_types)
         tokens.append(token)
         tags.append(tag)
-    close(len(lines) + 1)
+    close()
     if not posts:
         raise DataError(f"{path}:1: no posts found; the file is empty or has no `token<TAB>tag` lines")
     report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
     if report.problems:
         print(f"warning: {report.summary()}")
-    notes = conll_notes(posts)
-    if notes:
+    if notes := conll_notes(posts):
         print(f"note: {path}: {notes}")
     return posts
 
@@ -177,10 +175,9 @@ def opens_with_i(prev: str, tag: str) -> bool:
 def conll_notes(posts: list[Post]) -> str:
     """Valid but unusual things in a read file, counted (one phrase; '' when there are none).
 
-    I- tags that begin a chunk (after O or after another type) are kept as they are in the posts, which the scorer
-    reads: the conlleval evaluator as entity starts, --eval_mode strict as no entity (with --bio_constraints the
-    training targets read them as B-, see iob2). IMGIDs shared by several posts are kept too (the posts
-    share one image); the count shows a file that was concatenated twice.
+    I- tags that begin a chunk are kept in the posts, which the scorer reads (conlleval: entity starts, strict: no
+    entity; --bio_constraints trains them as B-, see iob2). Posts sharing an IMGID share one image; the count shows
+    a file that was concatenated twice.
     """
     orphans, first_orphan, seen, dups = 0, "", {}, {}
     for p in posts:
@@ -192,11 +189,10 @@ def conll_notes(posts: list[Post]) -> str:
                     path, _, line = p.source.rpartition(":")
                     first_orphan = f"{path}:{int(line) + k + (p.imgid is not None)}" if line.isdigit() else p.source
             prev = t
-        if p.imgid is not None:
-            if p.imgid in seen:
-                dups.setdefault(p.imgid, (seen[p.imgid], p.source))
-            else:
-                seen[p.imgid] = p.source
+        if p.imgid in seen:
+            dups.setdefault(p.imgid, (seen[p.imgid], p.source))
+        elif p.imgid is not None:
+            seen[p.imgid] = p.source
     out = []
     if orphans:
         out.append(f"{orphans} I- tag(s) begin a chunk (first: {first_orphan}); kept: --eval_mode conlleval reads "
@@ -216,11 +212,8 @@ def _majority(votes: Counter) -> str:
 
 
 def spans_to_bio(n: int, spans: dict) -> tuple[list[str], int]:
-    """BIO tags over n tokens from {(start, end): type}, end exclusive.
-
-    Overlap rule: two spans sharing a token cannot both be tagged, so the longer one is kept (on equal length,
-    the one that starts first). Returns (tags, number of spans dropped by this rule).
-    """
+    """(BIO tags over n tokens from {(start, end): type}, end exclusive; spans dropped). Of two spans sharing a
+    token the longer is tagged (on equal length, the one that starts first), the other dropped."""
     tags, dropped = ["O"] * n, 0
     for (s, e), t in sorted(spans.items(), key=lambda kv: (kv[0][0] - kv[0][1], kv[0][0])):
         if any(x != "O" for x in tags[s:e]):
@@ -230,8 +223,12 @@ def spans_to_bio(n: int, spans: dict) -> tuple[list[str], int]:
     return tags, dropped
 
 
-def _entity_counts(posts: list[Post]) -> dict:
-    return dict(sorted(Counter(t[2:] for p in posts for t in p.tags if t.startswith("B-")).items()))
+def _converted(report: ReadReport, posts: list[Post], c: Counter, keys: tuple) -> str:
+    """A converter's sizes, counts (`keys` of c) and entities per type into report; the entities as a phrase."""
+    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
+    ents = dict(sorted(Counter(t[2:] for p in posts for t in p.tags if t.startswith("B-")).items()))
+    report.counts = {**{k: c[k] for k in keys}, "entities": ents}
+    return f"{sum(ents.values())} entities ({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'})"
 
 
 # MNRE relation paths are /<head type>/<tail type>/<relation>. The release uses per, org, loc and misc;
@@ -240,10 +237,8 @@ MNRE_TYPES = {"per": "PER", "org": "ORG", "loc": "LOC", "misc": "MISC", "other":
 
 
 def _mnre_line(line: str):
-    """One MNRE line -> (tokens, img_id, [(span, type or None)] for head and tail, name mismatches).
-
-    Raises ValueError(why). Parsed with ast.literal_eval: literals only, nothing is executed.
-    """
+    """One MNRE line -> (tokens, img_id, [(span, type or None)] for head and tail, name mismatches), or
+    ValueError(why). Parsed with ast.literal_eval: literals only, nothing is executed."""
     try:
         d = ast.literal_eval(line.strip())
     except (SyntaxError, ValueError, TypeError, RecursionError) as e:
@@ -259,15 +254,13 @@ def _mnre_line(line: str):
     img = d["img_id"]
     if not isinstance(img, str) or not img.strip():
         raise ValueError("'img_id' must be an image file name")
-    rel = d["relation"]
-    if rel is None or rel == "None":
-        types = (None, None)
-    else:
-        parts = rel.split("/") if isinstance(rel, str) else []
-        if len(parts) != 4 or parts[0] or parts[1].lower() not in MNRE_TYPES or parts[2].lower() not in MNRE_TYPES:
+    rel, types = d["relation"], (None, None)
+    if rel is not None and rel != "None":
+        parts = rel.lower().split("/") if isinstance(rel, str) else []
+        if len(parts) != 4 or parts[0] or parts[1] not in MNRE_TYPES or parts[2] not in MNRE_TYPES:
             raise ValueError(f"relation {rel!r} is neither 'None' nor /<head type>/<tail type>/<name> with types "
                              f"{', '.join(MNRE_TYPES)}")
-        types = (MNRE_TYPES[parts[1].lower()], MNRE_TYPES[parts[2].lower()])
+        types = (MNRE_TYPES[parts[1]], MNRE_TYPES[parts[2]])
     spans, mismatch = [], 0
     for key, typ in zip("ht", types):
         ent = d[key]
@@ -312,17 +305,12 @@ def _mnre_posts(groups: dict, path: Path, c: Counter) -> list[Post]:
 def read_mnre(path, lenient: bool = False, report: ReadReport | None = None) -> list[Post]:
     """MNRE relation lines -> word-level BIO posts, one per distinct (tokens, img_id), in file order.
 
-    Every head and tail span is an entity typed by its relation path (/per/org/member_of: head PER, tail ORG;
-    a span typed differently by two relations of one post takes the majority). A span seen only in 'None'
-    relations takes the majority type of the same words typed elsewhere in this file, else it is left out (O).
-    Overlapping spans: the longer is kept (spans_to_bio). Counts go to report.counts; a malformed line raises
-    DataError("file:line: ...") unless lenient (then it is skipped and counted).
+    Every head and tail span is an entity typed by its relation path (/per/org/member_of: head PER, tail ORG), by
+    majority when a post's relations disagree. A span seen only in 'None' relations takes the majority type of the
+    same words typed elsewhere in this file, else it is left out (O). Overlapping spans: the longer is kept. Counts
+    go to report.counts; a malformed line raises DataError("file:line: ...") unless lenient (skipped and counted).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; put the MNRE split file there or pass --data_dir")
-    report = report if report is not None else ReadReport(str(path))
-    problem = _problem_fn(path, lenient, report)
+    path, report, problem = _open(path, "MNRE ", lenient, report)
     groups: dict = {}  # (tokens, img_id) -> (first line, {span: Counter(type)})
     c = Counter()
     for lineno, line in enumerate(_decode_lines(path), 1):
@@ -344,23 +332,17 @@ def read_mnre(path, lenient: bool = False, report: ReadReport | None = None) -> 
     if not groups:
         raise DataError(f"{path}:1: no relation lines found; the file is empty or holds no MNRE dict lines")
     posts = _mnre_posts(groups, path, c)
-    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
-    report.counts = {**{k: c[k] for k in ("lines", "by_relation", "by_surface", "left_out", "overlap_dropped",
-                                          "type_conflicts", "name_mismatch")}, "entities": _entity_counts(posts)}
-    ents = report.counts["entities"]
-    report.note = (f"from {c['lines']} relation lines; {sum(ents.values())} entities "
-                   f"({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'}); "
-                   f"spans typed by relation {c['by_relation']}, by same-words majority {c['by_surface']}, left out "
-                   f"untyped {c['left_out']}; "
+    ents = _converted(report, posts, c, ("lines", "by_relation", "by_surface", "left_out", "overlap_dropped",
+                                         "type_conflicts", "name_mismatch"))
+    report.note = (f"from {c['lines']} relation lines; {ents}; spans typed by relation {c['by_relation']}, by "
+                   f"same-words majority {c['by_surface']}, left out untyped {c['left_out']}; "
                    f"{c['overlap_dropped']} overlapping spans dropped (longer kept)")
     return posts
 
 
 def _json_records(path: Path, problem):
-    """(line, record) for each record of a JSON-lines file or of a file holding one JSON list.
-
-    A bad JSON line is a problem (skippable under lenient); a syntax error inside a JSON list is always an error.
-    """
+    """(line, record) for each record of a JSON-lines file or of a file holding one JSON list. A bad JSON line is a
+    problem (skippable under lenient); a syntax error inside a JSON list is always an error."""
     lines = _decode_lines(path)
     text = "\n".join(lines)
     if not text.lstrip().startswith("["):
@@ -371,17 +353,20 @@ def _json_records(path: Path, problem):
                 except json.JSONDecodeError as e:
                     problem(lineno, f"invalid JSON ({e.msg}, column {e.colno})", "write one JSON document per line")
         return
-    dec, n, line, at = json.JSONDecoder(), len(text), 1, 0
+    dec, line, at = json.JSONDecoder(), 1, 0
     space = re.compile(r"\s*")
 
-    def line_of(k):
+    def line_of(k):  # counted on from the last call: records come in order
         nonlocal line, at
         line, at = line + text.count("\n", at, k), k
         return line
+
+    def closes(k):  # the list's closing ']' at k, only whitespace after it
+        return text.startswith("]", k) and space.match(text, k + 1).end() == len(text)
     i = space.match(text, text.index("[") + 1).end()
-    if i < n and text[i] == "]" and space.match(text, i + 1).end() == n:
+    if closes(i):
         return
-    while True:
+    while True:  # after a ',' another record must follow
         try:
             obj, j = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
@@ -389,12 +374,11 @@ def _json_records(path: Path, problem):
                             "lines or one JSON list of documents") from None
         yield line_of(i), obj
         i = space.match(text, j).end()
-        if i < n and text[i] == ",":
-            i = space.match(text, i + 1).end()
-        elif i < n and text[i] == "]" and space.match(text, i + 1).end() == n:
+        if closes(i):
             return
-        else:
+        if not text.startswith(",", i):
             raise DataError(f"{path}:{line_of(i)}: expected ',' or the closing ']' of the JSON list")
+        i = space.match(text, i + 1).end()
 
 
 def _hacred_mention(m, sents) -> tuple[int, tuple[int, int], str, bool]:
@@ -419,15 +403,10 @@ def read_hacred(path, lenient: bool = False, report: ReadReport | None = None) -
     pos: [start, end) within the sentence}, typed by `type` (inner whitespace -> _). A span given two types takes
     the majority; overlapping spans: the longer is kept. Text-only: imgid is None. Empty sentences are skipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; put the HacRED split file there or pass --data_dir")
-    report = report if report is not None else ReadReport(str(path))
-    problem = _problem_fn(path, lenient, report)
+    path, report, problem = _open(path, "HacRED ", lenient, report)
     posts, c = [], Counter()
     for lineno, doc in _json_records(path, problem):
-        sents = doc.get("sents_char") if isinstance(doc, dict) else None
-        ents = doc.get("vertex_char") if isinstance(doc, dict) else None
+        sents, ents = (doc.get("sents_char"), doc.get("vertex_char")) if isinstance(doc, dict) else (None, None)
         if not (isinstance(sents, list)
                 and all(isinstance(s, list) and all(isinstance(ch, str) for ch in s) for s in sents)):
             problem(lineno, "document has no `sents_char` list of sentences (lists of characters)",
@@ -458,13 +437,10 @@ def read_hacred(path, lenient: bool = False, report: ReadReport | None = None) -
             posts.append(Post(list(chars), tags, None, f"{path}:{lineno} (sentence {k})"))
     if not posts:
         raise DataError(f"{path}:1: no sentences found; the file is empty or its documents have no sents_char")
-    report.posts, report.tokens = len(posts), sum(len(p.tokens) for p in posts)
-    report.counts = {**{k: c[k] for k in ("documents", "overlap_dropped", "type_conflicts", "empty_sentences",
-                                          "name_mismatch")}, "entities": _entity_counts(posts)}
-    ents = report.counts["entities"]
-    report.note = (f"from {c['documents']} documents; {sum(ents.values())} entities "
-                   f"({', '.join(f'{t} {n}' for t, n in ents.items()) or 'none'}); {c['overlap_dropped']} overlapping "
-                   f"spans dropped (longer kept), {c['type_conflicts']} spans with two types (majority kept)")
+    ents = _converted(report, posts, c, ("documents", "overlap_dropped", "type_conflicts", "empty_sentences",
+                                         "name_mismatch"))
+    report.note = (f"from {c['documents']} documents; {ents}; {c['overlap_dropped']} overlapping spans dropped "
+                   f"(longer kept), {c['type_conflicts']} spans with two types (majority kept)")
     return posts
 
 
@@ -545,12 +521,8 @@ def dataset_dir(config) -> Path:
 
 
 def image_root(config, split: str = "train") -> Path | None:
-    """Folder of a split's images; None for a text-only dataset.
-
-    Default: the registry's folder (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<train|val|test>).
-    --image_root replaces it; for a dataset with one image folder per split, its <split> sub-folder is used
-    when it exists there.
-    """
+    """Folder of a split's images (the registry's, e.g. data/MNRE/img_org/val); None for a text-only dataset.
+    --image_root replaces it; for a dataset with one image folder per split, by its <split> sub-folder if it has one."""
     spec, d = dataset_spec(config)
     if spec.images is None:
         return None
@@ -561,28 +533,19 @@ def image_root(config, split: str = "train") -> Path | None:
     return d / spec.image_dir(split)
 
 
-def missing_files_message(name: str, spec: DatasetSpec, d: Path, path: Path) -> str:
-    files = ", ".join(spec.file(s) for s in SPLIT_FILES)
-    img = f"images in {d / spec.image_dir()}/" if spec.images else "no images (text-only)"
-    src = f"; {spec.source}" if spec.source else ""
-    return f"{path} not found: dataset {name} expects {files} in {d}/ ({spec.layout}), {img}{src}"
-
-
 def load_split(config, split: str, report: ReadReport | None = None) -> list[Post]:
     """The posts of one split of --dataset_name, read by its registry reader: the one entry point for training.
-
-    Converted datasets (MNRE, HacRED) print one line with their sizes and what was resolved or dropped.
-    """
+    Converted datasets (MNRE, HacRED) print one line with their sizes and what was resolved or dropped."""
     spec, d = dataset_spec(config)
     path = d / spec.file(split)
-    if config.dataset_name == "demo" and not path.exists():
-        from data.make_demo import make_demo  # the demo set is generated, not shipped
-        make_demo(d)
-    if config.dataset_name == "heldout" and not path.exists():
-        from data.make_heldout import make_heldout  # generated too
-        make_heldout(d)
+    if config.dataset_name in ("demo", "heldout") and not path.exists():  # generated, not shipped
+        make = f"make_{config.dataset_name}"
+        getattr(importlib.import_module(f"data.{make}"), make)(d)
     if not path.is_file():
-        raise DataError(missing_files_message(config.dataset_name, spec, d, path))
+        files = ", ".join(spec.file(s) for s in SPLIT_FILES)
+        img = f"images in {d / spec.image_dir()}/" if spec.images else "no images (text-only)"
+        raise DataError(f"{path} not found: dataset {config.dataset_name} expects {files} in {d}/ ({spec.layout}), "
+                        f"{img}{f'; {spec.source}' if spec.source else ''}")
     if spec.reader is read_conll:
         return read_conll(path, lenient=config.lenient_data, keep_raw_types=config.keep_raw_types, report=report)
     report = report if report is not None else ReadReport(str(path))
@@ -603,7 +566,7 @@ def split_overlaps(posts: dict[str, list[Post]]) -> list[str]:
     repeats its dev split, or leaks training posts, scores what it trained on."""
     keys = {s: {(tuple(p.tokens), p.imgid) for p in ps} for s, ps in posts.items()}
     out = []
-    for a, b in ((a, b) for i, a in enumerate(keys) for b in list(keys)[i + 1:]):
+    for a, b in combinations(keys, 2):
         n = len(keys[a] & keys[b])
         if n:
             same = " (the same posts)" if keys[a] == keys[b] else ""

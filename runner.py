@@ -1,12 +1,10 @@
 """What training, scoring and tagging share: the device (and torchrun's process group), mixed precision, reading a
-run directory, the torch inference loop (run_batches) and training's scoring of a split, writing predictions.
+run directory, the torch inference loop (run_batches), training's scoring of a split, writing predictions.
 
     train.py, test.py, predict.py, bench.py, plots.py -> runner.py -> config, dataloader, metrics, model
 
-Nothing here imports an entry point, so no two files import each other (tests/test_imports.py checks the graph).
-A saved run is scored and tagged through runtime.CheckpointRuntime (test.py, predict.py, serve.py); training scores
-its dev and test splits here, with the model in memory: under torchrun (WORLD_SIZE > 1) each process predicts its
-shard of a split, the predictions are gathered and scored once (evaluate_split).
+Nothing here imports an entry point (tests/test_imports.py checks the graph). A saved run is scored and tagged through
+runtime.CheckpointRuntime; training scores its dev and test splits here, with the model in memory.
 """
 from __future__ import annotations
 
@@ -56,8 +54,8 @@ def is_main() -> bool:
 
 
 def setup_device(name: str) -> torch.device:
-    """The device of this process; under torchrun (WORLD_SIZE > 1 in the environment) also joins the process
-    group: NCCL with cuda:LOCAL_RANK on GPU, gloo on CPU. A single process just gets pick_device(name)."""
+    """The device of this process; under torchrun (WORLD_SIZE > 1) also joins the process group: NCCL with
+    cuda:LOCAL_RANK on GPU, gloo on CPU."""
     device = pick_device(name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
@@ -69,10 +67,8 @@ def setup_device(name: str) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         _OWN_GROUP[0] = True
     return device
 
@@ -97,12 +93,12 @@ def all_gather(obj) -> list:
     return out
 
 
-def broadcast(obj, src: int = 0):
-    """Rank src's obj on every rank."""
+def broadcast(obj):
+    """Rank 0's obj on every rank."""
     if world() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -117,8 +113,8 @@ def main_first():
 
 
 def amp_context(config, device):
-    """(autocast context factory, GradScaler or None): bf16 autocast where supported (CUDA with bf16, recent
-    CPUs), else fp16 with a GradScaler on CUDA; (nullcontext, None) without --amp."""
+    """(autocast context factory, GradScaler or None): bf16 autocast where supported, else fp16 with a GradScaler
+    on CUDA; (nullcontext, None) without --amp."""
     if not config.amp:
         return nullcontext, None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -140,8 +136,7 @@ def load_checkpoint(path) -> dict:
 
 
 def read_run_json(path) -> dict:
-    """A run's JSON file (config.json, label_map.json) as a dict: plain JSON, nothing in a run directory is
-    executed or unpickled; one-line errors when it is missing or damaged."""
+    """A run's JSON file (config.json, label_map.json) as a dict; one-line errors when it is missing or damaged."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -157,7 +152,7 @@ def read_run_json(path) -> dict:
 
 def check_encoders(config, where) -> None:
     """The encoder directories a saved run names must still exist (a moved folder otherwise fails deep inside
-    transformers); `where` is the run's config.json, named in the one-line error."""
+    transformers); `where`: the run's config.json, for the error."""
     checks = [("text_encoder", "minilm")]
     if MODELS.get(config.model, (None,))[0] and config.use_image and not config.use_dual_granularity:
         checks.append(("image_encoder", "efficientnet_lite0"))
@@ -181,9 +176,8 @@ LOCAL_PATHS = ("data_dir", "cache_dir", "image_root")
 
 
 def localise_paths(config, run: Path, given: set[str]) -> None:
-    """A loaded run works where it lies: save_dir is the folder it was loaded from, and data_dir, cache_dir and
-    image_root that were not given on the command line and are not folders on this machine take this checkout's
-    defaults (one line says so), so nothing is read from or created at the old machine's paths."""
+    """A loaded run works where it lies: save_dir is the folder it was loaded from; LOCAL_PATHS not given on the
+    command line and not folders here take this checkout's defaults (one line says so)."""
     config.save_dir = str(run.parent)
     defaults = get_config(check=False)
     for k in LOCAL_PATHS:
@@ -196,17 +190,16 @@ def localise_paths(config, run: Path, given: set[str]) -> None:
 
 
 def load_run(save_dir, name: str, overrides=None):
-    """(config, label_map, model, checkpoint) of a run directory, `overrides` (runtime flags) applied; one-line errors
-    for missing pieces."""
-    run = Path(save_dir) / name
+    """(config, label_map, model, checkpoint) of a run directory, `overrides` (runtime flags) applied."""
+    run, overrides = Path(save_dir) / name, overrides or {}
     for f in RUN_FILES:
         if not (run / f).is_file():
             raise ConfigError(f"--save_name {name}: {run / f} is missing; runs with a model.pt in {save_dir}: "
                               f"{runs_with(save_dir, 'model.pt')}")
     config = config_from_dict(read_run_json(run / "config.json"), str(run / "config.json"))
-    for k, v in (overrides or {}).items():
+    for k, v in overrides.items():
         setattr(config, k, v)
-    localise_paths(config, run, set(overrides or {}))
+    localise_paths(config, run, set(overrides))
     check_encoders(config, run / "config.json")
     label_map = D.LabelMap.load(run / "label_map.json")
     ckpt = load_checkpoint(run / "model.pt")
@@ -226,17 +219,16 @@ def load_run(save_dir, name: str, overrides=None):
 @torch.no_grad()
 def run_batches(model, dataset: D.MNERDataset, config, device, each, amp=None, desc: str = "predict",
                 shard: bool = False) -> list:
-    """The one inference loop of the tools: each(batch) -> one output per item of the batch (batch order), for every
-    batch of `dataset` in eval order (labels dropped), under amp; -> per post (windows merged: dataset.merge), or
-    with shard=True (torchrun) this rank's items with the others None, unmerged (the caller gathers, then merges)."""
+    """The one inference loop of the tools: each(batch) -> one output per item of the batch, for every batch of
+    `dataset` in eval order (labels dropped), under amp; -> per post (windows merged: dataset.merge), or with
+    shard=True (torchrun) this rank's items with the others None, unmerged (the caller gathers, then merges)."""
     model.eval()
     r, w = (rank(), world()) if shard else (0, 1)
     out: list = [None] * len(dataset)
-    ctx = amp or nullcontext
     for batch in tqdm(D.make_loader(dataset, config, train=False, rank=r, world=w), desc=desc, unit="batch",
                       leave=False, dynamic_ncols=True, disable=not is_main()):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with ctx():
+        with (amp or nullcontext)():
             rows = each(batch)
         for k, x in zip(batch["index"].tolist(), rows):
             out[k] = x
@@ -245,16 +237,14 @@ def run_batches(model, dataset: D.MNERDataset, config, device, each, amp=None, d
 
 def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
             shard: bool = False) -> list[list[str] | None]:
-    """Word tags of every post of `dataset`, every word (a post longer than --max_len is read from its windows);
-    shard as run_batches."""
+    """Word tags of every word of every post of `dataset` (long posts read from their windows); shard as run_batches."""
     return run_batches(model, dataset, config, device, lambda b: [label_map.decode(r) for r in model.decode(b)],
                        amp, f"eval {dataset.name}", shard)
 
 
 def evaluate_split(model, dataset, config, label_map, device, amp=None):
-    """(scores, word tags per post) of a split under --eval_mode. Under torchrun each rank predicts its shard,
-    the predictions are gathered, rank 0 scores them and every rank gets the same scores (so dev selection and
-    early stopping decide alike everywhere)."""
+    """(scores, word tags per post) of a split under --eval_mode. Under torchrun the ranks' predictions are gathered
+    and rank 0's scores go to every rank (so dev selection and early stopping decide alike everywhere)."""
     preds = predict(model, dataset, config, label_map, device, amp, shard=world() > 1)
     if world() > 1:
         for part in all_gather({i: p for i, p in enumerate(preds) if p is not None}):

@@ -1,9 +1,5 @@
-"""The run's torch model behind bundle.Runtime's interface.
-
-    crf_params            the CRF scores a bundle decodes with (crf.npz)
-    bundle_meta, refusal  what meta.json says of a run, and why a run cannot be exported
-    CheckpointRuntime     bundle.Runtime on the run's checkpoint: test.py, serve.py --save_name, and the
-                          reference export.py checks a bundle against
+"""The run's torch model behind bundle.Runtime's interface (CheckpointRuntime), and what a bundle holds of a run:
+the CRF scores it decodes with (crf_params: crf.npz), its meta.json (bundle_meta) and why it cannot be made (refusal).
 """
 from __future__ import annotations
 
@@ -26,12 +22,11 @@ MM_INPUTS = TEXT_INPUTS + ["image_feats", "has_image"]
 
 
 def crf_params(model) -> dict | None:
-    """start [L], end [L], transitions [L, L] the CRF head decodes with (CRFHead.scores) as float32 numpy; None for
-    the softmax head."""
+    """start [L], end [L], transitions [L, L] the CRF head decodes with (CRFHead.scores: with the BIO bans if on) as
+    float32 numpy; None for the softmax head."""
     if not isinstance(model.head, CRFHead):
         return None
-    start, end, trans = (x.detach().float().numpy() for x in model.head.scores())  # with the BIO bans if on
-    out = {"start": start, "end": end, "transitions": trans}
+    out = dict(zip(("start", "end", "transitions"), (x.detach().float().numpy() for x in model.head.scores())))
     if model.head.bioes:
         out["to_bio"] = model.head.to_bio.numpy()
     return out
@@ -47,6 +42,7 @@ def refusal(config, model) -> str:
 def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset: int) -> dict:
     uses_image = model.uses_image and config.use_image
     prep = D.image_prep_for(config) if uses_image else None
+    ext = "onnx" if fmt == "onnx" else "pt"
     return {"bundle_version": BU.BUNDLE_VERSION, "model": config.model, "run": str(run), "format": fmt, "int8": int8,
             "opset": opset if fmt == "onnx" else None, "head": "crf" if crf_params(model) is not None else "softmax",
             "max_len": config.max_len, "eval_mode": config.eval_mode, "text_encoder": config.text_encoder,
@@ -55,18 +51,16 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
             "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
             "image_prep": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std)} if prep else None,
             "image_feats": list(model.vision.feat_shape) if uses_image else None,
-            "cached_features": bool(model.vision.cacheable) if uses_image else None,
-            "text": f"text.{'onnx' if fmt == 'onnx' else 'pt'}",
-            "mm": f"mm.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
-            "vision": f"vision.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,
-            "explain": f"explain.{'onnx' if fmt == 'onnx' else 'pt'}" if uses_image else None,  # fp32 even with int8
+            "cached_features": bool(model.vision.cacheable) if uses_image else None, "text": f"text.{ext}",
+            "mm": f"mm.{ext}" if uses_image else None, "vision": f"vision.{ext}" if uses_image else None,
+            "explain": f"explain.{ext}" if uses_image else None,  # fp32 even with int8
             "explain_side": explain_side(model.vision) if uses_image else None,
             "inputs": {"text": TEXT_INPUTS, "mm": MM_INPUTS, "vision": ["pixels"], "explain": MM_INPUTS}}
 
 
 class CheckpointRuntime(BU.Runtime):
-    """The run's torch model behind bundle.Runtime's interface (same batching, CRF in numpy): test.py's scoring,
-    serve.py --save_name, and the reference an export is checked against.
+    """bundle.Runtime on the run's checkpoint (same batching, CRF in numpy): test.py's scoring, serve.py --save_name,
+    and the reference an export is checked against.
 
     loaded: (config, label_map, model) already built by runner.load_run (test.py), else the run is loaded here.
     strict: refuse a run whose inputs a post's words alone cannot give (refusal: serve.py and export.py tag raw
@@ -82,9 +76,8 @@ class CheckpointRuntime(BU.Runtime):
         self.model, self.device, self.amp = model.to(device).eval(), torch.device(device), amp or nullcontext
         meta = bundle_meta(config, model, label_map, Path(save_dir) / name, "checkpoint", False, 0)
         self._setup(meta, label_map, load_tokenizer(config), crf_params(model))
-        self.graphs = {"vision": lambda px: model.vision.features(px).float()} if meta["vision"] else {}
-        if meta["explain"]:
-            self.graphs["explain"] = Explain(model)
+        self.graphs = {"vision": lambda px: model.vision.features(px).float(),
+                       "explain": Explain(model)} if meta["vision"] else {}  # both or neither: the image path
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
@@ -114,11 +107,10 @@ class CheckpointRuntime(BU.Runtime):
         pixels = {}  # a vision trained with the tagger: its pixels, run through the vision graph in batches below
         for i, k in first.items():
             it = ds[k] if ds.has_image[i] else {"has_image": False}
-            if it["has_image"]:
-                if "image_feats" in it:
-                    feats[i] = it["image_feats"].numpy()
-                else:
-                    pixels[i] = it["pixel_values"].numpy()
+            if it["has_image"] and "image_feats" in it:
+                feats[i] = it["image_feats"].numpy()
+            elif it["has_image"]:
+                pixels[i] = it["pixel_values"].numpy()
         if pixels:
             for i, f in zip(pixels, self.vision_features(np.stack(list(pixels.values())))):
                 feats[i] = f

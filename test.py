@@ -7,12 +7,10 @@
                    [--[no-]bio_constraints]           # decode with(out) the BIO bans, whatever the run was trained with
                    [--bundle DIR]                     # score an export.py bundle of the run (onnxruntime, int8)
 
-Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the
-run directory (<split>_report.<control>.json and so on when --image_control differs from the run's own, .bio /
-.no_bio when --bio_constraints does), and
-appends one CSV row to --record_file when given (a bundle's reports carry its folder name:
-test_report.bundle_int8.json). Scoring runs through the same runtime as serve.py (runtime.CheckpointRuntime, or
-bundle.Bundle with --bundle): batches of similar length, text-only and image posts apart, CRF decoding in numpy.
+Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the run
+directory (<split>_report.<control>.json when --image_control differs from the run's own, .bio / .no_bio when
+--bio_constraints does, .<bundle folder> with --bundle), and appends one CSV row to --record_file when given.
+Scoring runs through the same runtime as serve.py (runtime.CheckpointRuntime, or bundle.Bundle with --bundle).
 The model is rebuilt from the run's config.json and label_map.json (never from the current flags or the test data).
 """
 from __future__ import annotations
@@ -50,20 +48,17 @@ def main(argv=None):
     cli = get_config(argv, tool="test")  # flag values are checked (--split) before anything loads
     if not cli.save_name:
         raise ConfigError("--save_name is required: the run directory under --save_dir to score")
-    given = given_flags(argv)
-    overrides = {k: getattr(cli, k) for k in given & RUNTIME_FLAGS}
+    overrides = {k: getattr(cli, k) for k in given_flags(argv) & RUNTIME_FLAGS}
     config, label_map, model, ckpt = load_run(cli.save_dir, cli.save_name, overrides)
-    saved = read_run_json(Path(cli.save_dir) / cli.save_name / "config.json")
-    trained_control = saved.get("image_control", "none")
+    run = Path(cli.save_dir) / cli.save_name  # outputs go beside the run loaded, wherever it was trained
+    saved = read_run_json(run / "config.json")
     device = pick_device(config.device)
     amp = amp_context(config, device)[0] if config.amp else None
     rt = open_runtime(cli, (config, label_map, model), device, amp)
     vision = model.vision if model.uses_image and config.use_image and not cli.bundle else None
-    run = Path(cli.save_dir) / cli.save_name  # outputs go beside the run loaded, wherever it was trained
     best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
-    # a control scoring (--image_control other than the run's own), another decoding (--bio_constraints) or a
-    # bundle never overwrites the run's own reports
-    tag = f".{config.image_control}" if config.image_control != trained_control else ""
+    # a control scoring, another decoding or a bundle writes reports of its own, never over the run's own
+    tag = f".{config.image_control}" if config.image_control != saved.get("image_control", "none") else ""
     if config.bio_constraints != saved.get("bio_constraints", False):
         tag += ".bio" if config.bio_constraints else ".no_bio"
     tag += f".{Path(cli.bundle).name}" if cli.bundle else ""

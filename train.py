@@ -5,16 +5,10 @@
                                                                 # stretches or shortens the lr decay only)
     torchrun --nproc_per_node 4 train.py --dataset_name demo   # DistributedDataParallel, one process per GPU
 
-Under torchrun (WORLD_SIZE > 1) each process trains on its shard of every epoch with --batch_size posts per
-batch (global batch = batch_size x processes); gradients are averaged across processes (NCCL on GPU, gloo on
-CPU), dev/test predictions are gathered and scored once, and only rank 0 logs and writes the run directory.
-
-A run directory save_models/<run>/ holds config.json, label_map.json, model.pt (best on dev), last.pt
-(everything needed to resume), metrics.jsonl (one line per epoch: losses, dev scores, time_s = the whole
-epoch, train_s = its training pass, eval_s = its dev pass), test_report.json and test_predictions.conll.
-Checkpoints are written to a temp file and renamed, so a kill never leaves a half-written one.
-
-_main reads as its steps: resolve_resume -> load_data -> build -> fit -> final_test.
+Under torchrun each process trains on its shard of every epoch (global batch = batch_size x processes), dev/test
+predictions are gathered and scored once, and only rank 0 logs and writes the run directory: save_models/<run>/
+with config.json, label_map.json, model.pt (best on dev), last.pt (everything needed to resume), metrics.jsonl
+(a line per epoch), test_report.json and test_predictions.conll.
 """
 from __future__ import annotations
 
@@ -26,8 +20,9 @@ import random
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,6 +43,7 @@ from runner import (all_gather, amp_context, barrier, broadcast, check_encoders,
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng")
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
+
 
 # ----------------------------------------------------------------------------- run set-up
 
@@ -77,19 +73,17 @@ def new_run_dir(config, resume: bool = False) -> Path:
     root = Path(config.save_dir)
     name = config.save_name or "_".join(x for x in (datetime.now().strftime("%Y%m%d-%H%M%S"), config.dataset_name,
                                                     config.model, config.ex_name) if x)
-    if config.save_name and not resume and any((root / name / f).exists() for f in ("metrics.jsonl", "last.pt",
-                                                                                    "model.pt")):
-        raise ConfigError(f"--save_name {name}: {root / name} already holds a run; "
-                          "resume it with --continue_train_name "
-                          f"{name}, pick another --save_name, or delete that directory")
+    if config.save_name and not resume and any((root / name / f).exists()
+                                               for f in ("metrics.jsonl", "last.pt", "model.pt")):
+        raise ConfigError(f"--save_name {name}: {root / name} already holds a run; resume it with "
+                          f"--continue_train_name {name}, pick another --save_name, or delete that directory")
     run, k = root / name, 2
     while not config.save_name and run.exists():  # collision-safe for generated names
         run, k = root / f"{name}_{k}", k + 1
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        (run / ".write_test").write_text("ok")
+        (run / ".write_test").unlink()
     except OSError as e:
         raise ConfigError(f"cannot write the run directory {run}: {e.strerror}; pass a writable --save_dir")
     return run
@@ -97,8 +91,7 @@ def new_run_dir(config, resume: bool = False) -> Path:
 
 def atomic_save(obj, path: Path):
     """torch.save to <path>.tmp, flushed to disk, then renamed over path: a kill, a full disk or a read-only folder
-    at any moment leaves the previous file whole (a leftover .tmp is never read and is overwritten next time).
-    A failed write is one line (ConfigError) naming the file and the reason."""
+    leaves the previous file whole. A failed write is one line (ConfigError) naming the file and the reason."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:  # a Python file: write errors arrive as OSError (ENOSPC, EROFS, EACCES, ...)
@@ -110,20 +103,17 @@ def atomic_save(obj, path: Path):
         if tmp.is_file() or tmp.is_symlink():
             tmp.unlink()
         why = e.strerror if isinstance(e, OSError) and e.strerror else f"write failed ({str(e).splitlines()[0][:100]})"
-        try:
+        with suppress(OSError):
             why += f", {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
-        except OSError:
-            pass
-        raise ConfigError(f"could not write {path}: {why}; {path.name} is left as it was. "
-                          "Free space or pass a writable "
-                          f"--save_dir, then resume with --continue_train_name {path.parent.name}") from None
+        raise ConfigError(f"could not write {path}: {why}; {path.name} is left as it was. Free space or pass a "
+                          f"writable --save_dir, then resume with --continue_train_name {path.parent.name}") from None
 
 
 class Tracker:
-    """SwanLab when enabled (online with SWANLAB_API_KEY, else local files in the run dir), always a JSONL file."""
+    """SwanLab when enabled (online with SWANLAB_API_KEY, else local files in the run dir), always steps.jsonl."""
 
     def __init__(self, config, run: Path, active: bool = True):
-        self.run, self.sw = None, None
+        self.sw = None
         self.steps = run / "steps.jsonl" if active else None  # per-step losses for plots.py, whatever SwanLab does
         mode = config.swanlab_mode if active else "disabled"  # inactive: a torchrun rank other than 0
         if mode == "auto":
@@ -132,16 +122,15 @@ class Tracker:
             import swanlab
             self.sw = swanlab
             # "local" = SwanLab's offline mode: files under the run dir, no login, `swanlab sync` uploads later
-            self.run = swanlab.init(project=config.ex_project, name=run.name, config=vars(config),
-                                    mode="offline" if mode == "local" else mode, log_dir=str(run / "swanlog"))
+            swanlab.init(project=config.ex_project, name=run.name, config=vars(config),
+                         mode="offline" if mode == "local" else mode, log_dir=str(run / "swanlog"))
 
     def log(self, data: dict, step: int):
         if self.sw is not None:
             self.sw.log({k: v for k, v in data.items() if isinstance(v, (int, float))}, step=step)
 
     def log_step(self, losses: dict, step: int):
-        """A line of steps.jsonl. A resumed run redoes the steps after its checkpoint: readers keep a step's
-        last line."""
+        """A line of steps.jsonl (a resumed run redoes the steps after its checkpoint: readers keep the last)."""
         if self.steps is not None:
             with open(self.steps, "a") as f:
                 f.write(json.dumps({"step": step, **losses}) + "\n")
@@ -149,7 +138,6 @@ class Tracker:
     def finish(self):
         if self.sw is not None:
             self.sw.finish()
-
 
 
 def all_finite(loss: torch.Tensor) -> bool:
@@ -162,12 +150,10 @@ def all_finite(loss: torch.Tensor) -> bool:
     return bool(ok)
 
 
-
 # ----------------------------------------------------------------------------- optimiser
 
 def base_lrs(config) -> dict:
-    """Learning rate of each parameter group base: text encoder, trainable pretrained vision, tagging head, CRF
-    scores (with --crf_lr), the rest."""
+    """Learning rate of each parameter group base (model.param_groups)."""
     return {"text": config.text_lr, "vision": config.backbone_lr, "head": config.head_lr, "crf": config.crf_lr,
             "rest": config.fusion_lr}
 
@@ -193,9 +179,8 @@ def lr_factor(plan: dict):
 
 def replan(plan: dict, step: int, epochs: int, total: int) -> dict:
     """The schedule of a run resumed after `step` optimiser steps with --epochs `epochs` (`total` steps in all):
-    warm-up is kept; the decay now ends at `total`, starting from the factor reached at `step` (continuous).
-    A run that had finished its decay (factor 0 at `step`) and is given more epochs goes on where the decay of a
-    run planned for `epochs` from the start would stand at `step` (continuity would leave it at lr 0)."""
+    warm-up is kept; the decay now ends at `total`, starting from the factor reached at `step`. A run that had
+    finished its decay (factor 0) and gets more epochs goes on where a run planned for `epochs` would stand."""
     if total == plan["total"]:
         return {**plan, "epochs": epochs}
     if step <= plan["warmup"]:  # still warming up: warm-up as planned, then the whole decay to the new end
@@ -212,13 +197,9 @@ def optimizer_steps(config, n_batches: int) -> int:
 
 
 def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None, head_group: bool = True):
-    """AdamW with a group per rate and weight decay, and a LambdaLR schedule: lr_plan(config, steps), or `plan` when
-    given.
-    head_group=False: the head in the "rest" group, as runs saved before --head_lr had it (their last.pt resumes).
-
-    text encoder -> text_lr, trainable pretrained vision -> backbone_lr, tagging head -> head_lr (the CRF's scores ->
-    crf_lr when it is set), everything else -> fusion_lr; biases and every norm layer get no weight decay.
-    """
+    """AdamW with a group per base rate (base_lrs) and weight decay (none for biases and norm layers), and a LambdaLR
+    schedule: lr_plan(config, steps), or `plan` when given. head_group=False: the head in the "rest" group, as runs
+    saved before --head_lr had it (their last.pt resumes)."""
     lrs = base_lrs(config)
     groups = []
     for name, params in model.param_groups(head_group, crf_group=config.crf_lr >= 0).items():
@@ -227,7 +208,7 @@ def make_optimizer(model, config, steps: int | None = None, plan: dict | None = 
             if ps:
                 groups.append({"params": ps, "lr": lrs[name], "name": f"{name}{'' if decay else '_nodecay'}",
                                "weight_decay": config.weight_decay_rate if decay else 0.0, "base": name})
-    # the fused kernel does one pass per tensor: 6x faster than the default per-parameter loop on CPU
+    # the fused kernel: one pass per tensor instead of a loop over parameters
     opt = torch.optim.AdamW(groups, lr=config.fusion_lr, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(plan or lr_plan(config, steps)))
 
@@ -239,8 +220,7 @@ def training_state(opt, sched, scaler) -> dict:
 
 
 def restore_training_state(ckpt: dict, opt, sched, scaler) -> None:
-    """The inverse of training_state. A checkpoint without scaler state (written without fp16, or before it was
-    saved) leaves the scaler at its initial scale."""
+    """The inverse of training_state; a checkpoint without scaler state leaves the scaler at its initial scale."""
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
@@ -250,28 +230,22 @@ def restore_training_state(ckpt: dict, opt, sched, scaler) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 def skip_bad_step(bad_run: list, config, epoch: int, what: str):
-    """Count a step skipped for a non-finite loss or gradient (bad_run = [in a row, in all]); stop the run with one
-    line after --max_bad_steps of them in a row."""
+    """Count a step skipped for a non-finite loss or gradient (bad_run = [in a row, in all]); one-line stop after
+    --max_bad_steps in a row."""
     bad_run[0] += 1
     bad_run[1] += 1
     if bad_run[0] >= config.max_bad_steps:
-        raise ConfigError(f"{bad_run[0]} non-finite {what} in a row at epoch {epoch + 1} "
-                          f"({bad_run[1]} skipped in all); "
-                          f"lower the learning rates (--fusion_lr {config.fusion_lr}, --head_lr {config.head_lr}, "
+        raise ConfigError(f"{bad_run[0]} non-finite {what} in a row at epoch {epoch + 1} ({bad_run[1]} skipped in all)"
+                          f"; lower the learning rates (--fusion_lr {config.fusion_lr}, --head_lr {config.head_lr}, "
                           f"--text_lr {config.text_lr}) or raise --max_bad_steps {config.max_bad_steps}")
 
 
 def train_step(model, group: list[dict], opt, sched, config, device, epoch: int, amp, scaler, bad_run: list,
                ema=None) -> dict:
-    """One optimiser step over an accumulation group of batches (--gradient_accumulation_steps of them; the last
-    group of an epoch may be shorter: no gradient crosses epochs). bench.py times exactly this function.
-
-    A batch with a non-finite loss drops the gradient gathered so far (the group's later batches still add theirs);
-    a non-finite gradient norm, or a non-finite last batch, skips the step. Both are counted in bad_run
-    (skip_bad_step). A step taken also updates the weight average `ema` (WeightEMA, --ema_decay) when given.
-    Returns {"losses": [(loss, {part: value}) of each finite batch], "norm": the gradient norm
-    before clipping, or None when no step was taken}.
-    """
+    """One optimiser step over an accumulation group of batches (no gradient crosses epochs); bench.py times it.
+    A batch with a non-finite loss drops the gradient gathered so far; a non-finite gradient norm, or a non-finite
+    last batch, skips the step (skip_bad_step). A step taken also updates `ema` when given. Returns {"losses":
+    [(loss, {part: value}) of each finite batch], "norm": the gradient norm before clipping, or None if no step}."""
     losses, ok = [], False
     for j, batch in enumerate(group):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -315,12 +289,9 @@ def train_step(model, group: list[dict], opt, sched, config, device, epoch: int,
 
 
 class WeightEMA:
-    """Exponential moving average of the trainable weights (--ema_decay d) over the optimiser steps taken:
-    avg_n = d avg_{n-1} + (1 - d) w_n from avg_0 = 0, read bias-corrected as avg_n / (1 - d^n), so the initial
-    (random-head) weights carry no weight and d means the same from the first step (horizon about 1 / (1 - d) steps).
-    Only parameters are averaged; buffers stay live (BatchNorm statistics of a trainable conv stem follow the live
-    weights, not the average). Inside `with ema.averaged():` the model holds the average (dev scoring, model.pt and
-    so the test see it); the live weights come back on leaving, whatever happens inside.
+    """Exponential moving average of the trainable weights (--ema_decay d) over the optimiser steps taken, from 0 and
+    read bias-corrected (avg_n / (1 - d^n)), so the initial weights carry no weight. Buffers stay live. Inside
+    `with ema.averaged():` the model holds the average; the live weights come back on leaving, whatever happens.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -350,54 +321,38 @@ class WeightEMA:
     def state_dict(self) -> dict:
         return {"avg": self.avg, "n": self.n}
 
+    @torch.no_grad()
     def load_state_dict(self, s: dict):
         if len(s["avg"]) != len(self.avg) or any(a.shape != b.shape for a, b in zip(s["avg"], self.avg)):
             raise ValueError("the averaged weights do not match the model's trainable parameters")
-        with torch.no_grad():
-            for a, b in zip(self.avg, s["avg"]):
-                a.copy_(b)
+        torch._foreach_copy_(self.avg, s["avg"])
         self.n = s["n"]
 
 
-def accumulation_groups(loader, accum: int):
-    """The loader's batches in lists of `accum` (the last list may be shorter)."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == accum:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, tracker, step0, bad_run, ema=None):
-    """One epoch of train_step (with the weight average's update after each step taken); returns
-    ({loss term: mean over the epoch's finite batches}, optimiser steps so far)."""
+    """One epoch of train_step; returns ({loss term: mean over the epoch's finite batches}, optimiser steps so far)."""
     model.train()
-    sums: dict[str, float] = {}
-    step, seen = step0, 0
+    sums, step, seen = {}, step0, 0
     opt.zero_grad(set_to_none=True)
     # a with-block: the bar is closed (its line cleared) before an error line is printed, as for a loop over tqdm
     with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True,
               disable=not is_main()) as bar:
-        for group in accumulation_groups(loader, config.gradient_accumulation_steps):
+        batches = iter(loader)  # in groups of --gradient_accumulation_steps, the last one maybe shorter
+        while group := list(islice(batches, config.gradient_accumulation_steps)):
             r = train_step(model, group, opt, sched, config, device, epoch, amp, scaler, bad_run, ema)
             bar.update(len(group))
             for loss, parts in r["losses"]:
-                for k, v in parts.items():
+                for k, v in [*parts.items(), ("loss", loss)]:
                     sums[k] = sums.get(k, 0.0) + v
-                sums["loss"] = sums.get("loss", 0.0) + loss
             seen += len(r["losses"])
             if r["norm"] is None:
                 continue
             step += 1
             loss, parts = r["losses"][-1]
-            log = {f"train/{k}": v for k, v in parts.items()}
-            log.update({"train/loss": loss, "train/grad_norm": r["norm"]})
-            log.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
-            tracker.log(log, step)
-            tracker.log_step({k[6:]: v for k, v in log.items() if k.startswith("train/")}, step)
+            logged = {**parts, "loss": loss, "grad_norm": r["norm"]}
+            tracker.log({**{f"train/{k}": v for k, v in logged.items()},
+                         **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups}}, step)
+            tracker.log_step(logged, step)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
     if world() > 1:  # the epoch's mean losses over the batches of every rank
         parts = all_gather((sums, seen))
@@ -425,8 +380,7 @@ def resolve_resume(argv: list[str]):
             raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
                               "written with every run, so this run directory is damaged: start a new run")
     raw = read_run_json(src / "config.json")
-    used = removed_levers(raw)
-    if used:
+    if used := removed_levers(raw):
         raise ConfigError(f"--continue_train_name {config.continue_train_name}: the run trained with {used[0]}, a "
                           "lever this version no longer has, so it cannot go on as it began; start a new run "
                           "(test.py and predict.py still load it)")
@@ -441,9 +395,8 @@ def resolve_resume(argv: list[str]):
             raise ConfigError(f"--{k} differs from the run being resumed ({old!r}); "
                               "the model structure comes from that run: drop the flag or start a new run")
         setattr(saved, k, new)
-    saved.continue_train_name, saved.save_name = config.continue_train_name, config.continue_train_name
-    config = saved
-    check_encoders(config, src / "config.json")
+    saved.continue_train_name = saved.save_name = config.continue_train_name
+    check_encoders(saved, src / "config.json")
     resume = load_checkpoint(src / "last.pt")
     missing = [k for k in RESUME_KEYS if k not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
     if missing:
@@ -451,7 +404,7 @@ def resolve_resume(argv: list[str]):
                           "written after every epoch, model.pt holds the best weights only: score the run with "
                           "test.py or start a new one")
     resume["run_epochs"] = run_epochs
-    return config, resume
+    return saved, resume
 
 
 def load_data(config, resume):
@@ -460,14 +413,13 @@ def load_data(config, resume):
         teacher_dir(config)  # a missing teacher is refused before any run directory is made
     with main_first():  # rank 0 first: it may generate the demo set
         posts = {s: D.load_split(config, s) for s in ("train", "valid", "test")}
-    overlaps = D.split_overlaps(posts)
-    if overlaps and not config.allow_split_overlap:
+    if (overlaps := D.split_overlaps(posts)) and not config.allow_split_overlap:
         raise D.DataError(f"--dataset_name {config.dataset_name}: {'; '.join(overlaps)}: dev or test would score posts "
                           "seen elsewhere; fix the release (python check_data.py --check) "
                           "or pass --allow_split_overlap")
     config.data_hash = D.split_hashes(config)  # stored in config.json: which version of the data the run used
-    run_src = Path(config.save_dir) / config.continue_train_name
-    label_map = D.LabelMap.load(run_src / "label_map.json") if resume else D.LabelMap.from_posts(posts["train"])
+    label_map = (D.LabelMap.load(Path(config.save_dir) / config.continue_train_name / "label_map.json") if resume
+                 else D.LabelMap.from_posts(posts["train"]))
     return posts, label_map, load_tokenizer(config)
 
 
@@ -512,17 +464,19 @@ def build(config, resume, posts, label_map, tokenizer, device, say):
 
 
 def start_state(config, resume, model, train_loader, device, run, say):
-    """Optimiser, schedule, amp, and where the loop starts: fresh, or restored from last.pt.
-
-    On resume the warm-up and the decay reached so far are kept; a new --epochs only moves where the decay ends
-    (replan), and the learning-rate flags given now apply to the remaining steps."""
+    """Optimiser, schedule, amp, and where the loop starts: fresh, or restored from last.pt, where the warm-up and
+    the decay reached so far are kept, a new --epochs only moves where the decay ends (replan), and the
+    learning-rate flags given now apply to the remaining steps."""
     total = optimizer_steps(config, len(train_loader))
     state = SimpleNamespace(epoch=0, best=-1.0, bad_epochs=0, step=0, plan=lr_plan(config, total))
     if resume:
         # runs saved before the plan was stored: the plan their config.json's --epochs gave
         was = SimpleNamespace(**{**vars(config), "epochs": resume["run_epochs"]})
         old = resume.get("schedule") or lr_plan(was, optimizer_steps(was, len(train_loader)))
-        state.plan = replan(old, resume["step"], config.epochs, total)
+        # a run that had stopped early only redoes the final test
+        state = SimpleNamespace(epoch=config.epochs if resume["stopped"] else resume["epoch"] + 1,
+                                best=resume["best"], bad_epochs=resume["bad_epochs"], step=resume["step"],
+                                plan=replan(old, resume["step"], config.epochs, total))
     # a last.pt from before --head_lr has no "head" group: its optimiser state fits the old grouping only
     old_groups = bool(resume) and all(g.get("base") != "head" for g in resume["optimizer"]["param_groups"])
     opt, sched = make_optimizer(model, config, plan=state.plan, head_group=not old_groups)
@@ -540,10 +494,6 @@ def start_state(config, resume, model, train_loader, device, run, say):
     sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
     for g, base in zip(opt.param_groups, sched.base_lrs):
         g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
-    state.epoch, state.best, state.bad_epochs, state.step = (resume["epoch"] + 1, resume["best"],
-                                                             resume["bad_epochs"], resume["step"])
-    if resume["stopped"]:
-        state.epoch = config.epochs  # it had stopped early: only the final test is redone
     if state.plan["total"] != old["total"] and state.epoch < config.epochs:
         restart = lr_factor(old)(state.step) == 0 and state.plan["start_value"] > 0
         say(f"note: --epochs {old['epochs']} -> {config.epochs}: the learning rate now decays to 0 at step "
@@ -555,8 +505,8 @@ def start_state(config, resume, model, train_loader, device, run, say):
     # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
     log = run / "metrics.jsonl"
     if is_main() and log.exists():
-        keep = [l for l in log.read_text().splitlines() if json.loads(l)["epoch"] <= state.epoch]
-        log.write_text("".join(l + "\n" for l in keep))
+        keep = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= state.epoch]
+        log.write_text("".join(line + "\n" for line in keep))
     say(f"resumed {run.name} after epoch {state.epoch} (best dev F1 {state.best:.4f})")
     return state, opt, sched, amp, scaler
 
@@ -575,21 +525,17 @@ def epoch_row(epoch: int, state, times: tuple, losses: dict, dev: dict, improved
     """metrics.jsonl's line for an epoch; times = (start, train end, dev end)."""
     t0, t1, t2 = times
     return {"epoch": epoch + 1, "step": state.step, "time_s": round(time.time() - t0, 2),
-            "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
-            **{f"train_{k}": v for k, v in losses.items()},
+            "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), **{f"train_{k}": v for k, v in losses.items()},
             "dev_precision": dev["precision"], "dev_recall": dev["recall"], "dev_f1": dev["f1"],
             "dev_per_type": {t: {k: v[k] for k in ("precision", "recall", "f1")} for t, v in dev["per_type"].items()},
-            "best_dev_f1": max(state.best, dev["f1"]),
-            "improved": improved, "skipped_steps": skipped}
+            "best_dev_f1": max(state.best, dev["f1"]), "improved": improved, "skipped_steps": skipped}
 
 
 def training_parts(config, core, resume, run, device, say):
     """(what trains: the model or its DDP wrapper, the weight average or None, the tracker); says what trains."""
-    lead = is_main()
     model = core  # the model itself (core): checkpoints, decoding, parameter groups; model: what trains
     if world() > 1:
-        # the image path is skipped for batches without a usable image (or dropped by --image_dropout_p), so DDP has
-        # to look for parameters that got no gradient; text-only models use every parameter every step
+        # batches without a usable image skip the image path: DDP must look for parameters that got no gradient
         model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=core.uses_image)
     ema = WeightEMA(core, config.ema_decay) if config.ema_decay > 0 else None
@@ -599,7 +545,7 @@ def training_parts(config, core, resume, run, device, say):
         except (KeyError, ValueError) as e:
             raise ConfigError(f"{Path(config.save_dir) / config.continue_train_name / 'last.pt'}: no usable weight "
                               f"average for --ema_decay {config.ema_decay} ({e}); start a new run") from None
-    tracker = Tracker(config, run, active=lead)
+    tracker = Tracker(config, run, active=is_main())
     n_params = sum(p.numel() for p in core.parameters())
     n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
     procs = f" x {world()} processes (global batch {config.batch_size * world()})" if world() > 1 else ""
@@ -616,34 +562,24 @@ def fit(config, core, ds, run, device, resume, say):
     train_loader = D.make_loader(ds["train"], config, train=True, rank=rank(), world=world())
     state, opt, sched, amp, scaler = start_state(config, resume, core, train_loader, device, run, say)
     model, ema, tracker = training_parts(config, core, resume, run, device, say)
-
     bad_run = [0, 0]  # non-finite steps skipped: in a row, in all
     for epoch in range(state.epoch, config.epochs):
-        t0 = time.time()
+        t0, skipped = time.time(), bad_run[1]
         train_loader.batch_sampler.set_epoch(epoch)
         ds["train"].epoch = epoch
-        skipped = bad_run[1]
         losses, state.step = train_epoch(model, train_loader, opt, sched, config, device, epoch, amp, scaler, tracker,
                                          state.step, bad_run, ema)
-        skipped = bad_run[1] - skipped
-        t1 = time.time()
+        skipped, t1 = bad_run[1] - skipped, time.time()
         # dev and model.pt see the averaged weights (--ema_decay); training goes on from the live ones
         with ema.averaged() if ema is not None else nullcontext():
             dev = evaluate_split(core, ds["valid"], config, ds["valid"].label_map, device, amp)[0]  # same on every rank
             t2 = time.time()
             improved = improves(config, dev["f1"], state.best)
-            if improved:
-                state.best, state.bad_epochs = dev["f1"], 0
-                if lead:
-                    atomic_save({"model": core.state_dict(), "config": vars(config),
-                                 "labels": ds["valid"].label_map.labels, "epoch": epoch, "dev_f1": dev["f1"]},
-                                run / "model.pt")
-            else:
-                state.bad_epochs += 1
+            state.best, state.bad_epochs = (dev["f1"], 0) if improved else (state.best, state.bad_epochs + 1)
+            if improved and lead:
+                atomic_save({"model": core.state_dict(), "config": vars(config), "labels": ds["valid"].label_map.labels,
+                             "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
         row = epoch_row(epoch, state, (t0, t1, t2), losses, dev, improved, skipped)
-        if lead:
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
         tracker.log({"dev/f1": dev["f1"], "dev/precision": dev["precision"], "dev/recall": dev["recall"],
                      **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, state.step)
         say(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
@@ -652,7 +588,9 @@ def fit(config, core, ds, run, device, resume, say):
             + (f"; {skipped} step(s) with a non-finite loss or gradient skipped" if skipped else ""))
         stop = stops_early(config, state.bad_epochs, epoch)
         rngs = all_gather(rng_state())
-        if lead:
+        if lead:  # metrics.jsonl first: resume drops the lines of epochs after last.pt's
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
             atomic_save({"model": core.state_dict(), **training_state(opt, sched, scaler), "schedule": state.plan,
                          "epoch": epoch, "best": state.best, "bad_epochs": state.bad_epochs, "step": state.step,
                          "stopped": stop, "rng": rngs[0], **({"rng_ranks": rngs} if world() > 1 else {}),
@@ -681,24 +619,20 @@ def final_test(config, core, ds, run, device, amp, test_posts):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return _main(argv)
+        config, resume = resolve_resume(argv)
+        device = setup_device(config.device)
+        say = print if is_main() else (lambda *a, **k: None)  # rank 0 (or the only process) prints, logs and writes
+        seed_everything(config.seed)  # the same seed on every rank: identical inits, each rank its own data shard
+        posts, label_map, tokenizer = load_data(config, resume)
+        if resume is None:
+            text_path_settings(config, argv, posts["train"], say)
+        model, run, ds = build(config, resume, posts, label_map, tokenizer, device, say)
+        amp = fit(config, model, ds, run, device, resume, say)
+        return run, final_test(config, model, ds, run, device, amp, posts["test"])
     finally:
         teardown()  # under torchrun: leave the process group (no-op otherwise)
-
-
-def _main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    config, resume = resolve_resume(argv)
-    device = setup_device(config.device)
-    say = print if is_main() else (lambda *a, **k: None)  # rank 0 (or the only process) prints, logs and writes
-    seed_everything(config.seed)  # the same seed on every rank: identical inits, each rank its own data shard
-    posts, label_map, tokenizer = load_data(config, resume)
-    if resume is None:
-        text_path_settings(config, argv, posts["train"], say)
-    model, run, ds = build(config, resume, posts, label_map, tokenizer, device, say)
-    amp = fit(config, model, ds, run, device, resume, say)
-    return run, final_test(config, model, ds, run, device, amp, posts["test"])
 
 
 if __name__ == "__main__":

@@ -109,7 +109,11 @@ def _model_flags(a) -> None:
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
     a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
-    # the image side: pretrained vision, the dual-granularity encoder, resampler and fusion
+    _image_flags(a)
+
+
+def _image_flags(a) -> None:
+    """The model group's image side: pretrained vision, the dual-granularity encoder, resampler and fusion."""
     a("--vision_trainable", action="store_true",
       help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")

@@ -28,7 +28,7 @@ text_default_bs32 text_default_bs32_lr1e4 text_default_ema99 text_default_ema995
 text_r2 text_r2_bio text_r2_bilstm
 text_r4 text_r4_bioes text_r4_no_bucketing text_r4_one_lr
 text_r4_no_ema text_r4_trained_emb text_r4_no_case text_r4_clip5 text_r4_e10
-text_r7_crf_lr1e2 text_r7_no_case text_r7_e10 text_r11_freeze1"
+text_r7_crf_lr1e2 text_r7_no_case text_r7_e10 text_r11_freeze1 text_r14_amp"
 DAPT_DIR=${DAPT_DIR:-$MANGO_ROOT/save_models/encoders/minilm_tweets}
 MPNET_DIR=${MPNET_DIR:-$MANGO_ROOT/save_models/encoders/all-mpnet-base-v2}
 # the first text path (word embeddings trained, head at 1e-3); each text_* lever adds one flag, which wins over the
@@ -97,6 +97,8 @@ flags_of() {  # experiment -> flags on top of script/train.sh (MNER + EfficientN
     text_r7_e10) echo "--model roberta_crf --epochs 10" ;;
     # the eleventh round: the lowest encoder layer fixed too (no backward through it: a shorter train pass)
     text_r11_freeze1) echo "--model roberta_crf --freeze_text_layers 1" ;;
+    # bf16 autocast (a speed setting: the same model in lower-precision products)
+    text_r14_amp) echo "--model roberta_crf --amp" ;;
     *) return 1 ;;
   esac
 }

@@ -6,7 +6,8 @@
 #   bash script/speed_vs_flair.sh                       Twitter-2017, 2 threads, seed 1
 #   THREADS=1 DATASET=twitter2015 OUT=results/speed_vs_flair_t15_1thread.json bash script/speed_vs_flair.sh
 # DATASET, SEED, TEXT_ENCODER (a local encoder directory; default the shipped MiniLM) and EXTRA_ARGS (e.g.
-# "--data_dir DIR") go to both sides, through the scripts' env-to-flag helper.
+# "--data_dir DIR") go to both sides, through the scripts' env-to-flag helper; MANGO_ARGS (e.g. "--amp") to MANGO's
+# training only (the checkpoint's tagging follows the run's own settings).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1  # MANGO's environment (flair's is peer_flair.sh's own)
 THREADS=${THREADS:-2}
@@ -22,15 +23,16 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 bash script/peer_flair.sh "${SHARED[@]}" --threads "$THREADS" --json "$tmp/flair.json"
-python train.py --model roberta_crf "${SHARED[@]}" --save_dir "$tmp" --save_name "$RUN" --swanlab_mode disabled
+read -ra MANGO_ONLY <<< "${MANGO_ARGS:-}"
+python train.py --model roberta_crf "${SHARED[@]}" "${MANGO_ONLY[@]}" --save_dir "$tmp" --save_name "$RUN" --swanlab_mode disabled
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test | tee "$tmp/test.log"
 python export.py --save_dir "$tmp" --save_name "$RUN"
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test --bundle "$tmp/$RUN/bundle" | tee "$tmp/bundle.log"
 
-python - "$tmp" "$OUT" "$RUN" "$THREADS" "$DATASET" <<'EOF'
+python - "$tmp" "$OUT" "$RUN" "$THREADS" "$DATASET" "${MANGO_ARGS:-}" <<'EOF'
 import json, re, sys
 from pathlib import Path
-tmp, out, run, threads, dataset = sys.argv[1:]
+tmp, out, run, threads, dataset, mango_args = sys.argv[1:]
 flair = json.loads(Path(tmp, "flair.json").read_text())
 metrics = [json.loads(l) for l in Path(tmp, run, "metrics.jsonl").read_text().splitlines() if l.strip()]
 pps = {f: float(re.search(r"([0-9.]+) posts/s", Path(tmp, f + ".log").read_text()).group(1)) for f in ("test", "bundle")}
@@ -38,9 +40,11 @@ mango_pps = pps["test"]
 flair_train = flair["epochs"][0]["train_s"]
 res = {"what": f"one training pass and the test tagging of {dataset}, flair's recipe then MANGO's text path, "
                f"{threads} thread(s) each, one after the other",
-       "command": f"THREADS={threads} DATASET={dataset} bash script/speed_vs_flair.sh",
+       "command": f"THREADS={threads} DATASET={dataset}" + (f" MANGO_ARGS='{mango_args}'" if mango_args else "")
+                  + " bash script/speed_vs_flair.sh",
        "flair": {"train_s": flair_train, "test_posts_per_s": flair["test_posts_per_s"]},
        "mango": {"train_s": metrics[0]["train_s"], "test_posts_per_s": mango_pps,
+                 "amp": json.loads(Path(tmp, run, "config.json").read_text())["amp"],
                  "bundle_test_posts_per_s": pps["bundle"]}}
 res["train_ratio"] = round(res["mango"]["train_s"] / flair_train, 3)
 res["eval_ratio"] = round(mango_pps / flair["test_posts_per_s"], 3)

@@ -214,6 +214,31 @@ def test_use_image_off_builds_text_only(tiny_bert_dir, tiny_clip_dir):
     assert model.vision is None and not model.uses_image
 
 
+def test_cpu_bf16_text_attention_takes_the_plain_product(tiny_bert_dir, monkeypatch):
+    """Under CPU bf16 autocast the text encoder attends without torch's fused kernel (slow backward there), with the
+    same states to bf16 precision; outside autocast it is back on the implementation it loaded with."""
+    model = build(tiny_bert_dir, "roberta_crf").eval()
+    b = text_batch(model)
+    args = (b["input_ids"], b["attention_mask"], b["word_index"])
+    fused = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    loaded = model.text.model.config._attn_implementation
+    with torch.no_grad():
+        ref = model.text(*args)
+        n_fp32 = len(calls)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.text(*args)
+        assert len(calls) == n_fp32
+        torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
+        again = model.text(*args)
+    assert model.text.model.config._attn_implementation == loaded
+    torch.testing.assert_close(again, ref)
+    if loaded == "sdpa":
+        assert n_fp32 > 0 and len(calls) > n_fp32
+
+
 def test_unknown_model_name(tiny_bert_dir):
     c = make_config(tiny_bert_dir, model="bert_gpt_crf")
     with pytest.raises(ValueError) as e:

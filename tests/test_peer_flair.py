@@ -73,5 +73,6 @@ def test_speed_script_times_both_sides_and_writes_their_ratios(tiny_data_dir, ti
     overall = [l for l in p.stdout.splitlines() if l.startswith("[Overall]")]
     assert len(overall) == 4 and overall[-1] == overall[-2]  # flair's, train.py's final test, then test.py twice
     assert res["train_ratio"] == round(res["mango"]["train_s"] / res["flair"]["train_s"], 3)
+    assert res["mango"]["amp"] is False  # MANGO_ARGS unset: fp32 on both sides
     assert res["eval_ratio"] == round(res["mango"]["test_posts_per_s"] / res["flair"]["test_posts_per_s"], 3)
     assert "train pass: MANGO" in p.stdout

@@ -143,7 +143,7 @@ def test_reproduce_and_ablation_list(tmp_path):
                                   "text_r4_bioes",
                                   "text_r4_no_bucketing", "text_r4_one_lr", "text_r4_no_ema", "text_r4_trained_emb",
                                   "text_r4_no_case", "text_r4_clip5", "text_r4_e10", "text_r7_crf_lr1e2",
-                                  "text_r7_no_case", "text_r7_e10", "text_r11_freeze1"} == set(names)
+                                  "text_r7_no_case", "text_r7_e10", "text_r11_freeze1", "text_r14_amp"} == set(names)
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "no_gate,fusion_layers_7,full"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path)), capture_output=True, text=True)
     lines = p.stdout.splitlines()

@@ -109,12 +109,12 @@ class TextEncoder(nn.Module):
                 if text_depth(n, n_layers) <= config.freeze_text_layers:
                     prm.requires_grad_(False)
         self.hidden = self.model.config.hidden_size
-        self.attention = self.model.config._attn_implementation
+        self.attn_impl = self.model.config._attn_implementation
 
     def forward(self, input_ids, attention_mask, word_index):
         # under CPU bf16 autocast torch's fused attention backward is ~4x slower than the plain product's
         cpu_bf16 = input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        want = "eager" if cpu_bf16 else self.attention
+        want = "eager" if cpu_bf16 else self.attn_impl
         if self.model.config._attn_implementation != want:
             self.model.set_attn_implementation(want)
         h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -6,14 +6,16 @@
 #   bash script/speed_vs_flair.sh                       Twitter-2017, 2 threads, seed 1
 #   THREADS=1 DATASET=twitter2015 OUT=results/speed_vs_flair_t15_1thread.json bash script/speed_vs_flair.sh
 # DATASET, SEED, TEXT_ENCODER (a local encoder directory; default the shipped MiniLM) and EXTRA_ARGS (e.g.
-# "--data_dir DIR") go to both sides, through the scripts' env-to-flag helper; MANGO_ARGS (e.g. "--amp") to MANGO's
-# training only (the checkpoint's tagging follows the run's own settings).
+# "--data_dir DIR") go to both sides, through the scripts' env-to-flag helper; MANGO_ARGS (e.g. "--amp", split on
+# spaces) to MANGO's training only (the checkpoint's tagging follows the run's own settings).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1  # MANGO's environment (flair's is peer_flair.sh's own)
 THREADS=${THREADS:-2}
 DATASET=${DATASET:-twitter2017}
 SEED=${SEED:-1}
-OUT=${OUT:-results/speed_vs_flair_${DATASET}_${THREADS}thread.json}
+# MANGO_ARGS name their own file ("--amp": ..._amp.json), so the fp32 figures stay
+TAG=$(printf %s "${MANGO_ARGS:-}" | tr -cs 'A-Za-z0-9' '_' | sed 's/^_*//; s/_*$//')
+OUT=${OUT:-results/speed_vs_flair_${DATASET}_${THREADS}thread${TAG:+_$TAG}.json}
 RUN=speed_mango_${DATASET}_${THREADS}thread
 export OMP_NUM_THREADS=$THREADS
 . script/env_args.sh
@@ -30,7 +32,7 @@ python export.py --save_dir "$tmp" --save_name "$RUN"
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test --bundle "$tmp/$RUN/bundle" | tee "$tmp/bundle.log"
 
 python - "$tmp" "$OUT" "$RUN" "$THREADS" "$DATASET" "${MANGO_ARGS:-}" <<'EOF'
-import json, re, sys
+import json, re, shlex, sys
 from pathlib import Path
 tmp, out, run, threads, dataset, mango_args = sys.argv[1:]
 flair = json.loads(Path(tmp, "flair.json").read_text())
@@ -40,8 +42,8 @@ mango_pps = pps["test"]
 flair_train = flair["epochs"][0]["train_s"]
 res = {"what": f"one training pass and the test tagging of {dataset}, flair's recipe then MANGO's text path, "
                f"{threads} thread(s) each, one after the other",
-       "command": f"THREADS={threads} DATASET={dataset}" + (f" MANGO_ARGS='{mango_args}'" if mango_args else "")
-                  + " bash script/speed_vs_flair.sh",
+       "command": f"THREADS={threads} DATASET={dataset}" + (f" MANGO_ARGS={shlex.quote(mango_args)}" if mango_args
+                                                             else "") + " bash script/speed_vs_flair.sh",
        "flair": {"train_s": flair_train, "test_posts_per_s": flair["test_posts_per_s"]},
        "mango": {"train_s": metrics[0]["train_s"], "test_posts_per_s": mango_pps,
                  "amp": json.loads(Path(tmp, run, "config.json").read_text())["amp"],

@@ -225,6 +225,7 @@ def test_cpu_bf16_text_attention_takes_the_plain_product(tiny_bert_dir, monkeypa
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(1) or fused(*a, **k))
     loaded = model.text.model.config._attn_implementation
+    assert loaded == "sdpa"
     with torch.no_grad():
         ref = model.text(*args)
         n_fp32 = len(calls)
@@ -235,8 +236,7 @@ def test_cpu_bf16_text_attention_takes_the_plain_product(tiny_bert_dir, monkeypa
         again = model.text(*args)
     assert model.text.model.config._attn_implementation == loaded
     torch.testing.assert_close(again, ref)
-    if loaded == "sdpa":
-        assert n_fp32 > 0 and len(calls) > n_fp32
+    assert n_fp32 > 0 and len(calls) > n_fp32
 
 
 def test_unknown_model_name(tiny_bert_dir):

@@ -114,8 +114,7 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids, attention_mask, word_index):
         # under CPU bf16 autocast torch's fused attention is several times slower than the plain product. The switch
         # is the model's state: one forward at a time per model (serve.py runs one worker thread)
-        cpu_bf16 = (input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                    and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        cpu_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         want = "eager" if cpu_bf16 else self.attn_impl
         if self.model.config._attn_implementation != want:
             self.model.set_attn_implementation(want)

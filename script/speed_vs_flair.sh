@@ -26,7 +26,8 @@ trap 'rm -rf "$tmp"' EXIT
 
 bash script/peer_flair.sh "${SHARED[@]}" --threads "$THREADS" --json "$tmp/flair.json"
 read -ra MANGO_ONLY <<< "${MANGO_ARGS:-}"
-python train.py --model roberta_crf "${SHARED[@]}" "${MANGO_ONLY[@]}" --save_dir "$tmp" --save_name "$RUN" --swanlab_mode disabled
+python train.py --model roberta_crf "${SHARED[@]}" "${MANGO_ONLY[@]}" --save_dir "$tmp" --save_name "$RUN" \
+  --swanlab_mode disabled
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test | tee "$tmp/test.log"
 python export.py --save_dir "$tmp" --save_name "$RUN"
 python test.py --save_dir "$tmp" --save_name "$RUN" --split test --bundle "$tmp/$RUN/bundle" | tee "$tmp/bundle.log"

@@ -62,8 +62,9 @@ REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunki
 
 
 def _data_flags(a) -> None:
-    a("--dataset_name", default="twitter2017", help="twitter2015, twitter2017, demo, MNRE, HacRED, MORE, NewsMKG or a "
-      "CoNLL+IMGID folder under --data_dir (python check_data.py --list)")
+    a("--dataset_name", default="twitter2017",
+      help="twitter2015, twitter2017, demo, heldout, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under "
+           "--data_dir (python check_data.py --list)")
     a("--data_dir", resume=True, tools="test predict export", default=str(ROOT / "data"),
       help="folder holding one sub-folder per dataset")
     a("--image_root", resume=True, tools="test predict export", default="",
@@ -265,7 +266,8 @@ def _serve_flags(a) -> None:
     a("--max_words", tools="serve", type=int, default=200, help="serve.py: most words in one post (413 above)")
     a("--max_image_bytes", tools="serve", type=int, default=5_000_000, help="serve.py: largest image file (413 above)")
     a("--max_image_pixels", tools="serve", type=int, default=40_000_000,
-      help="serve.py: most image pixels (413 above; files over dataloader's decompression-bomb guard are refused too)")
+      help="serve.py: most image pixels (413 above; files over images.load_image's decompression-bomb guard "
+           "are refused too)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):

@@ -100,7 +100,9 @@ def main(argv=None):
     import argparse
     import torch
     from train import seed_everything
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                 epilog="Every other flag is train.py's (python train.py --help): --dataset_name, "
+                                        "--epochs, --seed, --text_encoder, --text_lr, --batch_size, ...")
     ap.add_argument("--json", default="", help="also write the epochs, the dev F1 and the test report to this file")
     own, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     config = get_config(rest)

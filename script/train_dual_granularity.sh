@@ -5,7 +5,8 @@
 #   DATASET=twitter2017 bash script/train_dual_granularity.sh   # the same encoder on Twitter-2017
 #   EXTRA_ARGS="--vision_stem conv" bash script/train_dual_granularity.sh   # from-scratch stem + distillation
 # Every value lands in the run's config.json.
-# Env: DEVICE EPOCHS BATCH_SIZE VISION_DEPTH DATASET MODEL SEED TEXT_ENCODER SAVE_NAME EXTRA_ARGS
+# Env: DEVICE EPOCHS BATCH_SIZE VISION_DEPTH DATASET MODEL SEED TEXT_ENCODER IMAGE_ENCODER SAVE_NAME SWANLAB_MODE
+#      EXTRA_ARGS
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh

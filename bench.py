@@ -4,6 +4,7 @@
     python bench.py --cases text,mner_cached --amp_modes fp32 --repeats 5
     python bench.py --sizes base --device cuda        # RoBERTa-base / CLIP-B/32-sized random encoders
     bash script/bench.sh                              # the same, with the scripts' env-var overrides
+    python bench.py --cases text,mner_dual --amp_modes fp32 --bucketing on --paired --steps 60   # one process
 
 Cases (each measured in a fresh child process, so peak memory is that case's own):
     hf_recipe     the peer: Hugging Face's token-classification recipe (run_ner_no_trainer) as a plain loop on the
@@ -30,6 +31,9 @@ Memory: CPU peak resident set of the child (ru_maxrss) and its growth during tra
 torch.cuda.max_memory_allocated. Figures are medians over --repeats. Each train pass is also given in CPU
 seconds of the case's process (train CPU s/epoch), which a busy neighbour on the machine moves less than wall
 clock; --rounds N runs the case list N times in alternation and prints each ratio's median over the rounds.
+--paired times the cases in one process instead, one train step each in turn on the same batches, and prints each
+case's step time against the first case's: the median ratio over the batches and its interquartile range (the way
+to show a few-percent effect on a noisy machine; no memory or eval figures).
 Distance to the hardware: each case's train GFLOP/s (torch's FlopCounterMode count of matrix products,
 convolutions and attention over 4 train steps, per post, times train posts/s) beside the machine's fp32 matmul
 peak at the same thread count (a 1024 x 1024 product in a loop).
@@ -48,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 CASES = {
     "hf_recipe": [],  # its own loop (run_recipe), not train.py's
@@ -77,6 +82,10 @@ def bench_args(argv=None):
     a("--eval_posts", type=int, default=320, help="dev posts decoded per eval repeat")
     a("--sizes", default="embedded", choices=["embedded", "base"],
       help="embedded = MiniLM + EfficientNet-Lite0; base = random BERT-base-sized text and CLIP-B/32-sized vision")
+    a("--paired", action="store_true",
+      help="time the cases in one process instead, one train step each in turn on the same batches, and print each "
+           "case's step time against the first case's (median ratio and interquartile range over --steps batches); "
+           "takes one value of --amp_modes, --bucketing and --grad_ckpt")
     a("--json", default="", help="also write every figure to this JSON file")
     a("--one", default="", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     return p.parse_known_args(argv)
@@ -234,9 +243,9 @@ def with_image(b: dict, case: str, config, model, g) -> dict:
     return b
 
 
-def run_case(spec: dict, argv: list[str]) -> dict:
-    if spec["case"] == "hf_recipe":
-        return run_recipe(spec, argv)
+def case_setup(case: str, eval_posts: int, argv: list[str]) -> SimpleNamespace:
+    """A MANGO case ready to time: its model, `step` (one train.train_step on a prepared batch), `prepare` (a
+    loader batch -> the case's inputs on the device), the epoch's batches, the dev batches and `sync`."""
     import torch
     import dataloader as D
     from config import get_config
@@ -244,11 +253,11 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     from runner import amp_context, pick_device
     from train import WeightEMA, make_optimizer, seed_everything, train_step
 
-    config = get_config(argv + CASES[spec["case"]])
+    config = get_config(argv + CASES[case])
     device = pick_device(config.device)
     seed_everything(config.seed)
     posts = D.load_split(config, "train")
-    dev = D.load_split(config, "valid")[: spec["eval_posts"]]
+    dev = D.load_split(config, "valid")[:eval_posts]
     label_map = D.LabelMap.from_posts(posts)
     tok = load_tokenizer(config)
     model = build_model(config, len(label_map)).to(device)
@@ -271,7 +280,7 @@ def run_case(spec: dict, argv: list[str]) -> dict:
         train_step(model, [b], opt, sched, config, device, 1, amp, scaler, bad_run, ema)
 
     def prepare(b):
-        return {k: v.to(device) for k, v in with_image(dict(b), spec["case"], config, model, g).items()}
+        return {k: v.to(device) for k, v in with_image(dict(b), case, config, model, g).items()}
 
     ebatches = [prepare(b) for b in D.make_loader(D.make_dataset(config, "valid", dev, tok, label_map), config,
                                                   train=False)]
@@ -279,6 +288,17 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     for b in batches[:2]:  # warm-up (allocator, kernels), not timed
         step(prepare(b))
     sync()
+    return SimpleNamespace(config=config, model=model, device=device, amp=amp, step=step, prepare=prepare,
+                           batches=batches, ebatches=ebatches, posts=posts, dev=dev, sync=sync)
+
+
+def run_case(spec: dict, argv: list[str]) -> dict:
+    if spec["case"] == "hf_recipe":
+        return run_recipe(spec, argv)
+    import torch
+    s = case_setup(spec["case"], spec["eval_posts"], argv)
+    config, model, device, amp, step, prepare, batches, ebatches, posts, dev, sync = (
+        s.config, s.model, s.device, s.amp, s.step, s.prepare, s.batches, s.ebatches, s.posts, s.dev, s.sync)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     posts_of = lambda b: b["input_ids"].size(0)  # noqa: E731
@@ -303,6 +323,35 @@ def run_case(spec: dict, argv: list[str]) -> dict:
             "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,
             "n_train": len(posts), "batch_size": config.batch_size, "device": str(device),
             "threads": torch.get_num_threads(), "pad_share": round(pad_share(batches), 3), **flops}
+
+
+def run_paired(cases: list[str], steps: int, argv: list[str]) -> dict:
+    """Every case in this one process, one train step each in turn on the same batch (`steps` batches spread over the
+    epoch; the order rotates every batch), so a slow spell of the machine hits every case alike: {case: {ratio:
+    median over the batches of its step time / the first case's, q1, q3 (interquartile range of those ratios),
+    step_s: its median step time}}. Separate child processes cannot show a few-percent difference on a noisy
+    machine; this can."""
+    if "hf_recipe" in cases:
+        raise SystemExit("error: --paired times MANGO's train step; the recipe (hf_recipe) has its own loop")
+    setups = {c: case_setup(c, 1, argv) for c in cases}
+    n = min(len(s.batches) for s in setups.values())
+    times = {c: [] for c in cases}
+    for k in range(steps):
+        i = k * n // steps
+        for c in cases[k % len(cases):] + cases[:k % len(cases)]:
+            s = setups[c]
+            b = s.prepare(s.batches[i])
+            s.sync()
+            t = time.perf_counter()
+            s.step(b)
+            s.sync()
+            times[c].append(time.perf_counter() - t)
+    out = {}
+    for c in cases:
+        q = statistics.quantiles([x / r for x, r in zip(times[c], times[cases[0]])], n=4)
+        out[c] = {"ratio": round(q[1], 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
+                  "step_s": round(statistics.median(times[c]), 4)}
+    return out
 
 
 def pad_share(batches) -> float:
@@ -396,6 +445,32 @@ def run_child(spec: dict, flags: list[str], failed: dict) -> dict:
     return json.loads(line[7:])
 
 
+def case_flags(amp: str, bucket: str, ck: str, rest: list[str]) -> list[str]:
+    """The train flags of one precision / bucketing / checkpointing combination."""
+    flags = ["--swanlab_mode", "disabled"] + rest
+    flags += ["--amp"] if amp == "amp" else []
+    flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
+    return flags + (["--grad_checkpointing"] if ck == "on" else [])
+
+
+def main_paired(args, cases: list[str], rest: list[str]):
+    combo = (args.amp_modes, args.bucketing, args.grad_ckpt)
+    if args.steps < 2:
+        raise SystemExit(f"error: --steps {args.steps}: --paired needs 2 or more for its ratios' quartiles")
+    if any("," in x for x in combo):
+        raise SystemExit("error: --paired compares cases at one setting: give one value each of --amp_modes, "
+                         "--bucketing and --grad_ckpt")
+    figures = run_paired(cases, args.steps, case_flags(*combo, rest))
+    print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"paired: {args.steps} train steps per case, one process, {'/'.join(combo)} (precision/bucketing/ckpt)")
+    for c, f in figures.items():
+        print(f"{c} vs {cases[0]}: train step {f['ratio']:.2f}x (interquartile {f['q1']:.2f}-{f['q3']:.2f}); "
+              f"median step {f['step_s']:.3f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hardware(), "args": vars(args), "flags": rest,
+                                               "paired": figures}, indent=1))
+
+
 def main(argv=None):
     args, rest = bench_args(argv)
     if args.one:
@@ -410,16 +485,15 @@ def main(argv=None):
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
+    if args.paired:
+        return main_paired(args, cases, rest)
     rows = []
     for rnd, case in itertools.product(range(1, args.rounds + 1), cases):
         # the recipe is what it is: fp32, its own batching, measured once per round
         combos = [("fp32", "off", "off")] if case == "hf_recipe" else itertools.product(
             args.amp_modes.split(","), args.bucketing.split(","), args.grad_ckpt.split(","))
         for amp, bucket, ck in combos:
-            flags = ["--swanlab_mode", "disabled"] + rest
-            flags += ["--amp"] if amp == "amp" else []
-            flags += ["--length_bucketing"] if bucket == "on" else ["--no-length_bucketing"]
-            flags += ["--grad_checkpointing"] if ck == "on" else []
+            flags = case_flags(amp, bucket, ck, rest)
             spec = {"case": case, "repeats": args.repeats, "steps": args.steps, "eval_posts": args.eval_posts}
             print(f"bench round {rnd}: {case} {amp} bucketing={bucket} grad_ckpt={ck} ...",
                   file=sys.stderr, flush=True)

@@ -66,6 +66,21 @@ def test_bench_driver_table_and_json(tmp_path, tiny_flags):
     assert "| 2 | text | fp32 | on | off |" in p.stdout and "| 1 | text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
 
 
+def test_bench_paired_times_the_cases_step_by_step(tiny_flags):
+    f = bench.run_paired(["text", "mner_dual"], 4, tiny_flags)
+    assert list(f) == ["text", "mner_dual"] and f["text"] == {**f["text"], "ratio": 1.0, "q1": 1.0, "q3": 1.0}
+    d = f["mner_dual"]
+    assert d["q1"] <= d["ratio"] <= d["q3"] and d["ratio"] > 0 and d["step_s"] > 0 and f["text"]["step_s"] > 0
+
+
+@pytest.mark.parametrize("args,msg", [(["--amp_modes", "fp32,amp"], "one value each"), (["--steps", "1"], "2 or more"),
+                                      (["--cases", "hf_recipe,text", "--amp_modes", "fp32"], "its own loop")])
+def test_bench_paired_refuses_what_it_cannot_pair(args, msg):
+    p = subprocess.run([PY, "bench.py", "--paired", "--bucketing", "on", *args], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
 def test_bench_ratios_are_medians_over_rounds():
     """Hand-made rows: the train pass against the recipe and MNER against the text path, per round, then the median."""
     def row(k, case, s, cpu, eval_=100.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -287,8 +288,13 @@ def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):
     p = sh("test.sh", tmp_path, {"SAVE_NAME": "two", "EXTRA_ARGS": f"--save_dir {save_dir(base)} --split valid"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[Overall]" in p.stdout
-    # batch_test.sh: one real run and one missing -> an NA row
-    p = sh("batch_test.sh", tmp_path, {"SAVE_DIR": str(save_dir(base)), "OUT_DIR": str(tmp_path / "logs")})
+    # batch_test.sh without names: every run directory under SAVE_DIR (here a folder holding a copy of one run)
+    only = tmp_path / "only"
+    shutil.copytree(trained, only / "two")
+    p = sh("batch_test.sh", tmp_path, {"SAVE_DIR": str(only), "OUT_DIR": str(tmp_path / "logs")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["run_name"] for r in csv.DictReader((tmp_path / "logs" / "summary.csv").open())] == ["two"]
+    # batch_test.sh with names: one real run and one missing -> an NA row
     p = subprocess.run(["bash", str(ROOT / "script" / "batch_test.sh"), "two", "ghost"], cwd=tmp_path,
                        env={**env(), "SAVE_DIR": str(save_dir(base)), "OUT_DIR": str(tmp_path / "logs2")},
                        capture_output=True, text=True, timeout=600)

@@ -5,6 +5,7 @@
     python bench.py --sizes base --device cuda        # RoBERTa-base / CLIP-B/32-sized random encoders
     bash script/bench.sh                              # the same, with the scripts' env-var overrides
     python bench.py --cases text,mner_dual --amp_modes fp32 --bucketing on --paired --steps 60   # one process
+    python bench.py --cases text,text+--amp --amp_modes fp32 --bucketing on --paired   # a flag against the defaults
 
 Cases (each measured in a fresh child process, so peak memory is that case's own):
     hf_recipe     the peer: Hugging Face's token-classification recipe (run_ner_no_trainer) as a plain loop on the
@@ -33,7 +34,8 @@ seconds of the case's process (train CPU s/epoch), which a busy neighbour on the
 clock; --rounds N runs the case list N times in alternation and prints each ratio's median over the rounds.
 --paired times the cases in one process instead, one train step each in turn on the same batches, and prints each
 case's step time against the first case's: the median ratio over the batches and its interquartile range (the way
-to show a few-percent effect on a noisy machine; no memory or eval figures).
+to show a few-percent effect on a noisy machine; no memory or eval figures). There a case may carry flags of its own
+after "+" (text+--amp), so a speed option is paired against the same model without it.
 Distance to the hardware: each case's train GFLOP/s (torch's FlopCounterMode count of matrix products,
 convolutions and attention over 4 train steps, per post, times train posts/s) beside the machine's fp32 matmul
 peak at the same thread count (a 1024 x 1024 product in a loop).
@@ -85,7 +87,8 @@ def bench_args(argv=None):
     a("--paired", action="store_true",
       help="time the cases in one process instead, one train step each in turn on the same batches, and print each "
            "case's step time against the first case's (median ratio and interquartile range over --steps batches); "
-           "takes one value of --amp_modes, --bucketing and --grad_ckpt")
+           "a case may carry its own flags after '+' (text+--amp); takes one value of --amp_modes, --bucketing and "
+           "--grad_ckpt")
     a("--json", default="", help="also write every figure to this JSON file")
     a("--one", default="", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     return p.parse_known_args(argv)
@@ -326,14 +329,15 @@ def run_case(spec: dict, argv: list[str]) -> dict:
 
 
 def run_paired(cases: list[str], steps: int, argv: list[str]) -> dict:
-    """Every case in this one process, one train step each in turn on the same batch (`steps` batches spread over the
+    """Every case in this one process (a case may carry its own flags after "+": "text+--amp",
+    "mner_dual+--vision_depth=1"), one train step each in turn on the same batch (`steps` batches spread over the
     epoch; the order rotates every batch), so a slow spell of the machine hits every case alike: {case: {ratio:
     median over the batches of its step time / the first case's, q1, q3 (interquartile range of those ratios),
     step_s: its median step time}}. Separate child processes cannot show a few-percent difference on a noisy
     machine; this can."""
     if "hf_recipe" in cases:
         raise SystemExit("error: --paired times MANGO's train step; the recipe (hf_recipe) has its own loop")
-    setups = {c: case_setup(c, 1, argv) for c in cases}
+    setups = {c: case_setup(c.split("+")[0], 1, argv + c.split("+")[1:]) for c in cases}
     n = min(len(s.batches) for s in setups.values())
     times = {c: [] for c in cases}
     for k in range(steps):
@@ -482,9 +486,10 @@ def main(argv=None):
     if args.sizes == "base":
         rest = base_sized_encoders(Path(tempfile.gettempdir()) / "mango_bench") + rest
     cases = [c for c in args.cases.split(",") if c]
-    bad = [c for c in cases if c not in CASES]
+    bad = [c for c in cases if c.split("+")[0] not in CASES or ("+" in c and not args.paired)]
     if bad:
-        raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
+        raise SystemExit(f"error: --cases {','.join(bad)}: unknown; choose from {', '.join(CASES)} (with --paired, "
+                         "a case may carry its own flags: text+--amp)")
     if args.paired:
         return main_paired(args, cases, rest)
     rows = []

@@ -207,7 +207,7 @@ def _training_flags(a) -> None:
       help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")
     a("--amp", resume=True, tools="test predict", action="store_true",
       help="mixed precision: bf16 where supported, else fp16 with loss scaling (CUDA); on CPU it pays only where "
-           "bf16 is native (AVX512-BF16, AMX)")
+           "bf16 is native (AVX512-BF16, AMX) and is many times slower without AVX-512 (a warning says so)")
 
 
 def _run_flags(a) -> None:

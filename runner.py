@@ -8,8 +8,10 @@ runtime.CheckpointRuntime; training scores its dev and test splits here, with th
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -112,11 +114,25 @@ def main_first():
         barrier()
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_ok() -> bool:
+    """Whether bf16 on this CPU runs on vector units built for it (oneDNN's check: AVX-512 on x86, BF16 on Arm).
+    Elsewhere (an AVX2-only x86) bf16 autocast is emulated: a train step took 20x its fp32 time on such a CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the check: say nothing
+        return True
+
+
 def amp_context(config, device):
     """(autocast context factory, GradScaler or None): bf16 autocast where supported, else fp16 with a GradScaler
-    on CUDA; (nullcontext, None) without --amp."""
+    on CUDA; (nullcontext, None) without --amp. A CPU without fast bf16 gets a one-line warning (once)."""
     if not config.amp:
         return nullcontext, None
+    if device.type == "cpu" and not cpu_bf16_ok() and not getattr(amp_context, "warned", False):
+        amp_context.warned = True
+        print(f"warning: --amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bf16, so bf16 "
+              "autocast runs many times slower than fp32 here; drop --amp on this machine", file=sys.stderr)
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None

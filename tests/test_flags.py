@@ -641,3 +641,17 @@ def test_flag_policy_comes_from_the_declarations():
         own = {a.dest for a in C.build_parser(tool)._actions if a.option_strings and a.dest != "help"}
         assert own - set(C.RENAMED.values()) == flags - {"help"}, tool
     assert "port" in C.TOOL_FLAGS["serve"] and "port" not in C.TOOL_FLAGS["test"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_amp_warns_once_on_a_cpu_without_fast_bf16(monkeypatch, capsys, fast):
+    """--amp on a CPU whose bf16 is emulated (an AVX2-only x86: many times the fp32 step) says so in one line, once;
+    a CPU with fast bf16, or a run without --amp, hears nothing."""
+    monkeypatch.setattr(runner, "cpu_bf16_ok", lambda: fast)
+    monkeypatch.delattr(runner.amp_context, "warned", raising=False)
+    cpu = torch.device("cpu")
+    runner.amp_context(C.get_config([]), cpu)
+    for _ in range(2):
+        runner.amp_context(C.get_config(["--amp"]), cpu)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ([] if fast else [err[0]]) and (fast or "drop --amp" in err[0] and err[0].startswith("warning: --amp"))

@@ -66,15 +66,20 @@ def test_bench_driver_table_and_json(tmp_path, tiny_flags):
     assert "| 2 | text | fp32 | on | off |" in p.stdout and "| 1 | text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
 
 
-def test_bench_paired_times_the_cases_step_by_step(tiny_flags):
-    f = bench.run_paired(["text", "mner_dual"], 4, tiny_flags)
-    assert list(f) == ["text", "mner_dual"] and f["text"] == {**f["text"], "ratio": 1.0, "q1": 1.0, "q3": 1.0}
-    d = f["mner_dual"]
-    assert d["q1"] <= d["ratio"] <= d["q3"] and d["ratio"] > 0 and d["step_s"] > 0 and f["text"]["step_s"] > 0
+def test_bench_paired_times_the_cases_step_by_step(tiny_flags, monkeypatch):
+    built = []
+    setup = bench.case_setup
+    monkeypatch.setattr(bench, "case_setup", lambda case, n, argv: built.append(argv[-1]) or setup(case, n, argv))
+    f = bench.run_paired(["text", "mner_dual", "mner_dual+--vision_depth=0"], 4, tiny_flags)
+    assert list(f) == ["text", "mner_dual", "mner_dual+--vision_depth=0"]
+    assert f["text"] == {**f["text"], "ratio": 1.0, "q1": 1.0, "q3": 1.0} and built[-1] == "--vision_depth=0"
+    for d in list(f.values())[1:]:
+        assert d["q1"] <= d["ratio"] <= d["q3"] and d["ratio"] > 0 and d["step_s"] > 0
 
 
 @pytest.mark.parametrize("args,msg", [(["--amp_modes", "fp32,amp"], "one value each"), (["--steps", "1"], "2 or more"),
-                                      (["--cases", "hf_recipe,text", "--amp_modes", "fp32"], "its own loop")])
+                                      (["--cases", "hf_recipe,text", "--amp_modes", "fp32"], "its own loop"),
+                                      (["--cases", "text,textx+--amp", "--amp_modes", "fp32"], "unknown")])
 def test_bench_paired_refuses_what_it_cannot_pair(args, msg):
     p = subprocess.run([PY, "bench.py", "--paired", "--bucketing", "on", *args], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=300)
@@ -109,6 +114,8 @@ def test_bench_rounds_must_be_positive():
 def test_bench_unknown_case_is_one_line():
     p = subprocess.run([PY, "bench.py", "--cases", "text,bogus"], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert p.returncode != 0 and "--cases bogus: unknown" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([PY, "bench.py", "--cases", "text+--amp"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert p.returncode != 0 and "--cases text+--amp: unknown" in p.stderr and "with --paired" in p.stderr
 
 
 def fake_run(save, name, f1s_dev, test_f1, data_dir, mode="conlleval"):

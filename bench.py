@@ -246,9 +246,10 @@ def with_image(b: dict, case: str, config, model, g) -> dict:
     return b
 
 
-def case_setup(case: str, eval_posts: int, argv: list[str]) -> SimpleNamespace:
+def case_setup(case: str, eval_posts: int, argv: list[str], own: list[str] = ()) -> SimpleNamespace:
     """A MANGO case ready to time: its model, `step` (one train.train_step on a prepared batch), `prepare` (a
-    loader batch -> the case's inputs on the device), the epoch's batches, the dev batches and `sync`."""
+    loader batch -> the case's inputs on the device), the epoch's batches, the dev batches and `sync`. `own`: the
+    case's own flags (--paired's "case+--flag"), last, so they win."""
     import torch
     import dataloader as D
     from config import get_config
@@ -256,7 +257,7 @@ def case_setup(case: str, eval_posts: int, argv: list[str]) -> SimpleNamespace:
     from runner import amp_context, pick_device
     from train import WeightEMA, make_optimizer, seed_everything, train_step
 
-    config = get_config(argv + CASES[case])
+    config = get_config(argv + CASES[case] + list(own))
     device = pick_device(config.device)
     seed_everything(config.seed)
     posts = D.load_split(config, "train")
@@ -335,10 +336,17 @@ def run_paired(cases: list[str], steps: int, argv: list[str]) -> dict:
     median over the batches of its step time / the first case's, q1, q3 (interquartile range of those ratios),
     step_s: its median step time}}. Separate child processes cannot show a few-percent difference on a noisy
     machine; this can."""
-    if "hf_recipe" in cases:
+    if any(c.split("+")[0] == "hf_recipe" for c in cases):
         raise SystemExit("error: --paired times MANGO's train step; the recipe (hf_recipe) has its own loop")
-    setups = {c: case_setup(c.split("+")[0], 1, argv + c.split("+")[1:]) for c in cases}
-    n = min(len(s.batches) for s in setups.values())
+    if len(set(cases)) < len(cases):
+        raise SystemExit(f"error: --cases {','.join(cases)}: a case named twice; give each once")
+    setups = {c: case_setup(c.split("+")[0], 1, argv, c.split("+")[1:]) for c in cases}
+    posts = {c: [b["index"].tolist() for b in s.batches] for c, s in setups.items()}
+    for c in cases[1:]:
+        if posts[c] != posts[cases[0]]:
+            raise SystemExit(f"error: --paired: {c} batches the posts otherwise than {cases[0]} (a flag that changes "
+                             "batching, such as --batch_size or --length_bucketing, cannot be paired)")
+    n = len(setups[cases[0]].batches)
     times = {c: [] for c in cases}
     for k in range(steps):
         i = k * n // steps
@@ -352,7 +360,7 @@ def run_paired(cases: list[str], steps: int, argv: list[str]) -> dict:
             times[c].append(time.perf_counter() - t)
     out = {}
     for c in cases:
-        q = statistics.quantiles([x / r for x, r in zip(times[c], times[cases[0]])], n=4)
+        q = statistics.quantiles([x / r for x, r in zip(times[c], times[cases[0]])], n=4, method="inclusive")
         out[c] = {"ratio": round(q[1], 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
                   "step_s": round(statistics.median(times[c]), 4)}
     return out

@@ -205,9 +205,9 @@ def _training_flags(a) -> None:
     a("--max_bad_steps", resume=True, type=int, default=10, help="stop after N non-finite losses/gradients in a row")
     a("--grad_checkpointing", resume=True, action="store_true",
       help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")
-    a("--amp", resume=True, tools="test predict", action="store_true",
+    a("--amp", resume=True, tools="test predict", action=B, default=False,
       help="mixed precision: bf16 where supported, else fp16 with loss scaling (CUDA); on CPU it pays only where "
-           "bf16 is native (AVX512-BF16, AMX) and is many times slower without AVX-512 (a warning says so)")
+           "bf16 is native (AVX512-BF16, AMX) and is many times slower on an AVX2-only CPU (a warning says so)")
 
 
 def _run_flags(a) -> None:

@@ -116,8 +116,8 @@ def main_first():
 
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_ok() -> bool:
-    """Whether bf16 on this CPU runs on vector units built for it (oneDNN's check: AVX-512 on x86, BF16 on Arm).
-    Elsewhere (an AVX2-only x86) bf16 autocast is emulated: a train step took 20x its fp32 time on such a CPU."""
+    """Whether this CPU has vector units for bf16 (oneDNN's check: AVX-512 on x86, BF16 on Arm; it pays most with
+    AVX512-BF16 or AMX). Without them (an AVX2-only x86) bf16 is emulated: a train step took 20x its fp32 time."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without the check: say nothing
@@ -132,7 +132,7 @@ def amp_context(config, device):
     if device.type == "cpu" and not cpu_bf16_ok() and not getattr(amp_context, "warned", False):
         amp_context.warned = True
         print(f"warning: --amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bf16, so bf16 "
-              "autocast runs many times slower than fp32 here; drop --amp on this machine", file=sys.stderr)
+              "autocast runs many times slower than fp32 here; pass --no-amp on this machine", file=sys.stderr)
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None

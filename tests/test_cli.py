@@ -293,7 +293,9 @@ def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):
     shutil.copytree(trained, only / "two")
     p = sh("batch_test.sh", tmp_path, {"SAVE_DIR": str(only), "OUT_DIR": str(tmp_path / "logs")})
     assert p.returncode == 0, p.stderr[-2000:]
-    assert [r["run_name"] for r in csv.DictReader((tmp_path / "logs" / "summary.csv").open())] == ["two"]
+    rows = list(csv.DictReader((tmp_path / "logs" / "summary.csv").open()))
+    rep = json.loads((trained / "test_report.json").read_text())
+    assert [r["run_name"] for r in rows] == ["two"] and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
     # batch_test.sh with names: one real run and one missing -> an NA row
     p = subprocess.run(["bash", str(ROOT / "script" / "batch_test.sh"), "two", "ghost"], cwd=tmp_path,
                        env={**env(), "SAVE_DIR": str(save_dir(base)), "OUT_DIR": str(tmp_path / "logs2")},

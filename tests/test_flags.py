@@ -648,10 +648,12 @@ def test_amp_warns_once_on_a_cpu_without_fast_bf16(monkeypatch, capsys, fast):
     """--amp on a CPU whose bf16 is emulated (an AVX2-only x86: many times the fp32 step) says so in one line, once;
     a CPU with fast bf16, or a run without --amp, hears nothing."""
     monkeypatch.setattr(runner, "cpu_bf16_ok", lambda: fast)
-    monkeypatch.delattr(runner.amp_context, "warned", raising=False)
+    monkeypatch.setattr(runner.amp_context, "warned", False, raising=False)
     cpu = torch.device("cpu")
     runner.amp_context(C.get_config([]), cpu)
+    runner.amp_context(C.get_config(["--no-amp"]), cpu)
+    assert capsys.readouterr().err == ""
     for _ in range(2):
         runner.amp_context(C.get_config(["--amp"]), cpu)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ([] if fast else [err[0]]) and (fast or "drop --amp" in err[0] and err[0].startswith("warning: --amp"))
+    assert err == ([] if fast else [err[0]]) and (fast or "--no-amp" in err[0] and err[0].startswith("warning: --amp"))

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from types import SimpleNamespace
 
 import bench
 import config as C
@@ -66,20 +68,39 @@ def test_bench_driver_table_and_json(tmp_path, tiny_flags):
     assert "| 2 | text | fp32 | on | off |" in p.stdout and "| 1 | text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
 
 
-def test_bench_paired_times_the_cases_step_by_step(tiny_flags, monkeypatch):
-    built = []
-    setup = bench.case_setup
-    monkeypatch.setattr(bench, "case_setup", lambda case, n, argv: built.append(argv[-1]) or setup(case, n, argv))
+def test_bench_paired_times_the_cases_step_by_step(tiny_flags):
     f = bench.run_paired(["text", "mner_dual", "mner_dual+--vision_depth=0"], 4, tiny_flags)
-    assert list(f) == ["text", "mner_dual", "mner_dual+--vision_depth=0"]
-    assert f["text"] == {**f["text"], "ratio": 1.0, "q1": 1.0, "q3": 1.0} and built[-1] == "--vision_depth=0"
-    for d in list(f.values())[1:]:
-        assert d["q1"] <= d["ratio"] <= d["q3"] and d["ratio"] > 0 and d["step_s"] > 0
+    assert list(f) == ["text", "mner_dual", "mner_dual+--vision_depth=0"] and f["text"]["ratio"] == 1.0
+    assert all(d["ratio"] > 0 and d["step_s"] > 0 for d in f.values())
+
+
+def test_bench_paired_pairs_the_same_batch_in_rotating_order(monkeypatch):
+    """Fake cases on a fake clock: case b's step costs twice a's, c's three times; each batch k is stepped by every
+    case in turn, the order rotated by one each batch, and the ratios come out exactly."""
+    clock, log = [0.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def fake(case, n, argv, own=()):
+        cost = {"text": 1.0, "mner_cached": 2.0, "mner_dual": 3.0}[case]
+        batches = [{"index": torch.tensor([i])} for i in range(8)]
+        step = lambda b: (clock.__setitem__(0, clock[0] + cost), log.append((case, int(b["index"]))))  # noqa: E731
+        return SimpleNamespace(batches=batches, prepare=lambda b: b, sync=lambda: None, step=step)
+    monkeypatch.setattr(bench, "case_setup", fake)
+    f = bench.run_paired(["text", "mner_cached", "mner_dual"], 4, [])
+    assert [f[c]["ratio"] for c in f] == [1.0, 2.0, 3.0] and f["mner_dual"]["step_s"] == 3.0
+    assert log[:6] == [("text", 0), ("mner_cached", 0), ("mner_dual", 0), ("mner_cached", 2), ("mner_dual", 2),
+                       ("text", 2)]
+    monkeypatch.setattr(bench, "case_setup", lambda case, n, argv, own=(): SimpleNamespace(
+        batches=[{"index": torch.tensor([len(own)])}], prepare=None, sync=None, step=None))
+    with pytest.raises(SystemExit, match="batches the posts otherwise"):
+        bench.run_paired(["text", "text+--batch_size=2"], 2, [])
 
 
 @pytest.mark.parametrize("args,msg", [(["--amp_modes", "fp32,amp"], "one value each"), (["--steps", "1"], "2 or more"),
                                       (["--cases", "hf_recipe,text", "--amp_modes", "fp32"], "its own loop"),
-                                      (["--cases", "text,textx+--amp", "--amp_modes", "fp32"], "unknown")])
+                                      (["--cases", "text,textx+--amp", "--amp_modes", "fp32"], "unknown"),
+                                      (["--cases", "text,hf_recipe+--amp", "--amp_modes", "fp32"], "its own loop"),
+                                      (["--cases", "text,text", "--amp_modes", "fp32"], "named twice")])
 def test_bench_paired_refuses_what_it_cannot_pair(args, msg):
     p = subprocess.run([PY, "bench.py", "--paired", "--bucketing", "on", *args], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=300)

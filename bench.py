@@ -301,31 +301,31 @@ def run_case(spec: dict, argv: list[str]) -> dict:
         return run_recipe(spec, argv)
     import torch
     s = case_setup(spec["case"], spec["eval_posts"], argv)
-    config, model, device, amp, step, prepare, batches, ebatches, posts, dev, sync = (
-        s.config, s.model, s.device, s.amp, s.step, s.prepare, s.batches, s.ebatches, s.posts, s.dev, s.sync)
+    config, model, device, batches, sync = s.config, s.model, s.device, s.batches, s.sync
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     posts_of = lambda b: b["input_ids"].size(0)  # noqa: E731
-    train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, posts_of, prepare, sync)
+    train_tps, train_cps, rss0, rss1 = timed_steps(s.step, batches, spec, posts_of, s.prepare, sync)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    flops = achieved(step, batches, posts_of, statistics.median(train_tps), device, sync, prepare)
+    flops = achieved(s.step, batches, posts_of, statistics.median(train_tps), device, sync, s.prepare)
 
     def decode_all():
-        with amp():
-            for b in ebatches:
+        with s.amp():
+            for b in s.ebatches:
                 model.decode(b)
 
     model.eval()
-    eval_tps = timed_eval(decode_all, len(dev), spec["repeats"], sync)
+    eval_tps = timed_eval(decode_all, len(s.dev), spec["repeats"], sync)
     tps = statistics.median(train_tps)
     return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
             "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
             "train_posts_per_s_all": [round(x, 1) for x in train_tps],
-            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
+            "epoch_s": round(len(s.posts) / tps, 1),
+            "epoch_cpu_s": round(len(s.posts) / statistics.median(train_cps), 2),
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,
-            "n_train": len(posts), "batch_size": config.batch_size, "device": str(device),
+            "n_train": len(s.posts), "batch_size": config.batch_size, "device": str(device),
             "threads": torch.get_num_threads(), "pad_share": round(pad_share(batches), 3), **flops}
 
 
@@ -336,10 +336,6 @@ def run_paired(cases: list[str], steps: int, argv: list[str]) -> dict:
     median over the batches of its step time / the first case's, q1, q3 (interquartile range of those ratios),
     step_s: its median step time}}. Separate child processes cannot show a few-percent difference on a noisy
     machine; this can."""
-    if any(c.split("+")[0] == "hf_recipe" for c in cases):
-        raise SystemExit("error: --paired times MANGO's train step; the recipe (hf_recipe) has its own loop")
-    if len(set(cases)) < len(cases):
-        raise SystemExit(f"error: --cases {','.join(cases)}: a case named twice; give each once")
     setups = {c: case_setup(c.split("+")[0], 1, argv, c.split("+")[1:]) for c in cases}
     posts = {c: [b["index"].tolist() for b in s.batches] for c, s in setups.items()}
     for c in cases[1:]:
@@ -472,6 +468,10 @@ def main_paired(args, cases: list[str], rest: list[str]):
     if any("," in x for x in combo):
         raise SystemExit("error: --paired compares cases at one setting: give one value each of --amp_modes, "
                          "--bucketing and --grad_ckpt")
+    if any(c.split("+")[0] == "hf_recipe" for c in cases):
+        raise SystemExit("error: --paired times MANGO's train step; the recipe (hf_recipe) has its own loop")
+    if len(set(cases)) < len(cases):
+        raise SystemExit(f"error: --cases {','.join(cases)}: a case named twice; give each once")
     figures = run_paired(cases, args.steps, case_flags(*combo, rest))
     print(f"hardware: {hardware()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"paired: {args.steps} train steps per case, one process, {'/'.join(combo)} (precision/bucketing/ckpt)")

@@ -114,8 +114,7 @@ def main_first():
         barrier()
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_ok() -> bool:
+def bf16_vector_units() -> bool:
     """Whether this CPU has vector units for bf16 (oneDNN's check: AVX-512 on x86, BF16 on Arm; it pays most with
     AVX512-BF16 or AMX). Without them (an AVX2-only x86) bf16 is emulated: a train step took 20x its fp32 time."""
     try:
@@ -124,15 +123,23 @@ def cpu_bf16_ok() -> bool:
         return True
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_ok() -> bool:
+    """bf16_vector_units(), asked once per process: where the answer is no, its one warning line comes once."""
+    ok = bf16_vector_units()
+    if not ok:
+        print(f"warning: --amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bf16, so bf16 "
+              "autocast runs many times slower than fp32 here; pass --no-amp on this machine", file=sys.stderr)
+    return ok
+
+
 def amp_context(config, device):
     """(autocast context factory, GradScaler or None): bf16 autocast where supported, else fp16 with a GradScaler
     on CUDA; (nullcontext, None) without --amp. A CPU without fast bf16 gets a one-line warning (once)."""
     if not config.amp:
         return nullcontext, None
-    if device.type == "cpu" and not cpu_bf16_ok() and not getattr(amp_context, "warned", False):
-        amp_context.warned = True
-        print(f"warning: --amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bf16, so bf16 "
-              "autocast runs many times slower than fp32 here; pass --no-amp on this machine", file=sys.stderr)
+    if device.type == "cpu":
+        cpu_bf16_ok()
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None

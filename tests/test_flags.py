@@ -644,11 +644,12 @@ def test_flag_policy_comes_from_the_declarations():
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_amp_warns_once_on_a_cpu_without_fast_bf16(monkeypatch, capsys, fast):
+def test_amp_warns_once_on_a_cpu_without_fast_bf16(monkeypatch, capsys, request, fast):
     """--amp on a CPU whose bf16 is emulated (an AVX2-only x86: many times the fp32 step) says so in one line, once;
     a CPU with fast bf16, or a run without --amp, hears nothing."""
-    monkeypatch.setattr(runner, "cpu_bf16_ok", lambda: fast)
-    monkeypatch.setattr(runner.amp_context, "warned", False, raising=False)
+    monkeypatch.setattr(runner, "bf16_vector_units", lambda: fast)
+    runner.cpu_bf16_ok.cache_clear()
+    request.addfinalizer(runner.cpu_bf16_ok.cache_clear)  # the next caller asks this machine again
     cpu = torch.device("cpu")
     runner.amp_context(C.get_config([]), cpu)
     runner.amp_context(C.get_config(["--no-amp"]), cpu)

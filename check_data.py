@@ -16,7 +16,7 @@ from config import cli, get_config
 from images import find_image, load_image
 from metrics import get_entities
 from readers import (DATA_DIR, DATASETS, SPLIT_FILES, DataError, ReadReport, _decode_lines, dataset_dir, image_root,
-                     load_split, read_conll, read_mnre, split_hashes, split_overlaps)
+                     load_split, split_hashes, split_overlaps)
 
 
 def check_dataset(config) -> str:
@@ -58,7 +58,7 @@ def describe_datasets(data_dir=DATA_DIR) -> str:
             f = d / spec.file(split)
             if not f.is_file():
                 sizes.append(f"{split}=absent")
-            elif spec.reader is read_conll:
+            elif not spec.converter:
                 try:
                     n = sum(1 for l in _decode_lines(f) if l.startswith("IMGID:"))
                     sizes.append(f"{split}={n}")
@@ -67,11 +67,11 @@ def describe_datasets(data_dir=DATA_DIR) -> str:
             else:
                 r = ReadReport(str(f))
                 try:
-                    sizes.append(f"{split}={len(spec.reader(f, lenient=True, report=r))}")
+                    sizes.append(f"{split}={len(spec.reader()(f, lenient=True, report=r))}")
                     lines.append(str(r.counts.get("lines", r.counts.get("documents"))))
                 except DataError:
                     sizes.append(f"{split}=unreadable")
-        what = 'lines' if spec.reader is read_mnre else 'documents'
+        what = 'lines' if spec.converter == 'read_mnre' else 'documents'
         unit = " posts" + (f" (from {'/'.join(lines)} {what})" if lines else "")
         pattern = spec.files.format(split="{" + ",".join(spec.split_names) + "}")
         images = f"images {show(d / spec.image_dir())}/" if spec.images else "text-only"

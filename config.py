@@ -469,12 +469,7 @@ REMOVED = {"context_k": 0, "case_input": False, "layer_mix": False, "llrd": 1.0,
 REMOVED_MODEL = ("context_k", "case_input", "layer_mix", "word_pooling", "emission_temperature")
 
 
-def removed_levers(d: dict, among=REMOVED) -> list[str]:
-    """The flags of `among` (REMOVED by default) that a saved config.json used, as "--flag value"."""
-    return [f"--{k} {d[k]}" for k in among if d.get(k, REMOVED[k]) != REMOVED[k]]
-
-
-def migrate(d: dict, where: str = "") -> dict:
+def migrate(d: dict, where: str = "", resume: str = "") -> dict:
     """A saved config.json of any earlier run format -> this one's keys and meanings: the one place that knows old
     runs. With `where` (the file, when a model is to be built from it) a run this code cannot rebuild is refused.
 
@@ -484,7 +479,8 @@ def migrate(d: dict, where: str = "") -> dict:
     format 2: the flags of RENAMED under their old names.
     format 3: its dual-granularity encoder (fine tokens not started from their parent coarse cell) cannot be rebuilt.
     format 4: its dual-granularity encoder kept the fine cells a learned score ranked first (--vision_select learned).
-    Any format: a run that used a REMOVED flag that defines the model is refused.
+    Any format: a run that used a REMOVED flag that defines the model is refused; to be resumed (`resume`: the
+    flag that asks), a run that used any REMOVED flag.
     """
     d = dict(d)
     v = d.get("run_format", 1)
@@ -501,17 +497,20 @@ def migrate(d: dict, where: str = "") -> dict:
     if v < 4 and where and d.get("use_dual_granularity"):
         raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
                           "builds; retrain it (bash script/train_dual_granularity.sh)")
-    used = removed_levers(d, REMOVED_MODEL)
+    used = [f"--{k} {d[k]}" for k in (REMOVED if resume else REMOVED_MODEL) if d.get(k, REMOVED[k]) != REMOVED[k]]
+    if used and resume:
+        raise ConfigError(f"{resume}: the run trained with {used[0]}, a lever this version no longer has, so it cannot "
+                          "go on as it began; start a new run (test.py and predict.py still load it)")
     if used and where:
         raise ConfigError(f"{where}: trained with {used[0]}, a lever this version no longer has; retrain without it")
     d["run_format"] = RUN_FORMAT
     return {k: x for k, x in d.items() if k not in REMOVED}
 
 
-def config_from_dict(d: dict, where: str = "") -> argparse.Namespace:
+def config_from_dict(d: dict, where: str = "", resume: str = "") -> argparse.Namespace:
     """A saved config.json (through migrate) back to a namespace; flags added since then take their defaults."""
     c = get_config(check=False)
-    vars(c).update({k: v for k, v in migrate(d, where).items() if k in vars(c)})
+    vars(c).update({k: v for k, v in migrate(d, where, resume).items() if k in vars(c)})
     resolve_auto(c)
     return c
 

@@ -149,31 +149,21 @@ class CRFHead(nn.Module):
             logm = torch.logsumexp(logm[..., None, :] + self.log_to_bio, -1)
         return logm * mask[..., None]
 
-    def marginals(self, em, mask) -> torch.Tensor:
-        """p(label at word | post) [B, W, L] in LabelMap's ids (0 on padding), over the paths decoding may take."""
-        with torch.no_grad():
-            return self.log_marginals(em.float(), mask).exp() * mask[..., None]
-
     @torch.no_grad()
     def decode(self, em, mask) -> list[list[int]]:
-        """Viterbi: the best label path of each post (its scored words only), the same operations as pytorch-crf's
-        decode on scores()."""
-        start, end, trans = self.scores()
-        em = self._pin(em)
-        W = em.size(1)
-        score, history = start + em[:, 0], []                                 # [B, L]
-        for t in range(1, W):
-            best, idx = (score[:, :, None] + trans + em[:, t, None, :]).max(1)  # over the previous label
-            score = torch.where(mask[:, t, None], best, score)
-            history.append(idx)
-        n = mask.sum(1)
-        cur = (score + end).argmax(1)                                         # [B]: the last word's label
-        path = torch.empty(em.shape[:2], dtype=torch.long, device=em.device)
-        for t in range(W - 1, -1, -1):  # a post shorter than W keeps its last label until its own last word
-            path[:, t] = cur
-            if t:
-                cur = torch.where(t < n, history[t - 1].gather(1, cur[:, None]).squeeze(1), cur)
-        return [row[:k] for row, k in zip(self.to_bio[path].tolist(), n.tolist())]
+        """Viterbi by pytorch-crf's decode: the best label path of each post (its scored words only). With bio, over
+        scores(): the bans are added to the CRF's own scores for the call and the saved values put back."""
+        params = (self.crf.start_transitions, self.crf.end_transitions, self.crf.transitions)
+        saved = [p.detach().clone() for p in params]
+        try:
+            for p, s in zip(params, self.scores()):
+                p.copy_(s)
+            paths = self.crf.decode(self._pin(em), mask=mask)
+        finally:
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        to_bio = self.to_bio.tolist()
+        return [[to_bio[i] for i in row] for row in paths]
 
 
 # ----------------------------------------------------------------------------- numpy twin (bundles)

@@ -1,14 +1,5 @@
 """Data for MANGO: posts -> label map -> sub-word alignment -> images -> batches.
 
-Reading order follows the data's own path (readers.py reads the files, images.py the pictures):
-  load_split      readers.py: one split of --dataset_name -> list[Post] through the registry's reader
-  LabelMap        tags <-> ids, built from train, saved with every run
-  encode_words    words -> sub-word ids + first-sub-token index per word
-  encode_windows  a post longer than --max_len -> overlapping windows that each fit; merge_windows joins their outputs
-  load_image, ImagePrep, FeatureCache, image_sources   images.py: decoding, preprocessing, the feature cache, controls
-  MNERDataset     posts + tokenizer + images -> items; `collate` pads them into a batch
-  LengthBucketSampler  batches of similar length for training
-
 The batch contract (every model consumes exactly this):
   input_ids      [B, T] long     sub-word ids, padded with the tokenizer's pad id
   attention_mask [B, T] long     1 on real sub-words
@@ -39,12 +30,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 # what the rest of MANGO reads as dataloader.X lives in the two modules it is split from
-from readers import (DATA_DIR, DATASETS, ROOT, SPLIT_FILES, DataError, DatasetSpec, Post, ReadReport,  # noqa: F401
-                     _decode_lines, _json_records, _problem_fn, dataset_dir, dataset_spec, image_root, load_split,
-                     opens_with_i, read_conll, read_hacred, read_mnre, spans_to_bio, split_hashes, split_overlaps)
-from images import (EFFNET_PREP, GREY, IMAGE_EXTS, MAX_IMAGE_PIXELS, FeatureCache, ImagePrep,  # noqa: F401
-                    cached_features, file_digest, find_image, grey_pixels, image_prep_for, image_sources,
-                    load_image)
+from readers import (DATA_DIR, DATASETS, ROOT, SPLIT_FILES, DataError, Post, ReadReport, _json_records,  # noqa: F401
+                     _problem_fn, dataset_dir, dataset_spec, image_root, load_split, opens_with_i, read_conll,
+                     split_hashes, split_overlaps)
+from images import (EFFNET_PREP, IMAGE_EXTS, FeatureCache, ImagePrep, cached_features, file_digest,  # noqa: F401
+                    find_image, grey_pixels, image_prep_for, image_sources, load_image)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -112,10 +102,6 @@ class Encoded:
     n_kept: int             # words that fit in max_len (encode_windows puts the rest in further windows)
     empty: list[int]        # words that tokenised to nothing and were replaced by the unknown token
 
-    @property
-    def n_empty(self) -> int:
-        return len(self.empty)
-
 
 def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
     """The special-token ids the tokenizer puts before and after a text ([CLS] / [SEP], <s> / </s>), read off a
@@ -127,12 +113,9 @@ def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def encode_words(tokenizer, words: list[str], max_len: int) -> Encoded:
-    """Sub-word encode a word list and record each word's first sub-word position.
-
-    Words that tokenise to nothing (U+FE0F, U+200B, a lone combining mark, "") would shift every later label when
-    aligned by position, so they are replaced by the unknown token. Truncation keeps sub-words up to max_len
-    (specials included); words whose first sub-word falls off are not kept (the next window starts before them).
-    """
+    """Sub-word ids of a word list and each kept word's first sub-word position, at most max_len with specials.
+    Words that tokenise to nothing (U+FE0F, U+200B, "") become the unknown token: dropped, they would shift every
+    later label."""
     enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
     wids = enc.word_ids()
     present = {w for w in wids if w is not None}
@@ -164,12 +147,9 @@ class Window:
 
 
 def encode_windows(tokenizer, words: list[str], max_len: int, post: int = 0) -> list[Window]:
-    """A post as one window, or, when its sub-words do not fit in max_len, as overlapping windows of whole words.
-
-    Each window holds as many words as fit from its start; the next one starts half a window (in words) before the
-    previous one ended, so every word lies in one or two windows. Merge rule: a word is read from the window where
-    it is farther from a cut edge, i.e. the words two windows share are split at their middle.
-    """
+    """A post as one window, or, when its sub-words do not fit in max_len, as windows of whole words, each starting
+    half a window before the previous one ended. Merge rule: words two windows share are split at their middle (each
+    read where it is farther from a cut edge)."""
     n, spans, s = len(words), [], 0
     while True:  # at most max_len words fit: every word has at least one sub-word
         enc = encode_words(tokenizer, words[s:s + max_len], max_len)
@@ -247,14 +227,9 @@ def word_shape(word: str) -> int:
 # ----------------------------------------------------------------------------- dataset / batches
 
 class MNERDataset(torch.utils.data.Dataset):
-    """Posts ready for a model: encodings and label ids are computed once, images per item.
-
-    image_mode: None (text-only model), "pixels" (decode + ImagePrep each time) or "features" (look up `features`, a
-    {path: tensor} dict from FeatureCache; `feat_shape` for placeholders). `teacher` ({path: [R, 1280]}): each post's
-    distillation targets. `control`: --image_control; `blank`: the grey image's features (features mode).
-    iob2_labels: the loss targets open every chunk with B- (iob2). `targets` (--teacher_run): each post's teacher
-    marginals [n_words, L].
-    """
+    """Posts ready for a model: encodings and label ids computed once, images per item. image_mode: None, "pixels"
+    (decoded each time) or "features" ({path: tensor} from FeatureCache; `blank` the grey image's). `teacher`:
+    {path: [R, 1280]}; `targets` (--teacher_run): each post's teacher marginals [n_words, L]."""
 
     def __init__(self, posts: list[Post], tokenizer, label_map: LabelMap, max_len: int, img_root=None,
                  image_mode: str | None = None, prep: ImagePrep | None = None, features=None,
@@ -390,7 +365,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def __iter__(self):
         rng = random.Random(self.seed * 1000003 + self.epoch)
         idx = list(range(len(self.lengths)))
         if self.shuffle:
@@ -405,10 +380,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         # every rank gets the same number of batches (DDP steps in lock-step); the tail wraps around
         n = -(-len(batches) // self.world)
         batches = batches + batches[: n * self.world - len(batches)]
-        return batches[self.rank::self.world]
-
-    def __iter__(self):
-        return iter(self._batches())
+        return iter(batches[self.rank::self.world])
 
     def __len__(self):
         return -(-len(self.lengths) // (self.batch_size * self.world))  # batches per rank, rounded up
@@ -428,12 +400,10 @@ def image_file(p) -> bool:
 def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: LabelMap, vision=None,
                  train: bool = False, image_dir=None, teacher=None, iob2_labels: bool = False,
                  targets=None) -> MNERDataset:
-    """A split ready for the model. `vision`: the model's vision module (duck-typed: `cacheable`, `features`,
-    `feat_shape`, `backbone_id`, `weights_file`) or None; a cacheable (frozen) one's features come from FeatureCache,
-    else pixels are read every step. `teacher` (--vision_distill_lambda): a frozen backbone whose cached features are
-    each post's distillation target. image_dir replaces the split's image folder (predict.py: "/" with absolute
-    paths as IMGIDs). iob2_labels (model.iob2_targets) and `targets` (distill.teacher_targets): train split only.
-    """
+    """A split ready for the model. `vision` (duck-typed: `cacheable`, `features`, `feat_shape`, `backbone_id`,
+    `weights_file`) or None: a frozen one's features come from FeatureCache, else pixels are read every step.
+    `teacher` (--vision_distill_lambda): a frozen backbone. image_dir replaces the split's image folder (predict.py:
+    "/" with absolute IMGIDs). iob2_labels and `targets` (distill.teacher_targets): train split only."""
     root = image_root(config, split) if image_dir is None else Path(image_dir)
     common = dict(seed=config.seed, name=split, iob2_labels=iob2_labels, targets=targets)
     if vision is None:

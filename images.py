@@ -1,11 +1,4 @@
-"""Images: finding and decoding a post's picture, the backbones' preprocessing, and the frozen-feature cache.
-
-  find_image / load_image   an IMGID -> a file -> RGB PIL image, or None with the reason (placeholder + has_image 0)
-  ImagePrep       PIL -> normalised [3, S, S] tensor (short side resized, centre crop S); image_prep_for per backbone
-  FeatureCache    frozen-backbone features computed once per image, keyed by image bytes+backbone+weights+prep
-  cached_features a frozen vision module's features of a split's images (and the grey image's)
-  image_sources   --image_control: which post's image each post shows (shuffle) or a constant grey one (blank)
-"""
+"""Images: finding and decoding a post's picture, the backbones' preprocessing (-> [3, S, S]), the feature cache."""
 from __future__ import annotations
 
 import hashlib
@@ -30,11 +23,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # tried in this
 # ----------------------------------------------------------------------------- images
 
 def find_image(image_root, imgid: str | None) -> Path | None:
-    """`<image_root>/<imgid>`; the imgid may be a sub-path (NewsMKG: a/b/c) and may carry its extension.
-
-    Without one, IMAGE_EXTS are tried in order; with one, the file as named, else the same stem with another image
-    extension. When nothing exists the first candidate is returned (reported missing).
-    """
+    """`<image_root>/<imgid>` (a sub-path for NewsMKG: a/b/c); when no candidate exists the first is returned."""
     if not imgid or image_root is None:
         return None
     base = Path(image_root) / imgid.lstrip("/")  # a sub-path stays below the image folder
@@ -92,13 +81,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImagePrep:
-    """PIL image -> normalised float tensor [3, size, size]: the short side resized to `short` (bicubic, aspect ratio
-    kept), a centre crop of size x size, (x / 255 - mean) / std.
-
-    short = 0: round(size * 256 / 224), the ImageNet convention EfficientNet-Lite0 and the dual-granularity encoder
-    are fed with. truncate: the long side is truncated, not rounded, as CLIPImageProcessor computes it. With an rng
-    (--image_aug), a random crop position and a horizontal flip replace the centre crop.
-    """
+    """PIL image -> normalised float tensor [3, size, size]. short = 0: round(size * 256 / 224), the ImageNet
+    convention; truncate: the long side as CLIPImageProcessor computes it; an rng (--image_aug): random crop + flip."""
     size: int = 224
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
@@ -179,14 +163,9 @@ def file_digest(path) -> str:
 
 
 class FeatureCache:
-    """Features of a frozen vision backbone, computed once per image and reused by later runs.
-
-    One file per image: <cache_dir>/<key>/<d[:2]>/<d>.pt, an fp16 tensor, d the sha1 of the image file's bytes. The
-    key hashes the backbone identity, the weights file (path, size, mtime), the preprocessing and
-    FEATURE_CODE_VERSION, so a change to any of them (or to the image) recomputes. Unreadable images are never
-    stored (retried next run). Each entry is written to its own temporary file and renamed, so runs sharing a cache
-    directory never see half-written entries; a damaged entry is recomputed.
-    """
+    """Frozen-backbone features, one fp16 file per image: <cache_dir>/<key>/<d[:2]>/<d>.pt, d the sha1 of the
+    image's bytes; the key changes with the backbone, its weights file, the preprocessing or FEATURE_CODE_VERSION.
+    Entries are written to a temporary file and renamed, so runs sharing a cache never read half-written ones."""
 
     def __init__(self, cache_dir, backbone_id: str, weights_file, prep: ImagePrep):
         wf = Path(weights_file) if weights_file else None
@@ -219,17 +198,14 @@ class FeatureCache:
         # an unreadable image is not stored: the next run tries again (MNERDataset reports why it is unused)
         loaded = ((d, im) for d, ps in pending if (im := load_image(ps[0])[0]) is not None)
         while batch := list(islice(loaded, batch_size)):  # decoded one batch at a time
-            self._run(batch, encode, todo, feats)
+            with torch.no_grad():
+                out = encode(torch.stack([self.prep(im) for _, im in batch])).to(torch.float16).cpu()
+            for (d, _), o in zip(batch, out):
+                o = o.clone()
+                for p in todo[d]:
+                    feats[p] = o
+                self._write(self.entry(d), o)
         return feats
-
-    def _run(self, batch, encode, todo, feats):
-        with torch.no_grad():
-            out = encode(torch.stack([self.prep(im) for _, im in batch])).to(torch.float16).cpu()
-        for (d, _), o in zip(batch, out):
-            o = o.clone()
-            for p in todo[d]:
-                feats[p] = o
-            self._write(self.entry(d), o)
 
     def _write(self, f: Path, t: torch.Tensor):
         if not self.write_ok:
@@ -248,21 +224,14 @@ class FeatureCache:
                   f"({getattr(e, 'strerror', None) or e}); features are recomputed next time")
 
 
-GREY = (128, 128, 128)  # the --image_control blank picture
-
-
 def grey_pixels(prep: ImagePrep) -> torch.Tensor:
     """The --image_control blank picture through `prep`: [3, S, S]."""
-    return prep(Image.new("RGB", (prep.size, prep.size), GREY))
+    return prep(Image.new("RGB", (prep.size, prep.size), (128, 128, 128)))
 
 
 def image_sources(has_image: list[bool], control: str, seed: int) -> list[int]:
-    """For each post, the post whose image it is shown (--image_control); -1 = the constant grey image.
-
-    none: itself. shuffle: the posts with an image, in a random cycle (from seed), each shown the next one's image,
-    so none keeps its own where the split has >= 2 images. blank: -1 for every post with an image. Posts without an
-    image keep the text-only path under every control.
-    """
+    """For each post, the post whose image it is shown (--image_control): none: itself; shuffle: the next one's in a
+    seeded cycle of the posts with an image; blank: -1, the grey image. Posts without an image stay text-only."""
     if control == "blank":
         return [-1 if h else i for i, h in enumerate(has_image)]
     src, have = list(range(len(has_image))), [i for i, h in enumerate(has_image) if h]

@@ -804,10 +804,9 @@ class Tagger(nn.Module):
     # -- parameter groups for the optimiser (train.py): text encoder / pretrained vision / tagging head / the rest
     HEAD_PREFIXES = ("case.", "lstm.", "emit.", "head.")
 
-    def param_groups(self, head_group=True, crf_group=False) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """{text, vision, head, crf, rest: [(name, parameter)]} in named_parameters order. head_group=False leaves
-        HEAD_PREFIXES in "rest" (the grouping of runs saved before --head_lr); crf_group gives the CRF's scores their
-        own group (--crf_lr), else they are the head's."""
+    def param_groups(self, crf_group=False) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """{text, vision, head, crf, rest: [(name, parameter)]} in named_parameters order; crf_group gives the CRF's
+        scores their own group (--crf_lr), else they are the head's."""
         groups = {"text": [], "vision": [], "head": [], "crf": [], "rest": []}
         pretrained = ("vision.",) if isinstance(self.vision, PretrainedVision) else \
             ("vision.stem.",) if isinstance(getattr(self.vision, "stem", None), EfficientNetStem) else ()
@@ -815,7 +814,7 @@ class Tagger(nn.Module):
             if not prm.requires_grad:
                 continue
             g = "crf" if crf_group and n.startswith("head.crf.") else \
-                "head" if head_group and n.startswith(self.HEAD_PREFIXES) else "text" if n.startswith("text.") else \
+                "head" if n.startswith(self.HEAD_PREFIXES) else "text" if n.startswith("text.") else \
                 "vision" if pretrained and n.startswith(pretrained) else "rest"
             groups[g].append((n, prm))
         return groups

@@ -1,10 +1,5 @@
-"""What training, scoring and tagging share: the device (and torchrun's process group), mixed precision, reading a
-run directory, the torch inference loop (run_batches), training's scoring of a split, writing predictions.
-
-    train.py, test.py, predict.py, bench.py, plots.py -> runner.py -> config, dataloader, metrics, model
-
-Nothing here imports an entry point (tests/test_imports.py checks the graph). A saved run is scored and tagged through
-runtime.CheckpointRuntime; training scores its dev and test splits here, with the model in memory.
+"""What the entry points share: device and torchrun, mixed precision, run directories, the inference loop
+(run_batches), training's scoring of a split, writing predictions. It imports no entry point (tests/test_imports.py).
 """
 from __future__ import annotations
 
@@ -194,24 +189,6 @@ def runs_with(save_dir, file: str, shown: int = 8) -> str:
         (" (newest first)" if len(runs) > 1 else "")
 
 
-# the run's paths of the machine it was trained on; a tool that loads it anywhere else uses its own
-LOCAL_PATHS = ("data_dir", "cache_dir", "image_root")
-
-
-def localise_paths(config, run: Path, given: set[str]) -> None:
-    """A loaded run works where it lies: save_dir is the folder it was loaded from; LOCAL_PATHS not given on the
-    command line and not folders here take this checkout's defaults (one line says so)."""
-    config.save_dir = str(run.parent)
-    defaults = get_config(check=False)
-    for k in LOCAL_PATHS:
-        v = getattr(config, k)
-        if k in given or not v or Path(v).is_dir() or v == getattr(defaults, k):
-            continue
-        setattr(config, k, getattr(defaults, k))
-        shown = getattr(defaults, k) or "the dataset's own image folder"
-        print(f"note: {run.name}: its {k} {v} is not on this machine; using {shown} (--{k} chooses another)")
-
-
 def load_run(save_dir, name: str, overrides=None):
     """(config, label_map, model, checkpoint) of a run directory, `overrides` (runtime flags) applied."""
     run, overrides = Path(save_dir) / name, overrides or {}
@@ -222,7 +199,16 @@ def load_run(save_dir, name: str, overrides=None):
     config = config_from_dict(read_run_json(run / "config.json"), str(run / "config.json"))
     for k, v in overrides.items():
         setattr(config, k, v)
-    localise_paths(config, run, set(overrides))
+    # a loaded run works where it lies: its paths of the machine it was trained on, when not given and not folders
+    # here, take this checkout's defaults
+    config.save_dir, defaults = str(run.parent), get_config(check=False)
+    for k in ("data_dir", "cache_dir", "image_root"):
+        v = getattr(config, k)
+        if k in overrides or not v or Path(v).is_dir() or v == getattr(defaults, k):
+            continue
+        setattr(config, k, getattr(defaults, k))
+        shown = getattr(defaults, k) or "the dataset's own image folder"
+        print(f"note: {run.name}: its {k} {v} is not on this machine; using {shown} (--{k} chooses another)")
     check_encoders(config, run / "config.json")
     label_map = D.LabelMap.load(run / "label_map.json")
     ckpt = load_checkpoint(run / "model.pt")

@@ -1,17 +1,9 @@
-"""Score a trained run on a split, from its own config and label map.
+"""Score a trained run on a split, from its own config and label map (never the current flags or the test data).
 
-    python test.py --save_name NAME [--split test|valid|train|valid,test] [--device cpu] [--batch_size 32]
-                   [--eval_mode conlleval|strict] [--record_file results.csv] [--plots [--out_dir DIR]]
-                   [--image_control shuffle|blank]   # score with wrong or blank images (attribution control)
-                   [--explain_hits]                   # attention peak inside the cued object's box, per split
-                   [--[no-]bio_constraints]           # decode with(out) the BIO bans, whatever the run was trained with
-                   [--bundle DIR]                     # score an export.py bundle of the run (onnxruntime, int8)
+    python test.py --save_name NAME [--split test|valid,test] [--bundle DIR] ...   (--help lists every flag)
 
-Prints the per-type and [Overall] lines, writes <split>_report.json and <split>_predictions.conll into the run
-directory (<split>_report.<control>.json when --image_control differs from the run's own, .bio / .no_bio when
---bio_constraints does, .<bundle folder> with --bundle), and appends one CSV row to --record_file when given.
-Scoring runs through the same runtime as serve.py (runtime.CheckpointRuntime, or bundle.Bundle with --bundle).
-The model is rebuilt from the run's config.json and label_map.json (never from the current flags or the test data).
+Writes <split>_report[.tag].json and <split>_predictions[.tag].conll into the run directory (the tag names an
+--image_control, --[no-]bio_constraints or --bundle other than the run's own) and scores as serve.py does.
 """
 from __future__ import annotations
 
@@ -29,20 +21,6 @@ from results import record
 from runner import RUNTIME_FLAGS, amp_context, load_run, pick_device, read_run_json, write_predictions
 
 
-def open_runtime(cli, loaded, device, amp):
-    """The runtime test.py scores with: the run's checkpoint, or --bundle (an export of this run)."""
-    if not cli.bundle:
-        from runtime import CheckpointRuntime
-        return CheckpointRuntime(cli.save_dir, cli.save_name, loaded=loaded, strict=False, device=device, amp=amp)
-    if cli.explain_hits:
-        raise ConfigError("--explain_hits reads the checkpoint's attention; score it without --bundle")
-    rt = Bundle(cli.bundle)
-    if Path(rt.meta["run"]).name != cli.save_name:
-        raise ConfigError(f"--bundle {cli.bundle} was exported from run {Path(rt.meta['run']).name}, not from "
-                          f"--save_name {cli.save_name}; name the run it came from")
-    return rt
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cli = get_config(argv, tool="test")  # flag values are checked (--split) before anything loads
@@ -54,7 +32,17 @@ def main(argv=None):
     saved = read_run_json(run / "config.json")
     device = pick_device(config.device)
     amp = amp_context(config, device)[0] if config.amp else None
-    rt = open_runtime(cli, (config, label_map, model), device, amp)
+    if not cli.bundle:
+        from runtime import CheckpointRuntime
+        rt = CheckpointRuntime(cli.save_dir, cli.save_name, loaded=(config, label_map, model), strict=False,
+                               device=device, amp=amp)
+    elif cli.explain_hits:
+        raise ConfigError("--explain_hits reads the checkpoint's attention; score it without --bundle")
+    else:
+        rt = Bundle(cli.bundle)
+        if Path(rt.meta["run"]).name != cli.save_name:
+            raise ConfigError(f"--bundle {cli.bundle} was exported from run {Path(rt.meta['run']).name}, not from "
+                              f"--save_name {cli.save_name}; name the run it came from")
     vision = model.vision if model.uses_image and config.use_image and not cli.bundle else None
     best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
     # a control scoring, another decoding or a bundle writes reports of its own, never over the run's own

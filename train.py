@@ -34,14 +34,14 @@ from tqdm import tqdm
 
 import dataloader as D
 from config import (IMAGE_MODELS, ConfigError, cli, config_from_dict, get_config, given_flags,
-                    removed_levers, save_config, RESUME_MAY_CHANGE, RESUME_REFUSED)
+                    save_config, RESUME_MAY_CHANGE, RESUME_REFUSED)
 from distill import teacher_dir, teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer
 from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
                     load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
                     write_predictions)
 
-RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng", "schedule")
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
 
 
@@ -196,13 +196,12 @@ def optimizer_steps(config, n_batches: int) -> int:
     return config.epochs * math.ceil(n_batches / config.gradient_accumulation_steps)
 
 
-def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None, head_group: bool = True):
+def make_optimizer(model, config, steps: int | None = None, plan: dict | None = None):
     """AdamW with a group per base rate (base_lrs) and weight decay (none for biases and norm layers), and a LambdaLR
-    schedule: lr_plan(config, steps), or `plan` when given. head_group=False: the head in the "rest" group, as runs
-    saved before --head_lr had it (their last.pt resumes)."""
+    schedule: lr_plan(config, steps), or `plan` when given."""
     lrs = base_lrs(config)
     groups = []
-    for name, params in model.param_groups(head_group, crf_group=config.crf_lr >= 0).items():
+    for name, params in model.param_groups(crf_group=config.crf_lr >= 0).items():
         for decay in (True, False):
             ps = [p for n, p in params if (not any(k in n for k in NO_DECAY) and p.dim() > 1) == decay]
             if ps:
@@ -365,8 +364,7 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
 
 def resolve_resume(argv: list[str]):
     """(config, resume): the flags, and with --continue_train_name the run's own config (flags that may change
-    on resume applied over it) and its last.pt (resume["run_epochs"]: the --epochs the run had); resume is None
-    for a new run."""
+    on resume applied over it) and its last.pt; resume is None for a new run."""
     config = get_config(argv, tool="train")
     if not config.continue_train_name:
         check_flags(config, given_flags(argv))
@@ -379,13 +377,8 @@ def resolve_resume(argv: list[str]):
         if not (src / f).is_file():
             raise ConfigError(f"--continue_train_name {config.continue_train_name}: {src / f} is missing; it is "
                               "written with every run, so this run directory is damaged: start a new run")
-    raw = read_run_json(src / "config.json")
-    if used := removed_levers(raw):
-        raise ConfigError(f"--continue_train_name {config.continue_train_name}: the run trained with {used[0]}, a "
-                          "lever this version no longer has, so it cannot go on as it began; start a new run "
-                          "(test.py and predict.py still load it)")
-    saved = config_from_dict(raw, str(src / "config.json"))
-    run_epochs = saved.epochs
+    saved = config_from_dict(read_run_json(src / "config.json"), str(src / "config.json"),
+                             resume=f"--continue_train_name {config.continue_train_name}")
     for k in given_flags(argv) - {"continue_train_name"}:
         new, old = getattr(config, k), getattr(saved, k)
         if k in RESUME_REFUSED and new != old:
@@ -401,9 +394,8 @@ def resolve_resume(argv: list[str]):
     missing = [k for k in RESUME_KEYS if k not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
     if missing:
         raise ConfigError(f"{src / 'last.pt'}: not a resumable checkpoint (no {', '.join(missing)}); last.pt is "
-                          "written after every epoch, model.pt holds the best weights only: score the run with "
-                          "test.py or start a new one")
-    resume["run_epochs"] = run_epochs
+                          "written after every epoch by this version, model.pt holds the best weights only: score "
+                          "the run with test.py or start a new one")
     return saved, resume
 
 
@@ -470,16 +462,12 @@ def start_state(config, resume, model, train_loader, device, run, say):
     total = optimizer_steps(config, len(train_loader))
     state = SimpleNamespace(epoch=0, best=-1.0, bad_epochs=0, step=0, plan=lr_plan(config, total))
     if resume:
-        # runs saved before the plan was stored: the plan their config.json's --epochs gave
-        was = SimpleNamespace(**{**vars(config), "epochs": resume["run_epochs"]})
-        old = resume.get("schedule") or lr_plan(was, optimizer_steps(was, len(train_loader)))
+        old = resume["schedule"]
         # a run that had stopped early only redoes the final test
         state = SimpleNamespace(epoch=config.epochs if resume["stopped"] else resume["epoch"] + 1,
                                 best=resume["best"], bad_epochs=resume["bad_epochs"], step=resume["step"],
                                 plan=replan(old, resume["step"], config.epochs, total))
-    # a last.pt from before --head_lr has no "head" group: its optimiser state fits the old grouping only
-    old_groups = bool(resume) and all(g.get("base") != "head" for g in resume["optimizer"]["param_groups"])
-    opt, sched = make_optimizer(model, config, plan=state.plan, head_group=not old_groups)
+    opt, sched = make_optimizer(model, config, plan=state.plan)
     amp, scaler = amp_context(config, device)
     if not resume:
         return state, opt, sched, amp, scaler

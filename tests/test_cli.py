@@ -163,22 +163,6 @@ def test_resume_matches_uninterrupted(base, monkeypatch):
     assert a[-1]["dev_f1"] == b[-1]["dev_f1"]
 
 
-def test_resume_of_a_run_saved_before_head_lr(base, monkeypatch):
-    """A last.pt from before --head_lr (the head's parameters in the "rest" optimiser group) still resumes: the
-    optimiser is rebuilt in that grouping, and the run finishes."""
-    import model as M
-    grouped = M.Tagger.param_groups
-    monkeypatch.setattr(M.Tagger, "param_groups", lambda self, head_group=True, crf_group=False: grouped(self, False))
-    cut_in_epoch_2([*base, "--epochs", "2", "--save_name", "pre_head_lr"], monkeypatch)
-    monkeypatch.setattr(M.Tagger, "param_groups", grouped)
-    last = torch.load(save_dir(base) / "pre_head_lr" / "last.pt", weights_only=True)
-    assert {g["base"] for g in last["optimizer"]["param_groups"]} == {"text", "rest"}
-    train.main(["--continue_train_name", "pre_head_lr", "--save_dir", str(save_dir(base)), "--swanlab_mode",
-                "disabled"])
-    rows = (save_dir(base) / "pre_head_lr" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
-
-
 def test_ema_run_saves_the_average_and_resumes_it(base, monkeypatch):
     """--ema_decay: model.pt (what dev scored and the test reads) holds the averaged weights, last.pt the live ones
     and the average; a run cut in epoch 2 resumes to the uninterrupted run's dev F1 and average; a different

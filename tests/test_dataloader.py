@@ -233,7 +233,7 @@ def test_alignment_on_real_posts(tok):
         assert enc.n_kept == len(p.tokens) and len(enc.word_index) == len(p.tokens)
         _check_alignment(tok, p.tokens, enc)
         ids = tok(p.tokens, is_split_into_words=True)["input_ids"]
-        if enc.n_empty == 0:
+        if len(enc.empty) == 0:
             assert enc.input_ids == ids  # same ids and specials as the tokenizer's own call
 
 
@@ -257,7 +257,7 @@ def test_words_without_subtokens_do_not_shift_labels(tok, empty):
     for k, rk in ((0, 0), (2, 1), (3, 2), (5, 3)):  # later words point at the same sub-words as without the empties
         assert toks[enc.word_index[k]] == ref_toks[ref.word_index[rk]]
     _check_alignment(tok, words, enc)
-    assert enc.n_empty == sum(1 for w in words if not tok(w, add_special_tokens=False)["input_ids"])
+    assert len(enc.empty) == sum(1 for w in words if not tok(w, add_special_tokens=False)["input_ids"])
 
 
 def test_words_that_look_like_special_tokens(tok):

@@ -14,7 +14,8 @@ import check_data
 import dataloader as dl
 from config import get_config
 from conftest import ROOT, make_conll
-from readers import DataError, ReadReport, read_hacred, read_mnre, spans_to_bio
+from data.convert import read_hacred, read_mnre, spans_to_bio
+from readers import DataError, ReadReport
 
 MNRE_DIR = dl.DATA_DIR / "MNRE"
 
@@ -53,8 +54,8 @@ def test_registry_entries():
     assert set(dl.DATASETS) == {"twitter2015", "twitter2017", "demo", "heldout", "MNRE", "HacRED", "MORE", "NewsMKG"}
     for spec in dl.DATASETS.values():
         assert spec.description and "\n" not in spec.description and spec.layout
-        assert spec.reader in (dl.read_conll, read_mnre, read_hacred)
-    assert dl.DATASETS["MNRE"].reader is read_mnre and dl.DATASETS["HacRED"].reader is read_hacred
+        assert spec.reader() in (dl.read_conll, read_mnre, read_hacred)
+    assert dl.DATASETS["MNRE"].reader() is read_mnre and dl.DATASETS["HacRED"].reader() is read_hacred
     assert [dl.DATASETS["MNRE"].file(s) for s in dl.SPLIT_FILES] == ["mnre_train.txt", "mnre_val.txt", "mnre_test.txt"]
     assert [dl.DATASETS["HacRED"].file(s) for s in dl.SPLIT_FILES] == ["train.json", "dev.json", "test.json"]
     assert dl.DATASETS["HacRED"].images is None
@@ -347,7 +348,7 @@ def test_cli_one_epoch_mnre_and_hacred(tmp_path, tiny_bert_dir, tiny_clip_dir):
     d = tmp_path / "data"
     for split, lines in (("train", range(1, 25)), ("val", range(1, 9)), ("test", range(1, 9))):
         write(d / "MNRE" / f"mnre_{split}.txt", real_lines(split, lines))
-    first = dl.read_mnre(d / "MNRE" / "mnre_train.txt")
+    first = read_mnre(d / "MNRE" / "mnre_train.txt")
     (d / "MNRE" / "img_org" / "train").mkdir(parents=True)
     for p in first[:2]:
         Image.new("RGB", (40, 40), (200, 30, 30)).save(d / "MNRE" / "img_org" / "train" / p.imgid, "JPEG")

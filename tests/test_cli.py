@@ -389,7 +389,7 @@ def test_grad_scaler_state_round_trip(tmp_path, tiny_bert_dir):
     """last.pt keeps the fp16 loss scale: training_state -> atomic_save -> load_checkpoint -> restore_training_state.
     (A CPU GradScaler stands in for CUDA's: same state_dict.)"""
     import runner
-    cfg = get_config(["--model", "bert_crf", "--text_encoder", tiny_bert_dir])
+    cfg = get_config(["--model", "roberta_crf", "--text_encoder", tiny_bert_dir])
     m = build_model(cfg, 10)
     opt, sched = train.make_optimizer(m, cfg, steps=10)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)

@@ -61,9 +61,9 @@ def base(corpus, tiny_bert_dir, tiny_clip_dir):
 
 @pytest.fixture(scope="module")
 def runs(corpus, base):
-    """Two trained runs on the clean set: `good` (MNER, what the run cases break) and `other` (bert_crf)."""
+    """Two trained runs on the clean set: `good` (MNER, what the run cases break) and `other` (roberta_crf)."""
     train.main([*base, "--dataset_name", "clean", "--save_name", "good"])
-    train.main([*base, "--dataset_name", "clean", "--save_name", "other", "--model", "bert_crf"])
+    train.main([*base, "--dataset_name", "clean", "--save_name", "other", "--model", "roberta_crf"])
     return corpus["save"] / "good", corpus["save"] / "other"
 
 

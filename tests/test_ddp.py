@@ -70,7 +70,7 @@ def mem(tmp_path_factory, tiny_data_dir, tiny_bert_dir):
 def test_ddp_matches_single_process(mem):
     d, base = mem
     # a tiny random encoder learns this set only with its word embeddings trained (frozen is the default)
-    flags = [*base, "--model", "bert_crf", "--drop_prob", "0", "--no-length_bucketing", "--epochs", "8",
+    flags = [*base, "--model", "roberta_crf", "--drop_prob", "0", "--no-length_bucketing", "--epochs", "8",
              "--no-freeze_word_embeddings",
              "--text_lr", "1e-2", "--fusion_lr", "1e-2", "--min_epoch_num", "100"]
     train.main([*flags, "--batch_size", "8", "--save_dir", str(d / "single"), "--save_name", "one"])  # in-process

@@ -330,7 +330,7 @@ FLAGS = {
     "num_workers": [fn(_num_workers)],
     "eval_mode": [fn(_eval_mode)],
     # model
-    "model": [model(alt=["--model", "bert_crf"])],
+    "model": [model(alt=["--model", "roberta_crf"])],
     "text_encoder": [model(alt=["--text_encoder", "minilm"])],
     "image_encoder": [model(alt=["--image_encoder", "efficientnet_lite0"])],
     "freeze_word_embeddings": [model(alt=["--no-freeze_word_embeddings"])],
@@ -339,7 +339,7 @@ FLAGS = {
     "allow_download": [fn(_allow_download)],
     "use_image": [model(alt=["--no-use_image"])],
     "bio_constraints": [fn(_bio_constraints), warned(["--head", "softmax", "--bio_constraints"])],
-    "head": [model(alt=["--head", "softmax"]), refused(["--model", "bert_crf", "--head", "softmax"], "--head")],
+    "head": [model(alt=["--head", "softmax"]), refused(["--model", "roberta_crf", "--head", "softmax"], "--head")],
     "label_smoothing": [forward(["--head", "softmax"], ["--label_smoothing", "0.3"]),
                         warned(["--label_smoothing", "0.1"])],
     "use_bilstm": [model(alt=["--use_bilstm"]), refused(["--model", "bert", "--use_bilstm"], "--use_bilstm")],
@@ -372,7 +372,7 @@ FLAGS = {
     "fusion_gate": [model(alt=["--fusion_gate", "sum"])],
     "rel_temperature": [forward(alt=["--rel_temperature", "0.2"]),
                         warned(["--fusion_gate", "sum", "--rel_temperature", "2"]),
-                        warned(["--model", "bert_crf", "--rel_temperature", "2"])],
+                        warned(["--model", "roberta_crf", "--rel_temperature", "2"])],
     "image_dropout_p": [forward(alt=["--image_dropout_p", "1"])],
     "image_control": [fn(_image_control), warned(["--model", "roberta_crf", "--image_control", "shuffle"])],
     # losses
@@ -602,6 +602,16 @@ def test_renamed_flags_keep_their_old_spelling_with_one_warning_line(capsys):
     assert (old_run.text_lr, old_run.fusion_lr, old_run.head_lr, old_run.patience_epochs) == (2e-5, 2e-3, 2e-3, 7)
     fmt2 = C.config_from_dict({"run_format": 2, "model": "MNER", "clip_lr": 3e-6, "patience": 0.5})
     assert (fmt2.backbone_lr, fmt2.min_gain) == (3e-6, 0.5)
+
+
+def test_old_registry_name_is_an_alias_with_one_warning_line(capsys):
+    """--model bert_crf (the same model as roberta_crf) builds roberta_crf and says so in one line; a run saved
+    under the old name loads as roberta_crf; the registry and --help name it once."""
+    assert C.get_config(["--model", "bert_crf"]).model == "roberta_crf"
+    assert capsys.readouterr().err.strip().splitlines() == ["warning: --model bert_crf is deprecated; use --model "
+                                                            "roberta_crf"]
+    assert C.config_from_dict({"model": "bert_crf", "run_format": 5}).model == "roberta_crf"
+    assert "bert_crf" not in M.MODELS and "bert_crf," not in C.build_parser().format_help()
 
 
 def test_runs_of_removed_levers_load_only_when_the_lever_left_the_weights_alone():

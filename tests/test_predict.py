@@ -364,8 +364,8 @@ def test_explain_refused_when_image_path_off(run, image, capsys, tiny_bert_dir):
     res = predict.main([*run, "--text", TEXT, "--image", str(image), "--no-use_image"])
     assert not res[0]["image_used"] and "the images are not used" in capsys.readouterr().out
     # a model built without an image path
-    c = get_config(["--text_encoder", tiny_bert_dir, "--model", "bert_crf"])
-    assert "model bert_crf of this run has no image path" in explain.image_path_off(M.build_model(c, 10), c)
+    c = get_config(["--text_encoder", tiny_bert_dir, "--model", "roberta_crf"])
+    assert "model roberta_crf of this run has no image path" in explain.image_path_off(M.build_model(c, 10), c)
 
 
 def test_run_plots_from_test_py(run, tmp_path, capsys):

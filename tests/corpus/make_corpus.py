@@ -384,10 +384,10 @@ def _cases() -> list[Case]:
         "--continue_train_name naming no run", "--continue_train_name", "ghost")
     run("run_foreign_checkpoint", "test", "foreign:model.pt", "error",
         r"error: .*run_foreign_checkpoint/model\.pt: does not match the model in .*config\.json .*the files come "
-        r"from different runs", "model.pt copied from a bert_crf run", "--save_name", "run_foreign_checkpoint")
+        r"from different runs", "model.pt copied from a roberta_crf run", "--save_name", "run_foreign_checkpoint")
     run("run_foreign_checkpoint_resume", "train", "foreign:last.pt", "error",
         r"error: .*run_foreign_checkpoint_resume/last\.pt: does not match the model in .*config\.json .*the files "
-        r"come from different runs", "last.pt copied from a bert_crf run", "--continue_train_name",
+        r"come from different runs", "last.pt copied from a roberta_crf run", "--continue_train_name",
         "run_foreign_checkpoint_resume")
     run("run_best_as_last", "train", "best_as_last", "error",
         r"error: .*run_best_as_last/last\.pt: not a resumable checkpoint \(no optimizer, scheduler, .*\); .*model\.pt",
@@ -517,7 +517,7 @@ class _RunsCode:
 
 def prepare_run(case: Case, save: Path, good: Path, other: Path):
     """Make case.setup's broken run directory <save>/<case.name> from the trained runs `good` (MNER) and `other`
-    (bert_crf, a different architecture)."""
+    (roberta_crf, a different architecture)."""
     import pickle
     import torch
     what, _, arg = case.setup.partition(":")

@@ -50,8 +50,9 @@ class _Parser(argparse.ArgumentParser):
 
 # Each group function (GROUPS) declares its flags with a = add_argument plus their policy: resume=True (may change
 # when a run is resumed), resume=REFUSED[...] (may not, although it defines no weights: the reason), tools="test ..."
-# (the tools that load a saved run and take it; its value there replaces the run's). Every other flag defines the
-# model or data and may not change on resume. TOOL_FLAGS, RESUME_MAY_CHANGE and RESUME_REFUSED derive from these.
+# (the tools that load a saved run and take it; its value there replaces the run's), applies="<part>" (the model part
+# it acts on, model.FLAG_PARTS: without it the flag warns). Every other flag defines the model or data and may not
+# change on resume. TOOL_FLAGS, RESUME_MAY_CHANGE, RESUME_REFUSED and APPLIES derive from these.
 REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
                         "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
                         "test.py --eval_mode {new}) or start a new run",
@@ -101,47 +102,51 @@ def _model_flags(a) -> None:
       help="let transformers fetch a hub id named by an --*_encoder (online)")
     a("--use_image", tools="predict", action=B, default=True, help="use the image path (MNER, roberta_clip_coattn)")
     a("--head", default="crf", choices=["crf", "softmax"], help="tagging head of MNER: CRF or token cross-entropy")
-    a("--bio_constraints", resume=REFUSED['bio_constraints'], tools="test", action=B, default=True, help="CRF decoding "
-      "takes I-X only after B-X or I-X, a conlleval-scored CRF trains on IOB2 labels (test.py: decoding)")
-    a("--tag_scheme", default="auto", choices=["auto", "bio", "bioes"],
+    a("--bio_constraints", applies="crf", resume=REFUSED['bio_constraints'], tools="test", action=B, default=True,
+      help="CRF decoding takes I-X only after B-X or I-X, a conlleval-scored CRF trains on IOB2 labels "
+           "(test.py: decoding)")
+    a("--tag_scheme", applies="crf", default="auto", choices=["auto", "bio", "bioes"],
       help="tags the CRF scores: bio, or bioes (last word E-X, one-word chunk S-X; data and outputs stay BIO); auto = "
            "bioes for the text-only models, bio for MNER and roberta_clip_coattn when their training posts have images")
-    a("--label_smoothing", type=float, default=0.0, help="label smoothing of the softmax head")
+    a("--label_smoothing", applies="softmax", type=float, default=0.0, help="label smoothing of the softmax head")
     a("--use_bilstm", action="store_true", help="BiLSTM between fusion and emissions (MNER)")
-    a("--hidden_dim", type=int, default=256, help="BiLSTM hidden size per direction")
+    a("--hidden_dim", applies="bilstm", type=int, default=256, help="BiLSTM hidden size per direction")
     a("--drop_prob", type=float, default=0.1, help="dropout in the fusion stack and heads")
     _image_flags(a)
 
 
 def _image_flags(a) -> None:
     """The model group's image side: pretrained vision, the dual-granularity encoder, resampler and fusion."""
-    a("--vision_trainable", action="store_true",
+    a("--vision_trainable", applies="pretrained_vision", action="store_true",
       help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
-    a("--unfreeze_last_vision_blocks", type=int, default=2, help="with --vision_trainable: how many final blocks train")
+    a("--unfreeze_last_vision_blocks", applies="trainable_vision", type=int, default=2,
+      help="with --vision_trainable: how many final blocks train")
     a("--use_dual_granularity", action="store_true",
       help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches), not a pretrained one")
-    a("--vision_stem", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
+    a("--vision_stem", applies="dual", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
       help="dual-granularity: the shipped ImageNet network's maps (frozen, cached) or from-scratch conv stems")
-    a("--vision_img_size", type=int, default=224, help="dual-granularity: input side S in pixels; grids: coarse "
-      "S/--vision_patch_size, fine S/--vision_fine_patch_size")
-    a("--vision_patch_size", type=int, default=32,
+    a("--vision_img_size", applies="dual", type=int, default=224,
+      help="dual-granularity: input side S in pixels; grids: coarse S/--vision_patch_size, fine "
+           "S/--vision_fine_patch_size")
+    a("--vision_patch_size", applies="dual", type=int, default=32,
       help="dual-granularity: coarse patch side in pixels (efficientnet_lite0: a map's stride; 32 = final features)")
-    a("--vision_fine_patch_size", type=int, default=16,
+    a("--vision_fine_patch_size", applies="dual", type=int, default=16,
       help="dual-granularity: fine patch side in pixels, smaller than --vision_patch_size (efficientnet_lite0: 4/8/16)")
-    a("--vision_max_patches", type=int, default=64,
+    a("--vision_max_patches", applies="dual", type=int, default=64,
       help="dual-granularity: fine tokens kept, by --vision_select (all when the fine grid has fewer)")
-    a("--vision_select", default="auto", choices=["auto", "prior", "learned"],
+    a("--vision_select", applies="dual", default="auto", choices=["auto", "prior", "learned"],
       help="dual-granularity: which fine tokens are kept: the cells that stand out in the stem's maps (distance from "
            "the map's mean, fine times parent coarse), or the top of the learned score that weights the kept ones; "
            "auto = prior for the pretrained stem, learned for --vision_stem conv (its maps start untrained)")
-    a("--vision_embed_dim", type=int, default=128, help="dual-granularity: token width")
-    a("--vision_heads", type=int, default=4, help="dual-granularity: attention heads of every vision block")
-    a("--vision_swin_window", type=int, default=7, help="dual-granularity: Swin window side in coarse patches")
-    a("--vision_delegate_topk", type=int, default=16,
+    a("--vision_embed_dim", applies="dual", type=int, default=128, help="dual-granularity: token width")
+    a("--vision_heads", applies="dual", type=int, default=4, help="dual-granularity: heads of each vision block")
+    a("--vision_swin_window", applies="dual", type=int, default=7, help="dual-granularity: Swin window side in patches")
+    a("--vision_delegate_topk", applies="dual", type=int, default=16,
       help="dual-granularity: coarse patches kept as delegates that every patch attends to")
-    a("--vision_depth", type=int, default=2, help="dual-granularity: transformer layers over the kept fine tokens")
-    a("--vision_distill_lambda", type=float, default=-1.0, help="dual-granularity: weight of the cosine pull to frozen "
-      "EfficientNet-Lite0 features; -1 = auto: 1 with --vision_stem conv")
+    a("--vision_depth", applies="dual", type=int, default=2, help="dual-granularity: layers over the fine tokens")
+    a("--vision_distill_lambda", applies="dual", type=float, default=-1.0,
+      help="dual-granularity: weight of the cosine pull to frozen EfficientNet-Lite0 features; -1 = auto: 1 with "
+           "--vision_stem conv")
     a("--resampler_tokens", type=int, default=8,
       help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
     a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
@@ -149,9 +154,9 @@ def _image_flags(a) -> None:
     a("--fusion_dim", type=int, default=128, help="width of the multimodal stack and resampler")
     a("--fusion_gate", default="gated", choices=["gated", "rel", "sum"],
       help="MNER fusion: gated (relevance x per-dimension gate), rel (relevance only) or sum (text + context)")
-    a("--rel_temperature", type=float, default=1.0, help="temperature of the per-word image relevance")
+    a("--rel_temperature", applies="relevance", type=float, default=1.0, help="temperature of per-word image relevance")
     a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
-    a("--image_control", tools="test", default="none", choices=["none", "shuffle", "blank"],
+    a("--image_control", applies="image", tools="test", default="none", choices=["none", "shuffle", "blank"],
       help="attribution control: shuffle = each post with an image gets another post's (a fixed derangement from "
            "--seed); blank = a constant grey image")
 
@@ -166,9 +171,9 @@ def _loss_flags(a) -> None:
     a("--image_type_lambda", type=float, default=-1.0, help="weight of the image-only prediction of the post's entity "
       "types (MNER); -1 = auto: 2 for MNER with its image path on, else 0")
     a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
-    a("--distill_lambda", type=float, default=1.0,
+    a("--distill_lambda", applies="teacher", type=float, default=1.0,
       help="weight of the KL from --teacher_run's CRF tag marginals to the model's (summed over a post's words)")
-    a("--distill_temperature", type=float, default=1.0,
+    a("--distill_temperature", applies="teacher", type=float, default=1.0,
       help="both CRFs' scores are divided by this before their marginals meet (term x its square)")
 
 
@@ -184,7 +189,7 @@ def _training_flags(a) -> None:
     a("--head_lr", resume=True, type=float, default=-1,
       help="learning rate of the tagging head (case embedding, BiLSTM, emission layer, CRF); -1 = auto: 3e-3 for the "
            "text-only models, --fusion_lr for MNER and roberta_clip_coattn when their training posts have images")
-    a("--crf_lr", type=float, default=-1, help="learning rate of the CRF's scores; -1 = --head_lr's")
+    a("--crf_lr", applies="crf", type=float, default=-1, help="learning rate of the CRF's scores; -1 = --head_lr's")
     a("--weight_decay_rate", resume=True, type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     a("--clip_grad", resume=True, type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--warmup_prop", type=float, default=0.1, help="share of optimiser steps with linear warm-up")
@@ -197,7 +202,7 @@ def _training_flags(a) -> None:
     a("--patience_epochs", resume=True, type=int, default=3, help="stop after this many epochs without improvement")
     a("--teacher_run", default="",
       help="a CRF run (folder, or name under --save_dir) whose tag marginals the model also learns (distillation)")
-    a("--distill_unlabelled", default="",
+    a("--distill_unlabelled", applies="teacher", default="",
       help="extra untagged posts for --teacher_run, one per line (data/make_unlabelled.py)")
     a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
     a("--device", resume=True, tools="test predict export", default="auto",
@@ -295,19 +300,22 @@ TOOLS = ("test", "predict", "export", "serve")  # the tools that load a saved ru
 
 
 def _declare_all() -> list[tuple]:
-    """(group title, option strings, resume, tools as a set, add_argument keywords) of every flag, in order."""
+    """(group title, option strings, resume, tools as a set, applies, add_argument keywords) of every flag."""
     out = []
     for title, add in GROUPS:
-        add(lambda *opts, resume=None, tools="", **kw: out.append((title, opts, resume, set(tools.split()), kw)))
+        add(lambda *opts, resume=None, tools="", applies="", **kw:
+            out.append((title, opts, resume, set(tools.split()), applies, kw)))
     return out
 
 
 DECLARED = _declare_all()
-POLICY = {opts[0][2:]: {"resume": resume, "tools": tools} for _, opts, resume, tools, _ in DECLARED}
+POLICY = {opts[0][2:]: {"resume": resume, "tools": tools, "applies": applies}
+          for _, opts, resume, tools, applies, _ in DECLARED}
 # each tool's flags; any other flag is an error there (the run's config.json gives the rest)
 TOOL_FLAGS = {t: {d for d, m in POLICY.items() if t in m["tools"]} for t in TOOLS}
 RESUME_MAY_CHANGE = {d for d, m in POLICY.items() if m["resume"] is True}
 RESUME_REFUSED = {d: m["resume"] for d, m in POLICY.items() if isinstance(m["resume"], str)}
+APPLIES = {d: m["applies"] for d, m in POLICY.items() if m["applies"]}  # flag -> the model part it acts on
 
 
 def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
@@ -315,7 +323,7 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=f"{tool}.py" if tool else None, usage="%(prog)s [flags]; each flag below, with its default",
                 description="MANGO: multimodal NER", formatter_class=_Help)
     groups = {title: p.add_argument_group(title) for title, _ in GROUPS}
-    for title, opts, _, tools, kw in DECLARED:  # the policy stays in POLICY
+    for title, opts, _, tools, _, kw in DECLARED:  # the policy stays in POLICY
         if tool is None or (title in TRAIN_GROUPS if tool == "train" else tool in tools):
             groups[title].add_argument(*opts, **kw)
     types = {a.dest: a.type for a in p._actions}

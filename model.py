@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
 
-from config import ConfigError, build_parser, resolve_text_encoder
+from config import APPLIES, ConfigError, resolve_text_encoder
 from crf import CRFHead, bioes_to_bio
 from dataloader import CASE_SHAPES
 from efficientnet import efficientnet_weights_file, load_efficientnet_lite0
@@ -934,8 +934,8 @@ def build_model(config, num_labels: int = 10) -> Tagger:
 
 def unused_flags(config, given: set[str]) -> list[str]:
     """Flags written out (`given`: config.given_flags(argv)) that this model would ignore: a value the registry
-    entry contradicts raises ConfigError (one line naming the flag and the fix); a flag that merely does nothing
-    here comes back as a `--X does nothing with ...` line for a warning (check_flags prints them)."""
+    entry contradicts raises ConfigError (one line naming the flag and the fix); a flag whose part (its `applies`
+    metadata, config.APPLIES) this model lacks comes back as a `--X does nothing with ...` line for a warning."""
     if config.model not in MODELS:
         return []  # build_model names the unknown model
     fusion, bilstm, head = MODELS[config.model]
@@ -950,34 +950,27 @@ def unused_flags(config, given: set[str]) -> list[str]:
     if config.teacher_run and head != "crf":
         raise ConfigError(f"--teacher_run: the student learns CRF tag marginals; {model} has a {head} "
                           "head: use a CRF model")
-    image_path = bool(fusion) and config.use_image
+    image = bool(fusion) and config.use_image
+    dual = image and config.use_dual_granularity
     no_image = f"{model}{'' if config.use_image else ' --no-use_image'}"
-    rel_off = (f"{no_image} (only MNER's image fusion has a per-word relevance)" if not (fusion == "stack" and
-               config.use_image) else "--fusion_gate sum (that fusion has no per-word relevance)"
-               if config.fusion_gate == "sum" else None)
-    crf_only = lambda it: None if head == "crf" else f"the softmax head of {model} (it {it})"  # noqa: E731
-    no_teacher = None if config.teacher_run else "no --teacher_run (it shapes learning from a teacher's marginals)"
+    # each part a flag may apply to: None when this model has it, else what it has instead (the warning's words)
     why = {
-        "hidden_dim": None if (config.use_bilstm if bilstm is None else bilstm) else
+        "bilstm": None if (config.use_bilstm if bilstm is None else bilstm) else
             f"{model} without a BiLSTM (it sizes the BiLSTM: --use_bilstm with MNER, or --model bert_bilstm_crf)",
-        "label_smoothing": None if head == "softmax" else
-            f"the {head} head of {model} (it smooths the softmax head's cross-entropy)",
-        "rel_temperature": rel_off,
-        "bio_constraints": crf_only("constrains the CRF's decoding"),
-        "crf_lr": crf_only("is the CRF's rate"),
-        "tag_scheme": crf_only("sets the tags the CRF scores"),
-        "unfreeze_last_vision_blocks": None if config.vision_trainable else
+        "softmax": None if head == "softmax" else f"the {head} head of {model} (it acts on the softmax head)",
+        "crf": None if head == "crf" else f"the softmax head of {model} (it acts on the CRF)",
+        "relevance": f"{no_image} (only MNER's image fusion has a per-word relevance)"
+            if not (fusion == "stack" and config.use_image) else
+            "--fusion_gate sum (that fusion has no per-word relevance)" if config.fusion_gate == "sum" else None,
+        "teacher": None if config.teacher_run else "no --teacher_run (it shapes learning from a teacher's marginals)",
+        "image": None if image else f"{no_image} (no image path)",
+        "trainable_vision": None if config.vision_trainable else
             "a frozen vision encoder (it counts the blocks --vision_trainable trains)",
-        "distill_lambda": no_teacher, "distill_temperature": no_teacher, "distill_unlabelled": no_teacher,
-        "image_control": None if image_path else f"{no_image} (no image path)",
+        "dual": None if dual else "no dual-granularity encoder (add --use_dual_granularity to an image model)",
+        "pretrained_vision": f"{no_image} (no image path)" if not image else
+            "--vision_stem conv (that stem always trains)" if dual and config.vision_stem == "conv" else None,
     }
-    dual_off = (None if image_path and config.use_dual_granularity else
-                "no dual-granularity encoder (add --use_dual_granularity to an image model)")
-    for k in (a.dest for a in build_parser()._actions if a.dest.startswith("vision_") and a.dest != "vision_trainable"):
-        why[k] = dual_off
-    if dual_off is None and config.vision_stem == "conv":
-        why["vision_trainable"] = "--vision_stem conv (that stem always trains)"
-    return [f"--{k} does nothing with {w}" for k, w in why.items() if k in given and w]
+    return [f"--{k} does nothing with {why[part]}" for k, part in APPLIES.items() if k in given and why[part]]
 
 
 def check_flags(config, given: set[str]) -> None:

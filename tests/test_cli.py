@@ -75,21 +75,25 @@ def test_run_dir_complete(trained):
     assert pred[0].startswith("IMGID:") and len(pred[1].split("\t")) == 3
 
 
-def test_test_py_reproduces_reports(trained, base):
+def test_test_py_reproduces_reports(trained, base, capsys):
+    """test.py as a command scores dev as training did; in-process (the same main) the test split as training did,
+    with a --record_file row, and without the BIO bans into reports of its own."""
+    import test as T
     rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
     best = max(rows, key=lambda r: r["dev_f1"])
     out = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "valid"]).stdout
     assert f"F1={best['dev_f1']:.4f}" in out
     rep = json.loads((trained / "test_report.json").read_text())
     rec = save_dir(base) / "scores.csv"
-    out = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--record_file", str(rec)]).stdout
+    capsys.readouterr()
+    T.main(["--save_dir", str(save_dir(base)), "--save_name", "two", "--record_file", str(rec)])
+    out = capsys.readouterr().out
     assert f"[Overall] Acc={rep['accuracy']:.4f}, P={rep['precision']:.4f}, R={rep['recall']:.4f}, F1={rep['f1']:.4f}" in out
     row = list(csv.DictReader(rec.open()))[0]
     assert row["run_name"] == "two" and float(row["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
     # decoding without the BIO bans (a run trained with them): its own reports, the run's stay as they were
     before = (trained / "valid_report.json").read_text()
-    run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "valid",
-            "--no-bio_constraints"])
+    T.main(["--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "valid", "--no-bio_constraints"])
     assert (trained / "valid_report.no_bio.json").is_file() and (trained / "valid_report.json").read_text() == before
 
 
@@ -98,13 +102,13 @@ def _conll_posts(path):
 
 
 @pytest.mark.parametrize("control", ["shuffle", "blank"])
-def test_test_time_image_control_changes_only_posts_with_an_image(trained, base, control):
+def test_test_time_image_control_changes_only_posts_with_an_image(trained, base, control, capsys):
     """Scoring a trained MNER run with shuffled or blank images (test.py --image_control): the posts without an image
     get exactly the same emissions and tags, the posts with one get other emissions (the picture is read)."""
     import dataloader as D
     import test as T
-    out = run_py(["test.py", "--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "train",
-                  "--image_control", control]).stdout
+    T.main(["--save_dir", str(save_dir(base)), "--save_name", "two", "--split", "train", "--image_control", control])
+    out = capsys.readouterr().out
     assert f"image control {control}" in out
     assert (trained / f"train_report.{control}.json").is_file()  # the run's own reports are left alone
     config, label_map, model, _ = T.load_run(save_dir(base), "two", {"split": "train"})
@@ -197,9 +201,9 @@ def test_resume_refuses_changed_architecture(trained, base):
 
 def test_existing_run_is_never_overwritten(trained, base):
     before = (trained / "metrics.jsonl").read_text()
-    p = run_py(["train.py", *base, "--epochs", "1", "--save_name", "two"], check=False)
-    assert p.returncode == 2 and "already holds a run" in p.stderr and "--continue_train_name two" in p.stderr
-    assert "Traceback" not in p.stderr and (trained / "metrics.jsonl").read_text() == before
+    with pytest.raises(ConfigError, match="already holds a run.*--continue_train_name two"):
+        train.main([*base, "--epochs", "1", "--save_name", "two"])
+    assert (trained / "metrics.jsonl").read_text() == before
 
 
 def test_early_stopping(base):
@@ -278,21 +282,19 @@ def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):
     p = sh("batch_test.sh", tmp_path, {"SAVE_DIR": str(only), "OUT_DIR": str(tmp_path / "logs")})
     assert p.returncode == 0, p.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "logs" / "summary.csv").open()))
-    rep = json.loads((trained / "test_report.json").read_text())
-    assert [r["run_name"] for r in rows] == ["two"] and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
-    # batch_test.sh with names: one real run and one missing -> an NA row
-    p = subprocess.run(["bash", str(ROOT / "script" / "batch_test.sh"), "two", "ghost"], cwd=tmp_path,
-                       env={**env(), "SAVE_DIR": str(save_dir(base)), "OUT_DIR": str(tmp_path / "logs2")},
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    rows = list(csv.DictReader((tmp_path / "logs2" / "summary.csv").open()))
     assert list(rows[0]) == ["run_name", "split", "mode", "image_control", "dev_f1", "acc", "precision", "recall", "f1",
                              "per_f1", "loc_f1", "org_f1", "misc_f1", "data_hash", "log_file"]
     rep = json.loads((trained / "test_report.json").read_text())
     dev = max(json.loads(l)["dev_f1"] for l in (trained / "metrics.jsonl").read_text().splitlines())
-    assert rows[0]["run_name"] == "two" and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
+    assert [r["run_name"] for r in rows] == ["two"] and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
     assert rows[0]["split"] == "test" and float(rows[0]["dev_f1"]) == pytest.approx(dev, abs=1e-4)
-    assert rows[1]["run_name"] == "ghost" and rows[1]["f1"] == "NA" and Path(rows[1]["log_file"]).is_file()
+    # batch_test.sh with names: a run that is not there gets an NA row and its log
+    p = subprocess.run(["bash", str(ROOT / "script" / "batch_test.sh"), "ghost"], cwd=tmp_path,
+                       env={**env(), "SAVE_DIR": str(only), "OUT_DIR": str(tmp_path / "logs2")},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "logs2" / "summary.csv").open()))
+    assert rows[0]["run_name"] == "ghost" and rows[0]["f1"] == "NA" and Path(rows[0]["log_file"]).is_file()
 
 
 def test_dual_granularity_cli(base):

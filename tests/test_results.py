@@ -55,17 +55,37 @@ def test_bench_case_reports_figures(tiny_flags, case, extra):
 
 
 def test_bench_driver_table_and_json(tmp_path, tiny_flags):
+    """The driver end to end: each case in a child process, its row in the table and the JSON, the ratio lines."""
     out = tmp_path / "bench.json"
-    p = subprocess.run([PY, "bench.py", "--cases", "hf_recipe,text", "--amp_modes", "fp32", "--bucketing", "on,off",
-                        "--repeats", "1", "--steps", "1", "--eval_posts", "4", "--rounds", "2", "--json", str(out),
+    p = subprocess.run([PY, "bench.py", "--cases", "hf_recipe,text", "--amp_modes", "fp32", "--bucketing", "on",
+                        "--repeats", "1", "--steps", "1", "--eval_posts", "4", "--json", str(out),
                         *tiny_flags], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    # the recipe runs once per round (its own batching), MANGO per bucketing mode; rounds alternate the cases
-    assert [(r["round"], r["case"], r["bucketing"]) for r in rows] == \
-        [(k, c, b) for k in (1, 2) for c, b in [("hf_recipe", False), ("text", True), ("text", False)]]
-    assert p.stdout.count("vs hf_recipe: train pass") == 2 and p.stdout.count("(median of 2 rounds") == 4
-    assert "| 2 | text | fp32 | on | off |" in p.stdout and "| 1 | text | fp32 | off | off |" in p.stdout and "hardware:" in p.stdout
+    assert [(r["round"], r["case"], r["bucketing"]) for r in rows] == [(1, "hf_recipe", False), (1, "text", True)]
+    assert all(r["epoch_s"] > 0 and r["eval_posts_per_s"] > 0 for r in rows)
+    assert p.stdout.count("vs hf_recipe: train pass") == 1 and "| 1 | text | fp32 | on | off |" in p.stdout
+    assert "hardware:" in p.stdout
+
+
+def test_bench_driver_rounds_alternate_the_cases(monkeypatch, capsys):
+    """Rounds run the whole case list again in turn; the recipe once per round (its own batching), MANGO once per
+    bucketing mode; each ratio is the median over the rounds (fake children: text takes half the recipe's time)."""
+    seen = []
+
+    def child(spec, flags, failed):
+        seen.append((spec["case"], failed["bucketing"]))
+        t = {"hf_recipe": 2.0, "text": 1.0}[spec["case"]]
+        return {**failed, "bucketing": failed["bucketing"] == "on", "grad_ckpt": False, "epoch_s": t,
+                "epoch_cpu_s": t, "eval_posts_per_s": 1 / t, "train_posts_per_s": 1 / t, "peak_rss_mib": 1,
+                "train_rss_growth_mib": 0, "peak_cuda_mib": None}
+    monkeypatch.setattr(bench, "run_child", child)
+    bench.main(["--cases", "hf_recipe,text", "--amp_modes", "fp32", "--bucketing", "on,off", "--rounds", "2"])
+    assert seen == [("hf_recipe", "off"), ("text", "on"), ("text", "off")] * 2
+    out = capsys.readouterr().out
+    assert out.count("vs hf_recipe: train pass: 0.50x wall clock, 0.50x CPU time (median of 2 rounds") == 2
+    assert out.count("(median of 2 rounds") == 4
+    assert "| 2 | text | fp32 | on | off |" in out and "| 1 | text | fp32 | off | off |" in out
 
 
 def test_bench_paired_times_the_cases_step_by_step(tiny_flags):

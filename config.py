@@ -51,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 # Each group function (GROUPS) declares its flags with a = add_argument plus their policy: resume=True (may change
 # when a run is resumed), resume=REFUSED[...] (may not, although it defines no weights: the reason), tools="test ..."
 # (the tools that load a saved run and take it; its value there replaces the run's), applies="<part>" (the model part
-# it acts on, model.FLAG_PARTS: without it the flag warns). Every other flag defines the model or data and may not
+# it acts on, one of model.unused_flags' parts: a model without that part warns). Every other flag defines the model or data and may not
 # change on resume. TOOL_FLAGS, RESUME_MAY_CHANGE, RESUME_REFUSED and APPLIES derive from these.
 REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
                         "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
@@ -505,7 +505,8 @@ def migrate(d: dict, where: str = "", resume: str = "") -> dict:
         d = {RENAMED.get(k, k): x for k, x in d.items()}
     if v < 5:
         d.setdefault("vision_select", "learned")
-    d["model"] = MODEL_ALIASES.get(d.get("model"), d.get("model", "MNER"))
+    if d.get("model") in MODEL_ALIASES:
+        d["model"] = MODEL_ALIASES[d["model"]]
     if v < 4 and where and d.get("use_dual_granularity"):
         raise ConfigError(f"{where}: a run of an earlier dual-granularity encoder, which this code no longer "
                           "builds; retrain it (bash script/train_dual_granularity.sh)")

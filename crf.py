@@ -4,6 +4,8 @@ pin_pad), so PAD is never decoded.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -151,17 +153,13 @@ class CRFHead(nn.Module):
 
     @torch.no_grad()
     def decode(self, em, mask) -> list[list[int]]:
-        """Viterbi by pytorch-crf's decode: the best label path of each post (its scored words only). With bio, over
-        scores(): the bans are added to the CRF's own scores for the call and the saved values put back."""
-        params = (self.crf.start_transitions, self.crf.end_transitions, self.crf.transitions)
-        saved = [p.detach().clone() for p in params]
-        try:
-            for p, s in zip(params, self.scores()):
+        """Viterbi by pytorch-crf's decode: the best label path of each post (its scored words only), over scores()."""
+        crf = self.crf
+        if self.bio:  # a copy holds the banned scores; the trained ones are never touched
+            crf = copy.deepcopy(crf)
+            for p, s in zip((crf.start_transitions, crf.end_transitions, crf.transitions), self.scores()):
                 p.copy_(s)
-            paths = self.crf.decode(self._pin(em), mask=mask)
-        finally:
-            for p, s in zip(params, saved):
-                p.copy_(s)
+        paths = crf.decode(self._pin(em), mask=mask)
         to_bio = self.to_bio.tolist()
         return [[to_bio[i] for i in row] for row in paths]
 

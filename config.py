@@ -51,8 +51,9 @@ class _Parser(argparse.ArgumentParser):
 # Each group function (GROUPS) declares its flags with a = add_argument plus their policy: resume=True (may change
 # when a run is resumed), resume=REFUSED[...] (may not, although it defines no weights: the reason), tools="test ..."
 # (the tools that load a saved run and take it; its value there replaces the run's), applies="<part>" (the model part
-# it acts on, one of model.unused_flags' parts: a model without that part warns). Every other flag defines the model or data and may not
-# change on resume. TOOL_FLAGS, RESUME_MAY_CHANGE, RESUME_REFUSED and APPLIES derive from these.
+# it acts on, one of model.unused_flags' parts: a model without that part warns). Every other flag defines the
+# model or data and may not change on resume. TOOL_FLAGS, RESUME_MAY_CHANGE, RESUME_REFUSED and APPLIES derive from
+# these.
 REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunking rule, so a new best would "
                         "be picked by comparing F1s of two rules; drop the flag (score the finished run with "
                         "test.py --eval_mode {new}) or start a new run",

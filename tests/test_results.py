@@ -172,6 +172,18 @@ def fake_run(save, name, f1s_dev, test_f1, data_dir, mode="conlleval"):
     (run / "wall_s.txt").write_text("60\n30\n")  # an interrupted run resumed: both parts count
 
 
+def test_layout_bench_pairs_both_steps(monkeypatch, capsys):
+    """script/layout_bench.py times the backbone in both layouts on the same input and prints a ratio per step."""
+    import re
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["layout_bench.py", "--pairs", "2", "--batch", "1",
+                                      "--threads", str(torch.get_num_threads())])
+    runpy.run_path(str(ROOT / "script" / "layout_bench.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["frozen forward", "forward + backward, last two blocks trainable"]
+    assert all(float(re.search(r"= ([0-9.]+)x", ln).group(1)) > 0 for ln in lines)
+
+
 def test_results_mean_std_and_missing_seeds(tmp_path, tiny_data_dir):
     save = tmp_path / "save"
     fake_run(save, "repro_tiny_MNER_s1", [0.5, 0.9, 0.8], 0.90, tiny_data_dir)

@@ -80,6 +80,10 @@ def _data_flags(a) -> None:
       help="train even when splits share posts (same words and image id); else an error")
     a("--length_bucketing", action=B, default=True, help="batch training posts of similar length")
     a("--image_aug", action="store_true", help="random crop + flip of training images (on-the-fly images only)")
+    a("--image_fit", applies="image", default="pad", choices=["pad", "crop"],
+      help="how a picture becomes the backbone's square input: pad = the whole picture, long side resized, centred on "
+           "the mean colour; crop = short side resized, centre crop (what ImageNet and CLIP trained on; a wide picture "
+           "loses its sides)")
     a("--cache_dir", resume=True, tools="test predict export", default=str(ROOT / ".cache" / "features"),
       help="frozen-vision feature cache")
     a("--num_workers", resume=True, tools="test predict", type=int, default=0, help="DataLoader worker processes")
@@ -468,7 +472,7 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
     return c
 
 
-RUN_FORMAT = 5  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
+RUN_FORMAT = 6  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
 # flags taken out: flag -> its off value. A run that used one of REMOVED_MODEL cannot be rebuilt; the others only
@@ -490,6 +494,7 @@ def migrate(d: dict, where: str = "", resume: str = "") -> dict:
     format 2: the flags of RENAMED under their old names.
     format 3: its dual-granularity encoder (fine tokens not started from their parent coarse cell) cannot be rebuilt.
     format 4: its dual-granularity encoder kept the fine cells a learned score ranked first (--vision_select learned).
+    format 5: its pictures were centre-cropped (--image_fit crop).
     Any format: a model saved under an old registry name (MODEL_ALIASES) gets its current one.
     Any format: a run that used a REMOVED flag that defines the model is refused; to be resumed (`resume`: the
     flag that asks), a run that used any REMOVED flag.
@@ -506,6 +511,8 @@ def migrate(d: dict, where: str = "", resume: str = "") -> dict:
         d = {RENAMED.get(k, k): x for k, x in d.items()}
     if v < 5:
         d.setdefault("vision_select", "learned")
+    if v < 6:
+        d.setdefault("image_fit", "crop")
     if d.get("model") in MODEL_ALIASES:
         d["model"] = MODEL_ALIASES[d["model"]]
     if v < 4 and where and d.get("use_dual_granularity"):

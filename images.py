@@ -1,6 +1,7 @@
 """Images: finding and decoding a post's picture, the backbones' preprocessing (-> [3, S, S]), the feature cache."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -81,20 +82,28 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImagePrep:
-    """PIL image -> normalised float tensor [3, size, size]. short = 0: round(size * 256 / 224), the ImageNet
-    convention; truncate: the long side as CLIPImageProcessor computes it; an rng (--image_aug): random crop + flip."""
+    """PIL image -> normalised float tensor [3, size, size]. fit "crop": short side to `short` (0: round(size * 256 /
+    224), the ImageNet convention; truncate: the long side as CLIPImageProcessor computes it), centre crop; fit
+    "pad": the whole picture, long side to size, centred on the mean colour (about 0 after normalisation).
+    An rng (--image_aug): random crop (crop) and flip."""
     size: int = 224
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
     short: int = 0
     truncate: bool = False
+    fit: str = "crop"
 
     def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(self.mean))  # lists from a bundle's meta.json compare equal
+        object.__setattr__(self, "std", tuple(self.std))
         if not self.short:
             object.__setattr__(self, "short", round(self.size * 256 / 224))
 
     def resized(self, w: int, h: int) -> tuple[int, int]:
-        """(width, height) of a w x h image after the short-side resize."""
+        """(width, height) of a w x h image after the resize (crop: of the short side; pad: of the long side)."""
+        if self.fit == "pad":
+            scale = self.size / max(w, h)
+            return min(self.size, max(1, round(w * scale))), min(self.size, max(1, round(h * scale)))
         if self.truncate:  # transformers' get_resize_output_image_size, operation for operation
             return (self.short, int(self.short * h / w)) if w <= h else (int(self.short * w / h), self.short)
         scale = self.short / min(w, h)
@@ -103,6 +112,10 @@ class ImagePrep:
     def __call__(self, im: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         im = im.resize(self.resized(*im.size), Image.BICUBIC)
         w, h = im.size
+        if self.fit == "pad":  # an S x S canvas: the crop below keeps all of it (--image_aug then only flips)
+            canvas = Image.new("RGB", (self.size, self.size), tuple(round(255 * m) for m in self.mean))
+            canvas.paste(im, ((self.size - w) // 2, (self.size - h) // 2))
+            im, w, h = canvas, self.size, self.size
         if rng is None:
             left, top = (w - self.size) // 2, (h - self.size) // 2
         else:
@@ -115,7 +128,7 @@ class ImagePrep:
 
     def key(self) -> str:
         return (f"size={self.size},short={self.short},mean={self.mean},std={self.std},bicubic"
-                + (",truncate" if self.truncate else ""))
+                + (",truncate" if self.truncate else "") + (",pad" if self.fit == "pad" else ""))
 
 
 EFFNET_PREP = ImagePrep(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite0 as trained (mean = std = 0.5)
@@ -125,12 +138,13 @@ def image_prep_for(config) -> ImagePrep:
     """The preprocessing each vision backbone was trained with (the model file owns no data code). A CLIP directory:
     its preprocessor_config.json as CLIPImageProcessor reads it (size.shortest_edge, crop_size, image_mean,
     image_std); without one, CLIPImageProcessor's defaults at the model's image_size."""
+    fit = config.image_fit
     if config.use_dual_granularity and config.vision_stem == "conv":
-        return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), fit=fit)
     if config.use_dual_granularity:  # EfficientNet-Lite0's own normalisation, at the encoder's input size
-        return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), fit=fit)
     if config.image_encoder == "efficientnet_lite0":
-        return EFFNET_PREP
+        return dataclasses.replace(EFFNET_PREP, fit=fit)
     cfg_file, vcfg = Path(config.image_encoder) / "preprocessor_config.json", Path(config.image_encoder) / "config.json"
     size, short, mean, std = 224, None, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     if cfg_file.exists():
@@ -146,7 +160,7 @@ def image_prep_for(config) -> ImagePrep:
     elif vcfg.exists():
         c = json.loads(vcfg.read_text())
         size = c.get("vision_config", c).get("image_size", size)
-    return ImagePrep(int(size), mean, std, short=int(short or size), truncate=True)
+    return ImagePrep(int(size), mean, std, short=int(short or size), truncate=True, fit=fit)
 
 
 # ----------------------------------------------------------------------------- feature cache

@@ -240,7 +240,7 @@ def explain_post(k: int, post: NewPost, r: dict, model, config, out_dir: Path, w
 
 
 def model_view(path, prep: D.ImagePrep, size: int = VIEW) -> np.ndarray:
-    """The part of the image the model sees, [size, size, 3] uint8 RGB: the run's ImagePrep (resize + centre crop)
+    """The part of the image the model sees, [size, size, 3] uint8 RGB: the run's ImagePrep (resize, centre crop or pad)
     at display size, without normalisation."""
     im, _ = D.load_image(Path(path).expanduser().resolve())
     x = dataclasses.replace(prep, size=size, short=round(prep.short * size / prep.size), mean=(0.0, 0.0, 0.0),

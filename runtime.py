@@ -3,6 +3,7 @@ the CRF scores it decodes with (crf_params: crf.npz), its meta.json (bundle_meta
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
             "bio_constraints": config.bio_constraints,  # crf.npz holds the banned scores when on
             "image_encoder": config.image_encoder if uses_image else None,
             "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
-            "image_prep": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std)} if prep else None,
+            "image_prep": dataclasses.asdict(prep) if prep else None,
             "image_feats": list(model.vision.feat_shape) if uses_image else None,
             "cached_features": bool(model.vision.cacheable) if uses_image else None, "text": f"text.{ext}",
             "mm": f"mm.{ext}" if uses_image else None, "vision": f"vision.{ext}" if uses_image else None,

@@ -1,7 +1,9 @@
 """Behaviour of dataloader.py: reader, label map, sub-word alignment, images, dataset/batches, feature cache."""
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import random
 import struct
@@ -412,6 +414,25 @@ def test_image_prep_deterministic():
     assert prep.key() != dl.ImagePrep(64).key()
 
 
+def test_image_prep_pad_keeps_the_whole_picture():
+    """A wide picture with a marker at its left edge: the centre crop cuts the marker off, the padded fit keeps it
+    where image_to_view says it lies; the canvas around the picture normalises to about 0."""
+    from explain import image_to_view
+    im = _rgb((120, 40), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 10, 40))  # the left 10 columns red
+    crop, pad = dl.ImagePrep(32), dl.ImagePrep(32, fit="pad")
+    red = lambda x: (x[0] > 0.5) & (x[2] < -0.5)  # noqa: E731
+    assert not red(crop(im)).any()
+    x = pad(im)
+    assert x.shape == (3, 32, 32) and red(x).any()
+    (x0, y0), (x1, y1) = image_to_view(0, 0, im.size, pad), image_to_view(120, 40, im.size, pad)
+    assert (x0, x1) == (0, 32) and 0 < y0 < y1 < 32
+    assert red(x)[round(y0) + 1:int(y1) - 1, :2].all()
+    assert x[:, :int(y0) - 1].abs().max() < 0.01 and x[:, round(y1) + 1:].abs().max() < 0.01
+    assert pad.key() != crop.key() and pad(im, random.Random(1)).shape == (3, 32, 32)
+    assert dl.ImagePrep(**json.loads(json.dumps(dataclasses.asdict(pad)))) == pad  # the bundle's meta round trip
+
+
 def test_image_prep_for_clip_dir(tiny_clip_dir):
     import config
     c = config.get_config(["--image_encoder", tiny_clip_dir])
@@ -713,8 +734,8 @@ def test_shuffle_control_shows_another_posts_image(tiny, minilm_tok, tmp_path):
 
 
 def test_clip_prep_matches_clip_image_processor(tmp_path):
-    """image_prep_for on a CLIP directory = transformers' CLIPImageProcessor on its saved processor config:
-    shortest-edge resize (not the 256/224 ImageNet zoom), centre crop, mean/std. Both resize with PIL bicubic at
+    """image_prep_for on a CLIP directory with --image_fit crop = transformers' CLIPImageProcessor on its saved
+    processor config: shortest-edge resize (not the 256/224 ImageNet zoom), centre crop, mean/std. Both resize with PIL bicubic at
     the same output size, so the uint8 pixels agree exactly; what remains is float rounding of the rescale and
     normalise steps (x / 255 here, x * (1 / 255) there), ~1e-6 in normalised units: atol 1e-5."""
     import config
@@ -726,7 +747,7 @@ def test_clip_prep_matches_clip_image_processor(tmp_path):
     Processor(size={"shortest_edge": 32}, crop_size=28, image_mean=list(mean),
               image_std=list(std)).save_pretrained(tmp_path)
     ref = Processor.from_pretrained(tmp_path)
-    prep = dl.image_prep_for(config.get_config(["--image_encoder", str(tmp_path)]))
+    prep = dl.image_prep_for(config.get_config(["--image_encoder", str(tmp_path), "--image_fit", "crop"]))
     assert (prep.size, prep.short, prep.mean, prep.std) == (28, 32, mean, std)
     rng = np.random.default_rng(0)
     for w, h in ((70, 40), (40, 70), (33, 97), (32, 32), (100, 100), (47, 29), (29, 300)):
@@ -736,9 +757,10 @@ def test_clip_prep_matches_clip_image_processor(tmp_path):
         assert got.shape == want.shape == (3, 28, 28), (w, h)
         assert torch.allclose(got, want, atol=1e-5), (w, h, (got - want).abs().max())
     # EfficientNet-Lite0 keeps its ImageNet-style zoom: short side 256, crop 224, long side rounded
-    eff = dl.image_prep_for(config.get_config([]))
+    eff = dl.image_prep_for(config.get_config(["--image_fit", "crop"]))
     assert (eff.size, eff.short, eff.truncate) == (224, 256, False)
     assert eff.key() == "size=224,short=256,mean=(0.5, 0.5, 0.5),std=(0.5, 0.5, 0.5),bicubic"  # feature caches stay valid
+    assert dl.image_prep_for(config.get_config([])).key() == eff.key() + ",pad"  # the default fit: its own entries
 
 
 def test_clip_prep_refuses_fixed_size_resize(tmp_path):

@@ -328,6 +328,17 @@ def test_dual_runs_saved_before_the_prior_selection_keep_their_learned_one():
     assert config_from_dict({"model": "MNER", "use_dual_granularity": True, "run_format": 5}).vision_select == "prior"
 
 
+def test_runs_saved_before_the_padded_fit_keep_the_centre_crop():
+    """Runs of format 5 and before centre-cropped every picture: they load (and so score, predict, export) with
+    --image_fit crop; a new run pads unless told."""
+    from config import config_from_dict, get_config
+    assert get_config([]).image_fit == "pad"
+    for old in ({"model": "MNER"}, {"model": "MNER", "run_format": 5}):
+        assert config_from_dict(old).image_fit == "crop"
+    assert config_from_dict({"model": "MNER", "run_format": 6}).image_fit == "pad"
+    assert config_from_dict({"model": "MNER", "run_format": 6, "image_fit": "crop"}).image_fit == "crop"
+
+
 # ----------------------------------------------------------------------------- only real images enter
 
 @pytest.mark.parametrize("stem", ["conv", "efficientnet_lite0"])

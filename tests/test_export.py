@@ -16,11 +16,13 @@ import torch
 from PIL import Image, ImageDraw
 
 import bundle as BU
+import dataloader as D
 import export
 import predict
 import runtime
 import train
 from config import cli
+from conftest import CLIP_MEAN, CLIP_STD
 from crf import CRFHead, crf_tags, pin_pad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +108,9 @@ def test_bundle_layout_and_identical_tags(tiny_run, tmp_path, capsys):
     for f in ("text.onnx", "mm.onnx", "vision.onnx", "explain.onnx", "crf.npz", "label_map.json",
               "tokenizer/tokenizer_config.json"):
         assert (b / f).is_file(), f
-    assert meta["image_prep"]["size"] == 64
+    # the whole preprocessing travels: the fit, and CLIP's shortest-edge resize for --image_fit crop (64, not the
+    # ImageNet rule's 73 for a 64 crop)
+    assert D.ImagePrep(**meta["image_prep"]) == D.ImagePrep(64, CLIP_MEAN, CLIP_STD, short=64, truncate=True, fit="pad")
     src, recs = new_posts(tiny_run, tmp_path)
     ref = predict.main([*tiny_run["flags"], "--input", str(src), "--out_dir", str(tmp_path / "ref")])
     got = predict.main(["--bundle", str(b), "--input", str(src), "--out_dir", str(tmp_path / "onnx")])

@@ -126,14 +126,15 @@ def _keep_raw_types(env):
     return tags() == ["B-MISC", "O"] and tags("--keep_raw_types") == ["B-OTHER", "O"]
 
 
-def _image_aug(env):
+def _pixels_differ(env, flags: list[str], base: tuple = ()) -> bool:
+    """Whether the flags change the pixels a training post's image becomes (both with the `base` flags)."""
     config = C.get_config(env["data"])
     posts = D.load_split(config, "train")
     i = next(k for k, p in enumerate(posts) if D.find_image(D.image_root(config, "train"), p.imgid))
     vision = type("Trainable", (), {"trainable": True, "cacheable": False})()  # make_dataset reads pixels for it
     px = []
-    for argv in ([], ["--image_aug"]):
-        c = C.get_config(env["data"] + argv)
+    for argv in ([], flags):
+        c = C.get_config(env["data"] + [*base, *argv])
         ds = D.make_dataset(c, "train", posts, env["tok"], env["labels"], vision, train=True)
         ds.epoch = 1
         px.append(ds[i]["pixel_values"])
@@ -325,7 +326,9 @@ FLAGS = {
     "keep_raw_types": [fn(_keep_raw_types)],
     "max_len": [data(alt=["--max_len", "10"])],
     "length_bucketing": [data(alt=["--no-length_bucketing"])],
-    "image_aug": [fn(_image_aug)],
+    # random crop + flip; a padded picture is only flipped (so it may draw no change)
+    "image_aug": [fn(lambda env: _pixels_differ(env, ["--image_aug"], base=("--image_fit", "crop")))],
+    "image_fit": [fn(lambda env: _pixels_differ(env, ["--image_fit", "crop"]))],
     "cache_dir": [fn(_cache_dir)],
     "num_workers": [fn(_num_workers)],
     "eval_mode": [fn(_eval_mode)],

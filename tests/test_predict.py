@@ -271,9 +271,9 @@ def test_image_coordinates_map_into_the_models_view():
 
 
 def test_explain_hits_reads_boxes_and_counts_posts_without_one(run, tiny_data_dir, tmp_path, capsys):
-    """test.py --explain_hits: every post with an image and a box is scored (a box over the whole picture is
-    always hit), a post with an image but no box is skipped and counted, and a box outside its image is one error
-    line naming the file and line."""
+    """test.py --explain_hits: every post with an image and a box is scored (a box over the whole of a square
+    picture, which fills the view, is always hit), a post with an image but no box is skipped and counted, and a box
+    outside its image is one error line naming the file and line."""
     import shutil
 
     import dataloader as D
@@ -286,7 +286,8 @@ def test_explain_hits_reads_boxes_and_counts_posts_without_one(run, tiny_data_di
         types = [t[2:] for t in p.tags if t.startswith("B-")]
         if not img.is_file() or not types or i == 0:
             continue
-        w, h = Image.open(img).size
+        Image.open(img).resize((40, 40)).save(img)  # square: padded to the view, it still covers all of it
+        w, h = 40, 40
         lines.append(json.dumps({"imgid": p.imgid, "type": types[0], "box": [0, 0, w, h], "size": [w, h]}))
         boxed += 1
     with_image = sum((data / "tiny" / "tiny_images" / f"{p.imgid}.png").is_file() for p in posts)

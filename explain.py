@@ -163,11 +163,8 @@ def read_boxes(path: Path) -> dict[str, dict]:
 def image_to_view(x: float, y: float, size: tuple[int, int], prep: D.ImagePrep) -> tuple[float, float]:
     """A point of a W x H image -> the same point in the model's S x S view (ImagePrep's resize, then its centre crop
     or the centring on the padded canvas); a point the crop cut off falls outside [0, S]."""
-    w, h = size
-    rw, rh = prep.resized(w, h)
-    if prep.fit == "pad":
-        return x * rw / w + (prep.size - rw) // 2, y * rh / h + (prep.size - rh) // 2
-    return x * rw / w - (rw - prep.size) // 2, y * rh / h - (rh - prep.size) // 2
+    rw, rh, left, top = prep.placed(*size)
+    return x * rw / size[0] + left, y * rh / size[1] + top
 
 
 def attention_hits(model, ds: D.MNERDataset, config, label_map: D.LabelMap, device, amp, boxes: dict) -> dict:

@@ -109,21 +109,23 @@ class ImagePrep:
         scale = self.short / min(w, h)
         return max(self.short, round(w * scale)), max(self.short, round(h * scale))
 
+    def placed(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(width, height, left, top) of a w x h picture in the S x S view: its size after the resize and where its
+        top-left corner lands (negative where the centre crop cuts it off, positive where padding surrounds it)."""
+        rw, rh = self.resized(w, h)
+        if self.fit == "pad":
+            return rw, rh, (self.size - rw) // 2, (self.size - rh) // 2
+        return rw, rh, -((rw - self.size) // 2), -((rh - self.size) // 2)
+
     def __call__(self, im: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        im = im.resize(self.resized(*im.size), Image.BICUBIC)
-        w, h = im.size
-        if self.fit == "pad":  # an S x S canvas: the crop below keeps all of it (--image_aug then only flips)
-            canvas = Image.new("RGB", (self.size, self.size), tuple(round(255 * m) for m in self.mean))
-            canvas.paste(im, ((self.size - w) // 2, (self.size - h) // 2))
-            im, w, h = canvas, self.size, self.size
-        if rng is None:
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-        else:
-            left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
-        im = im.crop((left, top, left + self.size, top + self.size))
+        rw, rh, left, top = self.placed(*im.size)
+        if rng is not None and self.fit == "crop":  # a random crop; a padded picture is only flipped
+            left, top = -rng.randint(0, rw - self.size), -rng.randint(0, rh - self.size)
+        view = Image.new("RGB", (self.size, self.size), tuple(round(255 * m) for m in self.mean))
+        view.paste(im.resize((rw, rh), Image.BICUBIC), (left, top))  # a crop where the offset is negative
         if rng is not None and rng.random() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
     def key(self) -> str:

@@ -46,8 +46,8 @@ def main():
             t = {cl: seconds(cl, grad) for cl in order}
             ratios.append(t[True] / t[False])
         q = statistics.quantiles(ratios, n=4)
-        print(f"{step}: channels-last / contiguous = {statistics.median(ratios):.2f}x "
-              f"(interquartile {q[0]:.2f}-{q[2]:.2f}, {args.pairs} pairs, batch {args.batch}, {args.threads} thread(s))")
+        print(f"{step}: channels-last / contiguous = {statistics.median(ratios):.2f}x (interquartile "
+              f"{q[0]:.2f}-{q[2]:.2f}, {args.pairs} pairs, batch {args.batch}, {args.threads} thread(s))")
 
 
 if __name__ == "__main__":

@@ -735,9 +735,9 @@ def test_shuffle_control_shows_another_posts_image(tiny, minilm_tok, tmp_path):
 
 def test_clip_prep_matches_clip_image_processor(tmp_path):
     """image_prep_for on a CLIP directory with --image_fit crop = transformers' CLIPImageProcessor on its saved
-    processor config: shortest-edge resize (not the 256/224 ImageNet zoom), centre crop, mean/std. Both resize with PIL bicubic at
-    the same output size, so the uint8 pixels agree exactly; what remains is float rounding of the rescale and
-    normalise steps (x / 255 here, x * (1 / 255) there), ~1e-6 in normalised units: atol 1e-5."""
+    processor config: shortest-edge resize (not the 256/224 ImageNet zoom), centre crop, mean/std. Both resize with
+    PIL bicubic at the same output size, so the uint8 pixels agree exactly; what remains is float rounding of the
+    rescale and normalise steps (x / 255 here, x * (1 / 255) there), ~1e-6 in normalised units: atol 1e-5."""
     import config
     try:  # transformers >= 5 names the PIL backend; 4.x has only this one
         from transformers import CLIPImageProcessorPil as Processor

@@ -130,9 +130,10 @@ def _image_flags(a) -> None:
       help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches), not a pretrained one")
     a("--vision_stem", applies="dual", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
       help="dual-granularity: the shipped ImageNet network's maps (frozen, cached) or from-scratch conv stems")
-    a("--vision_img_size", applies="dual", type=int, default=224,
-      help="dual-granularity: input side S in pixels; grids: coarse S/--vision_patch_size, fine "
-           "S/--vision_fine_patch_size")
+    a("--vision_img_size", applies="sized_vision", type=int, default=-1,
+      help="input side S in pixels of EfficientNet-Lite0 (its S/32 x S/32 final map gives the image tokens) and of "
+           "the dual-granularity encoder (grids: coarse S/--vision_patch_size, fine S/--vision_fine_patch_size); "
+           "-1 = auto: 288 for EfficientNet-Lite0, 224 for dual granularity")
     a("--vision_patch_size", applies="dual", type=int, default=32,
       help="dual-granularity: coarse patch side in pixels (efficientnet_lite0: a map's stride; 32 = final features)")
     a("--vision_fine_patch_size", applies="dual", type=int, default=16,
@@ -160,6 +161,9 @@ def _image_flags(a) -> None:
     a("--fusion_gate", default="gated", choices=["gated", "rel", "sum"],
       help="MNER fusion: gated (relevance x per-dimension gate), rel (relevance only) or sum (text + context)")
     a("--rel_temperature", applies="relevance", type=float, default=1.0, help="temperature of per-word image relevance")
+    a("--rel_floor", applies="relevance", type=float, default=0.1,
+      help="least per-word image relevance: the image context reaches every word at this weight or more, so the "
+           "relevance cannot shut the image path before it has learned")
     a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
     a("--image_control", applies="image", tools="test", default="none", choices=["none", "shuffle", "blank"],
       help="attribution control: shuffle = each post with an image gets another post's (a fixed derangement from "
@@ -394,6 +398,8 @@ def validate(c) -> None:
         raise ConfigError(f"--max_len must be >= 8, got {c.max_len}")
     if not 0 <= c.ema_decay < 1:
         raise ConfigError(f"--ema_decay must be in [0, 1) (0 = off, -1 = auto), got {c.ema_decay}")
+    if not 0 <= c.rel_floor < 1:
+        raise ConfigError(f"--rel_floor must be in [0, 1) (0 = relevance may shut the image out), got {c.rel_floor}")
     if not 0 <= c.warmup_prop <= 1:
         raise ConfigError(f"--warmup_prop must be in [0, 1], got {c.warmup_prop}")
     if c.image_dropout_p > 1 or c.drop_prob >= 1:
@@ -403,6 +409,9 @@ def validate(c) -> None:
 
 def _validate_vision(c) -> None:
     """validate(), the image side: the dual encoder's grids and widths, and where the encoders come from."""
+    if not c.use_dual_granularity and c.image_encoder == "efficientnet_lite0" and c.vision_img_size % 32:
+        raise ConfigError(f"--vision_img_size {c.vision_img_size}: EfficientNet-Lite0 gives one image token per "
+                          "32 x 32 pixels; give a multiple of 32")
     if c.vision_img_size % c.vision_patch_size or c.vision_img_size % c.vision_fine_patch_size:
         raise ConfigError(f"--vision_img_size {c.vision_img_size} must be a multiple of --vision_patch_size "
                           f"{c.vision_patch_size} and --vision_fine_patch_size {c.vision_fine_patch_size}")
@@ -447,6 +456,8 @@ def resolve_auto(c, images: bool = True) -> None:
         c.image_type_lambda = 2.0 if c.model == "MNER" and c.use_image else 0.0
     if c.vision_distill_lambda < 0:
         c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
+    if c.vision_img_size < 0:  # the plain backbone's 32-px cells are coarse next to a small object: more of them
+        c.vision_img_size = 224 if c.use_dual_granularity else 288
     if c.vision_select == "auto":
         c.vision_select = "learned" if c.vision_stem == "conv" else "prior"
 
@@ -472,7 +483,7 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
     return c
 
 
-RUN_FORMAT = 6  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
+RUN_FORMAT = 7  # config.json's "run_format": raised when what a saved value means changes; migrate() reads older runs
 RENAMED = {"fin_tuning_lr": "text_lr", "downs_en_lr": "fusion_lr", "clip_lr": "backbone_lr", "patience": "min_gain",
            "patience_num": "patience_epochs"}  # flags renamed in run format 3: old spelling -> new
 # flags taken out: flag -> its off value. A run that used one of REMOVED_MODEL cannot be rebuilt; the others only
@@ -495,6 +506,8 @@ def migrate(d: dict, where: str = "", resume: str = "") -> dict:
     format 3: its dual-granularity encoder (fine tokens not started from their parent coarse cell) cannot be rebuilt.
     format 4: its dual-granularity encoder kept the fine cells a learned score ranked first (--vision_select learned).
     format 5: its pictures were centre-cropped (--image_fit crop).
+    format 6: --vision_img_size sized only the dual-granularity encoder (EfficientNet-Lite0 alone read 224 px); no
+    --rel_floor.
     Any format: a model saved under an old registry name (MODEL_ALIASES) gets its current one.
     Any format: a run that used a REMOVED flag that defines the model is refused; to be resumed (`resume`: the
     flag that asks), a run that used any REMOVED flag.
@@ -513,6 +526,10 @@ def migrate(d: dict, where: str = "", resume: str = "") -> dict:
         d.setdefault("vision_select", "learned")
     if v < 6:
         d.setdefault("image_fit", "crop")
+    if v < 7:
+        d.setdefault("rel_floor", 0.0)
+        if not d.get("use_dual_granularity"):
+            d["vision_img_size"] = 224
     if d.get("model") in MODEL_ALIASES:
         d["model"] = MODEL_ALIASES[d["model"]]
     if v < 4 and where and d.get("use_dual_granularity"):

@@ -18,6 +18,7 @@ The batch contract (every model consumes exactly this):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -411,8 +412,9 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
     prep, paths = image_prep_for(config), [find_image(root, p.imgid) for p in posts]
     common["control"] = config.image_control
     if teacher is not None and train:
+        # framed as the student's view (--image_fit): distillation matches the two grids cell by cell
         common["teacher"] = cached_features(config, teacher, paths, f"{config.dataset_name}/{split} teacher",
-                                            EFFNET_PREP)[0]
+                                            dataclasses.replace(EFFNET_PREP, fit=prep.fit))[0]
     if not vision.cacheable:
         return MNERDataset(posts, tokenizer, label_map, config.max_len, root, "pixels", prep,
                            train_aug=train and config.image_aug, **common)

@@ -80,7 +80,7 @@ class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0.
 
     forward_features: [B, 3, H, W] (normalised, mean=std=0.5) -> [B, 1280, ceil(H/32), ceil(W/32)]
-                      (224x224 -> 7x7, i.e. 49 region tokens).
+                      (224x224 -> 7x7, i.e. 49 region tokens; 288x288 -> 9x9).
     forward:          [B, 3, H, W] -> logits [B, 1000].
     ``self._blocks`` is an nn.ModuleList of the 16 MBConv blocks (stride-32 path),
     so callers can unfreeze e.g. ``model._blocks[-N:]``.

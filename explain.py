@@ -82,9 +82,9 @@ def region_grids(vision) -> list[tuple[int, int, int]]:
     """Where the vision module's region tokens lie: [(first, end, grid side)], side 0 = a whole-image token, a
     negative side = tokens at the cells (of a |side| x |side| grid) each image's explanation names ("cells").
 
-    EfficientNet-Lite0: the 7x7 feature map (49 tokens); CLIP: its patch grid (CLS dropped); dual granularity:
-    the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the cells kept in that
-    image (word_region_attention has already traced the mixed tokens back to these cells).
+    EfficientNet-Lite0: its S/32 x S/32 final map (9x9 = 81 tokens at 288 px); CLIP: its patch grid (CLS dropped);
+    dual granularity: the summary token, the coarse Gc x Gc grid (row-major), then the k kept fine tokens at the
+    cells kept in that image (word_region_attention has already traced the mixed tokens back to these cells).
     """
     import model as M
     if isinstance(vision, M.DualGranularityEncoder):

@@ -146,7 +146,7 @@ def image_prep_for(config) -> ImagePrep:
     if config.use_dual_granularity:  # EfficientNet-Lite0's own normalisation, at the encoder's input size
         return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), fit=fit)
     if config.image_encoder == "efficientnet_lite0":
-        return dataclasses.replace(EFFNET_PREP, fit=fit)
+        return dataclasses.replace(EFFNET_PREP, size=config.vision_img_size, short=0, fit=fit)
     cfg_file, vcfg = Path(config.image_encoder) / "preprocessor_config.json", Path(config.image_encoder) / "config.json"
     size, short, mean, std = 224, None, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     if cfg_file.exists():

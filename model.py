@@ -198,7 +198,7 @@ class Block(nn.Module):
 
 class PretrainedVision(nn.Module):
     """A frozen-by-default pretrained backbone that returns region tokens, forward(pixels [B,3,S,S]) -> [B, R, D]:
-    efficientnet_lite0: the 7x7x1280 map at 224 px -> 49 tokens of 1280.
+    efficientnet_lite0: the final (S/32)^2 x 1280 map at --vision_img_size S (81 tokens of 1280 at 288 px).
     CLIP directory:     patch tokens without CLS (49 x 768 for ViT-B/32 at 224)."""
 
     def __init__(self, config):
@@ -207,7 +207,7 @@ class PretrainedVision(nn.Module):
         if self.kind == "efficientnet_lite0":
             self.net = load_efficientnet_lite0()
             self.blocks = self.net._blocks
-            self.out_dim, self.n_tokens = 1280, 49
+            self.out_dim, self.n_tokens = 1280, (config.vision_img_size // 32) ** 2  # the stride-32 map
             self.weights_file = efficientnet_weights_file()
         else:
             from transformers import CLIPVisionModel
@@ -595,6 +595,7 @@ def build_teacher(config) -> nn.Module | None:
         return None
     c = copy.copy(config)
     c.image_encoder, c.vision_trainable, c.use_dual_granularity = "efficientnet_lite0", False, False
+    c.vision_img_size = 224  # its own input size, whatever the student's (its pictures come from images.EFFNET_PREP)
     return PretrainedVision(c)
 
 
@@ -645,12 +646,12 @@ class MultimodalStack(nn.Module):
 
 class GatedConcatFusion(nn.Module):
     """How much of the image context each word takes.
-    rel  = sigmoid(w . [LN(text); LN(ctx)] / temperature)       per-word relevance in [0, 1]
+    rel  = f + (1 - f) sigmoid(w . [LN(text); LN(ctx)] / T)     per-word relevance in [f, 1] (floor f, temperature T)
     gate = sigmoid(W [text; rel * ctx])                         per-dimension gate
     out  = text + alpha * gate * rel * ctx                      (alpha learnable; residual on the text)
     text, ctx [B, W, H] -> out [B, W, H], rel [B, W]"""
 
-    def __init__(self, hidden: int, temperature: float = 1.0, mode: str = "gated"):
+    def __init__(self, hidden: int, temperature: float = 1.0, mode: str = "gated", floor: float = 0.0):
         super().__init__()
         self.mode = mode  # gated | rel (no per-dimension gate) | sum (out = text + ctx: the ablation baseline)
         self.ln_t = self.ln_c = self.rel = None
@@ -658,7 +659,7 @@ class GatedConcatFusion(nn.Module):
             self.ln_t, self.ln_c, self.rel = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.Linear(2 * hidden, 1)
         self.gate = nn.Linear(2 * hidden, hidden) if mode == "gated" else None
         self.alpha = nn.Parameter(torch.tensor(1.0)) if mode != "sum" else None
-        self.temperature = temperature
+        self.temperature, self.floor = temperature, floor
         self.keep_weights, self.last_gate = False, None  # like Attention: the gate [B, W, H] kept for explanations
 
     def forward(self, text, ctx):
@@ -667,6 +668,7 @@ class GatedConcatFusion(nn.Module):
                 self.last_gate = torch.ones_like(ctx).detach()
             return text + ctx, text.new_ones(text.shape[:2])
         rel = torch.sigmoid(self.rel(torch.cat([self.ln_t(text), self.ln_c(ctx)], -1)) / self.temperature)
+        rel = self.floor + (1 - self.floor) * rel
         ctx = rel * ctx
         g = torch.sigmoid(self.gate(torch.cat([text, ctx], -1))) if self.gate is not None else 1.0
         if self.keep_weights:
@@ -787,7 +789,7 @@ class Tagger(nn.Module):
                 self.resampler = VisualResampler(Dv, config.fusion_dim, config.resampler_tokens, heads, p)
                 self.stack = MultimodalStack(H, config.fusion_dim, config.fusion_layers, heads, p,
                                              config.grad_checkpointing)
-                self.gate = GatedConcatFusion(H, config.rel_temperature, config.fusion_gate)
+                self.gate = GatedConcatFusion(H, config.rel_temperature, config.fusion_gate, config.rel_floor)
                 self.nce_proj = nn.Linear(Dv, H)
                 # which entity types occur in the post, from the pooled image alone: a direct image-level signal
                 # for a vision encoder trained from scratch (the tagging loss reaches it only through the fusion)
@@ -966,6 +968,8 @@ def unused_flags(config, given: set[str]) -> list[str]:
         "image": None if image else f"{no_image} (no image path)",
         "trainable_vision": None if config.vision_trainable else
             "a frozen vision encoder (it counts the blocks --vision_trainable trains)",
+        "sized_vision": f"{no_image} (no image path)" if not image else None
+            if dual or config.image_encoder == "efficientnet_lite0" else "a CLIP encoder (it reads its own image size)",
         "dual": None if dual else "no dual-granularity encoder (add --use_dual_granularity to an image model)",
         "pretrained_vision": f"{no_image} (no image path)" if not image else
             "--vision_stem conv (that stem always trains)" if dual and config.vision_stem == "conv" else None,

@@ -756,11 +756,13 @@ def test_clip_prep_matches_clip_image_processor(tmp_path):
         got = prep(im)
         assert got.shape == want.shape == (3, 28, 28), (w, h)
         assert torch.allclose(got, want, atol=1e-5), (w, h, (got - want).abs().max())
-    # EfficientNet-Lite0 keeps its ImageNet-style zoom: short side 256, crop 224, long side rounded
-    eff = dl.image_prep_for(config.get_config(["--image_fit", "crop"]))
+    # EfficientNet-Lite0 keeps its ImageNet-style zoom: short side 256 for a 224 crop, long side rounded
+    eff = dl.image_prep_for(config.get_config(["--image_fit", "crop", "--vision_img_size", "224"]))
     assert (eff.size, eff.short, eff.truncate) == (224, 256, False)
     assert eff.key() == "size=224,short=256,mean=(0.5, 0.5, 0.5),std=(0.5, 0.5, 0.5),bicubic"  # feature caches stay valid
-    assert dl.image_prep_for(config.get_config([])).key() == eff.key() + ",pad"  # the default fit: its own entries
+    padded = dl.image_prep_for(config.get_config(["--vision_img_size", "224"]))
+    assert padded.key() == eff.key() + ",pad"  # the default fit: its own entries
+    assert dl.image_prep_for(config.get_config([])).key() == padded.key().replace("224", "288").replace("256", "329")
 
 
 def test_clip_prep_refuses_fixed_size_resize(tmp_path):

@@ -339,6 +339,25 @@ def test_runs_saved_before_the_padded_fit_keep_the_centre_crop():
     assert config_from_dict({"model": "MNER", "run_format": 6, "image_fit": "crop"}).image_fit == "crop"
 
 
+def test_efficientnet_reads_the_image_size_it_is_given():
+    """Plain EfficientNet-Lite0 reads --vision_img_size pixels (auto: 288; the dual encoder 224), one token per
+    32 x 32 cell; runs of format 6 and before read 224 px whatever the flag said; other sizes are refused by name."""
+    import torch
+    from config import ConfigError, config_from_dict, get_config
+    from images import image_prep_for
+    from model import PretrainedVision
+    assert get_config([]).vision_img_size == image_prep_for(get_config([])).size == 288
+    assert get_config(["--use_dual_granularity"]).vision_img_size == 224
+    vision = PretrainedVision(get_config(["--vision_img_size", "64"])).eval()
+    assert vision(torch.zeros(1, 3, 64, 64)).shape == (1, *vision.feat_shape) == (1, 4, 1280)
+    assert config_from_dict({"model": "MNER", "run_format": 6, "vision_img_size": 64}).vision_img_size == 224
+    dual = {"model": "MNER", "run_format": 6, "use_dual_granularity": True, "vision_img_size": 64}
+    assert config_from_dict(dual).vision_img_size == 64
+    assert config_from_dict(dual).rel_floor == 0.0 and get_config([]).rel_floor == 0.1  # the floor came with format 7
+    with pytest.raises(ConfigError, match="--vision_img_size 100: .* multiple of 32"):
+        get_config(["--vision_img_size", "100"])
+
+
 # ----------------------------------------------------------------------------- only real images enter
 
 @pytest.mark.parametrize("stem", ["conv", "efficientnet_lite0"])
@@ -379,6 +398,20 @@ def test_distill_is_auto_on_for_the_conv_stem_only():
     c = cfgmod.get_config(["--use_dual_granularity", "--vision_stem", "conv"])
     assert isinstance(M.build_teacher(c), M.PretrainedVision)
     assert M.build_teacher(cfgmod.get_config(["--use_dual_granularity"])) is None
+
+
+@pytest.mark.parametrize("fit", ["pad", "crop"])
+def test_the_teacher_frames_the_picture_as_the_student_does(monkeypatch, fit):
+    """Distillation matches the student's grid to the teacher's cell by cell: the teacher reads the same --image_fit
+    of the picture, at its own 224 px (7 x 7 tokens) whatever the student's size."""
+    c = cfgmod.get_config(["--use_dual_granularity", "--vision_stem", "conv", "--vision_img_size", "112",
+                           "--vision_patch_size", "16", "--vision_fine_patch_size", "8", "--image_fit", fit])
+    teacher, preps = M.build_teacher(c), []
+    assert teacher.feat_shape == (49, 1280)
+    monkeypatch.setattr(dl, "cached_features", lambda cfg, v, paths, name, prep: (preps.append(prep) or {}, None))
+    student = type("Cached", (), {"cacheable": True, "feat_shape": (4, 8)})()
+    dl.make_dataset(c, "train", [], type("Tok", (), {"pad_token_id": 0})(), None, student, train=True, teacher=teacher)
+    assert [(p.size, p.fit) for p in preps] == [(224, fit), (112, fit)]
 
 
 def test_distillation_term_decreases_on_a_tiny_image_set():

@@ -303,6 +303,14 @@ def _image_control(env):
     return sources([]) != sources(["--image_control", "shuffle"])
 
 
+def _rel_floor(env):
+    """Relevance never falls below the floor, however hard its logits push it down."""
+    gate = M.GatedConcatFusion(8, floor=0.25)
+    torch.nn.init.constant_(gate.rel.bias, -50.0)
+    _, rel = gate(torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    return torch.allclose(rel, torch.full_like(rel, 0.25))
+
+
 def _freeze_text_layers_too_many(env):
     with pytest.raises(C.ConfigError, match="--freeze_text_layers 99"):
         env["mner"](["--freeze_text_layers", "99"])
@@ -354,7 +362,8 @@ FLAGS = {
     "unfreeze_last_vision_blocks": [model(["--vision_trainable"], ["--unfreeze_last_vision_blocks", "1"]),
                                     warned(["--unfreeze_last_vision_blocks", "1"])],
     "use_dual_granularity": [model(alt=DUAL)],
-    "vision_img_size": [forward(DUAL, ["--vision_img_size", "64"])],
+    "vision_img_size": [forward(DUAL, ["--vision_img_size", "64"]), warned(["--vision_img_size", "64"]),  # CLIP
+                        forward(["--image_encoder", "efficientnet_lite0"], ["--vision_img_size", "64"])],
     "vision_patch_size": [forward(DUAL, ["--vision_patch_size", "16"])],
     "vision_embed_dim": [model(DUAL, ["--vision_embed_dim", "32"])],
     "vision_heads": [forward(DUAL, ["--vision_heads", "4"])],
@@ -376,6 +385,8 @@ FLAGS = {
     "rel_temperature": [forward(alt=["--rel_temperature", "0.2"]),
                         warned(["--fusion_gate", "sum", "--rel_temperature", "2"]),
                         warned(["--model", "roberta_crf", "--rel_temperature", "2"])],
+    "rel_floor": [forward(alt=["--rel_floor", "0.5"]), fn(_rel_floor), refused(["--rel_floor", "1"], "--rel_floor"),
+                  warned(["--fusion_gate", "sum", "--rel_floor", "0.1"])],
     "image_dropout_p": [forward(alt=["--image_dropout_p", "1"])],
     "image_control": [fn(_image_control), warned(["--model", "roberta_crf", "--image_control", "shuffle"])],
     # losses

@@ -248,10 +248,8 @@ def test_unknown_model_name(tiny_bert_dir):
 
 
 def test_readme_snippet(tiny_bert_dir):
-    config = cfgmod.get_config()
+    config = cfgmod.get_config(["--use_dual_granularity", "--vision_depth", "8"])  # auto values resolve from flags
     config.text_encoder = tiny_bert_dir
-    config.use_dual_granularity = True
-    config.vision_depth = 8
     config.residual_lambda = 0.3
     torch.manual_seed(0)
     model = M.build_model(config)

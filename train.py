@@ -618,7 +618,9 @@ def main(argv=None):
             text_path_settings(config, argv, posts["train"], say)
         model, run, ds = build(config, resume, posts, label_map, tokenizer, device, say)
         amp = fit(config, model, ds, run, device, resume, say)
-        return run, final_test(config, model, ds, run, device, amp, posts["test"])
+        res = final_test(config, model, ds, run, device, amp, posts["test"])
+        barrier()  # every rank leaves the group together: one that tears down early can abort its peer's gloo threads
+        return run, res
     finally:
         teardown()  # under torchrun: leave the process group (no-op otherwise)
 

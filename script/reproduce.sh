@@ -6,7 +6,7 @@
 # DATASETS: twitter2017 twitter2015 demo (any --dataset_name works)
 # MODELS:   roberta_crf (text-only baseline) | MNER (EfficientNet-Lite0, script/train.sh)
 #           | MNER_dual (dual granularity, script/train_dual_granularity.sh, same flags as that script)
-#           | MNER_dual_conv (the same with the from-scratch conv stem + distillation, 112 px)
+#           | MNER_dual_conv (the same with the from-scratch conv stem + distillation, 112 px, 15 epochs)
 #           | roberta_crf_distill (the text path distilled from a base-size teacher, script/distill.sh)
 # SEEDS (default "1 2 3"), EPOCHS (default: each script's own), TEXT_ENCODER, DEVICE, EXTRA_ARGS as everywhere.
 # Runs are save_models/repro_<dataset>_<model>_s<seed>; finished ones are kept, interrupted ones resume from
@@ -32,7 +32,8 @@ one_run() {  # dataset model seed
     roberta_crf) export MODEL=roberta_crf ;;
     MNER) export MODEL=MNER ;;
     MNER_dual) export MODEL=MNER; script=script/train_dual_granularity.sh ;;
-    MNER_dual_conv) export MODEL=MNER; script=script/train_dual_granularity.sh; extra=(--vision_stem conv --vision_img_size 112 --vision_patch_size 16 --vision_fine_patch_size 8) ;;
+    MNER_dual_conv) export MODEL=MNER; script=script/train_dual_granularity.sh
+      extra=(--vision_stem conv --vision_img_size 112 --vision_patch_size 16 --vision_fine_patch_size 8 --epochs 15) ;;
     roberta_crf_distill) export MODEL=roberta_crf; script=script/distill.sh ;;
     *) echo "error: MODELS: unknown '$model'; use roberta_crf, roberta_crf_distill, MNER, MNER_dual or MNER_dual_conv" >&2; return 2 ;;
   esac

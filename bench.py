@@ -113,6 +113,11 @@ def base_sized_encoders(root: Path) -> list[str]:
     return ["--text_encoder", str(text), "--image_encoder", str(vision)]
 
 
+def seconds(x: float) -> float:
+    """x to 4 significant digits: a tiny case's epoch on a fast machine stays above 0 (a ratio divides by it)."""
+    return float(f"{x:.4g}")
+
+
 def timed_steps(step, batches: list, spec: dict, size, prepare=lambda b: b, sync=lambda: None):
     """spec["repeats"] timed runs of spec["steps"] batches spread evenly over the epoch (after the caller's
     warm-up): (posts/s of each run, posts per CPU second of each run, peak RSS in KiB before and after).
@@ -223,7 +228,7 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
     pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
     return {"case": "hf_recipe", "amp": False, "bucketing": False, "grad_ckpt": False,
             "train_posts_per_s": round(tps, 1), "train_posts_per_s_all": [round(x, 1) for x in train_tps],
-            "epoch_s": round(len(posts) / tps, 1), "epoch_cpu_s": round(len(posts) / statistics.median(train_cps), 2),
+            "epoch_s": seconds(len(posts) / tps), "epoch_cpu_s": seconds(len(posts) / statistics.median(train_cps)),
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
@@ -320,8 +325,8 @@ def run_case(spec: dict, argv: list[str]) -> dict:
     return {"case": spec["case"], "amp": config.amp, "bucketing": config.length_bucketing,
             "grad_ckpt": config.grad_checkpointing, "train_posts_per_s": round(tps, 1),
             "train_posts_per_s_all": [round(x, 1) for x in train_tps],
-            "epoch_s": round(len(s.posts) / tps, 1),
-            "epoch_cpu_s": round(len(s.posts) / statistics.median(train_cps), 2),
+            "epoch_s": seconds(len(s.posts) / tps),
+            "epoch_cpu_s": seconds(len(s.posts) / statistics.median(train_cps)),
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
             "peak_cuda_mib": round(peak_cuda) if peak_cuda is not None else None,

@@ -1,7 +1,6 @@
 """Images: finding and decoding a post's picture, the backbones' preprocessing (-> [3, S, S]), the feature cache."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -143,10 +142,8 @@ def image_prep_for(config) -> ImagePrep:
     fit = config.image_fit
     if config.use_dual_granularity and config.vision_stem == "conv":
         return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), fit=fit)
-    if config.use_dual_granularity:  # EfficientNet-Lite0's own normalisation, at the encoder's input size
+    if config.use_dual_granularity or config.image_encoder == "efficientnet_lite0":  # its own normalisation, sized
         return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), fit=fit)
-    if config.image_encoder == "efficientnet_lite0":
-        return dataclasses.replace(EFFNET_PREP, size=config.vision_img_size, short=0, fit=fit)
     cfg_file, vcfg = Path(config.image_encoder) / "preprocessor_config.json", Path(config.image_encoder) / "config.json"
     size, short, mean, std = 224, None, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     if cfg_file.exists():

@@ -94,10 +94,7 @@ class TextEncoder(nn.Module):
         except TypeError:
             self.model = AutoModel.from_pretrained(path, config=cfg)
         if config.grad_checkpointing:  # recompute each layer in backward: less activation memory, ~30% more compute
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if config.freeze_word_embeddings:  # the largest matrix (vocab x H): no dense gradient or AdamW pass over it
             self.model.get_input_embeddings().weight.requires_grad_(False)
         n_layers = self.model.config.num_hidden_layers
@@ -212,8 +209,7 @@ class PretrainedVision(nn.Module):
         else:
             from transformers import CLIPVisionModel
             self.net = CLIPVisionModel.from_pretrained(config.image_encoder)
-            # transformers >= 5 puts the encoder on CLIPVisionModel itself; 4.x wrapped it in .vision_model
-            self.blocks = getattr(self.net, "vision_model", self.net).encoder.layers
+            self.blocks = self.net.encoder.layers
             self.out_dim = self.net.config.hidden_size
             self.n_tokens = (self.net.config.image_size // self.net.config.patch_size) ** 2
             wf = [f for ext in ("safetensors", "bin") for f in sorted(Path(self.kind).glob(f"*.{ext}"))]
@@ -594,7 +590,7 @@ def build_teacher(config) -> nn.Module | None:
     if not (config.use_image and config.use_dual_granularity and config.vision_distill_lambda > 0):
         return None
     c = copy.copy(config)
-    c.image_encoder, c.vision_trainable, c.use_dual_granularity = "efficientnet_lite0", False, False
+    c.image_encoder, c.vision_trainable = "efficientnet_lite0", False
     c.vision_img_size = 224  # its own input size, whatever the student's (its pictures come from images.EFFNET_PREP)
     return PretrainedVision(c)
 

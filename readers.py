@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from config import UserError
+from config import ROOT, UserError
 
-ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 TAG_RE = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z_]*)$")

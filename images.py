@@ -142,7 +142,8 @@ def image_prep_for(config) -> ImagePrep:
     fit = config.image_fit
     if config.use_dual_granularity and config.vision_stem == "conv":
         return ImagePrep(config.vision_img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), fit=fit)
-    if config.use_dual_granularity or config.image_encoder == "efficientnet_lite0":  # its own normalisation, sized
+    # EfficientNet-Lite0's own normalisation (mean = std = 0.5) at --vision_img_size, under either encoder
+    if config.use_dual_granularity or config.image_encoder == "efficientnet_lite0":
         return ImagePrep(config.vision_img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), fit=fit)
     cfg_file, vcfg = Path(config.image_encoder) / "preprocessor_config.json", Path(config.image_encoder) / "config.json"
     size, short, mean, std = 224, None, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -32,8 +32,8 @@ one_run() {  # dataset model seed
     roberta_crf) export MODEL=roberta_crf ;;
     MNER) export MODEL=MNER ;;
     MNER_dual) export MODEL=MNER; script=script/train_dual_granularity.sh ;;
-    MNER_dual_conv) export MODEL=MNER; script=script/train_dual_granularity.sh
-      extra=(--vision_stem conv --vision_img_size 112 --vision_patch_size 16 --vision_fine_patch_size 8 --epochs 15) ;;
+    MNER_dual_conv) export MODEL=MNER EPOCHS=${EPOCHS:-15}; script=script/train_dual_granularity.sh  # 15 unless EPOCHS says
+      extra=(--vision_stem conv --vision_img_size 112 --vision_patch_size 16 --vision_fine_patch_size 8) ;;
     roberta_crf_distill) export MODEL=roberta_crf; script=script/distill.sh ;;
     *) echo "error: MODELS: unknown '$model'; use roberta_crf, roberta_crf_distill, MNER, MNER_dual or MNER_dual_conv" >&2; return 2 ;;
   esac

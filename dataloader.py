@@ -68,11 +68,12 @@ class LabelMap:
         return len(self.labels)
 
     def encode(self, tags: list[str], where: str = "") -> list[int]:
-        try:
-            return [self.ids[t] for t in tags]
-        except KeyError as e:
-            raise DataError(f"{where}: tag {e.args[0]} is not in the train label map {self.labels[2:]}; "
-                            "train on data that has this type or map it to O") from None
+        """Ids of tags; `where` ("file:line" of the post's first line) names the post in the error."""
+        bad = next((k for k, t in enumerate(tags) if t not in self.ids), None)
+        if bad is not None:
+            raise DataError(f"{where}: word {bad + 1} of this post has tag {tags[bad]}, which is not in the train "
+                            f"label map {self.labels[2:]}; train on data that has this type or map it to O")
+        return [self.ids[t] for t in tags]
 
     def decode(self, ids) -> list[str]:
         return [self.labels[i] if i > 1 else "O" for i in ids]

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from readers import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # tried in this order for an IMGID without one
+EXT_CANDIDATES = IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS)  # cameras and Windows tools write .JPG
 
 
 # ----------------------------------------------------------------------------- images
@@ -30,7 +31,7 @@ def find_image(image_root, imgid: str | None) -> Path | None:
     has_ext = base.suffix.lower() in IMAGE_EXTS
     if has_ext and base.exists():
         return base
-    cands = [base.with_suffix(ext) if has_ext else base.with_name(base.name + ext) for ext in IMAGE_EXTS]
+    cands = [base.with_suffix(ext) if has_ext else base.with_name(base.name + ext) for ext in EXT_CANDIDATES]
     return next((p for p in cands if p.exists()), base if has_ext else cands[0])
 
 

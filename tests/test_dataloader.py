@@ -449,6 +449,8 @@ def test_find_image_extension_order(tmp_path):
     assert dl.find_image(tmp_path, "b") == tmp_path / "b.png"
     assert dl.find_image(tmp_path, "b.png") == tmp_path / "b.png"
     assert dl.find_image(tmp_path, "zzz") == tmp_path / "zzz.jpg"  # missing: the README's default name
+    (tmp_path / "b.png").rename(tmp_path / "C.JPG")  # a camera's upper-case extension, named with or without it
+    assert dl.find_image(tmp_path, "C") == dl.find_image(tmp_path, "C.jpg") == tmp_path / "C.JPG"
 
 
 # ----------------------------------------------------------------------------- dataset / batches

@@ -296,7 +296,7 @@ def _cases() -> list[Case]:
          r"note: .*train\.txt: 2 IMGID\(s\) name more than one post \(first: p1 at .*train\.txt:1 and "
          r".*train\.txt:\d+\); those posts share one image", "two posts reuse earlier IMGIDs")
     data("conll_unseen_type_in_test", "error",
-         r"error: .*conll_unseen_type_in_test/test\.txt:1: tag B-EVENT is not in the train label map",
+         r"error: .*conll_unseen_type_in_test/test\.txt:1: word 1 of this post has tag B-EVENT, which is not in the train label map",
          "test.txt has a type train.txt never has")
     data("conll_missing_valid", "error",
          r"error: .*conll_missing_valid/valid\.txt not found: dataset conll_missing_valid expects train\.txt, "

@@ -124,7 +124,8 @@ class TextEncoder(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention. q [B,Q,D], kv [B,K,D], mask [B|1,H|1,Q|1,K] bool (True = may attend) -> [B,Q,D].
-    `last_weights` keeps the attention map [B, heads, Q, K] when keep_weights is set (for explanations)."""
+    With keep_weights set (explanations), `last_weights` keeps the attention map [B, heads, Q, K] and `last_values`
+    the values [B, heads, K, D/heads]."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -134,7 +135,7 @@ class Attention(nn.Module):
         # no key bias: it adds the same amount to every score of a query, which softmax cancels
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False),
                                           nn.Linear(dim, dim), nn.Linear(dim, dim))
-        self.keep_weights, self.last_weights = False, None
+        self.keep_weights, self.last_weights, self.last_values = False, None, None
 
     def forward(self, q, kv, mask=None):
         B, Q, D = q.shape
@@ -143,7 +144,7 @@ class Attention(nn.Module):
         if self.keep_weights:
             s = qh @ kh.transpose(-1, -2) / math.sqrt(D // self.h)
             w = (s if mask is None else s.masked_fill(~mask, float("-inf"))).softmax(-1)
-            self.last_weights = w.detach()
+            self.last_weights, self.last_values = w.detach(), vh.detach()
             out = w @ vh
         else:
             # no dropout on attention maps: residual dropout regularises, and CPU mask sampling is costly

@@ -270,6 +270,23 @@ def test_image_coordinates_map_into_the_models_view():
         assert abs(min(bx - ax, by - ay) - prep.short) <= 1, (size, bx - ax, by - ay)
 
 
+def test_value_weighted_attention_counts_what_each_key_moves():
+    """A key whose value is zero moves nothing: its attention weight goes to the keys that do, rows sum to 1, and
+    with equal value norms the weights are the heads' plain mean."""
+    torch.manual_seed(0)
+    att = M.Attention(8, 2)
+    att.keep_weights = True
+    q, kv = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
+    att(q, kv)
+    plain = att.last_weights.mean(1)
+    att.last_values = torch.ones_like(att.last_values)  # same value for every key: same norm
+    assert torch.allclose(explain.value_weighted(att), plain, atol=1e-6)
+    att.last_values[:, :, 1] = 0                         # key 1 adds nothing to the output
+    w = explain.value_weighted(att)
+    assert torch.allclose(w.sum(-1), torch.ones(1, 3)) and torch.all(w[..., 1] == 0)
+    assert torch.all(w[..., 0] > plain[..., 0])
+
+
 def test_explain_hits_reads_boxes_and_counts_posts_without_one(run, tiny_data_dir, tmp_path, capsys):
     """test.py --explain_hits: every post with an image and a box is scored (a box over the whole of a square
     picture, which fills the view, is always hit), a post with an image but no box is skipped and counted, and a box

@@ -58,8 +58,8 @@ def word_region_attention(model) -> torch.Tensor | None:
     """Text-word -> image-region attention of the last forward pass, [n, W, R] (rows sum to 1), or None; n = the
     posts of the batch that had an image, in batch order (only they go through the image path).
 
-    roberta_clip_coattn: the text->image co-attention, averaged over heads (exact for that layer).
-    Each attention step is read as value_weighted(): its weights scaled by how much each key's value moves the output.
+    Each attention step is read as Attention.kept_map(): its weights scaled by how much each key's value moves the
+    output.
     roberta_clip_coattn: the text->image co-attention (exact for that layer).
     MNER: words reach the image only through the resampler's K learned queries, so the map is composed:
     (word -> query attention of the stack's cross-attention, averaged over layers) @ (query -> region attention of
@@ -70,27 +70,15 @@ def word_region_attention(model) -> torch.Tensor | None:
     if model.coattn is not None:
         if model.coattn.t2i.last_weights is None:
             return None
-        t2x = value_weighted(model.coattn.t2i)
+        t2x = model.coattn.t2i.kept_map()
     elif model.stack is None or model.stack.blocks[0].cross.last_weights is None:
         return None
     else:
-        t2x = torch.stack([value_weighted(b.cross) for b in model.stack.blocks]).mean(0)
+        t2x = torch.stack([b.cross.kept_map() for b in model.stack.blocks]).mean(0)
         if model.resampler.attn is not None:  # else (--resampler_tokens 0) the stack's keys are the regions
-            t2x = t2x @ value_weighted(model.resampler.attn)  # [B, W, K] @ [B, K, R]
+            t2x = t2x @ model.resampler.attn.kept_map()  # [B, W, K] @ [B, K, R]
     roll = getattr(model.vision, "rollout", lambda: None)()  # dual: [B, R, R], tokens back to their input cells
     return t2x if roll is None else t2x @ roll
-
-
-def value_weighted(att) -> torch.Tensor:
-    """An Attention module's kept weights [B, heads, Q, K] -> [B, Q, K] (rows sum to 1): each key's weight times the
-    norm of what its value adds to the output (through that head's slice of the output projection), renormalised,
-    then averaged over heads. A key can draw weight yet move the output little (a near-empty background cell often
-    does); the weight alone would show it as looked at (Kobayashi et al., 2020, "Attention is not only a weight")."""
-    v = att.last_values.float()                                                         # [B, h, K, d]
-    wo = att.o.weight.float().view(att.o.out_features, att.h, -1)                       # [D, h, d]
-    moved = torch.einsum("bhkd,ehd->bhke", v, wo).norm(dim=-1)                          # [B, h, K]
-    w = att.last_weights.float() * moved[:, :, None, :]
-    return (w / w.sum(-1, keepdim=True).clamp_min(1e-12)).mean(1)
 
 
 def region_grids(vision) -> list[tuple[int, int, int]]:

@@ -151,6 +151,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(B, Q, D))
 
+    def kept_map(self) -> torch.Tensor:
+        """The kept attention as explanations read it, [B, Q, K] (rows sum to 1): each key's weight times the norm of
+        what its value adds to the output (through that head's slice of the output projection), renormalised, then
+        averaged over heads. A key can draw weight yet move the output little (a near-empty background cell often
+        does); the weight alone would show it as looked at (Kobayashi et al., 2020)."""
+        wo = self.o.weight.float().view(self.o.out_features, self.h, -1)                       # [D, h, d]
+        moved = torch.einsum("bhkd,ehd->bhke", self.last_values.float(), wo).norm(dim=-1)      # [B, h, K]
+        w = self.last_weights.float() * moved[:, :, None, :]
+        return (w / w.sum(-1, keepdim=True).clamp_min(1e-12)).mean(1)
+
 
 class MLP(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, out: int | None = None):
@@ -287,7 +297,7 @@ class SwinBlock(nn.Module):
     def attention_map(self) -> torch.Tensor:
         """The last forward's window attention (kept weights, mean over heads) on the whole grid: [B, G*G, G*G]."""
         nW, S, _ = self.slot_onehot.shape
-        w = self.attn.last_weights.float().mean(1).reshape(-1, nW, S, S)             # [B, nW, w*w, w*w]
+        w = self.attn.kept_map().reshape(-1, nW, S, S)                               # [B, nW, w*w, w*w]
         return torch.einsum("nsc,bnst,ntd->bcd", self.slot_onehot, w, self.slot_onehot)
 
     def _windows(self, x):  # [B, Gp, Gp, D] -> [B*nW, w*w, D]
@@ -539,11 +549,11 @@ class DualGranularityEncoder(nn.Module):
 
     def rollout(self) -> torch.Tensor | None:
         """How much each output token of the last forward draws on each input cell, [B, T, T] in the token layout
-        (slot 0, the summary, is no cell and gets nothing; rows sum to 1), from the kept attention weights (explain.
-        explained_modules); None without them. Attention rollout (Abnar & Zuidema, 2020) through the Swin, delegate
-        and fine blocks, each residual branch weighted by its LayerScale: (I + g A) / (1 + g), g = mean |gamma|. The
-        summary token (an MLP over both views' means) draws half on each view's mean. FFNs, norms and the parent cell
-        added to each fine token are left out (a fine cell lies inside its parent)."""
+        (slot 0, the summary, is no cell and gets nothing; rows sum to 1), from the kept attention (Attention.kept_map;
+        explain.explained_modules); None without them. Attention rollout (Abnar & Zuidema, 2020) through the Swin,
+        delegate and fine blocks, each residual branch weighted by its LayerScale: (I + g A) / (1 + g), g = mean
+        |gamma|. The summary token (an MLP over both views' means) draws half on each view's mean. FFNs, norms and the
+        parent cell added to each fine token are left out (a fine cell lies inside its parent)."""
         mixes = [*(b.attn for b in self.swin), self.delegate.attn, *(b.attn for b in self.fine)]
         if any(m.last_weights is None for m in mixes):
             return None
@@ -556,11 +566,11 @@ class DualGranularityEncoder(nn.Module):
         rc = torch.eye(Nc, device=self.parent_index.device)
         for blk in self.swin:
             rc = step(rc, blk.attention_map(), blk.ls1)
-        w = self.delegate.attn.last_weights.float().mean(1)                                 # [B, Nc, topk]
+        w = self.delegate.attn.kept_map()                                                   # [B, Nc, topk]
         rc = step(rc, w @ F.one_hot(self.delegate.last_idx, Nc).float(), self.delegate.ls)  # [B, Nc, Nc]
         rf = torch.eye(self.k, device=rc.device) + 0 * rc[:, :1, :1]                        # [B, k, k]
         for blk in self.fine:
-            rf = step(rf, blk.attn.last_weights.float().mean(1), blk.ls1)
+            rf = step(rf, blk.attn.kept_map(), blk.ls1)
         summary = torch.cat([rc.mean(1, keepdim=True), rf.mean(1, keepdim=True)], -1) / 2   # [B, 1, Nc + k]
         return torch.cat([F.pad(summary, (1, 0)), F.pad(rc, (1, self.k)), F.pad(rf, (1 + Nc, 0))], 1)
 

@@ -270,7 +270,7 @@ def test_image_coordinates_map_into_the_models_view():
         assert abs(min(bx - ax, by - ay) - prep.short) <= 1, (size, bx - ax, by - ay)
 
 
-def test_value_weighted_attention_counts_what_each_key_moves():
+def test_kept_attention_map_counts_what_each_key_moves():
     """A key whose value is zero moves nothing: its attention weight goes to the keys that do, rows sum to 1, and
     with equal value norms the weights are the heads' plain mean."""
     torch.manual_seed(0)
@@ -280,9 +280,9 @@ def test_value_weighted_attention_counts_what_each_key_moves():
     att(q, kv)
     plain = att.last_weights.mean(1)
     att.last_values = torch.ones_like(att.last_values)  # same value for every key: same norm
-    assert torch.allclose(explain.value_weighted(att), plain, atol=1e-6)
+    assert torch.allclose(att.kept_map(), plain, atol=1e-6)
     att.last_values[:, :, 1] = 0                         # key 1 adds nothing to the output
-    w = explain.value_weighted(att)
+    w = att.kept_map()
     assert torch.allclose(w.sum(-1), torch.ones(1, 3)) and torch.all(w[..., 1] == 0)
     assert torch.all(w[..., 0] > plain[..., 0])
 

@@ -295,7 +295,7 @@ class SwinBlock(nn.Module):
                              persistent=False)                                          # [nW, w*w, G*G]
 
     def attention_map(self) -> torch.Tensor:
-        """The last forward's window attention (kept weights, mean over heads) on the whole grid: [B, G*G, G*G]."""
+        """The last forward's window attention (Attention.kept_map) on the whole grid: [B, G*G, G*G]."""
         nW, S, _ = self.slot_onehot.shape
         w = self.attn.kept_map().reshape(-1, nW, S, S)                               # [B, nW, w*w, w*w]
         return torch.einsum("nsc,bnst,ntd->bcd", self.slot_onehot, w, self.slot_onehot)

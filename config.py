@@ -65,8 +65,8 @@ REFUSED = {"eval_mode": "the restored best dev F1 was computed under that chunki
 
 def _data_flags(a) -> None:
     a("--dataset_name", default="twitter2017",
-      help="twitter2015, twitter2017, demo, heldout, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder under "
-           "--data_dir (python check_data.py --list)")
+      help="twitter2015, twitter2017, demo, heldout, heldout2, MNRE, HacRED, MORE, NewsMKG or a CoNLL+IMGID folder "
+           "under --data_dir (python check_data.py --list)")
     a("--data_dir", resume=True, tools="test predict export", default=str(ROOT / "data"),
       help="folder holding one sub-folder per dataset")
     a("--image_root", resume=True, tools="test predict export", default="",
@@ -130,10 +130,9 @@ def _image_flags(a) -> None:
       help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches), not a pretrained one")
     a("--vision_stem", applies="dual", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
       help="dual-granularity: the shipped ImageNet network's maps (frozen, cached) or from-scratch conv stems")
-    a("--vision_img_size", applies="sized_vision", type=int, default=-1,
+    a("--vision_img_size", applies="sized_vision", type=int, default=288,
       help="input side S in pixels of EfficientNet-Lite0 (its S/32 x S/32 final map gives the image tokens) and of "
-           "the dual-granularity encoder (grids: coarse S/--vision_patch_size, fine S/--vision_fine_patch_size); "
-           "-1 = auto: 288 for EfficientNet-Lite0, 224 for dual granularity")
+           "the dual-granularity encoder (grids: coarse S/--vision_patch_size, fine S/--vision_fine_patch_size)")
     a("--vision_patch_size", applies="dual", type=int, default=32,
       help="dual-granularity: coarse patch side in pixels (efficientnet_lite0: a map's stride; 32 = final features)")
     a("--vision_fine_patch_size", applies="dual", type=int, default=16,
@@ -146,7 +145,8 @@ def _image_flags(a) -> None:
            "auto = prior for the pretrained stem, learned for --vision_stem conv (its maps start untrained)")
     a("--vision_embed_dim", applies="dual", type=int, default=128, help="dual-granularity: token width")
     a("--vision_heads", applies="dual", type=int, default=4, help="dual-granularity: heads of each vision block")
-    a("--vision_swin_window", applies="dual", type=int, default=7, help="dual-granularity: Swin window side in patches")
+    a("--vision_swin_window", applies="dual", type=int, default=9,
+      help="dual-granularity: Swin window side in patches (the default covers the 9 x 9 coarse grid of 288 px)")
     a("--vision_delegate_topk", applies="dual", type=int, default=16,
       help="dual-granularity: coarse patches kept as delegates that every patch attends to")
     a("--vision_depth", applies="dual", type=int, default=2, help="dual-granularity: layers over the fine tokens")
@@ -456,8 +456,6 @@ def resolve_auto(c, images: bool = True) -> None:
         c.image_type_lambda = 2.0 if c.model == "MNER" and c.use_image else 0.0
     if c.vision_distill_lambda < 0:
         c.vision_distill_lambda = 1.0 if c.use_dual_granularity and c.vision_stem == "conv" else 0.0
-    if c.vision_img_size < 0:  # the plain backbone's 32-px cells are coarse next to a small object: more of them
-        c.vision_img_size = 224 if c.use_dual_granularity else 288
     if c.vision_select == "auto":
         c.vision_select = "learned" if c.vision_stem == "conv" else "prior"
 

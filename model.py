@@ -414,7 +414,7 @@ class EfficientNetStem(nn.Module):
     """--vision_stem efficientnet_lite0: the shipped ImageNet EfficientNet-Lite0 as the source of both views.
     pixels [B, 3, S, S] (mean = std = 0.5) -> (coarse [B, Cc, S/pc, S/pc], fine [B, Cf, S/pf, S/pf]): the maps
     at stride pc (--vision_patch_size) and pf (--vision_fine_patch_size), each one of 4, 8, 16, 32; stride 32 is
-    the final 1280-channel features. At 224 px and 32/16: [B, 1280, 7, 7] and [B, 112, 14, 14]. Layers past the
+    the final 1280-channel features. At 288 px and 32/16: [B, 1280, 9, 9] and [B, 112, 18, 18]. Layers past the
     coarser map never run. Frozen (BatchNorm statistics included) unless --vision_trainable unfreezes its last
     --unfreeze_last_vision_blocks blocks (and the head conv with them); frozen, its maps are cached per image."""
 

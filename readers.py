@@ -287,6 +287,8 @@ DATASETS = {
                         source="generated on first use"),
     "heldout": DatasetSpec("synthetic held-out picture set made by data/make_heldout.py (vision designs are chosen "
                            "on its dev split)", "heldout", source="generated on first use"),
+    "heldout2": DatasetSpec("second synthetic held-out picture set made by data/make_heldout2.py (its dev split "
+                            "checks vision choices too)", "heldout2", source="generated on first use"),
     "MNRE": DatasetSpec("MNRE v2 relation data (ICME 2021) as word-level BIO; types from relation paths", "MNRE",
                         "read_mnre", "mnre_{split}.txt", ("train", "val", "test"), "img_org/{split}",
                         layout="one Python-dict literal per line: token, h/t {name, pos [start, end)}, img_id, "
@@ -340,7 +342,7 @@ def load_split(config, split: str, report: ReadReport | None = None) -> list[Pos
     Converted datasets (MNRE, HacRED) print one line with their sizes and what was resolved or dropped."""
     spec, d = dataset_spec(config)
     path = d / spec.file(split)
-    if config.dataset_name in ("demo", "heldout") and not path.exists():  # generated, not shipped
+    if config.dataset_name in ("demo", "heldout", "heldout2") and not path.exists():  # generated, not shipped
         make = f"make_{config.dataset_name}"
         getattr(importlib.import_module(f"data.{make}"), make)(d)
     if not path.is_file():

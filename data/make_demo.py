@@ -45,18 +45,30 @@ def staging(out_dir: Path, force: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def generate(out_dir, force: bool, write) -> Path:
+    """A generated set at out_dir: left as it is when it exists (unless force), else write(scratch folder) fills a
+    folder that staging() then publishes as out_dir."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        print(f"{out_dir} already exists; pass --force to regenerate")
+        return out_dir
+    with staging(out_dir, force) as tmp:
+        write(tmp)
+    return out_dir
+
+
 TYPES = ("PER", "LOC", "ORG", "MISC")
 SPLITS = ("train", "valid", "test")  # file stems; "valid" holds the dev split
 
 
 def write_splits(tmp: Path, images: str, ids: str, sizes: list[int], pools: list[list[str]], text_seed: str,
-                 make_post, draw) -> tuple:
+                 make_post, draw, save=None) -> tuple:
     """The splits of a generated set: sizes[k] posts each, whose picture types are exactly balanced, in an order an
     RNG of the split's own (text_seed-split) shuffles; make_post(rng, names, type) -> ([(word, tag)], ambiguous
     mentions) writes each post from the split's name pool, draw(post id, type) -> (picture, cued object's box or
     None) its picture (with an RNG of its own, so a picture depends only on the seed and the id). Writes
-    <split>.txt, the PNGs under tmp/images and <split>_boxes.jsonl; returns (entity types Counter, ambiguous
-    mentions, mentions)."""
+    <split>.txt, the pictures under tmp/images (save(picture, path without extension), PNG by default) and
+    <split>_boxes.jsonl; returns (entity types Counter, ambiguous mentions, mentions)."""
     (tmp / images).mkdir(parents=True)
     ents, amb_n, ment_n = Counter(), 0, 0
     for split, n, names in zip(SPLITS, sizes, pools):
@@ -72,7 +84,10 @@ def write_splits(tmp: Path, images: str, ids: str, sizes: list[int], pools: list
             amb_n, ment_n = amb_n + amb, ment_n + len(heads)
             lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
             img, obj = draw(pid, typ)
-            img.save(tmp / images / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
+            if save:
+                save(img, tmp / images / pid)
+            else:
+                img.save(tmp / images / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
             if obj is not None:
                 boxes.append({"imgid": pid, "type": typ, "box": obj, "size": list(img.size)})
         (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
@@ -312,11 +327,7 @@ def draw_image(rng: random.Random, typ: str, size: int) -> tuple[Image.Image, li
 def make_demo(out_dir, seed: int = 13, n_train: int = 600, n_dev: int = 150, n_test: int = 150,
               image_size: int = 160, force: bool = False) -> Path:
     """Write the demo set to out_dir (via a scratch folder, then rename) and return its path."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        print(f"{out_dir} already exists; pass --force / force=True to regenerate")
-        return out_dir
-    with staging(out_dir, force) as tmp:
+    def write(tmp: Path) -> None:
         sizes = [n_train, n_dev, n_test]
         ents, amb_n, ment_n = write_splits(
             tmp, "demo_images", "demo", sizes, name_pools(random.Random(f"names-{seed}"), sizes), f"text-{seed}",
@@ -342,19 +353,26 @@ Expected text-only ceiling (an expectation, not a measurement): cued mentions ~1
 (1/4), so about {1 - share:.2f} + {share:.2f} x 0.25 = {ceiling:.2f} entity F1, and a text-only model should
 stay <= 0.75. A model that uses the image should clearly beat it.
 """, encoding="utf-8", newline="\n")
-    print(f"demo set -> {out_dir} | posts train/dev/test={n_train}/{n_dev}/{n_test} | entities {counts} "
-          f"| ambiguous {amb_n}/{ment_n}={share:.1%} | text-only ceiling ~{ceiling:.2f}")
-    return out_dir
+        print(f"demo set -> {out_dir} | posts train/dev/test={n_train}/{n_dev}/{n_test} | entities {counts} "
+              f"| ambiguous {amb_n}/{ment_n}={share:.1%} | text-only ceiling ~{ceiling:.2f}")
+
+    return generate(out_dir, force, write)
+
+
+def generator_main(make, doc: str, folder: str, **defaults: int) -> None:
+    """A set generator's command line: --out_dir (data/<folder>), an int flag per keyword of `defaults` and --force,
+    each passed to make() by name."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / folder))
+    for k, v in defaults.items():
+        ap.add_argument(f"--{k}", type=int, default=v)
+    ap.add_argument("--force", action="store_true", help="regenerate even if out_dir exists")
+    a = vars(ap.parse_args())
+    make(a.pop("out_dir"), **a)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "demo"))
-    for k, v in dict(seed=13, n_train=600, n_dev=150, n_test=150, image_size=160).items():
-        ap.add_argument(f"--{k}", type=int, default=v)
-    ap.add_argument("--force", action="store_true", help="regenerate even if out_dir exists")
-    a = ap.parse_args()
-    make_demo(a.out_dir, a.seed, a.n_train, a.n_dev, a.n_test, a.image_size, force=a.force)
+    generator_main(make_demo, __doc__, "demo", seed=13, n_train=600, n_dev=150, n_test=150, image_size=160)
 
 
 if __name__ == "__main__":

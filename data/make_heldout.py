@@ -22,7 +22,6 @@ of the mentions sit in neutral templates, where only the picture tells their typ
 """
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
@@ -30,9 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 try:  # run as a script (data/ on the path) or imported as data.make_heldout
-    from make_demo import TYPES, staging, write_splits
+    from make_demo import TYPES, generate, generator_main, write_splits
 except ImportError:
-    from data.make_demo import TYPES, staging, write_splits
+    from data.make_demo import TYPES, generate, generator_main, write_splits
 
 AMB_RATE = 0.7
 
@@ -233,11 +232,7 @@ def draw_picture(rng: random.Random, typ: str) -> tuple[Image.Image, list[int]]:
 def make_heldout(out_dir, seed: int = 29, n_train: int = 800, n_dev: int = 200, n_test: int = 200,
                  force: bool = False) -> Path:
     """Write the held-out set to out_dir (via a scratch folder, then rename) and return its path."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        print(f"{out_dir} already exists; pass --force to regenerate")
-        return out_dir
-    with staging(out_dir, force) as tmp:
+    def write(tmp: Path) -> None:
         sizes = [n_train, n_dev, n_test]
         ents, amb_n, ment_n = write_splits(
             tmp, "heldout_images", "ho", sizes, name_pools(random.Random(f"heldout-names-{seed}"), sizes),
@@ -254,18 +249,14 @@ heldout_images/, the cued object's box per picture in <split>_boxes.jsonl. Entit
 mentions are ambiguous (only the picture tells their type), so text alone should stay near
 {(1 - share) + share * 0.25:.2f} entity F1.
 """, encoding="utf-8", newline="\n")
-    print(f"held-out set -> {out_dir} | posts {n_train}/{n_dev}/{n_test} | entities {counts} | ambiguous {share:.1%}")
-    return out_dir
+        print(f"held-out set -> {out_dir} | posts {n_train}/{n_dev}/{n_test} | entities {counts} | "
+              f"ambiguous {share:.1%}")
+
+    return generate(out_dir, force, write)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "heldout"))
-    for k, v in dict(seed=29, n_train=800, n_dev=200, n_test=200).items():
-        ap.add_argument(f"--{k}", type=int, default=v)
-    ap.add_argument("--force", action="store_true", help="regenerate even if out_dir exists")
-    a = ap.parse_args()
-    make_heldout(a.out_dir, a.seed, a.n_train, a.n_dev, a.n_test, force=a.force)
+    generator_main(make_heldout, __doc__, "heldout", seed=29, n_train=800, n_dev=200, n_test=200)
 
 
 if __name__ == "__main__":

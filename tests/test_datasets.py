@@ -51,7 +51,8 @@ def cfg(tmp_path, name, *extra):
 # ----------------------------------------------------------------------------- registry
 
 def test_registry_entries():
-    assert set(dl.DATASETS) == {"twitter2015", "twitter2017", "demo", "heldout", "MNRE", "HacRED", "MORE", "NewsMKG"}
+    assert set(dl.DATASETS) == {"twitter2015", "twitter2017", "demo", "heldout", "heldout2", "MNRE", "HacRED", "MORE",
+                                "NewsMKG"}
     for spec in dl.DATASETS.values():
         assert spec.description and "\n" not in spec.description and spec.layout
         assert spec.reader() in (dl.read_conll, read_mnre, read_hacred)
@@ -389,12 +390,16 @@ def test_check_reports_images_hashes_and_shared_posts(tiny_data_dir, tmp_path):
     assert "error: valid and test share" in out and "(the same posts)" in out
 
 
-def test_heldout_generator_is_deterministic_and_boxes_lie_inside(tmp_path):
-    """data/make_heldout.py: the same seed gives byte-identical files; every post has a picture of its own size and
-    one box of its cued object inside that picture; names never cross splits."""
-    from data.make_heldout import make_heldout
-    a = make_heldout(tmp_path / "a", n_train=12, n_dev=4, n_test=4)
-    b = make_heldout(tmp_path / "b", n_train=12, n_dev=4, n_test=4)
+@pytest.mark.parametrize("module", ["make_heldout", "make_heldout2"])
+def test_heldout_generators_are_deterministic_and_boxes_lie_inside(tmp_path, module):
+    """data/make_heldout.py and make_heldout2.py: the same seed gives byte-identical files; every post has a picture
+    of its own size (found as images.find_image finds it) and one box of its cued object inside that picture; names
+    never cross splits."""
+    import importlib
+    from images import find_image
+    make = getattr(importlib.import_module(f"data.{module}"), module)
+    a = make(tmp_path / "a" / "set", n_train=12, n_dev=4, n_test=4)
+    b = make(tmp_path / "b" / "set", n_train=12, n_dev=4, n_test=4)
     for f in sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file()):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     words = {}
@@ -403,7 +408,7 @@ def test_heldout_generator_is_deterministic_and_boxes_lie_inside(tmp_path):
         boxes = [json.loads(l) for l in (a / f"{split}_boxes.jsonl").read_text().splitlines()]
         assert [p.imgid for p in posts] == [x["imgid"] for x in boxes]
         for x in boxes:
-            with Image.open(a / "heldout_images" / f"{x['imgid']}.png") as im:
+            with Image.open(find_image(a / f"{module[5:]}_images", x["imgid"])) as im:
                 assert list(im.size) == x["size"]
             x0, y0, x1, y1 = x["box"]
             assert 0 <= x0 < x1 <= x["size"][0] and 0 <= y0 < y1 <= x["size"][1]
@@ -411,7 +416,7 @@ def test_heldout_generator_is_deterministic_and_boxes_lie_inside(tmp_path):
     assert not words["train"] & words["test"] and not words["train"] & words["valid"]
 
 
-@pytest.mark.parametrize("module", ["make_heldout", "make_demo"])
+@pytest.mark.parametrize("module", ["make_heldout", "make_heldout2", "make_demo"])
 def test_generators_started_together_publish_one_complete_set(tmp_path, module):
     """Runs started at once each generate the set (as reproduce.sh's parallel jobs do on a fresh clone): every
     caller gets the complete folder and no scratch folder is left behind."""

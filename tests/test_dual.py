@@ -31,9 +31,9 @@ def patch_area(enc, which):
 def test_fine_grid_is_finer_at_the_shipped_defaults(argv):
     c = cfgmod.get_config(["--use_dual_granularity", *argv])
     enc = M.DualGranularityEncoder(c)
-    assert (enc.Gc, enc.Gf) == (7, 14)
+    assert (enc.Gc, enc.Gf) == (9, 18)
     assert patch_area(enc, "fine") < patch_area(enc, "coarse")
-    assert enc.n_tokens == 1 + 7 * 7 + c.vision_max_patches  # the fine branch keeps the cap, not a pooled grid
+    assert enc.n_tokens == 1 + 9 * 9 + c.vision_max_patches  # the fine branch keeps the cap, not a pooled grid
 
 
 @pytest.mark.parametrize("argv", [
@@ -340,14 +340,17 @@ def test_runs_saved_before_the_padded_fit_keep_the_centre_crop():
 
 
 def test_efficientnet_reads_the_image_size_it_is_given():
-    """Plain EfficientNet-Lite0 reads --vision_img_size pixels (auto: 288; the dual encoder 224), one token per
-    32 x 32 cell; runs of format 6 and before read 224 px whatever the flag said; other sizes are refused by name."""
+    """Plain EfficientNet-Lite0 reads --vision_img_size pixels (288, as the dual encoder), one token per 32 x 32
+    cell; runs of format 6 and before read 224 px whatever the flag said; other sizes are refused by name."""
     import torch
     from config import ConfigError, config_from_dict, get_config
     from images import image_prep_for
     from model import PretrainedVision
     assert get_config([]).vision_img_size == image_prep_for(get_config([])).size == 288
-    assert get_config(["--use_dual_granularity"]).vision_img_size == 224
+    dual_default = get_config(["--use_dual_granularity"])
+    assert dual_default.vision_img_size == 288 and dual_default.vision_swin_window == 288 // 32  # one window
+    assert config_from_dict({"model": "MNER", "run_format": 7, "use_dual_granularity": True, "vision_img_size": 224,
+                             "vision_swin_window": 7}).vision_img_size == 224  # a run keeps the size it trained at
     vision = PretrainedVision(get_config(["--vision_img_size", "64"])).eval()
     assert vision(torch.zeros(1, 3, 64, 64)).shape == (1, *vision.feat_shape) == (1, 4, 1280)
     assert config_from_dict({"model": "MNER", "run_format": 6, "vision_img_size": 64}).vision_img_size == 224

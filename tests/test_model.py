@@ -257,7 +257,7 @@ def test_readme_snippet(tiny_bert_dir):
     twitter = LabelMap.from_posts(dl.read_conll(dl.DATA_DIR / "twitter2017" / "train.txt"))
     assert model.num_labels == len(twitter)  # the default fits PAD, O and B/I of the four types
     b = with_images(model, text_batch(model, POSTS[:1]))
-    assert dl.image_prep_for(config).size == 224 and b["pixel_values"].shape[-1] == 224
+    assert dl.image_prep_for(config).size == 288 and b["pixel_values"].shape[-1] == 288
     out = model(b)
     assert out["emissions"].shape == (1, 4, model.num_labels) and torch.isfinite(out["loss"])
 

@@ -61,13 +61,17 @@ TYPES = ("PER", "LOC", "ORG", "MISC")
 SPLITS = ("train", "valid", "test")  # file stems; "valid" holds the dev split
 
 
+def save_png(img: Image.Image, stem: Path) -> None:
+    img.save(stem.with_suffix(".png"), compress_level=1)  # noise defeats heavy compression
+
+
 def write_splits(tmp: Path, images: str, ids: str, sizes: list[int], pools: list[list[str]], text_seed: str,
-                 make_post, draw, save=None) -> tuple:
+                 make_post, draw, save=save_png) -> tuple:
     """The splits of a generated set: sizes[k] posts each, whose picture types are exactly balanced, in an order an
     RNG of the split's own (text_seed-split) shuffles; make_post(rng, names, type) -> ([(word, tag)], ambiguous
     mentions) writes each post from the split's name pool, draw(post id, type) -> (picture, cued object's box or
     None) its picture (with an RNG of its own, so a picture depends only on the seed and the id). Writes
-    <split>.txt, the pictures under tmp/images (save(picture, path without extension), PNG by default) and
+    <split>.txt, the pictures under tmp/images (save(picture, path without extension)) and
     <split>_boxes.jsonl; returns (entity types Counter, ambiguous mentions, mentions)."""
     (tmp / images).mkdir(parents=True)
     ents, amb_n, ment_n = Counter(), 0, 0
@@ -84,10 +88,7 @@ def write_splits(tmp: Path, images: str, ids: str, sizes: list[int], pools: list
             amb_n, ment_n = amb_n + amb, ment_n + len(heads)
             lines += [f"IMGID:{pid}"] + [f"{w}\t{t}" for w, t in pairs] + [""]
             img, obj = draw(pid, typ)
-            if save:
-                save(img, tmp / images / pid)
-            else:
-                img.save(tmp / images / f"{pid}.png", compress_level=1)  # noise defeats heavy compression
+            save(img, tmp / images / pid)
             if obj is not None:
                 boxes.append({"imgid": pid, "type": typ, "box": obj, "size": list(img.size)})
         (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")

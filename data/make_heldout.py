@@ -23,6 +23,7 @@ of the mentions sit in neutral templates, where only the picture tells their typ
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,61 +34,80 @@ try:  # run as a script (data/ on the path) or imported as data.make_heldout
 except ImportError:
     from data.make_demo import TYPES, generate, generator_main, write_splits
 
-AMB_RATE = 0.7
+@dataclass(frozen=True)
+class Words:
+    """What a generated set's posts are made of: the share of posts with an ambiguous mention, the neutral and the
+    type-cued templates, what joins two mentions, the closing hashtags and how often one ends a post, and the
+    syllables and endings of the invented names."""
+    amb_rate: float
+    ambiguous: list
+    cued: dict
+    joiners: list
+    tags: list
+    tag_rate: float
+    syllables: list
+    tails: list
 
-AMBIGUOUS = [
-    "{X} again , cannot believe it", "so this is {X}", "honestly {X} made my week", "posting {X} before I forget",
-    "{X} , that is all", "anyone else seen {X} ?", "my view of {X} right now", "{X} in the flesh",
-    "guess who : {X}", "obsessed with {X} lately", "saving this one : {X}", "{X} 🔥",
-]
-CUED = {
-    "PER": ["{X} told reporters she is staying", "lunch with my cousin {X}", "{X} scored twice for them",
-            "say hi to {X} , our new teacher", "{X} will sign books at noon"],
-    "LOC": ["hiking around {X} island", "landed in {X} airport", "snow closes roads near {X}",
-            "the mayor of {X} resigned", "beaches of {X} are packed"],
-    "ORG": ["{X} recalls 2000 vehicles", "{X} posted record profits", "I applied for a job at {X}",
-            "the {X} board meets monday", "{X} factory cuts shifts"],
-    "MISC": ["tickets for the {X} tour sold out", "the {X} update broke my laptop", "reading {X} , the novel",
-             "{X} cup final tonight", "practising {X} chords all day"],
-}
-SYLLABLES = "ka mo ri ve lu xa no pe qui zo ha te wy fi ju ol em ar".split()
-TAILS = ["", "", "ov", "ez", "ia", "ton", "ski", "um"]
+
+HELDOUT = Words(
+    amb_rate=0.7,
+    ambiguous=[
+        "{X} again , cannot believe it", "so this is {X}", "honestly {X} made my week", "posting {X} before I forget",
+        "{X} , that is all", "anyone else seen {X} ?", "my view of {X} right now", "{X} in the flesh",
+        "guess who : {X}", "obsessed with {X} lately", "saving this one : {X}", "{X} 🔥",
+    ],
+    cued={
+        "PER": ["{X} told reporters she is staying", "lunch with my cousin {X}", "{X} scored twice for them",
+                "say hi to {X} , our new teacher", "{X} will sign books at noon"],
+        "LOC": ["hiking around {X} island", "landed in {X} airport", "snow closes roads near {X}",
+                "the mayor of {X} resigned", "beaches of {X} are packed"],
+        "ORG": ["{X} recalls 2000 vehicles", "{X} posted record profits", "I applied for a job at {X}",
+                "the {X} board meets monday", "{X} factory cuts shifts"],
+        "MISC": ["tickets for the {X} tour sold out", "the {X} update broke my laptop", "reading {X} , the novel",
+                 "{X} cup final tonight", "practising {X} chords all day"],
+    },
+    joiners=["and", "/", "+", "then"],
+    tags=["#nofilter", "#throwback", "#random", "#viral", "#fyp"],
+    tag_rate=0.3,
+    syllables="ka mo ri ve lu xa no pe qui zo ha te wy fi ju ol em ar".split(),
+    tails=["", "", "ov", "ez", "ia", "ton", "ski", "um"],
+)
 
 
 # ----------------------------------------------------------------------------- text
 
-def name_pools(rng: random.Random, sizes: list[int]) -> list[list[str]]:
+def name_pools(rng: random.Random, sizes: list[int], words: Words = HELDOUT) -> list[list[str]]:
     """Disjoint per-split pools of invented names (no name word shared across splits)."""
-    words: dict[str, None] = {}
-    while len(words) < 3 * sum(sizes):
-        w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) + rng.choice(TAILS)
-        words[w.capitalize()] = None
-    words_l, pools, start = list(words), [], 0
+    names: dict[str, None] = {}
+    while len(names) < 3 * sum(sizes):
+        w = "".join(rng.choice(words.syllables) for _ in range(rng.randint(2, 3))) + rng.choice(words.tails)
+        names[w.capitalize()] = None
+    names_l, pools, start = list(names), [], 0
     for n in sizes:
-        ws = words_l[start:start + 3 * n]
+        ws = names_l[start:start + 3 * n]
         start += 3 * n
         pools.append(sorted({" ".join(rng.sample(ws, rng.choice((1, 2, 2)))) for _ in range(2 * n)}))
     return pools
 
 
-def make_post(rng: random.Random, names: list[str], img_type: str) -> tuple[list[tuple[str, str]], int]:
+def make_post(rng: random.Random, names: list[str], img_type: str, words: Words = HELDOUT) -> tuple[list, int]:
     """([(word, tag)], 1 if a mention is ambiguous); the picture's type goes to the ambiguous mention, else the
     first."""
     n = rng.choice((1, 1, 2))
-    amb = rng.randrange(n) if rng.random() < AMB_RATE else None
+    amb = rng.randrange(n) if rng.random() < words.amb_rate else None
     types = [rng.choice(TYPES) for _ in range(n)]
     types[0 if amb is None else amb] = img_type
     pairs: list[tuple[str, str]] = []
     for k, (name, typ) in enumerate(zip(rng.sample(names, n), types)):
         if k:
-            pairs.append((rng.choice(["and", "/", "+", "then"]), "O"))
-        for tok in rng.choice(AMBIGUOUS if k == amb else CUED[typ]).split():
+            pairs.append((rng.choice(words.joiners), "O"))
+        for tok in rng.choice(words.ambiguous if k == amb else words.cued[typ]).split():
             if tok == "{X}":
                 pairs += [(w, ("I-" if j else "B-") + typ) for j, w in enumerate(name.split())]
             else:
                 pairs.append((tok, "O"))
-    if rng.random() < 0.3:
-        pairs.append((rng.choice(["#nofilter", "#throwback", "#random", "#viral", "#fyp"]), "O"))
+    if rng.random() < words.tag_rate:
+        pairs.append((rng.choice(words.tags), "O"))
     return pairs, int(amb is not None)
 
 

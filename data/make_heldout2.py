@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,75 +24,47 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 try:  # run as a script (data/ on the path) or imported as data.make_heldout2
     from make_demo import TYPES, generate, generator_main, write_splits
+    from make_heldout import Words, colour, make_post, name_pools
 except ImportError:
     from data.make_demo import TYPES, generate, generator_main, write_splits
+    from data.make_heldout import Words, colour, make_post, name_pools
 
 STREAM = "setc"  # names the random streams (the set's working name when it was made): another name, other posts
-AMB_RATE = 0.68  # P(post has an ambiguous mention); 1.33 mentions per post -> about half the mentions
-AMBIGUOUS = [
-    "wow , {X} !", "{X} is trending again", "cannot stop scrolling past {X}", "today's highlight : {X}",
-    "{X} never disappoints", "just look at {X}", "rate {X} out of ten", "{X} , again and again",
-    "a quick shout for {X}", "nobody talks about {X} enough", "{X} vibes only", "unpopular opinion : {X} is underrated",
-]
-CUED = {
-    "PER": ["{X} gave a speech at the rally", "my grandmother {X} turns ninety", "coach {X} praised his players",
-            "actress {X} won the award", "{X} married her longtime partner", "senator {X} voted against it"],
-    "LOC": ["storm warning issued for {X}", "visiting the old town of {X}", "the population of {X} keeps growing",
-            "sunrise over {X} harbour", "the train to {X} is late", "living in {X} since 2019"],
-    "ORG": ["{X} shares jumped after earnings", "{X} is hiring engineers", "union talks with {X} collapsed",
-            "{X} opened a branch downtown", "the CEO of {X} stepped down", "{X} acquired a small startup"],
-    "MISC": ["the {X} soundtrack is on repeat", "preordered the {X} console", "finished the {X} trilogy last night",
-             "{X} season two premieres friday", "streaming the {X} album tonight", "who won the {X} trophy ?"],
-}
-JOINERS, TAGS = [";", "also", "plus", "&"], ["#instadaily", "#explore", "#weekendmood", "#nowtrending", "#snapshot"]
-SYLLABLES = "gro yal ced umb vik tass jor plin oss quen zel brak hil dun mep sorv aul ith".split()
-TAILS = ["", "", "ard", "wyn", "eth", "ock", "ine"]
+WORDS = Words(
+    amb_rate=0.68,  # with 1.33 mentions per post, about half the mentions are ambiguous
+    ambiguous=[
+        "wow , {X} !", "{X} is trending again", "cannot stop scrolling past {X}", "today's highlight : {X}",
+        "{X} never disappoints", "just look at {X}", "rate {X} out of ten", "{X} , again and again",
+        "a quick shout for {X}", "nobody talks about {X} enough", "{X} vibes only",
+        "unpopular opinion : {X} is underrated",
+    ],
+    cued={
+        "PER": ["{X} gave a speech at the rally", "my grandmother {X} turns ninety", "coach {X} praised his players",
+                "actress {X} won the award", "{X} married her longtime partner", "senator {X} voted against it"],
+        "LOC": ["storm warning issued for {X}", "visiting the old town of {X}", "the population of {X} keeps growing",
+                "sunrise over {X} harbour", "the train to {X} is late", "living in {X} since 2019"],
+        "ORG": ["{X} shares jumped after earnings", "{X} is hiring engineers", "union talks with {X} collapsed",
+                "{X} opened a branch downtown", "the CEO of {X} stepped down", "{X} acquired a small startup"],
+        "MISC": ["the {X} soundtrack is on repeat", "preordered the {X} console", "finished the {X} trilogy last night",
+                 "{X} season two premieres friday", "streaming the {X} album tonight", "who won the {X} trophy ?"],
+    },
+    joiners=[";", "also", "plus", "&"],
+    tags=["#instadaily", "#explore", "#weekendmood", "#nowtrending", "#snapshot"],
+    tag_rate=0.25,
+    syllables="gro yal ced umb vik tass jor plin oss quen zel brak hil dun mep sorv aul ith".split(),
+    tails=["", "", "ard", "wyn", "eth", "ock", "ine"],
+)
 INK, WHITE = (22, 20, 30), (250, 248, 240)
 
 
-# ----------------------------------------------------------------------------- text
-def name_pools(rng: random.Random, sizes: list[int]) -> list[list[str]]:
-    """Per-split pools of invented 1-2 word names; no name word is shared across splits."""
-    words: dict[str, None] = {}  # ordered, so the pools do not depend on the hash seed
-    while len(words) < 3 * sum(sizes):
-        words["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize() + rng.choice(TAILS)] = None
-    wl, pools, start = list(words), [], 0
-    for n in sizes:
-        ws, start = wl[start:start + 3 * n], start + 3 * n
-        pools.append(sorted({" ".join(rng.sample(ws, rng.choice((1, 2, 2)))) for _ in range(2 * n)}))
-    return pools
-
-
-def make_post(rng: random.Random, names: list[str], img_type: str) -> tuple[list[tuple[str, str]], int]:
-    """([(word, tag)], 1 if a mention is ambiguous); make_heldout.py's rule: the picture's type goes to the
-    ambiguous mention, else to the first."""
-    n = rng.choice((1, 1, 2))
-    amb = rng.randrange(n) if rng.random() < AMB_RATE else None
-    types = [rng.choice(TYPES) for _ in range(n)]
-    types[0 if amb is None else amb] = img_type
-    pairs: list[tuple[str, str]] = []
-    for k, (name, typ) in enumerate(zip(rng.sample(names, n), types)):
-        if k:
-            pairs.append((rng.choice(JOINERS), "O"))
-        for tok in rng.choice(AMBIGUOUS if k == amb else CUED[typ]).split():
-            pairs += [(w, ("I-" if j else "B-") + typ) for j, w in enumerate(name.split())] if tok == "{X}" \
-                else [(tok, "O")]
-    if rng.random() < 0.25:
-        pairs.append((rng.choice(TAGS), "O"))
-    return pairs, int(amb is not None)
-
-
 # ----------------------------------------------------------------------------- objects, drawn on an L x L layer
-def col(rng, lo=0, hi=255):
-    return tuple(rng.randint(lo, hi) for _ in range(3))
-
-
 def rel(L, *xy):  # flat coordinates in units of the layer side -> pixels (boxes, lines and polygons alike)
     return [v * L for v in xy]
 
 
 def per_face(img, d, rng, L):  # a head filling the frame: hair, eyes, brows, nose, smile; no shoulders
-    skin, hair, w = col(rng, 140, 240), col(rng, 0, 140) if rng.random() < .8 else col(rng), max(2, int(.02 * L))
+    skin, w = colour(rng, 140, 240), max(2, int(.02 * L))
+    hair = colour(rng, 0, 140) if rng.random() < .8 else colour(rng)
     if rng.random() < .5:
         d.ellipse(rel(L, .12, .06, .88, .96), fill=hair)  # long hair behind the face
     d.ellipse(rel(L, .2, .12, .8, .94), fill=skin, outline=INK, width=w)
@@ -100,7 +73,7 @@ def per_face(img, d, rng, L):  # a head filling the frame: hair, eyes, brows, no
         d.polygon([v * L for i, y in enumerate(tips) for v in (.18 + .064 * i, y)], fill=hair)
     else:
         d.chord(rel(L, .18, .08, .82, .66), 180, 360, fill=hair)
-    iris = col(rng, 0, 160)
+    iris = colour(rng, 0, 160)
     for x in (.36, .64):
         d.ellipse(rel(L, x - .08, .45, x + .08, .55), fill=WHITE, outline=INK, width=w)
         d.ellipse(rel(L, x - .035, .465, x + .035, .535), fill=iris)
@@ -110,21 +83,21 @@ def per_face(img, d, rng, L):  # a head filling the frame: hair, eyes, brows, no
 
 
 def per_stick(img, d, rng, L):  # a thin-lined stick person waving one raised arm; round head with a face
-    c, w, s = col(rng, 0, 110), max(3, int(.035 * L)), rng.choice((-1, 1))
+    c, w, s = colour(rng, 0, 110), max(3, int(.035 * L)), rng.choice((-1, 1))
     d.line(rel(L, .5 - s * rng.uniform(.14, .22), .97, .5, .66, .5 + s * rng.uniform(.14, .22), .97), fill=c, width=w)
     d.line(rel(L, .5, .66, .5, .33), fill=c, width=w)
     d.line(rel(L, .5 - s * .22, .6, .5, .42, .5 + s * .2, .36, .5 + s * .3, .1), fill=c, width=w)  # waving arm
     for r in (.08, .14):  # motion strokes by the waving hand
         d.arc(rel(L, .5 + s * .3 - r, .1 - r, .5 + s * .3 + r, .1 + r), 200 + 50 * (s > 0), 290 + 50 * (s > 0),
               fill=c, width=max(2, w // 2))
-    d.ellipse(rel(L, .37, .04, .63, .32), fill=col(rng, 150, 250), outline=c, width=w)
+    d.ellipse(rel(L, .37, .04, .63, .32), fill=colour(rng, 150, 250), outline=c, width=w)
     for x in (.45, .55):
         d.ellipse(rel(L, x - .02, .14, x + .02, .18), fill=INK)
     d.arc(rel(L, .43, .16, .57, .26), 20, 160, fill=INK, width=max(2, w // 2))
 
 
 def loc_skyline(img, d, rng, L):  # dark tower silhouettes with a few lit windows, a moon, a river band
-    shade, lit, x = col(rng, 15, 80), (255, rng.randint(200, 240), rng.randint(80, 160)), .04
+    shade, lit, x = colour(rng, 15, 80), (255, rng.randint(200, 240), rng.randint(80, 160)), .04
     d.ellipse(rel(L, .72, .04, .86, .18), fill=(245, 240, rng.randint(180, 230)))
     while x < .92:
         x1, top = min(x + rng.uniform(.07, .16), .96), .8 - rng.uniform(.25, .72)
@@ -150,23 +123,23 @@ def loc_sign(img, d, rng, L):  # a direction sign on two posts: a big arrow and 
 
 
 def loc_lake(img, d, rng, L):  # a round vignette: sky, snowy peaks, a lake with ripples
-    scene = Image.new("RGBA", img.size, (*col(rng, 120, 230), 255))
+    scene = Image.new("RGBA", img.size, (*colour(rng, 120, 230), 255))
     sd = ImageDraw.Draw(scene)
     for _ in range(rng.randint(2, 3)):
         px, ph, hw = rng.uniform(.2, .8), rng.uniform(.25, .45), rng.uniform(.2, .35)
-        sd.polygon(rel(L, px - hw, .62, px, .62 - ph, px + hw, .62), fill=col(rng, 60, 130))
+        sd.polygon(rel(L, px - hw, .62, px, .62 - ph, px + hw, .62), fill=colour(rng, 60, 130))
         sd.polygon(rel(L, px - hw / 4, .62 - .75 * ph, px, .62 - ph, px + hw / 4, .62 - .75 * ph), fill=WHITE)
     sd.rectangle(rel(L, 0, .62, 1, 1), fill=(rng.randint(20, 70), rng.randint(80, 150), rng.randint(150, 230)))
     mask = Image.new("L", img.size, 0)
     ImageDraw.Draw(mask).ellipse(rel(L, .02, .02, .98, .98), fill=255)
     img.paste(scene, (0, 0), mask)
-    d.ellipse(rel(L, .02, .02, .98, .98), outline=col(rng), width=max(3, int(.03 * L)))
+    d.ellipse(rel(L, .02, .02, .98, .98), outline=colour(rng), width=max(3, int(.03 * L)))
 
 
 def org_store(img, d, rng, L):  # a shop front: sign board with a name, striped scalloped awning, window, door
-    w, a, n = max(2, int(.012 * L)), col(rng), rng.randint(5, 8)
-    d.rectangle(rel(L, .08, .3, .92, .96), fill=col(rng, 80, 220), outline=INK, width=w)
-    d.rectangle(rel(L, .12, .06, .88, .26), fill=col(rng), outline=INK, width=w)
+    w, a, n = max(2, int(.012 * L)), colour(rng), rng.randint(5, 8)
+    d.rectangle(rel(L, .08, .3, .92, .96), fill=colour(rng, 80, 220), outline=INK, width=w)
+    d.rectangle(rel(L, .12, .06, .88, .26), fill=colour(rng), outline=INK, width=w)
     d.text((.5 * L, .16 * L), "".join(rng.choice("ABCDEFGHKLMNPRSTUWZ") for _ in range(rng.randint(3, 5))), fill=INK,
            font=ImageFont.load_default(size=max(10, int(.13 * L))), anchor="mm", stroke_width=1, stroke_fill=WHITE)
     for i in range(n):
@@ -174,11 +147,11 @@ def org_store(img, d, rng, L):  # a shop front: sign board with a name, striped 
         d.rectangle(rel(L, x0, .28, x1, .4), fill=a if i % 2 else WHITE)
         d.chord(rel(L, x0, .35, x1, .46), 0, 180, fill=a if i % 2 else WHITE)
     d.rectangle(rel(L, .15, .52, .52, .84), fill=(170, 210, 235), outline=INK, width=w)
-    d.rectangle(rel(L, .6, .52, .84, .96), fill=col(rng, 40, 140), outline=INK, width=w)
+    d.rectangle(rel(L, .6, .52, .84, .96), fill=colour(rng, 40, 140), outline=INK, width=w)
 
 
 def org_shield(img, d, rng, L):  # a crest: shield outline, sometimes a diagonal band, one big letter
-    fill, rim = col(rng), col(rng)
+    fill, rim = colour(rng), colour(rng)
     curve = [(.86 - .36 * t, .48 + .46 * math.sin(t * math.pi / 2)) for t in np.linspace(0, 1, 8)[1:]]
     pts = [(.14, .06), (.86, .06), (.86, .48)] + curve + [(1 - x, y) for x, y in reversed(curve[:-1])] + [(.14, .48)]
     d.polygon([(x * L, y * L) for x, y in pts], fill=fill, outline=rim, width=max(3, int(.04 * L)))
@@ -195,11 +168,11 @@ def misc_trophy(img, d, rng, L):  # a gold/silver/bronze cup with two handles on
     d.chord(rel(L, .22, -.3, .78, .62), 0, 180, fill=g, outline=INK, width=w)
     for box in ((.46, .6, .54, .76), (.3, .76, .7, .84)):
         d.rectangle(rel(L, *box), fill=g, outline=INK, width=w)
-    d.rectangle(rel(L, .24, .84, .76, .95), fill=col(rng, 30, 110), outline=INK, width=w)
+    d.rectangle(rel(L, .24, .84, .76, .95), fill=colour(rng, 30, 110), outline=INK, width=w)
 
 
 def misc_book(img, d, rng, L):  # an open book: cover, two pages with text lines, the gutter
-    d.polygon(rel(L, .02, .2, .5, .28, .98, .2, .98, .84, .5, .92, .02, .84), fill=col(rng, 0, 200), outline=INK)
+    d.polygon(rel(L, .02, .2, .5, .28, .98, .2, .98, .84, .5, .92, .02, .84), fill=colour(rng, 0, 200), outline=INK)
     for s in (-1, 1):
         d.polygon(rel(L, .5, .3, .5 + s * .44, .22, .5 + s * .44, .8, .5, .88), fill=WHITE, outline=INK)
         for y in np.arange(.3, .78, .07):
@@ -208,7 +181,7 @@ def misc_book(img, d, rng, L):  # an open book: cover, two pages with text lines
 
 
 def misc_pad(img, d, rng, L):  # a game controller: body with grips, d-pad, four coloured buttons, two sticks
-    body, w = col(rng, 30, 230), max(2, int(.015 * L))
+    body, w = colour(rng, 30, 230), max(2, int(.015 * L))
     for x in (.06, .6):
         d.ellipse(rel(L, x, .36, x + .34, .86), fill=body, outline=INK, width=w)
     d.rounded_rectangle(rel(L, .12, .26, .88, .64), radius=int(.12 * L), fill=body, outline=INK, width=w)
@@ -220,7 +193,7 @@ def misc_pad(img, d, rng, L):  # a game controller: body with grips, d-pad, four
 
 
 def misc_note(img, d, rng, L):  # two beamed eighth notes
-    c = col(rng, 0, 120) if rng.random() < .6 else col(rng)
+    c = colour(rng, 0, 120) if rng.random() < .6 else colour(rng)
     for x, y, top in ((.12, .72, .2), (.6, .64, .06)):
         d.ellipse(rel(L, x, y, x + .28, y + .2), fill=c)
         d.rectangle(rel(L, x + .22, top, x + .28, y + .1), fill=c)
@@ -235,7 +208,7 @@ DRAW = {"PER": (per_face, per_stick), "LOC": (loc_skyline, loc_sign, loc_lake), 
 def background(rng: random.Random, nrng, W: int, H: int) -> Image.Image:
     """Vertical or diagonal gradient, flat colour under random polygons, or a muted photo-like blotchy field."""
     y, x = np.mgrid[0:H, 0:W].astype(np.float32)
-    a, b = np.array(col(rng, 20, 235), np.float32), np.array(col(rng, 20, 235), np.float32)
+    a, b = np.array(colour(rng, 20, 235), np.float32), np.array(colour(rng, 20, 235), np.float32)
     kind, ang = rng.choice(("vertical", "diagonal", "polygons", "photo")), rng.uniform(.3, 1.27) * rng.choice((1, -1))
     if kind == "photo":  # a base colour, low-frequency colour blotches and grain
         small = (a + nrng.uniform(-70, 70, (rng.randint(3, 7), rng.randint(3, 7), 3))).clip(0, 255).astype(np.uint8)
@@ -251,7 +224,7 @@ def background(rng: random.Random, nrng, W: int, H: int) -> Image.Image:
         for _ in range(rng.randint(3, 9)):
             cx, cy, r = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(.08, .45) * min(W, H)
             angs = sorted(rng.uniform(0, 2 * math.pi) for _ in range(rng.randint(3, 6)))
-            d.polygon([(cx + r * math.cos(t), cy + r * math.sin(t)) for t in angs], fill=col(rng, 20, 235))
+            d.polygon([(cx + r * math.cos(t), cy + r * math.sin(t)) for t in angs], fill=colour(rng, 20, 235))
     return img
 
 
@@ -310,8 +283,8 @@ def make_heldout2(out_dir, seed: int = 41, n_train: int = 800, n_dev: int = 200,
     def write(tmp: Path) -> None:
         sizes = [n_train, n_dev, n_test]
         ents, amb_n, ment_n = write_splits(
-            tmp, "heldout2_images", "sc", sizes, name_pools(random.Random(f"{STREAM}-names-{seed}"), sizes),
-            f"{STREAM}-text-{seed}", make_post, lambda pid, typ: picture(pid, typ, seed), save)
+            tmp, "heldout2_images", "sc", sizes, name_pools(random.Random(f"{STREAM}-names-{seed}"), sizes, WORDS),
+            f"{STREAM}-text-{seed}", partial(make_post, words=WORDS), lambda pid, typ: picture(pid, typ, seed), save)
         share = amb_n / max(1, ment_n)
         counts = " ".join(f"{t}={ents[t]}" for t in TYPES)
         (tmp / "README.md").write_text(f"""# MANGO second held-out picture set

@@ -189,7 +189,7 @@ def _loss_flags(a) -> None:
 def _training_flags(a) -> None:
     a("--epochs", resume=True, type=int, default=10, help="training epochs (exactly this many unless early stopping)")
     a("--batch_size", tools="test predict", type=int, default=16,
-      help="posts per batch (per process under torchrun: global batch = this x processes)")
+      help="posts per batch")
     a("--text_lr", resume=True, type=float, default=5e-5, help="learning rate of the text encoder")
     a("--backbone_lr", resume=True, type=float, default=1e-5,
       help="learning rate of trainable pretrained vision blocks")
@@ -215,7 +215,7 @@ def _training_flags(a) -> None:
       help="extra untagged posts for --teacher_run, one per line (data/make_unlabelled.py)")
     a("--seed", type=int, default=42, help="random seed (CPU runs are repeatable)")
     a("--device", resume=True, tools="test predict export", default="auto",
-      help="auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: CUDA means cuda:LOCAL_RANK)")
+      help="auto (CUDA if present), cpu, cuda or cuda:N")
     a("--max_bad_steps", resume=True, type=int, default=10, help="stop after N non-finite losses/gradients in a row")
     a("--grad_checkpointing", resume=True, action="store_true",
       help="recompute text-encoder and fusion-stack activations in backward (less memory for large encoders)")

@@ -191,8 +191,7 @@ def _join(parts: list):
 
 def merge_windows(windows: list[Window], outs: list, n_posts: int) -> list:
     """Per-window outputs (a word list, or a dict of per-word lists/arrays and per-post values) -> per post, each
-    word from the window that owns it (encode_windows' merge rule). A post whose windows have no output (another
-    rank's share) stays None."""
+    word from the window that owns it (encode_windows' merge rule). A post whose windows have no output stays None."""
     parts: list[list] = [[] for _ in range(n_posts)]
     for w, o in zip(windows, outs):
         if o is not None:
@@ -360,9 +359,9 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     so resumed runs match uninterrupted ones."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, bucket: bool = True,
-                 shuffle: bool = True, rank: int = 0, world: int = 1):
+                 shuffle: bool = True):
         self.lengths, self.batch_size, self.seed, self.bucket, self.shuffle = lengths, batch_size, seed, bucket, shuffle
-        self.rank, self.world, self.epoch = rank, world, 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -379,13 +378,10 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         batches = [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
         if self.shuffle and self.bucket:
             rng.shuffle(batches)
-        # every rank gets the same number of batches (DDP steps in lock-step); the tail wraps around
-        n = -(-len(batches) // self.world)
-        batches = batches + batches[: n * self.world - len(batches)]
-        return iter(batches[self.rank::self.world])
+        return iter(batches)
 
     def __len__(self):
-        return -(-len(self.lengths) // (self.batch_size * self.world))  # batches per rank, rounded up
+        return -(-len(self.lengths) // self.batch_size)
 
 
 def any_image(config, posts: list[Post], split: str = "train") -> bool:
@@ -424,10 +420,9 @@ def make_dataset(config, split: str, posts: list[Post], tokenizer, label_map: La
                        feat_shape=vision.feat_shape, blank=blank, **common)
 
 
-def make_loader(dataset: MNERDataset, config, train: bool, rank: int = 0, world: int = 1):
+def make_loader(dataset: MNERDataset, config, train: bool):
     """Training: length-bucketed (flag) shuffled batches; evaluation: in order, sorted by length for speed."""
     sampler = LengthBucketSampler(dataset.lengths(), config.batch_size, seed=config.seed,
-                                  bucket=config.length_bucketing if train else True, shuffle=train,
-                                  rank=rank, world=world)
+                                  bucket=config.length_bucketing if train else True, shuffle=train)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                        collate_fn=functools.partial(collate, pad_id=dataset.pad_id))

@@ -1,17 +1,15 @@
-"""What the entry points share: device and torchrun, mixed precision, run directories, the inference loop
+"""What the entry points share: device, mixed precision, run directories, the inference loop
 (run_batches), training's scoring of a split, writing predictions. It imports no entry point (tests/test_imports.py).
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import dataloader as D
@@ -25,10 +23,7 @@ RUNTIME_FLAGS = (TOOL_FLAGS["test"] | TOOL_FLAGS["predict"] | TOOL_FLAGS["export
 RUN_FILES = ("config.json", "label_map.json", "model.pt")
 
 
-# ----------------------------------------------------------------------------- device, torchrun
-
-_OWN_GROUP = [False]  # whether this module started the process group (and so ends it)
-
+# ----------------------------------------------------------------------------- device, mixed precision
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -36,77 +31,6 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
     return torch.device(name)
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def setup_device(name: str) -> torch.device:
-    """The device of this process; under torchrun (WORLD_SIZE > 1) also joins the process group: NCCL with
-    cuda:LOCAL_RANK on GPU, gloo on CPU."""
-    device = pick_device(name)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    if device.type == "cuda":  # one GPU per process, whatever --device names
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) here; "
-                              "use --nproc_per_node <= the number of GPUs")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        _OWN_GROUP[0] = True
-    return device
-
-
-def teardown():
-    if _OWN_GROUP[0] and dist.is_initialized():
-        dist.destroy_process_group()
-    _OWN_GROUP[0] = False
-
-
-def barrier():
-    if world() > 1:
-        dist.barrier()
-
-
-def all_gather(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] in one process."""
-    if world() == 1:
-        return [obj]
-    out = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast(obj):
-    """Rank 0's obj on every rank."""
-    if world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@contextmanager
-def main_first():
-    """Rank 0 runs the block first (demo-set generation, the frozen-feature cache), the others after it."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
 
 
 def bf16_vector_units() -> bool:
@@ -226,43 +150,31 @@ def load_run(save_dir, name: str, overrides=None):
 # ----------------------------------------------------------------------------- predicting and scoring a split
 
 @torch.no_grad()
-def run_batches(model, dataset: D.MNERDataset, config, device, each, amp=None, desc: str = "predict",
-                shard: bool = False) -> list:
+def run_batches(model, dataset: D.MNERDataset, config, device, each, amp=None, desc: str = "predict") -> list:
     """The one inference loop of the tools: each(batch) -> one output per item of the batch, for every batch of
-    `dataset` in eval order (labels dropped), under amp; -> per post (windows merged: dataset.merge), or with
-    shard=True (torchrun) this rank's items with the others None, unmerged (the caller gathers, then merges)."""
+    `dataset` in eval order (labels dropped), under amp; -> per post (windows merged: dataset.merge)."""
     model.eval()
-    r, w = (rank(), world()) if shard else (0, 1)
     out: list = [None] * len(dataset)
-    for batch in tqdm(D.make_loader(dataset, config, train=False, rank=r, world=w), desc=desc, unit="batch",
-                      leave=False, dynamic_ncols=True, disable=not is_main()):
+    for batch in tqdm(D.make_loader(dataset, config, train=False), desc=desc, unit="batch", leave=False,
+                      dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         with (amp or nullcontext)():
             rows = each(batch)
         for k, x in zip(batch["index"].tolist(), rows):
             out[k] = x
-    return out if shard else dataset.merge(out)
+    return dataset.merge(out)
 
 
-def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None,
-            shard: bool = False) -> list[list[str] | None]:
-    """Word tags of every word of every post of `dataset` (long posts read from their windows); shard as run_batches."""
+def predict(model, dataset: D.MNERDataset, config, label_map: D.LabelMap, device, amp=None) -> list[list[str]]:
+    """Word tags of every word of every post of `dataset` (long posts read from their windows)."""
     return run_batches(model, dataset, config, device, lambda b: [label_map.decode(r) for r in model.decode(b)],
-                       amp, f"eval {dataset.name}", shard)
+                       amp, f"eval {dataset.name}")
 
 
 def evaluate_split(model, dataset, config, label_map, device, amp=None):
-    """(scores, word tags per post) of a split under --eval_mode. Under torchrun the ranks' predictions are gathered
-    and rank 0's scores go to every rank (so dev selection and early stopping decide alike everywhere)."""
-    preds = predict(model, dataset, config, label_map, device, amp, shard=world() > 1)
-    if world() > 1:
-        for part in all_gather({i: p for i, p in enumerate(preds) if p is not None}):
-            for i, p in part.items():
-                preds[i] = p
-        assert all(p is not None for p in preds), "a post was predicted by no rank"
-        preds = dataset.merge(preds)
-    res = evaluate([p.tags for p in dataset.posts], preds, config.eval_mode) if is_main() else None
-    return broadcast(res), preds
+    """(scores, word tags per post) of a split under --eval_mode."""
+    preds = predict(model, dataset, config, label_map, device, amp)
+    return evaluate([p.tags for p in dataset.posts], preds, config.eval_mode), preds
 
 
 def write_predictions(path, posts, preds):

@@ -3,12 +3,9 @@
     python train.py --dataset_name demo --model MNER --epochs 10
     python train.py --continue_train_name <run> [--epochs 14]   # resume from <run>/last.pt (a new --epochs
                                                                 # stretches or shortens the lr decay only)
-    torchrun --nproc_per_node 4 train.py --dataset_name demo   # DistributedDataParallel, one process per GPU
 
-Under torchrun each process trains on its shard of every epoch (global batch = batch_size x processes), dev/test
-predictions are gathered and scored once, and only rank 0 logs and writes the run directory: save_models/<run>/
-with config.json, label_map.json, model.pt (best on dev), last.pt (everything needed to resume), metrics.jsonl
-(a line per epoch), test_report.json and test_predictions.conll.
+The run directory save_models/<run>/ holds config.json, label_map.json, model.pt (best on dev), last.pt (everything
+needed to resume), metrics.jsonl (a line per epoch), steps.jsonl, test_report.json and test_predictions.conll.
 """
 from __future__ import annotations
 
@@ -28,8 +25,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dataloader as D
@@ -37,9 +32,8 @@ from config import (IMAGE_MODELS, ConfigError, cli, config_from_dict, get_config
                     save_config, RESUME_MAY_CHANGE, RESUME_REFUSED)
 from distill import teacher_dir, teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer
-from runner import (all_gather, amp_context, barrier, broadcast, check_encoders, evaluate_split, is_main,
-                    load_checkpoint, main_first, rank, read_run_json, runs_with, setup_device, teardown, world,
-                    write_predictions)
+from runner import (amp_context, check_encoders, evaluate_split, load_checkpoint, pick_device, read_run_json,
+                    runs_with, write_predictions)
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng", "schedule")
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
@@ -112,10 +106,10 @@ def atomic_save(obj, path: Path):
 class Tracker:
     """SwanLab when enabled (online with SWANLAB_API_KEY, else local files in the run dir), always steps.jsonl."""
 
-    def __init__(self, config, run: Path, active: bool = True):
+    def __init__(self, config, run: Path):
         self.sw = None
-        self.steps = run / "steps.jsonl" if active else None  # per-step losses for plots.py, whatever SwanLab does
-        mode = config.swanlab_mode if active else "disabled"  # inactive: a torchrun rank other than 0
+        self.steps = run / "steps.jsonl"  # per-step losses for plots.py, whatever SwanLab does
+        mode = config.swanlab_mode
         if mode == "auto":
             mode = "online" if os.environ.get("SWANLAB_API_KEY") else "local"
         if mode != "disabled":
@@ -131,23 +125,12 @@ class Tracker:
 
     def log_step(self, losses: dict, step: int):
         """A line of steps.jsonl (a resumed run redoes the steps after its checkpoint: readers keep the last)."""
-        if self.steps is not None:
-            with open(self.steps, "a") as f:
-                f.write(json.dumps({"step": step, **losses}) + "\n")
+        with open(self.steps, "a") as f:
+            f.write(json.dumps({"step": step, **losses}) + "\n")
 
     def finish(self):
         if self.sw is not None:
             self.sw.finish()
-
-
-def all_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank: all ranks skip a bad batch together, or the others would
-    wait in backward's gradient all-reduce forever."""
-    ok = torch.isfinite(loss.detach())
-    if world() > 1:
-        ok = ok.to(torch.int32)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -246,14 +229,12 @@ def train_step(model, group: list[dict], opt, sched, config, device, epoch: int,
     last batch, skips the step (skip_bad_step). A step taken also updates `ema` when given. Returns {"losses":
     [(loss, {part: value}) of each finite batch], "norm": the gradient norm before clipping, or None if no step}."""
     losses, ok = [], False
-    for j, batch in enumerate(group):
+    for batch in group:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        # DDP: batches that only accumulate skip the gradient all-reduce (the group's last batch does it)
-        accumulating = j < len(group) - 1 and isinstance(model, DDP)
-        with amp(), (model.no_sync() if accumulating else nullcontext()):
+        with amp():
             out = model(batch, epoch=epoch)
         loss = out["loss"].float()
-        ok = all_finite(loss)
+        ok = bool(torch.isfinite(loss.detach()))
         if not ok:
             opt.zero_grad(set_to_none=True)
             skip_bad_step(bad_run, config, epoch, "losses")
@@ -334,8 +315,7 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
     sums, step, seen = {}, step0, 0
     opt.zero_grad(set_to_none=True)
     # a with-block: the bar is closed (its line cleared) before an error line is printed, as for a loop over tqdm
-    with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True,
-              disable=not is_main()) as bar:
+    with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True) as bar:
         batches = iter(loader)  # in groups of --gradient_accumulation_steps, the last one maybe shorter
         while group := list(islice(batches, config.gradient_accumulation_steps)):
             r = train_step(model, group, opt, sched, config, device, epoch, amp, scaler, bad_run, ema)
@@ -353,10 +333,6 @@ def train_epoch(model, loader, opt, sched, config, device, epoch, amp, scaler, t
                          **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups}}, step)
             tracker.log_step(logged, step)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-    if world() > 1:  # the epoch's mean losses over the batches of every rank
-        parts = all_gather((sums, seen))
-        seen = sum(n for _, n in parts)
-        sums = {k: sum(p.get(k, 0.0) for p, _ in parts) for k in {k for p, _ in parts for k in p}}
     return {k: v / max(1, seen) for k, v in sums.items()}, step
 
 
@@ -403,8 +379,7 @@ def load_data(config, resume):
     """(posts per split, label map, tokenizer); a resumed run keeps its own label map."""
     if config.teacher_run:
         teacher_dir(config)  # a missing teacher is refused before any run directory is made
-    with main_first():  # rank 0 first: it may generate the demo set
-        posts = {s: D.load_split(config, s) for s in ("train", "valid", "test")}
+    posts = {s: D.load_split(config, s) for s in ("train", "valid", "test")}
     if (overlaps := D.split_overlaps(posts)) and not config.allow_split_overlap:
         raise D.DataError(f"--dataset_name {config.dataset_name}: {'; '.join(overlaps)}: dev or test would score posts "
                           "seen elsewhere; fix the release (python check_data.py --check) "
@@ -429,33 +404,30 @@ def text_path_settings(config, argv, train_posts, say) -> None:
             + ", ".join(f"--{k} {v}" for k, v in changed.items()) + ")")
 
 
-def build(config, resume, posts, label_map, tokenizer, device, say):
+def build(config, resume, posts, label_map, tokenizer, device):
     """The model (built on CPU with the run's seed, so every init repeats), the run directory with its config and
     label map, and the datasets (frozen-vision features cached). Returns (model, run dir, datasets)."""
     torch.manual_seed(config.seed)
     model = build_model(config, len(label_map))
-    # rank 0 names it (a generated name has a time)
-    run = Path(broadcast(str(new_run_dir(config, resume=resume is not None)) if is_main() else None))
-    if is_main():
-        save_config(config, run / "config.json")
-        label_map.save(run / "label_map.json")
+    run = new_run_dir(config, resume=resume is not None)
+    save_config(config, run / "config.json")
+    label_map.save(run / "label_map.json")
     vision = model.vision.to(device) if model.uses_image and config.use_image else None
     teacher = build_teacher(config)  # --vision_distill_lambda: its cached features are the train split's targets
     posts, targets = dict(posts), None
-    with main_first():  # rank 0 builds the frozen-feature and teacher caches, the other ranks then read them
-        if config.teacher_run:  # the student also learns the teacher's tag marginals, on unlabelled posts too
-            posts["train"] = posts["train"] + unlabelled_posts(config, posts, say)
-            targets = teacher_targets(config, posts["train"], label_map, device, say)
-        ds = {s: D.make_dataset(config, s, p, tokenizer, label_map, vision, train=s == "train",
-                                teacher=teacher and teacher.to(device), iob2_labels=s == "train" and model.iob2_targets,
-                                targets=targets if s == "train" else None)
-              for s, p in posts.items()}
+    if config.teacher_run:  # the student also learns the teacher's tag marginals, on unlabelled posts too
+        posts["train"] = posts["train"] + unlabelled_posts(config, posts)
+        targets = teacher_targets(config, posts["train"], label_map, device)
+    ds = {s: D.make_dataset(config, s, p, tokenizer, label_map, vision, train=s == "train",
+                            teacher=teacher and teacher.to(device), iob2_labels=s == "train" and model.iob2_targets,
+                            targets=targets if s == "train" else None)
+          for s, p in posts.items()}
     for d in ds.values():
-        say(d.describe())
+        print(d.describe())
     return model.to(device), run, ds
 
 
-def start_state(config, resume, model, train_loader, device, run, say):
+def start_state(config, resume, model, train_loader, device, run):
     """Optimiser, schedule, amp, and where the loop starts: fresh, or restored from last.pt, where the warm-up and
     the decay reached so far are kept, a new --epochs only moves where the decay ends (replan), and the
     learning-rate flags given now apply to the remaining steps."""
@@ -484,18 +456,17 @@ def start_state(config, resume, model, train_loader, device, run, say):
         g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
     if state.plan["total"] != old["total"] and state.epoch < config.epochs:
         restart = lr_factor(old)(state.step) == 0 and state.plan["start_value"] > 0
-        say(f"note: --epochs {old['epochs']} -> {config.epochs}: the learning rate now decays to 0 at step "
+        print(f"note: --epochs {old['epochs']} -> {config.epochs}: the learning rate now decays to 0 at step "
             f"{state.plan['total']} instead of {old['total']}; warm-up ({old['warmup']} steps) unchanged"
             + (f"; the run had finished its decay, so it goes on from factor {state.plan['start_value']:.3f}, where a "
                f"run planned for {config.epochs} epochs would stand at step {state.step}" if restart else ""))
-    ranks = resume.get("rng_ranks")  # a torchrun run keeps every rank's RNGs
-    set_rng_state(ranks[rank()] if ranks and len(ranks) == world() else resume["rng"])
+    set_rng_state(resume["rng"])
     # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
     log = run / "metrics.jsonl"
-    if is_main() and log.exists():
+    if log.exists():
         keep = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= state.epoch]
         log.write_text("".join(line + "\n" for line in keep))
-    say(f"resumed {run.name} after epoch {state.epoch} (best dev F1 {state.best:.4f})")
+    print(f"resumed {run.name} after epoch {state.epoch} (best dev F1 {state.best:.4f})")
     return state, opt, sched, amp, scaler
 
 
@@ -519,37 +490,29 @@ def epoch_row(epoch: int, state, times: tuple, losses: dict, dev: dict, improved
             "best_dev_f1": max(state.best, dev["f1"]), "improved": improved, "skipped_steps": skipped}
 
 
-def training_parts(config, core, resume, run, device, say):
-    """(what trains: the model or its DDP wrapper, the weight average or None, the tracker); says what trains."""
-    model = core  # the model itself (core): checkpoints, decoding, parameter groups; model: what trains
-    if world() > 1:
-        # batches without a usable image skip the image path: DDP must look for parameters that got no gradient
-        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=core.uses_image)
-    ema = WeightEMA(core, config.ema_decay) if config.ema_decay > 0 else None
+def training_parts(config, model, resume, run, device):
+    """(the weight average or None, the tracker); says what trains."""
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None and resume:
         try:
             ema.load_state_dict(resume["ema"])
         except (KeyError, ValueError) as e:
             raise ConfigError(f"{Path(config.save_dir) / config.continue_train_name / 'last.pt'}: no usable weight "
                               f"average for --ema_decay {config.ema_decay} ({e}); start a new run") from None
-    tracker = Tracker(config, run, active=is_main())
-    n_params = sum(p.numel() for p in core.parameters())
-    n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
-    procs = f" x {world()} processes (global batch {config.batch_size * world()})" if world() > 1 else ""
-    say(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M "
-        f"parameters train | {device}{procs}")
-    return model, ema, tracker
+    tracker = Tracker(config, run)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"run {run} | {config.model} on {config.dataset_name} | {n_train / 1e6:.2f}M of {n_params / 1e6:.2f}M "
+          f"parameters train | {device}")
+    return ema, tracker
 
 
-def fit(config, core, ds, run, device, resume, say):
+def fit(config, model, ds, run, device, resume):
     """The epochs: train, score dev, keep the best model.pt, write last.pt and a metrics.jsonl line per epoch,
     stop early after --patience_epochs epochs without a dev gain (once --min_epoch_num is reached)."""
-    lead = is_main()
-    # under torchrun each rank gets every world-th batch, all ranks the same number of them
-    train_loader = D.make_loader(ds["train"], config, train=True, rank=rank(), world=world())
-    state, opt, sched, amp, scaler = start_state(config, resume, core, train_loader, device, run, say)
-    model, ema, tracker = training_parts(config, core, resume, run, device, say)
+    train_loader = D.make_loader(ds["train"], config, train=True)
+    state, opt, sched, amp, scaler = start_state(config, resume, model, train_loader, device, run)
+    ema, tracker = training_parts(config, model, resume, run, device)
     bad_run = [0, 0]  # non-finite steps skipped: in a row, in all
     for epoch in range(state.epoch, config.epochs):
         t0, skipped = time.time(), bad_run[1]
@@ -560,69 +523,60 @@ def fit(config, core, ds, run, device, resume, say):
         skipped, t1 = bad_run[1] - skipped, time.time()
         # dev and model.pt see the averaged weights (--ema_decay); training goes on from the live ones
         with ema.averaged() if ema is not None else nullcontext():
-            dev = evaluate_split(core, ds["valid"], config, ds["valid"].label_map, device, amp)[0]  # same on every rank
+            dev = evaluate_split(model, ds["valid"], config, ds["valid"].label_map, device, amp)[0]
             t2 = time.time()
             improved = improves(config, dev["f1"], state.best)
             state.best, state.bad_epochs = (dev["f1"], 0) if improved else (state.best, state.bad_epochs + 1)
-            if improved and lead:
-                atomic_save({"model": core.state_dict(), "config": vars(config), "labels": ds["valid"].label_map.labels,
-                             "epoch": epoch, "dev_f1": dev["f1"]}, run / "model.pt")
+            if improved:
+                atomic_save({"model": model.state_dict(), "config": vars(config),
+                             "labels": ds["valid"].label_map.labels, "epoch": epoch, "dev_f1": dev["f1"]},
+                            run / "model.pt")
         row = epoch_row(epoch, state, (t0, t1, t2), losses, dev, improved, skipped)
         tracker.log({"dev/f1": dev["f1"], "dev/precision": dev["precision"], "dev/recall": dev["recall"],
                      **{f"dev/{t}_f1": v["f1"] for t, v in dev["per_type"].items()}, "epoch": epoch + 1}, state.step)
-        say(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
-            f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''}"
-            f" ({row['time_s']:.1f}s)"
-            + (f"; {skipped} step(s) with a non-finite loss or gradient skipped" if skipped else ""))
+        print(f"epoch {epoch + 1}/{config.epochs} loss {losses.get('loss', float('nan')):.4f} dev P/R/F1 "
+              f"{dev['precision']:.4f}/{dev['recall']:.4f}/{dev['f1']:.4f}{' *' if improved else ''}"
+              f" ({row['time_s']:.1f}s)"
+              + (f"; {skipped} step(s) with a non-finite loss or gradient skipped" if skipped else ""))
         stop = stops_early(config, state.bad_epochs, epoch)
-        rngs = all_gather(rng_state())
-        if lead:  # metrics.jsonl first: resume drops the lines of epochs after last.pt's
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            atomic_save({"model": core.state_dict(), **training_state(opt, sched, scaler), "schedule": state.plan,
-                         "epoch": epoch, "best": state.best, "bad_epochs": state.bad_epochs, "step": state.step,
-                         "stopped": stop, "rng": rngs[0], **({"rng_ranks": rngs} if world() > 1 else {}),
-                         **({"ema": ema.state_dict()} if ema is not None else {})},
-                        run / "last.pt")
+        with open(run / "metrics.jsonl", "a") as f:  # metrics.jsonl first: resume drops the lines after last.pt's
+            f.write(json.dumps(row) + "\n")
+        atomic_save({"model": model.state_dict(), **training_state(opt, sched, scaler), "schedule": state.plan,
+                     "epoch": epoch, "best": state.best, "bad_epochs": state.bad_epochs, "step": state.step,
+                     "stopped": stop, "rng": rng_state(), **({"ema": ema.state_dict()} if ema is not None else {})},
+                    run / "last.pt")
         if stop:
-            say(f"early stop: no dev gain > {config.min_gain} for {state.bad_epochs} epochs")
+            print(f"early stop: no dev gain > {config.min_gain} for {state.bad_epochs} epochs")
             break
     tracker.finish()
-    barrier()  # rank 0's model.pt is complete before any rank reads it
     return amp
 
 
-def final_test(config, core, ds, run, device, amp, test_posts):
+def final_test(config, model, ds, run, device, amp, test_posts):
     """The best-on-dev checkpoint scored once on test: test_report.json, test_predictions.conll, the report."""
     best = load_checkpoint(run / "model.pt")
-    core.load_state_dict(best["model"])
-    res, preds = evaluate_split(core, ds["test"], config, ds["test"].label_map, device, amp)
-    if is_main():
-        (run / "test_report.json").write_text(json.dumps(res, indent=1))
-        write_predictions(run / "test_predictions.conll", test_posts, preds)
-        from metrics import format_report
-        print(f"test ({config.eval_mode}), best dev epoch {best['epoch'] + 1}:")
-        print(format_report(res))
+    model.load_state_dict(best["model"])
+    res, preds = evaluate_split(model, ds["test"], config, ds["test"].label_map, device, amp)
+    (run / "test_report.json").write_text(json.dumps(res, indent=1))
+    write_predictions(run / "test_predictions.conll", test_posts, preds)
+    from metrics import format_report
+    print(f"test ({config.eval_mode}), best dev epoch {best['epoch'] + 1}:")
+    print(format_report(res))
     return res
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, resume = resolve_resume(argv)
-        device = setup_device(config.device)
-        say = print if is_main() else (lambda *a, **k: None)  # rank 0 (or the only process) prints, logs and writes
-        seed_everything(config.seed)  # the same seed on every rank: identical inits, each rank its own data shard
-        posts, label_map, tokenizer = load_data(config, resume)
-        if resume is None:
-            text_path_settings(config, argv, posts["train"], say)
-        model, run, ds = build(config, resume, posts, label_map, tokenizer, device, say)
-        amp = fit(config, model, ds, run, device, resume, say)
-        res = final_test(config, model, ds, run, device, amp, posts["test"])
-        barrier()  # every rank leaves the group together: one that tears down early can abort its peer's gloo threads
-        return run, res
-    finally:
-        teardown()  # under torchrun: leave the process group (no-op otherwise)
+    config, resume = resolve_resume(argv)
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    posts, label_map, tokenizer = load_data(config, resume)
+    if resume is None:
+        text_path_settings(config, argv, posts["train"], print)
+    model, run, ds = build(config, resume, posts, label_map, tokenizer, device)
+    amp = fit(config, model, ds, run, device, resume)
+    res = final_test(config, model, ds, run, device, amp, posts["test"])
+    return run, res
 
 
 if __name__ == "__main__":

@@ -592,17 +592,6 @@ def test_length_bucket_sampler_epoch_cover_and_determinism():
     assert _flat(list(ordered)) == list(range(203))
 
 
-@pytest.mark.parametrize("n", [203, 200, 9, 1])
-def test_length_bucket_sampler_two_ranks(n):
-    lengths = [(i * 37) % 50 + 1 for i in range(n)]
-    ranks = [dl.LengthBucketSampler(lengths, batch_size=8, seed=1, rank=r, world=2) for r in (0, 1)]
-    for s in ranks:
-        s.set_epoch(2)
-    b0, b1 = list(ranks[0]), list(ranks[1])
-    assert len(b0) == len(b1) == len(ranks[0]) == len(ranks[1])
-    assert set(_flat(b0)) | set(_flat(b1)) == set(range(n))
-
-
 # ----------------------------------------------------------------------------- feature cache
 
 def test_feature_cache_reuse_and_keys(tmp_path):

@@ -2,6 +2,7 @@
 bundle's explain graph (explain.Explain).
 
     explained_modules / keep_weights   the attention (and gate) modules whose weights are kept for one forward
+    kept_map / window_map / rollout    one attention step as explanations read it; the dual encoder's traced back
     word_region_attention              word -> image-token attention of the last forward [n, W, R]
     region_grids / cell_attention      where the tokens lie on the picture; word -> cell attention [n, W, G*G]
     region_heat                        region weights -> attention mass per pixel of the model's view
@@ -38,7 +39,7 @@ def explained_modules(model) -> list:
     else:
         return []
     v = model.vision
-    if isinstance(v, M.DualGranularityEncoder):  # its token mixing, traced back to the cells by rollout()
+    if isinstance(v, M.DualGranularityEncoder):  # its token mixing, traced back to the cells by rollout
         mods += [*(b.attn for b in v.swin), v.delegate.attn, *(b.attn for b in v.fine)]
     return mods
 
@@ -54,30 +55,79 @@ def keep_weights(mods: list, on: bool):
             m.last_weights = m.last_values = None
 
 
+def kept_map(attn) -> torch.Tensor:
+    """The kept attention of a model.Attention as explanations read it, [B, Q, K] (rows sum to 1): each key's weight
+    times the norm of what its value adds to the output (through that head's slice of the output projection),
+    renormalised, then averaged over heads. A key can draw weight yet move the output little (a near-empty background
+    cell often does); the weight alone would show it as looked at (Kobayashi et al., 2020)."""
+    wo = attn.o.weight.float().view(attn.o.out_features, attn.h, -1)                       # [D, h, d]
+    moved = torch.einsum("bhkd,ehd->bhke", attn.last_values.float(), wo).norm(dim=-1)      # [B, h, K]
+    w = attn.last_weights.float() * moved[:, :, None, :]
+    return (w / w.sum(-1, keepdim=True).clamp_min(1e-12)).mean(1)
+
+
+def window_map(blk) -> torch.Tensor:
+    """A model.SwinBlock's last window attention (kept_map) on its whole grid: [B, G*G, G*G]."""
+    nW, S, _ = blk.slot_onehot.shape
+    w = kept_map(blk.attn).reshape(-1, nW, S, S)                                           # [B, nW, w*w, w*w]
+    return torch.einsum("nsc,bnst,ntd->bcd", blk.slot_onehot, w, blk.slot_onehot)
+
+
+def rollout(enc) -> torch.Tensor | None:
+    """How much each output token of a model.DualGranularityEncoder's last forward draws on each input cell, [B, T, T]
+    in its token layout (slot 0, the summary, is no cell and gets nothing; rows sum to 1), from the kept attention
+    (explained_modules); None without them. Attention rollout (Abnar & Zuidema, 2020) through the Swin, delegate and
+    fine blocks, each residual branch weighted by its LayerScale: (I + g A) / (1 + g), g = mean |gamma|. The summary
+    token (an MLP over both views' means) draws half on each view's mean. FFNs, norms and the parent cell added to each
+    fine token are left out (a fine cell lies inside its parent)."""
+    import model as M
+    mixes = [*(b.attn for b in enc.swin), enc.delegate.attn, *(b.attn for b in enc.fine)]
+    if any(m.last_weights is None for m in mixes):
+        return None
+    Nc = enc.Gc * enc.Gc
+
+    def step(r, a, ls):  # no batch size is read: the graph stays batch-free for export (Explain)
+        g = ls.gamma.detach().abs().mean() if isinstance(ls, M.LayerScale) else 1.0
+        return (r + g * (a @ r)) / (1 + g)
+
+    rc = torch.eye(Nc, device=enc.parent_index.device)
+    for blk in enc.swin:
+        rc = step(rc, window_map(blk), blk.ls1)
+    w = kept_map(enc.delegate.attn)                                                        # [B, Nc, topk]
+    rc = step(rc, w @ torch.nn.functional.one_hot(enc.delegate.last_idx, Nc).float(), enc.delegate.ls)  # [B, Nc, Nc]
+    rf = torch.eye(enc.k, device=rc.device) + 0 * rc[:, :1, :1]                            # [B, k, k]
+    for blk in enc.fine:
+        rf = step(rf, kept_map(blk.attn), blk.ls1)
+    summary = torch.cat([rc.mean(1, keepdim=True), rf.mean(1, keepdim=True)], -1) / 2      # [B, 1, Nc + k]
+    pad = torch.nn.functional.pad
+    return torch.cat([pad(summary, (1, 0)), pad(rc, (1, enc.k)), pad(rf, (1 + Nc, 0))], 1)
+
+
 def word_region_attention(model) -> torch.Tensor | None:
     """Text-word -> image-region attention of the last forward pass, [n, W, R] (rows sum to 1), or None; n = the
     posts of the batch that had an image, in batch order (only they go through the image path).
 
-    Each attention step is read as Attention.kept_map(): its weights scaled by how much each key's value moves the
-    output.
+    Each attention step is read as kept_map(): its weights scaled by how much each key's value moves the output.
     roberta_clip_coattn: the text->image co-attention (exact for that layer).
     MNER: words reach the image only through the resampler's K learned queries, so the map is composed:
     (word -> query attention of the stack's cross-attention, averaged over layers) @ (query -> region attention of
     the resampler). Approximations: what the stack's self-attention passes between words, the FFNs and residuals,
     and the queries' own (image-independent) content are left out. Dual granularity: its tokens mixed inside the
-    encoder, so each is traced back to the input cells it drew on (DualGranularityEncoder.rollout).
+    encoder, so each is traced back to the input cells it drew on (rollout).
     """
     if model.coattn is not None:
         if model.coattn.t2i.last_weights is None:
             return None
-        t2x = model.coattn.t2i.kept_map()
+        t2x = kept_map(model.coattn.t2i)
     elif model.stack is None or model.stack.blocks[0].cross.last_weights is None:
         return None
     else:
-        t2x = torch.stack([b.cross.kept_map() for b in model.stack.blocks]).mean(0)
+        t2x = torch.stack([kept_map(b.cross) for b in model.stack.blocks]).mean(0)
         if model.resampler.attn is not None:  # else (--resampler_tokens 0) the stack's keys are the regions
-            t2x = t2x @ model.resampler.attn.kept_map()  # [B, W, K] @ [B, K, R]
-    roll = getattr(model.vision, "rollout", lambda: None)()  # dual: [B, R, R], tokens back to their input cells
+            t2x = t2x @ kept_map(model.resampler.attn)  # [B, W, K] @ [B, K, R]
+    import model as M
+    # dual: [B, R, R], its tokens traced back to their input cells
+    roll = rollout(model.vision) if isinstance(model.vision, M.DualGranularityEncoder) else None
     return t2x if roll is None else t2x @ roll
 
 

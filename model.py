@@ -125,7 +125,7 @@ class TextEncoder(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention. q [B,Q,D], kv [B,K,D], mask [B|1,H|1,Q|1,K] bool (True = may attend) -> [B,Q,D].
     With keep_weights set (explanations), `last_weights` keeps the attention map [B, heads, Q, K] and `last_values`
-    the values [B, heads, K, D/heads]."""
+    the values [B, heads, K, D/heads] (explain.kept_map reads them)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -150,17 +150,6 @@ class Attention(nn.Module):
             # no dropout on attention maps: residual dropout regularises, and CPU mask sampling is costly
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(B, Q, D))
-
-    def kept_map(self) -> torch.Tensor:
-        """The kept attention as explanations read it, [B, Q, K] (rows sum to 1): each key's weight times the norm of
-        what its value adds to the output (through that head's slice of the output projection), renormalised, then
-        averaged over heads. A key can draw weight yet move the output little (a near-empty background cell often
-        does); the weight alone would show it as looked at (Kobayashi et al., 2020)."""
-        wo = self.o.weight.float().view(self.o.out_features, self.h, -1)                       # [D, h, d]
-        moved = torch.einsum("bhkd,ehd->bhke", self.last_values.float(), wo).norm(dim=-1)      # [B, h, K]
-        w = self.last_weights.float() * moved[:, :, None, :]
-        return (w / w.sum(-1, keepdim=True).clamp_min(1e-12)).mean(1)
-
 
 class MLP(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, out: int | None = None):
@@ -290,15 +279,9 @@ class SwinBlock(nn.Module):
         mask = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)) | eye
         self.register_buffer("mask", mask[:, None], persistent=False)  # [nW, 1, w*w, w*w]
         slot_cell = self._partition(torch.arange(grid * grid).view(1, grid, grid, 1), -1)[..., 0]  # [nW, w*w]
-        # one-hot of each window slot's grid cell (padding: a zero row): where rollout() puts window attention back
+        # one-hot of each window slot's grid cell (padding: a zero row): explanations put window attention back with it
         self.register_buffer("slot_onehot", F.one_hot(slot_cell + 1, grid * grid + 1)[..., 1:].float(),
                              persistent=False)                                          # [nW, w*w, G*G]
-
-    def attention_map(self) -> torch.Tensor:
-        """The last forward's window attention (Attention.kept_map) on the whole grid: [B, G*G, G*G]."""
-        nW, S, _ = self.slot_onehot.shape
-        w = self.attn.kept_map().reshape(-1, nW, S, S)                               # [B, nW, w*w, w*w]
-        return torch.einsum("nsc,bnst,ntd->bcd", self.slot_onehot, w, self.slot_onehot)
 
     def _windows(self, x):  # [B, Gp, Gp, D] -> [B*nW, w*w, D]
         B, Gp, _, D = x.shape
@@ -359,7 +342,7 @@ class DelegateAttention(SaliencySelect):
     def forward(self, x):
         h = self.ln(x)
         s = self.score(h).squeeze(-1)
-        self.last_idx = s.topk(min(self.k, x.size(1)), dim=1).indices  # for DualGranularityEncoder.rollout
+        self.last_idx = s.topk(min(self.k, x.size(1)), dim=1).indices  # for explain.rollout
         return x + self.ls(self.attn(h, self.keep(h, s, self.last_idx)))
 
 
@@ -546,33 +529,6 @@ class DualGranularityEncoder(nn.Module):
             f = blk(f)
         summary = self.fuse(torch.cat([c.mean(1), f.mean(1)], -1)).unsqueeze(1)
         return self.norm(torch.cat([summary, c, f], 1))
-
-    def rollout(self) -> torch.Tensor | None:
-        """How much each output token of the last forward draws on each input cell, [B, T, T] in the token layout
-        (slot 0, the summary, is no cell and gets nothing; rows sum to 1), from the kept attention (Attention.kept_map;
-        explain.explained_modules); None without them. Attention rollout (Abnar & Zuidema, 2020) through the Swin,
-        delegate and fine blocks, each residual branch weighted by its LayerScale: (I + g A) / (1 + g), g = mean
-        |gamma|. The summary token (an MLP over both views' means) draws half on each view's mean. FFNs, norms and the
-        parent cell added to each fine token are left out (a fine cell lies inside its parent)."""
-        mixes = [*(b.attn for b in self.swin), self.delegate.attn, *(b.attn for b in self.fine)]
-        if any(m.last_weights is None for m in mixes):
-            return None
-        Nc = self.Gc * self.Gc
-
-        def step(r, a, ls):  # no batch size is read: the graph stays batch-free for export (explain.Explain)
-            g = ls.gamma.detach().abs().mean() if isinstance(ls, LayerScale) else 1.0
-            return (r + g * (a @ r)) / (1 + g)
-
-        rc = torch.eye(Nc, device=self.parent_index.device)
-        for blk in self.swin:
-            rc = step(rc, blk.attention_map(), blk.ls1)
-        w = self.delegate.attn.kept_map()                                                   # [B, Nc, topk]
-        rc = step(rc, w @ F.one_hot(self.delegate.last_idx, Nc).float(), self.delegate.ls)  # [B, Nc, Nc]
-        rf = torch.eye(self.k, device=rc.device) + 0 * rc[:, :1, :1]                        # [B, k, k]
-        for blk in self.fine:
-            rf = step(rf, blk.attn.kept_map(), blk.ls1)
-        summary = torch.cat([rc.mean(1, keepdim=True), rf.mean(1, keepdim=True)], -1) / 2   # [B, 1, Nc + k]
-        return torch.cat([F.pad(summary, (1, 0)), F.pad(rc, (1, self.k)), F.pad(rf, (1 + Nc, 0))], 1)
 
     def parent_cells(self, c):
         """coarse tokens [B, Gc^2, D] -> [B, Gf^2, D]: each fine cell gets the coarse token of the cell its centre

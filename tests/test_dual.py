@@ -244,18 +244,18 @@ def explained(enc, x):
         m.keep_weights = True
     with torch.no_grad():
         enc(x)
-    return enc.rollout()
+    return explain.rollout(enc)
 
 
 @pytest.mark.parametrize("window", [2, 3])
 def test_window_attention_map_stays_inside_each_window(window):
-    """SwinBlock.attention_map puts each window's weights back on the whole grid: rows sum to 1 and a cell draws
+    """explain.window_map puts each window's weights back on the whole grid: rows sum to 1 and a cell draws
     only on cells of its own (shifted) window."""
     enc = encoder(**dict(TINY_DUAL, vision_img_size=40, vision_swin_window=window)).eval()  # 5 x 5 coarse grid
     explained(enc, torch.randn(2, 3, 40, 40))
     G = enc.Gc
     for blk in enc.swin:
-        a = blk.attention_map()
+        a = explain.window_map(blk)
         assert a.shape == (2, G * G, G * G) and torch.allclose(a.sum(-1), torch.ones(2, G * G), atol=1e-5)
         win = lambda r: ((r - blk.shift) % (-(-G // blk.w) * blk.w)) // blk.w  # noqa: E731 (window row/col)
         for i in range(G * G):
@@ -288,7 +288,7 @@ def test_rollout_traces_mixed_tokens_back_to_their_cells():
         w = torch.zeros_like(blk.attn.last_weights)
         w[..., 0] = 1.0
         blk.attn.last_weights = w
-    r = enc.rollout()
+    r = explain.rollout(enc)
     assert torch.allclose(r[:, 1:1 + Nc, 1], torch.ones(2, Nc), atol=1e-3)
 
 

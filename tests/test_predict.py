@@ -280,9 +280,9 @@ def test_kept_attention_map_counts_what_each_key_moves():
     att(q, kv)
     plain = att.last_weights.mean(1)
     att.last_values = torch.ones_like(att.last_values)  # same value for every key: same norm
-    assert torch.allclose(att.kept_map(), plain, atol=1e-6)
+    assert torch.allclose(explain.kept_map(att), plain, atol=1e-6)
     att.last_values[:, :, 1] = 0                         # key 1 adds nothing to the output
-    w = att.kept_map()
+    w = explain.kept_map(att)
     assert torch.allclose(w.sum(-1), torch.ones(1, 3)) and torch.all(w[..., 1] == 0)
     assert torch.all(w[..., 0] > plain[..., 0])
 

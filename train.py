@@ -457,9 +457,9 @@ def start_state(config, resume, model, train_loader, device, run):
     if state.plan["total"] != old["total"] and state.epoch < config.epochs:
         restart = lr_factor(old)(state.step) == 0 and state.plan["start_value"] > 0
         print(f"note: --epochs {old['epochs']} -> {config.epochs}: the learning rate now decays to 0 at step "
-            f"{state.plan['total']} instead of {old['total']}; warm-up ({old['warmup']} steps) unchanged"
-            + (f"; the run had finished its decay, so it goes on from factor {state.plan['start_value']:.3f}, where a "
-               f"run planned for {config.epochs} epochs would stand at step {state.step}" if restart else ""))
+              f"{state.plan['total']} instead of {old['total']}; warm-up ({old['warmup']} steps) unchanged"
+              + (f"; the run had finished its decay, so it goes on from factor {state.plan['start_value']:.3f}, where "
+                 f"a run planned for {config.epochs} epochs would stand at step {state.step}" if restart else ""))
     set_rng_state(resume["rng"])
     # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
     log = run / "metrics.jsonl"
@@ -567,6 +567,9 @@ def final_test(config, model, ds, run, device, amp, test_posts):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would train alone and write the same run directory
+        raise ConfigError(f"train.py runs as one process (WORLD_SIZE is {os.environ['WORLD_SIZE']}: a torchrun "
+                          "launch); start it with python train.py and pick the GPU with --device cuda:N")
     config, resume = resolve_resume(argv)
     device = pick_device(config.device)
     seed_everything(config.seed)

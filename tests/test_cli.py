@@ -199,6 +199,14 @@ def test_resume_refuses_changed_architecture(trained, base):
     assert p.returncode == 2 and "--fusion_layers differs" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_torchrun_launch_is_refused_in_one_line(base, monkeypatch):
+    """One run is one process: under torchrun every rank would train alone and write the same run directory."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.py runs as one process .*WORLD_SIZE is 2"):
+        train.main([*base, "--epochs", "1", "--save_name", "ranked"])
+    assert not (save_dir(base) / "ranked").exists()
+
+
 def test_existing_run_is_never_overwritten(trained, base):
     before = (trained / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="already holds a run.*--continue_train_name two"):

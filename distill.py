@@ -51,7 +51,7 @@ def post_key(words: list[str]) -> str:
     return re.sub(r"[^a-z0-9]", "", "".join(words).lower())
 
 
-def unlabelled_posts(config, posts: dict[str, list[D.Post]], say=print) -> list[D.Post]:
+def unlabelled_posts(config, posts: dict[str, list[D.Post]]) -> list[D.Post]:
     """--distill_unlabelled's posts: an error naming the first line that repeats a dev or test post of the run's
     dataset; posts repeating a training post are left out (they are there with their tags), counted in one line."""
     if not config.distill_unlabelled:
@@ -67,8 +67,8 @@ def unlabelled_posts(config, posts: dict[str, list[D.Post]], say=print) -> list[
                         "data/make_unlabelled.py or remove them")
     seen = {post_key(p.tokens) for p in posts["train"]}
     kept = [p for p, k in zip(extra, keys) if k not in seen]
-    say(f"unlabelled: {config.distill_unlabelled}: {len(kept)} posts learned from the teacher only"
-        + (f" ({len(extra) - len(kept)} repeating a training post left out)" if len(kept) < len(extra) else ""))
+    print(f"unlabelled: {config.distill_unlabelled}: {len(kept)} posts learned from the teacher only"
+          + (f" ({len(extra) - len(kept)} repeating a training post left out)" if len(kept) < len(extra) else ""))
     return kept
 
 
@@ -127,7 +127,7 @@ def teacher_marginals(config, model, label_map, posts: list[D.Post], temperature
     return run_batches(model.to(device), ds, config, device, each, desc="teacher marginals")
 
 
-def teacher_targets(config, posts: list[D.Post], label_map: D.LabelMap, device, say=print) -> list[torch.Tensor]:
+def teacher_targets(config, posts: list[D.Post], label_map: D.LabelMap, device) -> list[torch.Tensor]:
     """--teacher_run's marginals [n_words, L] (fp16) of each post, from the cache where it has them."""
     run = teacher_dir(config)
     tconfig, tlabels, tmodel, _ = load_run(run.parent, run.name, {"device": config.device})
@@ -140,8 +140,8 @@ def teacher_targets(config, posts: list[D.Post], label_map: D.LabelMap, device, 
     cache = TeacherCache(config.cache_dir, run, config.distill_temperature)
     keys = [cache.key(p) for p in posts]
     todo = {k: p for k, p in zip(keys, posts) if k not in cache.entries}  # each distinct post once
-    say(f"teacher: {run} ({tconfig.model}, {tconfig.text_encoder}): marginals of {len(posts)} posts, "
-        f"{sum(k in cache.entries for k in keys)} from {cache.path}")
+    print(f"teacher: {run} ({tconfig.model}, {tconfig.text_encoder}): marginals of {len(posts)} posts, "
+          f"{sum(k in cache.entries for k in keys)} from {cache.path}")
     if todo:
         marg = teacher_marginals(tconfig, tmodel, tlabels, list(todo.values()), config.distill_temperature, device)
         for k, m in zip(todo, marg):

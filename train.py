@@ -461,6 +461,10 @@ def start_state(config, resume, model, train_loader, device, run):
               + (f"; the run had finished its decay, so it goes on from factor {state.plan['start_value']:.3f}, where "
                  f"a run planned for {config.epochs} epochs would stand at step {state.step}" if restart else ""))
     set_rng_state(resume["rng"])
+    if "rng_ranks" in resume:  # last.pt of a multi-process run (an earlier version): its global batch was larger
+        n = len(resume["rng_ranks"])
+        print(f"note: {run.name} trained in {n} processes (global batch {n} x --batch_size); it goes on in one "
+              f"process at --batch_size {config.batch_size}")
     # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
     log = run / "metrics.jsonl"
     if log.exists():

@@ -167,6 +167,21 @@ def test_resume_matches_uninterrupted(base, monkeypatch):
     assert a[-1]["dev_f1"] == b[-1]["dev_f1"]
 
 
+def test_multi_process_run_resumes_in_one_with_a_note(base, monkeypatch, capsys):
+    """A last.pt an earlier version wrote under torchrun (each rank's RNGs in rng_ranks) resumes in one process and
+    says that its global batch changes."""
+    args = [*base, "--epochs", "2", "--save_name", "ranks"]
+    cut_in_epoch_2(args, monkeypatch)
+    path = save_dir(base) / "ranks" / "last.pt"
+    last = torch.load(path, weights_only=True)
+    torch.save({**last, "rng_ranks": [last["rng"], last["rng"]]}, path)
+    capsys.readouterr()
+    train.main(["--continue_train_name", "ranks", "--save_dir", str(save_dir(base)), "--swanlab_mode", "disabled"])
+    assert "ranks trained in 2 processes (global batch 2 x --batch_size); it goes on in one process" in \
+        capsys.readouterr().out
+    assert len((save_dir(base) / "ranks" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_ema_run_saves_the_average_and_resumes_it(base, monkeypatch):
     """--ema_decay: model.pt (what dev scored and the test reads) holds the averaged weights, last.pt the live ones
     and the average; a run cut in epoch 2 resumes to the uninterrupted run's dev F1 and average; a different

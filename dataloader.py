@@ -50,7 +50,7 @@ class LabelMap:
         if labels[:2] != [self.PAD, self.O]:
             raise ValueError(f"label map must start with {self.PAD}, {self.O}; got {labels[:2]}")
         pairs = list(zip(labels[2::2], labels[3::2]))
-        if len(labels) % 2 or any(b[:2] != "B-" or i != "I-" + b[2:] for b, i in pairs):  # model.bio_bans reads ids so
+        if len(labels) % 2 or any(b[:2] != "B-" or i != "I-" + b[2:] for b, i in pairs):  # crf.bio_bans reads ids so
             raise ValueError(f"label map must go on with B-X, I-X pairs of each type; got {labels[2:]}")
         self.labels = list(labels)
         self.ids = {l: i for i, l in enumerate(self.labels)}

@@ -18,10 +18,10 @@ What goes where:
                        (explain.Explain; fp32 always), for serve.py's page overlay.
   crf.npz              the CRF's start/end/transition scores; Viterbi and marginals run in numpy (bundle.py),
                        since the CRF's loops over words are data-dependent and cost nothing at L = 10 labels.
-ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward branches on data
-(`has_image.any()`), which torch.export refuses as a data-dependent guard; the tracer records the branch taken
-with every post illustrated, and that graph is exact for any has_image, since the per-post choice between the
-fused and the text-only states is a torch.where inside it. --int8: onnxruntime's static quantisation of the
+ONNX comes from torch's TorchScript-based exporter (dynamo=False): Tagger.forward runs the image path on the posts
+that have an image (`has_image.nonzero()`, then `if rows.numel()`), a data-dependent branch torch.export refuses;
+the tracer records it taken with every post illustrated, and the runtimes send a batch's posts with an image to
+mm.onnx (has_image all on) and the others to text.onnx. --int8: onnxruntime's static quantisation of the
 MatMul (linear) layers of the text graphs (for a dual-granularity run, mm.onnx holds its encoder's linear layers
 too): weights per channel, activations with scales calibrated once on training posts and stored in the graph (so
 a post's scores do not depend on its batch), but for the emission layer and the linear layers whose inputs

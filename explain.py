@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dataloader as D
 from config import ConfigError, UserError
@@ -94,13 +95,12 @@ def rollout(enc) -> torch.Tensor | None:
     for blk in enc.swin:
         rc = step(rc, window_map(blk), blk.ls1)
     w = kept_map(enc.delegate.attn)                                                        # [B, Nc, topk]
-    rc = step(rc, w @ torch.nn.functional.one_hot(enc.delegate.last_idx, Nc).float(), enc.delegate.ls)  # [B, Nc, Nc]
+    rc = step(rc, w @ F.one_hot(enc.delegate.last_idx, Nc).float(), enc.delegate.ls)  # [B, Nc, Nc]
     rf = torch.eye(enc.k, device=rc.device) + 0 * rc[:, :1, :1]                            # [B, k, k]
     for blk in enc.fine:
         rf = step(rf, kept_map(blk.attn), blk.ls1)
     summary = torch.cat([rc.mean(1, keepdim=True), rf.mean(1, keepdim=True)], -1) / 2      # [B, 1, Nc + k]
-    pad = torch.nn.functional.pad
-    return torch.cat([pad(summary, (1, 0)), pad(rc, (1, enc.k)), pad(rf, (1 + Nc, 0))], 1)
+    return torch.cat([F.pad(summary, (1, 0)), F.pad(rc, (1, enc.k)), F.pad(rf, (1 + Nc, 0))], 1)
 
 
 def word_region_attention(model) -> torch.Tensor | None:
@@ -157,9 +157,9 @@ def cell_attention(att: torch.Tensor, vision, cells: torch.Tensor | None = None)
     if not isinstance(vision, M.DualGranularityEncoder):
         return att
     Nc, Gf = vision.Gc ** 2, vision.Gf
-    spread = torch.nn.functional.one_hot(vision.parent_index, Nc).T.float()                       # [Nc, Gf*Gf]
+    spread = F.one_hot(vision.parent_index, Nc).T.float()                       # [Nc, Gf*Gf]
     spread = spread / spread.sum(1, keepdim=True)
-    fine = att[..., 1 + Nc:] @ torch.nn.functional.one_hot(cells, Gf * Gf).float()          # [n, W, k] @ [n, k, Gf*Gf]
+    fine = att[..., 1 + Nc:] @ F.one_hot(cells, Gf * Gf).float()          # [n, W, k] @ [n, k, Gf*Gf]
     return att[..., :1] / (Gf * Gf) + att[..., 1:1 + Nc] @ spread + fine
 
 

@@ -44,6 +44,9 @@ def cli(main) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kw):  # no prefixes: --epoch would set --epochs, unseen by given_flags (resume, overrides)
+        super().__init__(allow_abbrev=False, **kw)
+
     def error(self, message):  # one line, not argparse's usage dump
         raise ConfigError(f"{message} (see --help)")
 
@@ -461,9 +464,10 @@ def resolve_auto(c, images: bool = True) -> None:
 
 
 def get_config(argv: list[str] | None = None, check: bool = True, tool: str | None = None,
-               images: bool = True) -> argparse.Namespace:
+               images: bool = True, auto: bool = True) -> argparse.Namespace:
     """Parse argv (None -> defaults only, so foreign sys.argv in notebooks never leaks in). With a tool, only its
-    flags are accepted (refuse_foreign_flags); the namespace still carries every flag, at its default."""
+    flags are accepted (refuse_foreign_flags); the namespace still carries every flag, at its default. auto=False
+    leaves the auto values (-1, "auto") as written, for a resumed run to resolve against its own model."""
     argv, full = [] if argv is None else list(argv), build_parser()
     if tool:
         own = build_parser(tool)
@@ -475,7 +479,8 @@ def get_config(argv: list[str] | None = None, check: bool = True, tool: str | No
     if c.model in MODEL_ALIASES:
         print(f"warning: --model {c.model} is deprecated; use --model {MODEL_ALIASES[c.model]}", file=sys.stderr)
         c.model = MODEL_ALIASES[c.model]
-    resolve_auto(c, images)
+    if auto:
+        resolve_auto(c, images)
     if check:
         validate(c)
     return c

@@ -253,12 +253,16 @@ class MNERDataset(torch.utils.data.Dataset):
         self.n_windowed = len({w.post for w in self.windows if w.start > 0})
         self.n_empty = len({(w.post, w.start + j) for w in self.windows for j in w.enc.empty})  # windows overlap
         self.paths = [find_image(img_root, p.imgid) for p in posts] if image_mode else [None] * len(posts)
-        self.has_image = [(p is not None and str(p) in features) if image_mode == "features" else image_file(p)
-                          for p in self.paths]
-        # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe();
-        # load_image is cheap for the usual reasons (missing, zero bytes) and decodes only broken files
-        self.image_status = [("ok" if ok else load_image(p)[1]) for p, ok in zip(self.paths, self.has_image)
-                             ] if image_mode else []
+        # why each unused image is not used ("missing", "unreadable (OSError)", ...), counted by describe(). Pixels
+        # are decoded once here too, so that --image_control pairs only pictures that decode, as with features
+        if image_mode == "pixels":
+            self.image_status = [load_image(p)[1] for p in self.paths]
+            self.has_image = [s == "ok" for s in self.image_status]
+        else:
+            self.has_image = [p is not None and str(p) in features for p in self.paths] if image_mode else \
+                [False] * len(posts)
+            self.image_status = [("ok" if ok else load_image(p)[1]) for p, ok in zip(self.paths, self.has_image)
+                                 ] if image_mode else []
         self.source = image_sources(self.has_image, control, seed)
         self.failed: set[str] = set()
 

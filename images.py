@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import uuid
 import warnings
 from dataclasses import dataclass
 from itertools import islice
@@ -32,7 +33,8 @@ def find_image(image_root, imgid: str | None) -> Path | None:
     if has_ext and base.exists():
         return base
     cands = [base.with_suffix(ext) if has_ext else base.with_name(base.name + ext) for ext in EXT_CANDIDATES]
-    return next((p for p in cands if p.exists()), base if has_ext else cands[0])
+    found = next((p for p in cands if p.exists()), None) or (base if base.is_file() else None)  # a file named as is
+    return found or (base if has_ext else cands[0])
 
 
 MAX_IMAGE_PIXELS = 64_000_000  # above this a file is treated as a decompression bomb, not decoded
@@ -59,7 +61,8 @@ def load_image(path) -> tuple[Image.Image | None, str]:
                     return None, f"too large ({im.width}x{im.height})"
                 im.seek(0)
                 im.load()
-                return _to_rgb(ImageOps.exif_transpose(im) if im.format == "JPEG" else im), "ok"
+                # MPO: the JPEG of many phone cameras (a second, preview picture inside)
+                return _to_rgb(ImageOps.exif_transpose(im) if im.format in ("JPEG", "MPO") else im), "ok"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "decompression bomb"
     except (OSError, SyntaxError, ValueError) as e:
@@ -69,9 +72,10 @@ def load_image(path) -> tuple[Image.Image | None, str]:
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        hi = a.max() if a.max() > 255 else 255.0
+        # the range of the bit depth, not of the picture: a dark 16-bit image stays dark
+        hi = 255.0 if a.max() <= 255 else 65535.0 if a.max() <= 65535 else a.max()
         im = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
+    if im.mode in ("P", "RGB", "L") and "transparency" in im.info:  # a colour marked transparent (tRNS)
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
         bg = Image.new("RGB", im.size, (255, 255, 255))
@@ -122,7 +126,12 @@ class ImagePrep:
         if rng is not None and self.fit == "crop":  # a random crop; a padded picture is only flipped
             left, top = -rng.randint(0, rw - self.size), -rng.randint(0, rh - self.size)
         view = Image.new("RGB", (self.size, self.size), tuple(round(255 * m) for m in self.mean))
-        view.paste(im.resize((rw, rh), Image.BICUBIC), (left, top))  # a crop where the offset is negative
+        if rw * rh > 16 * self.size ** 2:  # a very long strip: resize only the part the crop keeps, not all of it
+            sx, sy = im.width / rw, im.height / rh
+            region = (-left * sx, -top * sy, (self.size - left) * sx, (self.size - top) * sy)
+            view.paste(im.resize((self.size, self.size), Image.BICUBIC, box=region))
+        else:
+            view.paste(im.resize((rw, rh), Image.BICUBIC), (left, top))  # a crop where the offset is negative
         if rng is not None and rng.random() < 0.5:
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -168,7 +177,7 @@ def image_prep_for(config) -> ImagePrep:
 
 # Bump when the code that turns an image into cached features changes (decoding, ImagePrep, a backbone's forward):
 # every entry written by older code is then recomputed.
-FEATURE_CODE_VERSION = "3"
+FEATURE_CODE_VERSION = "4"
 
 
 def file_digest(path) -> str:
@@ -225,7 +234,7 @@ class FeatureCache:
     def _write(self, f: Path, t: torch.Tensor):
         if not self.write_ok:
             return
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # one temp file per process: concurrent writers never mix
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent writers never mix
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:

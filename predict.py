@@ -106,6 +106,8 @@ def post_from_record(rec, source: str) -> NewPost:
     if tokens is not None:
         if not (isinstance(tokens, list) and tokens and all(isinstance(w, str) and w for w in tokens)):
             raise ValueError('"tokens" must be a non-empty list of non-empty strings')
+        if any(c in w for w in tokens for c in "\t\n\r"):  # a CoNLL line is `word<TAB>tag`
+            raise ValueError('"tokens" must not hold tabs or line breaks; split such a token in two')
         text = " ".join(tokens) if text is None else text
         words, spans = list(tokens), locate_words(text, tokens)
     elif text is not None:

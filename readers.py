@@ -152,7 +152,11 @@ def _conll_token_line(line: str, lineno: int, problem, keep_raw_types: bool) -> 
         what = "no tab" if len(parts) == 1 else f"{len(parts)} tab-separated columns"
         problem(lineno, f"expected `token<TAB>tag`, found {what}",
                 "write one token and one tag per line separated by a single tab")
-        parts = line.rsplit(None, 1) if len(parts) == 1 else [parts[0], parts[-1]]
+        if len(parts) == 1:
+            parts = line.rsplit(None, 1)
+        else:  # the first and last non-empty columns: a trailing tab leaves an empty last one, not the tag
+            cols = [c for c in parts if c.strip()]
+            parts = cols[:1] + cols[-1:] if len(cols) > 1 else cols
         if len(parts) != 2:
             parts = [parts[0], "O"]
     token, tag = parts[0], parts[1].strip()

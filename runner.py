@@ -113,6 +113,19 @@ def runs_with(save_dir, file: str, shown: int = 8) -> str:
         (" (newest first)" if len(runs) > 1 else "")
 
 
+def localize(config, run: Path, given: set[str]) -> None:
+    """A saved run works where it lies: its --save_dir becomes the folder it was found in, and its data_dir, cache_dir
+    and image_root of the machine it was trained on, when not `given` and not folders here, this checkout's defaults."""
+    config.save_dir, defaults = str(run.parent), get_config(check=False)
+    for k in ("data_dir", "cache_dir", "image_root"):
+        v = getattr(config, k)
+        if k in given or not v or Path(v).is_dir() or v == getattr(defaults, k):
+            continue
+        setattr(config, k, getattr(defaults, k))
+        shown = getattr(defaults, k) or "the dataset's own image folder"
+        print(f"note: {run.name}: its {k} {v} is not on this machine; using {shown} (--{k} chooses another)")
+
+
 def load_run(save_dir, name: str, overrides=None):
     """(config, label_map, model, checkpoint) of a run directory, `overrides` (runtime flags) applied."""
     run, overrides = Path(save_dir) / name, overrides or {}
@@ -123,16 +136,7 @@ def load_run(save_dir, name: str, overrides=None):
     config = config_from_dict(read_run_json(run / "config.json"), str(run / "config.json"))
     for k, v in overrides.items():
         setattr(config, k, v)
-    # a loaded run works where it lies: its paths of the machine it was trained on, when not given and not folders
-    # here, take this checkout's defaults
-    config.save_dir, defaults = str(run.parent), get_config(check=False)
-    for k in ("data_dir", "cache_dir", "image_root"):
-        v = getattr(config, k)
-        if k in overrides or not v or Path(v).is_dir() or v == getattr(defaults, k):
-            continue
-        setattr(config, k, getattr(defaults, k))
-        shown = getattr(defaults, k) or "the dataset's own image folder"
-        print(f"note: {run.name}: its {k} {v} is not on this machine; using {shown} (--{k} chooses another)")
+    localize(config, run, set(overrides))
     check_encoders(config, run / "config.json")
     label_map = D.LabelMap.load(run / "label_map.json")
     ckpt = load_checkpoint(run / "model.pt")

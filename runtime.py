@@ -27,9 +27,9 @@ def crf_params(model) -> dict | None:
     float32 numpy; None for the softmax head."""
     if not isinstance(model.head, CRFHead):
         return None
-    out = dict(zip(("start", "end", "transitions"), (x.detach().float().numpy() for x in model.head.scores())))
+    out = dict(zip(("start", "end", "transitions"), (x.detach().float().cpu().numpy() for x in model.head.scores())))
     if model.head.bioes:
-        out["to_bio"] = model.head.to_bio.numpy()
+        out["to_bio"] = model.head.to_bio.cpu().numpy()
     return out
 
 

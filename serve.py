@@ -176,7 +176,8 @@ def parse_posts(recs, limits, where: str = "post") -> list[tuple[NewPost, bytes 
 
 
 class Batcher:
-    """Collects jobs for up to window_s (or max_posts posts) and tags them as one batch in one worker thread."""
+    """Collects jobs for up to window_s and tags them as one batch in one worker thread: at most max_posts posts a
+    batch, but a request bigger than that is a batch of its own."""
 
     def __init__(self, rt: BU.Runtime, max_posts: int, window_s: float):
         self.rt, self.max_posts, self.window_s = rt, max_posts, window_s
@@ -191,13 +192,17 @@ class Batcher:
 
     async def run(self):
         loop = asyncio.get_running_loop()
+        held = None  # the job that would have taken the last batch past max_posts: it opens the next one
         while True:
-            jobs = [await self.queue.get()]
+            jobs, held = [held or await self.queue.get()], None
             n, deadline = len(jobs[0].words), loop.time() + self.window_s
             while n < self.max_posts:
                 try:
                     job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
                 except (asyncio.TimeoutError, TimeoutError):
+                    break
+                if n + len(job.words) > self.max_posts:
+                    held = job
                     break
                 jobs.append(job)
                 n += len(job.words)
@@ -397,6 +402,8 @@ async def multipart_post(request, args) -> list[tuple[NewPost, bytes | None]]:
                               "field 'image', an optional id and explain")
     if "explain" in form and not isinstance(form["explain"], str):
         raise BadRequest(422, 'post: form field "explain" must be true or false, not a file')
+    if isinstance(form.get("image"), str):  # a path or a name: the server never opens files it is told of
+        raise BadRequest(422, 'post: form field "image" must be an uploaded file, not text')
     rec = {k: v for k, v in form.items() if isinstance(v, str)}
     if "explain" in rec:
         if rec["explain"] not in ("true", "false"):
@@ -407,14 +414,12 @@ async def multipart_post(request, args) -> list[tuple[NewPost, bytes | None]]:
             rec["tokens"] = json.loads(rec["tokens"])
         except ValueError:
             raise BadRequest(422, 'post: form field "tokens" must be a JSON list of strings') from None
-    img = form.get("image")
-    data = None
-    if img is not None and not isinstance(img, str):
+    img, data = form.get("image"), None
+    if img is not None:
         data = await img.read(args.max_image_bytes + 1)
         if len(data) > args.max_image_bytes:
             raise BadRequest(413, f"post: image is over --max_image_bytes {args.max_image_bytes}")
-        rec.pop("image", None)
-    items = parse_posts({k: v for k, v in rec.items() if k != "image"}, args)
+    items = parse_posts(rec, args)
     return [(items[0][0], data)]
 
 

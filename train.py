@@ -10,6 +10,7 @@ needed to resume), metrics.jsonl (a line per epoch), steps.jsonl, test_report.js
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import math
 import os
@@ -28,12 +29,12 @@ import torch
 from tqdm import tqdm
 
 import dataloader as D
-from config import (IMAGE_MODELS, ConfigError, cli, config_from_dict, get_config, given_flags,
+from config import (IMAGE_MODELS, ConfigError, cli, config_from_dict, get_config, given_flags, resolve_auto,
                     save_config, RESUME_MAY_CHANGE, RESUME_REFUSED)
 from distill import teacher_dir, teacher_targets, unlabelled_posts
 from model import build_model, build_teacher, check_flags, load_tokenizer
-from runner import (amp_context, check_encoders, evaluate_split, load_checkpoint, pick_device, read_run_json,
-                    runs_with, write_predictions)
+from runner import (amp_context, check_encoders, evaluate_split, load_checkpoint, localize, pick_device,
+                    read_run_json, runs_with, write_predictions)
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best", "bad_epochs", "step", "stopped", "rng", "schedule")
 NO_DECAY = ("bias", "norm", "ln", "LayerNorm", "crf.", "alpha", "queries", "_pos")
@@ -59,8 +60,9 @@ def set_rng_state(s: dict):
     random.setstate(ast.literal_eval(s["python"]))
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
     torch.set_rng_state(s["torch"])
-    if torch.cuda.is_available() and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if torch.cuda.is_available():  # a run saved with more GPUs visible restores those there are
+        for i, state in enumerate(s["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
 
 
 def new_run_dir(config, resume: bool = False) -> Path:
@@ -225,24 +227,22 @@ def skip_bad_step(bad_run: list, config, epoch: int, what: str):
 def train_step(model, group: list[dict], opt, sched, config, device, epoch: int, amp, scaler, bad_run: list,
                ema=None) -> dict:
     """One optimiser step over an accumulation group of batches (no gradient crosses epochs); bench.py times it.
-    A batch with a non-finite loss drops the gradient gathered so far; a non-finite gradient norm, or a non-finite
-    last batch, skips the step (skip_bad_step). A step taken also updates `ema` when given. Returns {"losses":
-    [(loss, {part: value}) of each finite batch], "norm": the gradient norm before clipping, or None if no step}."""
-    losses, ok = [], False
+    A non-finite loss skips the group's step, the rest of the group unread; so does a non-finite gradient norm
+    (skip_bad_step), except under fp16 loss scaling, where it is the scaler's overflow: the scale is lowered and the
+    step skipped, as GradScaler.step does. A step taken also updates `ema` when given. Returns {"losses": [(loss,
+    {part: value}) of each finite batch], "norm": the gradient norm before clipping, or None if no step}."""
+    losses = []
     for batch in group:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with amp():
             out = model(batch, epoch=epoch)
         loss = out["loss"].float()
-        ok = bool(torch.isfinite(loss.detach()))
-        if not ok:
+        if not torch.isfinite(loss.detach()):
             opt.zero_grad(set_to_none=True)
             skip_bad_step(bad_run, config, epoch, "losses")
-            continue
+            return {"losses": losses, "norm": None}
         (scaler.scale(loss / len(group)) if scaler else loss / len(group)).backward()
         losses.append((loss.item(), {k: v.item() for k, v in out["parts"].items()}))
-    if not ok:
-        return {"losses": losses, "norm": None}
     if scaler:
         scaler.unscale_(opt)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -251,7 +251,8 @@ def train_step(model, group: list[dict], opt, sched, config, device, epoch: int,
         opt.zero_grad(set_to_none=True)
         if scaler:
             scaler.update()
-        skip_bad_step(bad_run, config, epoch, "gradients")
+        else:
+            skip_bad_step(bad_run, config, epoch, "gradients")
         return {"losses": losses, "norm": None}
     bad_run[0] = 0
     if config.clip_grad > 0:
@@ -355,17 +356,23 @@ def resolve_resume(argv: list[str]):
                               "written with every run, so this run directory is damaged: start a new run")
     saved = config_from_dict(read_run_json(src / "config.json"), str(src / "config.json"),
                              resume=f"--continue_train_name {config.continue_train_name}")
-    for k in given_flags(argv) - {"continue_train_name"}:
-        new, old = getattr(config, k), getattr(saved, k)
+    # the flags given now over the run's own; an auto value (-1) resolves against the run's model, not the default's
+    given, written = given_flags(argv) - {"continue_train_name"}, get_config(argv, False, "train", auto=False)
+    merged = copy.copy(saved)
+    vars(merged).update({k: getattr(written, k) for k in given})
+    resolve_auto(merged)
+    for k in given:
+        new, old = getattr(merged, k), getattr(saved, k)
         if k in RESUME_REFUSED and new != old:
             raise ConfigError(f"--{k} {new}: the run being resumed used --{k} {old}; "
                               + RESUME_REFUSED[k].format(new=new, old=old))
         if k not in RESUME_MAY_CHANGE and new != old:
             raise ConfigError(f"--{k} differs from the run being resumed ({old!r}); "
                               "the model structure comes from that run: drop the flag or start a new run")
-        setattr(saved, k, new)
-    saved.continue_train_name = saved.save_name = config.continue_train_name
-    check_encoders(saved, src / "config.json")
+    merged.continue_train_name = merged.save_name = config.continue_train_name
+    localize(merged, src, given)
+    check_encoders(merged, src / "config.json")
+    saved = merged
     resume = load_checkpoint(src / "last.pt")
     missing = [k for k in RESUME_KEYS if k not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
     if missing:
@@ -450,10 +457,12 @@ def start_state(config, resume, model, train_loader, device, run):
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"{run_src / 'last.pt'}: does not match the model in {run_src / 'config.json'} "
                           f"({str(e).splitlines()[0][:120]}); the files come from different runs") from None
+    # the optimiser state brings back each group's old settings: the rate and decay flags given now apply
     lrs = base_lrs(config)
     sched.base_lrs = [lrs[g["base"]] for g in opt.param_groups]
     for g, base in zip(opt.param_groups, sched.base_lrs):
         g["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
+        g["weight_decay"] = 0.0 if g["name"].endswith("_nodecay") else config.weight_decay_rate
     if state.plan["total"] != old["total"] and state.epoch < config.epochs:
         restart = lr_factor(old)(state.step) == 0 and state.plan["start_value"] > 0
         print(f"note: --epochs {old['epochs']} -> {config.epochs}: the learning rate now decays to 0 at step "
@@ -465,13 +474,22 @@ def start_state(config, resume, model, train_loader, device, run):
         n = len(resume["rng_ranks"])
         print(f"note: {run.name} trained in {n} processes (global batch {n} x --batch_size); it goes on in one "
               f"process at --batch_size {config.batch_size}")
-    # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines
-    log = run / "metrics.jsonl"
+    # epochs logged after the checkpoint (a kill between the two writes) are redone, so drop their lines, and a line
+    # cut short (a full disk)
+    log, done = run / "metrics.jsonl", resume["epoch"] + 1
     if log.exists():
-        keep = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= state.epoch]
+        keep = [line for line in log.read_text().splitlines() if logged_epoch(line) <= done]
         log.write_text("".join(line + "\n" for line in keep))
-    print(f"resumed {run.name} after epoch {state.epoch} (best dev F1 {state.best:.4f})")
+    print(f"resumed {run.name} after epoch {done} (best dev F1 {state.best:.4f})")
     return state, opt, sched, amp, scaler
+
+
+def logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def improves(config, f1: float, best: float) -> bool:

@@ -214,6 +214,41 @@ def test_resume_refuses_changed_architecture(trained, base):
     assert p.returncode == 2 and "--fusion_layers differs" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_resume_works_where_the_run_lies_and_resolves_auto_flags_for_its_model(trained, tmp_path, capsys):
+    """A run moved to another folder resumes there, whatever save_dir and cache_dir its config.json names; a -1
+    (auto) given on resume resolves against the run's own model; an abbreviated flag is refused, not dropped."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(trained, moved / "two")
+    cfg = json.loads((moved / "two" / "config.json").read_text())
+    cfg.update(save_dir="/gone/save_models", cache_dir="/gone/cache", model="roberta_crf", head_lr=0.5)
+    (moved / "two" / "config.json").write_text(json.dumps(cfg))
+    argv = ["--continue_train_name", "two", "--save_dir", str(moved)]
+    saved, _ = train.resolve_resume([*argv, "--head_lr", "-1"])
+    assert saved.save_dir == str(moved) and saved.cache_dir == get_config().cache_dir
+    assert "its cache_dir /gone/cache is not on this machine" in capsys.readouterr().out
+    assert saved.head_lr == 3e-3  # roberta_crf's auto rate, not MNER's (--fusion_lr)
+    with pytest.raises(ConfigError, match="unrecognized arguments: --epoch 5"):
+        train.resolve_resume([*argv, "--epoch", "5"])
+
+
+def test_resume_applies_the_decay_given_now_and_drops_a_cut_log_line(base, tmp_path, capsys):
+    """The optimiser state brings back the old weight decay: --weight_decay_rate given on resume applies anyway. A
+    run that stopped early after epoch 2 keeps its logged epochs, and a metrics.jsonl line cut short goes."""
+    cfg = get_config([*base, "--model", "roberta_crf", "--epochs", "6"])
+    model = build_model(cfg, 10)
+    opt, sched = train.make_optimizer(model, cfg, steps=12)
+    resume = {"model": model.state_dict(), **train.training_state(opt, sched, None), "epoch": 1, "best": 0.5,
+              "schedule": train.lr_plan(cfg, 12), "bad_epochs": 3, "step": 4, "stopped": True, "rng": train.rng_state()}
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3, "dev')
+    cfg.weight_decay_rate, cfg.continue_train_name, cfg.save_dir = 0.5, "r", str(tmp_path)
+    _, opt, *_ = train.start_state(cfg, resume, model, [None] * 2, torch.device("cpu"), run)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.5}
+    assert (run / "metrics.jsonl").read_text().splitlines() == ['{"epoch": 1}', '{"epoch": 2}']
+    assert "resumed r after epoch 2 " in capsys.readouterr().out
+
+
 def test_torchrun_launch_is_refused_in_one_line(base, monkeypatch):
     """One run is one process: under torchrun every rank would train alone and write the same run directory."""
     monkeypatch.setenv("WORLD_SIZE", "2")

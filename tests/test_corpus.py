@@ -426,6 +426,16 @@ def test_nan_guard_catches_infinite_gradients():
     assert one_line(e).startswith("2 non-finite gradients in a row") and bad_run == [2, 2]
 
 
+def test_a_non_finite_loss_skips_its_whole_accumulation_group():
+    """With --gradient_accumulation_steps 3, a NaN in the group's second batch takes no step: the first batch's
+    gradient is not applied at a third of its size, the third batch is not read, and one skip is counted."""
+    config = get_config(["--gradient_accumulation_steps", "3", "--clip_grad", "0"])
+    model, bad_run = _Stub(bad={1}), [0, 0]
+    losses, step = _epoch(model, 6, config, bad_run)
+    assert model.calls == 5 and step == 1 and bad_run == [0, 1]  # group 1: batches 0-1 only; group 2: a step
+    assert torch.equal(model.w.detach(), torch.full((2,), 0.8))  # one SGD step of lr 0.1 on w^2 from w = 1
+
+
 # ----------------------------------------------------------------------------- nothing from a run dir is executed
 
 def test_checkpoints_load_with_weights_only():

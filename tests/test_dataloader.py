@@ -152,6 +152,15 @@ def test_lenient_repairs_and_counts(tmp_path):
     assert report.posts == 3 and "5 problem(s)" in report.summary()
 
 
+def test_lenient_keeps_the_tag_of_a_line_with_a_trailing_tab(tmp_path):
+    p = write(tmp_path, "IMGID:1\nObama\tB-PER\t\nvisits\tO\t\n\n")
+    with pytest.raises(DataError, match=r":2: expected `token<TAB>tag`, found 3 tab-separated columns"):
+        read_conll(p)
+    report = ReadReport(str(p))
+    assert as_tuples(read_conll(p, lenient=True, report=report)) == [(["Obama", "visits"], ["B-PER", "O"], "1")]
+    assert len(report.problems) == 2
+
+
 def test_lenient_clean_file_has_no_problems(tmp_path):
     report = ReadReport("x")
     read_conll(write(tmp_path, CLEAN), lenient=True, report=report)
@@ -381,6 +390,40 @@ def test_image_16bit(tmp_path):
     assert a[0, 0, 0] == 0 and a[0, -1, 0] == 255 and (np.diff(a[0, :, 0].astype(int)) >= 0).all()
 
 
+def test_image_16bit_keeps_its_brightness(tmp_path):
+    """A 16-bit picture is read on the 0-65535 scale of its bit depth, not stretched to its own brightest pixel."""
+    p = _save(Image.fromarray(np.full((30, 40), 40000, np.uint16)), tmp_path / "grey16.png")
+    assert (_check_rgb(dl.load_image(p)) == round(40000 / 65535 * 255 - 0.5)).all()
+
+
+def test_image_rgb_with_a_transparent_colour(tmp_path):
+    im = _rgb(colour=(10, 200, 10))
+    im.paste((0, 0, 0), (0, 0, 20, 30))
+    a = _check_rgb(dl.load_image(_save(im, tmp_path / "trns.png", transparency=(0, 0, 0))))
+    assert tuple(a[5, 5]) == (255, 255, 255) and tuple(a[5, 30]) == (10, 200, 10)
+
+
+def test_image_phone_jpeg_is_turned_upright(tmp_path):
+    """Pillow opens many phone cameras' JPEGs as MPO: their EXIF orientation applies as a plain JPEG's does."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    im = Image.new("RGB", (80, 40), (50, 60, 70))
+    p = _save(im, tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[im], exif=exif)
+    assert Image.open(p).format == "MPO" and dl.load_image(p)[0].size == (40, 80)
+
+
+def test_image_prep_of_a_very_long_strip_resizes_only_what_it_keeps():
+    """A 60000 x 2 picture centre-cropped: the result without a resize of the whole strip to 256 px high (7.7 M
+    pixels wide), and the same view as the plain path gives for an ordinary picture."""
+    prep = dl.ImagePrep(32)
+    assert prep(Image.new("RGB", (60000, 2), (200, 30, 60))).shape == (3, 32, 32)
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (30, 2000, 3), dtype=np.uint8))  # 37 x 2466 after the resize: 89 k
+    plain = prep(im)
+    big = dl.ImagePrep(32, short=400)(im)  # 400 x 26667 = 10.7 M pixels > 16 x 32^2: the region path
+    assert plain.shape == big.shape == (3, 32, 32) and (plain - big).abs().mean() < 1.0
+
+
 def test_image_animated_gif_first_frame(tmp_path):
     frames = [_rgb(colour=c).convert("P") for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     p = _save(frames[0], tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
@@ -451,6 +494,8 @@ def test_find_image_extension_order(tmp_path):
     assert dl.find_image(tmp_path, "zzz") == tmp_path / "zzz.jpg"  # missing: the README's default name
     (tmp_path / "b.png").rename(tmp_path / "C.JPG")  # a camera's upper-case extension, named with or without it
     assert dl.find_image(tmp_path, "C") == dl.find_image(tmp_path, "C.jpg") == tmp_path / "C.JPG"
+    _save(_rgb(), tmp_path / "noext", format="PNG")  # a file named by the IMGID alone
+    assert dl.find_image(tmp_path, "noext") == tmp_path / "noext"
 
 
 # ----------------------------------------------------------------------------- dataset / batches
@@ -538,11 +583,20 @@ def test_dataset_batch_contract(tiny, minilm_tok, tmp_path, mode):
 
 
 def test_corrupt_image_falls_back_to_text_only(tiny, minilm_tok, tmp_path, capsys):
+    """Read as pixels, a picture that does not decode is text-only from the start (so --image_control never pairs
+    it), counted by describe(); one that breaks after the dataset was built falls back when read, warned once."""
     d, posts, lm = tiny
-    (tmp_path / f"{posts['train'][0].imgid}.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    ds = dl.MNERDataset(posts["train"][:2], minilm_tok, lm, 64, img_root=tmp_path, image_mode="pixels",
-                        prep=dl.ImagePrep(16))
-    assert ds.has_image == [True, False]
+    path = tmp_path / f"{posts['train'][0].imgid}.jpg"
+    path.write_bytes(b"\xff\xd8\xff garbage")
+    make = lambda: dl.MNERDataset(posts["train"][:2], minilm_tok, lm, 64, img_root=tmp_path,  # noqa: E731
+                                  image_mode="pixels", prep=dl.ImagePrep(16))
+    ds = make()
+    assert ds.has_image == [False, False] and ds.image_status[0].startswith("unreadable")
+    assert "unreadable 1" in ds.describe()
+    _save(_rgb(), path, format="JPEG")
+    ds = make()
+    assert ds.has_image == [True, False] and ds[0]["has_image"] is True
+    path.write_bytes(b"\xff\xd8\xff garbage")
     item = ds[0]
     assert item["has_image"] is False and (item["pixel_values"] == 0).all()
     ds[0]

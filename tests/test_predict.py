@@ -98,7 +98,8 @@ def test_post_from_record_variants():
     assert p.spans == [(0, 3), (5, 9), (9, 10)] and p.image is None
     for rec, msg in [({"text": 3}, '"text" must be a string'), ({"tokens": []}, '"tokens" must be a non-empty'),
                      ({"image": "a.jpg"}, 'needs "text"'), ({"text": "  "}, "has no words"),
-                     ({"text": "a b", "tokens": ["a", "c"]}, "token 'c' is not in"), ([1], "expected a JSON object")]:
+                     ({"text": "a b", "tokens": ["a", "c"]}, "token 'c' is not in"), ([1], "expected a JSON object"),
+                     ({"tokens": ["a\tb", "c"]}, "must not hold tabs or line breaks")]:
         with pytest.raises(ValueError, match=msg):
             predict.post_from_record(rec, "x")
 

@@ -205,6 +205,8 @@ BAD = {
     "not_object": (422, "expected a JSON object", lambda: {"json": [3]}),
     "bad_tokens": (422, '"tokens" must be', lambda: {"json": {"tokens": "abc"}}),
     "server_path": (422, '"image" (a server path)', lambda: {"json": {"text": "a", "image": "/etc/passwd"}}),
+    "form_server_path": (422, 'field "image" must be an uploaded file', lambda: {"data": {"text": "a",
+                                                                                         "image": "/etc/passwd"}}),
     "bad_base64": (422, "not valid base64", lambda: {"json": {"text": "a", "image_b64": "@@@"}}),
     "not_image": (422, "not a readable image", lambda: {"json": {"text": "a", "image_b64": b64(b"hello")}}),
     "truncated": (422, "image is", lambda: {"json": {"text": "a", "image_b64": b64(png_bytes()[:60])}}),
@@ -397,3 +399,32 @@ def test_page_tags_a_post_with_an_image_in_a_real_browser(server, tmp_path):
     for (t, w, shown_text), e in zip(marks, want["entities"]):  # what a reader sees: the words, type and score
         assert shown_text.startswith(w) and f"{t} {e['score']:.2f}" in shown_text
     assert png.stat().st_size > 1000
+
+
+def test_batcher_never_exceeds_max_batch_posts():
+    """Requests that would take a batch past --max_batch_posts wait for the next one; a bigger request is a batch of
+    its own."""
+    import serve
+
+    class Fake:
+        uses_image = False
+
+        def __init__(self):
+            self.sizes = []
+
+        def tag(self, words, feats, batch_size):
+            self.sizes.append(len(words))
+            return [{"tags": ["O"] * len(w)} for w in words]
+
+    async def main():
+        rt = Fake()
+        b = serve.Batcher(rt, max_posts=4, window_s=0.2)
+        task = asyncio.create_task(b.run())
+        sizes = (3, 3, 1, 10, 2)
+        out = await asyncio.gather(*(b.submit([["w"]] * n, [None] * n) for n in sizes))
+        task.cancel()
+        return rt.sizes, [len(r) for r in out]
+    batches, answered = asyncio.run(main())
+    assert answered == [3, 3, 1, 10, 2]
+    assert sum(batches) == 19 and all(s <= 4 for s in batches if s != 10), batches
+    assert 10 in batches  # the big request alone

@@ -228,11 +228,9 @@ class Bundle(Runtime):
         for f in [meta["text"], meta.get("mm"), meta.get("vision"), "label_map.json", "tokenizer"]:
             if f and not (self.dir / f).exists():
                 raise ConfigError(f"--bundle {path}: {f} is missing; export the bundle again")
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        kw = {"add_prefix_space": True} if meta.get("add_prefix_space") else {}
-        tok = AutoTokenizer.from_pretrained(str(self.dir / "tokenizer"), use_fast=True, **kw)
+        tok = D.fast_tokenizer(self.dir / "tokenizer")
         crf = dict(np.load(self.dir / "crf.npz")) if meta["head"] == "crf" else None
         self._setup(meta, D.LabelMap.load(self.dir / "label_map.json"), tok, crf)
         self.threads = threads or session_threads()

@@ -97,6 +97,19 @@ class LabelMap:
 
 # ----------------------------------------------------------------------------- tokenize / align
 
+def fast_tokenizer(path):
+    """The fast tokenizer in directory `path` (ValueError without one: word alignment needs it). A byte-level BPE
+    tokenizer (RoBERTa, GPT-2, BART, ...: its pre-tokenizer says so) is loaded with add_prefix_space, so that a word
+    given on its own is split as it is inside a sentence, after a space."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    if not tok.is_fast:
+        raise ValueError("needs a fast tokenizer (tokenizer.json) for word alignment")
+    if "ByteLevel" in json.dumps(json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer")):
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, add_prefix_space=True)
+    return tok
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]

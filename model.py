@@ -34,24 +34,17 @@ import torch.nn.functional as F
 
 from config import APPLIES, ConfigError, resolve_text_encoder
 from crf import CRFHead, bioes_to_bio
-from dataloader import CASE_SHAPES
+import dataloader as D
 from efficientnet import efficientnet_weights_file, load_efficientnet_lite0
 
 # ============================================================================ encoders
 
-BYTE_LEVEL_TYPES = {"roberta", "longformer", "bart", "gpt2", "deberta", "camembert_bpe"}
-
-
 def load_tokenizer(config):
-    """The fast tokenizer of --text_encoder; byte-level BPE ones get add_prefix_space for pre-split words."""
-    from transformers import AutoConfig, AutoTokenizer
-    path = resolve_text_encoder(config.text_encoder)
-    kind = AutoConfig.from_pretrained(path).model_type
-    kw = {"add_prefix_space": True} if kind in BYTE_LEVEL_TYPES else {}
-    tok = AutoTokenizer.from_pretrained(path, use_fast=True, **kw)
-    if not tok.is_fast:
-        raise ConfigError(f"--text_encoder {path}: needs a fast tokenizer (tokenizer.json) for word alignment")
-    return tok
+    """The fast tokenizer of --text_encoder (dataloader.fast_tokenizer)."""
+    try:
+        return D.fast_tokenizer(resolve_text_encoder(config.text_encoder))
+    except ValueError as e:
+        raise ConfigError(f"--text_encoder {config.text_encoder}: {e}") from None
 
 
 def text_positions(cfg) -> int | None:
@@ -742,7 +735,7 @@ class Tagger(nn.Module):
         self.text = TextEncoder(config)
         H = self.text.hidden
         # an uncased encoder cannot see "apple" vs "Apple"; the word shape gives it back
-        self.case = nn.Embedding(len(CASE_SHAPES), H, padding_idx=0) if config.case_features else None
+        self.case = nn.Embedding(len(D.CASE_SHAPES), H, padding_idx=0) if config.case_features else None
         self.drop = nn.Dropout(p)
         self.vision = self.resampler = self.stack = self.gate = self.coattn = self.nce_proj = self.type_head = None
         if fusion:

@@ -14,7 +14,7 @@ import bundle as BU
 import dataloader as D
 from config import ConfigError
 from crf import CRFHead
-from model import BYTE_LEVEL_TYPES, load_tokenizer
+from model import load_tokenizer
 from explain import Explain, explain_side
 from runner import load_run
 
@@ -49,7 +49,6 @@ def bundle_meta(config, model, label_map, run: Path, fmt: str, int8: bool, opset
             "max_len": config.max_len, "eval_mode": config.eval_mode, "text_encoder": config.text_encoder,
             "bio_constraints": config.bio_constraints,  # crf.npz holds the banned scores when on
             "image_encoder": config.image_encoder if uses_image else None,
-            "add_prefix_space": model.text.model.config.model_type in BYTE_LEVEL_TYPES,
             "image_prep": dataclasses.asdict(prep) if prep else None,
             "image_feats": list(model.vision.feat_shape) if uses_image else None,
             "cached_features": bool(model.vision.cacheable) if uses_image else None, "text": f"text.{ext}",

@@ -852,3 +852,17 @@ def test_label_map_layout_is_checked():
     with pytest.raises(ValueError, match="B-X, I-X pairs"):
         dl.LabelMap(["<PAD>", "O", "B-PER"])
     assert dl.LabelMap(["<PAD>", "O", "B-LOC", "I-LOC", "B-PER", "I-PER"]).types == ["LOC", "PER"]
+
+
+def test_a_byte_level_tokenizer_reads_a_lone_word_as_inside_a_sentence(tiny_roberta_dir, tmp_path):
+    """A byte-level BPE tokenizer saved without add_prefix_space (any model type: the pre-tokenizer tells) is loaded
+    with it, so a pre-split word gets the sub-words it has after a space in running text."""
+    from transformers import RobertaTokenizer
+    RobertaTokenizer(vocab=f"{tiny_roberta_dir}/vocab.json", merges=f"{tiny_roberta_dir}/merges.txt").save_pretrained(
+        tmp_path)
+    tok = dl.fast_tokenizer(tmp_path)
+    words = ["Kevin", "Durant", "enters", "Oracle", "Arena"]
+    lone = tok(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    assert lone == tok(" " + " ".join(words), add_special_tokens=False)["input_ids"]
+    bert = dl.fast_tokenizer(__import__("config").resolve_text_encoder("minilm"))
+    assert bert(words, is_split_into_words=True)["input_ids"] == bert(" ".join(words))["input_ids"]

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from config import cli, get_config
 from images import find_image, load_image
 from metrics import get_entities
-from readers import (DATA_DIR, DATASETS, SPLIT_FILES, DataError, ReadReport, _decode_lines, dataset_dir, image_root,
-                     load_split, split_hashes, split_overlaps)
+from readers import (DATA_DIR, DATASETS, SPLIT_FILES, DataError, DatasetSpec, ReadReport, _decode_lines, dataset_dir,
+                     image_root, load_split, split_hashes, split_overlaps)
 
 
 def check_dataset(config) -> str:
@@ -25,6 +25,9 @@ def check_dataset(config) -> str:
     hashes = split_hashes(config)
     posts = {s: load_split(config, s) for s in hashes}
     lines = [f"{config.dataset_name} in {dataset_dir(config)}"]
+    spec = DATASETS.get(config.dataset_name)
+    lines += [f"  {s}: no {spec.file(s) if spec else SPLIT_FILES[s]} there; train.py needs train, valid and test"
+              for s in SPLIT_FILES if s not in hashes]
     for s, ps in posts.items():
         types = Counter(t for p in ps for t, _, _ in get_entities(p.tags, config.eval_mode))
         root = image_root(config, s)
@@ -50,8 +53,10 @@ def describe_datasets(data_dir=DATA_DIR) -> str:
             return str(p.resolve().relative_to(Path.cwd()))
         except ValueError:
             return str(p)
-    out = []
-    for name, spec in DATASETS.items():
+    out, known = [], {spec.folder for spec in DATASETS.values()}
+    custom = [(d.name, DatasetSpec("custom CoNLL+IMGID folder", d.name, types=None))
+              for d in sorted(f.parent for f in Path(data_dir).glob("*/train.txt")) if d.name not in known]
+    for name, spec in [*DATASETS.items(), *custom]:
         d = Path(data_dir) / spec.folder
         sizes, lines = [], []
         for split in SPLIT_FILES:
@@ -82,7 +87,7 @@ def describe_datasets(data_dir=DATA_DIR) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="MANGO datasets")
+    ap = argparse.ArgumentParser(description="MANGO datasets", allow_abbrev=False)
     ap.add_argument("--list", action="store_true", help="list the datasets with split sizes and file locations")
     ap.add_argument("--check", default="", metavar="DATASET",
                     help="per split: posts, entities per type, images found / missing / unreadable, content hash, "
@@ -91,8 +96,12 @@ def main(argv=None):
     ap.add_argument("--image_root", default="", help="with --check: the image folder, if not the dataset's own")
     args = ap.parse_args(argv)
     if args.check:
-        cfg = get_config(["--dataset_name", args.check, "--data_dir", args.data_dir, "--image_root", args.image_root])
-        cli(lambda: print(check_dataset(cfg)))
+        cfg = get_config([f"--dataset_name={args.check}", f"--data_dir={args.data_dir}",
+                          f"--image_root={args.image_root}"])
+        out = check_dataset(cfg)
+        print(out)
+        if "\n  error: " in out:  # posts shared between splits: a script checking a release should stop
+            raise SystemExit(1)
     elif args.list:
         print(describe_datasets(args.data_dir))
     else:
@@ -100,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -291,7 +291,7 @@ class MNERDataset(torch.utils.data.Dataset):
             if self.control != "none":
                 s += f", image control {self.control}"
         if self.n_iob2:
-            s += f", {self.n_iob2} chunks opening with I- trained as B- (--bio_constraints)"
+            s += f", {self.n_iob2} chunk{'s' * (self.n_iob2 > 1)} opening with I- trained as B- (--bio_constraints)"
         if self.targets is not None:
             n_un = sum(not p.labelled for p in self.posts)
             s += f", teacher marginals on every post ({n_un} of them unlabelled)"

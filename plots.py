@@ -31,7 +31,12 @@ TYPE_COLOURS = {"PER": (214, 39, 40), "LOC": (44, 160, 44), "ORG": (31, 119, 180
 
 @functools.cache
 def font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+    """DejaVu Sans where the system has it (accented, Greek and Cyrillic words drawn as written), else Pillow's own
+    Latin-only font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
 
 
 @functools.cache
@@ -308,12 +313,13 @@ def read_steps(run: Path, rows: list[dict]) -> list[dict]:
     return [{"step": r["step"], **{k[6:]: v for k, v in r.items() if k.startswith("train_")}} for r in rows]
 
 
-def run_plots(run, split: str, out_dir) -> list[Path]:
+def run_plots(run, split: str, out_dir, tag: str = "") -> list[Path]:
     """The four run pictures from the files in the run directory -> PNGs in out_dir.
 
     dev_f1.png and losses.png need metrics.jsonl (losses.png: steps.jsonl; a run trained before steps.jsonl
-    existed gets its per-epoch mean losses instead); <split>_per_type.png and <split>_confusion.png need
-    <split>_report.json and <split>_predictions.conll (test.py writes them just before).
+    existed gets its per-epoch mean losses instead); <split>_per_type<tag>.png and <split>_confusion<tag>.png need
+    <split>_report<tag>.json and <split>_predictions<tag>.conll (test.py writes them just before; `tag` names a
+    control, decoding or bundle scoring, as test.py does).
     """
     run, out_dir = Path(run), Path(out_dir)
     metrics = run / "metrics.jsonl"
@@ -322,10 +328,10 @@ def run_plots(run, split: str, out_dir) -> list[Path]:
     rows = read_jsonl(metrics)
     out = [dev_f1_curve(rows, out_dir / "dev_f1.png")]
     out.append(loss_curves(read_steps(run, rows), [r["step"] for r in rows], out_dir / "losses.png"))
-    report = json.loads((run / f"{split}_report.json").read_text())
-    out.append(per_type_bars(report, out_dir / f"{split}_per_type.png", split))
-    gold, pred = read_conll_tags(run / f"{split}_predictions.conll")
-    out.append(confusion_matrix(gold, pred, out_dir / f"{split}_confusion.png", split))
+    report = json.loads((run / f"{split}_report{tag}.json").read_text())
+    out.append(per_type_bars(report, out_dir / f"{split}_per_type{tag}.png", split + tag))
+    gold, pred = read_conll_tags(run / f"{split}_predictions{tag}.conll")
+    out.append(confusion_matrix(gold, pred, out_dir / f"{split}_confusion{tag}.png", split + tag))
     return out
 
 

@@ -12,7 +12,8 @@ image, then `word<TAB>tag`). --out_dir defaults to the run directory. A post wit
 is missing or unreadable (one warning line), is tagged text-only, exactly as in training.
 
 Words: raw text is split by TOKEN_RE: URLs, @mentions and #hashtags stay whole, a word keeps inner ' and -
-("don't", "Jean-Luc"), every other punctuation character is a word of its own, whitespace separates words.
+("don't", "Jean-Luc") and its combining marks, every other character (an emoji with its modifiers, a punctuation
+mark) is a word of its own, whitespace separates words.
 "tokens" are taken as given: without "text" the text is the words joined by single spaces; with both, the
 words are found left to right in the text. From there the training code runs unchanged: the run's config.json
 and label_map.json (runner.load_run), dataloader.make_dataset (encode_windows: sub-words, and posts longer
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
+import regex
 import sys
 import time
 from pathlib import Path
@@ -53,8 +54,10 @@ from metrics import get_entities
 
 # model.py, test.py, plots and cv2 are imported where used: --bundle runs without the training code
 
-# a URL | an @mention or #hashtag | a word with inner ' ’ or - | any other non-space character on its own
-TOKEN_RE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+|\w+(?:['’-]\w+)*|[^\w\s]")
+# a URL | an @mention or #hashtag | a word (letters with their combining marks: Devanagari, Thai, a decomposed
+# accent) with inner ' ’ or - | any other character on its own, with what combines with it (an emoji's variation
+# selector and skin tone, a flag's two letters, a ZWJ sequence: one grapheme)
+TOKEN_RE = regex.compile(r"https?://\S+|www\.\S+|[@#][\w\p{M}]+|[\w\p{M}]+(?:['’-][\w\p{M}]+)*|(?![\w\s])\X")
 VIEW = 320        # side in pixels of the image as drawn
 MAX_PANELS = 6    # overlays in one attention picture (a post with more entities shows its first six)
 
@@ -142,7 +145,7 @@ def read_posts(path, lenient: bool = False) -> list[NewPost]:
 def dataset_posts(posts: list[NewPost], use_images: bool) -> list[D.Post]:
     """dataloader Posts (tags all O) whose IMGID is the image's absolute path (None: text-only).
 
-    A named image that is not there, or not a .jpg/.jpeg/.png, gets one warning line and the text-only path.
+    A named image that is not there gets one warning line and the text-only path.
     """
     out = []
     for p in posts:
@@ -151,9 +154,7 @@ def dataset_posts(posts: list[NewPost], use_images: bool) -> list[D.Post]:
             f = Path(p.image).expanduser().resolve()
             if not f.exists():
                 warn(f"{p.source}: image {p.image} is missing; this post is tagged text-only")
-            elif f.suffix.lower() not in D.IMAGE_EXTS:
-                warn(f"{p.source}: image {p.image} is not {'/'.join(D.IMAGE_EXTS)}; this post is tagged text-only")
-            else:
+            else:  # whatever its name: the decoder decides (a file it cannot read is warned about when read)
                 img = str(f)
         out.append(D.Post(p.words, ["O"] * len(p.words), img, p.source))
     return out
@@ -289,6 +290,7 @@ def main(argv=None) -> list[dict]:
                                            {k: getattr(args, k) for k in given & RUNTIME_FLAGS})
     if "use_image" in given:  # after the model is built: --no-use_image runs a multimodal model text-only
         config.use_image = args.use_image
+    config.image_control = "none"  # new posts are shown their own pictures, whatever control the run trained under
     off = image_path_off(model, config)
     if args.explain and off:
         raise ExplainRefused(f"--explain: {off}, so there is no text->image attention "

@@ -19,7 +19,8 @@ from config import ROOT, UserError
 
 DATA_DIR = ROOT / "data"
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
-TAG_RE = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z_]*)$")
+# a type name opens with a letter and closes with a letter or digit (WNUT-17's B-creative-work, B-GPE2, B-WORK_OF_ART)
+TAG_RE = re.compile(r"^(O|[BI]-[^\W\d_](?:[\w.-]*[^\W_])?)$")
 RAW_TYPE_MAP = {"OTHER": "MISC"}  # Twitter-2015 calls MISC "OTHER"; papers score them as one type
 
 
@@ -263,6 +264,7 @@ class DatasetSpec:
     types: tuple | None = ("PER", "LOC", "ORG", "MISC")  # entity types; None = whatever train holds
     layout: str = CONLL_LAYOUT
     source: str = ""                            # where the files come from
+    raw_types: bool = True                      # False: its types are read through RAW_TYPE_MAP (Twitter-2015)
 
     def reader(self):
         """read_conll, or the named converter of data/convert.py: (path, lenient, report) -> list[Post]."""
@@ -284,7 +286,7 @@ class DatasetSpec:
 
 DATASETS = {
     "twitter2015": DatasetSpec("Twitter-2015 MNER (UMT release); OTHER read as MISC", "twitter2015",
-                               source="copies in ../shared/datasets/twitter2015/"),
+                               source="copies in ../shared/datasets/twitter2015/", raw_types=False),
     "twitter2017": DatasetSpec("Twitter-2017 MNER (UMT release)", "twitter2017",
                                source="copies in ../shared/datasets/twitter2017/"),
     "demo": DatasetSpec("synthetic visual-disambiguation set made by data/make_demo.py", "demo",
@@ -355,7 +357,8 @@ def load_split(config, split: str, report: ReadReport | None = None) -> list[Pos
         raise DataError(f"{path} not found: dataset {config.dataset_name} expects {files} in {d}/ ({spec.layout}), "
                         f"{img}{f'; {spec.source}' if spec.source else ''}")
     if not spec.converter:
-        return read_conll(path, lenient=config.lenient_data, keep_raw_types=config.keep_raw_types, report=report)
+        return read_conll(path, lenient=config.lenient_data, keep_raw_types=config.keep_raw_types or spec.raw_types,
+                          report=report)
     report = report if report is not None else ReadReport(str(path))
     posts = spec.reader()(path, lenient=config.lenient_data, report=report)
     print(f"{config.dataset_name}/{split}: {report.summary()}")

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 import dataloader as D
-from config import ROOT, config_from_dict
+from config import ROOT, ConfigError, cli, config_from_dict
 
 MODEL_NAMES = {"roberta_crf": "text-only baseline (roberta_crf)", "MNER": "MNER + EfficientNet-Lite0",
                "MNER_dual": "MNER + dual granularity",
@@ -65,6 +65,9 @@ def collect(save_dir: Path, dataset: str, model: str, seeds: list[int]) -> dict 
         if not (run / "test_report.json").is_file():
             missing.append(s)
             continue
+        if not (run / "metrics.jsonl").is_file():
+            raise ConfigError(f"{run}: test_report.json without metrics.jsonl; not a finished train.py run: rerun it "
+                              "or move it out of --save_dir")
         test = json.loads((run / "test_report.json").read_text())
         rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         best = max(rows, key=lambda r: r["dev_f1"])
@@ -191,7 +194,7 @@ def peer_table(json_files: list[str]) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--datasets", nargs="+", default=["twitter2017", "twitter2015", "demo"], help="datasets to collect")
     ap.add_argument("--models", nargs="+", default=list(MODEL_NAMES), help="model keys of script/reproduce.sh")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds to collect")
@@ -238,4 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

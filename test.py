@@ -43,6 +43,10 @@ def main(argv=None):
         if Path(rt.meta["run"]).name != cli.save_name:
             raise ConfigError(f"--bundle {cli.bundle} was exported from run {Path(rt.meta['run']).name}, not from "
                               f"--save_name {cli.save_name}; name the run it came from")
+        if rt.meta["head"] == "crf" and config.bio_constraints != rt.meta["bio_constraints"]:  # baked into crf.npz
+            raise ConfigError(f"--{'' if config.bio_constraints else 'no-'}bio_constraints: bundle {cli.bundle} "
+                              f"decodes with the BIO bans {'on' if rt.meta['bio_constraints'] else 'off'}, as its "
+                              "run did; score the checkpoint (without --bundle) to decode otherwise")
     vision = model.vision if model.uses_image and config.use_image and not cli.bundle else None
     best = ckpt["epoch"] + 1 if "epoch" in ckpt else "?"
     # a control scoring, another decoding or a bundle writes reports of its own, never over the run's own
@@ -72,7 +76,7 @@ def main(argv=None):
         record(config.record_file, cli.save_name, results, config, D.split_hashes(config))
     if config.plots:
         from plots import run_plots
-        for f in run_plots(run, split, Path(config.out_dir or run) / "plots"):
+        for f in run_plots(run, split, Path(config.out_dir or run) / "plots", tag):
             print(f"wrote {f}")
     return res
 

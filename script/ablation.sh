@@ -108,8 +108,9 @@ while [ $# -gt 0 ]; do
   case $1 in
     --list) mode=list ;;
     --dry-run) mode=dry ;;
-    --exp) pick=${2:-}; shift ;;
-    --exp=*) pick=${1#--exp=} ;;
+    --exp|--exp=*)  # an empty pick would run every experiment
+      if [ "$1" = --exp ]; then pick=${2:-}; shift; else pick=${1#--exp=}; fi
+      [ -n "$pick" ] || { echo "error: --exp needs NAME[,NAME] (bash script/ablation.sh --list)" >&2; exit 2; } ;;
     *) echo "error: unknown argument '$1'; use --list, --dry-run or --exp NAME[,NAME]" >&2; exit 2 ;;
   esac
   shift

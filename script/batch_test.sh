@@ -7,10 +7,13 @@
 # Env: DEVICE BATCH_SIZE EXTRA_ARGS (e.g. "--image_control shuffle"), SPLIT (default valid,test),
 #      SAVE_DIR (default save_models), OUT_DIR
 set -uo pipefail
+caller=$PWD  # relative SAVE_DIR / OUT_DIR are the caller's, not the repo root setup.sh moves to
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 . script/env_args.sh
 SAVE_DIR="${SAVE_DIR:-$MANGO_ROOT/save_models}"
-OUT_DIR="${OUT_DIR:-$PWD/logs_test_$(date +%Y%m%d-%H%M%S)}"
+OUT_DIR="${OUT_DIR:-$MANGO_ROOT/logs_test_$(date +%Y%m%d-%H%M%S)}"
+case $SAVE_DIR in /*) ;; *) SAVE_DIR="$caller/$SAVE_DIR" ;; esac
+case $OUT_DIR in /*) ;; *) OUT_DIR="$caller/$OUT_DIR" ;; esac
 mkdir -p "$OUT_DIR"
 if [ $# -gt 0 ]; then runs=("$@"); else
   runs=(); for d in "$SAVE_DIR"/*/; do [ -f "$d/config.json" ] && runs+=("$(basename "$d")"); done

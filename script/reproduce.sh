@@ -49,16 +49,17 @@ one_run() {  # dataset model seed
   return $rc
 }
 
-fails=0
+failed=$(mktemp)  # one line per failed run, written by the run itself: none is missed however jobs end
 for ds in $DATASETS; do
   for model in $MODELS; do
     for seed in $SEEDS; do
-      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || fails=$((fails + 1)); done
-      one_run "$ds" "$model" "$seed" &
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+      { one_run "$ds" "$model" "$seed" || echo "$ds $model $seed" >> "$failed"; } &
     done
   done
 done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || fails=$((fails + 1)); done
+wait
+fails=$(wc -l < "$failed"); rm -f "$failed"
 python results.py --datasets $DATASETS --models $MODELS --seeds $SEEDS --save_dir "$SAVE_DIR" \
   --note "$JOBS run(s) at a time, $THREADS thread(s) each"
 [ "$fails" -eq 0 ] || { echo "$fails run(s) failed; rerun the same command to resume them" >&2; exit 1; }

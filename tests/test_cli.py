@@ -346,9 +346,9 @@ def test_scripts_from_another_cwd_and_batch_test(trained, base, tmp_path):
     dev = max(json.loads(l)["dev_f1"] for l in (trained / "metrics.jsonl").read_text().splitlines())
     assert [r["run_name"] for r in rows] == ["two"] and float(rows[0]["f1"]) == pytest.approx(rep["f1"], abs=1e-4)
     assert rows[0]["split"] == "test" and float(rows[0]["dev_f1"]) == pytest.approx(dev, abs=1e-4)
-    # batch_test.sh with names: a run that is not there gets an NA row and its log
+    # batch_test.sh with names: a run that is not there gets an NA row and its log; relative folders are the caller's
     p = subprocess.run(["bash", str(ROOT / "script" / "batch_test.sh"), "ghost"], cwd=tmp_path,
-                       env={**env(), "SAVE_DIR": str(only), "OUT_DIR": str(tmp_path / "logs2")},
+                       env={**env(), "SAVE_DIR": "only", "OUT_DIR": "logs2"},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "logs2" / "summary.csv").open()))

@@ -91,10 +91,16 @@ def test_three_columns(tmp_path):
     assert "3 tab-separated columns" in raises_at(p, 5)
 
 
-@pytest.mark.parametrize("tag", ["B-", "PER", "b-PER", "X-LOC", "B-LOC-", "0"])
+@pytest.mark.parametrize("tag", ["B-", "PER", "b-PER", "X-LOC", "B-LOC-", "0", "B-2X", "B-_X"])
 def test_unknown_tag(tmp_path, tag):
     p = write(tmp_path, f"IMGID:1\nNew\tO\nYork\t{tag}\n")
     assert "unknown tag" in raises_at(p, 3)
+
+
+def test_type_names_beyond_letters(tmp_path):
+    tags = ["B-creative-work", "I-creative-work", "B-GPE2", "B-WORK_OF_ART", "B-org.sub", "B-Ort"]
+    p = write(tmp_path, "IMGID:1\n" + "".join(f"w{k}\t{t}\n" for k, t in enumerate(tags)))
+    assert read_conll(p)[0].tags == tags
 
 
 def test_post_without_imgid(tmp_path):
@@ -838,7 +844,7 @@ def test_bio_constraints_fix_training_targets_only(tiny_bert_dir):
         ds = dl.make_dataset(c, "train" if train else "valid", posts, tok, lm, train=train, iob2_labels=iob2)
         return lm.decode(ds.labels[0]), ds.describe()
     fixed, line = labels([])
-    assert fixed == ["O", "B-PER", "I-PER", "O", "B-LOC"] and "1 chunks opening with I-" in line
+    assert fixed == ["O", "B-PER", "I-PER", "O", "B-LOC"] and "1 chunk opening with I-" in line
     for argv, train in (([], False), (["--no-bio_constraints"], True), (["--eval_mode", "strict"], True),
                         (["--model", "bert"], True)):
         assert labels(argv, train)[0] == ["O", "I-PER", "I-PER", "O", "B-LOC"], argv

@@ -72,6 +72,7 @@ def test_shipped_mnre_is_the_shared_release():
 
 def test_list_cli(tmp_path):
     write(tmp_path / "MNRE" / "mnre_train.txt", real_lines("test", range(23, 29)) + real_lines("test", [38, 39]))
+    make_conll(tmp_path / "mine" / "train.txt", [(["Bo"], ["B-PER"], "1")])
     p = subprocess.run([sys.executable, str(ROOT / "check_data.py"), "--list", "--data_dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -81,6 +82,7 @@ def test_list_cli(tmp_path):
     assert "train=2 valid=absent test=absent posts (from 8 lines)" in mnre
     assert "mnre_{train,val,test}.txt" in mnre and "img_org/<train|val|test>/" in mnre
     assert "HacRED/{train,dev,test}.json" in p.stdout and "NewsMKG/{train,valid,test}.txt" in p.stdout
+    assert "\nmine        custom CoNLL+IMGID folder\n            train=1 valid=absent test=absent" in p.stdout
 
 
 def test_list_real_data_dir():
@@ -241,7 +243,7 @@ def test_more_reads_conll_and_custom_folders_still_work(tmp_path):
     make_conll(tmp_path / "MORE" / "valid.txt", [(["a", "Bo"], ["O", "B-PER"], "m1")])
     assert dl.load_split(cfg(tmp_path, "MORE"), "valid")[0].tags == ["O", "B-PER"]
     make_conll(tmp_path / "mine" / "train.txt", [(["Bo"], ["B-OTHER"], "1")])
-    assert dl.load_split(cfg(tmp_path, "mine"), "train")[0].tags == ["B-MISC"]
+    assert dl.load_split(cfg(tmp_path, "mine"), "train")[0].tags == ["B-OTHER"]  # its own types, as written
     assert dl.image_root(cfg(tmp_path, "mine")) == tmp_path / "mine" / "mine_images"
     with pytest.raises(DataError, match="not a known dataset"):
         dl.load_split(cfg(tmp_path, "nothing"), "train")
@@ -388,6 +390,12 @@ def test_check_reports_images_hashes_and_shared_posts(tiny_data_dir, tmp_path):
         (bad / f"{split}.txt").write_text((tiny_data_dir / "tiny" / ("valid.txt" if split == "test" else f"{split}.txt")).read_text())
     out = check_data.check_dataset(C.get_config(["--data_dir", str(bad.parent), "--dataset_name", "rel"]))
     assert "error: valid and test share" in out and "(the same posts)" in out
+    with pytest.raises(SystemExit) as e:  # a script checking a release stops there
+        check_data.main(["--check", "rel", "--data_dir", str(bad.parent)])
+    assert e.value.code == 1
+    (bad / "valid.txt").unlink()
+    out = check_data.check_dataset(C.get_config(["--data_dir", str(bad.parent), "--dataset_name", "rel"]))
+    assert "  valid: no valid.txt there; train.py needs train, valid and test" in out  # said, not skipped
 
 
 @pytest.mark.parametrize("module", ["make_heldout", "make_heldout2"])

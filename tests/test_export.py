@@ -21,7 +21,7 @@ import export
 import predict
 import runtime
 import train
-from config import cli
+from config import ConfigError, cli
 from conftest import CLIP_MEAN, CLIP_STD
 from crf import CRFHead, crf_tags, pin_pad
 
@@ -147,6 +147,11 @@ def test_test_py_scores_a_bundle_as_the_checkpoint(tiny_run, tmp_path, capsys):
     (other / "meta.json").write_text(json.dumps({**meta, "run": "/elsewhere/another_run"}))
     with pytest.raises(ConfigError, match="exported from run another_run, not from --save_name e"):
         test_py.main([*flags, "--bundle", str(other)])
+    flip = "--no-bio_constraints" if meta["bio_constraints"] else "--bio_constraints"
+    with pytest.raises(ConfigError, match=f"^{flip}: bundle .* decodes with the BIO bans"):
+        test_py.main([*flags, "--bundle", str(tiny_run["bundle"]), flip])
+    test_py.main([*flags, "--plots", "--bundle", str(tiny_run["bundle"]), "--out_dir", str(tmp_path)])
+    assert (tmp_path / "plots" / "test_per_type.bundle.png").is_file()  # the bundle's own scores drawn
 
 
 def check_explain(save, name: str, bundle_dir, data_dir) -> None:
@@ -385,3 +390,38 @@ def test_each_tool_takes_only_its_own_flags(tiny_run, capsys):
     assert "--host" in flags["serve"] and not {"--max_len", "--split"} & flags["serve"]
     assert "--int8" in flags["export"] and "--host" not in flags["export"]
     assert "--input" in flags["predict"] and "--record_file" not in flags["predict"]
+
+
+def test_int8_calibrates_on_the_training_posts_own_pictures(tiny_run):
+    """The fused graph's int8 scales come from the features of real training pictures, not of noise; a post without
+    a usable picture gets random pixels."""
+    from runner import load_run
+    config = load_run(tiny_run["save"], "e", {})[0]
+    posts = D.load_split(config, "train")[:6]
+    px = export.calibration_pixels(config, posts, 0)
+    prep, root = D.image_prep_for(config), D.image_root(config, "train")
+    for p, x in zip(posts, px):
+        im = D.load_image(D.find_image(root, p.imgid))[0]
+        assert torch.equal(x, prep(im)) if im is not None else x.std() > 0.5
+    assert any(D.load_image(D.find_image(root, p.imgid))[0] is not None for p in posts)
+
+
+def test_export_never_replaces_a_folder_that_is_not_a_bundle(tiny_run, tmp_path):
+    """--bundle naming a run directory (or any folder without meta.json) is refused before anything is written; an
+    earlier bundle is replaced. An fp32 bundle that tags dev words otherwise than the checkpoint fails the export."""
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    for target in (keep, tiny_run["save"] / "e"):
+        with pytest.raises(ConfigError, match="already there and not a bundle"):
+            export.main([*tiny_run["flags"], "--bundle", str(target)])
+    assert (keep / "notes.txt").read_text() == "mine" and (tiny_run["save"] / "e" / "model.pt").is_file()
+    out = export.main([*tiny_run["flags"], "--bundle", str(tmp_path / "b")])
+    assert export.main([*tiny_run["flags"], "--bundle", str(out)]) == out  # an earlier bundle replaces itself
+
+
+def test_an_fp32_bundle_that_disagrees_fails_the_export(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "check_bundle", lambda *a, **k: {"posts": 2, "words": 9, "agree_words": 8,
+                                                                 "same_posts": 1})
+    with pytest.raises(ConfigError, match="tags 1 dev words otherwise than the checkpoint"):
+        export.main([*tiny_run["flags"], "--bundle", str(tmp_path / "b")])

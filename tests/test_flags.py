@@ -119,11 +119,13 @@ def _allow_split_overlap(env):
 
 
 def _keep_raw_types(env):
-    d = env["tmp"] / "raw" / "raw"
-    make_conll(d / "train.txt", [(["a", "b"], ["B-OTHER", "O"], "1")])
-    argv = ["--data_dir", str(d.parent), "--dataset_name", "raw"]
-    tags = lambda *a: D.load_split(C.get_config(argv + list(a)), "train")[0].tags  # noqa: E731
-    return tags() == ["B-MISC", "O"] and tags("--keep_raw_types") == ["B-OTHER", "O"]
+    """Twitter-2015's OTHER is read as MISC unless the flag keeps it; any other folder keeps its own types."""
+    for name in ("twitter2015", "raw"):
+        make_conll(env["tmp"] / "raw" / name / "train.txt", [(["a", "b"], ["B-OTHER", "O"], "1")])
+    tags = lambda name, *a: D.load_split(C.get_config(  # noqa: E731
+        ["--data_dir", str(env["tmp"] / "raw"), "--dataset_name", name, *a]), "train")[0].tags
+    return tags("twitter2015") == ["B-MISC", "O"] and tags("twitter2015", "--keep_raw_types") == ["B-OTHER", "O"] \
+        and tags("raw") == ["B-OTHER", "O"]
 
 
 def _pixels_differ(env, flags: list[str], base: tuple = ()) -> bool:

@@ -447,3 +447,19 @@ def test_overlay_colours_are_not_stretched(tmp_path):
         panel = np.asarray(Image.open(out).convert("RGB"))[30:30 + S, 12:12 + S]
         reds.append(int(panel[..., 0].max()))
     assert reds[0] < 100 < reds[1], reds  # grey 128 under the colour: 70 = no red at all
+
+
+def test_new_posts_see_their_own_picture_whatever_control_the_run_trained_under(run, image, tmp_path):
+    """A run trained under --image_control blank (a control run), with a vision that trains (no feature cache):
+    predict.py still shows each new post its own picture, as the cached path and --bundle do."""
+    import shutil
+    probs = {}
+    for control in ("none", "blank"):
+        d = tmp_path / control
+        shutil.copytree(run_dir(run), d / "p")
+        cfg = json.loads((d / "p" / "config.json").read_text())
+        cfg.update(image_control=control, vision_trainable=True, unfreeze_last_vision_blocks=1)
+        (d / "p" / "config.json").write_text(json.dumps(cfg))
+        flags = [*run[:1], str(d), *run[2:]]
+        probs[control] = predict.main([*flags, "--text", TEXT, "--image", str(image)])[0]["probs"]
+    assert probs["blank"] == probs["none"]

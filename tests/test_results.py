@@ -230,6 +230,9 @@ def test_reproduce_and_ablation_list(tmp_path):
     p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True,
                        text=True)
     assert p.returncode == 2 and "--exp nope: unknown experiment" in p.stderr
+    for empty in (["--exp"], ["--exp="]):  # never "every experiment"
+        p = subprocess.run(["bash", "script/ablation.sh", *empty], cwd=ROOT, env=env(), capture_output=True, text=True)
+        assert p.returncode == 2 and "--exp needs NAME" in p.stderr, empty
     # the text-path levers: the text model, the experiment's flags after the environment's (they win), no image control
     p = subprocess.run(["bash", "script/ablation.sh", "--dry-run", "--exp", "text_epochs10,text_head_lr"], cwd=ROOT,
                        env=dict(env(), SAVE_DIR=str(tmp_path), EPOCHS="6", DATASET="twitter2017"),

@@ -37,8 +37,9 @@ case's step time against the first case's: the median ratio over the batches and
 to show a few-percent effect on a noisy machine; no memory or eval figures). There a case may carry flags of its own
 after "+" (text+--amp), so a speed option is paired against the same model without it.
 Distance to the hardware: each case's train GFLOP/s (torch's FlopCounterMode count of matrix products,
-convolutions and attention over 4 train steps, per post, times train posts/s) beside the machine's fp32 matmul
-peak at the same thread count (a 1024 x 1024 product in a loop).
+convolutions and attention over 4 train steps, per post, times train posts/s; on CPU it counts no fused attention
+kernel, about 1 % of a text step) beside the machine's fp32 matmul peak at the same thread count (a 1024 x 1024
+product in a loop).
 """
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def matmul_peak(device, sync=lambda: None, n: int = 1024, seconds: float = 0.5) 
 
 def flops_per_post(step, batches: list, size) -> float:
     """Floating-point operations per post of train steps (forward and backward) as torch's FlopCounterMode counts
-    them: matrix products, convolutions and attention, the work that can approach the matmul peak."""
+    them: matrix products and convolutions, the work that can approach the matmul peak (on CPU it counts no fused
+    attention kernel: about 1 % of the text path's step)."""
     from torch.utils.flop_counter import FlopCounterMode
     total = posts = 0
     for b in batches:
@@ -211,18 +213,22 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
         sched.step()
         opt.zero_grad()
 
+    def sync():
+        if r.device.type == "cuda":
+            torch.cuda.synchronize()
+
     r.model.train()
     for b in batches[:2]:  # warm-up, not timed
         step(b)
-    train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, len)
-    flops = achieved(step, batches, len, statistics.median(train_tps), torch.device("cpu"))
+    train_tps, train_cps, rss0, rss1 = timed_steps(step, batches, spec, len, sync=sync)
+    flops = achieved(step, batches, len, statistics.median(train_tps), r.device, sync)
 
     def decode_all():  # tokenise, forward, each word's first sub-word argmax, read out per post
         for k in range(0, len(dev), config.batch_size):
             r.tag(dev[k:k + config.batch_size])
 
     r.model.eval()
-    eval_tps = timed_eval(decode_all, len(dev), spec["repeats"])
+    eval_tps = timed_eval(decode_all, len(dev), spec["repeats"], sync)
     tps = statistics.median(train_tps)
     n_sub = {id(p): len(r.tok(p.tokens, is_split_into_words=True)["input_ids"]) for p in posts}
     pad = 1 - sum(n_sub.values()) / sum(len(b) * max(n_sub[id(p)] for p in b) for b in batches)
@@ -231,7 +237,7 @@ def run_recipe(spec: dict, argv: list[str]) -> dict:
             "epoch_s": seconds(len(posts) / tps), "epoch_cpu_s": seconds(len(posts) / statistics.median(train_cps)),
             "eval_posts_per_s": round(eval_tps, 1),
             "peak_rss_mib": round(rss1 / 1024), "train_rss_growth_mib": round((rss1 - rss0) / 1024),
-            "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": "cpu",
+            "peak_cuda_mib": None, "n_train": len(posts), "batch_size": config.batch_size, "device": str(r.device),
             "threads": torch.get_num_threads(), "pad_share": round(pad, 3), **flops}
 
 
@@ -529,4 +535,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from config import cli
+    cli(main)

@@ -26,7 +26,7 @@ import dataloader as D
 from config import ConfigError, UserError
 from crf import CRFHead
 from model import load_tokenizer
-from runner import load_run, run_batches, runs_with
+from runner import load_run, read_run_json, run_batches, runs_with
 
 TEACHER_CODE_VERSION = 1  # raised when what a cached marginal means changes
 
@@ -137,6 +137,12 @@ def teacher_targets(config, posts: list[D.Post], label_map: D.LabelMap, device) 
     if tlabels.labels != label_map.labels:
         raise ConfigError(f"--teacher_run {config.teacher_run}: its labels {tlabels.labels[2:]} are not this run's "
                           f"{label_map.labels[2:]}; pick a teacher trained on --dataset_name {config.dataset_name}")
+    theirs = (read_run_json(run / "config.json").get("data_hash") or {}).get("train")
+    ours = (getattr(config, "data_hash", None) or {}).get("train")
+    if theirs and ours and theirs != ours:  # a teacher of another release may have seen this run's dev or test posts
+        raise ConfigError(f"--teacher_run {config.teacher_run}: it trained on another train split "
+                          f"({tconfig.dataset_name}, sha256 {theirs}) than this run's ({ours}); pick a teacher trained "
+                          f"on this --dataset_name")
     cache = TeacherCache(config.cache_dir, run, config.distill_temperature)
     keys = [cache.key(p) for p in posts]
     todo = {k: p for k, p in zip(keys, posts) if k not in cache.entries}  # each distinct post once

@@ -20,6 +20,7 @@ from pathlib import Path
 import dataloader as D
 from config import cli, get_config, resolve_text_encoder
 from metrics import evaluate, format_report
+from runner import pick_device
 
 
 def first_subwords(word_ids) -> list[tuple[int, int]]:
@@ -36,7 +37,7 @@ class Recipe:
     """The recipe's tokenizer, label list and model on config.text_encoder (labels: the train split's tags, sorted)."""
 
     def __init__(self, config, train_posts: list[D.Post]):
-        from transformers import AutoModelForTokenClassification, AutoTokenizer
+        from transformers import AutoModelForTokenClassification
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -44,19 +45,20 @@ class Recipe:
         self.labels = sorted({t for p in train_posts for t in p.tags})
         self.lid = {t: i for i, t in enumerate(self.labels)}
         path = resolve_text_encoder(config.text_encoder)
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(self.labels))
+        self.tok = D.fast_tokenizer(path)  # as the recipe: add_prefix_space for a byte-level BPE
+        self.device = pick_device(config.device)
+        self.model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(self.labels)).to(self.device)
 
     def tokenise(self, batch: list[D.Post]):
         """The batch's inputs [B, T], tokenised per batch as the recipe does."""
         return self.tok([p.tokens for p in batch], is_split_into_words=True, truncation=True,
-                        max_length=self.config.max_len, padding=True, return_tensors="pt")
+                        max_length=self.config.max_len, padding=True, return_tensors="pt").to(self.device)
 
     def encode(self, batch: list[D.Post]):
         """(inputs [B, T], labels [B, T] on each word's first sub-word, -100 elsewhere) for training."""
         import torch
         x = self.tokenise(batch)
-        y = torch.full(x["input_ids"].shape, -100)
+        y = torch.full(x["input_ids"].shape, -100, device=self.device)
         for b, p in enumerate(batch):
             for j, w in first_subwords(x.word_ids(b)):
                 y[b, j] = self.lid.get(p.tags[w], -100)  # a tag train never had is not learnt from

@@ -164,13 +164,15 @@ def line_chart(draw: ImageDraw.ImageDraw, box, series, title: str, xlabel: str =
 
 
 def dev_f1_curve(rows: list[dict], path) -> Path:
-    """Dev precision, recall and F1 per epoch from metrics.jsonl rows; the best-F1 epoch (model.pt) circled."""
+    """Dev precision, recall and F1 per epoch from metrics.jsonl rows; the epoch model.pt holds circled (the last
+    that counted as a gain, --min_gain)."""
     img = Image.new("RGB", (720, 420), WHITE)
     ep = [r["epoch"] for r in rows]
     series = [(name, ep, [r[f"dev_{k}"] for r in rows], c, w)
               for name, k, c, w in (("precision", "precision", PALETTE[0], 1), ("recall", "recall", PALETTE[1], 1),
                                     ("F1", "f1", PALETTE[3], 3))]
-    best = max(rows, key=lambda r: r["dev_f1"])
+    kept = [r for r in rows if r.get("improved")]
+    best = kept[-1] if kept else max(rows, key=lambda r: r["dev_f1"])  # rows of older versions lack "improved"
     line_chart(ImageDraw.Draw(img), (0, 0, 720, 420), series, "dev entity P / R / F1 per epoch", "epoch", (0.0, 1.0),
                marks=[(best["epoch"], best["dev_f1"], f"best {best['dev_f1']:.3f}")], integer_x=True)
     return save(img, path)
@@ -310,7 +312,8 @@ def read_steps(run: Path, rows: list[dict]) -> list[dict]:
     f = run / "steps.jsonl"
     if f.is_file():
         return sorted({r["step"]: r for r in read_jsonl(f)}.values(), key=lambda r: r["step"])
-    return [{"step": r["step"], **{k[6:]: v for k, v in r.items() if k.startswith("train_")}} for r in rows]
+    return [{"step": r["step"], **{k[6:]: v for k, v in r.items() if k.startswith("train_") and k != "train_s"}}
+            for r in rows]
 
 
 def run_plots(run, split: str, out_dir, tag: str = "") -> list[Path]:

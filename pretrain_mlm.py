@@ -26,13 +26,10 @@ from pathlib import Path
 import torch
 
 import dataloader as D
-from config import ROOT, get_config, resolve_text_encoder
+from config import ROOT, cli, get_config, resolve_text_encoder
+from distill import post_key  # letters and digits only: a re-tokenised copy of a tweet is the same post
 
 TWITTER = ("twitter2015", "twitter2017")
-
-
-def words_key(tokens: list[str]) -> str:
-    return " ".join(tokens).lower()
 
 
 def build_corpus(data_dir: str, sources: list[str]) -> tuple[list[list[str]], dict]:
@@ -42,13 +39,13 @@ def build_corpus(data_dir: str, sources: list[str]) -> tuple[list[list[str]], di
     for name in TWITTER:
         for split in ("valid", "test"):
             cfg = get_config(["--dataset_name", name, "--data_dir", data_dir])
-            held_out |= {words_key(p.tokens) for p in D.load_split(cfg, split)}
+            held_out |= {post_key(p.tokens) for p in D.load_split(cfg, split)}
     corpus, seen, report = [], set(), {"held_out_posts": len(held_out), "sources": {}}
     for name in sources:
         posts = D.load_split(get_config(["--dataset_name", name, "--data_dir", data_dir]), "train")
         leaked = dup = 0
         for p in posts:
-            k = words_key(p.tokens)
+            k = post_key(p.tokens)
             if k in held_out:
                 leaked += 1
             elif k in seen:
@@ -102,7 +99,7 @@ def main(argv=None):
     warm = max(1, int(0.06 * steps))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: (t + 1) / warm if t < warm else max(0.0, (steps - t) / (steps - warm)))
+        opt, lambda t: (t + 1) / warm if t < warm else max(0.0, (steps - t) / max(1, steps - warm)))
     head_only = [q for n, q in model.named_parameters() if not n.startswith("cls.")]
     losses, step, t0 = [], 0, time.time()
     for epoch in range(args.epochs):
@@ -141,4 +138,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

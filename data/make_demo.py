@@ -195,11 +195,13 @@ def draw_person(img, d, rng, W):
     cx, top = rng.uniform(0.3, 0.7) * W, rng.uniform(0.03, 0.97 - h / W) * W
     r, lw, hip = 0.12 * h, max(2, int(0.07 * h)), top + 0.6 * h
     skin, shirt, pants, ink = rc(rng, 120, 240), rc(rng), rc(rng, 0, 150), (20, 20, 20)
+    reach = top  # a waving hand may rise above the head
     for s in (-1, 1):  # legs, then arms (hanging or waving)
         d.line([cx + s * 0.07 * h, hip, cx + s * rng.uniform(0.08, 0.2) * h, top + h], fill=pants, width=lw)
         hy = top + (rng.uniform(0.0, 0.15) if rng.random() < 0.4 else rng.uniform(0.5, 0.65)) * h
         d.line([cx + s * 0.15 * h, top + 2.4 * r, cx + s * 0.32 * h, hy], fill=shirt, width=lw)
         d.ellipse(box(cx + s * 0.32 * h, hy, lw), fill=skin)
+        reach = min(reach, hy - lw)
     # Dark outlines keep the figure visible when its colours happen to match the backdrop.
     d.rounded_rectangle([cx - 0.17 * h, top + 2.1 * r, cx + 0.17 * h, hip], radius=int(0.06 * h), fill=shirt,
                         outline=ink, width=2)
@@ -209,7 +211,7 @@ def draw_person(img, d, rng, W):
     for s in (-1, 1):
         d.ellipse(box(cx + s * 0.4 * r, top + 1.1 * r, 0.1 * r), fill=ink)
     d.arc(box(cx, top + 1.35 * r, 0.45 * r, 0.25 * r), 20, 160, fill=ink, width=max(1, int(0.08 * r)))
-    return [cx - 0.32 * h - lw, top, cx + 0.32 * h + lw, top + h]
+    return [cx - 0.32 * h - lw, reach, cx + 0.32 * h + lw, top + h + lw / 2]  # the feet: half a line width below
 
 
 def draw_landscape(img, d, rng, W):

@@ -222,6 +222,17 @@ def draw_thing(d, rng, x, y, s):  # MISC: a guitar, a bicycle or a desk lamp
 DRAW = {"PER": draw_bust, "LOC": draw_island, "ORG": draw_org, "MISC": draw_thing}
 
 
+def object_box(typ: str, rng: random.Random, x: float, y: float, s: float, W: int, H: int) -> list[int]:
+    """[x0, y0, x1, y1] of the object DRAW[typ] is about to draw with rng (left as it was): the s x s square it is
+    drawn in, widened to any part drawn outside it (a factory's smoke), found by drawing it once on an empty layer."""
+    shadow, layer = random.Random(), Image.new("RGBA", (W, H), (0, 0, 0, 0))
+    shadow.setstate(rng.getstate())
+    DRAW[typ](ImageDraw.Draw(layer), shadow, x, y, s)
+    reach = layer.getchannel("A").getbbox() or (W, H, 0, 0)
+    return [max(0, min(int(x - 0.5 * s), reach[0])), max(0, min(int(y - 0.5 * s), reach[1])),
+            min(W, max(int(x + 0.5 * s) + 1, reach[2])), min(H, max(int(y + 0.5 * s) + 1, reach[3]))]
+
+
 def draw_picture(rng: random.Random, typ: str) -> tuple[Image.Image, list[int]]:
     """(RGB picture of a random size, the cued object's box [x0, y0, x1, y1] in its pixels)."""
     W, H = rng.randint(176, 320), rng.randint(144, 256)
@@ -230,11 +241,10 @@ def draw_picture(rng: random.Random, typ: str) -> tuple[Image.Image, list[int]]:
     clutter(d, rng, W, H)
     s = rng.uniform(0.22, 0.6) * min(W, H)  # the object spans about s x s
     x, y = rng.uniform(0.5 * s, W - 0.5 * s), rng.uniform(0.5 * s, H - 0.5 * s)
+    box = object_box(typ, rng, x, y, s, W, H)
     DRAW[typ](d, rng, x, y, s)
     if rng.random() < 0.5:
         clutter(d, rng, W, H)  # some distractors in front of the object too
-    box = [max(0, int(x - 0.5 * s)), max(0, int(y - 0.5 * s)), min(W, int(x + 0.5 * s) + 1),
-           min(H, int(y + 0.5 * s) + 1)]
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
     elif rng.random() < 0.3:

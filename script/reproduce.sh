@@ -13,6 +13,9 @@
 # last.pt, so rerunning the command continues where it stopped. Logs: results/logs/<run>.log.
 # Ends with `python results.py`, which writes results/<dataset>.json and results/<dataset>.md.
 set -uo pipefail
+if [ $# -gt 0 ]; then  # no --dry-run here: an unread argument would start hours of runs
+  echo "error: reproduce.sh takes no arguments ('$1'); set DATASETS, MODELS, SEEDS, JOBS, EPOCHS, EXTRA_ARGS" >&2; exit 2
+fi
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 DATASETS=${DATASETS:-"twitter2017 twitter2015 demo"}
 MODELS=${MODELS:-"roberta_crf MNER MNER_dual"}

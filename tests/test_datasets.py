@@ -424,6 +424,30 @@ def test_heldout_generators_are_deterministic_and_boxes_lie_inside(tmp_path, mod
     assert not words["train"] & words["test"] and not words["train"] & words["valid"]
 
 
+@pytest.mark.parametrize("module,kind", [("make_demo", "PER"), ("make_heldout", "ORG"), ("make_heldout", "PER")])
+def test_the_box_covers_every_pixel_of_the_drawn_object(module, kind):
+    """The cued object drawn alone on a flat canvas: every pixel it changed lies inside its box (a waving hand above
+    the head, a factory's smoke above its roof)."""
+    import importlib
+    import random
+    import numpy as np
+    from PIL import ImageDraw
+    m = importlib.import_module(f"data.{module}")
+    for seed in range(40):
+        rng, W, H = random.Random(seed), 320, 256
+        img = Image.new("RGB", (W, H), (1, 2, 3))
+        if module == "make_demo":
+            x0, y0, x1, y1 = m.draw_person(img, ImageDraw.Draw(img), rng, W)
+        else:
+            s = rng.uniform(0.22, 0.6) * H
+            x, y = rng.uniform(0.5 * s, W - 0.5 * s), rng.uniform(0.5 * s, H - 0.5 * s)
+            x0, y0, x1, y1 = m.object_box(kind, rng, x, y, s, W, H)
+            m.DRAW[kind](ImageDraw.Draw(img), rng, x, y, s)
+        diff = np.any(np.asarray(img) != (1, 2, 3), axis=-1)
+        ys, xs = np.nonzero(diff)
+        assert xs.min() >= x0 - 1 and ys.min() >= y0 - 1 and xs.max() <= x1 + 1 and ys.max() <= y1 + 1, seed
+
+
 @pytest.mark.parametrize("module", ["make_heldout", "make_heldout2", "make_demo"])
 def test_generators_started_together_publish_one_complete_set(tmp_path, module):
     """Runs started at once each generate the set (as reproduce.sh's parallel jobs do on a fresh clone): every

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,14 @@ def test_teacher_refusals(teacher):
     assert not (Path(base[base.index("--save_dir") + 1]) / "x").exists()  # refused before the run directory
     with pytest.raises(UserError, match="--teacher_run: the student learns CRF tag marginals; --model bert"):
         train.main([*base, "--save_name", "x", "--teacher_run", "teacher", "--model", "bert"])
+    # a teacher of another release with the same labels: it may have seen this run's dev or test posts
+    save = Path(base[base.index("--save_dir") + 1])
+    shutil.copytree(save / "teacher", save / "other_teacher")
+    cfg = json.loads((save / "other_teacher" / "config.json").read_text())
+    cfg["data_hash"]["train"] = "0" * 16
+    (save / "other_teacher" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"--teacher_run other_teacher: it trained on another train split \(tiny"):
+        train.main([*base, "--save_name", "y", "--teacher_run", "other_teacher"])
 
 
 def test_make_unlabelled_removes_held_out_posts(tiny_data_dir, tmp_path, capsys):

@@ -230,6 +230,9 @@ def test_reproduce_and_ablation_list(tmp_path):
     p = subprocess.run(["bash", "script/ablation.sh", "--exp", "nope"], cwd=ROOT, env=env(), capture_output=True,
                        text=True)
     assert p.returncode == 2 and "--exp nope: unknown experiment" in p.stderr
+    p = subprocess.run(["bash", "script/reproduce.sh", "--dry-run"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 2 and "reproduce.sh takes no arguments ('--dry-run')" in p.stderr  # not hours of runs
     for empty in (["--exp"], ["--exp="]):  # never "every experiment"
         p = subprocess.run(["bash", "script/ablation.sh", *empty], cwd=ROOT, env=env(), capture_output=True, text=True)
         assert p.returncode == 2 and "--exp needs NAME" in p.stderr, empty

@@ -61,6 +61,9 @@ def main(argv=None):
         print(ds.describe())
         t0 = time.time()
         feats = split_features(rt, config, split, posts) if cli.bundle else rt.dataset_features(ds)
+        if cli.bundle and feats is not None:  # the dataset above was built without the vision, so it said nothing
+            n = sum(f is not None for f in feats)
+            print(f"{split}: images {n}/{len(posts)} usable (the bundle's vision graph)")
         preds = [r["tags"] for r in rt.tag_dataset(ds, feats, config.batch_size)]
         res = evaluate([p.tags for p in posts], preds, config.eval_mode)
         dt = time.time() - t0

@@ -20,7 +20,8 @@ for lam in $LAMBDAS; do
     python train.py --residual_lambda "$lam" --resampler_tokens "$tok" --save_name "$name" "${ARGS[@]}"
   done
 done
-OUT_DIR="${OUT_DIR:-$PWD/logs_test_$GRID_NAME}" bash script/batch_test.sh "${names[@]}"
+# EXTRA_ARGS held training flags: the scoring takes each run's own (test.py refuses a training flag)
+EXTRA_ARGS="" OUT_DIR="${OUT_DIR:-$PWD/logs_test_$GRID_NAME}" bash script/batch_test.sh "${names[@]}"
 python - "${OUT_DIR:-$PWD/logs_test_$GRID_NAME}/summary.csv" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["dev_f1"] not in ("", "NA")]

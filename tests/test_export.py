@@ -4,6 +4,7 @@ and one-line refusals."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -132,7 +133,9 @@ def test_test_py_scores_a_bundle_as_the_checkpoint(tiny_run, tmp_path, capsys):
     from config import ConfigError
     flags = [*tiny_run["flags"], "--data_dir", str(tiny_run["data"]), "--split", "test"]
     ref = test_py.main(flags)
+    capsys.readouterr()
     got = test_py.main([*flags, "--bundle", str(tiny_run["bundle"])])
+    assert re.search(r"test: images \d+/\d+ usable \(the bundle's vision graph\)", capsys.readouterr().out)
     run = tiny_run["save"] / "e"
     assert got == ref and (run / "test_report.bundle.json").is_file()
     assert (run / "test_predictions.bundle.conll").read_text() == (run / "test_predictions.conll").read_text()

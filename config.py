@@ -76,7 +76,9 @@ def _data_flags(a) -> None:
       help="image folder; empty = the dataset's own (data/<name>/<name>_images; MNRE: data/MNRE/img_org/<split>)")
     a("--lenient_data", resume=True, tools="test predict export", action="store_true",
       help="repair and count malformed data lines instead of failing")
-    a("--keep_raw_types", action="store_true", help="keep Twitter-2015's OTHER type instead of reading it as MISC")
+    a("--keep_raw_types", action=B, default=None,
+      help="keep the entity types as written (--no-keep_raw_types: read OTHER as MISC); default: as written, but "
+           "Twitter-2015's OTHER as MISC")
     a("--max_len", type=int, default=128, help="max sub-words per model input incl. specials; a longer post is tagged "
                                                "in overlapping windows of whole words")
     a("--allow_split_overlap", action="store_true",

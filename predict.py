@@ -55,9 +55,11 @@ from metrics import get_entities
 # model.py, test.py, plots and cv2 are imported where used: --bundle runs without the training code
 
 # a URL | an @mention or #hashtag | a word (letters with their combining marks: Devanagari, Thai, a decomposed
-# accent) with inner ' ’ or - | any other character on its own, with what combines with it (an emoji's variation
-# selector and skin tone, a flag's two letters, a ZWJ sequence: one grapheme)
-TOKEN_RE = regex.compile(r"https?://\S+|www\.\S+|[@#][\w\p{M}]+|[\w\p{M}]+(?:['’-][\w\p{M}]+)*|(?![\w\s])\X")
+# accent; digits, superscripts and fractions: km², H₂O) with inner ' ’ or - | any other character on its own, with
+# what combines with it (an emoji's variation selector and skin tone, a flag's two letters, a ZWJ sequence: one
+# grapheme). Separators: whitespace and the information separators U+001C-U+001F, as str.split has them.
+TOKEN_RE = regex.compile(r"https?://\S+|www\.\S+|[@#][\w\p{M}\p{No}]+|[\w\p{M}\p{No}]+(?:['’-][\w\p{M}\p{No}]+)*"
+                         r"|(?![\w\p{No}\s\x1c-\x1f])\X")
 VIEW = 320        # side in pixels of the image as drawn
 MAX_PANELS = 6    # overlays in one attention picture (a post with more entities shows its first six)
 

@@ -19,8 +19,8 @@ from config import ROOT, UserError
 
 DATA_DIR = ROOT / "data"
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
-# a type name opens with a letter and closes with a letter or digit (WNUT-17's B-creative-work, B-GPE2, B-WORK_OF_ART)
-TAG_RE = re.compile(r"^(O|[BI]-[^\W\d_](?:[\w.-]*[^\W_])?)$")
+# a type name opens with a letter and ends in a word character (WNUT-17's B-creative-work, B-GPE2, B-WORK_OF_ART)
+TAG_RE = re.compile(r"^(O|[BI]-[^\W\d_](?:[\w.-]*\w)?)$")
 RAW_TYPE_MAP = {"OTHER": "MISC"}  # Twitter-2015 calls MISC "OTHER"; papers score them as one type
 
 
@@ -357,8 +357,8 @@ def load_split(config, split: str, report: ReadReport | None = None) -> list[Pos
         raise DataError(f"{path} not found: dataset {config.dataset_name} expects {files} in {d}/ ({spec.layout}), "
                         f"{img}{f'; {spec.source}' if spec.source else ''}")
     if not spec.converter:
-        return read_conll(path, lenient=config.lenient_data, keep_raw_types=config.keep_raw_types or spec.raw_types,
-                          report=report)
+        keep = spec.raw_types if config.keep_raw_types is None else config.keep_raw_types  # None: the dataset's rule
+        return read_conll(path, lenient=config.lenient_data, keep_raw_types=keep, report=report)
     report = report if report is not None else ReadReport(str(path))
     posts = spec.reader()(path, lenient=config.lenient_data, report=report)
     print(f"{config.dataset_name}/{split}: {report.summary()}")

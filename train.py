@@ -363,6 +363,9 @@ def resolve_resume(argv: list[str]):
     resolve_auto(merged)
     for k in given:
         new, old = getattr(merged, k), getattr(saved, k)
+        if new != old and new != getattr(written, k):  # an auto value: what it stands for depends on how the run began
+            raise ConfigError(f"--{k} {getattr(written, k)}: an auto value on resume; the run uses --{k} {old}: "
+                              "give a value, or drop the flag to keep it")
         if k in RESUME_REFUSED and new != old:
             raise ConfigError(f"--{k} {new}: the run being resumed used --{k} {old}; "
                               + RESUME_REFUSED[k].format(new=new, old=old))

@@ -216,17 +216,21 @@ def test_resume_refuses_changed_architecture(trained, base):
 
 def test_resume_works_where_the_run_lies_and_resolves_auto_flags_for_its_model(trained, tmp_path, capsys):
     """A run moved to another folder resumes there, whatever save_dir and cache_dir its config.json names; a -1
-    (auto) given on resume resolves against the run's own model; an abbreviated flag is refused, not dropped."""
+    (auto) given on resume is read for the run's own model, and refused where that is not the run's value (how the
+    run began decides it); an abbreviated flag is refused, not dropped."""
     moved = tmp_path / "elsewhere"
     shutil.copytree(trained, moved / "two")
     cfg = json.loads((moved / "two" / "config.json").read_text())
-    cfg.update(save_dir="/gone/save_models", cache_dir="/gone/cache", model="roberta_crf", head_lr=0.5)
+    cfg.update(save_dir="/gone/save_models", cache_dir="/gone/cache", model="roberta_crf", head_lr=3e-3)
     (moved / "two" / "config.json").write_text(json.dumps(cfg))
     argv = ["--continue_train_name", "two", "--save_dir", str(moved)]
     saved, _ = train.resolve_resume([*argv, "--head_lr", "-1"])
     assert saved.save_dir == str(moved) and saved.cache_dir == get_config().cache_dir
     assert "its cache_dir /gone/cache is not on this machine" in capsys.readouterr().out
-    assert saved.head_lr == 3e-3  # roberta_crf's auto rate, not MNER's (--fusion_lr)
+    assert saved.head_lr == 3e-3  # roberta_crf's auto rate (MNER's would be --fusion_lr, 1e-3)
+    (moved / "two" / "config.json").write_text(json.dumps({**cfg, "head_lr": 0.5}))
+    with pytest.raises(ConfigError, match=r"^--head_lr -1.0: an auto value on resume; the run uses --head_lr 0.5"):
+        train.resolve_resume([*argv, "--head_lr", "-1"])
     with pytest.raises(ConfigError, match="unrecognized arguments: --epoch 5"):
         train.resolve_resume([*argv, "--epoch", "5"])
 

@@ -98,7 +98,7 @@ def test_unknown_tag(tmp_path, tag):
 
 
 def test_type_names_beyond_letters(tmp_path):
-    tags = ["B-creative-work", "I-creative-work", "B-GPE2", "B-WORK_OF_ART", "B-org.sub", "B-Ort"]
+    tags = ["B-creative-work", "I-creative-work", "B-GPE2", "B-WORK_OF_ART", "B-org.sub", "B-Ort", "B-PER_"]
     p = write(tmp_path, "IMGID:1\n" + "".join(f"w{k}\t{t}\n" for k, t in enumerate(tags)))
     assert read_conll(p)[0].tags == tags
 

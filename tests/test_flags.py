@@ -124,8 +124,10 @@ def _keep_raw_types(env):
         make_conll(env["tmp"] / "raw" / name / "train.txt", [(["a", "b"], ["B-OTHER", "O"], "1")])
     tags = lambda name, *a: D.load_split(C.get_config(  # noqa: E731
         ["--data_dir", str(env["tmp"] / "raw"), "--dataset_name", name, *a]), "train")[0].tags
+    old_run = C.config_from_dict({"dataset_name": "raw", "data_dir": str(env["tmp"] / "raw"), "keep_raw_types": False})
     return tags("twitter2015") == ["B-MISC", "O"] and tags("twitter2015", "--keep_raw_types") == ["B-OTHER", "O"] \
-        and tags("raw") == ["B-OTHER", "O"]
+        and tags("raw") == ["B-OTHER", "O"] and tags("raw", "--no-keep_raw_types") == ["B-MISC", "O"] \
+        and D.load_split(old_run, "train")[0].tags == ["B-MISC", "O"]  # a run of an earlier version reads as it did
 
 
 def _pixels_differ(env, flags: list[str], base: tuple = ()) -> bool:

@@ -82,6 +82,12 @@ def one_line_error(argv, capsys) -> str:
 
 # ----------------------------------------------------------------------------- units
 
+def test_split_words_keeps_scripts_marks_numbers_and_emoji_whole():
+    text = "नमस्ते दिल्ली สวัสดี cafe\u0301 H₂O 10 km² ½ I ❤️ NY 🇺🇸 👍🏽 a\x1cb !!"
+    assert predict.split_words(text)[0] == ["नमस्ते", "दिल्ली", "สวัสดี", "cafe\u0301", "H₂O", "10", "km²", "½", "I",
+                                            "❤️", "NY", "🇺🇸", "👍🏽", "a", "b", "!", "!"]
+
+
 def test_split_words_keeps_offsets():
     words, spans = predict.split_words(TEXT + " don't Jean-Luc's U.S. 🙂")
     assert words[:4] == ["RT", "@kd35", ":", "Kevin"]

@@ -131,7 +131,7 @@ def _image_flags(a) -> None:
       help="fine-tune the last --unfreeze_last_vision_blocks of a pretrained vision encoder")
     a("--unfreeze_last_vision_blocks", applies="trainable_vision", type=int, default=2,
       help="with --vision_trainable: how many final blocks train")
-    a("--use_dual_granularity", action="store_true",
+    a("--use_dual_granularity", applies="image", action="store_true",
       help="MNER's own dual-granularity vision encoder (coarse Swin + fine salient patches), not a pretrained one")
     a("--vision_stem", applies="dual", default="efficientnet_lite0", choices=["efficientnet_lite0", "conv"],
       help="dual-granularity: the shipped ImageNet network's maps (frozen, cached) or from-scratch conv stems")
@@ -158,33 +158,38 @@ def _image_flags(a) -> None:
     a("--vision_distill_lambda", applies="dual", type=float, default=-1.0,
       help="dual-granularity: weight of the cosine pull to frozen EfficientNet-Lite0 features; -1 = auto: 1 with "
            "--vision_stem conv")
-    a("--resampler_tokens", type=int, default=8,
+    a("--resampler_tokens", applies="stack", type=int, default=8,
       help="learned queries of the visual resampler (0 = no resampler: the stack reads projected image tokens)")
-    a("--cross_attn_heads", type=int, default=8, help="heads in the resampler and the multimodal stack")
-    a("--fusion_layers", type=int, default=7, help="layers of the multimodal cross-attention stack")
-    a("--fusion_dim", type=int, default=128, help="width of the multimodal stack and resampler")
-    a("--fusion_gate", default="gated", choices=["gated", "rel", "sum"],
+    a("--cross_attn_heads", applies="image", type=int, default=8,
+      help="heads in the resampler and the multimodal stack (roberta_clip_coattn: its co-attention)")
+    a("--fusion_layers", applies="stack", type=int, default=7, help="layers of the multimodal cross-attention stack")
+    a("--fusion_dim", applies="stack", type=int, default=128, help="width of the multimodal stack and resampler")
+    a("--fusion_gate", applies="stack", default="gated", choices=["gated", "rel", "sum"],
       help="MNER fusion: gated (relevance x per-dimension gate), rel (relevance only) or sum (text + context)")
     a("--rel_temperature", applies="relevance", type=float, default=1.0, help="temperature of per-word image relevance")
     a("--rel_floor", applies="relevance", type=float, default=0.1,
       help="least per-word image relevance: the image context reaches every word at this weight or more, so the "
            "relevance cannot shut the image path before it has learned")
-    a("--image_dropout_p", type=float, default=0.1, help="training only: drop a post's image with this probability")
+    a("--image_dropout_p", applies="image", type=float, default=0.1,
+      help="training only: drop a post's image with this probability")
     a("--image_control", applies="image", tools="test", default="none", choices=["none", "shuffle", "blank"],
       help="attribution control: shuffle = each post with an image gets another post's (a fixed derangement from "
            "--seed); blank = a constant grey image")
 
 
 def _loss_flags(a) -> None:
-    a("--residual_lambda", type=float, default=0.1,
+    a("--residual_lambda", applies="stack", type=float, default=0.1,
       help="weight of the penalty on how far fusion moves each word's state from its text state (0 = off)")
-    a("--residual_warmup_epochs", type=int, default=2, help="residual penalty's weight ramps as min(1, epoch / this)")
-    a("--preserve_lambda", type=float, default=0.05, help="weight of the text-preservation loss")
-    a("--nce_lambda", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
-    a("--nce_temperature", type=float, default=0.15, help="temperature of the text/image InfoNCE logits")
-    a("--image_type_lambda", type=float, default=-1.0, help="weight of the image-only prediction of the post's entity "
-      "types (MNER); -1 = auto: 2 for MNER with its image path on, else 0")
-    a("--sparsity_lambda", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
+    a("--residual_warmup_epochs", applies="stack", type=int, default=2,
+      help="residual penalty's weight ramps as min(1, epoch / this)")
+    a("--preserve_lambda", applies="stack", type=float, default=0.05, help="weight of the text-preservation loss")
+    a("--nce_lambda", applies="stack", type=float, default=0.05, help="weight of the text/image InfoNCE loss")
+    a("--nce_temperature", applies="stack", type=float, default=0.15,
+      help="temperature of the text/image InfoNCE logits")
+    a("--image_type_lambda", applies="stack", type=float, default=-1.0,
+      help="weight of the image-only prediction of the post's entity types (MNER); -1 = auto: 2 for MNER with its "
+           "image path on, else 0")
+    a("--sparsity_lambda", applies="stack", type=float, default=0.01, help="weight of the mean-relevance sparsity loss")
     a("--distill_lambda", applies="teacher", type=float, default=1.0,
       help="weight of the KL from --teacher_run's CRF tag marginals to the model's (summed over a post's words)")
     a("--distill_temperature", applies="teacher", type=float, default=1.0,

@@ -922,6 +922,8 @@ def unused_flags(config, given: set[str]) -> list[str]:
             "--fusion_gate sum (that fusion has no per-word relevance)" if config.fusion_gate == "sum" else None,
         "teacher": None if config.teacher_run else "no --teacher_run (it shapes learning from a teacher's marginals)",
         "image": None if image else f"{no_image} (no image path)",
+        "stack": None if fusion == "stack" and config.use_image else f"{no_image} (no image path)" if not image else
+            f"the co-attention of {model} (it acts on MNER's fusion stack)",
         "trainable_vision": None if config.vision_trainable else
             "a frozen vision encoder (it counts the blocks --vision_trainable trains)",
         "sized_vision": f"{no_image} (no image path)" if not image else None

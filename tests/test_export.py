@@ -118,9 +118,9 @@ def test_bundle_layout_and_identical_tags(tiny_run, tmp_path, capsys):
     assert [r["tags"] for r in got] == [r["tags"] for r in ref]
     assert len(got[-1]["tags"]) == len(recs[-1]["tokens"]) > 128  # a post past max_len: every word tagged
     assert [r["image_used"] for r in got] == [r["image_used"] for r in ref] and sum(r["image_used"] for r in got) == 4
-    for a, r in zip(got, ref):
+    for a, r in zip(got, ref):  # each post with its own picture: a picture given to another post moves these ~1e-2
         assert [e["type"] for e in a["entities"]] == [e["type"] for e in r["entities"]]
-        np.testing.assert_allclose([e["score"] for e in a["entities"]], [e["score"] for e in r["entities"]], atol=2e-3)
+        np.testing.assert_allclose(a["probs"], r["probs"], atol=1e-4)
     lines = (tmp_path / "onnx" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(recs) and json.loads(lines[0])["tags"] == ref[0]["tags"]
 
@@ -335,7 +335,7 @@ def test_dual_granularity_bundle(tmp_path, tiny_data_dir, tiny_bert_dir, capsys,
     assert sum(r["image_used"] for r in got) == 4 and [r["image_used"] for r in got] == [r["image_used"] for r in ref]
     assert [r["tags"] for r in got] == [r["tags"] for r in ref]
     for a, r in zip(got, ref):
-        np.testing.assert_allclose([e["score"] for e in a["entities"]], [e["score"] for e in r["entities"]], atol=2e-3)
+        np.testing.assert_allclose(a["probs"], r["probs"], atol=1e-4)
     q = export.main([*flags, "--int8", "--bundle", str(tmp_path / "q")])
     assert "mm" in json.loads((q / "meta.json").read_text())["int8_fp32"]
     qt = [r["tags"] for r in predict.main(["--bundle", str(q), "--input", str(src), "--out_dir", str(tmp_path / "q8")])]
@@ -428,3 +428,12 @@ def test_an_fp32_bundle_that_disagrees_fails_the_export(tiny_run, tmp_path, monk
                                                                  "same_posts": 1})
     with pytest.raises(ConfigError, match="tags 1 dev words otherwise than the checkpoint"):
         export.main([*tiny_run["flags"], "--bundle", str(tmp_path / "b")])
+
+
+def test_export_writes_the_opset_asked_for(tiny_run, tmp_path):
+    import onnx
+    out = export.main([*tiny_run["flags"], "--opset", "17", "--bundle", str(tmp_path / "b17")])
+    for graph in ("text.onnx", "mm.onnx"):
+        versions = {o.domain: o.version for o in onnx.load(str(out / graph)).opset_import}
+        assert versions.get("", versions.get("ai.onnx")) == 17, (graph, versions)
+    assert json.loads((out / "meta.json").read_text())["opset"] == 17

@@ -428,3 +428,31 @@ def test_batcher_never_exceeds_max_batch_posts():
     assert answered == [3, 3, 1, 10, 2]
     assert sum(batches) == 19 and all(s <= 4 for s in batches if s != 10), batches
     assert 10 in batches  # the big request alone
+
+
+def test_batcher_gives_each_post_its_own_picture():
+    """Posts of several requests batched together, some without a picture: each post's tags come with the features
+    of its own picture (one backbone pass for the batch)."""
+    import serve
+
+    class Fake:
+        uses_image = True
+
+        def vision_features(self, px):  # one number per picture: its pixel value
+            return px.reshape(len(px), -1).mean(1, keepdims=True)
+
+        def tag(self, words, feats, batch_size):
+            return [{"word": w[0], "feat": None if f is None else float(f[0])} for w, f in zip(words, feats)]
+
+    requests = [[1, None, 3], [None], [7, 8], [None, 10]]
+
+    async def main():
+        b = serve.Batcher(Fake(), max_posts=16, window_s=0.2)
+        task = asyncio.create_task(b.run())
+        out = await asyncio.gather(*(b.submit([[str(v)] for v in r],
+                                              [None if v is None else np.full((3, 2, 2), v, np.float32) for v in r])
+                                     for r in requests))
+        task.cancel()
+        return out
+    for r, got in zip(requests, asyncio.run(main())):
+        assert [(g["word"], g["feat"]) for g in got] == [(str(v), None if v is None else float(v)) for v in r]

@@ -1,6 +1,6 @@
-"""The text-path levers: mean sub-word pooling, the CRF's rate and first scores, the auto settings, frozen lower
-layers, and the domain-adaptive MLM script (its leak check and that its output loads as --text_encoder), word and locked
-dropout."""
+"""The text-path levers: the CRF's own rate, the auto settings (head rate, tag scheme, weight average, an image model
+without training images), frozen lower layers, and the domain-adaptive MLM script (its leak check and that its output
+loads as --text_encoder)."""
 from __future__ import annotations
 
 import json

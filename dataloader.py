@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from config import ConfigError
+
 # what the rest of MANGO reads as dataloader.X lives in the two modules it is split from
 from readers import (DATA_DIR, DATASETS, ROOT, SPLIT_FILES, DataError, Post, ReadReport, _json_records,  # noqa: F401
                      _problem_fn, dataset_dir, dataset_spec, image_root, load_split, opens_with_i, read_conll,
@@ -98,13 +100,13 @@ class LabelMap:
 # ----------------------------------------------------------------------------- tokenize / align
 
 def fast_tokenizer(path):
-    """The fast tokenizer in directory `path` (ValueError without one: word alignment needs it). A byte-level BPE
+    """The fast tokenizer in directory `path` (a ConfigError without one: word alignment needs it). A byte-level BPE
     tokenizer (RoBERTa, GPT-2, BART, ...: its pre-tokenizer says so) is loaded with add_prefix_space, so that a word
     given on its own is split as it is inside a sentence, after a space."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     if not tok.is_fast:
-        raise ValueError("needs a fast tokenizer (tokenizer.json) for word alignment")
+        raise ConfigError(f"{path}: needs a fast tokenizer (tokenizer.json) for word alignment")
     if "ByteLevel" in json.dumps(json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer")):
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, add_prefix_space=True)
     return tok

@@ -275,8 +275,10 @@ def calibration_pixels(config, posts: list, seed: int) -> torch.Tensor:
 
 
 def bundle_dir(out: Path) -> Path:
-    """out, when export may write there: a new folder or an earlier bundle (its meta.json), never anything else."""
-    if out.resolve() == Path.cwd().resolve() or (out.exists() and not (out / "meta.json").is_file()):
+    """out (absolute), when export may write there: a new folder or an earlier bundle (its meta.json), never anything
+    else."""
+    out = out.resolve()  # "." has no name to put the scratch folder beside
+    if out.exists() and not (out / "meta.json").is_file():
         raise ConfigError(f"--bundle {out}: already there and not a bundle (no meta.json); name a new folder, an "
                           "earlier bundle replaces itself")
     return out

@@ -41,10 +41,7 @@ from efficientnet import efficientnet_weights_file, load_efficientnet_lite0
 
 def load_tokenizer(config):
     """The fast tokenizer of --text_encoder (dataloader.fast_tokenizer)."""
-    try:
-        return D.fast_tokenizer(resolve_text_encoder(config.text_encoder))
-    except ValueError as e:
-        raise ConfigError(f"--text_encoder {config.text_encoder}: {e}") from None
+    return D.fast_tokenizer(resolve_text_encoder(config.text_encoder))
 
 
 def text_positions(cfg) -> int | None:

@@ -356,7 +356,7 @@ def resolve_resume(argv: list[str]):
                               "written with every run, so this run directory is damaged: start a new run")
     saved = config_from_dict(read_run_json(src / "config.json"), str(src / "config.json"),
                              resume=f"--continue_train_name {config.continue_train_name}")
-    # the flags given now over the run's own; an auto value (-1) resolves against the run's model, not the default's
+    # the flags given now over the run's own, an auto value (-1) read for the run's model
     given, written = given_flags(argv) - {"continue_train_name"}, get_config(argv, False, "train", auto=False)
     merged = copy.copy(saved)
     vars(merged).update({k: getattr(written, k) for k in given})
@@ -375,14 +375,13 @@ def resolve_resume(argv: list[str]):
     merged.continue_train_name = merged.save_name = config.continue_train_name
     localize(merged, src, given)
     check_encoders(merged, src / "config.json")
-    saved = merged
     resume = load_checkpoint(src / "last.pt")
     missing = [k for k in RESUME_KEYS if k not in resume] if isinstance(resume, dict) else list(RESUME_KEYS)
     if missing:
         raise ConfigError(f"{src / 'last.pt'}: not a resumable checkpoint (no {', '.join(missing)}); last.pt is "
                           "written after every epoch by this version, model.pt holds the best weights only: score "
                           "the run with test.py or start a new one")
-    return saved, resume
+    return merged, resume
 
 
 def load_data(config, resume):
